@@ -1,0 +1,25 @@
+"""The one place where the asyncio kernel meets synchronous pluggy hooks."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+
+async def await_me_maybe(value: Any) -> Any:
+    """Return ``value``, awaiting it first when a hook handed back an awaitable.
+
+    Hooks are plain functions; one that must do I/O returns a coroutine (or any
+    awaitable) and the kernel awaits it here. A callable is called first, so a
+    hook may also return ``async def`` function to run later.
+    """
+    if callable(value) and not inspect.isclass(value):
+        value = value()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+async def await_all(values: list[Any]) -> list[Any]:
+    """Await each result of a historic or all-results hook, in order."""
+    return [await await_me_maybe(v) for v in values]

@@ -1,0 +1,223 @@
+"""The ``hsu`` command: run a kernel, inspect plugins, talk to a running kernel."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from loguru import logger
+
+from hsu._version import __version__
+from hsu.config import KernelSettings, deployment_from_dict, load_deployment
+from hsu.core.v1 import core_pb2, core_pb2_grpc
+from hsu.errors import HsuError
+from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+from hsu.plugin_manager import PluginManager
+
+DEFAULT_ADDRESS = KernelSettings().address
+LOG_FORMAT = (
+    "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+    "<cyan>{extra[where]}</cyan>{message}"
+)
+
+
+def _setup_logging(level: str) -> None:
+    def where(record: Any) -> None:
+        extra = record["extra"]
+        parts = [str(extra[k]) for k in ("instance", "stream") if k in extra]
+        extra["where"] = f"[{' '.join(parts)}] " if parts else ""
+
+    logger.remove()
+    logger.configure(patcher=where)
+    logger.add(sys.stderr, level=level.upper(), format=LOG_FORMAT, colorize=None)
+
+
+def _kernel_address(args: argparse.Namespace) -> str:
+    return str(args.address or os.environ.get("HSU_KERNEL_ADDRESS") or DEFAULT_ADDRESS)
+
+
+# -- commands ----------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hsu.microkernel import Kernel
+
+    deployment = load_deployment(args.deployment)
+    kernel = Kernel.from_deployment(deployment, plugins=args.plugin, address=args.address)
+    asyncio.run(kernel.serve())
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    explicit = list(args.plugin)
+    if args.deployment:
+        explicit = [*load_deployment(args.deployment).plugins, *explicit]
+    pm = PluginManager.load(explicit)
+    infos = pm.infos()
+    if args.json:
+        print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return 0
+    for i in infos:
+        dist = f"{i.distribution} {i.version}".strip() or "-"
+        print(f"{i.name:<20} {i.status:<8} {i.source:<10} {dist}")
+        if i.hooks:
+            print(f"{'':<20} hooks: {', '.join(i.hooks)}")
+        if i.error:
+            print(f"{'':<20} error: {i.error}")
+    return 0
+
+
+def _call(address: str, fn: Any, timeout: float) -> Any:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return fn(channel, timeout)
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        if code is grpc.StatusCode.UNAVAILABLE:
+            raise HsuError(f"no kernel answers at {address}: is `hsu run` running?") from None
+        raise HsuError(f"kernel at {address}: {code.name}: {exc.details()}") from None  # type: ignore[attr-defined]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    address = _kernel_address(args)
+
+    def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any]:
+        stub = kernel_pb2_grpc.KernelStub(channel)
+        return (
+            stub.Status(kernel_pb2.StatusRequest(), timeout=timeout),
+            stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
+        )
+
+    status, listing = _call(address, fetch, args.timeout)
+    if args.json:
+        out = {
+            "status": json_format.MessageToDict(status, preserving_proto_field_name=True),
+            "instances": [
+                json_format.MessageToDict(i, preserving_proto_field_name=True)
+                for i in listing.instances
+            ],
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        f"kernel {status.deployment}: {status.state} at {status.address}"
+        f" (pid {status.pid}, hsu {status.version})"
+    )
+    if not listing.instances:
+        print("no instances")
+    for i in listing.instances:
+        print(
+            f"  {i.instance_id:<24} {i.state:<9} pid {i.pid:<8} {i.address or '-':<22}"
+            f" {', '.join(i.interfaces)}"
+        )
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    address = _kernel_address(args)
+
+    def ping(channel: grpc.Channel, timeout: float) -> float:
+        stub = core_pb2_grpc.CoreStub(channel)
+        t0 = time.perf_counter()
+        stub.Ping(core_pb2.PingRequest(payload=b"hsu"), timeout=timeout, wait_for_ready=False)
+        return time.perf_counter() - t0
+
+    elapsed = _call(address, ping, args.timeout)
+    print(f"pong from {address} in {elapsed * 1000:.2f} ms")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a deployment without starting anything."""
+    from hsu.microkernel import Kernel
+
+    deployment = load_deployment(args.deployment)
+    Kernel.from_deployment(deployment, plugins=args.plugin)
+    print(f"{args.deployment}: ok ({len(deployment.units)} units)")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsu", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hsu {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("HSU_LOG_LEVEL", "INFO"),
+        help="TRACE, DEBUG, INFO, WARNING or ERROR (env HSU_LOG_LEVEL; default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def plugin_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-p",
+            dest="plugin",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="load plugin NAME (entry point or module); no:NAME blocks it. Repeatable.",
+        )
+
+    def address_opt(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--address",
+            help=f"{what} (host:port or unix:/path); default $HSU_KERNEL_ADDRESS or"
+            f" {DEFAULT_ADDRESS}",
+        )
+
+    p = sub.add_parser("run", help="start a kernel for a deployment and serve until stopped")
+    p.add_argument("deployment", help="deployment file (YAML)")
+    plugin_opt(p)
+    p.add_argument("--address", help="listen here instead of the deployment's kernel.address")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plugins", help="list plugins: name, distribution, hooks, status")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--deployment", help="also load this deployment's plugin list")
+    plugin_opt(p)
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("status", help="a running kernel's state and instances")
+    address_opt(p, "the kernel to ask")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ping", help="round trip to a running kernel's Core.Ping")
+    address_opt(p, "the kernel to ping")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("validate", help="check a deployment and its plugins; start nothing")
+    p.add_argument("deployment", help="deployment file (YAML)")
+    plugin_opt(p)
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except HsuError as exc:
+        print(f"hsu: error: {exc}", file=sys.stderr)
+        if exc.__cause__ is not None and os.environ.get("HSU_TRACEBACK"):
+            raise
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["build_parser", "deployment_from_dict", "main"]

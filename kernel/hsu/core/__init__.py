@@ -1,0 +1,1 @@
+"""The Core interface every HSU serves (``hsu.core.v1.Core``)."""

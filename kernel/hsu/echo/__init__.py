@@ -1,0 +1,1 @@
+"""The reference Echo interface (``hsu.echo.v1.Echo``)."""

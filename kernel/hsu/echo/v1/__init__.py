@@ -1,0 +1,1 @@
+"""Generated from proto/hsu/echo/v1 by `nox -s proto`."""

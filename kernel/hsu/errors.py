@@ -1,0 +1,56 @@
+"""Every error hsu raises on purpose derives from :class:`HsuError`.
+
+The CLI prints an ``HsuError`` as one clear message and exits non-zero; any
+other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class HsuError(Exception):
+    """Base of hsu's deliberate errors: the message says what and where."""
+
+
+class PluginError(HsuError):
+    """A plugin could not be loaded, registered or validated."""
+
+
+class PluginLoadError(PluginError):
+    """A plugin the user asked for failed to import or register.
+
+    The original exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, name: str, dist: str | None, version: str | None, exc: BaseException):
+        self.name = name
+        self.dist = dist
+        self.version = version
+        where = f" from {dist} {version}" if dist else ""
+        super().__init__(f"Error importing plugin {name!r}{where}: {type(exc).__name__}: {exc}")
+
+
+class ConflictError(PluginError):
+    """Two plugins registered a capability under the same name."""
+
+
+class InvalidTransition(HsuError):
+    """A state machine was asked for a move its table does not allow."""
+
+
+class ConfigError(HsuError):
+    """The deployment is not valid. ``problems`` lists every one found."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        head = f"invalid deployment {source}" if source else "invalid deployment"
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{head}: {len(problems)} problem(s)\n{lines}")
+
+
+class LaunchError(HsuError):
+    """An instance could not be started (missing executable, bad cwd, ...)."""
+
+
+class NoSuchUnit(HsuError):
+    """A unit or interface was asked for that the deployment does not have."""

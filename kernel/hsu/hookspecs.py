@@ -1,0 +1,137 @@
+"""Every hook hsu calls, in one place, grouped by the phase that calls it.
+
+Plugins implement these with ``@hsu.hookimpl``; pluggy checks each
+implementation's signature against the spec here, and an implementation whose
+name matches no spec is rejected when the plugin is registered.
+
+A hook may return an awaitable where it must do I/O: the kernel awaits it (see
+:func:`hsu._async.await_me_maybe`). Hooks grow by gaining arguments; an
+implementation takes only the arguments it needs.
+
+``docs/hooks.md`` documents each hook; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from hsu.instances import Instance
+    from hsu.microkernel import Kernel
+    from hsu.ports import Launcher
+
+PROJECT = "hsu"
+
+_hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# -------------------------------------------------------------------------
+# Registration: plugins add capabilities by name. Historic, so a plugin
+# registered late still gets to register.
+# -------------------------------------------------------------------------
+
+
+@_hookspec(historic=True)
+def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
+    """Register the attrs class that holds a plugin's settings.
+
+    The deployment section with that name is structured into the class (unknown
+    keys are errors) and handed out by :meth:`hsu.Kernel.settings`. By
+    convention the section is named after the plugin.
+
+    :param register: ``register(section, cls)``; ``cls`` is an attrs class
+        whose every field has a default, so a deployment may leave the section
+        out. Registering a section another plugin has is an error naming both.
+
+    Called once for every plugin, including ones registered later (historic).
+    """
+
+
+@_hookspec(historic=True)
+def hsu_register_launchers(register: Callable[[str, Launcher], None]) -> None:
+    """Register a way to start instances, under a name units refer to.
+
+    :param register: ``register(name, launcher)``; ``launcher`` satisfies
+        :class:`hsu.ports.Launcher`. A unit picks one with ``launcher: NAME``
+        (default ``subprocess``). A clashing name is an error naming both
+        plugins.
+
+    Called once for every plugin, including ones registered later (historic).
+    """
+
+
+# -------------------------------------------------------------------------
+# Kernel lifecycle: created -> starting -> running -> stopping -> stopped.
+# Each hook is called for every plugin in turn; an awaitable result is
+# awaited before the next plugin's. An exception in starting or started
+# fails the start; in stopping or stopped it is logged and the stop goes on.
+# -------------------------------------------------------------------------
+
+
+@_hookspec(historic=True)
+def hsu_kernel_configure(kernel: Kernel) -> None:
+    """The deployment is loaded and every plugin registered; nothing runs yet.
+
+    The place to read settings (``kernel.settings(NAME)``) and prepare state.
+    Must not do I/O. Historic: a plugin registered later is configured too.
+
+    :param kernel: the :class:`hsu.Kernel` being built.
+    """
+
+
+@_hookspec
+def hsu_kernel_starting(kernel: Kernel) -> Awaitable[None] | None:
+    """The kernel entered ``starting``; its gRPC server is not listening yet.
+
+    :param kernel: the kernel.
+    :returns: ``None`` or an awaitable, awaited before the next plugin's.
+    """
+
+
+@_hookspec
+def hsu_kernel_started(kernel: Kernel) -> Awaitable[None] | None:
+    """The kernel is ``running``: serving, healthy, ``at-start`` units up.
+
+    A plugin that works for the kernel's whole life starts its task here and
+    stops it in :func:`hsu_kernel_stopping`.
+
+    :param kernel: the kernel; ``kernel.address`` is where it listens.
+    :returns: ``None`` or an awaitable, awaited before the next plugin's.
+    """
+
+
+@_hookspec
+def hsu_kernel_stopping(kernel: Kernel) -> Awaitable[None] | None:
+    """The kernel is draining: health says NOT_SERVING, instances stop next.
+
+    :param kernel: the kernel.
+    :returns: ``None`` or an awaitable, awaited before instances are stopped.
+    """
+
+
+@_hookspec
+def hsu_kernel_stopped(kernel: Kernel) -> Awaitable[None] | None:
+    """The kernel has stopped: every instance it started is gone.
+
+    :param kernel: the kernel.
+    :returns: ``None`` or an awaitable.
+    """
+
+
+# -------------------------------------------------------------------------
+# Instances
+# -------------------------------------------------------------------------
+
+
+@_hookspec
+def hsu_instance_registered(kernel: Kernel, instance: Instance) -> Awaitable[None] | None:
+    """An HSU completed the handshake: it listens and said what it serves.
+
+    :param kernel: the kernel.
+    :param instance: the :class:`hsu.Instance`, now ``ready``, with its
+        ``address`` and ``interfaces`` set.
+    :returns: ``None`` or an awaitable.
+    """

@@ -1,0 +1,1 @@
+"""The kernel's control API (``hsu.kernel.v1.Kernel``)."""

@@ -1,0 +1,1 @@
+"""Generated from proto/hsu/kernel/v1 by `nox -s proto`."""

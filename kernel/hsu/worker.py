@@ -1,0 +1,238 @@
+"""The Python HSU SDK: write the servicer, hsu does the rest.
+
+::
+
+    from hsu import worker
+    from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
+
+    class Echo(echo_pb2_grpc.EchoServicer):
+        async def Echo(self, request, context):
+            return echo_pb2.EchoResponse(message=request.message)
+
+    if __name__ == "__main__":
+        worker.run(Echo(), version="1.0")
+
+:func:`run` serves the servicers plus Core, grpc.health.v1 and reflection on
+``HSU_LISTEN`` (default: an ephemeral loopback port), registers with the kernel
+at ``HSU_KERNEL_ADDRESS`` when a kernel started it, streams its logs over
+Core.StreamLogs, and exits cleanly on Core.Shutdown, SIGTERM or SIGINT. Without
+a kernel it runs standalone and logs where it listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from loguru import logger
+
+from hsu.core.v1 import core_pb2_grpc
+from hsu.core_service import CORE_SERVICE, CoreServicer
+from hsu.errors import HsuError
+from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+from hsu.logbuffer import LogBuffer
+
+ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
+ENV_UNIT = "HSU_UNIT"
+ENV_INSTANCE_ID = "HSU_INSTANCE_ID"
+ENV_LISTEN = "HSU_LISTEN"
+DEFAULT_LISTEN = "127.0.0.1:0"
+
+
+@attrs.frozen
+class Service:
+    """A servicer and how to add it to a server, with its full service name."""
+
+    servicer: Any
+    add_to_server: Callable[[Any, Any], None]
+    name: str
+
+    @classmethod
+    def of(cls, servicer: Any) -> Service:
+        """Find the generated ``add_XServicer_to_server`` and the full name of
+        the service a grpcio-generated servicer implements."""
+        if isinstance(servicer, Service):
+            return servicer
+        for base in type(servicer).__mro__:
+            module_name = base.__module__
+            if not (module_name.endswith("_pb2_grpc") and base.__name__.endswith("Servicer")):
+                continue
+            short = base.__name__[: -len("Servicer")]
+            grpc_module = sys.modules[module_name]
+            add = getattr(grpc_module, f"add_{base.__name__}_to_server", None)
+            pb2 = importlib.import_module(module_name[: -len("_grpc")])
+            service = pb2.DESCRIPTOR.services_by_name.get(short)
+            if add is not None and service is not None:
+                return cls(servicer, add, service.full_name)
+        raise HsuError(
+            f"{type(servicer).__name__} does not derive from a grpcio-generated *Servicer"
+            " class; pass hsu.worker.Service(servicer, add_to_server, 'pkg.Service')"
+        )
+
+
+class Worker:
+    """One HSU process: its server, its registration, its shutdown."""
+
+    def __init__(
+        self,
+        *servicers: Any,
+        unit: str | None = None,
+        version: str = "0",
+        listen: str | None = None,
+        kernel_address: str | None = None,
+        instance_id: str | None = None,
+        grace: float = 5.0,
+    ):
+        if not servicers:
+            raise HsuError("an HSU serves at least one interface: pass a servicer")
+        self.services = [Service.of(s) for s in servicers]
+        env = os.environ
+        self.unit = unit or env.get(ENV_UNIT, "")
+        self.version = version
+        self.listen = listen or env.get(ENV_LISTEN) or DEFAULT_LISTEN
+        self.kernel_address = kernel_address or env.get(ENV_KERNEL_ADDRESS, "")
+        self.instance_id = instance_id or env.get(ENV_INSTANCE_ID, "")
+        self.grace = grace
+        self.address = ""
+        self.logs = LogBuffer()
+        self._stop = asyncio.Event()
+        self._stop_grace = grace
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+
+    @property
+    def interfaces(self) -> list[str]:
+        return [s.name for s in self.services]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "instance_id": self.instance_id,
+            "version": self.version,
+            "interfaces": self.interfaces,
+            "address": self.address,
+        }
+
+    def request_stop(self, grace: float | None = None, reason: str = "") -> None:
+        if grace is not None:
+            self._stop_grace = grace
+        if not self._stop.is_set():
+            logger.info("stopping: {}", reason or "requested")
+        self._stop.set()
+
+    async def start(self) -> str:
+        server = grpc.aio.server()
+        for service in self.services:
+            service.add_to_server(service.servicer, server)
+        core = CoreServicer(self.info, self.request_stop, self.logs, self.grace)
+        core_pb2_grpc.add_CoreServicer_to_server(core, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [*self.interfaces, CORE_SERVICE, "grpc.health.v1.Health"]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        try:
+            port = server.add_insecure_port(self.listen)
+        except RuntimeError as exc:
+            raise HsuError(f"cannot listen on {self.listen}: {exc}") from None
+        await server.start()
+        self._server = server
+        if self.listen.startswith("unix:"):
+            self.address = self.listen
+        else:
+            self.address = f"{self.listen.rsplit(':', 1)[0]}:{port}"
+        for name in ("", *names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.kernel_address:
+            await self._register()
+        else:
+            logger.info("standalone: serving {} on {}", ", ".join(self.interfaces), self.address)
+        return self.address
+
+    async def _register(self) -> None:
+        request = kernel_pb2.RegisterRequest(
+            instance_id=self.instance_id,
+            unit=self.unit,
+            address=self.address,
+            interfaces=self.interfaces,
+            pid=os.getpid(),
+            version=self.version,
+        )
+        async with grpc.aio.insecure_channel(self.kernel_address) as channel:
+            stub = kernel_pb2_grpc.KernelStub(channel)
+            reply = await stub.Register(request, timeout=10.0, wait_for_ready=True)
+        self.instance_id = reply.instance_id
+        logger.info(
+            "registered with kernel at {} as {}, serving {} on {}",
+            self.kernel_address,
+            self.instance_id,
+            ", ".join(self.interfaces),
+            self.address,
+        )
+
+    async def stop(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self.kernel_address and self.instance_id:
+            await self._deregister()
+        if self._server is not None:
+            await self._server.stop(self._stop_grace)
+
+    async def _deregister(self) -> None:
+        """Best effort: the kernel may be the one stopping us, or gone."""
+        try:
+            async with grpc.aio.insecure_channel(self.kernel_address) as channel:
+                stub = kernel_pb2_grpc.KernelStub(channel)
+                await stub.Deregister(
+                    kernel_pb2.DeregisterRequest(instance_id=self.instance_id), timeout=1.0
+                )
+        except grpc.aio.AioRpcError as exc:
+            logger.debug("deregister: {}", exc.code().name)
+
+    async def serve(self) -> None:
+        """Start, wait for Core.Shutdown, SIGTERM or SIGINT, then stop."""
+        loop = asyncio.get_running_loop()
+        sink = logger.add(self.logs.sink, level="DEBUG")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, None, sig.name)
+        try:
+            await self.start()
+            await self._stop.wait()
+            await self.stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            logger.remove(sink)
+
+
+def run(*servicers: Any, **kwargs: Any) -> None:
+    """Serve until told to stop; see :class:`Worker` for the arguments.
+
+    Exits with status 1 and one clear line when it cannot start (for example
+    the kernel refused the registration).
+    """
+    if os.environ.get(ENV_KERNEL_ADDRESS):
+        # The kernel timestamps and tags each line it captures; say only the rest.
+        logger.remove()
+        logger.add(sys.stderr, format="{level}: {message}", level="INFO")
+    bound = {"unit": os.environ.get(ENV_UNIT, ""), "instance": os.environ.get(ENV_INSTANCE_ID, "")}
+    with logger.contextualize(**{k: v for k, v in bound.items() if v}):
+        try:
+            asyncio.run(Worker(*servicers, **kwargs).serve())
+        except HsuError as exc:
+            logger.error("{}", exc)
+            raise SystemExit(1) from None
+        except grpc.aio.AioRpcError as exc:
+            logger.error("kernel refused: {}: {}", exc.code().name, exc.details())
+            raise SystemExit(1) from None
+
+
+def serve(servicers: Sequence[Any], **kwargs: Any) -> Worker:
+    """A :class:`Worker` for use inside an existing event loop (tests, embedding)."""
+    return Worker(*servicers, **kwargs)
