@@ -80,10 +80,10 @@ def _call(address: str, fn: Any, timeout: float) -> Any:
         with grpc.insecure_channel(address) as channel:
             return fn(channel, timeout)
     except grpc.RpcError as exc:
-        code = exc.code()  # type: ignore[attr-defined]
+        code = exc.code()
         if code is grpc.StatusCode.UNAVAILABLE:
             raise HsuError(f"no kernel answers at {address}: is `hsu run` running?") from None
-        raise HsuError(f"kernel at {address}: {code.name}: {exc.details()}") from None  # type: ignore[attr-defined]
+        raise HsuError(f"kernel at {address}: {code.name}: {exc.details()}") from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import cattrs
 import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 from cattrs.gen import make_dict_structure_fn, override
+
 from hsu.errors import ConfigError
 
 CORE_KEYS = ("name", "plugins", "units")

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from hsu._version import __version__
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.logbuffer import LEVELS, LogBuffer, Record
@@ -59,7 +60,11 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
         return core_pb2.PingResponse(payload=request.payload, time=timestamp(time.time()))
 
     async def Info(self, request: core_pb2.InfoRequest, context: Any) -> core_pb2.InfoResponse:
-        fields = {"pid": os.getpid(), "runtime": RUNTIME, "started_at": timestamp(self.started_at)}
+        fields: dict[str, Any] = {
+            "pid": os.getpid(),
+            "runtime": RUNTIME,
+            "started_at": timestamp(self.started_at),
+        }
         fields.update(self._info())
         return core_pb2.InfoResponse(**fields)
 

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Mapping
 
 import attrs
+
 from hsu.lifecycle import StateMachine
 from hsu.ports import ProcessHandle
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
 import attrs
+
 from hsu.errors import InvalidTransition
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from loguru import logger
+
 from hsu._version import __version__
 from hsu.config import Deployment, KernelSettings, UnitSpec, structure_sections
 from hsu.core.v1 import core_pb2, core_pb2_grpc
@@ -27,7 +29,6 @@ from hsu.logbuffer import LogBuffer
 from hsu.plugin_manager import PluginManager
 from hsu.ports import LaunchSpec
 from hsu.server import KernelServer
-from loguru import logger
 
 #: what the kernel tells every instance it starts, in its environment
 ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
@@ -307,7 +308,7 @@ class Kernel:
         reason = f"exited with status {code}"
         inst.machine.move(InstanceState.FAILED, reason)
         if not inst.ready.done():
-            tail = getattr(inst.handle, "output_tail", lambda: [])()
+            tail: list[str] = getattr(inst.handle, "output_tail", list)()
             last = ("; last output:\n    " + "\n    ".join(tail)) if tail else ""
             inst.ready.set_exception(
                 LaunchError(
@@ -336,9 +337,11 @@ class Kernel:
         if handle is None or watcher is None:
             return
         log = logger.bind(unit=inst.unit, instance=inst.instance_id)
-        if handle.returncode is None:
-            if not (inst.address and await self._ask_shutdown(inst, grace, reason)):
-                handle.signal(signal.SIGTERM)
+        asked = handle.returncode is not None or (
+            bool(inst.address) and await self._ask_shutdown(inst, grace, reason)
+        )
+        if not asked:
+            handle.signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(watcher), grace)
         except TimeoutError:

@@ -24,10 +24,11 @@ from typing import Any
 
 import attrs
 import pluggy
+from loguru import logger
+
 from hsu import hookspecs
 from hsu._async import await_me_maybe
 from hsu.errors import ConflictError, PluginError, PluginLoadError
-from loguru import logger
 
 GROUP = "hsu"
 ESSENTIAL: tuple[str, ...] = ("kernel",)
@@ -72,7 +73,7 @@ def split_plugin_list(items: Iterable[str]) -> tuple[list[str], set[str]]:
 
 
 def _truthy(value: str | None) -> bool:
-    return bool(value) and value.strip().lower() not in ("0", "false", "no", "off", "")
+    return value is not None and value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 class PluginManager:

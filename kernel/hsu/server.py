@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from hsu.core.v1 import core_pb2_grpc
 from hsu.core_service import CORE_SERVICE, CoreServicer, timestamp
 from hsu.errors import HsuError

@@ -1,0 +1,80 @@
+"""A pytest plugin for plugin and HSU authors (entry point ``pytest11: hsu``).
+
+Fixtures:
+
+``hsu_plugin_manager``
+    A fresh :class:`hsu.PluginManager` with built-ins only (no autoload).
+
+``hsu_kernel_factory``
+    ``await hsu_kernel_factory(deployment_dict, plugins=[obj, ...])`` builds a
+    kernel listening on an ephemeral loopback port, registers the given plugin
+    objects, starts it, and stops it (and every instance) after the test.
+    Needs pytest-asyncio.
+
+``hsu_free_address``
+    A ``unix:`` address in the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hsu.config import deployment_from_dict
+from hsu.microkernel import Kernel
+from hsu.plugin_manager import PluginManager
+
+KernelFactory = Callable[..., Awaitable[Kernel]]
+
+
+@pytest.fixture
+def hsu_plugin_manager() -> PluginManager:
+    return PluginManager.load(env={}, autoload=False)
+
+
+@pytest.fixture
+def hsu_free_address(tmp_path: Path) -> str:
+    return f"unix:{tmp_path / 'kernel.sock'}"
+
+
+def build_kernel(
+    raw: dict[str, Any],
+    *,
+    plugins: Iterable[object] = (),
+    names: Iterable[str] = (),
+    address: str = "127.0.0.1:0",
+    base_dir: str = ".",
+) -> Kernel:
+    """A kernel from a dict, with extra plugin objects registered from code."""
+    deployment = deployment_from_dict(raw, source="<test>", base_dir=base_dir)
+    pm = PluginManager.load([*deployment.plugins, *names], env={}, autoload=False)
+    for plugin in plugins:
+        pm.register(plugin)
+    return Kernel(deployment, pm, address=address)
+
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - the fixture needs pytest-asyncio
+    pass
+else:
+
+    @pytest_asyncio.fixture
+    async def hsu_kernel_factory(tmp_path: Path) -> AsyncIterator[KernelFactory]:
+        kernels: list[Kernel] = []
+
+        async def make(raw: dict[str, Any], **kwargs: Any) -> Kernel:
+            kwargs.setdefault("base_dir", str(tmp_path))
+            kernel = build_kernel(raw, **kwargs)
+            kernels.append(kernel)
+            await kernel.start()
+            return kernel
+
+        try:
+            yield make
+        finally:
+            for kernel in reversed(kernels):
+                await kernel.stop("test finished")

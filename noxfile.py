@@ -1,0 +1,39 @@
+"""Sessions: `nox` runs lint, typecheck and tests; `nox -s proto` regenerates code."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+LOCAL = ["-e", ".", "-e", "contrib/hsu-echo"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite: unit tests and integration tests with real processes."""
+    session.install(*LOCAL, "-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the kernel and the built-in plugins."""
+    session.install(*LOCAL, "-e", ".[dev]")
+    session.run("mypy")
+
+
+@nox.session
+def proto(session: nox.Session) -> None:
+    """Regenerate kernel/hsu/**/v1/*_pb2*.py[i] from proto/; commit the result."""
+    session.install("grpcio-tools==1.85.1", "mypy-protobuf>=3.6")
+    session.run("python", "scripts/gen_protos.py")

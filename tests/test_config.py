@@ -1,0 +1,92 @@
+import sys
+
+import attrs
+import pytest
+
+from hsu.config import (
+    Deployment,
+    deployment_from_dict,
+    load_deployment,
+    structure_sections,
+)
+from hsu.errors import ConfigError
+from hsu.testing import build_kernel
+
+
+def problems(raw, **kw):
+    with pytest.raises(ConfigError) as info:
+        deployment_from_dict(raw, source="d.yaml", **kw)
+    return info.value.problems
+
+
+def test_every_problem_is_reported_at_once_with_its_path_and_source():
+    found = problems(
+        {
+            "plugins": "oops",
+            "units": {
+                "echo": {"command": 3, "interfcaes": [], "startup_timeout": "soon"},
+                "other": {},
+            },
+        }
+    )
+    assert "d.yaml: plugins: expected a list of strings, got 'oops'" in found
+    assert "d.yaml: units.echo.command: expected a string or a list of strings, got 3" in found
+    assert "d.yaml: units.echo.startup_timeout: expected float, got 'soon'" in found
+    assert "d.yaml: units.echo.interfcaes: unknown key; did you mean 'interfaces'?" in found
+    assert "d.yaml: units.other.command: required key missing" in found
+    assert len(found) == 5
+
+
+def test_a_command_string_is_split_like_a_shell_and_python_means_this_interpreter():
+    d = deployment_from_dict({"units": {"e": {"command": "python -m 'a b'"}}})
+    assert d.units["e"].command == ("python", "-m", "a b")
+    kernel = build_kernel({"units": {"e": {"command": "python -m x"}}})
+    assert kernel._argv(kernel.unit("e"))[0] == sys.executable
+
+
+def test_strict_types_reject_bools_for_numbers_and_numbers_for_strings():
+    found = problems({"units": {"e": {"command": ["x"], "stop_grace": True, "cwd": 5}}})
+    assert any("units.e.stop_grace: expected float, got True" in p for p in found)
+    assert any("units.e.cwd" in p for p in found)
+
+
+def test_validators_report_the_field():
+    found = problems({"units": {"e": {"command": ["x"], "startup_timeout": 0}}})
+    assert len(found) == 1 and "units.e" in found[0] and "startup_timeout" in found[0]
+
+
+def test_unknown_plugin_section_suggests_the_closest_registered_one():
+    @attrs.frozen
+    class S:
+        port: int = 1
+
+    d = Deployment(name="x", sections={"kernal": {}, "mine": {"port": 2}}, source="d.yaml")
+    with pytest.raises(ConfigError) as info:
+        structure_sections(d, {"kernel": S, "mine": S})
+    assert info.value.problems == [
+        "d.yaml: kernal: no enabled plugin has a settings section of this name;"
+        " did you mean 'kernel'?"
+    ]
+    ok = structure_sections(Deployment(name="x", sections={"mine": {"port": 2}}), {"mine": S})
+    assert ok == {"mine": S(2)}
+
+
+def test_load_deployment_reports_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_deployment(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("units: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_deployment(bad)
+    good = tmp_path / "svc.yaml"
+    good.write_text("units:\n  a:\n    command: [x]\n")
+    d = load_deployment(good)
+    assert d.name == "svc" and d.base_dir == str(tmp_path) and d.source == str(good)
+
+
+def test_a_unit_naming_an_unknown_launcher_is_a_config_error():
+    with pytest.raises(ConfigError) as info:
+        build_kernel({"units": {"e": {"command": ["x"], "launcher": "dokcer"}}})
+    assert "units.e.launcher: no launcher named 'dokcer' (registered: subprocess)" in str(
+        info.value
+    )

@@ -1,0 +1,120 @@
+"""`hsu run` as a real process: draining on signals, the demo, the CLI against it."""
+
+import signal
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ROOT, hsu_env, run_hsu, write_deployment
+
+pytestmark = pytest.mark.integration
+
+SLOW_STOP = """
+kernel:
+  drain_grace: 1
+units:
+  echo:
+    command: [python, -m, hsu_echo]
+    interfaces: [hsu.echo.v1.Echo]
+    start: at-start
+"""
+
+
+def test_health_flips_to_not_serving_during_drain(kernel_process, tmp_path):
+    k = kernel_process(write_deployment(tmp_path / "d.yaml", SLOW_STOP))
+    k.wait_ready()
+    seen = []
+    watching = threading.Event()
+
+    def watch():
+        with grpc.insecure_channel(k.address) as ch:
+            stream = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=30
+            )
+            try:
+                for reply in stream:
+                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+                    watching.set()
+            except grpc.RpcError:
+                pass  # the server went away at the end of the drain
+
+    t = threading.Thread(target=watch)
+    t.start()
+    assert watching.wait(10)
+    code, _, err = k.stop(signal.SIGTERM)
+    t.join(10)
+    assert seen[:2] == ["SERVING", "NOT_SERVING"]
+    assert code == 0
+    assert "kernel running -> stopping (SIGTERM)" in err
+    assert "kernel stopping -> stopped" in err
+    assert "exited with status 0" in err  # the HSU was asked and stopped cleanly
+
+
+def test_sigint_drains_too(kernel_process, tmp_path):
+    k = kernel_process(write_deployment(tmp_path / "d.yaml", SLOW_STOP))
+    k.wait_ready()
+    code, _, err = k.stop(signal.SIGINT)
+    assert code == 0 and "(SIGINT)" in err and "kernel stopping -> stopped" in err
+
+
+def test_the_readme_demo_calls_echo_and_stops_clean_on_ctrl_c(kernel_process):
+    k = kernel_process(ROOT / "contrib" / "hsu-echo" / "deployment.yaml")
+    k.wait_ready()
+    status = run_hsu("status", "--address", k.address)
+    assert status.returncode == 0, status.stderr
+    ping = run_hsu("ping", "--address", k.address)
+    code, out, err = k.stop(signal.SIGINT)
+    assert code == 0, err
+    replies = [line for line in out.splitlines() if line.startswith("echo reply:")]
+    assert len(replies) == 3 and "'hello from the hsu demo #1'" in replies[0]
+    assert "kernel echo-demo: running at " in status.stdout
+    assert " ready " in status.stdout and "hsu.echo.v1.Echo" in status.stdout
+    assert ping.returncode == 0 and ping.stdout.startswith(f"pong from {k.address} in ")
+
+
+def test_status_json_lists_instances(kernel_process, tmp_path):
+    import json
+
+    k = kernel_process(write_deployment(tmp_path / "d.yaml", SLOW_STOP))
+    k.wait_ready()
+    out = run_hsu("status", "--json", env=hsu_env(HSU_KERNEL_ADDRESS=k.address))
+    k.stop()
+    data = json.loads(out.stdout)
+    assert data["status"]["state"] == "running"
+    assert [i["state"] for i in data["instances"]] == ["ready"]
+    assert data["instances"][0]["interfaces"] == ["hsu.echo.v1.Echo"]
+
+
+def test_a_good_plugin_pip_installed_from_a_directory_is_listed_and_its_hooks_run(
+    kernel_process, tmp_path, plugin_dists
+):
+    env = hsu_env(plugin_dists, HSU_DISABLE_PLUGIN_AUTOLOAD="")
+    listed = run_hsu("plugins", "--json", "-p", "no:blocked", "-p", "no:broken", env=env)
+    assert listed.returncode == 0, listed.stderr
+    import json
+
+    by_name = {p["name"]: p for p in json.loads(listed.stdout)}
+    assert by_name["good"]["status"] == "active"
+    assert by_name["good"]["distribution"] == "hsu-plugin-good"
+    assert "hsu_kernel_started" in by_name["good"]["hooks"]
+    assert by_name["blocked"]["status"] == "blocked"
+    marker = tmp_path / "marker.txt"
+    d = write_deployment(
+        tmp_path / "d.yaml",
+        f"plugins: [good, no:blocked, no:broken]\ngood:\n  marker_file: {marker}\n",
+    )
+    k = kernel_process(d, env)
+    k.wait_ready()
+    code, _, err = k.stop()
+    assert code == 0, err
+    assert marker.read_text() == f"started {k.address}\nstopped\n"
+
+
+def test_a_blocked_plugin_stays_out_even_when_autoloading(kernel_process, tmp_path, plugin_dists):
+    # hsu-plugin-blocked fails the kernel start if it is ever loaded
+    env = hsu_env(plugin_dists, HSU_DISABLE_PLUGIN_AUTOLOAD="", HSU_PLUGINS="no:broken")
+    k = kernel_process(write_deployment(tmp_path / "d.yaml", "plugins: [no:blocked]\n"), env)
+    k.wait_ready()
+    assert k.stop()[0] == 0

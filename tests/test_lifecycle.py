@@ -1,0 +1,79 @@
+import enum
+
+import pytest
+
+from hsu.errors import InvalidTransition
+from hsu.instances import INSTANCE_TRANSITIONS, InstanceState
+from hsu.lifecycle import KERNEL_TRANSITIONS, KernelState, StateMachine
+
+
+def kernel_machine() -> StateMachine[KernelState]:
+    return StateMachine("kernel", KernelState.CREATED, KERNEL_TRANSITIONS)
+
+
+def test_the_happy_path_is_allowed_and_recorded():
+    m = kernel_machine()
+    seen = []
+    m.listeners.append(seen.append)
+    for state in ("starting", "running", "stopping", "stopped"):
+        m.move(KernelState(state), reason=f"to {state}")
+    assert m.state is KernelState.STOPPED
+    assert [(t.source.value, t.target.value) for t in m.history] == [
+        ("created", "starting"),
+        ("starting", "running"),
+        ("running", "stopping"),
+        ("stopping", "stopped"),
+    ]
+    assert [t.reason for t in seen] == ["to starting", "to running", "to stopping", "to stopped"]
+    assert all(a.at <= b.at for a, b in zip(m.history, m.history[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("path", "bad"),
+    [
+        ((), KernelState.RUNNING),  # created -> running skips starting
+        ((KernelState.STARTING,), KernelState.STOPPED),
+        ((KernelState.STARTING, KernelState.RUNNING), KernelState.STARTING),
+        ((KernelState.STOPPED,), KernelState.STARTING),  # stopped is final
+    ],
+)
+def test_invalid_moves_raise_and_change_nothing(path, bad):
+    m = kernel_machine()
+    for s in path:
+        m.move(s)
+    before = (m.state, len(m.history))
+    with pytest.raises(InvalidTransition) as info:
+        m.move(bad)
+    assert f"cannot go from {m.state.value!r} to {bad.value!r}" in str(info.value)
+    assert (m.state, len(m.history)) == before
+
+
+def test_error_lists_allowed_moves_or_says_final():
+    m = kernel_machine()
+    with pytest.raises(InvalidTransition, match=r"allowed: starting, stopped"):
+        m.move(KernelState.RUNNING)
+    m.move(KernelState.STOPPED)
+    with pytest.raises(InvalidTransition, match="it is final"):
+        m.move(KernelState.STARTING)
+
+
+def test_failed_is_reachable_from_every_active_kernel_state():
+    for state in (KernelState.STARTING, KernelState.RUNNING, KernelState.STOPPING):
+        assert KernelState.FAILED in KERNEL_TRANSITIONS[state]
+
+
+def test_instance_table_is_closed_and_final_states_have_no_exit():
+    assert INSTANCE_TRANSITIONS[InstanceState.STOPPED] == frozenset()
+    assert INSTANCE_TRANSITIONS[InstanceState.FAILED] == frozenset()
+    m = StateMachine("i", InstanceState.STARTING, INSTANCE_TRANSITIONS)
+    with pytest.raises(InvalidTransition):
+        m.move(InstanceState.STOPPED)  # must pass through stopping
+
+
+def test_a_table_naming_unknown_states_is_rejected():
+    class S(enum.Enum):
+        A = "a"
+        B = "b"
+
+    with pytest.raises(ValueError, match="lacks states"):
+        StateMachine("broken", S.A, {S.A: frozenset({S.B})})
