@@ -18,8 +18,3 @@ async def await_me_maybe(value: Any) -> Any:
     if inspect.isawaitable(value):
         value = await value
     return value
-
-
-async def await_all(values: list[Any]) -> list[Any]:
-    """Await each result of a historic or all-results hook, in order."""
-    return [await await_me_maybe(v) for v in values]

@@ -29,12 +29,12 @@ _hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # -------------------------------------------------------------------------
-# Registration: plugins add capabilities by name. Historic, so a plugin
-# registered late still gets to register.
+# Registration: plugins add capabilities by name. Called for each plugin
+# once, as it is registered (so a clash can name both plugins).
 # -------------------------------------------------------------------------
 
 
-@_hookspec(historic=True)
+@_hookspec
 def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
     """Register the attrs class that holds a plugin's settings.
 
@@ -46,11 +46,12 @@ def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
         whose every field has a default, so a deployment may leave the section
         out. Registering a section another plugin has is an error naming both.
 
-    Called once for every plugin, including ones registered later (historic).
+    Called once for each plugin, when it is registered; settings sections are
+    read when the kernel is built, so register plugins before that.
     """
 
 
-@_hookspec(historic=True)
+@_hookspec
 def hsu_register_launchers(register: Callable[[str, Launcher], None]) -> None:
     """Register a way to start instances, under a name units refer to.
 
@@ -59,7 +60,7 @@ def hsu_register_launchers(register: Callable[[str, Launcher], None]) -> None:
         (default ``subprocess``). A clashing name is an error naming both
         plugins.
 
-    Called once for every plugin, including ones registered later (historic).
+    Called once for each plugin, when it is registered.
     """
 
 

@@ -34,7 +34,9 @@ from hsu.server import KernelServer
 ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
 ENV_UNIT = "HSU_UNIT"
 ENV_INSTANCE_ID = "HSU_INSTANCE_ID"
-ENV_LISTEN = "HSU_LISTEN"
+#: of a unit's stop_grace, the share an HSU is told it has to drain; the rest is
+#: headroom for it to exit before SIGKILL
+SHUTDOWN_SHARE = 0.8
 
 
 class Kernel:
@@ -80,6 +82,8 @@ class Kernel:
         self._exit_watchers: dict[str, asyncio.Task[None]] = {}
         self._stop_requested: asyncio.Event | None = None
         self._stop_reason = ""
+        self._drain_grace: float | None = None
+        self._serving = False
         self._stopped: asyncio.Event | None = None
         self._log_sink: int | None = None
         plugins.configure(self)
@@ -105,7 +109,10 @@ class Kernel:
         try:
             return self._settings[section]
         except KeyError:
-            raise NoSuchUnit(f"no settings section {section!r} is registered") from None
+            known = ", ".join(sorted(self._settings))
+            raise HsuError(
+                f"no settings section {section!r} is registered (registered: {known})"
+            ) from None
 
     def _check_units(self) -> None:
         known = set(self.plugins.launcher_names())
@@ -171,7 +178,10 @@ class Kernel:
             await self.plugins.call_each("hsu_kernel_stopping", stop_on_error=False, kernel=self)
             await self.stop_all_instances()
             if self._server is not None:
-                await self._server.stop(self.kernel_settings.drain_grace)
+                grace = self._drain_grace
+                await self._server.stop(
+                    self.kernel_settings.drain_grace if grace is None else grace
+                )
         finally:
             self.machine.move(final, reason if final is KernelState.FAILED else "")
             await self.plugins.call_each("hsu_kernel_stopped", stop_on_error=False, kernel=self)
@@ -189,7 +199,12 @@ class Kernel:
             self._stop_requested.set()
 
     def shutdown_from_rpc(self, grace: float, reason: str) -> None:
+        """Core.Shutdown on the kernel: drain with the caller's grace."""
+        self._drain_grace = grace
         self.request_stop(f"{reason} over gRPC")
+        if self._stop_requested is not None and not self._serving:
+            # driven by start()/stop() rather than serve(): stop here
+            asyncio.get_running_loop().create_task(self.stop(self._stop_reason))
 
     async def serve(self) -> None:
         """Start, run until SIGTERM, SIGINT or Core.Shutdown, then drain."""
@@ -197,6 +212,7 @@ class Kernel:
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
             loop.add_signal_handler(sig, self.request_stop, sig.name)
+        self._serving = True
         try:
             await self.start()
             assert self._stop_requested is not None
@@ -338,7 +354,7 @@ class Kernel:
             return
         log = logger.bind(unit=inst.unit, instance=inst.instance_id)
         asked = handle.returncode is not None or (
-            bool(inst.address) and await self._ask_shutdown(inst, grace, reason)
+            bool(inst.address) and await self._ask_shutdown(inst, grace * SHUTDOWN_SHARE, reason)
         )
         if not asked:
             handle.signal(signal.SIGTERM)

@@ -26,7 +26,7 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -179,7 +179,7 @@ class Worker:
 
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
-        if self.kernel_address and self.instance_id:
+        if self.kernel_address and self.instance_id and self.address:
             await self._deregister()
         if self._server is not None:
             await self._server.stop(self._stop_grace)
@@ -202,9 +202,11 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, None, sig.name)
         try:
-            await self.start()
-            await self._stop.wait()
-            await self.stop()
+            try:
+                await self.start()
+                await self._stop.wait()
+            finally:
+                await self.stop()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -231,8 +233,3 @@ def run(*servicers: Any, **kwargs: Any) -> None:
         except grpc.aio.AioRpcError as exc:
             logger.error("kernel refused: {}: {}", exc.code().name, exc.details())
             raise SystemExit(1) from None
-
-
-def serve(servicers: Sequence[Any], **kwargs: Any) -> Worker:
-    """A :class:`Worker` for use inside an existing event loop (tests, embedding)."""
-    return Worker(*servicers, **kwargs)
