@@ -15,9 +15,12 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
     data = json.loads(out.stdout)
     assert [(p["name"], p["source"], p["status"]) for p in data] == [
         ("kernel", "essential", "active"),
+        ("env", "default", "active"),
+        ("file", "default", "active"),
+        ("overrides", "default", "active"),
         ("subprocess", "default", "active"),
     ]
-    assert data[1]["hooks"] == ["hsu_register_launchers"]
+    assert data[4]["hooks"] == ["hsu_register_launchers"]
     assert data[0]["distribution"] == "hsu"
 
 
@@ -51,26 +54,27 @@ def test_config_mistakes_are_listed_without_a_traceback(tmp_path):
         tmp_path / "bad.yaml",
         "units:\n  echo:\n    comand: [x]\n    stop_grace: three\nkernal: {}\n",
     )
-    for command in ("run", "validate"):
-        out = run_hsu(command, str(d))
+    for command in ("run", "config validate"):
+        out = run_hsu(*command.split(), str(d))
         assert out.returncode == 1
         assert "Traceback" not in out.stderr
-        assert f"{d}: units.echo.comand: unknown key; did you mean 'command'?" in out.stderr
-        assert f"{d}: units.echo.stop_grace: expected float, got 'three'" in out.stderr
+        assert f"{d}:3: units.echo.comand: unknown key; did you mean 'command'?" in out.stderr
+        assert f"{d}:4: units.echo.stop_grace: expected float, got 'three'" in out.stderr
+        assert f"{d}:2: units.echo.command: required key missing" in out.stderr
 
 
 def test_unknown_section_is_caught_after_plugins_load(tmp_path):
     d = write_deployment(tmp_path / "d.yaml", "kernal:\n  address: 127.0.0.1:0\n")
-    out = run_hsu("validate", str(d))
+    out = run_hsu("config", "validate", str(d))
     assert out.returncode == 1
     assert (
-        "kernal: no enabled plugin has a settings section of this name; did you mean 'kernel'?"
-        in out.stderr
-    )
+        f"{d}:1: kernal: no enabled plugin has a settings section of this name;"
+        " did you mean 'kernel'?"
+    ) in out.stderr
 
 
 def test_validate_accepts_the_demo():
-    out = run_hsu("validate", str(ROOT / "contrib" / "hsu-echo" / "deployment.yaml"))
+    out = run_hsu("config", "validate", str(ROOT / "contrib" / "hsu-echo" / "deployment.yaml"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith(": ok (1 units)")
 
@@ -85,5 +89,5 @@ def test_status_and_ping_without_a_kernel_say_so(tmp_path):
 
 def test_help_lists_every_command():
     out = run_hsu("--help")
-    for command in ("run", "plugins", "status", "ping", "validate"):
+    for command in ("run", "plugins", "status", "ping", "config"):
         assert command in out.stdout

@@ -14,8 +14,12 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
     infos = hsu_plugin_manager.infos()
     assert [(i.name, i.source, i.status, i.distribution) for i in infos] == [
         ("kernel", "essential", "active", "hsu"),
+        ("env", "default", "active", "hsu"),
+        ("file", "default", "active", "hsu"),
+        ("overrides", "default", "active", "hsu"),
         ("subprocess", "default", "active", "hsu"),
     ]
+    assert sorted(hsu_plugin_manager.config_sources()) == ["env", "file", "overrides"]
     assert hsu_plugin_manager.launcher_names() == ["subprocess"]
     assert "kernel" in hsu_plugin_manager.settings_classes()
 
@@ -234,5 +238,5 @@ def test_broken_plugin_named_explicitly_is_a_hard_error(plugin_dists, monkeypatc
 def test_autoload_off_loads_only_what_is_named(plugin_dists, monkeypatch):
     monkeypatch.syspath_prepend(str(plugin_dists))
     pm = PluginManager.load(["good"], env={"HSU_DISABLE_PLUGIN_AUTOLOAD": "1"})
-    names = {i.name: i.source for i in pm.infos()}
-    assert names == {"kernel": "essential", "subprocess": "default", "good": "explicit"}
+    names = {i.name: i.source for i in pm.infos() if i.source != "default"}
+    assert names == {"kernel": "essential", "good": "explicit"}

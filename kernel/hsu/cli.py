@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from loguru import logger
 
 from hsu._version import __version__
-from hsu.config import KernelSettings, deployment_from_dict, load_deployment
+from hsu.config import KernelSettings, load_deployment
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.errors import HsuError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
@@ -48,10 +48,12 @@ def _kernel_address(args: argparse.Namespace) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hsu import config_loader
     from hsu.microkernel import Kernel
 
-    deployment = load_deployment(args.deployment)
-    kernel = Kernel.from_deployment(deployment, plugins=args.plugin, address=args.address)
+    ctx = config_loader.context([args.deployment], args.set)
+    deployment, plugins = config_loader.load(ctx, args.plugin)
+    kernel = Kernel(deployment, plugins, address=args.address)
     asyncio.run(kernel.serve())
     return 0
 
@@ -135,13 +137,36 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def cmd_config_validate(args: argparse.Namespace) -> int:
     """Check a deployment without starting anything."""
-    from hsu.microkernel import Kernel
+    from hsu import config_loader
 
-    deployment = load_deployment(args.deployment)
-    Kernel.from_deployment(deployment, plugins=args.plugin)
+    ctx = config_loader.context([args.deployment], args.set)
+    deployment, _ = config_loader.validate(ctx, args.plugin)
     print(f"{args.deployment}: ok ({len(deployment.units)} units)")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from hsu import config_loader
+
+    ctx = config_loader.context([args.deployment] if args.deployment else [], args.set)
+    deployment, settings = config_loader.validate(ctx, args.plugin)
+    rows = config_loader.show(deployment, settings)
+    print(json.dumps(rows, indent=2) if args.json else config_loader.format_rows(rows))
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from hsu import config_loader
+    from hsu.config_schema import deployment_schema
+
+    explicit = list(args.plugin)
+    if args.deployment:
+        deployment, _ = config_loader.load(config_loader.context([args.deployment]), explicit)
+        explicit = [*deployment.plugins, *explicit]
+    plugins = PluginManager.load(explicit)
+    print(json.dumps(deployment_schema(plugins.settings_classes()), indent=2))
     return 0
 
 
@@ -175,9 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
             f" {DEFAULT_ADDRESS}",
         )
 
+    def set_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="PATH=VALUE",
+            help="override one value, e.g. units.echo.stop_grace=3 (wins over file and env)",
+        )
+
     p = sub.add_parser("run", help="start a kernel for a deployment and serve until stopped")
-    p.add_argument("deployment", help="deployment file (YAML)")
+    p.add_argument("deployment", help="deployment file (YAML, JSON or TOML)")
     plugin_opt(p)
+    set_opt(p)
     p.add_argument("--address", help="listen here instead of the deployment's kernel.address")
     p.set_defaults(func=cmd_run)
 
@@ -198,10 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_ping)
 
-    p = sub.add_parser("validate", help="check a deployment and its plugins; start nothing")
-    p.add_argument("deployment", help="deployment file (YAML)")
+    config = sub.add_parser("config", help="check, show or describe deployments")
+    csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    p = csub.add_parser("validate", help="check a deployment and its plugins; start nothing")
+    p.add_argument("deployment", help="deployment file")
     plugin_opt(p)
-    p.set_defaults(func=cmd_validate)
+    set_opt(p)
+    p.set_defaults(func=cmd_config_validate)
+    p = csub.add_parser("show", help="the effective config, each value with its source")
+    p.add_argument("deployment", nargs="?", help="deployment file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    plugin_opt(p)
+    set_opt(p)
+    p.set_defaults(func=cmd_config_show)
+    p = csub.add_parser("schema", help="JSON Schema of a deployment, for editors")
+    p.add_argument("deployment", nargs="?", help="include the sections of this one's plugins")
+    plugin_opt(p)
+    p.set_defaults(func=cmd_config_schema)
     return parser
 
 
@@ -220,4 +268,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["build_parser", "deployment_from_dict", "main"]
+__all__ = ["build_parser", "main"]

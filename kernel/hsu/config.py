@@ -17,10 +17,10 @@ from typing import Any
 
 import attrs
 import cattrs
-import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 from cattrs.gen import make_dict_structure_fn, override
 
+from hsu.config_sources import Origin, PathT, Secrets, format_path, origin_of
 from hsu.errors import ConfigError
 
 CORE_KEYS = ("name", "plugins", "units")
@@ -74,6 +74,10 @@ class Deployment:
     source: str = "<defaults>"
     #: relative ``cwd`` and paths in units resolve against this
     base_dir: str = "."
+    #: where each value came from, for messages and ``hsu config show``
+    origins: Mapping[PathT, Origin] = attrs.field(factory=dict, repr=False, eq=False)
+    #: secret references and what they resolved to (never shown)
+    secrets: Secrets = attrs.field(factory=Secrets, repr=False, eq=False)
 
 
 def make_converter() -> cattrs.Converter:
@@ -83,6 +87,8 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(float, _strict_number(float))
     conv.register_structure_hook(int, _strict_number(int))
     conv.register_structure_hook(str, _strict_str)
+    # after str: a StrEnum is a str, and singledispatch takes the nearest class
+    conv.register_structure_hook(enum.StrEnum, _strict_enum)
     conv.register_structure_hook(
         UnitSpec,
         make_dict_structure_fn(
@@ -104,6 +110,14 @@ def _strict_number(kind: type[Any]) -> Any:
         return kind(value)
 
     return hook
+
+
+def _strict_enum(value: Any, cls: type[enum.StrEnum]) -> enum.StrEnum:
+    try:
+        return cls(value)
+    except ValueError:
+        options = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"expected one of {options}, got {value!r}") from None
 
 
 def _strict_str(value: Any, _: Any) -> str:
@@ -129,87 +143,115 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _messages(exc: BaseException, path: str, cls: type[Any] | None) -> list[str]:
-    """Flatten a cattrs error into one line per problem, each with its path."""
-    out: list[str] = []
+def _messages(exc: BaseException, path: PathT) -> list[tuple[PathT, str]]:
+    """Flatten a cattrs error into one (path, message) per problem."""
+    out: list[tuple[PathT, str]] = []
     if isinstance(exc, ForbiddenExtraKeysError):
         valid = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
         for key in sorted(exc.extra_fields):
-            out.append(f"{path}.{key}: unknown key{_suggest(key, valid)}")
+            out.append(((*path, key), f"unknown key{_suggest(key, valid)}"))
         return out
     if isinstance(exc, ClassValidationError | IterableValidationError):
         with_notes, without_notes = exc.group_exceptions()
         for sub, note in with_notes:
             name = getattr(note, "name", None)
-            index = getattr(note, "index", None)
-            sub_path = f"{path}.{name}" if name is not None else f"{path}[{index!r}]"
-            out.extend(_messages(sub, sub_path, None))
+            part: Any = name if name is not None else getattr(note, "index", None)
+            out.extend(_messages(sub, (*path, part)))
         for sub in without_notes:
-            out.extend(_messages(sub, path, None))
+            out.extend(_messages(sub, path))
         return out
     if isinstance(exc, KeyError):
-        return [f"{path}: required key missing"]
+        return [(path, "required key missing")]
     if isinstance(exc, ExceptionGroup):
         for sub in exc.exceptions:
-            out.extend(_messages(sub, path, cls))
+            out.extend(_messages(sub, path))
         return out
-    return [f"{path}: {exc}"]
+    return [(path, str(exc))]
 
 
-def structure(data: Any, cls: type[Any], path: str, source: str) -> Any:
+def describe(path: PathT, message: str, source: str, origins: Mapping[PathT, Origin]) -> str:
+    """``deployment.yaml:14: units.echo.stop_grace: expected float, got 'three'``."""
+    origin = origin_of(origins, path)
+    return f"{origin or source}: {format_path(path)}: {message}"
+
+
+def structure(
+    data: Any,
+    cls: Any,
+    path: PathT,
+    source: str,
+    origins: Mapping[PathT, Origin] | None = None,
+) -> Any:
     """Turn raw data into ``cls`` or raise :class:`ConfigError` listing every problem."""
     try:
         return converter.structure(data, cls)
     except Exception as exc:
-        raise ConfigError([f"{source}: {m}" for m in _messages(exc, path, cls)], source) from None
+        problems = [describe(p, m, source, origins or {}) for p, m in _messages(exc, path)]
+        raise ConfigError(problems, source) from None
 
 
 def load_deployment(path: str | Path) -> Deployment:
-    """Read a deployment file (YAML; JSON is YAML too)."""
+    """Read one deployment file (YAML, JSON or TOML) with no other source."""
+    from hsu.config_files import read_file
+
     path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{source}: cannot read: {exc.strerror}"], source) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: not valid YAML: {exc}"], source) from None
+    layer = read_file(path)
     return deployment_from_dict(
-        raw or {}, source=source, base_dir=str(path.resolve().parent), default_name=path.stem
+        layer.data,
+        source=str(path),
+        base_dir=str(path.resolve().parent),
+        default_name=path.stem,
+        origins=layer.origins,
     )
 
 
 def deployment_from_dict(
-    raw: Any, *, source: str = "<dict>", base_dir: str = ".", default_name: str = "hsu"
+    raw: Any,
+    *,
+    source: str = "<dict>",
+    base_dir: str = ".",
+    default_name: str = "hsu",
+    origins: Mapping[PathT, Origin] | None = None,
+    secrets: Secrets | None = None,
 ) -> Deployment:
+    origins = origins or {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: expected a mapping at the top, got {type(raw).__name__}"])
     problems: list[str] = []
     name = raw.get("name", default_name)
     if not isinstance(name, str):
-        problems.append(f"{source}: name: expected a string, got {name!r}")
+        problems.append(describe(("name",), f"expected a string, got {name!r}", source, origins))
     plugins: tuple[str, ...] = ()
     units: dict[str, UnitSpec] = {}
     try:
-        plugins = structure(raw.get("plugins", []), tuple[str, ...], "plugins", source)
+        plugins = structure(raw.get("plugins", []), tuple[str, ...], ("plugins",), source, origins)
     except ConfigError as exc:
         problems.extend(exc.problems)
     raw_units = raw.get("units") or {}
     if not isinstance(raw_units, dict):
-        problems.append(f"{source}: units: expected a mapping of unit name to unit")
+        problems.append(
+            describe(("units",), "expected a mapping of unit name to unit", source, origins)
+        )
         raw_units = {}
     for unit_name, spec in raw_units.items():
         try:
-            units[str(unit_name)] = structure(spec, UnitSpec, f"units.{unit_name}", source)
+            units[str(unit_name)] = structure(
+                spec, UnitSpec, ("units", str(unit_name)), source, origins
+            )
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems, source)
     sections = {k: v for k, v in raw.items() if k not in CORE_KEYS}
     return Deployment(
-        name=name, plugins=plugins, units=units, sections=sections, source=source, base_dir=base_dir
+        name=name,
+        plugins=plugins,
+        units=units,
+        sections=sections,
+        source=source,
+        base_dir=base_dir,
+        origins=dict(origins),
+        secrets=secrets or Secrets(),
     )
 
 
@@ -218,16 +260,21 @@ def structure_sections(deployment: Deployment, classes: Mapping[str, type[Any]])
     problems: list[str] = []
     settings: dict[str, Any] = {}
     valid = [*CORE_KEYS, *classes]
+    origins = deployment.origins
     for key in deployment.sections:
         if key not in classes:
             problems.append(
-                f"{deployment.source}: {key}: no enabled plugin has a settings section of this"
-                f" name{_suggest(key, valid)}"
+                describe(
+                    (key,),
+                    f"no enabled plugin has a settings section of this name{_suggest(key, valid)}",
+                    deployment.source,
+                    origins,
+                )
             )
     for section, cls in classes.items():
         data = deployment.sections.get(section)
         try:
-            settings[section] = structure(data or {}, cls, section, deployment.source)
+            settings[section] = structure(data or {}, cls, (section,), deployment.source, origins)
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from hsu.config_sources import ConfigSource
     from hsu.instances import Instance
     from hsu.microkernel import Kernel
     from hsu.ports import Launcher
@@ -61,6 +62,23 @@ def hsu_register_launchers(register: Callable[[str, Launcher], None]) -> None:
         plugins.
 
     Called once for each plugin, when it is registered.
+    """
+
+
+@_hookspec
+def hsu_register_config_sources(register: Callable[[str, ConfigSource], None]) -> None:
+    """Register a source of configuration, under a name.
+
+    :param register: ``register(name, source)``; ``source`` satisfies
+        :class:`hsu.config_sources.ConfigSource`: a ``priority`` (file 10,
+        environment 20, ``--set`` 30; higher wins), ``load(ctx)`` returning
+        layers with the origin of every value, and ``watch(ctx, on_change)``
+        for sources that can change while the kernel runs. A clashing name is
+        an error naming both plugins.
+
+    Called once for each plugin, when it is registered. Sources come from the
+    plugins enabled by ``-p``, ``HSU_PLUGINS`` and autoload; one named only in
+    the deployment's ``plugins:`` is used from the second read on.
     """
 
 

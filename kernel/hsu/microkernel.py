@@ -296,7 +296,8 @@ class Kernel:
             log.error("{}", exc)
             raise
         inst.handle, inst.pid = handle, handle.pid
-        log.info("started pid {}: {}", handle.pid, " ".join(launch.argv))
+        argv = self.deployment.secrets.redact(" ".join(launch.argv))
+        log.info("started pid {}: {}", handle.pid, argv)
         self._exit_watchers[inst.instance_id] = asyncio.ensure_future(self._watch_exit(inst))
         try:
             await asyncio.wait_for(asyncio.shield(inst.ready), spec.startup_timeout)

@@ -32,7 +32,7 @@ from hsu.errors import ConflictError, PluginError, PluginLoadError
 
 GROUP = "hsu"
 ESSENTIAL: tuple[str, ...] = ("kernel",)
-DEFAULTS: tuple[str, ...] = ("subprocess",)
+DEFAULTS: tuple[str, ...] = ("subprocess", "file", "env", "overrides")
 AUTOLOAD_ENV = "HSU_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ENV = "HSU_PLUGINS"
 TRACE_ENV = "HSU_TRACE_PLUGINS"
@@ -85,6 +85,7 @@ class PluginManager:
         self._infos: dict[str, PluginInfo] = {}
         self._settings: dict[str, tuple[type[Any], str]] = {}
         self._launchers: dict[str, tuple[Any, str]] = {}
+        self._config_sources: dict[str, tuple[Any, str]] = {}
         self._undo_tracing: Callable[[], None] | None = None
 
     # -- loading -----------------------------------------------------------
@@ -252,7 +253,7 @@ class PluginManager:
         self._forget(name)
 
     def _forget(self, name: str) -> None:
-        for table in (self._settings, self._launchers):
+        for table in (self._settings, self._launchers, self._config_sources):
             for key in [k for k, (_, owner) in table.items() if owner == name]:
                 del table[key]
 
@@ -288,6 +289,11 @@ class PluginManager:
         self._call_own(
             plugin, "hsu_register_launchers", register=register_to(self._launchers, "launcher")
         )
+        self._call_own(
+            plugin,
+            "hsu_register_config_sources",
+            register=register_to(self._config_sources, "config source"),
+        )
 
     def _call_own(self, plugin: object, hook_name: str, **kwargs: Any) -> None:
         """Call one plugin's own implementation of a registration hook."""
@@ -314,6 +320,10 @@ class PluginManager:
             raise PluginError(
                 f"no launcher named {name!r} (registered: {known}); is its plugin enabled?"
             ) from None
+
+    def config_sources(self) -> dict[str, Any]:
+        """Registered config sources by name (:class:`hsu.config_sources.ConfigSource`)."""
+        return {name: source for name, (source, _) in self._config_sources.items()}
 
     def launcher_names(self) -> list[str]:
         return sorted(self._launchers)
