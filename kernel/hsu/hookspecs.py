@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from hsu.config_sources import ConfigSource
     from hsu.instances import Instance
     from hsu.microkernel import Kernel
-    from hsu.ports import Launcher
+    from hsu.ports import Launcher, Probe
 
 PROJECT = "hsu"
 
@@ -79,6 +79,21 @@ def hsu_register_config_sources(register: Callable[[str, ConfigSource], None]) -
     Called once for each plugin, when it is registered. Sources come from the
     plugins enabled by ``-p``, ``HSU_PLUGINS`` and autoload; one named only in
     the deployment's ``plugins:`` is used from the second read on.
+    """
+
+
+@_hookspec
+def hsu_register_probes(register: Callable[[str, Probe], None]) -> None:
+    """Register a health probe, under a name units refer to.
+
+    :param register: ``register(name, probe)``; ``probe`` satisfies
+        :class:`hsu.ports.Probe`: ``check_options(options)`` returns the
+        problems with a unit's ``health.options`` (checked when the deployment
+        is loaded) and ``check(target, timeout)`` runs one probe. A unit picks
+        one with ``health: {probe: NAME}``. A clashing name is an error naming
+        both plugins.
+
+    Called once for each plugin, when it is registered.
     """
 
 

@@ -32,7 +32,7 @@ from hsu.errors import ConflictError, PluginError, PluginLoadError
 
 GROUP = "hsu"
 ESSENTIAL: tuple[str, ...] = ("kernel",)
-DEFAULTS: tuple[str, ...] = ("subprocess", "file", "env", "overrides")
+DEFAULTS: tuple[str, ...] = ("subprocess", "file", "env", "overrides", "probes")
 AUTOLOAD_ENV = "HSU_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ENV = "HSU_PLUGINS"
 TRACE_ENV = "HSU_TRACE_PLUGINS"
@@ -86,6 +86,7 @@ class PluginManager:
         self._settings: dict[str, tuple[type[Any], str]] = {}
         self._launchers: dict[str, tuple[Any, str]] = {}
         self._config_sources: dict[str, tuple[Any, str]] = {}
+        self._probes: dict[str, tuple[Any, str]] = {}
         self._undo_tracing: Callable[[], None] | None = None
 
     # -- loading -----------------------------------------------------------
@@ -253,7 +254,7 @@ class PluginManager:
         self._forget(name)
 
     def _forget(self, name: str) -> None:
-        for table in (self._settings, self._launchers, self._config_sources):
+        for table in (self._settings, self._launchers, self._config_sources, self._probes):
             for key in [k for k, (_, owner) in table.items() if owner == name]:
                 del table[key]
 
@@ -294,6 +295,7 @@ class PluginManager:
             "hsu_register_config_sources",
             register=register_to(self._config_sources, "config source"),
         )
+        self._call_own(plugin, "hsu_register_probes", register=register_to(self._probes, "probe"))
 
     def _call_own(self, plugin: object, hook_name: str, **kwargs: Any) -> None:
         """Call one plugin's own implementation of a registration hook."""
@@ -327,6 +329,19 @@ class PluginManager:
 
     def launcher_names(self) -> list[str]:
         return sorted(self._launchers)
+
+    def probe(self, name: str) -> Any:
+        """The health probe registered as ``name`` (:class:`hsu.ports.Probe`)."""
+        try:
+            return self._probes[name][0]
+        except KeyError:
+            known = ", ".join(sorted(self._probes)) or "none"
+            raise PluginError(
+                f"no probe named {name!r} (registered: {known}); is its plugin enabled?"
+            ) from None
+
+    def probe_names(self) -> list[str]:
+        return sorted(self._probes)
 
     def infos(self) -> list[PluginInfo]:
         order = {"essential": 0, "default": 1, "explicit": 2, "code": 3, "entrypoint": 4}

@@ -7,7 +7,7 @@ matching registration hook (see :mod:`hsu.hookspecs`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -54,4 +54,50 @@ class Launcher(Protocol):
 
     async def launch(self, spec: LaunchSpec) -> ProcessHandle:
         """Start the process, or raise :class:`hsu.errors.LaunchError` saying why."""
+        ...
+
+
+@attrs.frozen
+class ProbeTarget:
+    """The instance one probe checks."""
+
+    unit: str
+    instance_id: str
+    #: 0 when the process is not known (an HSU that only registered)
+    pid: int
+    #: the HSU's gRPC address ("" before it registered, or for a plain process)
+    address: str
+    #: the unit's ``health.options``, already accepted by ``check_options``
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ProbeResult:
+    ok: bool
+    #: why it failed (or what it saw), for logs and events
+    detail: str = ""
+
+
+@runtime_checkable
+class Probe(Protocol):
+    """A health probe: grpc.health.v1, Core.Ping, tcp, http, exec, process, ...
+
+    One probe object serves every unit that names it; it may cache per
+    address (a channel, say) and drops the cache in :meth:`forget`.
+    """
+
+    def check_options(self, options: Mapping[str, Any]) -> list[str]:
+        """Problems with a unit's ``health.options``, each ``"key: what is wrong"``.
+
+        Called when the deployment is loaded; an empty list accepts them.
+        """
+        ...
+
+    async def check(self, target: ProbeTarget, timeout: float) -> ProbeResult:
+        """Probe once. Must return within ``timeout`` seconds and never raise
+        for an unhealthy instance: that is ``ProbeResult(False, why)``."""
+        ...
+
+    def forget(self, target: ProbeTarget) -> None:
+        """The instance is gone: drop anything cached for it."""
         ...
