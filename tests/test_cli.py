@@ -18,9 +18,10 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
         ("env", "default", "active"),
         ("file", "default", "active"),
         ("overrides", "default", "active"),
+        ("probes", "default", "active"),
         ("subprocess", "default", "active"),
     ]
-    assert data[4]["hooks"] == ["hsu_register_launchers"]
+    assert data[5]["hooks"] == ["hsu_register_launchers"]
     assert data[0]["distribution"] == "hsu"
 
 

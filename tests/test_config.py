@@ -40,8 +40,10 @@ def test_every_problem_is_reported_at_once_with_its_path_and_source():
 def test_a_command_string_is_split_like_a_shell_and_python_means_this_interpreter():
     d = deployment_from_dict({"units": {"e": {"command": "python -m 'a b'"}}})
     assert d.units["e"].command == ("python", "-m", "a b")
+    from hsu.supervisor import UnitSupervisor
+
     kernel = build_kernel({"units": {"e": {"command": "python -m x"}}})
-    assert kernel._argv(kernel.unit("e"))[0] == sys.executable
+    assert UnitSupervisor(kernel, "e", kernel.unit("e"))._argv()[0] == sys.executable
 
 
 def test_strict_types_reject_bools_for_numbers_and_numbers_for_strings():

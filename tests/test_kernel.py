@@ -71,7 +71,7 @@ async def test_lifecycle_hooks_fire_in_order_around_each_phase(hsu_kernel_factor
         ("configure", "created"),
         ("starting", "starting"),
         ("started", "running"),
-        ("registered", "ready", "echo"),
+        ("registered", "starting", "echo"),
         ("stopping", "stopping"),
         ("stopped", "stopped"),
     ]
@@ -257,15 +257,22 @@ async def test_an_hsu_that_exits_before_registering_shows_its_last_output(
         "import sys\nprint('config file missing: /etc/x', file=sys.stderr)\nsys.exit(3)\n"
     )
     kernel = await hsu_kernel_factory(
-        deployment(crash={"command": ["python", str(script)], "interfaces": ["c.v1.C"]})
+        deployment(
+            crash={
+                "command": ["python", str(script)],
+                "interfaces": ["c.v1.C"],
+                "restart": {"policy": "never"},
+            }
+        )
     )
     with pytest.raises(LaunchError) as info:
         await kernel.instance_for("c.v1.C")
     message = str(info.value)
-    assert "unit 'crash'" in message and "exited with status 3 before it registered" in message
+    assert "unit 'crash'" in message and "exited with status 3 before it was ready" in message
     assert "config file missing: /etc/x" in message
     [inst] = kernel.instances.values()
-    assert inst.state is hsu.InstanceState.FAILED
+    await until(lambda: inst.state is hsu.InstanceState.STOPPED)
+    assert inst.last_exit == "exited with status 3 before it was ready"
 
 
 async def test_startup_timeout_stops_the_instance(hsu_kernel_factory, tmp_path):
@@ -278,13 +285,15 @@ async def test_startup_timeout_stops_the_instance(hsu_kernel_factory, tmp_path):
                 "interfaces": ["s.v1.S"],
                 "startup_timeout": 0.5,
                 "stop_grace": 0.5,
+                "restart": {"policy": "never"},
             }
         )
     )
-    with pytest.raises(LaunchError, match=r"did not register within startup_timeout=0.5s"):
+    with pytest.raises(LaunchError, match=r"not ready within startup_timeout=0.5s"):
         await kernel.instance_for("s.v1.S")
     [inst] = kernel.instances.values()
-    assert inst.state is hsu.InstanceState.STOPPED and inst.returncode == -signal.SIGTERM
+    await until(lambda: inst.state is hsu.InstanceState.STOPPED)
+    assert inst.returncode == -signal.SIGTERM
 
 
 async def test_graceful_stop_escalates_to_sigkill_of_the_whole_group(hsu_kernel_factory, tmp_path):
@@ -330,18 +339,20 @@ def _dead(proc: psutil.Process) -> bool:
     return True
 
 
-async def test_an_instance_that_dies_is_marked_failed(hsu_kernel_factory):
+async def test_an_instance_that_dies_is_restarted_in_its_slot(hsu_kernel_factory):
     kernel = await hsu_kernel_factory(deployment())
     inst = await kernel.instance_for("hsu.echo.v1.Echo")
-    os.kill(inst.pid, signal.SIGKILL)
-    for _ in range(100):
-        if inst.state is hsu.InstanceState.FAILED:
-            break
-        await asyncio.sleep(0.05)
-    assert inst.state is hsu.InstanceState.FAILED and inst.returncode == -signal.SIGKILL
-    # the next call starts a fresh one
+    first_pid = inst.pid
+    os.kill(first_pid, signal.SIGKILL)
+    await until(lambda: inst.restarts == 1 and inst.state is hsu.InstanceState.READY)
+    # restart: on-failure is the default; the first restart is immediate
+    assert inst.state is hsu.InstanceState.READY and inst.restarts == 1
+    assert inst.pid != first_pid and inst.last_exit == "killed by SIGKILL"
+    assert not psutil.pid_exists(first_pid)
+    states = [t.target.value for t in inst.machine.history]
+    assert states[-3:] == ["backoff", "starting", "ready"]
     again = await kernel.instance_for("hsu.echo.v1.Echo")
-    assert again.instance_id != inst.instance_id and again.state is hsu.InstanceState.READY
+    assert again is inst
 
 
 async def test_unknown_interface_and_unit_are_clear_errors(hsu_kernel_factory):
@@ -369,5 +380,17 @@ async def test_address_in_use_is_a_clear_error(hsu_kernel_factory):
 def test_sys_executable_is_what_python_means():
     from hsu.testing import build_kernel
 
+    from hsu.supervisor import UnitSupervisor
+
     k = build_kernel(deployment())
-    assert k._argv(k.unit("echo")) == [sys.executable, "-m", "hsu_echo"]
+    sup = UnitSupervisor(k, "echo", k.unit("echo"))
+    assert sup._argv() == [sys.executable, "-m", "hsu_echo"]
+
+
+async def until(condition, seconds=10.0):
+    """Wait (bounded) for a condition the kernel reaches on its own."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")

@@ -62,12 +62,15 @@ def test_failed_is_reachable_from_every_active_kernel_state():
         assert KernelState.FAILED in KERNEL_TRANSITIONS[state]
 
 
-def test_instance_table_is_closed_and_final_states_have_no_exit():
-    assert INSTANCE_TRANSITIONS[InstanceState.STOPPED] == frozenset()
-    assert INSTANCE_TRANSITIONS[InstanceState.FAILED] == frozenset()
-    m = StateMachine("i", InstanceState.STARTING, INSTANCE_TRANSITIONS)
+def test_instance_table_restarts_only_through_starting():
+    # a slot is restarted in place: stopped, backoff and fatal lead only to starting
+    assert INSTANCE_TRANSITIONS[InstanceState.STOPPED] == frozenset({InstanceState.STARTING})
+    assert InstanceState.READY not in INSTANCE_TRANSITIONS[InstanceState.BACKOFF]
+    assert InstanceState.READY not in INSTANCE_TRANSITIONS[InstanceState.FATAL]
+    m = StateMachine("i", InstanceState.READY, INSTANCE_TRANSITIONS)
+    m.move(InstanceState.STOPPING)
     with pytest.raises(InvalidTransition):
-        m.move(InstanceState.STOPPED)  # must pass through stopping
+        m.move(InstanceState.READY)  # a stopping process never becomes ready again
 
 
 def test_a_table_naming_unknown_states_is_rejected():

@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     ctx = config_loader.context([args.deployment], args.set)
     deployment, plugins = config_loader.load(ctx, args.plugin)
-    kernel = Kernel(deployment, plugins, address=args.address)
+    kernel = Kernel(deployment, plugins, address=args.address, source_context=ctx)
     asyncio.run(kernel.serve())
     return 0
 
@@ -116,10 +116,115 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not listing.instances:
         print("no instances")
     for i in listing.instances:
-        print(
-            f"  {i.instance_id:<24} {i.state:<9} pid {i.pid:<8} {i.address or '-':<22}"
-            f" {', '.join(i.interfaces)}"
+        _print_instance(i)
+    return 0
+
+
+def _print_instance(i: Any) -> None:
+    extra = f" restarts {i.restarts}" if i.restarts else ""
+    if i.state in ("backoff", "fatal", "stopped") and i.last_exit:
+        extra += f"  ({i.last_exit.splitlines()[0]})"
+    print(
+        f"  {i.instance_id:<24} {i.state:<9} pid {i.pid or '-':<8} {i.address or '-':<22}"
+        f" {', '.join(i.interfaces)}{extra}"
+    )
+
+
+def _target(args: argparse.Namespace) -> kernel_pb2.TargetRequest:
+    if args.name in ("", None):
+        raise HsuError("give a unit name or an instance id")
+    # an instance id is "<unit>-<8 hex digits>"
+    head, _, tail = args.name.rpartition("-")
+    is_instance = bool(head) and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail)
+    return kernel_pb2.TargetRequest(
+        unit="" if is_instance else args.name,
+        instance_id=args.name if is_instance else "",
+        grace=getattr(args, "grace", 0.0) or 0.0,
+    )
+
+
+def _action(method: str) -> Any:
+    def cmd(args: argparse.Namespace) -> int:
+        request = _target(args)
+
+        def go(channel: grpc.Channel, timeout: float) -> Any:
+            stub = kernel_pb2_grpc.KernelStub(channel)
+            return getattr(stub, method)(request, timeout=timeout)
+
+        reply = _call(_kernel_address(args), go, args.timeout)
+        for i in reply.instances:
+            _print_instance(i)
+        return 0
+
+    return cmd
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    def go(channel: grpc.Channel, timeout: float) -> Any:
+        stub = kernel_pb2_grpc.KernelStub(channel)
+        request = kernel_pb2.ScaleRequest(unit=args.unit, count=args.count)
+        return stub.Scale(request, timeout=timeout)
+
+    reply = _call(_kernel_address(args), go, args.timeout)
+    for i in reply.instances:
+        _print_instance(i)
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    def go(channel: grpc.Channel, timeout: float) -> Any:
+        return kernel_pb2_grpc.KernelStub(channel).Reload(
+            kernel_pb2.ReloadRequest(), timeout=timeout
         )
+
+    reply = _call(_kernel_address(args), go, args.timeout)
+    print(f"reloaded: {reply.summary}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    address = _kernel_address(args)
+    target = _target(args)
+    request = core_pb2.StreamLogsRequest(
+        tail=args.tail,
+        follow=args.follow,
+        unit=target.unit,
+        instance_id=target.instance_id,
+    )
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = core_pb2_grpc.CoreStub(channel)
+            for rec in stub.StreamLogs(request, timeout=None if args.follow else args.timeout):
+                where = rec.extra.get("instance", "")
+                stream = f" {rec.stream}" if rec.stream else ""
+                stamp = time.strftime("%H:%M:%S", time.localtime(rec.time.seconds))
+                print(f"{stamp} [{where}{stream}] {rec.message}", flush=True)
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            raise HsuError(f"no kernel answers at {address}: is `hsu run` running?") from None
+        raise HsuError(f"kernel at {address}: {exc.code().name}: {exc.details()}") from None
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    address = _kernel_address(args)
+    request = kernel_pb2.WatchEventsRequest(unit=args.unit or "", replay=args.replay)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = kernel_pb2_grpc.KernelStub(channel)
+            for ev in stub.WatchEvents(request):
+                if ev.lost:
+                    print(f"... {ev.lost} events lost (this reader fell behind)", flush=True)
+                    continue
+                stamp = time.strftime("%H:%M:%S", time.localtime(ev.at.seconds))
+                who = ev.instance_id or ev.kind
+                move = f"{ev.from_state} -> {ev.to_state}" if ev.to_state else ev.kind
+                reason = f"  ({ev.reason})" if ev.reason else ""
+                print(f"{stamp} #{ev.seq} {who}: {move}{reason}", flush=True)
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            raise HsuError(f"no kernel answers at {address}: is `hsu run` running?") from None
+        raise HsuError(f"kernel at {address}: {exc.code().name}: {exc.details()}") from None
     return 0
 
 
@@ -232,6 +337,45 @@ def build_parser() -> argparse.ArgumentParser:
     address_opt(p, "the kernel to ping")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_ping)
+
+    for name, method, what in (
+        ("start", "Start", "start a unit's stopped or fatal instances, or one instance"),
+        ("stop", "Stop", "stop a unit's instances, or one instance"),
+        ("restart", "Restart", "replace a unit's processes one at a time, or one instance's"),
+    ):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("name", metavar="UNIT|INSTANCE")
+        if name == "stop":
+            p.add_argument("--grace", type=float, default=0.0, help="seconds before SIGKILL")
+        address_opt(p, "the kernel to ask")
+        p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+        p.set_defaults(func=_action(method))
+
+    p = sub.add_parser("scale", help="run exactly N instances of a unit")
+    p.add_argument("unit")
+    p.add_argument("count", type=int, metavar="N")
+    address_opt(p, "the kernel to ask")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("reload", help="make a running kernel read its deployment again")
+    address_opt(p, "the kernel to ask")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("logs", help="a unit's or an instance's output (and the kernel's about it)")
+    p.add_argument("name", metavar="UNIT|INSTANCE")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--tail", type=int, default=100, help="past lines first (default 100)")
+    address_opt(p, "the kernel to ask")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("events", help="state transitions as they happen")
+    p.add_argument("unit", nargs="?", help="only this unit's")
+    p.add_argument("--replay", action="store_true", help="first the recent ones")
+    address_opt(p, "the kernel to ask")
+    p.set_defaults(func=cmd_events)
 
     config = sub.add_parser("config", help="check, show or describe deployments")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")

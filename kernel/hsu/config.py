@@ -11,9 +11,10 @@ from __future__ import annotations
 import difflib
 import enum
 import shlex
+import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import cattrs
@@ -22,6 +23,7 @@ from cattrs.gen import make_dict_structure_fn, override
 
 from hsu.config_sources import Origin, PathT, Secrets, format_path, origin_of
 from hsu.errors import ConfigError
+from hsu.resources import ResourceLimits
 
 CORE_KEYS = ("name", "plugins", "units")
 
@@ -31,6 +33,35 @@ class StartMode(enum.StrEnum):
     AT_START = "at-start"
 
 
+class UnitKind(enum.StrEnum):
+    #: any executable; ready once running (or once its health probe passes)
+    MANAGED = "managed"
+    #: speaks hsu's Core interface and registers itself; ready once registered
+    INTEGRATED = "integrated"
+    #: a process hsu did not start, attached by ``pidfile`` or ``address``
+    UNMANAGED = "unmanaged"
+
+
+class RestartPolicy(enum.StrEnum):
+    NEVER = "never"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+class BreakerAction(enum.StrEnum):
+    #: stay ``fatal`` until started by hand (``hsu start``) or a reload
+    FATAL = "fatal"
+    #: stay ``fatal`` for ``cooldown`` seconds, then try once (half-open)
+    COOLDOWN = "cooldown"
+
+
+def _command_given(value: Any) -> tuple[str, ...]:
+    argv = _command(value)
+    if not argv:
+        raise ValueError("must not be empty")
+    return argv
+
+
 def _command(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         argv = shlex.split(value)
@@ -38,29 +69,125 @@ def _command(value: Any) -> tuple[str, ...]:
         argv = list(value)
     else:
         raise ValueError(f"expected a string or a list of strings, got {value!r}")
-    if not argv:
-        raise ValueError("must not be empty")
     return tuple(argv)
+
+
+_ge0: Any = attrs.validators.ge(0)
+_gt0: Any = attrs.validators.gt(0)
+
+
+@attrs.frozen
+class Backoff:
+    """Delay before restart number n of a failure streak.
+
+    The first restart is immediate; then ``initial * multiplier**(n-2)``,
+    capped at ``max``, spread by +-``jitter`` (a fraction). A streak ends once
+    an instance stays ready for ``reset_after`` seconds.
+    """
+
+    initial: float = attrs.field(default=0.5, validator=_ge0)
+    multiplier: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
+    max: float = attrs.field(default=30.0, validator=_ge0)
+    jitter: float = attrs.field(default=0.1, validator=[_ge0, attrs.validators.le(1)])
+    reset_after: float = attrs.field(default=10.0, validator=_ge0)
+
+
+@attrs.frozen
+class CrashLoop:
+    """The breaker: ``max_failures`` within ``window`` seconds trips it."""
+
+    max_failures: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    window: float = attrs.field(default=60.0, validator=_gt0)
+    action: BreakerAction = BreakerAction.FATAL
+    cooldown: float = attrs.field(default=30.0, validator=_ge0)
+
+
+@attrs.frozen
+class Restart:
+    policy: RestartPolicy = RestartPolicy.ON_FAILURE
+    backoff: Backoff = attrs.field(factory=Backoff)
+    crash_loop: CrashLoop = attrs.field(factory=CrashLoop)
+
+
+@attrs.frozen
+class Health:
+    """A health probe (a plugin, see ``hsu plugins``) run while an instance is up."""
+
+    probe: str
+    interval: float = attrs.field(default=5.0, validator=_gt0)
+    timeout: float = attrs.field(default=1.0, validator=_gt0)
+    #: consecutive failures that make an instance unhealthy (it is replaced)
+    failure_threshold: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    #: consecutive successes that make a starting instance ready
+    success_threshold: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    #: seconds after start before the first probe
+    initial_delay: float = attrs.field(default=0.0, validator=_ge0)
+    #: the probe's own options, checked by the probe
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+def _signal_name(value: str) -> str:
+    name = value.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if name not in signal.Signals.__members__:
+        raise ValueError(f"unknown signal {value!r}")
+    return name
 
 
 @attrs.frozen
 class UnitSpec:
-    """One kind of HSU: how to start it and what it serves.
+    """One kind of HSU: how to start it, what it serves, how it is kept alive.
 
     ``command[0] == "python"`` means the interpreter running the kernel, so
     HSUs share its virtual environment.
     """
 
-    command: tuple[str, ...] = attrs.field(converter=_command)
+    command: tuple[str, ...] = attrs.field(default=(), converter=_command)
+    args: tuple[str, ...] = ()
+    kind: UnitKind = UnitKind.INTEGRATED
     interfaces: tuple[str, ...] = ()
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
     start: StartMode = StartMode.ON_DEMAND
+    #: instances kept running at all times (at least 1 for ``start: at-start``)
+    min_instances: int = attrs.field(default=0, validator=_ge0)
+    max_instances: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    #: seconds an instance above ``min_instances`` may go unused before it stops
+    idle_timeout: float | None = attrs.field(default=None)
     launcher: str = "subprocess"
-    #: seconds from spawn to the handshake before the start counts as failed
-    startup_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    #: seconds from spawn to ready before the start counts as failed
+    startup_timeout: float = attrs.field(default=30.0, validator=_gt0)
+    #: sent when Core.Shutdown is not available (``managed`` units, or no answer)
+    stop_signal: str = attrs.field(default="SIGTERM", converter=_signal_name)
     #: seconds an instance has to exit after being asked, before SIGKILL
-    stop_grace: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+    stop_grace: float = attrs.field(default=10.0, validator=_ge0)
+    restart: Restart = attrs.field(factory=Restart)
+    health: Health | None = None
+    limits: ResourceLimits = attrs.field(factory=ResourceLimits)
+    #: units started (and ready) before this one, stopped after it
+    depends_on: tuple[str, ...] = ()
+    #: ``unmanaged``: where to find the process and whether hsu may stop it
+    pidfile: str | None = None
+    address: str | None = None
+    allow_kill: bool = False
+
+    #: what the JSON Schema adds: only an unmanaged unit may leave out ``command``
+    __json_schema_extra__: ClassVar[dict[str, Any]] = {
+        "if": {"properties": {"kind": {"const": "unmanaged"}}, "required": ["kind"]},
+        "else": {"required": ["command"]},
+    }
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return (*self.command, *self.args)
+
+    @property
+    def initial_instances(self) -> int:
+        """How many instances run once the kernel is up."""
+        if self.start is StartMode.AT_START:
+            return max(1, self.min_instances)
+        return self.min_instances
 
 
 @attrs.frozen
@@ -89,13 +216,16 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(str, _strict_str)
     # after str: a StrEnum is a str, and singledispatch takes the nearest class
     conv.register_structure_hook(enum.StrEnum, _strict_enum)
+    conv.register_structure_hook(bool, _strict_bool)
+    conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _structure_mapping)
     conv.register_structure_hook(
         UnitSpec,
         make_dict_structure_fn(
             UnitSpec,
             conv,
             _cattrs_forbid_extra_keys=True,
-            command=override(struct_hook=lambda v, _: _command(v)),
+            command=override(struct_hook=lambda v, _: _command_given(v)),
+            stop_signal=override(struct_hook=lambda v, _: _signal_name(_strict_str(v, str))),
         ),
     )
     return conv
@@ -118,6 +248,18 @@ def _strict_enum(value: Any, cls: type[enum.StrEnum]) -> enum.StrEnum:
     except ValueError:
         options = ", ".join(repr(m.value) for m in cls)
         raise ValueError(f"expected one of {options}, got {value!r}") from None
+
+
+def _strict_bool(value: Any, _: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _structure_mapping(value: Any, _: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"expected a mapping, got {value!r}")
+    return dict(value)
 
 
 def _strict_str(value: Any, _: Any) -> str:
@@ -234,10 +376,11 @@ def deployment_from_dict(
         )
         raw_units = {}
     for unit_name, spec in raw_units.items():
+        path = ("units", str(unit_name))
+        if isinstance(spec, dict) and "command" not in spec and spec.get("kind") != "unmanaged":
+            problems.append(describe((*path, "command"), "required key missing", source, origins))
         try:
-            units[str(unit_name)] = structure(
-                spec, UnitSpec, ("units", str(unit_name)), source, origins
-            )
+            units[str(unit_name)] = structure(spec, UnitSpec, path, source, origins)
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:
@@ -293,3 +436,121 @@ class KernelSettings:
     drain_grace: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     #: how many of the kernel's own log records StreamLogs can replay
     log_tail: int = attrs.field(default=2000, validator=attrs.validators.ge(0))
+    #: where the kernel keeps its state file and the instances' log files;
+    #: relative to the deployment file; default ``.hsu/<deployment name>``
+    state_dir: str | None = None
+    #: instances outlive a kernel that dies, and the next kernel re-attaches to
+    #: them; ``false``: they are SIGKILLed when the kernel dies
+    reattach: bool = True
+    #: per-instance stdout/stderr files rotate past this size, keeping backups
+    log_max_bytes: int = attrs.field(default=10 * 2**20, validator=attrs.validators.ge(1024))
+    log_backups: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    #: reload when a config source changes (deployment files: checked each second)
+    watch_config: bool = False
+
+
+def check_units(
+    deployment: Deployment,
+    launchers: list[str],
+    probes: Mapping[str, Any],
+) -> None:
+    """What one field cannot say alone: launchers and probes exist, min <= max,
+    ``depends_on`` names units and has no cycle, a command where one is needed.
+
+    Raises :class:`ConfigError` listing every problem with its origin.
+    """
+    from hsu.resources import check_rlimits
+
+    problems: list[str] = []
+    units = deployment.units
+
+    def problem(name: str, key: tuple[Any, ...], message: str) -> None:
+        problems.append(
+            describe(("units", name, *key), message, deployment.source, deployment.origins)
+        )
+
+    for name, spec in units.items():
+        if spec.launcher not in launchers:
+            problem(
+                name,
+                ("launcher",),
+                f"no launcher named {spec.launcher!r} (registered: {', '.join(launchers)})",
+            )
+        if spec.kind is UnitKind.UNMANAGED and not spec.pidfile and not spec.address:
+            problem(name, (), "an unmanaged unit needs 'pidfile' or 'address'")
+        if spec.min_instances > spec.max_instances:
+            problem(
+                name,
+                ("min_instances",),
+                f"{spec.min_instances} is more than max_instances ({spec.max_instances})",
+            )
+        if spec.idle_timeout is not None and spec.idle_timeout <= 0:
+            problem(name, ("idle_timeout",), f"must be > 0, got {spec.idle_timeout!r}")
+        for dep in spec.depends_on:
+            if dep not in units:
+                problem(name, ("depends_on",), f"no unit named {dep!r}{_suggest(dep, list(units))}")
+        if spec.health is not None:
+            probe = probes.get(spec.health.probe)
+            if probe is None:
+                problem(
+                    name,
+                    ("health", "probe"),
+                    f"no probe named {spec.health.probe!r}"
+                    f" (registered: {', '.join(sorted(probes)) or 'none'})",
+                )
+            else:
+                for p in probe.check_options(spec.health.options):
+                    key, _, message = p.partition(": ")
+                    problem(name, ("health", "options", key), message or p)
+        for p in check_rlimits(spec.limits.rlimits):
+            key, _, message = p.partition(": ")
+            problem(name, ("limits", *key.split(".")), message or p)
+    cycle = _find_cycle({n: s.depends_on for n, s in units.items()})
+    if cycle:
+        problem(cycle[0], ("depends_on",), "dependency cycle: " + " -> ".join(cycle))
+    if problems:
+        raise ConfigError(problems, deployment.source)
+
+
+def _find_cycle(graph: Mapping[str, tuple[str, ...]]) -> list[str]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if dep not in graph:
+                continue
+            if state.get(dep) == 1:
+                return [*stack[stack.index(dep) :], dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+def start_order(units: Mapping[str, UnitSpec]) -> list[list[str]]:
+    """Units in waves: each wave depends only on earlier ones (stop in reverse)."""
+    left = {n: {d for d in s.depends_on if d in units} for n, s in units.items()}
+    waves: list[list[str]] = []
+    done: set[str] = set()
+    while left:
+        wave = sorted(n for n, deps in left.items() if deps <= done)
+        if not wave:  # a cycle; check_units reports it
+            wave = sorted(left)
+        waves.append(wave)
+        done.update(wave)
+        for n in wave:
+            del left[n]
+    return waves

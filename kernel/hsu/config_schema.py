@@ -96,7 +96,7 @@ def attrs_schema(cls: type) -> dict[str, Any]:
             prop = _type_schema(hints.get(field.name, field.type))
         if field.default is attrs.NOTHING:
             required.append(field.name)
-        elif not isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
+        elif field.name != "command" and not isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
             default = _json_default(field.default)
             if default is not _NO_DEFAULT:
                 prop["default"] = default
@@ -109,6 +109,7 @@ def attrs_schema(cls: type) -> dict[str, Any]:
     }
     if required:
         schema["required"] = required
+    schema.update(copy.deepcopy(getattr(cls, "__json_schema_extra__", {})))
     return schema
 
 

@@ -87,5 +87,11 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"min_level {request.min_level!r} is not one of {', '.join(LEVELS)}",
             )
-        async for record in self._logs.stream(request.tail, request.follow, request.min_level):
+        async for record in self._logs.stream(
+            request.tail,
+            request.follow,
+            request.min_level,
+            unit=request.unit,
+            instance=request.instance_id,
+        ):
             yield log_record_pb(record)

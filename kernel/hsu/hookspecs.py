@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from hsu.config import Deployment
     from hsu.config_sources import ConfigSource
+    from hsu.events import Event
     from hsu.instances import Instance
-    from hsu.microkernel import Kernel
+    from hsu.microkernel import Changes, Kernel
     from hsu.ports import Launcher, Probe
 
 PROJECT = "hsu"
@@ -167,5 +169,44 @@ def hsu_instance_registered(kernel: Kernel, instance: Instance) -> Awaitable[Non
     :param kernel: the kernel.
     :param instance: the :class:`hsu.Instance`, now ``ready``, with its
         ``address`` and ``interfaces`` set.
+    :returns: ``None`` or an awaitable.
+    """
+
+
+@_hookspec
+def hsu_instance_event(kernel: Kernel, instance: Instance, event: Event) -> None:
+    """An instance moved from one state to another (every transition).
+
+    Called synchronously, in the kernel's event loop, as the move happens: keep
+    it quick and do not raise. For I/O, queue the event and handle it in a
+    task of your own. The same events stream to ``Kernel.WatchEvents``.
+
+    :param kernel: the kernel.
+    :param instance: the :class:`hsu.Instance` (its ``state`` is the new one).
+    :param event: the :class:`hsu.events.Event`: ``from_state``, ``to_state``,
+        ``reason``, ``pid``, ``seq`` and ``at``.
+    """
+
+
+# -------------------------------------------------------------------------
+# Configuration
+# -------------------------------------------------------------------------
+
+
+@_hookspec
+def hsu_config_reloaded(
+    kernel: Kernel, old: Deployment, changes: Changes
+) -> Awaitable[None] | None:
+    """A new deployment was applied (SIGHUP, ``hsu reload``, a watched file).
+
+    Called after the units changed; ``kernel.deployment`` is the new one and
+    ``kernel.settings(NAME)`` returns the new settings. A reload that was
+    rejected (an invalid config) calls nothing: the old one stays.
+
+    :param kernel: the kernel.
+    :param old: the :class:`hsu.Deployment` that was replaced.
+    :param changes: a :class:`hsu.microkernel.Changes`: unit names ``added``,
+        ``removed``, ``changed`` (of which ``restarted`` got new processes) and
+        the plugin ``sections`` that differ.
     :returns: ``None`` or an awaitable.
     """

@@ -40,6 +40,9 @@ KERNEL_TRANSITIONS: Mapping[KernelState, frozenset[KernelState]] = {
 
 S = TypeVar("S", bound=enum.Enum)
 
+#: transitions a machine remembers (an instance restarted for weeks must not grow)
+HISTORY = 256
+
 
 @attrs.frozen
 class Transition(Generic[S]):
@@ -63,6 +66,7 @@ class StateMachine(Generic[S]):
         self.name = name
         self._state = initial
         self._table = table
+        #: at least the last :data:`HISTORY` transitions, oldest first
         self.history: list[Transition[S]] = []
         self.listeners: list[Callable[[Transition[S]], None]] = []
 
@@ -84,6 +88,8 @@ class StateMachine(Generic[S]):
         transition = Transition(self._state, target, time.time(), reason)
         self._state = target
         self.history.append(transition)
+        if len(self.history) > 2 * HISTORY:
+            del self.history[:HISTORY]
         for listener in self.listeners:
             listener(transition)
         return transition

@@ -75,21 +75,38 @@ class LogBuffer:
         with self._lock:
             return list(self._records)[-n:] if n > 0 else []
 
-    async def stream(self, tail: int, follow: bool, min_level: str = "") -> AsyncIterator[Record]:
+    async def stream(
+        self,
+        tail: int,
+        follow: bool,
+        min_level: str = "",
+        *,
+        unit: str = "",
+        instance: str = "",
+    ) -> AsyncIterator[Record]:
+        """Records, the last ``tail`` first; only those bound to ``unit`` or
+        ``instance`` when given (``tail`` counts the matching ones)."""
         floor = LEVELS.get(min_level.upper(), 0) if min_level else 0
+
+        def wanted(r: Record) -> bool:
+            return (
+                r.levelno >= floor
+                and (not unit or r.extra.get("unit") == unit)
+                and (not instance or r.extra.get("instance") == instance)
+            )
+
         queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=10_000)
         entry = (asyncio.get_running_loop(), queue)
         with self._lock:
-            past = list(self._records)[-tail:] if tail > 0 else []
+            past = [r for r in self._records if wanted(r)][-tail:] if tail > 0 else []
             if follow:
                 self._followers.add(entry)
         try:
             for record in past:
-                if record.levelno >= floor:
-                    yield record
+                yield record
             while follow:
                 record = await queue.get()
-                if record.levelno >= floor:
+                if wanted(record):
                     yield record
         finally:
             with self._lock:

@@ -21,6 +21,14 @@ class LaunchSpec:
     argv: Sequence[str]
     env: Mapping[str, str]
     cwd: str | None = None
+    #: file descriptors for the child's stdout and stderr (None: the launcher's
+    #: choice); the kernel passes its per-instance log files
+    stdout: int | None = None
+    stderr: int | None = None
+    #: POSIX rlimits applied in the child before exec, e.g. ``{"nofile": 1024}``
+    rlimits: Mapping[str, int] = attrs.field(factory=dict)
+    #: SIGKILL the child when the kernel dies (else it may be re-attached)
+    die_with_kernel: bool = False
 
 
 @runtime_checkable
@@ -54,6 +62,12 @@ class Launcher(Protocol):
 
     async def launch(self, spec: LaunchSpec) -> ProcessHandle:
         """Start the process, or raise :class:`hsu.errors.LaunchError` saying why."""
+        ...
+
+    def attach(self, pid: int) -> ProcessHandle:
+        """A handle on a process that is already running (started by a kernel
+        that ran before this one, or by someone else), or raise
+        :class:`hsu.errors.LaunchError` if it is gone."""
         ...
 
 

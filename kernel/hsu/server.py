@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -10,7 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from hsu.core.v1 import core_pb2_grpc
 from hsu.core_service import CORE_SERVICE, CoreServicer, timestamp
-from hsu.errors import HsuError
+from hsu.errors import ConfigError, HsuError, NoSuchUnit
 from hsu.instances import Instance
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
@@ -33,6 +34,10 @@ def instance_pb(inst: Instance) -> kernel_pb2.Instance:
         started_at=timestamp(inst.started_at),
         metadata=inst.metadata,
         managed=inst.managed,
+        restarts=inst.restarts,
+        last_exit=inst.last_exit,
+        health=inst.health,
+        reattached=inst.reattached,
     )
     if inst.registered_at is not None:
         msg.registered_at.CopyFrom(timestamp(inst.registered_at))
@@ -108,6 +113,104 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             deployment=k.deployment.name,
             units=sorted(k.deployment.units),
             instances=sum(1 for i in k.instances.values() if i.alive),
+        )
+
+    async def WatchEvents(
+        self, request: kernel_pb2.WatchEventsRequest, context: Any
+    ) -> AsyncIterator[kernel_pb2.Event]:
+        async for item in self.kernel.events.subscribe(replay=request.replay, unit=request.unit):
+            if isinstance(item, int):
+                yield kernel_pb2.Event(lost=item)
+                continue
+            yield kernel_pb2.Event(
+                seq=item.seq,
+                kind=item.kind,
+                unit=item.unit,
+                instance_id=item.instance_id,
+                from_state=item.from_state,
+                to_state=item.to_state,
+                reason=item.reason,
+                pid=item.pid,
+                at=timestamp(item.at),
+            )
+
+    async def _target(
+        self, request: kernel_pb2.TargetRequest, context: Any, action: str
+    ) -> kernel_pb2.TargetResponse:
+        k = self.kernel
+        grace = request.grace or None
+        try:
+            if bool(request.unit) == bool(request.instance_id):
+                raise HsuError(f"{action}: give a unit or an instance_id (one of them)")
+            if request.instance_id:
+                one = {
+                    "Start": k.start_one,
+                    "Restart": k.restart_instance,
+                }
+                if action == "Stop":
+                    await k.stop_one(request.instance_id, grace)
+                else:
+                    await one[action](request.instance_id)
+                unit = k.instances[request.instance_id].unit
+            else:
+                unit = request.unit
+                if action == "Start":
+                    await k.start_unit(unit)
+                elif action == "Stop":
+                    await k.stop_unit(unit, grace)
+                else:
+                    await k.restart_unit(unit)
+        except NoSuchUnit as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except HsuError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return self._instances(unit, request.instance_id)
+
+    def _instances(self, unit: str, instance_id: str = "") -> kernel_pb2.TargetResponse:
+        return kernel_pb2.TargetResponse(
+            instances=[
+                instance_pb(i)
+                for i in self.kernel.instances.values()
+                if i.unit == unit and (not instance_id or i.instance_id == instance_id)
+            ]
+        )
+
+    async def Start(self, request: kernel_pb2.TargetRequest, context: Any) -> Any:
+        return await self._target(request, context, "Start")
+
+    async def Stop(self, request: kernel_pb2.TargetRequest, context: Any) -> Any:
+        return await self._target(request, context, "Stop")
+
+    async def Restart(self, request: kernel_pb2.TargetRequest, context: Any) -> Any:
+        return await self._target(request, context, "Restart")
+
+    async def Scale(
+        self, request: kernel_pb2.ScaleRequest, context: Any
+    ) -> kernel_pb2.TargetResponse:
+        try:
+            await self.kernel.scale(request.unit, request.count)
+        except NoSuchUnit as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except HsuError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return self._instances(request.unit)
+
+    async def Reload(
+        self, request: kernel_pb2.ReloadRequest, context: Any
+    ) -> kernel_pb2.ReloadResponse:
+        try:
+            changes = await self.kernel.reload()
+        except ConfigError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except HsuError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return kernel_pb2.ReloadResponse(
+            added=changes.added,
+            removed=changes.removed,
+            changed=changes.changed,
+            restarted=changes.restarted,
+            sections=changes.sections,
+            summary=changes.summary(),
         )
 
 

@@ -1,94 +1,62 @@
 """Default launcher: a local child process in its own process group.
 
 The process is started with fork+exec (never a bare fork of the kernel), in a
-new session so a signal to its group reaches everything it started. Each line
-it writes goes to the kernel's log, bound to unit, instance, pid and stream.
+new session, so a signal to its group reaches everything it started. Its
+stdout and stderr go where the kernel says (its per-instance log files).
+
+Exit detection does not poll (see :class:`hsu.pidfd.PidfdHandle`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
+import ctypes
 import os
+import signal
+import subprocess
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from loguru import logger
 
 import hsu
 from hsu.errors import LaunchError
+from hsu.pidfd import PidfdHandle
 from hsu.ports import Launcher, LaunchSpec
+from hsu.resources import rlimits_preexec
 
-if TYPE_CHECKING:
-    from loguru import Logger
-
-TAIL_LINES = 20
+PR_SET_PDEATHSIG = 1
 
 
-class SubprocessHandle:
-    def __init__(self, proc: asyncio.subprocess.Process, spec: LaunchSpec):
-        self._proc = proc
-        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        log = logger.bind(unit=spec.unit, instance=spec.instance_id, pid=proc.pid)
-        self._readers = [
-            asyncio.ensure_future(self._pump(proc.stdout, log.bind(stream="stdout"))),
-            asyncio.ensure_future(self._pump(proc.stderr, log.bind(stream="stderr"))),
-        ]
+def _preexec(spec: LaunchSpec) -> Callable[[], None] | None:
+    limits = rlimits_preexec(spec.rlimits)
+    if not spec.die_with_kernel:
+        return limits
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    kill = int(signal.SIGKILL)
 
-    async def _pump(self, stream: asyncio.StreamReader | None, log: Logger) -> None:
-        if stream is None:
-            return
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than the reader's limit
-                raw = await stream.read(65536)
-            if not raw:
-                return
-            line = raw.decode(errors="replace").rstrip("\n")
-            self._tail.append(line)
-            log.info("{}", line)
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, kill, 0, 0, 0)
+        if limits is not None:
+            limits()
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.returncode
-
-    def output_tail(self) -> list[str]:
-        return list(self._tail)
-
-    async def wait(self) -> int:
-        code = await self._proc.wait()
-        await asyncio.gather(*self._readers, return_exceptions=True)
-        return code
-
-    def signal(self, signum: int) -> None:
-        if self._proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signum)
+    return preexec
 
 
 class SubprocessLauncher:
-    async def launch(self, spec: LaunchSpec) -> SubprocessHandle:
+    async def launch(self, spec: LaunchSpec) -> PidfdHandle:
         where = f"unit {spec.unit!r}"
         # one stat() before a fork+exec; not worth a thread
         if spec.cwd is not None and not os.path.isdir(spec.cwd):  # noqa: ASYNC240
             raise LaunchError(f"{where}: working directory {spec.cwd!r} does not exist")
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            # fork+exec takes a millisecond or two: not worth a thread
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                list(spec.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=spec.stdout if spec.stdout is not None else subprocess.DEVNULL,
+                stderr=spec.stderr if spec.stderr is not None else subprocess.DEVNULL,
                 env=dict(spec.env),
                 cwd=spec.cwd,
                 start_new_session=True,
-                limit=1 << 20,
+                close_fds=True,
+                preexec_fn=_preexec(spec),
             )
         except FileNotFoundError:
             raise LaunchError(
@@ -96,9 +64,12 @@ class SubprocessLauncher:
             ) from None
         except PermissionError:
             raise LaunchError(f"{where}: {spec.argv[0]!r} is not executable") from None
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             raise LaunchError(f"{where}: cannot start {spec.argv[0]!r}: {exc}") from None
-        return SubprocessHandle(proc, spec)
+        return PidfdHandle(proc.pid, child=True, owned=True, popen=proc)
+
+    def attach(self, pid: int) -> PidfdHandle:
+        return PidfdHandle.attach(pid, owned=True)
 
 
 @hsu.hookimpl

@@ -179,6 +179,8 @@ class StreamLogsRequest(_message.Message):
     TAIL_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
     MIN_LEVEL_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     tail: _builtins.int
     """How many past records to send first; 0 sends none."""
     follow: _builtins.bool
@@ -187,16 +189,24 @@ class StreamLogsRequest(_message.Message):
     """Lowest level to send: TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR, CRITICAL.
     Empty means all.
     """
+    unit: _builtins.str
+    """On the kernel: only records of this unit (its instances' output and the
+    kernel's own records about it); empty for all.
+    """
+    instance_id: _builtins.str
+    """On the kernel: only records of this instance."""
     def __init__(
         self,
         *,
         tail: _builtins.int = ...,
         follow: _builtins.bool = ...,
         min_level: _builtins.str = ...,
+        unit: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "min_level", b"min_level", "tail", b"tail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "instance_id", b"instance_id", "min_level", b"min_level", "tail", b"tail", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

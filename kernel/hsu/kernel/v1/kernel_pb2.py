@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahsu/kernel/v1/kernel.proto\x12\rhsu.kernel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x01\n\x0fRegisterRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\ninterfaces\x18\x04 \x03(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\x12>\n\x08metadata\x18\x07 \x03(\x0b\x32,.hsu.kernel.v1.RegisterRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x10RegisterResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"(\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\xdd\x02\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x12\n\ninterfaces\x18\x06 \x03(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x08metadata\x18\n \x03(\x0b\x32%.hsu.kernel.v1.Instance.MetadataEntry\x12\x0f\n\x07managed\x18\x0b \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x14ListInstancesRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\"C\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.hsu.kernel.v1.Instance\"{\n\x06Plugin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05hooks\x18\x04 \x03(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x14\n\x12ListPluginsRequest\"=\n\x13ListPluginsResponse\x12&\n\x07plugins\x18\x01 \x03(\x0b\x32\x15.hsu.kernel.v1.Plugin\"\x0f\n\rStatusRequest\"j\n\nTransition\x12\x12\n\nfrom_state\x18\x01 \x01(\t\x12\x10\n\x08to_state\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xe0\x01\n\x0eStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07history\x18\x06 \x03(\x0b\x32\x19.hsu.kernel.v1.Transition\x12\x12\n\ndeployment\x18\x07 \x01(\t\x12\r\n\x05units\x18\x08 \x03(\t\x12\x11\n\tinstances\x18\t \x01(\r2\xa1\x03\n\x06Kernel\x12K\n\x08Register\x12\x1e.hsu.kernel.v1.RegisterRequest\x1a\x1f.hsu.kernel.v1.RegisterResponse\x12Q\n\nDeregister\x12 .hsu.kernel.v1.DeregisterRequest\x1a!.hsu.kernel.v1.DeregisterResponse\x12Z\n\rListInstances\x12#.hsu.kernel.v1.ListInstancesRequest\x1a$.hsu.kernel.v1.ListInstancesResponse\x12T\n\x0bListPlugins\x12!.hsu.kernel.v1.ListPluginsRequest\x1a\".hsu.kernel.v1.ListPluginsResponse\x12\x45\n\x06Status\x12\x1c.hsu.kernel.v1.StatusRequest\x1a\x1d.hsu.kernel.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahsu/kernel/v1/kernel.proto\x12\rhsu.kernel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x01\n\x0fRegisterRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\ninterfaces\x18\x04 \x03(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\x12>\n\x08metadata\x18\x07 \x03(\x0b\x32,.hsu.kernel.v1.RegisterRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x10RegisterResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"(\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\xa6\x03\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x12\n\ninterfaces\x18\x06 \x03(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x08metadata\x18\n \x03(\x0b\x32%.hsu.kernel.v1.Instance.MetadataEntry\x12\x0f\n\x07managed\x18\x0b \x01(\x08\x12\x10\n\x08restarts\x18\x0c \x01(\r\x12\x11\n\tlast_exit\x18\r \x01(\t\x12\x0e\n\x06health\x18\x0e \x01(\t\x12\x12\n\nreattached\x18\x0f \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x14ListInstancesRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\"C\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.hsu.kernel.v1.Instance\"{\n\x06Plugin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05hooks\x18\x04 \x03(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x14\n\x12ListPluginsRequest\"=\n\x13ListPluginsResponse\x12&\n\x07plugins\x18\x01 \x03(\x0b\x32\x15.hsu.kernel.v1.Plugin\"\x0f\n\rStatusRequest\"j\n\nTransition\x12\x12\n\nfrom_state\x18\x01 \x01(\t\x12\x10\n\x08to_state\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xe0\x01\n\x0eStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07history\x18\x06 \x03(\x0b\x32\x19.hsu.kernel.v1.Transition\x12\x12\n\ndeployment\x18\x07 \x01(\t\x12\r\n\x05units\x18\x08 \x03(\t\x12\x11\n\tinstances\x18\t \x01(\r\"2\n\x12WatchEventsRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x0e\n\x06replay\x18\x02 \x01(\x08\"\xbe\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x12\n\nfrom_state\x18\x05 \x01(\t\x12\x10\n\x08to_state\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04lost\x18\n \x01(\x04\"A\n\rTargetRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05grace\x18\x03 \x01(\x01\"<\n\x0eTargetResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.hsu.kernel.v1.Instance\"+\n\x0cScaleRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x0f\n\rReloadRequest\"w\n\x0eReloadResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x03(\t\x12\x11\n\trestarted\x18\x04 \x03(\t\x12\x10\n\x08sections\x18\x05 \x03(\t\x12\x0f\n\x07summary\x18\x06 \x01(\t2\xca\x06\n\x06Kernel\x12K\n\x08Register\x12\x1e.hsu.kernel.v1.RegisterRequest\x1a\x1f.hsu.kernel.v1.RegisterResponse\x12Q\n\nDeregister\x12 .hsu.kernel.v1.DeregisterRequest\x1a!.hsu.kernel.v1.DeregisterResponse\x12Z\n\rListInstances\x12#.hsu.kernel.v1.ListInstancesRequest\x1a$.hsu.kernel.v1.ListInstancesResponse\x12T\n\x0bListPlugins\x12!.hsu.kernel.v1.ListPluginsRequest\x1a\".hsu.kernel.v1.ListPluginsResponse\x12\x45\n\x06Status\x12\x1c.hsu.kernel.v1.StatusRequest\x1a\x1d.hsu.kernel.v1.StatusResponse\x12H\n\x0bWatchEvents\x12!.hsu.kernel.v1.WatchEventsRequest\x1a\x14.hsu.kernel.v1.Event0\x01\x12\x44\n\x05Start\x12\x1c.hsu.kernel.v1.TargetRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x43\n\x04Stop\x12\x1c.hsu.kernel.v1.TargetRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x46\n\x07Restart\x12\x1c.hsu.kernel.v1.TargetRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x43\n\x05Scale\x12\x1b.hsu.kernel.v1.ScaleRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x45\n\x06Reload\x12\x1c.hsu.kernel.v1.ReloadRequest\x1a\x1d.hsu.kernel.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,25 +47,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERRESPONSE']._serialized_start=396
   _globals['_DEREGISTERRESPONSE']._serialized_end=416
   _globals['_INSTANCE']._serialized_start=419
-  _globals['_INSTANCE']._serialized_end=768
+  _globals['_INSTANCE']._serialized_end=841
   _globals['_INSTANCE_METADATAENTRY']._serialized_start=264
   _globals['_INSTANCE_METADATAENTRY']._serialized_end=311
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=770
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=806
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=808
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=875
-  _globals['_PLUGIN']._serialized_start=877
-  _globals['_PLUGIN']._serialized_end=1000
-  _globals['_LISTPLUGINSREQUEST']._serialized_start=1002
-  _globals['_LISTPLUGINSREQUEST']._serialized_end=1022
-  _globals['_LISTPLUGINSRESPONSE']._serialized_start=1024
-  _globals['_LISTPLUGINSRESPONSE']._serialized_end=1085
-  _globals['_STATUSREQUEST']._serialized_start=1087
-  _globals['_STATUSREQUEST']._serialized_end=1102
-  _globals['_TRANSITION']._serialized_start=1104
-  _globals['_TRANSITION']._serialized_end=1210
-  _globals['_STATUSRESPONSE']._serialized_start=1213
-  _globals['_STATUSRESPONSE']._serialized_end=1437
-  _globals['_KERNEL']._serialized_start=1440
-  _globals['_KERNEL']._serialized_end=1857
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=843
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=879
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=881
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=948
+  _globals['_PLUGIN']._serialized_start=950
+  _globals['_PLUGIN']._serialized_end=1073
+  _globals['_LISTPLUGINSREQUEST']._serialized_start=1075
+  _globals['_LISTPLUGINSREQUEST']._serialized_end=1095
+  _globals['_LISTPLUGINSRESPONSE']._serialized_start=1097
+  _globals['_LISTPLUGINSRESPONSE']._serialized_end=1158
+  _globals['_STATUSREQUEST']._serialized_start=1160
+  _globals['_STATUSREQUEST']._serialized_end=1175
+  _globals['_TRANSITION']._serialized_start=1177
+  _globals['_TRANSITION']._serialized_end=1283
+  _globals['_STATUSRESPONSE']._serialized_start=1286
+  _globals['_STATUSRESPONSE']._serialized_end=1510
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1512
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1562
+  _globals['_EVENT']._serialized_start=1565
+  _globals['_EVENT']._serialized_end=1755
+  _globals['_TARGETREQUEST']._serialized_start=1757
+  _globals['_TARGETREQUEST']._serialized_end=1822
+  _globals['_TARGETRESPONSE']._serialized_start=1824
+  _globals['_TARGETRESPONSE']._serialized_end=1884
+  _globals['_SCALEREQUEST']._serialized_start=1886
+  _globals['_SCALEREQUEST']._serialized_end=1929
+  _globals['_RELOADREQUEST']._serialized_start=1931
+  _globals['_RELOADREQUEST']._serialized_end=1946
+  _globals['_RELOADRESPONSE']._serialized_start=1948
+  _globals['_RELOADRESPONSE']._serialized_end=2067
+  _globals['_KERNEL']._serialized_start=2070
+  _globals['_KERNEL']._serialized_end=2912
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,36 @@ class KernelStub:
                 request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.StatusRequest.SerializeToString,
                 response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/hsu.kernel.v1.Kernel/WatchEvents',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.Event.FromString,
+                _registered_method=True)
+        self.Start = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/Start',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.FromString,
+                _registered_method=True)
+        self.Stop = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/Stop',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.FromString,
+                _registered_method=True)
+        self.Restart = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/Restart',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.FromString,
+                _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/Scale',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/Reload',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -96,6 +126,49 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Every state transition, as it happens (after the recent ones if asked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Start(self, request, context):
+        """Start a unit's stopped or fatal instances (or its first one), or one instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stop(self, request, context):
+        """Stop a unit's instances, or one instance; they stay listed, stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restart(self, request, context):
+        """Replace a unit's processes one at a time, or one instance's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Scale(self, request, context):
+        """Run exactly `count` instances of a unit (within min..max instances).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Read the deployment again and apply the difference. An invalid one is
+        rejected with INVALID_ARGUMENT listing every problem; nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +196,36 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.StatusRequest.FromString,
                     response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.StatusResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.WatchEventsRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.Event.SerializeToString,
+            ),
+            'Start': grpc.unary_unary_rpc_method_handler(
+                    servicer.Start,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.SerializeToString,
+            ),
+            'Stop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stop,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.SerializeToString,
+            ),
+            'Restart': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restart,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ScaleRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +363,168 @@ class Kernel:
             '/hsu.kernel.v1.Kernel/Status',
             hsu_dot_kernel_dot_v1_dot_kernel__pb2.StatusRequest.SerializeToString,
             hsu_dot_kernel_dot_v1_dot_kernel__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/WatchEvents',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.WatchEventsRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Start(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/Start',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/Stop',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/Restart',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/Scale',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.ScaleRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.TargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/Reload',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,20 @@ class KernelStub:
     ListInstances: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ListInstancesRequest, _kernel_pb2.ListInstancesResponse]
     ListPlugins: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ListPluginsRequest, _kernel_pb2.ListPluginsResponse]
     Status: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.StatusRequest, _kernel_pb2.StatusResponse]
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_kernel_pb2.WatchEventsRequest, _kernel_pb2.Event]
+    """Every state transition, as it happens (after the recent ones if asked)."""
+    Start: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.TargetRequest, _kernel_pb2.TargetResponse]
+    """Start a unit's stopped or fatal instances (or its first one), or one instance."""
+    Stop: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.TargetRequest, _kernel_pb2.TargetResponse]
+    """Stop a unit's instances, or one instance; they stay listed, stopped."""
+    Restart: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.TargetRequest, _kernel_pb2.TargetResponse]
+    """Replace a unit's processes one at a time, or one instance's."""
+    Scale: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ScaleRequest, _kernel_pb2.TargetResponse]
+    """Run exactly `count` instances of a unit (within min..max instances)."""
+    Reload: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ReloadRequest, _kernel_pb2.ReloadResponse]
+    """Read the deployment again and apply the difference. An invalid one is
+    rejected with INVALID_ARGUMENT listing every problem; nothing changes.
+    """
 
 @_typing.type_check_only
 class KernelAsyncStub(KernelStub):
@@ -49,6 +63,20 @@ class KernelAsyncStub(KernelStub):
     ListInstances: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ListInstancesRequest, _kernel_pb2.ListInstancesResponse]  # type: ignore[assignment]
     ListPlugins: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ListPluginsRequest, _kernel_pb2.ListPluginsResponse]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_kernel_pb2.StatusRequest, _kernel_pb2.StatusResponse]  # type: ignore[assignment]
+    WatchEvents: _aio.UnaryStreamMultiCallable[_kernel_pb2.WatchEventsRequest, _kernel_pb2.Event]  # type: ignore[assignment]
+    """Every state transition, as it happens (after the recent ones if asked)."""
+    Start: _aio.UnaryUnaryMultiCallable[_kernel_pb2.TargetRequest, _kernel_pb2.TargetResponse]  # type: ignore[assignment]
+    """Start a unit's stopped or fatal instances (or its first one), or one instance."""
+    Stop: _aio.UnaryUnaryMultiCallable[_kernel_pb2.TargetRequest, _kernel_pb2.TargetResponse]  # type: ignore[assignment]
+    """Stop a unit's instances, or one instance; they stay listed, stopped."""
+    Restart: _aio.UnaryUnaryMultiCallable[_kernel_pb2.TargetRequest, _kernel_pb2.TargetResponse]  # type: ignore[assignment]
+    """Replace a unit's processes one at a time, or one instance's."""
+    Scale: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ScaleRequest, _kernel_pb2.TargetResponse]  # type: ignore[assignment]
+    """Run exactly `count` instances of a unit (within min..max instances)."""
+    Reload: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ReloadRequest, _kernel_pb2.ReloadResponse]  # type: ignore[assignment]
+    """Read the deployment again and apply the difference. An invalid one is
+    rejected with INVALID_ARGUMENT listing every problem; nothing changes.
+    """
 
 class KernelServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -87,5 +115,55 @@ class KernelServicer(metaclass=_abc_1.ABCMeta):
         request: _kernel_pb2.StatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kernel_pb2.StatusResponse, _abc.Awaitable[_kernel_pb2.StatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _kernel_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_kernel_pb2.Event], _abc.AsyncIterator[_kernel_pb2.Event]]:
+        """Every state transition, as it happens (after the recent ones if asked)."""
+
+    @_abc_1.abstractmethod
+    def Start(
+        self,
+        request: _kernel_pb2.TargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.TargetResponse, _abc.Awaitable[_kernel_pb2.TargetResponse]]:
+        """Start a unit's stopped or fatal instances (or its first one), or one instance."""
+
+    @_abc_1.abstractmethod
+    def Stop(
+        self,
+        request: _kernel_pb2.TargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.TargetResponse, _abc.Awaitable[_kernel_pb2.TargetResponse]]:
+        """Stop a unit's instances, or one instance; they stay listed, stopped."""
+
+    @_abc_1.abstractmethod
+    def Restart(
+        self,
+        request: _kernel_pb2.TargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.TargetResponse, _abc.Awaitable[_kernel_pb2.TargetResponse]]:
+        """Replace a unit's processes one at a time, or one instance's."""
+
+    @_abc_1.abstractmethod
+    def Scale(
+        self,
+        request: _kernel_pb2.ScaleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.TargetResponse, _abc.Awaitable[_kernel_pb2.TargetResponse]]:
+        """Run exactly `count` instances of a unit (within min..max instances)."""
+
+    @_abc_1.abstractmethod
+    def Reload(
+        self,
+        request: _kernel_pb2.ReloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.ReloadResponse, _abc.Awaitable[_kernel_pb2.ReloadResponse]]:
+        """Read the deployment again and apply the difference. An invalid one is
+        rejected with INVALID_ARGUMENT listing every problem; nothing changes.
+        """
 
 def add_KernelServicer_to_server(servicer: KernelServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

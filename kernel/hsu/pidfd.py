@@ -1,0 +1,109 @@
+"""Watch a process through a pidfd: exit detection without polling.
+
+A pidfd (Linux 5.3+) becomes readable when its process exits; the event loop
+learns it through ``add_reader`` and a child is reaped at once with
+``waitpid(pid, WNOHANG)``, so no zombie is left. The same works for a process
+this kernel did not start (one it re-attached to), whose exit status is then
+unknown. The pidfd pins the process: a signal never reaches a reused pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+
+from hsu.errors import LaunchError
+
+#: the status reported for a process that was not our child (unknown)
+UNKNOWN_STATUS = -256
+
+
+class PidfdHandle:
+    """A process watched through a pidfd."""
+
+    def __init__(
+        self,
+        pid: int,
+        *,
+        child: bool,
+        owned: bool,
+        popen: subprocess.Popen[bytes] | None = None,
+    ):
+        """``child``: ours to reap; ``owned``: leads its own process group, which
+        is ours to signal (and to SIGKILL once the leader is gone)."""
+        self._pid = pid
+        self._child = child
+        self._owned = owned
+        self._popen = popen
+        self._returncode: int | None = None
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = loop.create_future()
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None
+            self._finish(self._reap() if child else UNKNOWN_STATUS)
+            return
+        loop.add_reader(self._pidfd, self._on_exit)
+
+    def _reap(self) -> int:
+        try:
+            _, status = os.waitpid(self._pid, os.WNOHANG)
+        except ChildProcessError:
+            return UNKNOWN_STATUS
+        return os.waitstatus_to_exitcode(status)
+
+    def _on_exit(self) -> None:
+        self._finish(self._reap() if self._child else UNKNOWN_STATUS)
+
+    def _finish(self, code: int) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._owned:
+            # what the leader started dies with it: its group gets SIGKILL (a
+            # group id is not reused while any member is alive)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._pid, signal.SIGKILL)
+        self._returncode = code
+        if self._popen is not None:
+            self._popen.returncode = code  # so Popen never waits or warns
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def signal(self, signum: int) -> None:
+        if self._returncode is not None or self._pidfd is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if self._owned:
+                # the leader is alive or unreaped, so its group id is still its own
+                os.killpg(self._pid, signum)
+            else:
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+    @classmethod
+    def attach(cls, pid: int, *, owned: bool) -> PidfdHandle:
+        """Watch a running process that is not our child."""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise LaunchError(f"pid {pid} is not running") from None
+        except PermissionError:
+            raise LaunchError(f"pid {pid} belongs to another user") from None
+        return cls(pid, child=False, owned=owned)
