@@ -108,14 +108,22 @@ class KernelProcess:
 
     def __init__(self, deployment: Path, address: str, env: dict[str, str], *args: str):
         self.address = address
-        self.proc = subprocess.Popen(
-            [*HSU, "run", str(deployment), "--address", address, *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
+        # output to files, not pipes: a kernel that logs a lot never blocks on
+        # a test that is not reading yet
+        self.out = deployment.with_suffix(f".{id(self)}.out")
+        self.err = deployment.with_suffix(f".{id(self)}.err")
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen(
+                [*HSU, "run", str(deployment), "--address", address, *args],
+                env=env,
+                stdout=out,
+                stderr=err,
+                text=True,
+                cwd=ROOT,
+            )
+
+    def output(self) -> tuple[str, str]:
+        return self.out.read_text(), self.err.read_text()
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Wait until the kernel reports health SERVING."""
@@ -127,7 +135,7 @@ class KernelProcess:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    out, err = self.proc.communicate()
+                    out, err = self.output()
                     raise AssertionError(f"kernel exited {self.proc.returncode}:\n{out}\n{err}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -141,8 +149,8 @@ class KernelProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, *self.output()
 
 
 @pytest.fixture
@@ -157,8 +165,13 @@ def kernel_process(tmp_path: Path) -> Iterator[type[KernelProcess]]:
     yield Tracked
     for k in started:
         if k.proc.poll() is None:
-            k.proc.kill()
-            k.proc.communicate()
+            # a drain stops its instances; SIGKILL would leave them to outlive it
+            k.proc.terminate()
+            try:
+                k.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                k.proc.kill()
+                k.proc.wait()
 
 
 def write_deployment(path: Path, text: str) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from hsu.logfiles import LogFiles
+from hsu.logfiles import LINE_BUDGET, LogFiles
 
 CHILD = r"""
 import os, sys, time
@@ -281,3 +281,22 @@ def test_a_drain_far_behind_skips_to_the_last_bytes_and_says_so(tmp_path, record
     assert logged == lines[-len(logged) :]  # from a line's start
     (warning,) = [r["message"] for r in records if r["level"].name == "WARNING"]
     assert "skipped" in warning and "u-b" in warning
+
+
+def test_a_tick_logs_a_bounded_number_of_lines_and_the_next_ones_go_on(tmp_path, records):
+    lf = LogFiles(tmp_path)
+    out, err = lf.open_for_child("u", "u-t")
+    lf.follow("u", "u-t", 1, from_start=True)
+    lines = [f"t{i}" for i in range(LINE_BUDGET * 2 + 500)]
+    os.write(out, "".join(line + "\n" for line in lines).encode() + b"half")
+    counts = []
+    for _ in range(4):
+        lf.poll()
+        counts.append(len(messages(records, "u-t")))
+    os.write(out, b" done\n")
+    lf.poll()
+    os.close(out)
+    os.close(err)
+    lf.close()
+    assert counts == [LINE_BUDGET, 2 * LINE_BUDGET, len(lines), len(lines)]
+    assert messages(records, "u-t") == [*lines, "half done"]

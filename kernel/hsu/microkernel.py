@@ -671,9 +671,9 @@ class Kernel:
             logger.bind(unit=name).info("reload: new processes for unit {}", name)
             for inst in list(sup.wanted):
                 await sup.restart(inst, "its unit changed")
-        target = min(
-            max(len(sup.wanted), new.initial_instances, new.min_instances), new.max_instances
-        )
+        # the floor moves with the config; instances started above it on demand stay
+        above = max(0, len(sup.wanted) - old.initial_instances)
+        target = min(new.initial_instances + above, new.max_instances)
         if target != len(sup.wanted):
             await sup.scale(target, reason=f"rescaled by reload to {target}")
 
