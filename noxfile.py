@@ -37,3 +37,13 @@ def proto(session: nox.Session) -> None:
     """Regenerate kernel/hsu/**/v1/*_pb2*.py[i] from proto/; commit the result."""
     session.install("grpcio-tools==1.85.1", "mypy-protobuf>=3.6")
     session.run("python", "scripts/gen_protos.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Supervision side by side with supervisor and circus; updates docs/benchmarks.md.
+
+    Not in the default sessions. supervisor and circus are installed only here.
+    """
+    session.install(*LOCAL, "supervisor", "circus", "psutil")
+    session.run("python", "bench/supervision.py", *session.posargs)

@@ -8,9 +8,9 @@ import time
 
 import psutil
 import pytest
-from conftest import run_hsu, write_deployment
 
 import hsu
+from conftest import run_hsu, write_deployment
 from hsu.config import deployment_from_dict
 from hsu.errors import ConfigError
 

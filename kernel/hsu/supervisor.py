@@ -62,8 +62,9 @@ def needs_new_processes(old: UnitSpec, new: UnitSpec) -> bool:
 class Breaker:
     """Crash-loop breaker: ``max_failures`` within ``window`` seconds opens it.
 
-    After a cooldown it is half-open: one start is tried, and its first failure
-    opens it again at once, while reaching ready closes it.
+    After a cooldown it is half-open: one start is tried, and its failure opens
+    it again at once; an instance that stays ready for ``backoff.reset_after``
+    closes it.
     """
 
     def __init__(self, spec: CrashLoop):
@@ -79,11 +80,6 @@ class Breaker:
         while self.failures and now - self.failures[0] > self.spec.window:
             self.failures.popleft()
         return len(self.failures) >= self.spec.max_failures
-
-    def success(self) -> None:
-        if self.half_open:
-            self.half_open = False
-            self.failures.clear()
 
     def reset(self) -> None:
         self.half_open = False
@@ -319,12 +315,14 @@ class UnitSupervisor:
             log.info("{}; not restarting (restart: {})", outcome.reason, policy.value)
             return False
         now = time.monotonic()
+        breaker = self.breakers[inst.instance_id]
         if inst.ready_at is not None and time.time() - inst.ready_at >= (
             self.spec.restart.backoff.reset_after
         ):
+            # it stayed up: the streak is over, and a half-open breaker closes
             ctl.streak = 0
+            breaker.reset()
         ctl.streak += 1
-        breaker = self.breakers[inst.instance_id]
         while breaker.failure(now):
             cl = self.spec.restart.crash_loop
             what = (
@@ -393,7 +391,6 @@ class UnitSupervisor:
             if readying in done and readying.exception() is None:
                 inst.ready_at = time.time()
                 inst.machine.move(S.READY, "ready")
-                self.breakers[inst.instance_id].success()
                 inst.ready.set_result(None)
                 self.kernel.save_state()
                 return await self._watch(inst, ctl, handle, exited, woken)
