@@ -14,9 +14,9 @@ from pathlib import Path
 
 import grpc
 import psutil
-from conftest import run_hsu, write_deployment
 
 import hsu
+from conftest import run_hsu, write_deployment
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
@@ -239,7 +239,7 @@ async def test_dependencies_start_first_and_stop_last(hsu_kernel_factory):
 
 
 async def test_an_unmanaged_process_is_attached_and_never_killed(hsu_kernel_factory, tmp_path):
-    outsider = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    outsider = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # noqa: ASYNC220
     try:
         (tmp_path / "out.pid").write_text(f"{outsider.pid}\n")
         unit = {"kind": "unmanaged", "pidfile": "out.pid", "start": "at-start"}

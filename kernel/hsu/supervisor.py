@@ -223,7 +223,7 @@ class UnitSupervisor:
             return self.start(inst, reason)
         following = inst.next_attempt()
         ctl.ask("restart", reason)
-        return settled(following)
+        return asyncio.ensure_future(settled(following))
 
     def start(self, inst: Instance, reason: str = "started by request") -> Awaitable[None]:
         """Start a stopped or fatal slot again (the breaker is reset)."""
@@ -235,12 +235,12 @@ class UnitSupervisor:
         if task is None or task.done():
             following = inst.next_attempt()
             self._tasks[inst.instance_id] = asyncio.ensure_future(self._run(inst, ctl, None))
-            return settled(following)
+            return asyncio.ensure_future(settled(following))
         if inst.state in (S.FATAL, S.BACKOFF):
             following = inst.next_attempt()
             ctl.ask("start", reason)
-            return settled(following)
-        return settled(inst.ready)
+            return asyncio.ensure_future(settled(following))
+        return asyncio.ensure_future(settled(inst.ready))
 
     async def acquire(self) -> Instance:
         """A ready instance, starting one if there is none and max allows.
