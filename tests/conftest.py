@@ -106,12 +106,12 @@ def run_hsu(
 class KernelProcess:
     """`hsu run` as a subprocess on a unix socket, stopped by pid at the end."""
 
-    def __init__(self, deployment: Path, address: str, env: dict[str, str], *args: str):
+    def __init__(self, deployment: Path, address: str, env: dict[str, str], *args: str, logs: Path):
         self.address = address
         # output to files, not pipes: a kernel that logs a lot never blocks on
         # a test that is not reading yet
-        self.out = deployment.with_suffix(f".{id(self)}.out")
-        self.err = deployment.with_suffix(f".{id(self)}.err")
+        self.out = logs / f"kernel.{id(self)}.out"
+        self.err = logs / f"kernel.{id(self)}.err"
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen(
                 [*HSU, "run", str(deployment), "--address", address, *args],
@@ -159,7 +159,9 @@ def kernel_process(tmp_path: Path) -> Iterator[type[KernelProcess]]:
 
     class Tracked(KernelProcess):
         def __init__(self, deployment: Path, env: dict[str, str] | None = None, *args: str):
-            super().__init__(deployment, f"unix:{tmp_path / 'k.sock'}", env or hsu_env(), *args)
+            super().__init__(
+                deployment, f"unix:{tmp_path / 'k.sock'}", env or hsu_env(), *args, logs=tmp_path
+            )
             started.append(self)
 
     yield Tracked

@@ -17,6 +17,7 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
         ("env", "default", "active", "hsu"),
         ("file", "default", "active", "hsu"),
         ("overrides", "default", "active", "hsu"),
+        ("probes", "default", "active", "hsu"),
         ("subprocess", "default", "active", "hsu"),
     ]
     assert sorted(hsu_plugin_manager.config_sources()) == ["env", "file", "overrides"]
