@@ -422,3 +422,22 @@ def test_instance_logs_are_files_under_the_state_dir(tmp_path: Path):
 
     kernel = build_kernel({"name": "x", "units": {}}, base_dir=str(tmp_path))
     assert kernel.state_dir == tmp_path / ".hsu" / "x"
+
+
+async def test_an_idle_instance_above_the_floor_stops_after_idle_timeout(hsu_kernel_factory):
+    events = Events()
+    unit = {
+        "command": ["python", "-m", "hsu_echo"],
+        "interfaces": ["hsu.echo.v1.Echo"],
+        "idle_timeout": 0.3,
+        "stop_grace": 5,
+    }
+    kernel = await hsu_kernel_factory({"units": {"echo": unit}}, plugins=[events])
+    inst = await kernel.instance_for("hsu.echo.v1.Echo")
+    pid = inst.pid
+    await until(lambda: not kernel.instances)
+    assert ("echo", "stopping", "stopped", "idle for 0.3s") in events.seen
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    # the next call starts a new one on demand
+    again = await kernel.instance_for("hsu.echo.v1.Echo")
+    assert again.state is S.READY and again.instance_id != inst.instance_id
