@@ -441,3 +441,12 @@ async def test_an_idle_instance_above_the_floor_stops_after_idle_timeout(hsu_ker
     # the next call starts a new one on demand
     again = await kernel.instance_for("hsu.echo.v1.Echo")
     assert again.state is S.READY and again.instance_id != inst.instance_id
+
+
+async def test_rlimits_hold_in_the_child_from_its_start(hsu_kernel_factory, tmp_path):
+    show = ["python", "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE))"]
+    unit = managed(show, start="at-start", limits={"rlimits": {"nofile": 128}})
+    kernel = await hsu_kernel_factory({"units": {"show": unit}})
+    [inst] = kernel.instances.values()
+    await until(lambda: inst.state is S.STOPPED)
+    assert kernel.output_tail(inst) == ["(128, 128)"]
