@@ -543,7 +543,43 @@ def bench_cold(reps: int, n: int = 10) -> dict[str, list[float]]:
     return out
 
 
+IMPORTS = {
+    "python": "pass",
+    "hsu": "import hsu.cli, hsu.config_loader, hsu.microkernel",
+    "supervisor": "import supervisor.supervisord",
+    "circus": "import circus.circusd",
+}
+
+
+def bench_imports(reps: int = 3) -> dict[str, list[float]]:
+    """Seconds for a fresh interpreter to import each daemon's main modules."""
+    out: dict[str, list[float]] = {k: [] for k in IMPORTS}
+    for _ in range(reps):
+        for tool, code in IMPORTS.items():
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+            out[tool].append(time.monotonic() - t0)
+    return out
+
+
 # -- 3. memory and idle CPU ---------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """On-CPU time of every thread of ``pid``, from schedstat (ns resolution).
+
+    psutil's ``cpu_times`` counts 10 ms clock ticks: too coarse for an idle
+    daemon over a few seconds. Falls back to it where schedstat is missing.
+    """
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        t = psutil.Process(pid).cpu_times()
+        return float(t.user + t.system)
+    return total / 1e9
 
 
 def bench_idle(counts: tuple[int, ...], window: float) -> dict[tuple[str, int], tuple[int, float]]:
@@ -557,15 +593,13 @@ def bench_idle(counts: tuple[int, ...], window: float) -> dict[tuple[str, int], 
             for d in daemons:
                 d.wait_running(60)
             time.sleep(2.0)
-            procs = [psutil.Process(d.pid) for d in daemons]
-            before = [p.cpu_times() for p in procs]
+            before = [cpu_seconds(d.pid) for d in daemons]
             t0 = time.monotonic()
             time.sleep(window)
             elapsed = time.monotonic() - t0
-            for d, p, b in zip(daemons, procs, before, strict=True):
-                a = p.cpu_times()
-                cpu = (a.user + a.system - b.user - b.system) / elapsed
-                out[d.name, n] = (p.memory_info().rss, cpu)
+            for d, b in zip(daemons, before, strict=True):
+                cpu = (cpu_seconds(d.pid) - b) / elapsed
+                out[d.name, n] = (psutil.Process(d.pid).memory_info().rss, cpu)
                 if len(d.sleepers.running()) != n:
                     raise RuntimeError(f"{d.name}: lost instances during the idle window")
         finally:
@@ -623,6 +657,7 @@ def report(
     kills: Samples,
     n_kills: int,
     cold: dict[str, list[float]],
+    cold_imports: dict[str, list[float]],
     idle: dict[tuple[str, int], tuple[int, float]],
     window: float,
     runtime: float,
@@ -642,7 +677,7 @@ def report(
         "side in one run (kills interleaved, cold starts in rotating order, idle windows at",
         "the same time), and only numbers from the same run should be compared.",
         "Every tool runs with its defaults and the same program, `sleep 1e6`, except that hsu",
-        f"gets `restart.backoff.reset_after: {RESET_AFTER}` (each kill below is then a fresh "
+        f"gets `restart.backoff.reset_after: {RESET_AFTER}` (each kill below is then a fresh",
         "failure streak, whose first restart is immediate; the default is 10 s) and",
         "`restart.crash_loop.max_failures: 1000` (by default 5 failures within 60 s open the",
         "crash-loop breaker, which 10 kills a minute would trip).",
@@ -652,7 +687,9 @@ def report(
         'Time from `kill -9` of the only instance to the replacement. "new pid running":',
         "a new child of the daemon running the program (its argv, i.e. after exec), polled",
         "from /proc every 1 ms by the bench. hsu's events come from one `Kernel.WatchEvents`",
-        "stream, stamped on arrival; for a `managed` unit `ready` means spawned. supervisor's",
+        "stream, stamped on arrival; for a `managed` unit `ready` means spawned. (hsu's",
+        "`starting` event is published just before the spawn and still carries the dead",
+        "pid; the new pid is first seen in `ready`.) supervisor's",
         "RUNNING is what `supervisorctl status` shows (default `startsecs=1`). circus: its",
         "`list` command polled every 5 ms once the pid exists. Each instance is up at least",
         f"{MIN_UP:g} s before it is killed again.",
@@ -677,27 +714,36 @@ def report(
         "",
     ]
     reps = len(cold["hsu"])
+    imp = cold_imports
     lines += [
         f"### 2. Daemon launch -> 10 instances running ({reps} cold starts per tool)",
         "",
         "From spawning the daemon (`hsu run`, `supervisord -c`, `circusd`) to all 10",
         "`sleep` children running, polled from /proc every 2 ms. hsu: one `managed` unit,",
         "`start: at-start`, `min_instances`/`max_instances` 10; supervisor `numprocs=10`;",
-        "circus `numprocesses=10`.",
+        "circus `numprocesses=10`. The last column, for context: `python -c 'import M'` of",
+        "the daemon's main modules, median of 3 (`python -c pass`: "
+        f"{ms(median(imp['python']))} ms).",
         "",
-        "| tool | median ms | min ms | max ms |",
-        "| --- | ---: | ---: | ---: |",
+        "| tool | median ms | min ms | max ms | imports alone, ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for tool in ("hsu", "supervisor", "circus"):
         xs = cold[tool]
-        lines.append(f"| {tool} | {ms(median(xs))} | {ms(min(xs))} | {ms(max(xs))} |")
+        lines.append(
+            f"| {tool} | {ms(median(xs))} | {ms(min(xs))} | {ms(max(xs))} |"
+            f" {ms(median(imp[tool]))} |"
+        )
     lines += [
         "",
         "### 3. Daemon memory and idle CPU",
         "",
         "The daemon process alone (not its children), all three daemons up at once, 2 s after",
-        f"every instance runs: RSS at the end of a {window:g} s idle window, CPU = user+system",
-        f"time over that window / {window:g} s. Per instance = (value at 50 - value at 1) / 49.",
+        f"every instance runs: RSS (psutil `memory_info().rss`) at the end of a {window:g} s idle",
+        "window; CPU = on-CPU time of all the daemon's threads over that window (summed from",
+        "`/proc/PID/task/*/schedstat`, ns resolution: psutil's `cpu_times` counts 10 ms ticks,",
+        f"too coarse for an idle daemon) / {window:g} s. Per instance = (value at 50 - value",
+        "at 1) / 49.",
         "",
         "| tool | RSS, 1 inst. | RSS, 50 inst. | RSS per inst. | CPU, 1 inst. | CPU, 50 inst. |"
         " CPU per inst. |",
@@ -711,7 +757,7 @@ def report(
         per[tool] = (dr, dc)
         lines.append(
             f"| {tool} | {r1 / 2**20:.1f} MiB | {r50 / 2**20:.1f} MiB | {dr / 1024:.1f} KiB |"
-            f" {c1 * 100:.2f}% | {c50 * 100:.2f}% | {dc * 100:.4f}% |"
+            f" {c1 * 100:.3f}% | {c50 * 100:.3f}% | {dc * 100:.4f}% |"
         )
     lines += ["", "(CPU in % of one core.)", ""]
     cold_h, cold_c = median(cold["hsu"]), median(cold["circus"])
@@ -726,13 +772,21 @@ def report(
         f"- kill -> replacement running, hsu >= 20x faster than supervisor's default: "
         f"{met[t1]} ({ratio(sv_run, hsu_run)}: {ms(sv_run)} ms vs {ms(hsu_run)} ms). Counting only"
         f" the moment the new pid exists, supervisor is {ratio(sv_pid, hsu_pid)} hsu's time; "
-        "the gap is supervisor's `startsecs`.",
+        "supervisor spawns the replacement about 1 s after the kill (its main loop polls with a"
+        " 1 s timeout) and reports RUNNING after `startsecs=1` more.",
         f"- launch -> 10 running, hsu no slower than circus: {met[t2]} "
         f"({ms(cold_h)} ms vs {ms(cold_c)} ms).",
         f"- per-instance daemon memory no worse than supervisor's: {met[mem_ok]} "
         f"({per['hsu'][0] / 1024:.1f} KiB vs {per['supervisor'][0] / 1024:.1f} KiB).",
         f"- per-instance idle CPU no worse than supervisor's: {met[cpu_ok]} "
-        f"({per['hsu'][1] * 100:.4f}% vs {per['supervisor'][1] * 100:.4f}% of a core).",
+        f"({per['hsu'][1] * 100:.4f}% vs {per['supervisor'][1] * 100:.4f}% of a core, i.e."
+        f" {per['hsu'][1] * 1e6:.0f} vs {per['supervisor'][1] * 1e6:.0f} us of CPU per second"
+        " per instance).",
+        "",
+        "Per-instance differences of a few KiB or a few us/s are close to what varies from",
+        "run to run. hsu's idle CPU likely grows with instances because its log follower",
+        "(`kernel/hsu/logfiles.py`) polls every instance's stdout and stderr files every",
+        "0.25 s.",
         "",
     ]
     return "\n".join(lines)
@@ -796,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         kills = bench_kills(args.kills)
         print(f"2. cold start -> 10 running, {args.cold} per tool", flush=True)
         cold = bench_cold(args.cold)
+        imports = bench_imports()
         print(f"3. RSS and idle CPU, {args.window:g} s windows", flush=True)
         idle = bench_idle((1, 50), args.window)
     except BaseException as exc:
@@ -812,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr)
             if failed is None:
                 raise SystemExit(msg)
-    body = report(kills, args.kills, cold, idle, args.window, time.monotonic() - started)
+    body = report(kills, args.kills, cold, imports, idle, args.window, time.monotonic() - started)
     print()
     print(body)
     print(f"no process left behind ({len(TRACKER.seen)} tracked)")
