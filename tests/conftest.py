@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -9,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -179,3 +180,22 @@ def kernel_process(tmp_path: Path) -> Iterator[type[KernelProcess]]:
 def write_deployment(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    """Wait (bounded) for a condition a kernel subprocess reaches on its own."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+async def until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    """Wait (bounded) for a condition an in-process kernel reaches on its own."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import hsu
+from conftest import until
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu.errors import LaunchError
@@ -384,12 +385,3 @@ def test_sys_executable_is_what_python_means():
     k = build_kernel(deployment())
     sup = UnitSupervisor(k, "echo", k.unit("echo"))
     assert sup._argv() == [sys.executable, "-m", "hsu_echo"]
-
-
-async def until(condition, seconds=10.0):
-    """Wait (bounded) for a condition the kernel reaches on its own."""
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")

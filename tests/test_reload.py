@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import psutil
 import pytest
 
 import hsu
-from conftest import run_hsu, write_deployment
+from conftest import run_hsu, wait_until, write_deployment
 from hsu.config import deployment_from_dict
 from hsu.errors import ConfigError
 
@@ -65,15 +64,6 @@ def instances(address: str) -> dict[str, list[tuple[str, str, int]]]:
 
 def ready_pids(address: str, unit: str) -> set[int]:
     return {pid for _, state, pid in instances(address).get(unit, []) if state == "ready"}
-
-
-def wait_until(condition, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_reload_rescales_one_unit_and_leaves_every_other_pid_alone(kernel_process, tmp_path):

@@ -9,36 +9,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import psutil
 
 import hsu
-from conftest import run_hsu, write_deployment
+from conftest import run_hsu, until, wait_until, write_deployment
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
 S = hsu.InstanceState
 SLEEP = ["python", "-c", "import time; time.sleep(600)"]
-
-
-async def until(condition, seconds: float = 20.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
-
-
-def wait_until(condition, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def managed(command, **more) -> dict:

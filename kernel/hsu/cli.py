@@ -191,40 +191,35 @@ def cmd_logs(args: argparse.Namespace) -> int:
         unit=target.unit,
         instance_id=target.instance_id,
     )
-    try:
-        with grpc.insecure_channel(address) as channel:
-            stub = core_pb2_grpc.CoreStub(channel)
-            for rec in stub.StreamLogs(request, timeout=None if args.follow else args.timeout):
-                where = rec.extra.get("instance", "")
-                stream = f" {rec.stream}" if rec.stream else ""
-                stamp = time.strftime("%H:%M:%S", time.localtime(rec.time.seconds))
-                print(f"{stamp} [{where}{stream}] {rec.message}", flush=True)
-    except grpc.RpcError as exc:
-        if exc.code() is grpc.StatusCode.UNAVAILABLE:
-            raise HsuError(f"no kernel answers at {address}: is `hsu run` running?") from None
-        raise HsuError(f"kernel at {address}: {exc.code().name}: {exc.details()}") from None
+
+    def follow(channel: grpc.Channel, timeout: float) -> None:
+        stub = core_pb2_grpc.CoreStub(channel)
+        for rec in stub.StreamLogs(request, timeout=None if args.follow else timeout):
+            where = rec.extra.get("instance", "")
+            stream = f" {rec.stream}" if rec.stream else ""
+            stamp = time.strftime("%H:%M:%S", time.localtime(rec.time.seconds))
+            print(f"{stamp} [{where}{stream}] {rec.message}", flush=True)
+
+    _call(address, follow, args.timeout)
     return 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
     address = _kernel_address(args)
     request = kernel_pb2.WatchEventsRequest(unit=args.unit or "", replay=args.replay)
-    try:
-        with grpc.insecure_channel(address) as channel:
-            stub = kernel_pb2_grpc.KernelStub(channel)
-            for ev in stub.WatchEvents(request):
-                if ev.lost:
-                    print(f"... {ev.lost} events lost (this reader fell behind)", flush=True)
-                    continue
-                stamp = time.strftime("%H:%M:%S", time.localtime(ev.at.seconds))
-                who = ev.instance_id or ev.kind
-                move = f"{ev.from_state} -> {ev.to_state}" if ev.to_state else ev.kind
-                reason = f"  ({ev.reason})" if ev.reason else ""
-                print(f"{stamp} #{ev.seq} {who}: {move}{reason}", flush=True)
-    except grpc.RpcError as exc:
-        if exc.code() is grpc.StatusCode.UNAVAILABLE:
-            raise HsuError(f"no kernel answers at {address}: is `hsu run` running?") from None
-        raise HsuError(f"kernel at {address}: {exc.code().name}: {exc.details()}") from None
+
+    def follow(channel: grpc.Channel, timeout: float) -> None:
+        for ev in kernel_pb2_grpc.KernelStub(channel).WatchEvents(request):
+            if ev.lost:
+                print(f"... {ev.lost} events lost (this reader fell behind)", flush=True)
+                continue
+            stamp = time.strftime("%H:%M:%S", time.localtime(ev.at.seconds))
+            who = ev.instance_id or ev.kind
+            move = f"{ev.from_state} -> {ev.to_state}" if ev.to_state else ev.kind
+            reason = f"  ({ev.reason})" if ev.reason else ""
+            print(f"{stamp} #{ev.seq} {who}: {move}{reason}", flush=True)
+
+    _call(address, follow, 0.0)
     return 0
 
 
