@@ -45,5 +45,9 @@ def bench(session: nox.Session) -> None:
 
     Not in the default sessions. supervisor and circus are installed only here.
     """
-    session.install(*LOCAL, "supervisor", "circus", "psutil")
+    # A regular (not editable) install, as in production: pip byte-compiles it,
+    # as it does supervisor and circus. An editable hsu under
+    # PYTHONDONTWRITEBYTECODE=1 would compile every module at every start.
+    session.install(".", "./contrib/hsu-echo", "supervisor", "circus", "psutil")
+    session.install("--force-reinstall", "--no-deps", ".", "./contrib/hsu-echo")
     session.run("python", "bench/supervision.py", *session.posargs)

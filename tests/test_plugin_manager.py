@@ -14,14 +14,20 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
     infos = hsu_plugin_manager.infos()
     assert [(i.name, i.source, i.status, i.distribution) for i in infos] == [
         ("kernel", "essential", "active", "hsu"),
+        ("balancers", "default", "active", "hsu"),
+        ("breakers", "default", "active", "hsu"),
         ("env", "default", "active", "hsu"),
         ("file", "default", "active", "hsu"),
         ("overrides", "default", "active", "hsu"),
         ("probes", "default", "active", "hsu"),
+        ("registry_memory", "default", "active", "hsu"),
         ("subprocess", "default", "active", "hsu"),
     ]
     assert sorted(hsu_plugin_manager.config_sources()) == ["env", "file", "overrides"]
     assert hsu_plugin_manager.launcher_names() == ["subprocess"]
+    assert hsu_plugin_manager.registry_names() == ["memory"]
+    assert hsu_plugin_manager.breaker_names() == ["consecutive", "none", "ratio"]
+    assert "p2c" in hsu_plugin_manager.balancer_names()
     assert "kernel" in hsu_plugin_manager.settings_classes()
 
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from hsu.events import Event
     from hsu.instances import Instance
     from hsu.microkernel import Changes, Kernel
-    from hsu.ports import Launcher, Probe
+    from hsu.ports import Factory, Launcher, Probe, Registry
 
 PROJECT = "hsu"
 
@@ -96,6 +96,50 @@ def hsu_register_probes(register: Callable[[str, Probe], None]) -> None:
         both plugins.
 
     Called once for each plugin, when it is registered.
+    """
+
+
+@_hookspec
+def hsu_register_balancers(register: Callable[[str, Factory], None]) -> None:
+    """Register a balancing strategy, under a name units refer to.
+
+    :param register: ``register(name, factory)``; ``factory`` satisfies
+        :class:`hsu.ports.Factory` and its ``create(options)`` returns a
+        :class:`hsu.ports.Balancer`. A unit picks one with
+        ``balancer: {strategy: NAME, options: {...}}`` (default
+        ``round_robin``). A clashing name is an error naming both plugins.
+
+    Called once for each plugin, when it is registered, in the kernel and in
+    every process that routes calls (``hsu.connect``).
+    """
+
+
+@_hookspec
+def hsu_register_breakers(register: Callable[[str, Factory], None]) -> None:
+    """Register a circuit breaker, under a name units refer to.
+
+    :param register: ``register(name, factory)``; ``factory`` satisfies
+        :class:`hsu.ports.Factory` and its ``create(options)`` returns a
+        :class:`hsu.ports.CircuitBreaker`. A unit picks one with
+        ``breaker: {kind: NAME, options: {...}}`` (default ``consecutive``).
+        A clashing name is an error naming both plugins.
+
+    Called once for each plugin, when it is registered.
+    """
+
+
+@_hookspec
+def hsu_register_registries(register: Callable[[str, Callable[[Kernel], Registry]], None]) -> None:
+    """Register a service registry, under a name the deployment refers to.
+
+    :param register: ``register(name, factory)``; ``factory(kernel)`` returns
+        a :class:`hsu.ports.Registry` (it may read its own settings section
+        with ``kernel.settings(NAME)``). The deployment picks one with
+        ``kernel.registry: NAME`` (default ``memory``). A clashing name is an
+        error naming both plugins.
+
+    Called once for each plugin, when it is registered; the factory is called
+    once, when the kernel starts.
     """
 
 

@@ -32,7 +32,16 @@ from hsu.errors import ConflictError, PluginError, PluginLoadError
 
 GROUP = "hsu"
 ESSENTIAL: tuple[str, ...] = ("kernel",)
-DEFAULTS: tuple[str, ...] = ("subprocess", "file", "env", "overrides", "probes")
+DEFAULTS: tuple[str, ...] = (
+    "subprocess",
+    "file",
+    "env",
+    "overrides",
+    "probes",
+    "balancers",
+    "breakers",
+    "registry_memory",
+)
 AUTOLOAD_ENV = "HSU_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ENV = "HSU_PLUGINS"
 TRACE_ENV = "HSU_TRACE_PLUGINS"
@@ -87,6 +96,9 @@ class PluginManager:
         self._launchers: dict[str, tuple[Any, str]] = {}
         self._config_sources: dict[str, tuple[Any, str]] = {}
         self._probes: dict[str, tuple[Any, str]] = {}
+        self._balancers: dict[str, tuple[Any, str]] = {}
+        self._breakers: dict[str, tuple[Any, str]] = {}
+        self._registries: dict[str, tuple[Any, str]] = {}
         self._undo_tracing: Callable[[], None] | None = None
 
     # -- loading -----------------------------------------------------------
@@ -254,7 +266,15 @@ class PluginManager:
         self._forget(name)
 
     def _forget(self, name: str) -> None:
-        for table in (self._settings, self._launchers, self._config_sources, self._probes):
+        for table in (
+            self._settings,
+            self._launchers,
+            self._config_sources,
+            self._probes,
+            self._balancers,
+            self._breakers,
+            self._registries,
+        ):
             for key in [k for k, (_, owner) in table.items() if owner == name]:
                 del table[key]
 
@@ -296,6 +316,15 @@ class PluginManager:
             register=register_to(self._config_sources, "config source"),
         )
         self._call_own(plugin, "hsu_register_probes", register=register_to(self._probes, "probe"))
+        self._call_own(
+            plugin, "hsu_register_balancers", register=register_to(self._balancers, "balancer")
+        )
+        self._call_own(
+            plugin, "hsu_register_breakers", register=register_to(self._breakers, "breaker")
+        )
+        self._call_own(
+            plugin, "hsu_register_registries", register=register_to(self._registries, "registry")
+        )
 
     def _call_own(self, plugin: object, hook_name: str, **kwargs: Any) -> None:
         """Call one plugin's own implementation of a registration hook."""
@@ -342,6 +371,36 @@ class PluginManager:
 
     def probe_names(self) -> list[str]:
         return sorted(self._probes)
+
+    def _named(self, table: dict[str, tuple[Any, str]], kind: str, name: str) -> Any:
+        try:
+            return table[name][0]
+        except KeyError:
+            known = ", ".join(sorted(table)) or "none"
+            raise PluginError(
+                f"no {kind} named {name!r} (registered: {known}); is its plugin enabled?"
+            ) from None
+
+    def balancer(self, name: str) -> Any:
+        """The balancer factory registered as ``name`` (:class:`hsu.ports.Factory`)."""
+        return self._named(self._balancers, "balancer", name)
+
+    def balancer_names(self) -> list[str]:
+        return sorted(self._balancers)
+
+    def breaker(self, name: str) -> Any:
+        """The circuit breaker factory registered as ``name`` (:class:`hsu.ports.Factory`)."""
+        return self._named(self._breakers, "breaker", name)
+
+    def breaker_names(self) -> list[str]:
+        return sorted(self._breakers)
+
+    def registry(self, name: str) -> Any:
+        """The registry factory registered as ``name``: ``factory(kernel) -> Registry``."""
+        return self._named(self._registries, "registry", name)
+
+    def registry_names(self) -> list[str]:
+        return sorted(self._registries)
 
     def infos(self) -> list[PluginInfo]:
         order = {"essential": 0, "default": 1, "explicit": 2, "code": 3, "entrypoint": 4}

@@ -6,7 +6,7 @@ matching registration hook (see :mod:`hsu.hookspecs`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -114,4 +114,169 @@ class Probe(Protocol):
 
     def forget(self, target: ProbeTarget) -> None:
         """The instance is gone: drop anything cached for it."""
+        ...
+
+
+# -- routing ------------------------------------------------------------------
+#
+# A caller never names an instance: it names an interface. The registry (a
+# plugin) knows which instances serve it; a balancer (a plugin) picks one per
+# call; a circuit breaker (a plugin) per instance keeps calls away from one
+# that keeps failing. See docs/routing.md.
+
+#: Endpoint states. Only ``SERVING`` endpoints are picked.
+SERVING = "serving"
+#: about to stop: finishes the calls it has, takes no new ones
+DRAINING = "draining"
+#: a health probe failed; kept listed so it can come back
+UNHEALTHY = "unhealthy"
+
+
+@attrs.frozen
+class Endpoint:
+    """One instance, as the registry lists it."""
+
+    instance_id: str
+    unit: str
+    #: where its gRPC server listens: ``host:port`` or ``unix:PATH``
+    address: str
+    #: fully qualified gRPC service names it serves, e.g. ``hsu.echo.v1.Echo``
+    interfaces: tuple[str, ...]
+    state: str = SERVING
+    #: relative share of calls for weighted strategies (>= 1)
+    weight: int = 1
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+
+    @property
+    def routable(self) -> bool:
+        return self.state == SERVING
+
+
+@attrs.frozen
+class RegistryEvent:
+    """One change in the registry."""
+
+    #: ``"put"`` (added or changed) or ``"delete"`` (removed or expired)
+    kind: str
+    endpoint: Endpoint
+    #: the registry's revision after the change; revisions only grow
+    revision: int
+
+
+class RegistryCompacted(Exception):
+    """A watcher asked for changes older than the registry still keeps.
+
+    The watcher takes a fresh :meth:`Registry.snapshot` and watches from there.
+    """
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """Where instances are registered and looked up by interface.
+
+    The shape is etcd's, so an etcd plugin is a thin adapter: a TTL is a lease,
+    :meth:`keepalive` refreshes it, :meth:`snapshot` plus :meth:`watch` is
+    list-then-watch from a revision. The default plugin (``memory``) keeps it
+    all in the kernel's process.
+    """
+
+    async def put(self, endpoint: Endpoint, ttl: float | None = None) -> None:
+        """Add the endpoint, or replace the one with its ``instance_id``.
+
+        With ``ttl`` (seconds) it is deleted unless :meth:`keepalive` or
+        another ``put`` comes within ``ttl`` seconds; without, it stays until
+        :meth:`delete`.
+        """
+        ...
+
+    async def keepalive(self, instance_id: str) -> bool:
+        """Restart the endpoint's TTL; ``False`` when it is no longer there."""
+        ...
+
+    async def delete(self, instance_id: str) -> bool:
+        """Remove the endpoint; ``False`` when it was not there."""
+        ...
+
+    async def lookup(self, interface: str) -> list[Endpoint]:
+        """Every endpoint serving ``interface``, in any state, in a stable order."""
+        ...
+
+    async def snapshot(self) -> tuple[list[Endpoint], int]:
+        """Every endpoint, and the revision they are as of."""
+        ...
+
+    def watch(self, after: int) -> AsyncIterator[RegistryEvent]:
+        """The changes after revision ``after``, in order, as they happen,
+        until the caller stops iterating. Raises :class:`RegistryCompacted`
+        when ``after`` is older than the registry keeps."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the registry holds (connections, tasks). Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Balancer(Protocol):
+    """Picks the instance for each call, among the routable ones.
+
+    One balancer serves one interface in one caller, from one event loop or
+    thread at a time: it needs no lock. :meth:`pick` is on every call's path
+    and must be cheap (no I/O, no allocation it can avoid).
+    """
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        """The endpoints to pick from changed; all are routable, none repeated."""
+        ...
+
+    def pick(self, inflight: Mapping[str, int], key: str | None = None) -> Endpoint | None:
+        """The endpoint for the next call, or ``None`` when there is none.
+
+        :param inflight: calls this caller has in flight, by ``instance_id``
+            (absent means 0), for strategies that weigh load.
+        :param key: the call's routing key, for strategies that hash it;
+            ``None`` when the call has none.
+        """
+        ...
+
+
+@runtime_checkable
+class CircuitBreaker(Protocol):
+    """Keeps calls away from one instance while it keeps failing.
+
+    One breaker per instance per caller. ``closed``: calls go through.
+    ``open``: none do, until a cooldown passes. ``half_open``: a few trial
+    calls go through; their outcome closes or reopens it.
+    """
+
+    @property
+    def state(self) -> str:
+        """``"closed"``, ``"open"`` or ``"half_open"`` (as of now)."""
+        ...
+
+    def allow(self) -> bool:
+        """May a call go to this instance now? A ``True`` in ``half_open``
+        takes one of the trial slots, and must be followed by :meth:`record`."""
+        ...
+
+    def record(self, ok: bool) -> None:
+        """The outcome of a call :meth:`allow` let through."""
+        ...
+
+
+@runtime_checkable
+class Factory(Protocol):
+    """Makes a balancer or a breaker from a unit's options.
+
+    Registered by name (``hsu_register_balancers``, ``hsu_register_breakers``);
+    a unit names one and passes it ``options``.
+    """
+
+    def check_options(self, options: Mapping[str, Any]) -> list[str]:
+        """Problems with the options, each ``"key: what is wrong"``; checked
+        when the deployment is loaded. An empty list accepts them."""
+        ...
+
+    def create(self, options: Mapping[str, Any]) -> Any:
+        """A new balancer (or breaker) configured by accepted ``options``."""
         ...

@@ -1,0 +1,406 @@
+"""The built-in circuit breakers, on a fake clock."""
+
+import pytest
+
+import hsu_plugins.breakers as breakers
+from hsu.ports import CircuitBreaker, Factory
+from hsu_plugins.breakers import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    ConsecutiveBreaker,
+    ConsecutiveFactory,
+    NoBreaker,
+    NoneFactory,
+    RatioBreaker,
+    RatioFactory,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def fail(breaker: CircuitBreaker, times: int) -> None:
+    for _ in range(times):
+        assert breaker.allow()
+        breaker.record(False)
+
+
+def succeed(breaker: CircuitBreaker, times: int) -> None:
+    for _ in range(times):
+        assert breaker.allow()
+        breaker.record(True)
+
+
+# -- the plugin --------------------------------------------------------------------
+
+
+def test_the_plugin_manager_hands_out_the_breakers(hsu_plugin_manager, clock):
+    pm = hsu_plugin_manager
+    if "consecutive" not in pm.breaker_names():  # not yet a default plugin
+        pm.register(breakers, "breakers")
+    assert {"consecutive", "ratio", "none"} <= set(pm.breaker_names())
+    factory = pm.breaker("consecutive")
+    assert isinstance(factory, Factory)
+    assert factory.check_options({"failures": 2}) == []
+    breaker = factory.create({"failures": 2, "cooldown": 1}, clock=clock)
+    assert isinstance(breaker, CircuitBreaker)
+    fail(breaker, 2)
+    assert breaker.state == OPEN
+    assert isinstance(pm.breaker("none").create({}), CircuitBreaker)
+    assert isinstance(pm.breaker("ratio").create({}), CircuitBreaker)
+
+
+# -- consecutive -------------------------------------------------------------------
+
+
+def test_consecutive_full_cycle(clock):
+    b = ConsecutiveBreaker(3, cooldown=2.0, clock=clock)
+    assert b.state == CLOSED
+    fail(b, 2)
+    succeed(b, 1)  # a success resets the count
+    fail(b, 2)
+    assert b.state == CLOSED
+    fail(b, 1)
+    assert b.state == OPEN
+    assert not b.allow()
+
+    clock.advance(1.9)
+    assert b.state == OPEN
+    assert not b.allow()
+    clock.advance(0.1)
+    assert b.state == HALF_OPEN
+    assert b.allow()  # the trial
+    assert not b.allow()  # one trial at a time
+    b.record(True)
+    assert b.state == CLOSED
+
+    fail(b, 2)  # counting starts again from zero
+    assert b.state == CLOSED
+    fail(b, 1)
+    assert b.state == OPEN
+
+
+def test_a_failed_trial_reopens_for_another_cooldown(clock):
+    b = ConsecutiveBreaker(1, cooldown=2.0, clock=clock)
+    fail(b, 1)
+    clock.advance(2.0)
+    assert b.allow()
+    b.record(False)
+    assert b.state == OPEN
+    clock.advance(1.9)
+    assert not b.allow()
+    clock.advance(0.1)
+    assert b.state == HALF_OPEN
+
+
+def test_the_cooldown_doubles_up_to_max_cooldown_and_resets_on_close(clock):
+    b = ConsecutiveBreaker(1, cooldown=1.0, max_cooldown=3.0, clock=clock)
+    fail(b, 1)
+    assert b.open_for == 1.0
+    for expected in (2.0, 3.0, 3.0):
+        clock.advance(b.open_for)
+        fail(b, 1)  # the trial fails
+        assert b.state == OPEN
+        assert b.open_for == expected
+    clock.advance(2.9)
+    assert b.state == OPEN
+    clock.advance(0.1)
+    succeed(b, 1)
+    assert b.state == CLOSED
+    fail(b, 1)
+    assert b.open_for == 1.0
+
+
+def test_without_max_cooldown_the_cooldown_stays(clock):
+    b = ConsecutiveBreaker(1, cooldown=1.0, clock=clock)
+    fail(b, 1)
+    for _ in range(3):
+        clock.advance(1.0)
+        fail(b, 1)
+        assert b.open_for == 1.0
+
+
+def test_trials_and_successes(clock):
+    b = ConsecutiveBreaker(1, cooldown=1.0, trials=2, successes=3, clock=clock)
+    fail(b, 1)
+    clock.advance(1.0)
+    assert b.allow()
+    assert b.allow()
+    assert not b.allow()  # two trials at a time
+    b.record(True)
+    assert b.state == HALF_OPEN
+    assert b.allow()  # the slot is free again
+    b.record(True)
+    b.record(True)
+    assert b.state == CLOSED  # three successes
+
+
+def test_any_failed_trial_reopens_even_after_successes(clock):
+    b = ConsecutiveBreaker(1, cooldown=1.0, trials=2, successes=2, clock=clock)
+    fail(b, 1)
+    clock.advance(1.0)
+    assert b.allow()
+    assert b.allow()
+    b.record(True)
+    b.record(False)
+    assert b.state == OPEN
+    clock.advance(1.0)
+    assert b.state == HALF_OPEN
+    succeed(b, 1)
+    assert b.state == HALF_OPEN  # the earlier success does not carry over
+    succeed(b, 1)
+    assert b.state == CLOSED
+
+
+def test_stale_outcomes_are_ignored(clock):
+    b = ConsecutiveBreaker(2, cooldown=1.0, clock=clock)
+    for _ in range(5):
+        assert b.allow()  # five calls go out while closed
+    b.record(False)
+    b.record(False)
+    assert b.state == OPEN
+    opened_for = b.open_for
+    b.record(True)  # the others land while open: they change nothing
+    b.record(False)
+    assert b.state == OPEN
+    assert b.open_for == opened_for
+    clock.advance(0.99)
+    assert b.state == OPEN  # a late failure did not restart the cooldown
+    clock.advance(0.01)
+    assert b.state == HALF_OPEN
+    b.record(True)  # lands in half_open with no trial out: not a trial's
+    assert b.state == HALF_OPEN
+    assert b.allow()
+    assert not b.allow()  # the stale outcome did not free or take a slot
+    b.record(True)
+    assert b.state == CLOSED
+
+
+def test_an_outcome_while_closed_from_before_the_breaker_reclosed_counts_normally(clock):
+    b = ConsecutiveBreaker(2, cooldown=1.0, clock=clock)
+    fail(b, 2)
+    clock.advance(1.0)
+    succeed(b, 1)
+    assert b.state == CLOSED
+    b.record(False)  # one failure: below the threshold
+    assert b.state == CLOSED
+
+
+# -- ratio -------------------------------------------------------------------------
+
+
+def test_ratio_needs_min_calls(clock):
+    b = RatioBreaker(window=10, min_calls=4, ratio=0.5, clock=clock)
+    fail(b, 3)
+    assert b.state == CLOSED  # 3 of 3 failed, but fewer than min_calls
+    fail(b, 1)
+    assert b.state == OPEN
+
+
+def test_ratio_over_a_sliding_window(clock):
+    b = RatioBreaker(window=4, min_calls=4, ratio=0.5, cooldown=1.0, clock=clock)
+    pattern = [True, False, True, True, True, False, True, True]  # never 2 of the last 4
+    for ok in pattern:
+        assert b.allow()
+        b.record(ok)
+        assert b.state == CLOSED
+    # the window is now [F, T, T] + next; one more failure makes 2 of 4
+    assert b.allow()
+    b.record(False)
+    assert b.state == OPEN
+
+
+def test_ratio_forgets_outcomes_that_left_the_window(clock):
+    b = RatioBreaker(window=5, min_calls=5, ratio=0.6, clock=clock)
+    fail(b, 2)
+    succeed(b, 3)  # 2 of 5
+    succeed(b, 2)  # the failures slide out: 0 of 5
+    fail(b, 2)  # 2 of 5
+    assert b.state == CLOSED
+    fail(b, 1)  # 3 of 5
+    assert b.state == OPEN
+
+
+def test_ratio_boundary_is_inclusive_and_exact(clock):
+    b = RatioBreaker(window=10, min_calls=10, ratio=0.3, clock=clock)
+    succeed(b, 7)
+    fail(b, 2)
+    assert b.state == CLOSED
+    fail(b, 1)  # exactly 3 of 10 (0.3 * 10 is 3.0000000000000004 in floats)
+    assert b.state == OPEN
+
+
+def test_ratio_full_cycle_and_a_fresh_window_after_closing(clock):
+    b = RatioBreaker(window=4, min_calls=2, ratio=0.6, cooldown=1.0, clock=clock)
+    fail(b, 2)  # 2 of 2
+    assert b.state == OPEN
+    assert not b.allow()
+    clock.advance(1.0)
+    assert b.state == HALF_OPEN
+    fail(b, 1)
+    assert b.state == OPEN
+    clock.advance(1.0)
+    succeed(b, 1)
+    assert b.state == CLOSED
+    fail(b, 1)  # 1 of 1: below min_calls, the old window is gone
+    assert b.state == CLOSED
+    succeed(b, 1)  # 1 of 2
+    assert b.state == CLOSED
+    fail(b, 1)  # 2 of 3
+    assert b.state == OPEN
+
+
+def test_ratio_min_calls_defaults_to_at_most_the_window(clock):
+    assert RatioBreaker(clock=clock).min_calls == 10
+    small = RatioFactory().create({"window": 4}, clock=clock)
+    assert small.min_calls == 4
+    fail(small, 4)
+    assert small.state == OPEN
+
+
+# -- none --------------------------------------------------------------------------
+
+
+def test_none_never_opens():
+    b = NoneFactory().create({})
+    assert isinstance(b, NoBreaker)
+    for _ in range(1000):
+        assert b.allow()
+        b.record(False)
+    assert b.state == CLOSED
+
+
+# -- options -----------------------------------------------------------------------
+
+
+def test_defaults(clock):
+    b = ConsecutiveFactory().create({}, clock=clock)
+    assert (b.failures, b.cooldown, b.max_cooldown, b.trials, b.successes) == (5, 5.0, None, 1, 1)
+    r = RatioFactory().create({}, clock=clock)
+    assert (r.window, r.min_calls, r.ratio) == (20, 10, 0.5)
+    fail(b, 4)
+    assert b.state == CLOSED
+    fail(b, 1)
+    assert b.state == OPEN
+    clock.advance(4.99)
+    assert b.state == OPEN
+    clock.advance(0.01)
+    assert b.state == HALF_OPEN
+
+
+def test_good_options_are_accepted():
+    assert ConsecutiveFactory().check_options({}) == []
+    assert (
+        ConsecutiveFactory().check_options(
+            {"failures": 1, "cooldown": 0.5, "max_cooldown": 60, "trials": 3, "successes": 2}
+        )
+        == []
+    )
+    assert RatioFactory().check_options({"window": 5, "min_calls": 5, "ratio": 1}) == []
+    assert NoneFactory().check_options({}) == []
+
+
+def test_unknown_options_get_a_suggestion():
+    assert ConsecutiveFactory().check_options({"failure": 3}) == [
+        "failure: unknown option; did you mean 'failures'? (known: cooldown, failures,"
+        " max_cooldown, successes, trials)"
+    ]
+    [problem] = RatioFactory().check_options({"min_call": 3})
+    assert problem.startswith("min_call: unknown option; did you mean 'min_calls'?")
+    [problem] = RatioFactory().check_options({"zzz": 3})
+    assert problem.startswith("zzz: unknown option (known: ")
+    assert NoneFactory().check_options({"failures": 3}) == [
+        "failures: unknown option (the none breaker takes no options)"
+    ]
+
+
+def test_wrong_types_are_refused():
+    assert ConsecutiveFactory().check_options(
+        {"failures": "3", "cooldown": True, "trials": 1.5, "max_cooldown": float("inf")}
+    ) == [
+        "failures: expected an int, got '3'",
+        "cooldown: expected a finite number, got True",
+        "trials: expected an int, got 1.5",
+        "max_cooldown: expected a finite number, got inf",
+    ]
+    assert RatioFactory().check_options({"ratio": "half"}) == [
+        "ratio: expected a finite number, got 'half'"
+    ]
+    assert ConsecutiveFactory().check_options([1, 2]) == ["options: expected a mapping, got list"]
+
+
+def test_values_out_of_range_are_refused():
+    assert ConsecutiveFactory().check_options(
+        {"failures": 0, "cooldown": 0, "trials": 0, "successes": -1}
+    ) == [
+        "failures: expected >= 1, got 0",
+        "trials: expected >= 1, got 0",
+        "successes: expected >= 1, got -1",
+        "cooldown: expected > 0 seconds, got 0",
+    ]
+    assert ConsecutiveFactory().check_options({"cooldown": 10, "max_cooldown": 5}) == [
+        "max_cooldown: expected >= cooldown (10), got 5"
+    ]
+    assert ConsecutiveFactory().check_options({"max_cooldown": 1}) == [
+        "max_cooldown: expected >= cooldown (5), got 1"
+    ]
+    assert RatioFactory().check_options({"ratio": 0}) == ["ratio: expected 0 < ratio <= 1, got 0"]
+    assert RatioFactory().check_options({"ratio": 1.5}) == [
+        "ratio: expected 0 < ratio <= 1, got 1.5"
+    ]
+    assert RatioFactory().check_options({"window": 0}) == ["window: expected >= 1, got 0"]
+    assert RatioFactory().check_options({"window": 5, "min_calls": 6}) == [
+        "min_calls: expected 1 to window (5), got 6"
+    ]
+    assert RatioFactory().check_options({"min_calls": 21}) == [
+        "min_calls: expected 1 to window (20), got 21"
+    ]
+
+
+def test_create_refuses_bad_options():
+    with pytest.raises(ValueError, match=r"consecutive breaker: bad options: failures: expected"):
+        ConsecutiveFactory().create({"failures": 0})
+    with pytest.raises(ValueError, match="ratio"):
+        RatioFactory().create({"ratio": 2})
+    with pytest.raises(ValueError, match="no options"):
+        NoneFactory().create({"x": 1})
+    with pytest.raises(ValueError, match="failures"):
+        ConsecutiveBreaker(0)
+
+
+def test_another_plugin_adds_a_breaker_but_cannot_take_a_builtin_name():
+    import hsu
+    from hsu.errors import ConflictError
+    from hsu.plugin_manager import PluginManager
+
+    pm = PluginManager.load(env={}, autoload=False)
+
+    class Mine:
+        @hsu.hookimpl
+        def hsu_register_breakers(self, register):
+            register("never", breakers.NoneFactory())
+
+    class Clash:
+        @hsu.hookimpl
+        def hsu_register_breakers(self, register):
+            register("consecutive", breakers.NoneFactory())
+
+    pm.register(Mine(), "mine")
+    assert pm.breaker("never").create({}).allow()
+    with pytest.raises(ConflictError, match="breaker 'consecutive'"):
+        pm.register(Clash(), "clash")
+    assert isinstance(pm.breaker("consecutive").create({}), breakers.ConsecutiveBreaker)
