@@ -126,6 +126,49 @@ class Health:
     options: Mapping[str, Any] = attrs.field(factory=dict)
 
 
+@attrs.frozen
+class Autoscale:
+    """Scale between ``min_instances`` and ``max_instances`` on calls in flight.
+
+    Off unless ``above`` is set. One instance is added when the average calls
+    in flight per ready instance reach ``above``; one is removed when it has
+    stayed at or below ``below`` for ``cooldown`` seconds. Two scalings are at
+    least ``cooldown`` seconds apart.
+    """
+
+    above: float | None = attrs.field(default=None)
+    below: float = attrs.field(default=0.5, validator=_ge0)
+    cooldown: float = attrs.field(default=10.0, validator=_ge0)
+    #: seconds between looks at the load
+    interval: float = attrs.field(default=1.0, validator=_gt0)
+
+
+@attrs.frozen
+class Routing:
+    """How calls to a unit's interfaces are routed (``docs/routing.md``)."""
+
+    #: a balancer plugin (``hsu plugins``): round_robin, weighted_round_robin,
+    #: least_inflight, random, p2c, ring_hash, maglev, ...
+    balancer: str = "round_robin"
+    balancer_options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: a call's hash key is the value of this metadata key (ring_hash, maglev)
+    hash_key: str = "hsu-key"
+    #: a circuit breaker plugin: consecutive, ratio, none
+    breaker: str = "consecutive"
+    breaker_options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: methods that are safe to call twice, retried on UNAVAILABLE:
+    #: ``Method``, ``pkg.Service/Method`` or ``"*"``
+    idempotent: tuple[str, ...] = ()
+    #: tries per call, the first included
+    max_attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    #: retries a caller may make, as a share of its calls, plus a floor per second
+    retry_budget: float = attrs.field(default=0.2, validator=_ge0)
+    retry_min_per_second: float = attrs.field(default=10.0, validator=_ge0)
+    #: seconds a stopping instance gets to finish its calls in flight
+    drain_timeout: float = attrs.field(default=10.0, validator=_ge0)
+    autoscale: Autoscale = attrs.field(factory=Autoscale)
+
+
 def _signal_name(value: str) -> str:
     name = value.upper()
     if not name.startswith("SIG"):
@@ -171,6 +214,7 @@ class UnitSpec:
     pidfile: str | None = None
     address: str | None = None
     allow_kill: bool = False
+    routing: Routing = attrs.field(factory=Routing)
 
     #: what the JSON Schema adds: only an unmanaged unit may leave out ``command``
     __json_schema_extra__: ClassVar[dict[str, Any]] = {
@@ -447,12 +491,19 @@ class KernelSettings:
     log_backups: int = attrs.field(default=3, validator=attrs.validators.ge(0))
     #: reload when a config source changes (deployment files: checked each second)
     watch_config: bool = False
+    #: the service registry plugin (``hsu plugins``); ``memory`` keeps it in the kernel
+    registry: str = "memory"
+    #: serve every unit's interfaces on the kernel's own address, forwarding each
+    #: call to an instance (``docs/routing.md``)
+    gateway: bool = True
 
 
 def check_units(
     deployment: Deployment,
     launchers: list[str],
     probes: Mapping[str, Any],
+    balancers: Mapping[str, Any] | None = None,
+    breakers: Mapping[str, Any] | None = None,
 ) -> None:
     """What one field cannot say alone: launchers and probes exist, min <= max,
     ``depends_on`` names units and has no cycle, a command where one is needed.
@@ -502,6 +553,32 @@ def check_units(
                 for p in probe.check_options(spec.health.options):
                     key, _, message = p.partition(": ")
                     problem(name, ("health", "options", key), message or p)
+        r = spec.routing
+        for what, table, chosen, options in (
+            ("balancer", balancers, r.balancer, r.balancer_options),
+            ("breaker", breakers, r.breaker, r.breaker_options),
+        ):
+            if table is None:
+                continue
+            factory = table.get(chosen)
+            if factory is None:
+                problem(
+                    name,
+                    ("routing", what),
+                    f"no {what} named {chosen!r}{_suggest(chosen, list(table))}"
+                    f" (registered: {', '.join(sorted(table)) or 'none'})",
+                )
+                continue
+            for p in factory.check_options(options):
+                key, _, message = p.partition(": ")
+                problem(name, ("routing", f"{what}_options", key), message or p)
+        a = r.autoscale
+        if a.above is not None and a.above <= a.below:
+            problem(
+                name,
+                ("routing", "autoscale", "above"),
+                f"must be more than below ({a.below}), got {a.above!r}",
+            )
         for p in check_rlimits(spec.limits.rlimits):
             key, _, message = p.partition(": ")
             problem(name, ("limits", *key.split(".")), message or p)

@@ -38,6 +38,7 @@ from hsu.logfiles import LogFiles
 from hsu.pidfd import PidfdHandle
 from hsu.plugin_manager import PluginManager
 from hsu.resources import Sampler
+from hsu.routing import KernelRouting
 from hsu.server import KernelServer
 from hsu.supervisor import (
     ENV_INSTANCE_ID,
@@ -72,7 +73,7 @@ class Kernel:
         #: how the deployment was read, to read it again on reload
         self.source_context = source_context
         self._settings = structure_sections(deployment, plugins.settings_classes())
-        check_units(deployment, plugins.launcher_names(), self._probes())
+        check_units(deployment, plugins.launcher_names(), self._probes(), **self._routing_plugins())
         ks: KernelSettings = self._settings["kernel"]
         self.kernel_settings = ks
         self.requested_address = address or ks.address
@@ -109,6 +110,7 @@ class Kernel:
             state_dir / "logs", max_bytes=ks.log_max_bytes, backups=ks.log_backups
         )
         self.sampler = Sampler()
+        self.routing = KernelRouting(self)
         self._background: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self._save_pending = False
@@ -165,6 +167,7 @@ class Kernel:
             self._server = KernelServer(self)
             self.address = await self._server.start(self.requested_address)
             logger.info("kernel {} listening on {}", self.deployment.name, self.address)
+            await self.routing.start()
             found = await self._reattach()
             self._background.append(asyncio.ensure_future(self.logfiles.run()))
             for name, spec in self.deployment.units.items():
@@ -214,6 +217,7 @@ class Kernel:
                 await self._server.drain()
             await self.plugins.call_each("hsu_kernel_stopping", stop_on_error=False, kernel=self)
             await self.stop_all_instances()
+            await self.routing.close()
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -419,6 +423,7 @@ class Kernel:
                 reason=t.reason,
                 pid=inst.pid,
             )
+            self.routing.update(inst)
             self.plugins.pm.hook.hsu_instance_event(kernel=self, instance=inst, event=event)
 
         inst.machine.listeners.append(publish)
@@ -575,6 +580,7 @@ class Kernel:
             # a supervised HSU that stops serving on its own: route nothing to
             # it; its exit is handled by its supervisor when it comes
             inst.health = "draining"
+            self.routing.update(inst)
 
     # -- reload --------------------------------------------------------------
 
@@ -627,6 +633,7 @@ class Kernel:
                 await asyncio.gather(
                     *(self.units[n].scale(new.units[n].initial_instances) for n in added)
                 )
+            self.routing.reconfigure()
             self.events.publish("reload", reason=changes.summary())
             await self.plugins.call_each(
                 "hsu_config_reloaded", stop_on_error=False, kernel=self, old=old, changes=changes
@@ -646,12 +653,14 @@ class Kernel:
             problems.extend(exc.problems)
             settings = {}
         try:
-            check_units(new, self.plugins.launcher_names(), self._probes())
+            check_units(
+                new, self.plugins.launcher_names(), self._probes(), **self._routing_plugins()
+            )
         except ConfigError as exc:
             problems.extend(exc.problems)
         if settings:
             ks: KernelSettings = settings["kernel"]
-            for key in ("address", "state_dir", "reattach"):
+            for key in ("address", "state_dir", "reattach", "registry", "gateway"):
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
                     problems.append(
                         f"{new.source}: kernel.{key}: changed; it applies when the kernel"
@@ -712,6 +721,13 @@ class Kernel:
 
     def _probes(self) -> dict[str, Any]:
         return {n: self.plugins.probe(n) for n in self.plugins.probe_names()}
+
+    def _routing_plugins(self) -> dict[str, dict[str, Any]]:
+        pm = self.plugins
+        return {
+            "balancers": {n: pm.balancer(n) for n in pm.balancer_names()},
+            "breakers": {n: pm.breaker(n) for n in pm.breaker_names()},
+        }
 
 
 @attrs.frozen

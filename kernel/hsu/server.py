@@ -213,6 +213,81 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             summary=changes.summary(),
         )
 
+    # -- routing ----------------------------------------------------------------
+
+    async def Resolve(
+        self, request: kernel_pb2.ResolveRequest, context: Any
+    ) -> kernel_pb2.ResolveResponse:
+        from hsu.routing import endpoint_pb
+
+        try:
+            policy, endpoints = await self.kernel.routing.lookup(request.interface, request.ensure)
+        except NoSuchUnit as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (HsuError, TimeoutError) as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no instance of {request.interface!r} is ready: {exc or 'timed out'}",
+            )
+        return kernel_pb2.ResolveResponse(
+            policy=policy.to_pb(kernel_pb2.RoutingPolicy),
+            endpoints=[endpoint_pb(e, kernel_pb2.Endpoint) for e in endpoints],
+        )
+
+    async def WatchEndpoints(
+        self, request: kernel_pb2.WatchEndpointsRequest, context: Any
+    ) -> AsyncIterator[kernel_pb2.EndpointUpdate]:
+        from hsu.ports import RegistryCompacted
+        from hsu.routing import endpoint_pb
+
+        registry = self.kernel.routing.registry
+        if registry is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the kernel is not running")
+            return
+        interface = request.interface
+        while True:
+            endpoints, revision = await registry.snapshot()
+            sent = {e.instance_id for e in endpoints if interface in e.interfaces}
+            yield kernel_pb2.EndpointUpdate(
+                snapshot=True,
+                revision=revision,
+                endpoints=[
+                    endpoint_pb(e, kernel_pb2.Endpoint) for e in endpoints if e.instance_id in sent
+                ],
+            )
+            try:
+                async for ev in registry.watch(revision):
+                    ep = ev.endpoint
+                    kind = ev.kind
+                    if interface in ep.interfaces and kind == "put":
+                        sent.add(ep.instance_id)
+                    elif ep.instance_id in sent:
+                        sent.discard(ep.instance_id)
+                        kind = "delete"
+                    else:
+                        continue
+                    yield kernel_pb2.EndpointUpdate(
+                        kind=kind,
+                        revision=ev.revision,
+                        endpoints=[endpoint_pb(ep, kernel_pb2.Endpoint)],
+                    )
+            except RegistryCompacted:
+                continue
+            return
+
+    async def ReportLoad(
+        self, request_iterator: AsyncIterator[kernel_pb2.LoadReport], context: Any
+    ) -> kernel_pb2.LoadReportAck:
+        last = ""
+        try:
+            async for report in request_iterator:
+                last = report.instance_id
+                self.kernel.routing.report(report.instance_id, report.inflight)
+        finally:
+            if last:
+                self.kernel.routing.reported.pop(last, None)
+        return kernel_pb2.LoadReportAck()
+
 
 class KernelServer:
     """Owns the grpc.aio server and the health servicer."""
@@ -230,6 +305,13 @@ class KernelServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.services = (KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE)
         reflection.enable_server_reflection((*self.services, reflection.SERVICE_NAME), self.server)
+        if kernel.kernel_settings.gateway:
+            from hsu.gateway import Gateway
+
+            self.gateway: Gateway | None = Gateway(kernel)
+            self.server.add_generic_rpc_handlers((self.gateway,))
+        else:
+            self.gateway = None
 
     async def start(self, address: str) -> str:
         """Listen on ``address`` and return the address actually bound."""
@@ -258,3 +340,5 @@ class KernelServer:
 
     async def stop(self, grace: float) -> None:
         await self.server.stop(grace)
+        if self.gateway is not None:
+            await self.gateway.close()

@@ -628,7 +628,9 @@ class UnitSupervisor:
             result = await self._probe(inst, health.probe, health.timeout, health.options)
             if result.ok:
                 failures = 0
-                inst.health = "healthy"
+                if inst.health != "healthy":
+                    inst.health = "healthy"
+                    self.kernel.routing.update(inst)
                 continue
             failures += 1
             self.log.bind(instance=inst.instance_id).warning(
@@ -636,6 +638,7 @@ class UnitSupervisor:
             )
             if failures >= health.failure_threshold:
                 inst.health = "unhealthy"
+                self.kernel.routing.update(inst)
                 return f"{failures} {health.probe} probes failed; last: {result.detail}"
 
     async def _terminate(
@@ -654,6 +657,14 @@ class UnitSupervisor:
             exited.cancel()
             log.info("detached from {} (unmanaged: not stopped)", inst.pid or inst.address)
             return
+        if handle.returncode is None and inst.address:
+            left = await self.kernel.routing.drain(inst, self.spec.routing.drain_timeout)
+            if left:
+                log.warning(
+                    "{} calls still in flight after drain_timeout={:g}s; stopping anyway",
+                    left,
+                    self.spec.routing.drain_timeout,
+                )
         if handle.returncode is None:
             asked = (
                 self.spec.kind is not UnitKind.MANAGED

@@ -89,6 +89,21 @@ class KernelStub:
                 request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.Resolve = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/Resolve',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ResolveRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ResolveResponse.FromString,
+                _registered_method=True)
+        self.WatchEndpoints = channel.unary_stream(
+                '/hsu.kernel.v1.Kernel/WatchEndpoints',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.WatchEndpointsRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.EndpointUpdate.FromString,
+                _registered_method=True)
+        self.ReportLoad = channel.stream_unary(
+                '/hsu.kernel.v1.Kernel/ReportLoad',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReport.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReportAck.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -169,6 +184,31 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resolve(self, request, context):
+        """Where an interface is served and how to pick among its instances. With
+        `ensure`, an instance is started on demand when none is routable and the
+        answer waits until one is ready (or the deadline).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEndpoints(self, request, context):
+        """The endpoints of an interface: first all of them (`snapshot` set), then
+        every change, until the caller cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLoad(self, request_iterator, context):
+        """An HSU's calls in flight, sent when they change (at most every
+        `interval`); drives autoscaling and draining.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +266,21 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadRequest.FromString,
                     response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadResponse.SerializeToString,
+            ),
+            'Resolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resolve,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ResolveRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ResolveResponse.SerializeToString,
+            ),
+            'WatchEndpoints': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEndpoints,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.WatchEndpointsRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.EndpointUpdate.SerializeToString,
+            ),
+            'ReportLoad': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportLoad,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReport.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +580,87 @@ class Kernel:
             '/hsu.kernel.v1.Kernel/Reload',
             hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadRequest.SerializeToString,
             hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/Resolve',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.ResolveRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.ResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEndpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/WatchEndpoints',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.WatchEndpointsRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.EndpointUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLoad(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hsu.kernel.v1.Kernel/ReportLoad',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReport.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReportAck.FromString,
             options,
             channel_credentials,
             insecure,

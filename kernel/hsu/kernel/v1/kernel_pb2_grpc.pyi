@@ -52,6 +52,19 @@ class KernelStub:
     """Read the deployment again and apply the difference. An invalid one is
     rejected with INVALID_ARGUMENT listing every problem; nothing changes.
     """
+    Resolve: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ResolveRequest, _kernel_pb2.ResolveResponse]
+    """Where an interface is served and how to pick among its instances. With
+    `ensure`, an instance is started on demand when none is routable and the
+    answer waits until one is ready (or the deadline).
+    """
+    WatchEndpoints: _grpc.UnaryStreamMultiCallable[_kernel_pb2.WatchEndpointsRequest, _kernel_pb2.EndpointUpdate]
+    """The endpoints of an interface: first all of them (`snapshot` set), then
+    every change, until the caller cancels.
+    """
+    ReportLoad: _grpc.StreamUnaryMultiCallable[_kernel_pb2.LoadReport, _kernel_pb2.LoadReportAck]
+    """An HSU's calls in flight, sent when they change (at most every
+    `interval`); drives autoscaling and draining.
+    """
 
 @_typing.type_check_only
 class KernelAsyncStub(KernelStub):
@@ -76,6 +89,19 @@ class KernelAsyncStub(KernelStub):
     Reload: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ReloadRequest, _kernel_pb2.ReloadResponse]  # type: ignore[assignment]
     """Read the deployment again and apply the difference. An invalid one is
     rejected with INVALID_ARGUMENT listing every problem; nothing changes.
+    """
+    Resolve: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ResolveRequest, _kernel_pb2.ResolveResponse]  # type: ignore[assignment]
+    """Where an interface is served and how to pick among its instances. With
+    `ensure`, an instance is started on demand when none is routable and the
+    answer waits until one is ready (or the deadline).
+    """
+    WatchEndpoints: _aio.UnaryStreamMultiCallable[_kernel_pb2.WatchEndpointsRequest, _kernel_pb2.EndpointUpdate]  # type: ignore[assignment]
+    """The endpoints of an interface: first all of them (`snapshot` set), then
+    every change, until the caller cancels.
+    """
+    ReportLoad: _aio.StreamUnaryMultiCallable[_kernel_pb2.LoadReport, _kernel_pb2.LoadReportAck]  # type: ignore[assignment]
+    """An HSU's calls in flight, sent when they change (at most every
+    `interval`); drives autoscaling and draining.
     """
 
 class KernelServicer(metaclass=_abc_1.ABCMeta):
@@ -164,6 +190,37 @@ class KernelServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kernel_pb2.ReloadResponse, _abc.Awaitable[_kernel_pb2.ReloadResponse]]:
         """Read the deployment again and apply the difference. An invalid one is
         rejected with INVALID_ARGUMENT listing every problem; nothing changes.
+        """
+
+    @_abc_1.abstractmethod
+    def Resolve(
+        self,
+        request: _kernel_pb2.ResolveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.ResolveResponse, _abc.Awaitable[_kernel_pb2.ResolveResponse]]:
+        """Where an interface is served and how to pick among its instances. With
+        `ensure`, an instance is started on demand when none is routable and the
+        answer waits until one is ready (or the deadline).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchEndpoints(
+        self,
+        request: _kernel_pb2.WatchEndpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_kernel_pb2.EndpointUpdate], _abc.AsyncIterator[_kernel_pb2.EndpointUpdate]]:
+        """The endpoints of an interface: first all of them (`snapshot` set), then
+        every change, until the caller cancels.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportLoad(
+        self,
+        request_iterator: _MaybeAsyncIterator[_kernel_pb2.LoadReport],
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.LoadReportAck, _abc.Awaitable[_kernel_pb2.LoadReportAck]]:
+        """An HSU's calls in flight, sent when they change (at most every
+        `interval`); drives autoscaling and draining.
         """
 
 def add_KernelServicer_to_server(servicer: KernelServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

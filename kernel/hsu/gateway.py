@@ -1,0 +1,243 @@
+"""The transparent gateway: any gRPC call to the kernel's address for a
+method the kernel does not serve itself goes to an instance of the unit that
+serves its interface.
+
+The gateway never decodes a message: it forwards the raw bytes (and the
+metadata, and the deadline) both ways, so it needs no ``.proto`` and works
+for every interface, unary and streaming alike. A client in any language
+calls ``/hsu.echo.v1.Echo/Echo`` on the kernel's port and needs no hsu
+library at all.
+
+Every call is forwarded as a bidirectional stream, which is how gRPC carries
+all four kinds on the wire. An instance is started on demand when the
+interface has none; the unit's balancer picks one per call; a call that
+fails with UNAVAILABLE before it got any reply is tried again on another
+instance when the method is idempotent (``routing.idempotent``), its
+requests were all kept (at most ``REPLAY_MESSAGES`` messages and
+``REPLAY_BYTES`` bytes) and the retry budget allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from loguru import logger
+
+from hsu.errors import HsuError, NoSuchUnit
+from hsu.ports import Endpoint
+from hsu.routing import Route
+
+if TYPE_CHECKING:
+    from hsu.microkernel import Kernel
+
+#: requests kept for a retry; a longer request stream is not retried
+REPLAY_MESSAGES = 64
+REPLAY_BYTES = 4 * 2**20
+#: metadata a proxy must not copy: HTTP/2 and gRPC's own
+HOP_KEYS = frozenset({"user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding",
+                      "grpc-accept-encoding", "grpc-message-type"})  # fmt: skip
+#: codes that mean the instance could not take the call (breaker failure)
+INSTANCE_FAILED = frozenset({grpc.StatusCode.UNAVAILABLE})
+CHANNEL_OPTIONS = (
+    ("grpc.enable_http_proxy", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+)
+
+
+class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """The kernel's catch-all handler; see the module docstring."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._handlers: dict[str, Any] = {}
+
+    def service(self, handler_call_details: Any) -> Any:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            interface = method[1:].partition("/")[0]
+            if not interface or "/" not in method[1:]:
+                return None
+
+            async def forward(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+                async for reply in self._forward(method, interface, requests, context):
+                    yield reply
+
+            handler = grpc.stream_stream_rpc_method_handler(forward)
+            if len(self._handlers) < 10_000:
+                self._handlers[method] = handler
+        return handler
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS
+            )
+        return ch
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for ch in channels.values():
+            await ch.close()
+
+    async def _route(self, interface: str, context: Any) -> Route:
+        routing = self.kernel.routing
+        try:
+            route = routing.route(interface)
+            if not route.routable:
+                remaining = context.time_remaining()
+                route = await routing.ensure(interface, remaining)
+            return route
+        except NoSuchUnit as exc:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"hsu gateway: {exc}")
+        except (HsuError, TimeoutError) as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"hsu gateway: no instance serving {interface!r} is ready: {exc or 'timed out'}",
+            )
+        raise AssertionError("unreachable")
+
+    async def _forward(
+        self, method: str, interface: str, requests: AsyncIterator[bytes], context: Any
+    ) -> AsyncIterator[bytes]:
+        route = await self._route(interface, context)
+        policy = route.policy
+        metadata = tuple(
+            (k, v)
+            for k, v in (context.invocation_metadata() or ())
+            if k not in HOP_KEYS and not k.startswith(":")
+        )
+        key = next((v for k, v in metadata if k == policy.hash_key), None)
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")
+        reqs = _Requests(requests)
+        retryable = policy.is_idempotent(method)
+        failed_on = ""
+        routing = self.kernel.routing
+        for attempt in range(policy.max_attempts):
+            ep: Endpoint | None = route.pick(key, exclude=failed_on)
+            if ep is None:
+                route = await self._route(interface, context)
+                ep = route.pick(key)
+                if ep is None:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"hsu gateway: every instance serving {interface!r} is failing",
+                    )
+                    return
+            remaining = context.time_remaining()
+            call = self.channel(ep.address).stream_stream(method)(
+                reqs.stream(), timeout=remaining, metadata=metadata
+            )
+            route.begin(ep)
+            routing.call_began(ep)
+            replied = False
+            ok = True
+            try:
+                async for reply in call:
+                    if not replied:
+                        replied = True
+                        with contextlib.suppress(Exception):
+                            await context.send_initial_metadata(await call.initial_metadata())
+                    yield reply
+                trailing = await call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                ok = code not in INSTANCE_FAILED
+                if (
+                    not ok
+                    and retryable
+                    and not replied
+                    and attempt + 1 < policy.max_attempts
+                    and await reqs.read_all()
+                    and route.budget.withdraw()
+                ):
+                    logger.bind(unit=ep.unit, instance=ep.instance_id).debug(
+                        "gateway: {} on {}: {}; trying another instance",
+                        method,
+                        ep.instance_id,
+                        code.name,
+                    )
+                    failed_on = ep.instance_id
+                    continue
+                trailing = exc.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                await context.abort(code, exc.details() or "")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            finally:
+                route.end(ep, ok)
+                routing.call_ended(ep)
+
+
+class _Requests:
+    """A call's request stream, kept (within bounds) so a retry can replay it.
+
+    Every attempt reads through :meth:`stream`, from the start: what was read
+    already comes from memory, the rest from the caller.
+    """
+
+    def __init__(self, source: AsyncIterator[bytes]):
+        self._source = source.__aiter__()
+        self._lock = asyncio.Lock()
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.done = False
+        self.replayable = True
+
+    async def _next(self) -> bytes | None:
+        """Read one more message from the caller (None at its end)."""
+        try:
+            msg = await self._source.__anext__()
+        except StopAsyncIteration:
+            self.done = True
+            return None
+        self.size += len(msg)
+        if self.replayable and len(self.kept) < REPLAY_MESSAGES and self.size <= REPLAY_BYTES:
+            self.kept.append(msg)
+        else:
+            self.replayable = False
+            self.kept.clear()
+        return msg
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        i = 0
+        while True:
+            if self.replayable and i < len(self.kept):
+                i += 1
+                yield self.kept[i - 1]
+                continue
+            if self.done:
+                return
+            async with self._lock:
+                if self.replayable and i < len(self.kept):
+                    continue
+                if self.done:
+                    return
+                msg = await self._next()
+            if msg is None:
+                return
+            i += 1
+            yield msg
+
+    async def read_all(self) -> bool:
+        """Read the rest of the caller's stream; True when all of it is kept."""
+        async with self._lock:
+            while self.replayable and not self.done:
+                await self._next()
+        return self.replayable
