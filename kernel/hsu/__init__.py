@@ -5,6 +5,7 @@ The public API for deployments, plugin authors and HSU authors. Plugins write
 """
 
 from hsu._version import __version__
+from hsu.client import RoutedChannel, connect
 from hsu.config import Deployment, KernelSettings, UnitSpec, deployment_from_dict, load_deployment
 from hsu.errors import (
     ConfigError,
@@ -43,10 +44,12 @@ __all__ = [
     "PluginLoadError",
     "PluginManager",
     "ProcessHandle",
+    "RoutedChannel",
     "StateMachine",
     "Transition",
     "UnitSpec",
     "__version__",
+    "connect",
     "deployment_from_dict",
     "hookimpl",
     "load_deployment",

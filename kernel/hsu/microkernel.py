@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from loguru import logger
@@ -49,6 +49,9 @@ from hsu.supervisor import (
     needs_new_processes,
     settled,
 )
+
+if TYPE_CHECKING:
+    from hsu.client import RoutedChannel
 
 __all__ = ["ENV_INSTANCE_ID", "ENV_KERNEL_ADDRESS", "ENV_UNIT", "SHUTDOWN_SHARE", "Kernel"]
 
@@ -295,6 +298,13 @@ class Kernel:
     def supervisor(self, name: str) -> UnitSupervisor:
         self.unit(name)
         return self.units[name]
+
+    def connect(self) -> RoutedChannel:
+        """A routed channel for generated stubs, over this kernel's own routes
+        (no round trip to itself); see :func:`hsu.connect`."""
+        from hsu.client import local_channel
+
+        return local_channel(self)
 
     def units_serving(self, interface: str) -> list[str]:
         return [n for n, s in self.deployment.units.items() if interface in s.interfaces]
