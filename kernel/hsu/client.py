@@ -254,10 +254,10 @@ class _UnaryUnary(_Call):
         exclude = ""
         attempt = 0
         resolver = ch._resolver
+        if metadata and key is None:
+            key = self._key(await ch.route(self._interface, timeout), metadata, None)
         while True:
             route, ep = await ch.pick(self._interface, key, exclude, deadline)
-            if attempt == 0 and metadata and key is None:
-                key = self._key(route, metadata, None)
             call = self._calls.get(ep.address)
             if call is None:
                 call = self._calls[ep.address] = ch.channel(ep.address).unary_unary(
@@ -305,6 +305,8 @@ class _StreamUnary(_Call):
         ch = self._ch
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        if metadata and key is None:
+            key = self._key(await ch.route(self._interface, timeout), metadata, None)
         route, ep = await ch.pick(self._interface, key, "", deadline)
         call = ch.channel(ep.address).stream_unary(self._method, self._ser, self._de)
         route.begin(ep)
@@ -348,6 +350,8 @@ class _Streaming(_Call):
         deadline = None if timeout is None else loop.time() + timeout
         exclude = ""
         attempt = 0
+        if metadata and key is None:
+            key = self._key(await ch.route(self._interface, timeout), metadata, None)
         while True:
             route, ep = await ch.pick(self._interface, key, exclude, deadline)
             factory = getattr(ch.channel(ep.address), self._kind)

@@ -174,7 +174,7 @@ class RetryBudget:
         now = self._clock()
         self.tokens = min(self.cap, self.tokens + (now - self._last) * self.min_per_second)
         self._last = now
-        if self.tokens >= 1.0:
+        if self.tokens >= 1.0 - 1e-9:  # 10 deposits of 0.1 make one retry
             self.tokens -= 1.0
             return True
         return False

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import os
 import signal
 import sys
@@ -46,6 +47,10 @@ ENV_UNIT = "HSU_UNIT"
 ENV_INSTANCE_ID = "HSU_INSTANCE_ID"
 ENV_LISTEN = "HSU_LISTEN"
 DEFAULT_LISTEN = "127.0.0.1:0"
+#: the shortest time between two load reports to the kernel
+LOAD_REPORT_INTERVAL = 0.1
+#: calls to these are not load: the kernel's own probes and controls
+NOT_LOAD = ("/hsu.core.v1.", "/grpc.health.v1.", "/grpc.reflection.")
 
 
 @attrs.frozen
@@ -79,6 +84,71 @@ class Service:
         )
 
 
+class LoadCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts the calls in flight on the HSU's own interfaces.
+
+    Calls ``on_change()`` whenever the count moves; the worker turns that into
+    at most one ``Kernel.ReportLoad`` message per ``LOAD_REPORT_INTERVAL``.
+    """
+
+    def __init__(self, on_change: Callable[[], None]):
+        self.inflight = 0
+        self._on_change = on_change
+
+    def _enter(self) -> None:
+        self.inflight += 1
+        self._on_change()
+
+    def _exit(self) -> None:
+        self.inflight -= 1
+        self._on_change()
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(NOT_LOAD):
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=self._unary(handler.stream_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._streaming(handler.unary_stream))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=self._streaming(handler.stream_stream))
+        return handler
+
+    def _unary(self, behavior: Any) -> Any:
+        async def counted(request: Any, context: Any) -> Any:
+            self._enter()
+            try:
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            finally:
+                self._exit()
+
+        return counted
+
+    def _streaming(self, behavior: Any) -> Any:
+        async def counted(request: Any, context: Any) -> Any:
+            self._enter()
+            try:
+                result = behavior(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for reply in result:
+                        yield reply
+                elif inspect.isawaitable(result):
+                    await result  # a handler that writes with context.write()
+                elif result is not None:
+                    for reply in result:
+                        yield reply
+            finally:
+                self._exit()
+
+        return counted
+
+
 class Worker:
     """One HSU process: its server, its registration, its shutdown."""
 
@@ -108,6 +178,12 @@ class Worker:
         self._stop_grace = grace
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
+        self.load = LoadCounter(self._load_changed)
+        self._reports: asyncio.Queue[int] | None = None
+        self._report_pending = False
+        self._reported = 0
+        self._last_report = 0.0
+        self._reporter: asyncio.Task[None] | None = None
 
     @property
     def interfaces(self) -> list[str]:
@@ -130,7 +206,8 @@ class Worker:
         self._stop.set()
 
     async def start(self) -> str:
-        server = grpc.aio.server()
+        interceptors = [self.load] if self.kernel_address else []
+        server = grpc.aio.server(interceptors=interceptors)
         for service in self.services:
             service.add_to_server(service.servicer, server)
         core = CoreServicer(self.info, self.request_stop, self.logs, self.grace)
@@ -152,6 +229,8 @@ class Worker:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.kernel_address:
             await self._register()
+            self._reports = asyncio.Queue()
+            self._reporter = asyncio.ensure_future(self._report_load())
         else:
             logger.info("standalone: serving {} on {}", ", ".join(self.interfaces), self.address)
         return self.address
@@ -183,6 +262,51 @@ class Worker:
             await self._deregister()
         if self._server is not None:
             await self._server.stop(self._stop_grace)
+        if self._reporter is not None:
+            self._reporter.cancel()
+            await asyncio.gather(self._reporter, return_exceptions=True)
+
+    # -- load reports ------------------------------------------------------------
+
+    def _load_changed(self) -> None:
+        """At most one report per LOAD_REPORT_INTERVAL, and the last value always."""
+        if self._reports is None or self._report_pending:
+            return
+        self._report_pending = True
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._last_report + LOAD_REPORT_INTERVAL - loop.time())
+        loop.call_later(delay, self._send_load)
+
+    def _send_load(self) -> None:
+        self._report_pending = False
+        n = self.load.inflight
+        if self._reports is None or n == self._reported:
+            return
+        self._reported = n
+        self._last_report = asyncio.get_running_loop().time()
+        self._reports.put_nowait(n)
+
+    async def _report_load(self) -> None:
+        """Stream load reports to the kernel; reconnect if the stream breaks."""
+        assert self._reports is not None
+        reports = self._reports
+
+        async def messages() -> Any:
+            yield kernel_pb2.LoadReport(instance_id=self.instance_id, inflight=self._reported)
+            while True:
+                n = await reports.get()
+                yield kernel_pb2.LoadReport(instance_id=self.instance_id, inflight=n)
+
+        backoff = 0.1
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.kernel_address) as channel:
+                    stub = kernel_pb2_grpc.KernelStub(channel)
+                    await stub.ReportLoad(messages())
+            except grpc.aio.AioRpcError as exc:
+                logger.debug("load reports: {}", exc.code().name)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     async def _deregister(self) -> None:
         """Best effort: the kernel may be the one stopping us, or gone."""

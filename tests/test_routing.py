@@ -1,0 +1,444 @@
+"""Routed calls end to end: hsu.connect, the gateway, failover, breakers,
+drain and autoscaling, against real echo HSUs over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+import hsu
+from conftest import until
+from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
+from hsu.errors import ConfigError
+from hsu.ports import Endpoint
+from hsu.routing import Policy, RetryBudget
+from hsu.testing import build_kernel
+
+pytestmark = pytest.mark.integration
+
+ECHO = "hsu.echo.v1.Echo"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def echo_unit(**more) -> dict:
+    unit = {
+        "command": ["python", "-m", "hsu_echo"],
+        "interfaces": [ECHO],
+        "startup_timeout": 20,
+        "stop_grace": 5,
+    }
+    unit.update(more)
+    return unit
+
+
+def ready(kernel, unit="echo"):
+    return [
+        i
+        for i in kernel.instances.values()
+        if i.unit == unit and i.state is hsu.InstanceState.READY
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- logic -----------------------------------------------------------------------
+
+
+def test_idempotent_methods_match_by_name_path_or_pattern():
+    p = Policy(unit="u", idempotent=("Echo", "hsu.echo.v1.Echo/Coll*"))
+    assert p.is_idempotent("/hsu.echo.v1.Echo/Echo")
+    assert p.is_idempotent("/hsu.echo.v1.Echo/Collect")
+    assert not p.is_idempotent("/hsu.echo.v1.Echo/EchoStream")
+    assert Policy(unit="u", idempotent=("*",)).is_idempotent("/a.B/C")
+    assert not Policy(unit="u").is_idempotent("/hsu.echo.v1.Echo/Echo")
+
+
+def test_the_retry_budget_allows_a_share_of_calls_plus_a_trickle():
+    now = [0.0]
+    budget = RetryBudget(0.1, 1.0, clock=lambda: now[0])
+    taken = sum(budget.withdraw() for _ in range(100))
+    assert taken == 10  # the initial reserve, then nothing
+    for _ in range(100):
+        budget.deposit()  # 100 calls: 10 more retries
+    assert sum(budget.withdraw() for _ in range(100)) == 10
+    now[0] += 3.0  # 3 s at 1/s
+    assert sum(budget.withdraw() for _ in range(100)) == 3
+
+
+def test_an_unknown_balancer_or_bad_options_is_a_config_error_naming_the_unit():
+    raw = {
+        "units": {
+            "echo": echo_unit(
+                routing={"balancer": "p2", "breaker_options": {"failurs": 3}},
+            )
+        }
+    }
+    with pytest.raises(ConfigError) as info:
+        build_kernel(raw)
+    text = str(info.value)
+    assert "units.echo.routing.balancer" in text and "did you mean 'p2c'" in text
+    assert "units.echo.routing.breaker_options.failurs" in text
+
+
+# -- hsu.connect -------------------------------------------------------------------
+
+
+async def test_the_first_routed_call_starts_an_instance_and_later_ones_reuse_it(
+    hsu_kernel_factory,
+):
+    kernel = await hsu_kernel_factory({"units": {"echo": echo_unit()}})
+    assert not kernel.instances
+    async with hsu.connect(kernel.address) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        first = await echo.Echo(echo_pb2.EchoRequest(message="hi"), timeout=30)
+        assert first.message == "hi"
+        [inst] = ready(kernel)
+        assert first.instance_id == inst.instance_id and first.pid == inst.pid
+        again = await echo.Echo(echo_pb2.EchoRequest(message="again"), timeout=5)
+        assert again.pid == inst.pid
+        streamed = [r.message async for r in echo.EchoStream(
+            echo_pb2.EchoStreamRequest(message="s", count=3), timeout=5)]  # fmt: skip
+        assert streamed == ["s 0", "s 1", "s 2"]
+
+        async def parts():
+            for p in ("a", "b"):
+                yield echo_pb2.EchoRequest(message=p)
+
+        assert (await echo.Collect(parts(), timeout=5)).message == "a b"
+    assert len(kernel.instances) == 1
+
+
+async def test_round_robin_spreads_calls_evenly_and_a_hash_key_pins_them(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "echo": echo_unit(start="at-start", min_instances=3, max_instances=3),
+                "hashed": echo_unit(
+                    command=["python", "-m", "hsu_echo"],
+                    interfaces=["hsu.echo.v1.Echo.hashed"],
+                ),
+            }
+        }
+    )
+    assert len(ready(kernel)) == 3
+    async with hsu.connect(kernel.address) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        seen = collections.Counter()
+        for i in range(30):
+            seen[(await echo.Echo(echo_pb2.EchoRequest(message=str(i)), timeout=5)).pid] += 1
+        assert sorted(seen.values()) == [10, 10, 10]
+    # kernel.connect(): the same, in-process, over the kernel's own routes
+    channel = kernel.connect()
+    echo = echo_pb2_grpc.EchoStub(channel)
+    pids = {(await echo.Echo(echo_pb2.EchoRequest(), timeout=5)).pid for _ in range(6)}
+    assert pids == {i.pid for i in ready(kernel)}
+    await channel.close()
+
+
+async def test_ring_hash_sends_a_key_to_one_instance(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "echo": echo_unit(
+                    start="at-start",
+                    min_instances=3,
+                    max_instances=3,
+                    routing={"balancer": "ring_hash", "hash_key": "tenant"},
+                )
+            }
+        }
+    )
+    assert len(ready(kernel)) == 3
+    async with hsu.connect(kernel.address) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        homes = collections.defaultdict(set)
+        for round_ in range(3):
+            for k in range(20):
+                reply = await echo.Echo(
+                    echo_pb2.EchoRequest(message=str(round_)),
+                    metadata=(("tenant", f"t{k}"),),
+                    timeout=5,
+                )
+                homes[k].add(reply.pid)
+    assert all(len(pids) == 1 for pids in homes.values())  # each key: one instance
+    assert len(set().union(*homes.values())) >= 2  # and the keys spread
+
+
+async def test_an_unknown_interface_is_unimplemented_with_the_reason():
+    kernel = build_kernel({"units": {"echo": echo_unit()}})
+    await kernel.start()
+    try:
+        async with hsu.connect(kernel.address) as channel:
+            stub = channel.unary_unary("/nope.v1.Nope/Call")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub(b"", timeout=5)
+            assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+            assert "no unit serves interface 'nope.v1.Nope'" in info.value.details()
+        async with grpc.aio.insecure_channel(kernel.address) as plain:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await plain.unary_unary("/nope.v1.Nope/Call")(b"", timeout=5)
+            assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+            assert "served: hsu.echo.v1.Echo" in info.value.details()
+    finally:
+        await kernel.stop()
+
+
+# -- failover ------------------------------------------------------------------------
+
+
+async def _load(call, seconds: float, workers: int, max_calls: int):
+    """Run calls from ``workers`` tasks for ``seconds`` (at most ``max_calls``)."""
+    ok, failed, pids = 0, [], collections.Counter()
+    stop_at = time.monotonic() + seconds
+
+    async def worker():
+        nonlocal ok
+        while time.monotonic() < stop_at and ok + len(failed) < max_calls:
+            try:
+                reply = await call()
+            except grpc.aio.AioRpcError as exc:
+                failed.append(f"{exc.code().name}: {exc.details()}")
+            else:
+                ok += 1
+                pids[reply.pid] += 1
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return ok, failed, pids
+
+
+@pytest.mark.parametrize("via", ["connect", "gateway"])
+async def test_killing_instances_under_load_fails_no_idempotent_call(hsu_kernel_factory, via):
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "echo": echo_unit(
+                    start="at-start",
+                    min_instances=3,
+                    max_instances=3,
+                    routing={"idempotent": ["Echo"], "balancer": "least_inflight"},
+                    restart={"backoff": {"reset_after": 0.5}},
+                )
+            }
+        }
+    )
+    assert len(ready(kernel)) == 3
+    if via == "connect":
+        channel = hsu.connect(kernel.address)
+    else:
+        channel = grpc.aio.insecure_channel(kernel.address)
+    echo = echo_pb2_grpc.EchoStub(channel)
+    killed = []
+
+    async def killer():
+        for _ in range(2):  # bounded: two kills, 1 s apart
+            await asyncio.sleep(1.0)
+            victim = ready(kernel)[0]
+            killed.append(victim.pid)
+            os.kill(victim.pid, signal.SIGKILL)
+
+    try:
+        load = asyncio.ensure_future(
+            _load(
+                lambda: echo.Echo(echo_pb2.EchoRequest(message="x", delay_ms=20), timeout=10),
+                seconds=3.5,
+                workers=8,
+                max_calls=20_000,
+            )
+        )
+        await killer()
+        ok, failed, pids = await load
+    finally:
+        await channel.close()
+    assert failed == []
+    assert ok > 200
+    assert set(killed) <= set(pids)  # the killed ones had been answering
+    assert len(pids) >= 4  # and replacements took over
+    await until(lambda: len(ready(kernel)) == 3)
+
+
+# -- the circuit breaker ------------------------------------------------------------------
+
+
+async def test_the_breaker_opens_on_a_failing_instance_and_recovers_through_half_open(
+    hsu_kernel_factory, tmp_path
+):
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "echo": echo_unit(
+                    start="at-start",
+                    routing={
+                        "idempotent": ["Echo"],
+                        "breaker_options": {"failures": 2, "cooldown": 0.5},
+                    },
+                )
+            }
+        }
+    )
+    [real] = ready(kernel)
+    port = free_port()
+    # an instance listed in the registry that nothing serves yet: every call to it fails
+    await kernel.routing.registry.put(Endpoint("ghost", "echo", f"127.0.0.1:{port}", (ECHO,)))
+    async with hsu.connect(kernel.address) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        route = await channel.route(ECHO, 10)
+        await until(lambda: "ghost" in route.endpoints, 10)
+        for _ in range(10):
+            # retried on the real instance: no call fails
+            assert (await echo.Echo(echo_pb2.EchoRequest(), timeout=5)).pid == real.pid
+        assert route.breakers["ghost"].state == "open"
+        assert [e.instance_id for e in route.available] == [real.instance_id]
+        # now something serves there: after the cooldown a trial call goes through
+        env = {**os.environ, "HSU_LISTEN": f"127.0.0.1:{port}"}
+        for key in ("HSU_KERNEL_ADDRESS", "HSU_INSTANCE_ID", "HSU_UNIT"):
+            env.pop(key, None)
+        ghost = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hsu_echo", env=env, stderr=subprocess.DEVNULL
+        )
+        try:
+            pids = set()
+            deadline = time.monotonic() + 20
+            while ghost.pid not in pids and time.monotonic() < deadline:
+                pids.add((await echo.Echo(echo_pb2.EchoRequest(), timeout=5)).pid)
+                await asyncio.sleep(0.05)
+            assert ghost.pid in pids
+            assert route.breakers["ghost"].state == "closed"
+        finally:
+            ghost.terminate()
+            await asyncio.wait_for(ghost.wait(), 10)
+    await kernel.routing.registry.delete("ghost")
+
+
+# -- the gateway ------------------------------------------------------------------------
+
+
+def test_a_client_with_only_the_proto_calls_through_the_gateway(tmp_path, kernel_process):
+    from conftest import write_deployment
+
+    deployment = write_deployment(
+        tmp_path / "d.yaml",
+        f"""
+        units:
+          echo:
+            command: [python, -m, hsu_echo]
+            interfaces: [{ECHO}]
+            startup_timeout: 20
+        """,
+    )
+    kernel = kernel_process(deployment)
+    kernel.wait_ready()
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    # only the .proto, compiled here: the client below cannot import hsu
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}",
+         f"--python_out={gen}", f"--grpc_python_out={gen}", "hsu/echo/v1/echo.proto"],
+        check=True,
+    )  # fmt: skip
+    client = textwrap.dedent(
+        f"""
+        import sys
+        sys.path = [p for p in sys.path if "kernel" not in p and "plugins" not in p
+                    and "hsu-echo" not in p]
+        sys.path.insert(0, {str(gen)!r})
+        try:
+            import hsu.client
+        except ImportError:
+            pass
+        else:
+            sys.exit("the hsu library is importable: the test proves nothing")
+        import grpc
+        from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
+        with grpc.insecure_channel({kernel.address!r}) as ch:
+            stub = echo_pb2_grpc.EchoStub(ch)
+            r = stub.Echo(echo_pb2.EchoRequest(message="plain"), timeout=30)
+            print("unary", r.message, r.instance_id)
+            s = [x.message for x in stub.EchoStream(
+                echo_pb2.EchoStreamRequest(message="s", count=2), timeout=10)]
+            print("stream", *s)
+            c = stub.Collect(iter([echo_pb2.EchoRequest(message=m) for m in "xyz"]), timeout=10)
+            print("collect", c.message)
+        """
+    )
+    # a bare environment: only grpcio and protobuf are needed
+    env = {"PATH": os.environ["PATH"], "PYTHONNOUSERSITE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", client], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("unary plain echo-")
+    assert lines[1:] == ["stream s 0 s 1", "collect x y z"]
+    code, _, err = kernel.stop()
+    assert code == 0, err
+
+
+# -- drain and autoscaling --------------------------------------------------------------------
+
+
+async def test_stopping_an_instance_lets_its_calls_in_flight_finish(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory({"units": {"echo": echo_unit(start="at-start")}})
+    [inst] = ready(kernel)
+    async with hsu.connect(kernel.address) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        slow = asyncio.ensure_future(
+            echo.Echo(echo_pb2.EchoRequest(message="slow", delay_ms=1500), timeout=20)
+        )
+        await until(lambda: kernel.routing.load(inst.instance_id) == 1, 10)
+        began = time.monotonic()
+        await kernel.stop_unit("echo")
+        reply = await slow
+        assert reply.message == "slow" and reply.pid == inst.pid
+        assert time.monotonic() - began >= 1.0  # the stop waited for it
+    assert inst.state is hsu.InstanceState.STOPPED
+
+
+async def test_load_scales_a_unit_up_and_quiet_scales_it_back_down(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "echo": echo_unit(
+                    start="at-start",
+                    min_instances=1,
+                    max_instances=3,
+                    routing={
+                        "balancer": "least_inflight",
+                        "autoscale": {"above": 3, "below": 0.5, "cooldown": 0.5, "interval": 0.2},
+                    },
+                )
+            }
+        }
+    )
+    assert len(ready(kernel)) == 1
+    sizes = []
+    async with hsu.connect(kernel.address) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+
+        async def busy():
+            # bounded: at most 12 s of 8 concurrent slow calls
+            stop_at = time.monotonic() + 12
+            while time.monotonic() < stop_at and len(ready(kernel)) < 3:
+                await asyncio.gather(
+                    *(echo.Echo(echo_pb2.EchoRequest(delay_ms=300), timeout=10) for _ in range(8))
+                )
+                sizes.append(len(ready(kernel)))
+
+        await busy()
+    assert max(sizes) == 3
+    await until(lambda: len(kernel.units["echo"].wanted) == 1, 20)
+    assert len(ready(kernel)) == 1
