@@ -34,6 +34,8 @@ def test_generated_code_matches_the_protos(tmp_path):
     # and nothing generated is committed for a .proto that no longer exists
     expected = {p.relative_to(tmp_path) for p in fresh}
     committed = {
-        p.relative_to(ROOT / "kernel") for p in (ROOT / "kernel" / "hsu").rglob("*_pb2*.py*")
+        p.relative_to(ROOT / "kernel")
+        for p in (ROOT / "kernel" / "hsu").rglob("*_pb2*.py*")
+        if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts
     }
     assert committed == expected

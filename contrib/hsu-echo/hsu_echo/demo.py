@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import grpc
 from loguru import logger
 
 import hsu
@@ -38,13 +37,19 @@ def hsu_kernel_started(kernel: hsu.Kernel) -> Any:
 
 async def _call_echo(kernel: hsu.Kernel) -> None:
     settings: Settings = kernel.settings(SECTION)
-    instance = await kernel.instance_for("hsu.echo.v1.Echo")
-    async with grpc.aio.insecure_channel(instance.address) as channel:
+    # a routed channel: the first call starts an echo instance on demand
+    async with kernel.connect() as channel:
         stub = echo_pb2_grpc.EchoStub(channel)
         for i in range(settings.calls):
-            reply = await stub.Echo(echo_pb2.EchoRequest(message=f"{settings.message} #{i + 1}"))
+            reply = await stub.Echo(
+                echo_pb2.EchoRequest(message=f"{settings.message} #{i + 1}"), timeout=30
+            )
             print(
                 f"echo reply: {reply.message!r} from {reply.instance_id} (pid {reply.pid})",
                 flush=True,
             )
-    logger.info("demo done; the kernel keeps serving on {} until Ctrl-C", kernel.address)
+    logger.info(
+        "demo done; the kernel keeps serving on {} until Ctrl-C (call Echo there: it is"
+        " forwarded to the instance)",
+        kernel.address,
+    )
