@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import itertools
 import os
 import subprocess
@@ -14,7 +16,8 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from hsu.logfiles import LINE_BUDGET, LogFiles
+import hsu.logfiles
+from hsu.logfiles import IN_Q_OVERFLOW, LINE_BUDGET, LogFiles
 
 CHILD = r"""
 import os, sys, time
@@ -119,8 +122,12 @@ async def test_a_child_s_lines_reach_the_tail_and_the_log_per_stream(tmp_path, r
     assert extras == {("u", proc.pid, "stdout", "INFO"), ("u", proc.pid, "stderr", "INFO")}
 
 
-async def test_rotation_keeps_backups_and_logs_every_line_once_in_order(tmp_path, records):
-    lf = LogFiles(tmp_path, max_bytes=4096, backups=2, interval=0.01)
+# 60 s: the lines can only come from inotify events, the copytruncate's included
+@pytest.mark.parametrize("interval", [0.01, 60.0], ids=["short-interval", "events-only"])
+async def test_rotation_keeps_backups_and_logs_every_line_once_in_order(
+    tmp_path, records, interval
+):
+    lf = LogFiles(tmp_path, max_bytes=4096, backups=2, interval=interval, gap=0.02)
     out, err = lf.open_for_child("u", "u-r")
     lf.follow("u", "u-r", os.getpid(), from_start=True)
     task = asyncio.create_task(lf.run())
@@ -155,7 +162,7 @@ async def test_rotation_keeps_backups_and_logs_every_line_once_in_order(tmp_path
 
 
 async def test_rotation_under_a_child_writing_flat_out_never_duplicates(tmp_path, records):
-    lf = LogFiles(tmp_path, max_bytes=4096, backups=2, interval=0.001)
+    lf = LogFiles(tmp_path, max_bytes=4096, backups=2, interval=0.001, gap=0.001)
     task = asyncio.create_task(lf.run())
     proc = spawn(lf, "u", "u-f", "-c", FLOOD)
     try:
@@ -300,3 +307,304 @@ def test_a_tick_logs_a_bounded_number_of_lines_and_the_next_ones_go_on(tmp_path,
     lf.close()
     assert counts == [LINE_BUDGET, 2 * LINE_BUDGET, len(lines), len(lines)]
     assert messages(records, "u-t") == [*lines, "half done"]
+
+
+# -- following by inotify events, and the fallback
+
+
+def ours(lf: LogFiles) -> list[asyncio.TimerHandle]:
+    """The timers the loop holds for ``lf``."""
+    loop: Any = asyncio.get_running_loop()
+    return [
+        h
+        for h in loop._scheduled
+        if not h.cancelled() and getattr(h._callback, "__self__", None) is lf
+    ]
+
+
+def count_passes(lf: LogFiles, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every file ``lf`` reads, once per read, whatever woke it."""
+    passed: list[Any] = []
+    real = lf._pass
+
+    def spy(f: Any, now: float, *, fresh: bool = False) -> None:
+        passed.append(f)
+        real(f, now, fresh=fresh)
+
+    monkeypatch.setattr(lf, "_pass", spy)
+    return passed
+
+
+def inotify_watches(fd: int) -> list[str]:
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        return [line for line in info if line.startswith("inotify wd:")]
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_an_event_not_a_timer_brings_a_line_to_the_tail(tmp_path):
+    lf = LogFiles(tmp_path, interval=60)  # the first timer would fire in a minute
+    out, err = lf.open_for_child("u", "u-e")
+    os.write(out, b"before follow\n")
+    old_out, old_err = lf.open_for_child("u", "u-old")
+    os.write(old_out, b"before a kernel restart\n")
+    task = asyncio.create_task(lf.run())
+    try:
+        await asyncio.sleep(0)  # run() is up: what follows is seen by events only
+        lf.follow("u", "u-e", 1, from_start=True)
+        lf.follow("u", "u-old", 1)  # re-attached: from the end
+        await until(lambda: lf.tail("u-e") == [("stdout", "before follow")])
+        for i in range(3):
+            os.write(out if i % 2 else err, b"line %d\n" % i)
+            await until(lambda n=i: len(lf.tail("u-e")) == n + 2, within=5)
+        os.write(old_out, b"after\n")
+        await until(lambda: lf.tail("u-old") == [("stdout", "after")], within=5)
+        assert not lf._polled
+        await until(lambda: not ours(lf), within=2)  # the gap after the last wake-up
+    finally:
+        task.cancel()
+        for fd in (out, err, old_out, old_err):
+            os.close(fd)
+        lf.close()
+    assert lf.tail("u-e") == [
+        ("stdout", "before follow"),
+        ("stderr", "line 0"),
+        ("stdout", "line 1"),
+        ("stderr", "line 2"),
+    ]
+
+
+async def test_an_idle_follower_has_no_timer_and_reads_nothing(tmp_path, monkeypatch):
+    lf = LogFiles(tmp_path, interval=0.01)  # a poll loop would tick ~50 times below
+    fds = []
+    for i in range(20):
+        fds += lf.open_for_child("u", f"u-{i}")
+        lf.follow("u", f"u-{i}", 1, from_start=True)
+    os.write(fds[0], b"busy once\n")
+    passed = count_passes(lf, monkeypatch)
+    task = asyncio.create_task(lf.run())
+    try:
+        await until(lambda: lf.tail("u-0") == [("stdout", "busy once")])
+        assert ours(lf) == []  # one line, one wake-up: nothing scheduled after it
+        passed.clear()
+        await asyncio.sleep(0.5)
+        assert passed == []
+        assert ours(lf) == []
+        assert len(lf._watches) == 40 and not lf._polled
+        os.write(fds[3], b"wake\n")  # one file written: that file read, no other
+        await until(lambda: lf.tail("u-1") == [("stderr", "wake")])
+        assert ours(lf) == []
+        assert {(f.instance_id, f.stream) for f in passed} == {("u-1", "stderr")}
+    finally:
+        task.cancel()
+        for fd in fds:
+            os.close(fd)
+        lf.close()
+
+
+class NoInotify:
+    def __init__(self) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+
+@pytest.mark.parametrize("how", ["unavailable", "turned-off"])
+async def test_without_inotify_the_files_are_polled(tmp_path, monkeypatch, records, how):
+    if how == "unavailable":
+        monkeypatch.setattr(hsu.logfiles, "_Inotify", NoInotify)
+    lf = LogFiles(tmp_path, interval=0.02, inotify=how != "turned-off")
+    passed = count_passes(lf, monkeypatch)
+    out, err = lf.open_for_child("u", "u-p")
+    out2, err2 = lf.open_for_child("u", "u-q")
+    lf.follow("u", "u-p", 1, from_start=True)
+    task = asyncio.create_task(lf.run())
+    try:
+        lf.follow("u", "u-q", 1, from_start=True)
+        os.write(out, b"polled\n")
+        os.write(err2, b"polled too\n")
+        await until(lambda: lf.tail("u-p") == [("stdout", "polled")])
+        await until(lambda: lf.tail("u-q") == [("stderr", "polled too")])
+        assert lf._inotify is None and not lf._watches and len(lf._polled) == 4
+        passed.clear()
+        await until(lambda: len(passed) >= 8)  # polled: ticks go on, idle or not
+    finally:
+        task.cancel()
+        for fd in (out, err, out2, err2):
+            os.close(fd)
+        lf.close()
+    debug = [r["message"] for r in records if r["level"].name == "DEBUG"]
+    if how == "unavailable":
+        (said,) = debug  # once, not once a file
+        assert "inotify unavailable" in said and "Function not implemented" in said
+    else:
+        assert debug == []
+
+
+async def test_a_file_that_cannot_be_watched_is_polled_the_others_are_not(
+    tmp_path, monkeypatch, records
+):
+    real = hsu.logfiles._Inotify.add_watch
+
+    def add_watch(self: Any, fd: int, path: Any) -> int:
+        if str(path).endswith(".stderr.log"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, fd, path)
+
+    monkeypatch.setattr(hsu.logfiles._Inotify, "add_watch", add_watch)
+    lf = LogFiles(tmp_path, interval=0.05)
+    out, err = lf.open_for_child("u", "u-m")
+    lf.follow("u", "u-m", 1, from_start=True)
+    task = asyncio.create_task(lf.run())
+    try:
+        assert [f.stream for f in lf._polled] == ["stderr"]
+        assert [f.stream for files in lf._watches.values() for f in files] == ["stdout"]
+        os.write(out, b"by event\n")
+        os.write(err, b"by poll\n")
+        await until(lambda: len(lf.tail("u-m")) == 2)
+        assert "_on_poll" in [h._callback.__name__ for h in ours(lf)]
+    finally:
+        task.cancel()
+        os.close(out)
+        os.close(err)
+        lf.close()
+    assert sorted(lf.tail("u-m")) == [("stderr", "by poll"), ("stdout", "by event")]
+    (said,) = [r["message"] for r in records if r["level"].name == "DEBUG"]
+    assert "No space left on device" in said and "u-m.stderr.log" in said
+
+
+async def test_a_flood_is_read_a_budget_per_tick_and_delivered_whole_in_order(tmp_path, records):
+    interval = 1.0
+    lf = LogFiles(tmp_path, interval=interval)
+    out, err = lf.open_for_child("u", "u-fl")
+    lf.follow("u", "u-fl", 1, from_start=True)
+    task = asyncio.create_task(lf.run())
+    lines = [f"flood {i}" for i in range(LINE_BUDGET * 2 + 500)]  # 3 ticks
+    try:
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        os.write(out, "".join(line + "\n" for line in lines).encode())
+        await until(lambda: len(messages(records, "u-fl")) >= LINE_BUDGET)
+        assert len(messages(records, "u-fl")) == LINE_BUDGET  # the rest waits for the tick
+        assert "_resume" in [h._callback.__name__ for h in ours(lf)]
+        await until(lambda: len(messages(records, "u-fl")) == len(lines), within=10)
+        elapsed = time.monotonic() - start
+        await until(lambda: not ours(lf), within=2 * interval)  # caught up: no timer left
+    finally:
+        task.cancel()
+        os.close(out)
+        os.close(err)
+        lf.close()
+    assert messages(records, "u-fl") == lines
+    assert elapsed >= 1.5 * interval  # three ticks: now, +1 s, +2 s
+
+
+async def test_a_file_written_all_the_time_wakes_the_follower_once_a_gap(tmp_path, monkeypatch):
+    gap = 0.2
+    lf = LogFiles(tmp_path, interval=60, gap=gap)
+    readable: list[float] = []  # the loop woke lf up: events queued
+    handled: list[float] = []  # lf read the events (then, or at the end of a gap)
+    on_readable, on_events = lf._on_readable, lf._on_events
+
+    def spy_readable() -> None:
+        readable.append(time.monotonic())
+        on_readable()
+
+    def spy_events() -> bool:
+        handled.append(time.monotonic())
+        return on_events()
+
+    monkeypatch.setattr(lf, "_on_readable", spy_readable)
+    monkeypatch.setattr(lf, "_on_events", spy_events)
+    out, err = lf.open_for_child("u", "u-g")
+    lf.follow("u", "u-g", 1, from_start=True)
+    task = asyncio.create_task(lf.run())
+    lines = [f"g{i}" for i in range(100)]
+    try:
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        for line in lines:  # 100 writes over >= 0.5 s
+            os.write(out, line.encode() + b"\n")
+            await asyncio.sleep(0.005)
+        await until(lambda: len(lf.tail("u-g")) == len(lines), within=5)
+        elapsed = time.monotonic() - start
+        await until(lambda: not ours(lf), within=2)  # listening again, no timer
+        os.write(out, b"later\n")
+        await until(lambda: lf.tail("u-g")[-1] == ("stdout", "later"), within=5)
+    finally:
+        task.cancel()
+        os.close(out)
+        os.close(err)
+        lf.close()
+    assert lf.tail("u-g") == [("stdout", line) for line in [*lines, "later"]]
+    most = elapsed / gap + 3  # 100 without the gap
+    assert 2 <= len(handled) <= most and len(readable) <= most, (handled, readable, elapsed)
+    assert all(b - a >= gap * 0.9 for a, b in itertools.pairwise(handled))
+
+
+async def test_unfollow_and_forget_drop_the_watches_and_leak_no_fd(tmp_path, monkeypatch):
+    before = open_fds()
+    lf = LogFiles(tmp_path, interval=60)
+    passed = count_passes(lf, monkeypatch)
+    a_out, a_err = lf.open_for_child("u", "u-a")
+    b_out, b_err = lf.open_for_child("u", "u-b")
+    lf.follow("u", "u-a", 1, from_start=True)
+    lf.follow("u", "u-b", 1, from_start=True)
+    task = asyncio.create_task(lf.run())
+    try:
+        await asyncio.sleep(0)
+        assert lf._inotify is not None
+        ino = lf._inotify.fd
+        assert len(lf._watches) == 4
+        assert len(inotify_watches(ino)) == 4
+        lf.forget("u-a")
+        assert {f.instance_id for files in lf._watches.values() for f in files} == {"u-b"}
+        assert len(inotify_watches(ino)) == 2  # as the kernel sees them
+        passed.clear()
+        os.write(a_out, b"nobody reads this\n")
+        os.write(b_out, b"b reads this\n")
+        await until(lambda: lf.tail("u-b") == [("stdout", "b reads this")])
+        await asyncio.sleep(0.05)
+        assert {f.instance_id for f in passed} == {"u-b"}
+        assert lf.tail("u-a") == []
+        lf.unfollow("u-b")  # the last watch: the inotify fd goes with it
+        assert lf._watches == {} and lf._inotify is None
+        assert not asyncio.get_running_loop().remove_reader(ino)
+        os.write(b_out, b"after unfollow\n")
+        await asyncio.sleep(0.05)
+        assert lf.tail("u-b") == [("stdout", "b reads this")]
+        lf.follow("u", "u-b", 1)  # a new watch, a new inotify fd, still read by run()
+        os.write(b_out, b"again\n")
+        await until(lambda: lf.tail("u-b")[-1] == ("stdout", "again"))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for fd in (a_out, a_err, b_out, b_err):
+            os.close(fd)
+    reader = lf._inotify.fd if lf._inotify is not None else None
+    assert reader is not None
+    assert not asyncio.get_running_loop().remove_reader(reader)  # run() took it away
+    lf.close()
+    assert lf._inotify is None
+    assert open_fds() == before
+
+
+async def test_a_queue_overflow_reads_every_watched_file(tmp_path, monkeypatch):
+    lf = LogFiles(tmp_path, interval=60)
+    out, err = lf.open_for_child("u", "u-o")
+    lf.follow("u", "u-o", 1, from_start=True)
+    task = asyncio.create_task(lf.run())
+    try:
+        await asyncio.sleep(0)
+        assert lf._inotify is not None
+        os.write(out, b"o\n")
+        os.write(err, b"e\n")
+        monkeypatch.setattr(lf._inotify, "read", lambda: [(-1, IN_Q_OVERFLOW)])
+        lf._on_events()
+        assert sorted(lf.tail("u-o")) == [("stderr", "e"), ("stdout", "o")]
+    finally:
+        task.cancel()
+        os.close(out)
+        os.close(err)
+        lf.close()
