@@ -784,9 +784,9 @@ def report(
         " per instance).",
         "",
         "Per-instance differences of a few KiB or a few us/s are close to what varies from",
-        "run to run. hsu's idle CPU likely grows with instances because its log follower",
-        "(`kernel/hsu/logfiles.py`) polls every instance's stdout and stderr files every",
-        "0.25 s.",
+        "run to run. An idle hsu kernel has no periodic work per instance: exits come",
+        "through pidfds, logs through inotify (`kernel/hsu/logfiles.py`), and probes,",
+        "limits and idle checks run only for units that configure them.",
         "",
     ]
     return "\n".join(lines)

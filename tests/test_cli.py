@@ -93,5 +93,5 @@ def test_status_and_ping_without_a_kernel_say_so(tmp_path):
 
 def test_help_lists_every_command():
     out = run_hsu("--help")
-    for command in ("run", "plugins", "status", "ping", "config"):
+    for command in ("run", "plugins", "status", "ping", "config", "endpoints"):
         assert command in out.stdout

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 import hsu
-from conftest import until
+from conftest import run_hsu, until
 from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu.errors import ConfigError
 from hsu.ports import Endpoint
@@ -384,6 +384,15 @@ def test_a_client_with_only_the_proto_calls_through_the_gateway(tmp_path, kernel
     lines = out.stdout.splitlines()
     assert lines[0].startswith("unary plain echo-")
     assert lines[1:] == ["stream s 0 s 1", "collect x y z"]
+    instance = lines[0].split()[-1]
+    # the CLI shows where it went
+    shown = run_hsu("endpoints", ECHO, "--address", kernel.address)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{ECHO}: unit echo, balancer round_robin" in shown.stdout
+    assert instance in shown.stdout and "serving" in shown.stdout
+    missing = run_hsu("endpoints", "nope.v1.Nope", "--address", kernel.address)
+    assert missing.returncode == 1
+    assert "no unit serves interface 'nope.v1.Nope'" in missing.stderr
     code, _, err = kernel.stop()
     assert code == 0, err
 

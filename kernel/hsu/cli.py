@@ -171,6 +171,29 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_endpoints(args: argparse.Namespace) -> int:
+    def go(channel: grpc.Channel, timeout: float) -> Any:
+        request = kernel_pb2.ResolveRequest(interface=args.interface, ensure=args.ensure)
+        return kernel_pb2_grpc.KernelStub(channel).Resolve(request, timeout=timeout)
+
+    reply = _call(_kernel_address(args), go, args.timeout)
+    p = reply.policy
+    if args.json:
+        print(
+            json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True), indent=2)
+        )
+        return 0
+    print(
+        f"{args.interface}: unit {p.unit}, balancer {p.balancer}, breaker {p.breaker},"
+        f" idempotent: {', '.join(p.idempotent) or 'none'}"
+    )
+    if not reply.endpoints:
+        print("  no instance (a call starts one; --ensure starts one now)")
+    for e in reply.endpoints:
+        print(f"  {e.instance_id:<24} {e.state:<10} {e.address:<24} weight {e.weight}")
+    return 0
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     def go(channel: grpc.Channel, timeout: float) -> Any:
         return kernel_pb2_grpc.KernelStub(channel).Reload(
@@ -352,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     address_opt(p, "the kernel to ask")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("endpoints", help="where an interface is served and how calls are routed")
+    p.add_argument("interface", help="a full service name, e.g. hsu.echo.v1.Echo")
+    p.add_argument("--ensure", action="store_true", help="start an instance if none is routable")
+    p.add_argument("--json", action="store_true", help="print the Resolve reply as JSON")
+    address_opt(p, "the kernel to ask")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    p.set_defaults(func=cmd_endpoints)
 
     p = sub.add_parser("reload", help="make a running kernel read its deployment again")
     address_opt(p, "the kernel to ask")
