@@ -451,3 +451,23 @@ async def test_load_scales_a_unit_up_and_quiet_scales_it_back_down(hsu_kernel_fa
     assert max(sizes) == 3
     await until(lambda: len(kernel.units["echo"].wanted) == 1, 20)
     assert len(ready(kernel)) == 1
+
+
+async def test_the_gateway_learns_method_kinds_from_reflection(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory({"units": {"echo": echo_unit(start="at-start")}})
+    gateway = kernel._server.gateway
+    assert gateway is not None and not gateway.kinds
+    async with grpc.aio.insecure_channel(kernel.address) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        assert (await echo.Echo(echo_pb2.EchoRequest(message="1"), timeout=10)).message == "1"
+        await until(lambda: len(gateway.kinds) == 3, 10)
+        assert gateway.kinds == {
+            f"/{ECHO}/Echo": (False, False),
+            f"/{ECHO}/EchoStream": (False, True),
+            f"/{ECHO}/Collect": (True, False),
+        }
+        # now on the unary and server-streaming paths
+        assert (await echo.Echo(echo_pb2.EchoRequest(message="2"), timeout=10)).message == "2"
+        stream = echo.EchoStream(echo_pb2.EchoStreamRequest(message="s", count=2), timeout=10)
+        assert [r.message async for r in stream] == ["s 0", "s 1"]
+        assert set(gateway._handlers) == {f"/{ECHO}/Echo", f"/{ECHO}/EchoStream"}

@@ -8,8 +8,12 @@ for every interface, unary and streaming alike. A client in any language
 calls ``/hsu.echo.v1.Echo/Echo`` on the kernel's port and needs no hsu
 library at all.
 
-Every call is forwarded as a bidirectional stream, which is how gRPC carries
-all four kinds on the wire. An instance is started on demand when the
+A method is forwarded as a bidirectional stream (which is how gRPC carries
+all four kinds on the wire) until the gateway knows its kind: the first call
+to an interface makes it ask the instance's reflection service (which the
+Python SDK serves) for the service's methods, and from then on unary and
+server-streaming methods take their own, cheaper paths; an HSU without
+reflection keeps the stream path. An instance is started on demand when the
 interface has none; the unit's balancer picks one per call; a call that
 fails with UNAVAILABLE before it got any reply is tried again on another
 instance when the method is idempotent (``routing.idempotent``), its
@@ -59,6 +63,10 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         self.kernel = kernel
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._handlers: dict[str, Any] = {}
+        #: (request streaming, response streaming) by method path, from reflection
+        self.kinds: dict[str, tuple[bool, bool]] = {}
+        #: interfaces asked about (or being asked) over reflection
+        self._learning: dict[str, asyncio.Task[None]] = {}
 
     def service(self, handler_call_details: Any) -> Any:
         method: str = handler_call_details.method
@@ -67,15 +75,61 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             interface = method[1:].partition("/")[0]
             if not interface or "/" not in method[1:]:
                 return None
-
-            async def forward(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-                async for reply in self._forward(method, interface, requests, context):
-                    yield reply
-
-            handler = grpc.stream_stream_rpc_method_handler(forward)
-            if len(self._handlers) < 10_000:
+            handler = self._handler(method, interface)
+            if handler is None:
+                return None
+            if method in self.kinds and len(self._handlers) < 10_000:
                 self._handlers[method] = handler
         return handler
+
+    def _handler(self, method: str, interface: str) -> Any:
+        kind = self.kinds.get(method)
+        if kind == (False, False):
+
+            async def unary(request: bytes, context: Any) -> bytes:
+                return await self._unary(method, interface, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary)
+        if kind == (False, True):
+
+            async def server_streaming(request: bytes, context: Any) -> AsyncIterator[bytes]:
+                async for reply in self._unary_stream(method, interface, request, context):
+                    yield reply
+
+            return grpc.unary_stream_rpc_method_handler(server_streaming)
+
+        async def forward(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+            async for reply in self._forward(method, interface, requests, context):
+                yield reply
+
+        return grpc.stream_stream_rpc_method_handler(forward)
+
+    def _learn(self, interface: str, address: str) -> None:
+        """Ask an instance's reflection service what kinds its methods are."""
+        if interface in self._learning:
+            return
+        self._learning[interface] = asyncio.ensure_future(self._ask_reflection(interface, address))
+
+    async def _ask_reflection(self, interface: str, address: str) -> None:
+        from google.protobuf import descriptor_pb2
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        try:
+            stub = reflection_pb2_grpc.ServerReflectionStub(self.channel(address))
+            request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=interface)
+            async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5):
+                for raw in reply.file_descriptor_response.file_descriptor_proto:
+                    fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
+                    for svc in fd.service:
+                        name = f"{fd.package}.{svc.name}" if fd.package else svc.name
+                        if name != interface:
+                            continue
+                        for m in svc.method:
+                            kind = (m.client_streaming, m.server_streaming)
+                            self.kinds[f"/{interface}/{m.name}"] = kind
+                break
+        except (grpc.aio.AioRpcError, ValueError) as exc:
+            logger.debug("gateway: no reflection for {} at {}: {!r}", interface, address, exc)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -86,6 +140,9 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         return ch
 
     async def close(self) -> None:
+        for task in self._learning.values():
+            task.cancel()
+        await asyncio.gather(*self._learning.values(), return_exceptions=True)
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
@@ -106,6 +163,135 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                 f"hsu gateway: no instance serving {interface!r} is ready: {exc or 'timed out'}",
             )
         raise AssertionError("unreachable")
+
+    def _call_key(self, route: Route, context: Any) -> tuple[tuple[tuple[str, Any], ...], Any]:
+        metadata = tuple(
+            (k, v)
+            for k, v in (context.invocation_metadata() or ())
+            if k not in HOP_KEYS and not k.startswith(":")
+        )
+        hk = route.policy.hash_key
+        key = next((v for k, v in metadata if k == hk), None)
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")
+        return metadata, key
+
+    async def _pick(
+        self, route: Route, interface: str, key: Any, exclude: str, context: Any
+    ) -> tuple[Route, Endpoint]:
+        ep = route.pick(key, exclude=exclude)
+        if ep is None:
+            route = await self._route(interface, context)
+            ep = route.pick(key)
+            if ep is None:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"hsu gateway: every instance serving {interface!r} is failing",
+                )
+                raise AssertionError("unreachable")
+        return route, ep
+
+    async def _unary(self, method: str, interface: str, request: bytes, context: Any) -> bytes:
+        """A unary call: the request is one message, so any try can replay it."""
+        route = self.kernel.routing.routes.get(interface)
+        if route is None or not route.routable:
+            route = await self._route(interface, context)
+        metadata, key = self._call_key(route, context)
+        routing = self.kernel.routing
+        failed_on = ""
+        attempt = 0
+        while True:
+            route, ep = await self._pick(route, interface, key, failed_on, context)
+            call = self.channel(ep.address).unary_unary(method)(
+                request, timeout=context.time_remaining(), metadata=metadata
+            )
+            route.begin(ep)
+            routing.call_began(ep)
+            ok = True
+            try:
+                reply: bytes = await call
+                initial = await call.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(tuple(initial))
+                trailing = await call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                return reply
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                ok = code not in INSTANCE_FAILED
+                attempt += 1
+                if (
+                    not ok
+                    and attempt < route.policy.max_attempts
+                    and route.policy.is_idempotent(method)
+                    and route.budget.withdraw()
+                ):
+                    failed_on = ep.instance_id
+                    continue
+                trailing = exc.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                await context.abort(code, exc.details() or "")
+                raise AssertionError("unreachable") from None
+            finally:
+                route.end(ep, ok)
+                routing.call_ended(ep)
+
+    async def _unary_stream(
+        self, method: str, interface: str, request: bytes, context: Any
+    ) -> AsyncIterator[bytes]:
+        route = self.kernel.routing.routes.get(interface)
+        if route is None or not route.routable:
+            route = await self._route(interface, context)
+        metadata, key = self._call_key(route, context)
+        routing = self.kernel.routing
+        failed_on = ""
+        attempt = 0
+        while True:
+            route, ep = await self._pick(route, interface, key, failed_on, context)
+            call = self.channel(ep.address).unary_stream(method)(
+                request, timeout=context.time_remaining(), metadata=metadata
+            )
+            route.begin(ep)
+            routing.call_began(ep)
+            ok = True
+            replied = False
+            try:
+                async for reply in call:
+                    if not replied:
+                        replied = True
+                        initial = await call.initial_metadata()
+                        if initial:
+                            await context.send_initial_metadata(tuple(initial))
+                    yield reply
+                trailing = await call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                ok = code not in INSTANCE_FAILED
+                attempt += 1
+                if (
+                    not ok
+                    and not replied
+                    and attempt < route.policy.max_attempts
+                    and route.policy.is_idempotent(method)
+                    and route.budget.withdraw()
+                ):
+                    failed_on = ep.instance_id
+                    continue
+                trailing = exc.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                await context.abort(code, exc.details() or "")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            finally:
+                route.end(ep, ok)
+                routing.call_ended(ep)
 
     async def _forward(
         self, method: str, interface: str, requests: AsyncIterator[bytes], context: Any
@@ -135,6 +321,8 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                         f"hsu gateway: every instance serving {interface!r} is failing",
                     )
                     return
+            if interface not in self._learning:
+                self._learn(interface, ep.address)
             remaining = context.time_remaining()
             call = self.channel(ep.address).stream_stream(method)(
                 reqs.stream(), timeout=remaining, metadata=metadata
