@@ -41,7 +41,8 @@ def proto(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Supervision side by side with supervisor and circus; updates docs/benchmarks.md.
+    """Supervision side by side with supervisor and circus, then routing against raw
+    grpcio (bench/routing.py); both update their section of docs/benchmarks.md.
 
     Not in the default sessions. supervisor and circus are installed only here.
     """
@@ -50,4 +51,7 @@ def bench(session: nox.Session) -> None:
     # PYTHONDONTWRITEBYTECODE=1 would compile every module at every start.
     session.install(".", "./contrib/hsu-echo", "supervisor", "circus", "psutil")
     session.install("--force-reinstall", "--no-deps", ".", "./contrib/hsu-echo")
+    # posargs go to the supervision bench, except --no-write, which goes to both
     session.run("python", "bench/supervision.py", *session.posargs)
+    routing_args = [a for a in session.posargs if a == "--no-write"]
+    session.run("python", "bench/routing.py", *routing_args)

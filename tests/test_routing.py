@@ -471,3 +471,8 @@ async def test_the_gateway_learns_method_kinds_from_reflection(hsu_kernel_factor
         stream = echo.EchoStream(echo_pb2.EchoStreamRequest(message="s", count=2), timeout=10)
         assert [r.message async for r in stream] == ["s 0", "s 1"]
         assert set(gateway._handlers) == {f"/{ECHO}/Echo", f"/{ECHO}/EchoStream"}
+    # the instance goes: so does the gateway's channel to it
+    [inst] = ready(kernel)
+    assert inst.address in gateway._channels
+    await kernel.stop_unit("echo")
+    await until(lambda: inst.address not in gateway._channels, 10)

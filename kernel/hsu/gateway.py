@@ -65,8 +65,12 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._handlers: dict[str, Any] = {}
         #: (request streaming, response streaming) by method path, from reflection
         self.kinds: dict[str, tuple[bool, bool]] = {}
+        #: unary multicallables by (address, method): made once, not per call
+        self._unary_calls: dict[tuple[str, str], Any] = {}
         #: interfaces asked about (or being asked) over reflection
         self._learning: dict[str, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        kernel.routing.on_delete.append(self._forget)
 
     def service(self, handler_call_details: Any) -> Any:
         method: str = handler_call_details.method
@@ -139,11 +143,22 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             )
         return ch
 
+    def _forget(self, ep: Endpoint) -> None:
+        """No endpoint listens at ``ep.address`` any more: close its channel."""
+        ch = self._channels.pop(ep.address, None)
+        for k in [k for k in self._unary_calls if k[0] == ep.address]:
+            del self._unary_calls[k]
+        if ch is not None:
+            task = asyncio.ensure_future(ch.close(grace=1.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         for task in self._learning.values():
             task.cancel()
         await asyncio.gather(*self._learning.values(), return_exceptions=True)
         channels, self._channels = self._channels, {}
+        self._unary_calls.clear()
         for ch in channels.values():
             await ch.close()
 
@@ -202,9 +217,12 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         attempt = 0
         while True:
             route, ep = await self._pick(route, interface, key, failed_on, context)
-            call = self.channel(ep.address).unary_unary(method)(
-                request, timeout=context.time_remaining(), metadata=metadata
-            )
+            mc = self._unary_calls.get((ep.address, method))
+            if mc is None:
+                mc = self._unary_calls[ep.address, method] = self.channel(ep.address).unary_unary(
+                    method
+                )
+            call = mc(request, timeout=context.time_remaining(), metadata=metadata)
             route.begin(ep)
             routing.call_began(ep)
             ok = True
