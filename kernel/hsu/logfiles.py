@@ -52,10 +52,14 @@ class _File:
     path: Path
     fd: int  # -1 once closed
     offset: int
-    log: Logger
-    tail: Tail
+    pid: int
+    #: the instance's tail, made at its first line (an empty deque costs ~600 bytes)
+    tail: Tail | None
     partial: bytearray = attrs.field(factory=bytearray)
     wd: int | None = None  # its inotify watch; None: polled (or closed)
+    # bound on first use: a logger bound per file costs ~600 bytes, and most
+    # files of an idle instance never get a line
+    _log: Logger | None = None
     # what is left of its budget until ``window_end`` (``time.monotonic()``)
     window_end: float = 0.0
     lines_left: int = 0
@@ -275,8 +279,6 @@ class LogFiles:
         if instance_id in self._instances:
             self.unfollow(instance_id)
         tail = self._tails.get(instance_id)
-        if tail is None:
-            tail = self._tails[instance_id] = collections.deque(maxlen=self.tail_lines)
         files = []
         for stream, path in zip(STREAMS, self.paths(unit, instance_id), strict=True):
             try:
@@ -284,8 +286,7 @@ class LogFiles:
             except OSError as exc:
                 logger.warning("not following {} of {}: {}", stream, instance_id, exc)
                 continue
-            log = logger.bind(unit=unit, instance=instance_id, pid=pid, stream=stream)
-            f = _File(unit, instance_id, stream, path, fd, 0, log, tail)
+            f = _File(unit, instance_id, stream, path, fd, 0, pid, tail)
             self._watch(f)  # before its end is taken: any later write is an event
             try:
                 f.offset = 0 if from_start else os.fstat(fd).st_size
@@ -683,8 +684,14 @@ class LogFiles:
             self._emit(f, raw[:cut])
             raw = raw[cut:]
         line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if f.tail is None:
+            f.tail = self._tails.get(f.instance_id)
+            if f.tail is None:
+                f.tail = self._tails[f.instance_id] = collections.deque(maxlen=self.tail_lines)
         f.tail.append((f.stream, line))
-        f.log.info("{}", line)
+        if f._log is None:
+            f._log = logger.bind(unit=f.unit, instance=f.instance_id, pid=f.pid, stream=f.stream)
+        f._log.info("{}", line)
 
     # -- rotation
 

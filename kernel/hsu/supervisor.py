@@ -11,7 +11,6 @@ is no race between a stop request and a restart.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import random
@@ -69,7 +68,8 @@ class Breaker:
 
     def __init__(self, spec: CrashLoop):
         self.spec = spec
-        self.failures: collections.deque[float] = collections.deque()
+        # a list, not a deque: an empty deque costs ~600 bytes per instance
+        self.failures: list[float] = []
         self.half_open = False
 
     def failure(self, now: float) -> bool:
@@ -77,8 +77,9 @@ class Breaker:
         if self.half_open:
             return True
         self.failures.append(now)
-        while self.failures and now - self.failures[0] > self.spec.window:
-            self.failures.popleft()
+        window = self.spec.window
+        if now - self.failures[0] > window:
+            self.failures = [t for t in self.failures if now - t <= window]
         return len(self.failures) >= self.spec.max_failures
 
     def reset(self) -> None:
@@ -101,7 +102,10 @@ def backoff_delay(spec: UnitSpec, streak: int, rng: random.Random | None = None)
 class _Control:
     """What the outside asks of a slot's task."""
 
-    wake: asyncio.Event = attrs.field(factory=asyncio.Event)
+    #: a command waits to be taken (an asyncio.Event would cost a deque and,
+    #: to be awaited with others, a task per instance)
+    woke: bool = False
+    _waiter: asyncio.Future[None] | None = None
     #: None, "stop", "restart" or "start"
     command: str | None = None
     reason: str = ""
@@ -114,11 +118,22 @@ class _Control:
         if self.command == "stop":
             return  # a stop is never downgraded
         self.command, self.reason, self.grace = command, reason, grace
-        self.wake.set()
+        self.woke = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def woken(self) -> asyncio.Future[None]:
+        """A future done once a command waits (at once if one does)."""
+        w = self._waiter
+        if w is None or w.cancelled() or (w.done() and not self.woke):
+            w = self._waiter = asyncio.get_running_loop().create_future()
+        if self.woke and not w.done():
+            w.set_result(None)
+        return w
 
     def take(self) -> str | None:
         command, self.command = self.command, None
-        self.wake.clear()
+        self.woke = False
         return command
 
 
@@ -135,13 +150,26 @@ class UnitSupervisor:
     def __init__(self, kernel: Kernel, name: str, spec: UnitSpec):
         self.kernel = kernel
         self.name = name
-        self.spec = spec
+        self._spec = spec
+        #: resolved (and replaced) when a reload gives the unit a new spec
+        self.respecified: asyncio.Future[None] | None = None
         self.slots: dict[str, Instance] = {}
         self._controls: dict[str, _Control] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.breakers: dict[str, Breaker] = {}
         self._aux: list[asyncio.Task[None]] = []
         self.log = logger.bind(unit=name)
+
+    @property
+    def spec(self) -> UnitSpec:
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: UnitSpec) -> None:
+        self._spec = spec
+        if self.respecified is not None and not self.respecified.done():
+            self.respecified.set_result(None)
+        self.respecified = None
 
     # -- the outside -------------------------------------------------------
 
@@ -359,7 +387,7 @@ class UnitSupervisor:
 
     async def _wait_command(self, ctl: _Control, timeout: float | None) -> str | None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctl.wake.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(ctl.woken()), timeout)
         return ctl.take()
 
     async def _attempt(
@@ -378,8 +406,8 @@ class UnitSupervisor:
             log.error("{}", exc)
             inst.ready.set_exception(exc)
             return _Outcome(reason=str(exc), failed=True)
-        exited = asyncio.ensure_future(handle.wait()) if handle else _never()
-        woken = asyncio.ensure_future(ctl.wake.wait())
+        exited = _exit_future(handle) if handle else _never()
+        woken = ctl.woken()
         readying = asyncio.ensure_future(self._become_ready(inst, saved))
         try:
             waiting: set[asyncio.Future[Any]] = {exited, woken, readying}
@@ -419,14 +447,25 @@ class UnitSupervisor:
         exited: asyncio.Future[int],
         woken: asyncio.Future[Any],
     ) -> _Outcome:
-        monitor = asyncio.ensure_future(self._monitor(inst))
-        try:
-            done, _ = await asyncio.wait(
-                {exited, woken, monitor}, return_when=asyncio.FIRST_COMPLETED
+        while True:
+            # a probe task only for units with a probe (a task per idle instance
+            # costs memory); a reload that adds or drops one wakes this loop
+            monitor = (
+                asyncio.ensure_future(self._monitor(inst)) if self.spec.health is not None else None
             )
-        finally:
-            if not monitor.done():
-                monitor.cancel()
+            if self.respecified is None:
+                self.respecified = asyncio.get_running_loop().create_future()
+            respecified = self.respecified
+            waiting: set[asyncio.Future[Any]] = {exited, woken, respecified}
+            if monitor is not None:
+                waiting.add(monitor)
+            try:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if monitor is not None and not monitor.done():
+                    monitor.cancel()
+            if done - {respecified}:
+                break
         if exited in done:
             code = exited.result()
             inst.returncode = code
@@ -434,6 +473,7 @@ class UnitSupervisor:
             return _Outcome(returncode=code, reason=_status(code))
         if woken in done:
             return await self._requested(inst, ctl, handle, exited)
+        assert monitor is not None
         why = f"unhealthy: {monitor.result()}"
         self.log.bind(instance=inst.instance_id).warning("{}; replacing it", why)
         await self._terminate(inst, handle, exited, self.spec.stop_grace, why)
@@ -478,7 +518,7 @@ class UnitSupervisor:
         handle: ProcessHandle | None,
         exited: asyncio.Future[int],
     ) -> _Outcome:
-        woken = asyncio.ensure_future(ctl.wake.wait())
+        woken = ctl.woken()
         if inst.state is S.READY:
             return await self._watch(inst, ctl, handle, exited, woken)
         waiting: set[asyncio.Future[Any]] = {exited, woken}
@@ -768,3 +808,14 @@ async def settled(fut: asyncio.Future[None]) -> None:
 
 def _never() -> asyncio.Future[int]:
     return asyncio.get_running_loop().create_future()
+
+
+def _exit_future(handle: ProcessHandle) -> asyncio.Future[int]:
+    """The handle's exit as a future: its own when it offers one (no task per
+    instance, as :class:`hsu.pidfd.PidfdHandle` does), else a task on ``wait()``."""
+    exited = getattr(handle, "exited", None)
+    if callable(exited):
+        fut = exited()
+        if isinstance(fut, asyncio.Future):
+            return fut
+    return asyncio.ensure_future(handle.wait())
