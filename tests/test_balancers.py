@@ -10,6 +10,7 @@ import itertools
 import math
 import random
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -254,16 +255,83 @@ def test_weighted_round_robin_with_equal_weights_is_round_robin():
     assert picks[:4] == picks[4:] and sorted(picks[:4]) == [f"svc-{i}" for i in range(4)]
 
 
-def test_weighted_round_robin_too_long_to_precompute_is_computed_per_pick(monkeypatch):
+def assert_weighted_cycle(picks: Sequence[str], weights: Mapping[str, int]) -> None:
+    """Exact shares in every run of one cycle's length, and smooth: between
+    two picks of a, b is picked floor(wb / wa) or ceil(wb / wa) times."""
+    cycle = sum(weights.values())
+    assert len(picks) >= 2 * cycle
+    assert collections.Counter(picks[:cycle]) == weights
+    # it repeats every cycle, so every run of a cycle's length has exact shares
+    assert picks[cycle:] == picks[: len(picks) - cycle]
+    at: dict[str, list[int]] = collections.defaultdict(list)
+    for i, name in enumerate(picks):
+        at[name].append(i)
+    for a, where in at.items():
+        between = [picks[i + 1 : j] for i, j in itertools.pairwise(where)]
+        for b, wb in weights.items():
+            if b == a:
+                continue
+            low, high = wb // weights[a], -(-wb // weights[a])
+            assert {run.count(b) for run in between} <= {low, high}, (a, b)
+
+
+def test_weighted_round_robin_too_long_to_precompute_is_scheduled_earliest_deadline_first(
+    monkeypatch,
+):
     monkeypatch.setattr(balancers, "MAX_SCHEDULE_WORK", 0)
-    balancer = make("weighted_round_robin", _wrr_eps(5, 1, 1))
-    picks = [p[-1] for p in ids([balancer.pick({}) for _ in range(700)])]
-    assert "".join(picks) == "aabacaa" * 100
+    for weights in [(5, 1, 1), (1, 2), (7, 3, 2, 1, 1), (9, 6, 4, 4, 2, 1, 1, 1)]:
+        endpoints = _wrr_eps(*weights)
+        due = {e.instance_id: e.weight // math.gcd(*weights) for e in endpoints}
+        for _ in range(10):  # each balancer has its own random phases
+            balancer = make("weighted_round_robin", endpoints)
+            picks = ids([balancer.pick({}) for _ in range(3 * sum(due.values()))])
+            assert_weighted_cycle(picks, due)
     balancer.update(_wrr_eps(1, 2))
     picks = [p[-1] for p in ids([balancer.pick({}) for _ in range(300)])]
     assert collections.Counter(picks) == {"a": 100, "b": 200}
     balancer.update([])
     assert balancer.pick({}) is None
+
+
+def test_weighted_round_robin_callers_do_not_align(monkeypatch):
+    monkeypatch.setattr(balancers, "MAX_SCHEDULE_WORK", 0)
+    endpoints = _wrr_eps(3, 3, 3, 2, 1)
+    firsts = {make("weighted_round_robin", endpoints).pick({}).instance_id for _ in range(60)}
+    assert len(firsts) >= 4
+
+
+def _no_swrr_step(*args: object) -> int:
+    raise AssertionError("an O(n) step per pick")
+
+
+def test_weighted_round_robin_with_equal_weights_rotates_however_many(monkeypatch):
+    monkeypatch.setattr(balancers, "_swrr_step", _no_swrr_step)
+    endpoints = [ep(i, weight=3) for i in range(1000)]
+    balancer = make("weighted_round_robin", endpoints)
+    picks = [balancer.pick({}) for _ in range(2500)]
+    start = endpoints.index(picks[0])
+    assert picks == [endpoints[(start + k) % 1000] for k in range(2500)]
+
+
+def test_weighted_round_robin_large_cycle_has_exact_shares(monkeypatch):
+    monkeypatch.setattr(balancers, "_swrr_step", _no_swrr_step)
+    rng = random.Random(4)
+    endpoints = [ep(i, weight=rng.randint(1, 4)) for i in range(1000)]
+    due = {e.instance_id: e.weight for e in endpoints}
+    cycle = sum(due.values())
+    assert cycle * len(endpoints) > balancers.MAX_SCHEDULE_WORK
+    balancer = make("weighted_round_robin", endpoints)
+    picks = ids([balancer.pick({}) for _ in range(2 * cycle + 100)])
+    assert collections.Counter(picks[:cycle]) == due
+    assert picks[cycle:] == picks[: len(picks) - cycle]
+    # the same list keeps its place; each endpoint's picks are spread over the cycle
+    balancer.update(list(endpoints))
+    more = ids([balancer.pick({}) for _ in range(cycle)])
+    assert more == picks[100 : 100 + cycle]
+    for name, weight in due.items():
+        where = [i for i, p in enumerate(picks[:cycle]) if p == name]
+        gaps = [j - i for i, j in itertools.pairwise(where)]
+        assert all(g <= 2.5 * cycle / weight for g in gaps), (name, weight, gaps)
 
 
 def test_weighted_round_robin_unchanged_list_keeps_its_place():
@@ -311,6 +379,30 @@ def test_least_inflight_keeps_calls_even_as_they_arrive():
         assert chosen is not None
         inflight[chosen.instance_id] = inflight.get(chosen.instance_id, 0) + 1
     assert set(inflight.values()) == {10}
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [[1] * 100, [1 + i % 4 for i in range(100)], [65_521, 65_519, 65_497, 1, 2] * 10],
+    ids=["equal", "1-4", "huge lcm"],
+)
+def test_least_inflight_picks_as_a_plain_scan_does_when_all_are_busy(weights):
+    endpoints = [ep(i, weight=w) for i, w in enumerate(weights)]
+    n = len(endpoints)
+    balancer = make("least_inflight", endpoints)
+    first = balancer.pick({})
+    assert first is not None
+    start = (endpoints.index(first) + 1) % n
+    rng = random.Random(8)
+    for round_ in range(300):
+        inflight = {e.instance_id: rng.randint(1, 40) for e in endpoints}
+        if round_ % 3 == 0:  # an idle one, near the start or far from it
+            inflight[endpoints[(start + rng.choice([3, 40, 90])) % n].instance_id] = 0
+        load = [Fraction(inflight[e.instance_id], e.weight) for e in endpoints]
+        rotation = [(start + k) % n for k in range(n)]
+        expected = min(rotation, key=load.__getitem__)  # the first of the least
+        assert balancer.pick(inflight) is endpoints[expected], round_
+        start = (expected + 1) % n
 
 
 # -- random ----------------------------------------------------------------------
@@ -495,6 +587,134 @@ def test_a_call_without_a_key_goes_anywhere(name):
     balancer = make(name, eps(5), seed=4)
     counts = collections.Counter(ids([balancer.pick({}) for _ in range(1000)]))
     assert len(counts) == 5 and min(counts.values()) >= 120
+
+
+def _weighted_eps(n: int, seed: int, start: int = 0) -> list[Endpoint]:
+    rng = random.Random(seed)
+    return [ep(i, weight=rng.randint(1, 3)) for i in range(start, start + n)]
+
+
+def _changes(endpoints: list[Endpoint]) -> list[list[Endpoint]]:
+    """A rolling restart's worth of endpoint lists, small changes and large."""
+    drained = endpoints[1:]
+    steps = [drained, endpoints]  # one goes and comes back
+    steps.append([*endpoints, *_weighted_eps(2, seed=1, start=10_000)])  # two new
+    mixed = [e for i, e in enumerate(steps[-1]) if i % 97 != 5]
+    steps.append([*mixed, *_weighted_eps(3, seed=2, start=20_000)])  # 5 out, 3 in
+    reweighted = list(steps[-1])
+    reweighted[7] = ep(reweighted[7].instance_id[4:], weight=reweighted[7].weight + 4)
+    reweighted[8] = ep(reweighted[8].instance_id[4:], weight=1)
+    steps.append(reweighted)  # two change weight
+    steps.append(reweighted[len(reweighted) * 3 // 8 :])  # many at once
+    steps.append(list(reversed(reweighted)))  # and back, in another order
+    return steps
+
+
+@pytest.mark.parametrize(
+    ("name", "max_ring_points"),
+    [("ring_hash", balancers.MAX_RING_POINTS), ("ring_hash", 20_000), ("maglev", None)],
+)
+def test_an_updated_balancer_routes_every_key_as_a_fresh_one(monkeypatch, name, max_ring_points):
+    rescaled = max_ring_points is not None and max_ring_points < balancers.MAX_RING_POINTS
+    if rescaled:  # 20,000 points: every change rescales every endpoint's points
+        monkeypatch.setattr(balancers, "MAX_RING_POINTS", max_ring_points)
+    endpoints = _weighted_eps(400, seed=3)
+    balancer = make(name, endpoints, bounded_load=1.25)
+    # the fast paths: the ring is sorted anew only for the large changes, and
+    # maglev computes only the newly listed endpoints' permutations
+    sorted_at: list[int] = []
+    hashed: list[str] = []
+    if name == "ring_hash":
+        sort = balancers.RingHash._sort
+
+        def counted_sort(self: balancers.RingHash, points: Any) -> None:
+            if self is balancer:
+                sorted_at.append(step)
+            sort(self, points)
+
+        monkeypatch.setattr(balancers.RingHash, "_sort", counted_sort)
+    else:
+        permutation = balancers.Maglev._permutation
+
+        def counted_permutation(self: balancers.Maglev, instance_id: str) -> Any:
+            if self is balancer:
+                hashed.append(instance_id)
+            return permutation(self, instance_id)
+
+        monkeypatch.setattr(balancers.Maglev, "_permutation", counted_permutation)
+    rng = random.Random(5)
+    before = {e.instance_id for e in endpoints}
+    for step, listed in enumerate(_changes(endpoints)):
+        balancer.update(listed)
+        now = {e.instance_id for e in listed}
+        if name == "maglev":
+            assert sorted(hashed) == sorted(now - before), step
+        hashed.clear()
+        before = now
+        fresh = make(name, listed, bounded_load=1.25)
+        # every key, or a few only (a maglev table left part filled)
+        keys = KEYS[step::2000] if step % 2 else KEYS
+        assert route(balancer, keys) == route(fresh, keys), step
+        inflight = {e.instance_id: rng.choice([0, 1, 2, 9]) for e in listed}
+        for key in KEYS[:300]:
+            assert balancer.pick(inflight, key) == fresh.pick(inflight, key), (step, key)
+    if name == "ring_hash" and not rescaled:
+        assert sorted_at == [5, 6]  # 151 of 405 endpoints out, then back
+
+
+def test_an_updated_ring_breaks_ties_between_equal_hashes_as_a_fresh_one(monkeypatch):
+    # 6-bit hashes: most points share their hash with others
+    ring_points, hash64 = balancers.ring_points, balancers.hash64
+    monkeypatch.setattr(balancers, "hash64", lambda data: hash64(data) % 64)
+    monkeypatch.setattr(
+        balancers, "ring_points", lambda i, count: [h % 64 for h in ring_points(i, count)]
+    )
+    endpoints = _weighted_eps(40, seed=9)
+    balancer = make("ring_hash", endpoints, replicas=2)
+    for step, listed in enumerate(_changes(endpoints)):
+        balancer.update(listed)
+        fresh = make("ring_hash", listed, replicas=2)
+        assert route(balancer, KEYS[:500]) == route(fresh, KEYS[:500]), step
+
+
+def maglev_table(endpoints: Sequence[Endpoint], size: int) -> list[str]:
+    """The Maglev table, filled as the paper does it (weights as rounds to skip),
+    independently of the balancer."""
+    shape = sorted((e.instance_id, e.weight) for e in endpoints)
+    where, skips = [], []
+    for instance_id, _ in shape:
+        digest = hashlib.blake2b(instance_id.encode(), digest_size=16).digest()
+        where.append(int.from_bytes(digest[:8], "little") % size)
+        skips.append(int.from_bytes(digest[8:], "little") % (size - 1) + 1)
+    top = max(w for _, w in shape)
+    claims = [0] * len(shape)
+    table: list[str] = [""] * size
+    filled, round_ = 0, 0
+    while filled < size:
+        round_ += 1
+        for i, (instance_id, weight) in enumerate(shape):
+            if filled == size or round_ * weight < claims[i] * top:
+                continue
+            while table[where[i]]:
+                where[i] = (where[i] + skips[i]) % size
+            table[where[i]] = instance_id
+            claims[i] += 1
+            filled += 1
+    return table
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "size"),
+    [(_weighted_eps(60, seed=6), 5003), (eps(1000), balancers.DEFAULT_TABLE_SIZE), (eps(3), 7)],
+)
+def test_maglev_fills_its_table_as_the_paper_does(endpoints, size):
+    table = maglev_table(endpoints, size)
+    balancer = make("maglev", endpoints, table_size=size)
+    assert len(set(table)) == len(endpoints)
+    for key in KEYS:
+        chosen = balancer.pick({}, key)
+        assert chosen is not None
+        assert chosen.instance_id == table[balancers.hash64(key.encode()) % size]
 
 
 # -- bounded loads -----------------------------------------------------------------

@@ -5,9 +5,14 @@ A unit picks one with ``balancer: {strategy: NAME, options: {...}}``. A
 balancer only ever sees the routable endpoints (the caller filters them) and
 may be given a new list at any time with ``update``; ``pick`` is on every
 call's path, so each strategy does its work in ``update`` and keeps ``pick``
-cheap: O(1) for round_robin, weighted_round_robin (up to a schedule size),
-random and p2c, O(log n) for ring_hash, O(1) for maglev, O(n) for
-least_inflight.
+cheap: O(1) for round_robin, random and p2c, and for weighted_round_robin
+with equal weights or a short cycle (O(log n) for a longer one); O(log n) for
+ring_hash; O(1) for maglev once its table is filled (lookups fill it as they
+need it); O(n) for least_inflight when no endpoint near the last one picked is
+idle. ``update`` runs in the caller's event loop whenever the list changes,
+so a small change costs little: ring_hash keeps each endpoint's points and
+merges only the changed ones into its ring, and maglev keeps each endpoint's
+permutation and leaves filling its table to the lookups.
 
 Load-aware strategies (least_inflight, p2c) compare in-flight calls per unit
 of :attr:`~hsu.ports.Endpoint.weight`; with the default weight 1 that is the
@@ -30,12 +35,16 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import heapq
 import math
+import operator
 import random
 import struct
-from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Generator, Mapping, Sequence
 from functools import reduce
+from itertools import repeat
 from typing import Any
 
 import hsu
@@ -51,10 +60,38 @@ MAX_RING_POINTS = 1 << 18
 #: it is meant for keeps every endpoint's share within about 1% of its due)
 DEFAULT_TABLE_SIZE = 65537
 MAX_TABLE_SIZE = 1 << 24
-#: weighted_round_robin precomputes its whole cycle when the cycle's length
-#: times the endpoints is at most this; beyond, it computes each pick (O(n))
-MAX_SCHEDULE_WORK = 1 << 18
+#: weighted_round_robin precomputes nginx's smooth cycle when the cycle's
+#: length times the endpoints is at most this (the work, about 1.5 ms at
+#: most); beyond, it schedules earliest deadline first (O(log n) a pick)
+MAX_SCHEDULE_WORK = 1 << 15
+#: least_inflight looks at this many endpoints one by one for an idle one,
+#: then at all of them at once
+LEAST_INFLIGHT_SCAN = 16
 QUOTE_CHARS = 200
+
+# Costs with 1,000 endpoints, before -> after the fast paths above (best of 5
+# on a shared 2-CPU machine, so +-30%), from /work/main with the venv's python:
+#   python -m timeit -s "import random; from hsu.ports import Endpoint as E;
+#     from hsu_plugins import balancers as m; r = random.Random(7);
+#     ones = [E(instance_id=f'e{i}', unit='u', address='a', interfaces=('x',))
+#             for i in range(1000)];
+#     eps = [E(instance_id=f'e{i}', unit='u', address='a', interfaces=('x',),
+#              weight=r.randint(1, 4)) for i in range(1000)];
+#     busy = {e.instance_id: 1 + i % 4 for i, e in enumerate(ones)};
+#     less, wless = ones[1:], eps[1:]; b = m.CLASS(OPTIONS); b.update(LIST)" "STMT"
+# - WeightedRoundRobin(), ones, b.pick({}): 47 us -> 0.12-0.17 us;
+#   with eps: 50 us -> 0.5-0.7 us
+# - LeastInflight(), ones, b.pick(busy): 62 us -> 34-39 us; with eps: 86 -> 58 us
+# - RingHash({}), ones, "b.update(less); b.update(ones)" (two updates):
+#   144-168 ms -> 2.6-2.8 ms; with eps and wless: 515-532 ms -> 3.6-3.7 ms.
+#   A new balancer's first update (m.RingHash({}).update(ones)) is unchanged,
+#   61-85 ms: it hashes and sorts 100,000 points
+# - Maglev({}), ones, "b.update(less); b.update(ones)": 128-131 ms -> 1.5-2.4 ms,
+#   but the fill moved to the lookups, and a whole fill (stmt "b = m.Maglev({});
+#   b.update(ones); t = b._table; [b._claim(p) for p in range(len(t)) if t[p] < 0]")
+#   is 30 ms (37 ms with eps), against 47.5 ms (53 ms) for m.Maglev({}).update(ones)
+#   before. The first keyed lookup after a change fills until its slot is taken:
+#   5-10 ms at the median, up to a whole fill.
 
 _U64 = struct.Struct("<Q")
 _U64_PAIR = struct.Struct("<QQ")
@@ -263,26 +300,41 @@ def _swrr_step(weights: Sequence[int], current: list[int], total: int) -> int:
 
 
 class WeightedRoundRobin:
-    """Smooth weighted round robin (nginx): shares by weight, interleaved.
+    """Weighted round robin: each endpoint's share by weight, interleaved.
 
-    Weights 5, 1, 1 give ``a a b a c a a``, never five ``a`` in a row. The
-    sequence repeats every (sum of weights / their gcd) picks; when that cycle
-    is short enough it is computed once, in :meth:`update`, and each pick is
-    a lookup from a random place in it (so callers do not align). A longer
-    cycle is computed as it goes, O(n) a pick. A new list starts a new cycle.
+    The sequence repeats every (sum of weights / their gcd) picks, and each
+    endpoint is picked exactly (weight / gcd) times in any run of that many.
+    How the picks are interleaved depends on the size of the cycle:
+
+    - equal weights: plain rotation, from a random place;
+    - a short cycle (its length times the endpoints at most
+      ``MAX_SCHEDULE_WORK``): smooth weighted round robin (nginx), computed
+      once in :meth:`update` and looked up from a random place in it, so
+      weights 5, 1, 1 give ``a a b a c a a``, never five ``a`` in a row;
+    - a longer cycle: earliest deadline first, as Envoy does. An endpoint of
+      weight w is due w times a cycle, at ``(k + phase) / w`` for
+      ``k = 0 .. w-1`` with its own random phase in (0, 1], and each pick takes
+      the endpoint due first from a heap: O(log n) a pick. Each endpoint's
+      picks are spread evenly over the cycle, and between two picks of
+      endpoint i, endpoint j is picked ``floor(wj / wi)`` or ``ceil(wj / wi)``
+      times; the random phases also keep callers from aligning.
+
+    A new list starts a new cycle; the same ids and weights keep its place.
     """
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
         self._endpoints: tuple[Endpoint, ...] = ()
         self._weights: tuple[int, ...] = ()
-        #: the whole cycle, as endpoints, when it is short enough
+        #: the whole cycle, as endpoints, for rotation and short nginx cycles
         self._schedule: tuple[Endpoint, ...] | None = ()
         self._next = 0
-        #: the running state when there is no schedule
-        self._current: list[int] = []
+        #: earliest deadline first: (deadline, index, k) of each endpoint not yet
+        #: picked its w times this cycle, and the heap a cycle starts from
+        self._heap: list[tuple[float, int, int]] = []
+        self._first: list[tuple[float, int, int]] = []
         self._reduced: list[int] = []
-        self._total = 0
+        self._phase: list[float] = []
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         new = tuple(endpoints)
@@ -301,15 +353,17 @@ class WeightedRoundRobin:
         self._endpoints = new
         self._weights = weights
         self._next = 0
+        self._heap, self._first = [], []
         if not new:
-            self._schedule, self._current, self._total = (), [], 0
+            self._schedule = ()
             return
         divisor = reduce(math.gcd, weights)
         reduced = [w // divisor for w in weights]
         total = sum(reduced)
-        self._current = [0] * len(new)
-        self._total = total
-        if total * len(new) <= MAX_SCHEDULE_WORK:
+        if total == len(new):  # all equal: a rotation
+            self._schedule = new
+            self._next = self._rng.randrange(total)
+        elif total * len(new) <= MAX_SCHEDULE_WORK:
             current = [0] * len(new)
             order = [_swrr_step(reduced, current, total) for _ in range(total)]
             self._schedule = tuple(new[i] for i in order)
@@ -317,11 +371,28 @@ class WeightedRoundRobin:
         else:
             self._schedule = None
             self._reduced = reduced
+            random_ = self._rng.random
+            self._phase = [1.0 - random_() for _ in new]
+            first = [
+                (phase / w, i, 1)
+                for i, (phase, w) in enumerate(zip(self._phase, reduced, strict=True))
+            ]
+            heapq.heapify(first)
+            self._first = first
 
     def pick(self, inflight: Mapping[str, int], key: str | None = None) -> Endpoint | None:
         schedule = self._schedule
         if schedule is None:
-            return self._endpoints[_swrr_step(self._reduced, self._current, self._total)]
+            heap = self._heap
+            if not heap:  # a new cycle
+                heap = self._heap = self._first.copy()
+            _, i, k = heap[0]
+            weight = self._reduced[i]
+            if k == weight:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, ((k + self._phase[i]) / weight, i, k + 1))
+            return self._endpoints[i]
         if not schedule:
             return None
         i = self._next
@@ -354,13 +425,22 @@ class LeastInflight(_Indexed):
     """The endpoint with the fewest calls in flight (per unit of weight).
 
     The search starts after the endpoint picked last and takes the first
-    lowest it finds, so equally loaded endpoints take turns.
+    lowest it finds, so equally loaded endpoints take turns. It looks at the
+    endpoints one by one until an idle one; past ``LEAST_INFLIGHT_SCAN`` of
+    them it gathers every load at once instead (the same pick, about twice as
+    fast when all are busy), comparing ``load * (lcm of weights / weight)``
+    when weights differ (one by one still when that lcm is huge).
     """
 
     def __init__(self, rng: random.Random | None = None) -> None:
         super().__init__()
         self._rng = rng or random.Random()
         self._start = 0
+        self._zeros: tuple[int, ...] = ()
+        #: lcm / weight of each endpoint, when weights differ
+        self._multipliers: tuple[int, ...] = ()
+        #: how far to look one by one
+        self._scan = 0
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         old = self._ids
@@ -372,6 +452,26 @@ class LeastInflight(_Indexed):
             self._start = self._rng.randrange(n)
         else:
             self._start %= n
+        self._zeros = (0,) * n
+        self._multipliers = ()
+        self._scan = min(n, LEAST_INFLIGHT_SCAN)
+        if self._weighted:
+            lcm = math.lcm(*self._weights)
+            if lcm < 1 << 32:
+                self._multipliers = tuple(lcm // w for w in self._weights)
+            else:
+                self._scan = n
+
+    def _least(self, inflight: Mapping[str, int], start: int) -> int:
+        """The first endpoint from ``start`` on (round) of the least load."""
+        loads = list(map(inflight.get, self._ids, self._zeros))
+        if self._weighted:
+            loads = list(map(operator.mul, loads, self._multipliers))
+        low = min(loads)
+        try:
+            return loads.index(low, start)
+        except ValueError:
+            return loads.index(low, 0, start)
 
     def pick(self, inflight: Mapping[str, int], key: str | None = None) -> Endpoint | None:
         ids = self._ids
@@ -385,7 +485,7 @@ class LeastInflight(_Indexed):
             weights = self._weights
             weighted = self._weighted
             best_weight = weights[start]
-            for j in range(start + 1, start + n):
+            for j in range(start + 1, start + self._scan):
                 i = j - n if j >= n else j
                 load = inflight.get(ids[i], 0)
                 if weighted:
@@ -397,6 +497,9 @@ class LeastInflight(_Indexed):
                 best, best_load = i, load
                 if not load:
                     break
+            else:
+                if self._scan < n:  # none idle near: look at all at once
+                    best = self._least(inflight, start)
         self._start = 0 if best + 1 == n else best + 1
         return self._endpoints[best]
 
@@ -451,40 +554,96 @@ class _Hashed:
     """What ring_hash and maglev share: keyed lookup over a table of owners,
     and bounded loads.
 
-    ``_owners[p]`` is the index (into ``_endpoints``, sorted by instance id)
-    of the endpoint that owns position ``p``; a subclass fills it in
-    :meth:`_build` and finds a key's position in :meth:`_locate`.
+    ``_owners[p]`` is the slot of the endpoint that owns position ``p`` (or
+    -1 while it is not known yet: :meth:`_claim` finds it); a subclass fills
+    it in :meth:`_build` and finds a key's position in :meth:`_locate`. An
+    endpoint keeps its slot while it stays listed, so a ring of slots only
+    changes where endpoints come, go or change weight; the arrays by slot
+    (``_endpoints``, ``_ids``, ``_capacity``) have ``None``, "" and 0 in the
+    slots of no endpoint.
     """
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self._rng = _rng(options)
         self._c = float(options.get("bounded_load") or 0)
-        self._endpoints: tuple[Endpoint, ...] = ()
-        self._ids: tuple[str, ...] = ()
-        self._zeros: tuple[int, ...] = ()
+        #: (instance id, weight) of each endpoint, by instance id
         self._shape: tuple[tuple[str, int], ...] = ()
-        self._owners: list[int] = []
-        #: bounded load: c * weight for each endpoint, and the total weight
-        self._capacity: tuple[float, ...] = ()
+        self._slots: dict[str, int] = {}
+        self._endpoints: list[Endpoint | None] = []
+        self._ids: list[str] = []
+        self._free: list[int] = []
+        #: the listed endpoints' slots and ids, by instance id
+        self._order: tuple[int, ...] = ()
+        self._listed_ids: tuple[str, ...] = ()
+        self._zeros: tuple[int, ...] = ()
+        self._owners: Sequence[int] = ()
+        #: bounded load: c * weight for each slot, and the total weight
+        self._capacity: list[float] = []
         self._total_weight = 0
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
-        ordered = tuple(sorted(endpoints, key=lambda e: e.instance_id))
-        shape = tuple((e.instance_id, max(1, e.weight)) for e in ordered)
-        self._endpoints = ordered
-        if shape == self._shape:
-            return  # the same ids and weights: the same table
+        listed: dict[str, Endpoint] = {}
+        for e in sorted(endpoints, key=_instance_id):
+            listed.setdefault(e.instance_id, e)  # one endpoint an id: the first
+        shape = tuple((i, max(1, e.weight)) for i, e in listed.items())
+        slots = self._slots
+        if shape == self._shape:  # the same ids and weights: the same table
+            for i, e in listed.items():
+                self._endpoints[slots[i]] = e
+            return
+        old_shape, old_slots, old_ids = self._shape, dict(slots), list(self._ids)
         self._shape = shape
-        self._ids = tuple(i for i, _ in shape)
+        # free the slots of the endpoints that left, then give the newcomers one
+        for instance_id in old_slots.keys() - listed.keys():
+            slot = slots.pop(instance_id)
+            self._endpoints[slot], self._ids[slot], self._capacity[slot] = None, "", 0.0
+            self._free.append(slot)
+        self._free.sort(reverse=True)  # reuse the lowest first
+        for instance_id, weight in shape:
+            slot = slots.get(instance_id, -1)
+            if slot < 0:
+                if self._free:
+                    slot = self._free.pop()
+                else:
+                    slot = len(self._ids)
+                    self._endpoints.append(None)
+                    self._ids.append("")
+                    self._capacity.append(0.0)
+                slots[instance_id] = slot
+                self._ids[slot] = instance_id
+            self._endpoints[slot] = listed[instance_id]
+            self._capacity[slot] = self._c * weight
+        self._order = tuple(slots[i] for i, _ in shape)
+        self._listed_ids = tuple(i for i, _ in shape)
         self._zeros = (0,) * len(shape)
-        self._capacity = tuple(self._c * w for _, w in shape)
         self._total_weight = sum(w for _, w in shape)
-        self._owners = self._build(shape) if shape else []
+        self._owners = self._build(old_shape, old_slots, old_ids)
 
-    def _build(self, shape: tuple[tuple[str, int], ...]) -> list[int]:
+    def _renumber(self) -> None:
+        """Give the listed endpoints slots 0, 1, ... in instance id order."""
+        slots = [self._slots[i] for i, _ in self._shape]
+        self._endpoints = [self._endpoints[slot] for slot in slots]
+        self._capacity = [self._capacity[slot] for slot in slots]
+        self._ids = [i for i, _ in self._shape]
+        self._slots = {i: slot for slot, i in enumerate(self._ids)}
+        self._free = []
+        self._order = tuple(range(len(slots)))
+
+    def _build(
+        self,
+        old_shape: tuple[tuple[str, int], ...],
+        old_slots: Mapping[str, int],
+        old_ids: Sequence[str],
+    ) -> Sequence[int]:
+        """The new owners, given what the endpoints were (``_shape`` and
+        ``_slots`` are already the new ones)."""
         raise NotImplementedError
 
     def _locate(self, key: str) -> int:
+        raise NotImplementedError
+
+    def _claim(self, position: int) -> int:
+        """The owner of a position that ``_owners`` does not know yet."""
         raise NotImplementedError
 
     def pick(self, inflight: Mapping[str, int], key: str | None = None) -> Endpoint | None:
@@ -493,13 +652,15 @@ class _Hashed:
             return None
         position = int(self._rng.random() * len(owners)) if key is None else self._locate(key)
         owner = owners[position]
+        if owner < 0:
+            owner = self._claim(position)
         if not self._c:
             return self._endpoints[owner]
         ids = self._ids
         load = inflight.get(ids[owner], 0)
         if not load:
             return self._endpoints[owner]
-        room = sum(map(inflight.get, ids, self._zeros)) + 1
+        room = sum(map(inflight.get, self._listed_ids, self._zeros)) + 1
         total_weight = self._total_weight
         capacity = self._capacity
         if load * total_weight < capacity[owner] * room:
@@ -511,12 +672,43 @@ class _Hashed:
             if position == size:
                 position = 0
             candidate = owners[position]
+            if candidate < 0:
+                candidate = self._claim(position)
             if inflight.get(ids[candidate], 0) * total_weight < capacity[candidate] * room:
                 return self._endpoints[candidate]
         # only an endpoint the table does not list (too little weight) is under
         # its bound: the least loaded, per unit of capacity
-        best = min(range(len(ids)), key=lambda i: inflight.get(ids[i], 0) / capacity[i])
+        best = min(self._order, key=lambda s: inflight.get(ids[s], 0) / capacity[s])
         return self._endpoints[best]
+
+
+def _instance_id(endpoint: Endpoint) -> str:
+    return endpoint.instance_id
+
+
+def _cut(items: array[int], cuts: Sequence[int]) -> None:
+    """Take out of ``items`` the items at ``cuts`` (ascending), in one pass."""
+    end = len(items)
+    write = cuts[0]
+    with memoryview(items) as view:
+        for i, at in enumerate(cuts):
+            stop = cuts[i + 1] if i + 1 < len(cuts) else end
+            view[write : write + stop - at - 1] = view[at + 1 : stop]
+            write += stop - at - 1
+    del items[write:]
+
+
+def _insert(items: array[int], places: Sequence[int], values: Sequence[int]) -> None:
+    """Put ``values[j]`` into ``items`` before the item at ``places[j]``
+    (ascending), in one pass from the end."""
+    end = len(items)
+    items.extend(values)
+    with memoryview(items) as view:
+        for j in range(len(values) - 1, -1, -1):
+            at = places[j]
+            view[at + j + 1 : end + j + 1] = view[at:end]
+            view[at + j] = values[j]
+            end = at
 
 
 class RingHash(_Hashed):
@@ -525,27 +717,114 @@ class RingHash(_Hashed):
 
     Adding an endpoint moves only the keys it takes over; removing one moves
     only its keys. Option ``seed`` is for keyless calls' random positions.
+
+    Each endpoint's points are kept, so a new list only hashes the points of
+    the endpoints that came or grew, and merges them into the ring and the
+    points of those that went or shrank out of it (an endpoint's first
+    ``count`` points are the same whatever ``count``): one pass over the ring,
+    O(ring + changes log ring). A change of more than a quarter of the points
+    sorts the ring anew.
     """
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(options)
         self._replicas = int(options.get("replicas", DEFAULT_REPLICAS))
-        self._hashes: list[int] = []
+        #: the ring: its points' hashes, ascending, and their owners' slots
+        self._hashes: array[int] = array("Q")
+        self._ring: array[int] = array("I")
+        #: each listed endpoint's points, by instance id
+        self._points: dict[str, list[int]] = {}
 
-    def _build(self, shape: tuple[tuple[str, int], ...]) -> list[int]:
+    def _counts(self, shape: tuple[tuple[str, int], ...]) -> dict[str, int]:
         total = self._replicas * sum(w for _, w in shape)
         scale = min(1.0, MAX_RING_POINTS / total)
-        shift = max(1, (len(shape) - 1).bit_length())
-        # a point is its hash with its owner's index below, so one sort of
-        # plain ints orders them (and breaks a tie between two hashes)
-        points: list[int] = []
-        for index, (instance_id, weight) in enumerate(shape):
-            count = max(1, round(self._replicas * weight * scale))
-            points.extend((h << shift) | index for h in ring_points(instance_id, count))
-        points.sort()
+        return {i: max(1, round(self._replicas * w * scale)) for i, w in shape}
+
+    def _build(
+        self,
+        old_shape: tuple[tuple[str, int], ...],
+        old_slots: Mapping[str, int],
+        old_ids: Sequence[str],
+    ) -> Sequence[int]:
+        if not self._shape:
+            self._points, self._hashes, self._ring = {}, array("Q"), array("I")
+            return self._ring
+        old = self._points
+        counts = self._counts(self._shape)
+        changes = sum(abs(len(have) - counts.get(i, 0)) for i, have in old.items())
+        changes += sum(count for i, count in counts.items() if i not in old)
+        points: dict[str, list[int]] = {}
+        for instance_id, count in counts.items():
+            have = old.get(instance_id)
+            if have is None or len(have) < count:
+                points[instance_id] = ring_points(instance_id, count)
+            else:
+                points[instance_id] = have if len(have) == count else have[:count]
+        self._points = points
+        if 4 * changes > len(self._hashes):
+            self._renumber()
+            self._sort(points)
+        elif changes:
+            # (hash, old slot) of the points to take out, (hash, id, slot) to add
+            out: list[tuple[int, int]] = []
+            add: list[tuple[int, str, int]] = []
+            for instance_id, have in old.items():
+                count = counts.get(instance_id, 0)
+                if count < len(have):
+                    slot = old_slots[instance_id]
+                    out.extend((h, slot) for h in have[count:])
+            for instance_id, count in counts.items():
+                had = len(old.get(instance_id, ()))
+                if count > had:
+                    slot = self._slots[instance_id]
+                    add.extend((h, instance_id, slot) for h in points[instance_id][had:])
+            self._merge(out, add, old_ids)
+        return self._ring
+
+    def _sort(self, points: Mapping[str, list[int]]) -> None:
+        """The ring from scratch (slots in instance id order): a point is its
+        hash with its owner's slot below, so one sort of plain ints orders them
+        (and breaks a tie between two hashes by instance id)."""
+        shift = max(1, (len(self._shape) - 1).bit_length())
+        packed: list[int] = []
+        for slot, (instance_id, _) in enumerate(self._shape):
+            packed.extend([(h << shift) | slot for h in points[instance_id]])
+        packed.sort()
         mask = (1 << shift) - 1
-        self._hashes = [p >> shift for p in points]
-        return [p & mask for p in points]
+        self._hashes = array("Q", map(operator.rshift, packed, repeat(shift)))
+        self._ring = array("I", map(operator.and_, packed, repeat(mask)))
+
+    def _merge(
+        self, out: list[tuple[int, int]], add: list[tuple[int, str, int]], old_ids: Sequence[str]
+    ) -> None:
+        """The ring less the points ``out`` plus the points ``add``, in place."""
+        hashes, owners = self._hashes, self._ring
+        size = len(hashes)
+        # where each point to take out is: its hash, and its slot among equals
+        gone: set[int] = set()
+        for h, slot in out:
+            at = bisect_left(hashes, h)
+            while owners[at] != slot or at in gone:
+                at += 1
+            gone.add(at)
+        # where each point to add goes: before the first greater hash, or
+        # equal hash of a greater instance id
+        add.sort()
+        places: list[int] = []
+        for h, instance_id, _ in add:
+            at = bisect_left(hashes, h)
+            while at < size and hashes[at] == h and old_ids[owners[at]] <= instance_id:
+                at += 1
+            places.append(at)
+        if gone:
+            cuts = sorted(gone)
+            _cut(hashes, cuts)
+            _cut(owners, cuts)
+            # where the points go once those are out
+            places = [at - bisect_left(cuts, at) for at in places]
+        if add:
+            _insert(hashes, places, [h for h, _, _ in add])
+            _insert(owners, places, [slot for _, _, slot in add])
 
     def _locate(self, key: str) -> int:
         position = bisect_right(self._hashes, hash64(_key_bytes(key)))
@@ -558,30 +837,90 @@ class Maglev(_Hashed):
 
     A lookup is one hash and one index. Adding or removing an endpoint moves
     about the keys it gains or loses, and a small fraction more.
+
+    The table is filled as lookups need it: :meth:`update` only starts the
+    fill (each endpoint's permutation is kept by instance id), and a lookup of
+    a position not yet filled runs the fill on until that position is taken.
+    Filling is the same whenever it happens, so a key maps to the same
+    endpoint as with a table filled at once; a list that changes several
+    times between lookups is filled once. The last ``isqrt(table_size)`` free
+    positions are found from the free positions rather than by probing along
+    the permutation, which is where the probes pile up.
     """
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(options)
         self._size = int(options.get("table_size", DEFAULT_TABLE_SIZE))
+        self._prime = is_prime(self._size)
+        #: the permutation (offset, skip, 1/skip mod size) of each endpoint, by id
+        self._permutations: dict[str, tuple[int, int, int]] = {}
+        #: the table being filled, and its fill
+        self._table: list[int] = []
+        self._filling: Generator[None, int, None] | None = None
 
-    def _build(self, shape: tuple[tuple[str, int], ...]) -> list[int]:
+    def _permutation(self, instance_id: str) -> tuple[int, int, int]:
         size = self._size
+        digest = hashlib.blake2b(_key_bytes(instance_id), digest_size=16).digest()
+        h1, h2 = _U64_PAIR.unpack(digest)
+        skip = h2 % (size - 1) + 1
+        inverse = pow(skip, -1, size) if self._prime else 0
+        return h1 % size, skip, inverse
+
+    def _build(
+        self,
+        old_shape: tuple[tuple[str, int], ...],
+        old_slots: Mapping[str, int],
+        old_ids: Sequence[str],
+    ) -> list[int]:
+        shape = self._shape
+        if not shape:
+            self._permutations, self._table, self._filling = {}, [], None
+            return self._table
+        cached = self._permutations
+        self._permutations = {i: cached.get(i) or self._permutation(i) for i, _ in shape}
+        self._table = table = [-1] * self._size
+        self._filling = self._fill(table)
+        next(self._filling)
+        return table
+
+    def _claim(self, position: int) -> int:
+        table = self._table
+        filling = self._filling
+        if filling is not None:
+            try:
+                filling.send(position)
+            except StopIteration:
+                self._filling = None
+        if table[position] < 0:
+            # the fill stopped short (it raised): start it again
+            table[:] = [-1] * len(table)
+            self._filling = filling = self._fill(table)
+            next(filling)
+            filling.send(position)
+        return table[position]
+
+    def _fill(self, table: list[int]) -> Generator[None, int, None]:
+        """Fill ``table`` as Maglev does, pausing each time the position it
+        was sent is taken (it must be one not taken yet)."""
+        size = len(table)
+        shape = self._shape
+        slots = self._order
         n = len(shape)
-        offsets: list[int] = []
-        skips: list[int] = []
-        for instance_id, _ in shape:
-            digest = hashlib.blake2b(_key_bytes(instance_id), digest_size=16).digest()
-            h1, h2 = _U64_PAIR.unpack(digest)
-            offsets.append(h1 % size)
-            skips.append(h2 % (size - 1) + 1)
+        permutations = [self._permutations[i] for i, _ in shape]
+        offsets = [p[0] for p in permutations]
+        skips = [p[1] for p in permutations]
         weights = [w for _, w in shape]
         top = max(weights)
         weighted = any(w != top for w in weights)
         targets = [0] * n
-        table = [-1] * size
-        filled = 0
+        left = size
+        # the last few free positions are found from the free positions
+        # (when the size is prime, so that a skip has an inverse)
+        few = math.isqrt(size) if self._prime else 0
+        target = yield
         iteration = 0
-        while filled < size:
+        i = n - 1
+        while left > few:
             iteration += 1
             for i in range(n):
                 if weighted:
@@ -595,12 +934,44 @@ class Maglev(_Hashed):
                     slot += skip
                     if slot >= size:
                         slot -= size
-                table[slot] = i
                 offsets[i] = slot + skip - size if slot + skip >= size else slot + skip
-                filled += 1
-                if filled == size:
+                table[slot] = slots[i]
+                left -= 1
+                if slot == target:
+                    target = yield
+                if left == few:
                     break
-        return table
+            else:
+                continue
+            break
+        if not left:
+            return
+        free: list[int] = []
+        at = -1
+        for _ in range(left):
+            at = table.index(-1, at + 1)
+            free.append(at)
+        first = i + 1  # the rest of this round, then more
+        while True:
+            for i in range(first, n):
+                if weighted:
+                    if iteration * weights[i] < targets[i]:
+                        continue
+                    targets[i] += top
+                # the first free position along its permutation: every
+                # position before it there is taken, and stays taken
+                start, _, inverse = permutations[i]
+                places = [(s - start) * inverse % size for s in free]
+                slot = free.pop(places.index(min(places)))
+                table[slot] = slots[i]
+                if slot == target:
+                    if not free:
+                        return
+                    target = yield
+                elif not free:
+                    return
+            first = 0
+            iteration += 1
 
     def _locate(self, key: str) -> int:
         return hash64(_key_bytes(key)) % self._size
