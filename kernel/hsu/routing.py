@@ -534,7 +534,9 @@ class KernelRouting:
             while not route.routable:
                 await route.changed()
 
-        await asyncio.wait_for(listed(), timeout if timeout is not None else 10.0)
+        if timeout is None:
+            timeout = self.kernel.deployment.units[route.policy.unit].startup_timeout
+        await asyncio.wait_for(listed(), timeout)
         return route
 
     async def lookup(self, interface: str, ensure: bool) -> tuple[Policy, list[Endpoint]]:
