@@ -476,3 +476,29 @@ async def test_the_gateway_learns_method_kinds_from_reflection(hsu_kernel_factor
     assert inst.address in gateway._channels
     await kernel.stop_unit("echo")
     await until(lambda: inst.address not in gateway._channels, 10)
+
+
+async def test_a_reload_changes_routing_live_and_rejects_a_bad_balancer(
+    hsu_kernel_factory, tmp_path
+):
+    from hsu.config import deployment_from_dict
+
+    def raw(routing):
+        return {"units": {"echo": echo_unit(start="at-start", routing=routing)}}
+
+    kernel = await hsu_kernel_factory(raw({"balancer": "round_robin"}))
+    [inst] = ready(kernel)
+    route = kernel.routing.route(ECHO)
+    assert route.policy.balancer == "round_robin"
+    changes = await kernel.reload(
+        deployment_from_dict(
+            raw({"balancer": "p2c", "idempotent": ["Echo"]}), base_dir=str(tmp_path)
+        )
+    )
+    assert changes.changed == ("echo",) and changes.restarted == ()
+    assert route.policy.balancer == "p2c" and route.policy.is_idempotent(f"/{ECHO}/Echo")
+    assert type(route.balancer).__name__ == "PowerOfTwoChoices"
+    assert ready(kernel) == [inst]  # a routing change restarts nothing
+    with pytest.raises(ConfigError, match="no balancer named 'nope'"):
+        await kernel.reload(deployment_from_dict(raw({"balancer": "nope"}), base_dir=str(tmp_path)))
+    assert route.policy.balancer == "p2c"
