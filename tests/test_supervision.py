@@ -432,3 +432,27 @@ async def test_rlimits_hold_in_the_child_from_its_start(hsu_kernel_factory, tmp_
     [inst] = kernel.instances.values()
     await until(lambda: inst.state is S.STOPPED)
     assert kernel.output_tail(inst) == ["(128, 128)"]
+
+
+async def test_a_replacement_starts_without_the_dead_pid_and_is_ready_with_its_own(
+    hsu_kernel_factory,
+):
+    seen = []
+
+    class Pids:
+        @hsu.hookimpl
+        def hsu_instance_event(self, kernel, instance, event):
+            seen.append((event.to_state, event.pid))
+
+    kernel = await hsu_kernel_factory(
+        {"units": {"s": managed(SLEEP, start="at-start")}}, plugins=[Pids()]
+    )
+    [inst] = kernel.instances.values()
+    first = inst.pid
+    seen.clear()
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: inst.state is S.READY and inst.pid not in (0, first))
+    starting = [pid for state, pid in seen if state == "starting"]
+    ready = [pid for state, pid in seen if state == "ready"]
+    assert starting == [0]  # not the dead one
+    assert ready == [inst.pid]

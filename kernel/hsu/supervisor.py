@@ -398,6 +398,8 @@ class UnitSupervisor:
         log: Any = _InstanceLog(self.log, inst.instance_id)
         inst.begin_attempt()
         inst.address, inst.registered_at, inst.ready_at, inst.health = "", None, None, "unknown"
+        # not the last process's pid: the next one's is known once spawned
+        inst.pid = saved.pid if saved else 0
         reason = f"re-attaching to pid {saved.pid}" if saved else ""
         inst.machine.move(S.STARTING, reason)
         try:
