@@ -502,3 +502,44 @@ async def test_a_reload_changes_routing_live_and_rejects_a_bad_balancer(
     with pytest.raises(ConfigError, match="no balancer named 'nope'"):
         await kernel.reload(deployment_from_dict(raw({"balancer": "nope"}), base_dir=str(tmp_path)))
     assert route.policy.balancer == "p2c"
+
+
+async def test_the_kernel_uses_the_registry_its_deployment_names_and_empties_it_on_stop():
+    from hsu_plugins.registry_memory import MemoryRegistry
+
+    class Recording(MemoryRegistry):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        async def put(self, endpoint, ttl=None):
+            self.ops.append(("put", endpoint.instance_id, endpoint.state))
+            await super().put(endpoint, ttl)
+
+        async def delete(self, instance_id):
+            self.ops.append(("delete", instance_id))
+            return await super().delete(instance_id)
+
+    made = []
+
+    class Plugin:
+        @hsu.hookimpl
+        def hsu_register_registries(self, register):
+            register("recording", lambda kernel: made.append(Recording()) or made[-1])
+
+    kernel = build_kernel(
+        {"kernel": {"registry": "recording"}, "units": {"echo": echo_unit(start="at-start")}},
+        plugins=[Plugin()],
+    )
+    await kernel.start()
+    try:
+        [registry] = made
+        [inst] = ready(kernel)
+        await kernel.routing.flush()
+        assert registry.ops == [("put", inst.instance_id, "serving")]
+        assert [e.instance_id for e in await registry.lookup(ECHO)] == [inst.instance_id]
+    finally:
+        await kernel.stop()
+    # draining, then gone: nothing is left listed by a kernel that stopped
+    assert registry.ops[1:] == [("put", inst.instance_id, "draining"), ("delete", inst.instance_id)]
+    assert (await registry.snapshot())[0] == []

@@ -403,6 +403,10 @@ class KernelRouting:
                 self._tasks.append(asyncio.ensure_future(self._autoscale(name)))
 
     async def close(self) -> None:
+        # the last deletes reach the registry first (one shared by other kernels
+        # must not keep listing instances that are gone)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), 2.0)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
