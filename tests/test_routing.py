@@ -543,3 +543,76 @@ async def test_the_kernel_uses_the_registry_its_deployment_names_and_empties_it_
     # draining, then gone: nothing is left listed by a kernel that stopped
     assert registry.ops[1:] == [("put", inst.instance_id, "draining"), ("delete", inst.instance_id)]
     assert (await registry.snapshot())[0] == []
+
+
+# -- the blocking client --------------------------------------------------------------
+
+
+async def test_the_blocking_client_routes_streams_and_fails_over_from_threads(hsu_kernel_factory):
+    import concurrent.futures
+
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "echo": echo_unit(
+                    min_instances=0,
+                    max_instances=3,
+                    routing={"idempotent": ["Echo"]},
+                    restart={"backoff": {"reset_after": 0.5}},
+                )
+            }
+        }
+    )
+    from hsu.echo.v1 import echo_pb2_grpc as sync_stubs  # the same module: plain stubs too
+
+    def first_calls(channel):
+        echo = sync_stubs.EchoStub(channel)
+        first = echo.Echo(echo_pb2.EchoRequest(message="sync"), timeout=30)
+        streamed = [
+            r.message
+            for r in echo.EchoStream(echo_pb2.EchoStreamRequest(message="s", count=2), timeout=5)
+        ]
+        collected = echo.Collect(iter([echo_pb2.EchoRequest(message=m) for m in "ab"]), timeout=5)
+        try:
+            channel.unary_unary("/nope.v1.Nope/Call")(b"", timeout=5)
+        except grpc.RpcError as exc:
+            missing = (exc.code(), exc.details())
+        return first, streamed, collected.message, missing
+
+    channel = hsu.connect_sync(kernel.address)
+    try:
+        first, streamed, collected, missing = await asyncio.to_thread(first_calls, channel)
+        assert first.message == "sync" and first.pid == ready(kernel)[0].pid  # started on demand
+        assert streamed == ["s 0", "s 1"] and collected == "a b"
+        assert missing[0] is grpc.StatusCode.UNIMPLEMENTED
+        assert "no unit serves interface 'nope.v1.Nope'" in missing[1]
+
+        await kernel.scale("echo", 3)
+        echo = sync_stubs.EchoStub(channel)
+        await until(lambda: len(channel._routes[ECHO].available) == 3, 10)
+
+        def worker(stop_at):
+            ok, failed, pids = 0, [], set()
+            while time.monotonic() < stop_at and ok < 5000:  # bounded
+                try:
+                    pids.add(echo.Echo(echo_pb2.EchoRequest(delay_ms=10), timeout=10).pid)
+                    ok += 1
+                except grpc.RpcError as exc:
+                    failed.append(f"{exc.code().name}: {exc.details()}")
+            return ok, failed, pids
+
+        stop_at = time.monotonic() + 3.0
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [loop.run_in_executor(pool, worker, stop_at) for _ in range(6)]
+            await asyncio.sleep(1.0)
+            victim = ready(kernel)[0].pid
+            os.kill(victim, signal.SIGKILL)
+            results = await asyncio.gather(*futures)
+    finally:
+        await asyncio.to_thread(channel.close)
+    failed = [f for _, fs, _ in results for f in fs]
+    pids = set().union(*(p for _, _, p in results))
+    assert failed == []
+    assert sum(ok for ok, _, _ in results) > 100
+    assert victim in pids and len(pids) >= 4  # the killed one answered, then its replacement

@@ -6,6 +6,7 @@ The public API for deployments, plugin authors and HSU authors. Plugins write
 
 from hsu._version import __version__
 from hsu.client import RoutedChannel, connect
+from hsu.client_sync import SyncRoutedChannel, connect_sync
 from hsu.config import Deployment, KernelSettings, UnitSpec, deployment_from_dict, load_deployment
 from hsu.errors import (
     ConfigError,
@@ -46,10 +47,12 @@ __all__ = [
     "ProcessHandle",
     "RoutedChannel",
     "StateMachine",
+    "SyncRoutedChannel",
     "Transition",
     "UnitSpec",
     "__version__",
     "connect",
+    "connect_sync",
     "deployment_from_dict",
     "hookimpl",
     "load_deployment",
