@@ -167,9 +167,10 @@ class LogFiles:
 
     Measured on a shared 2-CPU VM, where one wake-up of the process costs
     ~0.3 ms of CPU (kernel scheduling included) and dominates: 100 followed
-    idle files over 10 s cost 0.6 ms of CPU and no wake-up (the poll loop: 41
-    wake-ups, 14 ms); a line a second, 11 wake-ups and 4.8 ms (poll loop: 43
-    and 17 ms); a line every 5 ms, ~33 µs a line either way. The work of one
+    idle files over 10 s cost 0.6-3.3 ms of CPU and 0-1 wake-ups (the poll
+    loop: 41 wake-ups, 14 ms); a line a second, 11 wake-ups and 4.8-6.5 ms
+    (poll loop: 43 and 17 ms); a line every 5 ms, 27-33 µs a line either way
+    (``python bench/logfollower_idle.py``, and ``--module`` for the poll loop). The work of one
     event, wake-up excluded (``read`` of the inotify fd, ``pread``,
     ``fstat``, the line logged to a no-op loguru sink, and the ``write``
     itself) is ~5-6 µs, measured with::
