@@ -48,6 +48,7 @@ from itertools import repeat
 from typing import Any
 
 import hsu
+from hsu.options import OptionType, quote
 from hsu.ports import Balancer, Endpoint, Factory
 
 #: virtual nodes per unit of weight on a ring_hash ring: each endpoint's share
@@ -67,7 +68,6 @@ MAX_SCHEDULE_WORK = 1 << 15
 #: least_inflight looks at this many endpoints one by one for an idle one,
 #: then at all of them at once
 LEAST_INFLIGHT_SCAN = 16
-QUOTE_CHARS = 200
 
 # Costs with 1,000 endpoints, before -> after the fast paths above (best of 5
 # on a shared 2-CPU machine, so +-30%), from /work/main with the venv's python:
@@ -144,16 +144,10 @@ def _is_table_size(value: object) -> bool:
 
 
 #: option type: (test, description for "expected ...")
-OptionType = tuple[Callable[[object], bool], str]
 SEED: OptionType = (_is_int, "an int")
 REPLICAS: OptionType = (_is_positive_int, "an int >= 1")
 BOUNDED_LOAD: OptionType = (_is_load_factor, "0 (off) or a number >= 1, such as 1.25")
 TABLE_SIZE: OptionType = (_is_table_size, f"a prime int between 2 and {MAX_TABLE_SIZE}")
-
-
-def _quote(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
 
 
 def check_option_types(
@@ -180,7 +174,7 @@ def check_option_types(
             continue
         test, description = known[name]
         if not test(value):
-            problems.append(f"{name}: expected {description}, got {_quote(value)}")
+            problems.append(f"{name}: expected {description}, got {quote(value)}")
     return problems
 
 

@@ -24,13 +24,13 @@ opens.
 from __future__ import annotations
 
 import collections
-import difflib
 import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import hsu
+from hsu.options import OptionType, check_option_types
 from hsu.ports import Factory
 
 CLOSED = "closed"
@@ -40,7 +40,6 @@ HALF_OPEN = "half_open"
 Clock = Callable[[], float]
 
 #: the longest option value quoted in a problem
-QUOTE_CHARS = 200
 
 DEFAULT_COOLDOWN = 5.0
 DEFAULT_WINDOW = 20
@@ -59,7 +58,6 @@ def _is_number(value: object) -> bool:
 
 
 #: option type: (test, description for "expected ...")
-OptionType = tuple[Callable[[object], bool], str]
 INT: OptionType = (_is_int, "an int")
 NUMBER: OptionType = (_is_number, "a finite number")
 
@@ -70,35 +68,6 @@ COMMON: Mapping[str, OptionType] = {
     "trials": INT,
     "successes": INT,
 }
-
-
-def _quote(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
-
-
-def check_option_types(
-    options: Mapping[str, Any], known: Mapping[str, OptionType], kind: str
-) -> list[str]:
-    """Unknown keys (with the closest known one) and values of the wrong type."""
-    if not isinstance(options, Mapping):
-        return [f"options: expected a mapping, got {type(options).__name__}"]
-    problems: list[str] = []
-    for key, value in options.items():
-        name = str(key)
-        if name not in known:
-            if not known:
-                problems.append(f"{name}: unknown option (the {kind} breaker takes no options)")
-                continue
-            listing = ", ".join(sorted(known))
-            close = difflib.get_close_matches(name, list(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"{name}: unknown option{hint} (known: {listing})")
-            continue
-        test, description = known[name]
-        if not test(value):
-            problems.append(f"{name}: expected {description}, got {_quote(value)}")
-    return problems
 
 
 def _typed(options: Mapping[str, Any], key: str, test: Callable[[object], bool]) -> Any:
@@ -343,7 +312,7 @@ class ConsecutiveFactory:
     options: Mapping[str, OptionType] = {"failures": INT, **COMMON}
 
     def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        problems = check_option_types(options, self.options, "consecutive")
+        problems = check_option_types(options, self.options, "consecutive breaker")
         if not isinstance(options, Mapping):
             return problems
         failures = _typed(options, "failures", _is_int)
@@ -369,7 +338,7 @@ class RatioFactory:
     }
 
     def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        problems = check_option_types(options, self.options, "ratio")
+        problems = check_option_types(options, self.options, "ratio breaker")
         if not isinstance(options, Mapping):
             return problems
         window = _typed(options, "window", _is_int)
@@ -397,7 +366,7 @@ class NoneFactory:
     options: Mapping[str, OptionType] = {}
 
     def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        return check_option_types(options, self.options, "none")
+        return check_option_types(options, self.options, "none breaker")
 
     def create(self, options: Mapping[str, Any], *, clock: Clock = time.monotonic) -> NoBreaker:
         _reject(self.check_options(options), "none")

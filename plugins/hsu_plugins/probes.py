@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import difflib
 import os
 import shlex
 import signal
@@ -28,13 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import hsu
 from hsu.core.v1 import core_pb2, core_pb2_grpc
+from hsu.options import QUOTE_CHARS, OptionType, check_option_types, quote
 from hsu.ports import Probe, ProbeResult, ProbeTarget
 
 DEFAULT_HOST = "127.0.0.1"
 #: how much of an exec probe's output is kept, for the last line in the detail
 EXEC_TAIL_BYTES = 4096
 #: the longest output line or server reply quoted in a detail
-QUOTE_CHARS = 200
 PING_PAYLOAD = b"hsu-probe"
 
 # Probe channels talk to local HSUs: no proxy, and a short reconnect backoff so
@@ -64,40 +63,9 @@ def _is_command(value: object) -> bool:
     )
 
 
-#: option type: (test, description for "expected ...")
-OptionType = tuple[Callable[[object], bool], str]
 INT: OptionType = (_is_int, "an int")
 STR: OptionType = (_is_str, "a string")
 COMMAND: OptionType = (_is_command, "a string or a list of strings")
-
-
-def _quote(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
-
-
-def check_option_types(
-    options: Mapping[str, Any], known: Mapping[str, OptionType], probe: str
-) -> list[str]:
-    """The problems common to every probe: unknown keys and wrong types."""
-    if not isinstance(options, Mapping):
-        return [f"options: expected a mapping, got {type(options).__name__}"]
-    problems: list[str] = []
-    for key, value in options.items():
-        name = str(key)
-        if name not in known:
-            if not known:
-                problems.append(f"{name}: unknown option (the {probe} probe takes no options)")
-                continue
-            listing = ", ".join(sorted(known))
-            close = difflib.get_close_matches(name, list(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"{name}: unknown option{hint} (known: {listing})")
-            continue
-        test, description = known[name]
-        if not test(value):
-            problems.append(f"{name}: expected {description}, got {_quote(value)}")
-    return problems
 
 
 def _check_port(options: Mapping[str, Any]) -> list[str]:
@@ -233,7 +201,7 @@ class _GrpcProbe:
         self.channels = ChannelCache()
 
     def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        return check_option_types(options, self.options, self.name)
+        return check_option_types(options, self.options, f"{self.name} probe")
 
     def forget(self, target: ProbeTarget) -> None:
         self.channels.forget(target.instance_id)
@@ -334,7 +302,7 @@ class TcpProbe:
     options: Mapping[str, OptionType] = {"host": STR, "port": INT}
 
     def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        problems = check_option_types(options, self.options, "tcp")
+        problems = check_option_types(options, self.options, "tcp probe")
         return problems or _check_port(options)
 
     def forget(self, target: ProbeTarget) -> None:
@@ -372,7 +340,7 @@ class HttpProbe:
     options: Mapping[str, OptionType] = {"url": STR, "port": INT, "path": STR}
 
     def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        problems = check_option_types(options, self.options, "http")
+        problems = check_option_types(options, self.options, "http probe")
         if problems:
             return problems
         problems = _check_port(options)
@@ -447,7 +415,7 @@ class HttpProbe:
             raise ValueError("the connection closed before a response")
         parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-            raise ValueError(f"not an HTTP response: {_quote(line[:QUOTE_CHARS])}")
+            raise ValueError(f"not an HTTP response: {quote(line[:QUOTE_CHARS])}")
         return int(parts[1]), parts[2] if len(parts) > 2 else ""
 
 
@@ -464,7 +432,7 @@ class ExecProbe:
     options: Mapping[str, OptionType] = {"command": COMMAND}
 
     def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        problems = check_option_types(options, self.options, "exec")
+        problems = check_option_types(options, self.options, "exec probe")
         if problems:
             return problems
         if "command" not in options:
@@ -556,7 +524,7 @@ class ProcessProbe:
     """Healthy iff the instance's pid exists and is not a zombie."""
 
     def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        return check_option_types(options, {}, "process")
+        return check_option_types(options, {}, "process probe")
 
     def forget(self, target: ProbeTarget) -> None:
         pass
