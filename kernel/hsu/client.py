@@ -36,7 +36,7 @@ from loguru import logger
 
 from hsu.errors import HsuError
 from hsu.ports import Endpoint
-from hsu.routing import Policy, Route, endpoint_from_pb
+from hsu.routing import CHANNEL_OPTIONS, INSTANCE_FAILED, Policy, Route, endpoint_from_pb
 
 if TYPE_CHECKING:
     from hsu.microkernel import Kernel
@@ -46,13 +46,6 @@ DEFAULT_KERNEL = "127.0.0.1:7420"
 #: how long a call may wait for an instance to be started on demand when it
 #: has no deadline of its own
 START_TIMEOUT = 30.0
-INSTANCE_FAILED = frozenset({grpc.StatusCode.UNAVAILABLE})
-CHANNEL_OPTIONS = (
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
 
 
 def connect(kernel: str | None = None, *, plugins: PluginManager | None = None) -> RoutedChannel:
@@ -275,10 +268,8 @@ class _UnaryUnary(_Call):
                 attempt += 1
                 if (
                     ok
-                    or attempt >= route.policy.max_attempts
-                    or not route.policy.is_idempotent(self._method)
                     or (deadline is not None and loop.time() >= deadline)
-                    or not route.budget.withdraw()
+                    or not route.may_retry(self._method, attempt)
                 ):
                     raise
                 exclude = ep.instance_id
@@ -374,9 +365,7 @@ class _Streaming(_Call):
                     ok
                     or replied
                     or self._kind != "unary_stream"
-                    or attempt >= route.policy.max_attempts
-                    or not route.policy.is_idempotent(self._method)
-                    or not route.budget.withdraw()
+                    or not route.may_retry(self._method, attempt)
                 ):
                     raise
                 exclude = ep.instance_id

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from loguru import logger
 
-from hsu.client import CHANNEL_OPTIONS, DEFAULT_KERNEL, INSTANCE_FAILED, START_TIMEOUT, _installed
+from hsu.client import DEFAULT_KERNEL, START_TIMEOUT, _installed
 from hsu.errors import HsuError
 from hsu.ports import Endpoint
-from hsu.routing import Policy, Route, endpoint_from_pb
+from hsu.routing import CHANNEL_OPTIONS, INSTANCE_FAILED, Policy, Route, endpoint_from_pb
 
 if TYPE_CHECKING:
     from hsu.plugin_manager import PluginManager
@@ -222,6 +222,10 @@ class SyncRoutedChannel:
         with self._lock:
             route.end(ep, ok)
 
+    def may_retry(self, route: Route, method: str, attempts: int) -> bool:
+        with self._lock:
+            return route.may_retry(method, attempts)
+
 
 class _Call:
     def __init__(self, ch: SyncRoutedChannel, method: str, ser: Any, de: Any, kind: str):
@@ -271,10 +275,8 @@ class _Call:
                 if (
                     ok
                     or self._kind != "unary_unary"
-                    or attempt >= route.policy.max_attempts
-                    or not route.policy.is_idempotent(self._method)
                     or (deadline is not None and time.monotonic() >= deadline)
-                    or not route.budget.withdraw()
+                    or not self._ch.may_retry(route, self._method, attempt)
                 ):
                     raise
                 exclude = ep.instance_id
@@ -309,9 +311,7 @@ class _Call:
                     ok
                     or replied
                     or self._kind != "unary_stream"
-                    or attempt >= route.policy.max_attempts
-                    or not route.policy.is_idempotent(self._method)
-                    or not route.budget.withdraw()
+                    or not self._ch.may_retry(route, self._method, attempt)
                 ):
                     raise
                 exclude = ep.instance_id

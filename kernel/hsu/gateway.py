@@ -33,7 +33,8 @@ from loguru import logger
 
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.ports import Endpoint
-from hsu.routing import Route
+from hsu.routing import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
+from hsu.routing import INSTANCE_FAILED, Route
 
 if TYPE_CHECKING:
     from hsu.microkernel import Kernel
@@ -44,13 +45,9 @@ REPLAY_BYTES = 4 * 2**20
 #: metadata a proxy must not copy: HTTP/2 and gRPC's own
 HOP_KEYS = frozenset({"user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding",
                       "grpc-accept-encoding", "grpc-message-type"})  # fmt: skip
-#: codes that mean the instance could not take the call (breaker failure)
-INSTANCE_FAILED = frozenset({grpc.StatusCode.UNAVAILABLE})
+#: a proxy does not limit message sizes: the two ends do
 CHANNEL_OPTIONS = (
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+    *LOCAL_CHANNEL_OPTIONS,
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
 )
@@ -239,12 +236,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                 code = exc.code()
                 ok = code not in INSTANCE_FAILED
                 attempt += 1
-                if (
-                    not ok
-                    and attempt < route.policy.max_attempts
-                    and route.policy.is_idempotent(method)
-                    and route.budget.withdraw()
-                ):
+                if not ok and route.may_retry(method, attempt):
                     failed_on = ep.instance_id
                     continue
                 trailing = exc.trailing_metadata()
@@ -291,13 +283,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                 code = exc.code()
                 ok = code not in INSTANCE_FAILED
                 attempt += 1
-                if (
-                    not ok
-                    and not replied
-                    and attempt < route.policy.max_attempts
-                    and route.policy.is_idempotent(method)
-                    and route.budget.withdraw()
-                ):
+                if not ok and not replied and route.may_retry(method, attempt):
                     failed_on = ep.instance_id
                     continue
                 trailing = exc.trailing_metadata()
@@ -367,9 +353,8 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                     not ok
                     and retryable
                     and not replied
-                    and attempt + 1 < policy.max_attempts
                     and await reqs.read_all()
-                    and route.budget.withdraw()
+                    and route.may_retry(method, attempt + 1)
                 ):
                     logger.bind(unit=ep.unit, instance=ep.instance_id).debug(
                         "gateway: {} on {}: {}; trying another instance",

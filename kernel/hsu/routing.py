@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import grpc
 from loguru import logger
 
 from hsu.config import Routing
@@ -47,6 +48,17 @@ if TYPE_CHECKING:
     from hsu.microkernel import Kernel
     from hsu.plugin_manager import PluginManager
 
+#: codes that mean the instance could not take the call: a circuit breaker's
+#: failure, and what an idempotent call is retried on
+INSTANCE_FAILED = frozenset({grpc.StatusCode.UNAVAILABLE})
+#: channels to local HSUs: no proxy, and a short reconnect backoff so a server
+#: that comes back is seen at once
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.enable_http_proxy", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 #: how long a stopping instance stays listed as draining after its calls
 #: ended, so callers that watch the registry see it before it goes
 DRAIN_SETTLE = 0.05
@@ -289,6 +301,18 @@ class Route:
             if ep.instance_id != exclude and self.breaker(ep.instance_id).allow():
                 return ep
         return None
+
+    def may_retry(self, method: str, attempts: int) -> bool:
+        """After ``attempts`` tries of ``method`` (a full path) that instances
+        could not take: may the call try another one? Idempotent methods may,
+        up to ``max_attempts``, while the retry budget lasts (a yes takes a
+        retry from it). The caller checks the rest: its deadline, and that no
+        reply came yet."""
+        return (
+            attempts < self.policy.max_attempts
+            and self.policy.is_idempotent(method)
+            and self.budget.withdraw()
+        )
 
     def begin(self, ep: Endpoint) -> None:
         self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
