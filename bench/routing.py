@@ -41,15 +41,14 @@ import tempfile
 import textwrap
 import time
 import timeit
-import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psutil
+from _common import DOC, ROOT, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
 
 import hsu
 from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
@@ -58,12 +57,9 @@ from hsu.plugin_manager import PluginManager
 from hsu.ports import Endpoint
 from hsu.routing import Policy, Route
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks.md"
 HEADING = "## Routing"
 UNIT = "echo"
 INTERFACE = "hsu.echo.v1.Echo"
-RUN_MARK = f"hsu-bench-{uuid.uuid4().hex[:12]}"
 REQUEST = echo_pb2.EchoRequest(message="hello")
 #: per call: a reply slower than this fails the run
 CALL_TIMEOUT = 10.0
@@ -80,47 +76,6 @@ N_INTERFACES = 10
 
 
 # -- processes ----------------------------------------------------------------
-
-
-class Tracker:
-    """Every process this run started or saw, to stop them all and prove it."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, float] = {}
-
-    def add(self, pids: Iterable[int]) -> None:
-        for pid in pids:
-            if pid in self.seen:
-                continue
-            try:
-                self.seen[pid] = psutil.Process(pid).create_time()
-            except psutil.Error:
-                continue
-
-    def alive(self) -> list[psutil.Process]:
-        out = []
-        for pid, created in self.seen.items():
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except psutil.Error:
-                continue
-        return out
-
-    def marked(self) -> list[psutil.Process]:
-        """Processes carrying this run's mark in their environment."""
-        out = []
-        for p in psutil.process_iter():
-            try:
-                if p.pid != os.getpid() and p.environ().get("HSU_BENCH_RUN") == RUN_MARK:
-                    out.append(p)
-            except psutil.Error:
-                continue
-        return out
-
-
-TRACKER = Tracker()
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -796,16 +751,6 @@ def bench_micro(repeat: int) -> Micro:
 # -- report ------------------------------------------------------------------------------
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for dist in ("hsu", "hsu-echo", "grpcio", "protobuf", "psutil"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "?"
-    return out
-
-
 MET = {True: "**met**", False: "**not met**"}
 
 
@@ -818,7 +763,7 @@ def report(
     argv: Sequence[str],
     runtime: float,
 ) -> str:
-    v = versions()
+    v = versions("hsu", "hsu-echo", "grpcio", "protobuf", "psutil")
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python bench/routing.py", *(shlex.quote(a) for a in argv)])
     lines = [
@@ -1050,45 +995,7 @@ def report(
     return "\n".join(lines)
 
 
-PREAMBLE = """\
-# Benchmarks
-
-Each section is written by its benchmark and replaced, alone, when that
-benchmark runs again. Numbers come from whatever machine ran it last; see each
-section for the machine and the versions.
-
-"""
-
-
-def write_section(body: str, heading: str = HEADING, path: Path = DOC) -> None:
-    """Replace the ``heading`` section (up to the next ``## ``) or append it."""
-    text = path.read_text() if path.exists() else PREAMBLE
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    section = body.rstrip("\n") + "\n"
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    path.write_text(new)
-
-
 # -- main ---------------------------------------------------------------------------
-
-
-def leftovers() -> list[psutil.Process]:
-    seen = {p.pid: p for p in TRACKER.alive()}
-    for p in TRACKER.marked():
-        seen.setdefault(p.pid, p)
-    return list(seen.values())
-
-
-def _interrupted(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1114,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/task").exists():
         raise SystemExit("needs Linux /proc")
     started = time.monotonic()
-    signal.signal(signal.SIGTERM, _interrupted)  # so the cleanup below still runs
+    signal.signal(signal.SIGTERM, interrupted)  # so the cleanup below still runs
     failed: BaseException | None = None
     try:
         print(
@@ -1147,7 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     print(f"no process left behind ({len(TRACKER.seen)} tracked)")
     if not args.no_write:
-        write_section(body)
+        write_section(body, HEADING)
         print(f"wrote the {HEADING!r} section of {DOC.relative_to(ROOT)}")
     return 0
 

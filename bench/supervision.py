@@ -33,21 +33,18 @@ import tempfile
 import textwrap
 import threading
 import time
-import uuid
 import xmlrpc.client
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psutil
+from _common import DOC, ROOT, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
 
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks.md"
 HEADING = "## Supervision"
 PROGRAM = ("sleep", "1e6")
 #: hsu's backoff streak ends after this long ready (so every kill is a fresh streak)
@@ -57,7 +54,6 @@ SETTLE = 0.3
 #: the same instance is not killed again before this long after it came up
 MIN_UP = 1.0
 POLL = 0.001
-RUN_MARK = f"hsu-bench-{uuid.uuid4().hex[:12]}"
 
 
 # -- processes ----------------------------------------------------------------
@@ -94,47 +90,6 @@ def is_sleeper(argv: list[str]) -> bool:
 
 def is_echo(argv: list[str]) -> bool:
     return "hsu_echo" in argv and "-m" in argv
-
-
-class Tracker:
-    """Every process this run started or saw, to stop them all and prove it."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, float] = {}
-
-    def add(self, pids: Iterable[int]) -> None:
-        for pid in pids:
-            if pid in self.seen:
-                continue
-            try:
-                self.seen[pid] = psutil.Process(pid).create_time()
-            except psutil.Error:
-                continue
-
-    def alive(self) -> list[psutil.Process]:
-        out = []
-        for pid, created in self.seen.items():
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except psutil.Error:
-                continue
-        return out
-
-    def marked(self) -> list[psutil.Process]:
-        """Processes carrying this run's mark in their environment."""
-        out = []
-        for p in psutil.process_iter():
-            try:
-                if p.pid != os.getpid() and p.environ().get("HSU_BENCH_RUN") == RUN_MARK:
-                    out.append(p)
-            except psutil.Error:
-                continue
-        return out
-
-
-TRACKER = Tracker()
 
 
 class Watch:
@@ -643,16 +598,6 @@ KILL_ROWS = [
 ]
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for dist in ("hsu", "supervisor", "circus", "psutil", "grpcio"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "?"
-    return out
-
-
 def report(
     kills: Samples,
     n_kills: int,
@@ -662,7 +607,7 @@ def report(
     window: float,
     runtime: float,
 ) -> str:
-    v = versions()
+    v = versions("hsu", "supervisor", "circus", "psutil", "grpcio")
     k = kills.values
     med = {key: median(xs) for key, xs in k.items()}
     lines: list[str] = [HEADING, ""]
@@ -792,45 +737,7 @@ def report(
     return "\n".join(lines)
 
 
-PREAMBLE = """\
-# Benchmarks
-
-Each section is written by its benchmark and replaced, alone, when that
-benchmark runs again. Numbers come from whatever machine ran it last; see each
-section for the machine and the versions.
-
-"""
-
-
-def write_section(body: str, path: Path = DOC) -> None:
-    """Replace the ``## Supervision`` section (up to the next ``## ``) or append it."""
-    text = path.read_text() if path.exists() else PREAMBLE
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
-    section = body.rstrip("\n") + "\n"
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    path.write_text(new)
-
-
 # -- main ---------------------------------------------------------------------------
-
-
-def leftovers() -> list[psutil.Process]:
-    seen = {p.pid: p for p in TRACKER.alive()}
-    for p in TRACKER.marked():
-        seen.setdefault(p.pid, p)
-    return list(seen.values())
-
-
-def _interrupted(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -843,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/task").exists():
         raise SystemExit("needs Linux /proc")
     started = time.monotonic()
-    signal.signal(signal.SIGTERM, _interrupted)  # so the cleanup below still runs
+    signal.signal(signal.SIGTERM, interrupted)  # so the cleanup below still runs
     failed: BaseException | None = None
     try:
         print(f"1. kill -> replacement, {args.kills} kills per tool", flush=True)
@@ -872,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     print(f"no process left behind ({len(TRACKER.seen)} tracked)")
     if not args.no_write:
-        write_section(body)
+        write_section(body, HEADING)
         print(f"wrote the {HEADING!r} section of {DOC.relative_to(ROOT)}")
     return 0
 
