@@ -713,6 +713,7 @@ class LogFiles:
                 os.ftruncate(wfd, 0)  # the lossy window ends here
                 skipped, f.offset = start - f.offset, 0
                 self._catch_up(f, blob, skipped, "")
+                self._drop_cut_line(f)
                 return
             self._shift(f.path)
             kept = _backup(f.path, 1)
@@ -726,10 +727,24 @@ class LogFiles:
                 start = max(f.offset, copied - CATCH_UP)
                 skipped, f.offset = start - f.offset, 0
                 self._catch_up(f, _read(backup, start, copied), skipped, str(kept))
+                self._drop_cut_line(f)
             finally:
                 os.close(backup)
         finally:
             os.close(wfd)
+
+    def _drop_cut_line(self, f: _File) -> None:
+        """After a truncation, an unfinished last line lost its end with it (a
+        write crossing a page boundary can be seen half done): drop it rather
+        than join it to whatever the file says next."""
+        if f.partial:
+            logger.debug(
+                "{} of {}: dropped {} bytes of a line cut by rotation",
+                f.stream,
+                f.instance_id,
+                len(f.partial),
+            )
+            f.partial.clear()
 
     def _shift(self, path: Path) -> None:
         for i in range(self.backups - 1, 0, -1):
