@@ -4,9 +4,12 @@ Run with ``python bench/routing.py`` (hsu and hsu-echo installed). One run
 measures, against one ``python -m hsu_echo`` instance on loopback:
 
 1. throughput, latency and CPU per call of ``Echo`` with 1 and 32 calls in
-   flight, three ways in rotating order, round after round: a plain grpc.aio
+   flight, side by side in rotating order, round after round: a plain grpc.aio
    stub straight to the instance (raw), ``hsu.connect`` (routed) and a plain
-   stub to the kernel's address (the gateway); then the three call by call;
+   stub to the kernel's address (the gateway), and, when nginx is installed,
+   a plain stub to the kernel's nginx data plane (``hsu_plugins.gateway_nginx``
+   on an address of its own, so that both gateways run in the same kernel);
+   then all of them call by call;
 2. the first call to an interface with no instance (started on demand, by a
    fresh kernel and by a kernel that scaled the unit to zero), next to the
    floor: spawning the same server without a kernel and calling it until it
@@ -72,6 +75,7 @@ FLOOR_OPTIONS = (
 )
 PLAIN_OPTIONS = (("grpc.enable_http_proxy", 0),)
 N_ENDPOINTS = 1000
+NGINX_VERSION = ""
 N_INTERFACES = 10
 
 
@@ -118,16 +122,23 @@ def stop_process(proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0
 class KernelProc:
     """``python -m hsu run`` on a deployment of one echo unit, in a temp dir."""
 
-    def __init__(self, tag: str, *, start: str, min_instances: int):
+    def __init__(self, tag: str, *, start: str, min_instances: int, nginx: bool = False):
         self.dir = Path(tempfile.mkdtemp(prefix=f"hb-route-{tag}-"))
         self.address = f"127.0.0.1:{free_port()}"
+        #: the nginx data plane's address ("" without one)
+        self.nginx = f"127.0.0.1:{free_port()}" if nginx else ""
         self.start_mode = start
         self.min_instances = min_instances
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
 
     def deployment(self) -> str:
-        return textwrap.dedent(f"""\
+        plane = (
+            f"plugins: [hsu_plugins.gateway_nginx]\ngateway_nginx: {{address: {self.nginx}}}\n"
+            if self.nginx
+            else ""
+        )
+        return plane + textwrap.dedent(f"""\
             name: bench-routing
             kernel:
               address: {self.address}
@@ -220,6 +231,25 @@ class KernelProc:
         if self.instances():
             raise RuntimeError("instances still listed after Scale(0)")
 
+    def nginx_pids(self) -> list[int]:
+        """nginx's master and workers (empty without the data plane)."""
+        try:
+            master = int((self.dir / ".hsu/bench-routing/nginx/nginx.pid").read_text())
+            return [master, *(c.pid for c in psutil.Process(master).children())]
+        except (OSError, ValueError, psutil.Error):
+            return []
+
+    def wait_nginx_routes(self, address: str, timeout: float = 10.0) -> None:
+        """Wait until nginx's configuration sends calls straight to ``address``."""
+        conf = self.dir / ".hsu/bench-routing/nginx/nginx.conf"
+        deadline = time.monotonic() + timeout
+        while f"server {address}" not in conf.read_text():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nginx never routed to {address}:\n{self.log_tail()}")
+            time.sleep(0.01)
+        time.sleep(0.3)  # the reload: new workers up, old ones gone
+
     def stop(self) -> None:
         if self.channel is not None:
             self.channel.close()
@@ -253,11 +283,13 @@ def quantile(xs: Sequence[float], q: float) -> float:
 
 # -- 1. throughput and latency --------------------------------------------------------
 
-VARIANTS = ("raw", "routed", "gateway")
+#: nginx is measured only where it is installed (``--no-nginx`` leaves it out)
+VARIANTS: tuple[str, ...] = ("raw", "routed", "gateway", "nginx")
 VARIANT_DESC = {
     "raw": "grpc.aio stub straight to the instance",
     "routed": "`hsu.connect(kernel)` + stub",
     "gateway": "grpc.aio stub to the kernel's address",
+    "nginx": "grpc.aio stub to the kernel's nginx data plane",
 }
 
 
@@ -283,7 +315,7 @@ def machine_busy() -> float:
 
 
 #: whose CPU time each window records
-ROLES = ("caller", "kernel", "hsu")
+ROLES: tuple[str, ...] = ("caller", "kernel", "hsu", "nginx")
 
 
 @dataclass
@@ -371,11 +403,13 @@ async def _throughput(
 ) -> Throughput:
     raw_ch = grpc.aio.insecure_channel(hsu_address, options=PLAIN_OPTIONS)
     gw_ch = grpc.aio.insecure_channel(kernel.address, options=PLAIN_OPTIONS)
+    nginx_ch = grpc.aio.insecure_channel(kernel.nginx or kernel.address, options=PLAIN_OPTIONS)
     routed_ch = hsu.connect(kernel.address)
     calls = {
         "raw": echo_pb2_grpc.EchoStub(raw_ch).Echo,
         "routed": echo_pb2_grpc.EchoStub(routed_ch).Echo,
         "gateway": echo_pb2_grpc.EchoStub(gw_ch).Echo,
+        "nginx": echo_pb2_grpc.EchoStub(nginx_ch).Echo,
     }
     out = Throughput()
     try:
@@ -384,13 +418,15 @@ async def _throughput(
             await drive(calls[v], 4, max(warmup, 0.5), cap)
             pids.add((await calls[v](REQUEST, timeout=CALL_TIMEOUT)).pid)
         if len(pids) != 1:
-            raise RuntimeError(f"the three variants reached different instances: {pids}")
+            raise RuntimeError(f"the variants reached different instances: {pids}")
         out.instance_pid = pids.pop()
         assert kernel.proc is not None
-        roles = {"caller": os.getpid(), "kernel": kernel.proc.pid, "hsu": out.instance_pid}
+        roles = {"caller": [os.getpid()], "kernel": [kernel.proc.pid], "hsu": [out.instance_pid]}
+        roles["nginx"] = kernel.nginx_pids()
+        TRACKER.add(roles["nginx"])
 
         def cpu_now() -> dict[str, float]:
-            return {role: cpu_seconds(pid) for role, pid in roles.items()}
+            return {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
 
         wall0, busy0, ours0 = time.monotonic(), machine_busy(), sum(cpu_now().values())
         for r in range(rounds):
@@ -427,17 +463,20 @@ async def _throughput(
         await routed_ch.close()
         await raw_ch.close()
         await gw_ch.close()
+        await nginx_ch.close()
     return out
 
 
 def bench_throughput(
     ns: Sequence[int], rounds: int, seconds: float, warmup: float, cap: int, alternating: float
 ) -> Throughput:
-    k = KernelProc("tput", start="at-start", min_instances=1)
+    k = KernelProc("tput", start="at-start", min_instances=1, nginx="nginx" in VARIANTS)
     try:
         k.start()
         k.wait_running()
         inst = k.wait_ready()
+        if k.nginx:
+            k.wait_nginx_routes(inst.address)
         return asyncio.run(
             _throughput(k, inst.address, ns, rounds, seconds, warmup, cap, alternating)
         )
@@ -787,21 +826,38 @@ def report(
         "One `python -m hsu_echo` instance under a kernel (`start: at-start`,",
         "`balancer: round_robin`), called from the bench process by N asyncio tasks, each",
         "calling `Echo` in a loop (one channel per variant; 'hello', no deadline pressure:",
-        f"{CALL_TIMEOUT:g} s). For each N, the three variants run in rotating order, each after a",
-        f"{args.warmup:g} s warm-up, for {rounds} rounds; a cell is the median over the rounds",
-        "(latencies are per call, measured in the caller). Ratios are the median of the",
+        f"{CALL_TIMEOUT:g} s). For each N, the {len(VARIANTS)} variants run in rotating order,",
+        f"each after a {args.warmup:g} s warm-up, for {rounds} rounds; a cell is the median over",
+        "the rounds (latencies are per call, measured in the caller). Ratios are the median of the",
         "per-round ratios of calls/s to raw in the same round, with their range. CPU per",
         "call: on-CPU time of each process during the window (all its threads, from",
         "`/proc/PID/task/*/schedstat`) / calls, for the bench process (the caller), the",
-        "kernel and the HSU.",
+        "kernel, the HSU"
+        + (" and nginx (its master and workers)." if "nginx" in VARIANTS else "."),
+        *(
+            [
+                "",
+                "nginx: the kernel runs with `plugins: [hsu_plugins.gateway_nginx]` and",
+                "`gateway_nginx.address` set to a port of its own, so that the Python gateway",
+                "keeps the kernel's port and both gateways forward to the same instance in one",
+                "run (without `address`, nginx takes the kernel's port: the same data path).",
+                f"{NGINX_VERSION}, `worker_processes 1`.",
+            ]
+            if "nginx" in VARIANTS
+            else [
+                "",
+                "nginx (`hsu_plugins.gateway_nginx`) was not measured in this run: nginx is not",
+                "installed here (or `--no-nginx` was given).",
+            ]
+        ),
         "",
         f"While this part ran ({tp.wall:.0f} s) the machine's {os.cpu_count()} CPUs were busy"
         f" {tp.busy / tp.wall / (os.cpu_count() or 1):.0%} of the time;"
-        f" processes other than these three used {max(0.0, tp.busy - tp.ours) / tp.wall:.2f}"
+        f" processes other than these used {max(0.0, tp.busy - tp.ours) / tp.wall:.2f}"
         " CPUs on average.",
         "",
         "| N | variant | calls/s | p50 ms | p99 ms | vs raw (range) |"
-        " CPU us/call: caller / kernel / HSU |",
+        f" CPU us/call: {' / '.join(r if r != 'hsu' else 'HSU' for r in ROLES)} |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     ratio_med: dict[tuple[str, int], float] = {}
@@ -830,8 +886,8 @@ def report(
         alt = tp.alternating
         raw50 = quantile(alt["raw"], 0.5)
         lines += [
-            "Call by call: one task calling raw, routed and gateway in turn (the first of the",
-            f"three rotating) for {tp.alternate_seconds:g} s, so that all three see the same",
+            f"Call by call: one task calling {', '.join(VARIANTS)} in turn (the first",
+            f"rotating) for {tp.alternate_seconds:g} s, so that all see the same",
             "moments of the machine; N=1. The last column is the variant's added latency.",
             "",
             "| variant | calls | p50 ms | mean ms | p99 ms | p50 - raw's p50, us |",
@@ -945,14 +1001,26 @@ def report(
             f" us); gateway >= 0.6x raw: {MET[g >= 0.6]} ({g:.2f}x; the kernel spends"
             f" {cpu_us('gateway', n, 'kernel'):.0f} us of CPU per forwarded call, the HSU"
             f" {cpu_us('gateway', n, 'hsu'):.0f} us to answer it)."
+            + (
+                f" Through nginx: {MET[ratio_med['nginx', n] >= 0.6]}"
+                f" ({ratio_med['nginx', n]:.2f}x, rounds {ratio_range['nginx', n][0]:.2f}-"
+                f"{ratio_range['nginx', n][1]:.2f}; nginx spends"
+                f" {cpu_us('nginx', n, 'nginx'):.0f} us of CPU per call)."
+                if "nginx" in VARIANTS
+                else ""
+            )
         )
     cpus = os.cpu_count() or 1
     for n in ns:
         bound = {v: cpus / sum(cpu_us(v, n, x) for x in ROLES) * 1e6 for v in VARIANTS}
         lines.append(
-            f"- N={n}, CPU alone caps calls/s at {cpus} CPUs / (caller + kernel + HSU CPU per"
-            f" call): raw {bound['raw']:,.0f}, routed {bound['routed']:,.0f}, gateway"
-            f" {bound['gateway']:,.0f} ({bound['gateway'] / bound['raw']:.2f}x raw's)."
+            f"- N={n}, CPU alone caps calls/s at {cpus} CPUs / (all CPU per call): "
+            + ", ".join(
+                f"{v} {bound[v]:,.0f}"
+                + ("" if v == "raw" else f" ({bound[v] / bound['raw']:.2f}x)")
+                for v in VARIANTS
+            )
+            + "."
         )
     if tp.alternating:
         alt = tp.alternating
@@ -960,7 +1028,13 @@ def report(
         lines.append(
             "- call by call, routed adds"
             f" {(quantile(alt['routed'], 0.5) - raw50) * 1e6:+.0f} us at p50 and the gateway"
-            f" {(quantile(alt['gateway'], 0.5) - raw50) * 1e6:+.0f} us (raw:"
+            f" {(quantile(alt['gateway'], 0.5) - raw50) * 1e6:+.0f} us"
+            + (
+                f", nginx {(quantile(alt['nginx'], 0.5) - raw50) * 1e6:+.0f} us"
+                if "nginx" in VARIANTS
+                else ""
+            )
+            + " (raw:"
             f" {raw50 * 1e6:.0f} us)."
         )
     spread = max(hi - lo for (v, _), (lo, hi) in ratio_range.items() if v == "routed")
@@ -1015,7 +1089,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=0.5, help="s idle before a first call")
     ap.add_argument("--repeat", type=int, default=5, help="timeit batches (default 5)")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    ap.add_argument("--no-nginx", action="store_true", help="leave out the nginx data plane")
     args = ap.parse_args(argv)
+    global VARIANTS, ROLES, NGINX_VERSION
+    nginx = shutil.which("nginx")
+    if args.no_nginx or nginx is None:
+        VARIANTS = tuple(v for v in VARIANTS if v != "nginx")
+        ROLES = tuple(r for r in ROLES if r != "nginx")
+        print("nginx: not measured (" + ("--no-nginx" if nginx else "not installed") + ")")
+    else:
+        out = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False)
+        NGINX_VERSION = (out.stderr or out.stdout).strip().replace("nginx version: ", "")
     if min(args.rounds, args.reps, args.repeat, *args.inflight) < 1 or args.duration <= 0:
         ap.error("counts must be >= 1 and the duration > 0")
     if not Path("/proc/self/task").exists():

@@ -118,3 +118,34 @@ def test_a_blocked_plugin_stays_out_even_when_autoloading(kernel_process, tmp_pa
     k = kernel_process(write_deployment(tmp_path / "d.yaml", "plugins: [no:blocked]\n"), env)
     k.wait_ready()
     assert k.stop()[0] == 0
+
+
+NEVER_READY = """
+units:
+  stuck:
+    kind: integrated
+    command: [sleep, "1000"]
+    start: at-start
+    startup_timeout: 120
+"""
+
+
+def test_a_stop_signal_during_a_long_start_stops_at_once(kernel_process, tmp_path):
+    """An HSU that never registers holds the start for its startup_timeout; a
+    SIGTERM meanwhile stops the kernel and what it started, without waiting."""
+    import psutil
+
+    from conftest import wait_until
+
+    k = kernel_process(write_deployment(tmp_path / "d.yaml", NEVER_READY))
+
+    def stuck() -> list[psutil.Process]:
+        return [c for c in psutil.Process(k.proc.pid).children() if c.name() == "sleep"]
+
+    wait_until(lambda: bool(stuck()))
+    [child] = stuck()
+    code, _, err = k.stop(signal.SIGTERM, timeout=15)  # not 120 s
+    assert code == 0, err
+    assert "kernel starting -> stopping (SIGTERM while starting)" in err
+    assert "kernel stopping -> stopped" in err
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE

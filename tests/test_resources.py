@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +20,7 @@ import pytest
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from hsu.config import converter
+from hsu.ports import LaunchSpec
 from hsu.resources import (
     MIB,
     RESOURCES,
@@ -26,8 +30,9 @@ from hsu.resources import (
     Usage,
     breaches,
     check_rlimits,
-    rlimits_preexec,
+    rlimits_argv,
 )
+from hsu_plugins.launcher_subprocess import SubprocessLauncher
 
 #: the child says "ready" once it holds what the test measures, then waits on stdin
 HOLD = "print('ready', flush=True)\nsys.stdin.read()\n"
@@ -230,30 +235,71 @@ def test_a_zombie_samples_as_none() -> None:
 # --- rlimits
 
 
-def limits_in_child(rlimits: dict[str, int], name: str) -> str:
-    code = f"import resource; print(resource.getrlimit(resource.RLIMIT_{name.upper()}))"
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        preexec_fn=rlimits_preexec(rlimits),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+#: a resource's row in /proc/<pid>/limits
+LIMITS_ROWS = {"nofile": "Max open files", "core": "Max core file size", "as": "Max address space"}
 
 
-def test_rlimits_are_applied_in_the_child() -> None:
-    assert limits_in_child({"nofile": 256}, "nofile") == "(256, 256)"
-    assert limits_in_child({"core": 0, "nofile": 300}, "core") == "(0, 0)"
+async def launched_limits(rlimits: dict[str, int]) -> dict[str, tuple[str, str]]:
+    """The soft and hard limits of a process the launcher starts with ``rlimits``,
+    read from its /proc/<pid>/limits once ``prlimit`` has exec'd it."""
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    spec = LaunchSpec("t", "t-1", [sleep, "60"], dict(os.environ), rlimits=rlimits)
+    handle = await SubprocessLauncher().launch(spec)
+    try:
+        real, deadline = os.path.realpath(sleep), time.monotonic() + 10  # noqa: ASYNC240
+        while os.readlink(f"/proc/{handle.pid}/exe") != real:
+            assert time.monotonic() < deadline, "prlimit did not exec the command"
+            await asyncio.sleep(0.005)
+        with open(f"/proc/{handle.pid}/limits") as f:  # noqa: ASYNC230
+            rows = f.read().splitlines()
+    finally:
+        handle.signal(signal.SIGKILL)
+        await handle.wait()
+    found = {}
+    for name, label in LIMITS_ROWS.items():
+        [row] = [r for r in rows if r.startswith(label)]
+        soft, hard = row[len(label) :].split()[:2]
+        found[name] = (soft, hard)
+    return found
+
+
+async def test_rlimits_are_applied_to_the_launched_process() -> None:
+    rlimits = {"nofile": 256, "core": 0}
+    if resource.getrlimit(resource.RLIMIT_AS)[1] == resource.RLIM_INFINITY:
+        rlimits["as"] = -1
+    found = await launched_limits(rlimits)
+    assert found["nofile"] == ("256", "256")
+    assert found["core"] == ("0", "0")
+    if "as" in rlimits:
+        assert found["as"] == ("unlimited", "unlimited")
     # the parent is untouched
     assert resource.getrlimit(resource.RLIMIT_NOFILE) != (256, 256)
 
 
-def test_rlimits_preexec_of_nothing_is_none_and_bad_names_raise() -> None:
-    assert rlimits_preexec({}) is None
+def test_rlimits_argv_are_prlimit_options_and_bad_names_raise() -> None:
+    assert rlimits_argv({}) == []
+    assert rlimits_argv({"nofile": 256, "core": 0, "as": -1}) == [
+        "--nofile=256:256",
+        "--core=0:0",
+        "--as=unlimited:unlimited",
+    ]
+    assert rlimits_argv({"ofile": 64}) == ["--nofile=64:64"]  # the old name of nofile
     with pytest.raises(ValueError, match="nofle"):
-        rlimits_preexec({"nofle": 1})
+        rlimits_argv({"nofle": 1})
     with pytest.raises(ValueError, match="nofile"):
-        rlimits_preexec({"nofile": -2})
+        rlimits_argv({"nofile": -2})
+    with pytest.raises(ValueError, match="core"):
+        rlimits_argv({"core": True})
+
+
+def test_every_resource_has_a_prlimit_option() -> None:
+    prlimit = shutil.which("prlimit")
+    assert prlimit is not None, "util-linux's prlimit is needed to set rlimits"
+    usage = subprocess.run([prlimit, "--help"], capture_output=True, text=True).stdout
+    for name in RESOURCES:
+        [option] = rlimits_argv({name: 1})
+        assert f" --{option.removeprefix('--').split('=')[0]} " in usage, name
 
 
 def test_check_rlimits_accepts_good_ones() -> None:

@@ -65,6 +65,8 @@ def load(ctx: SourceContext, cli_plugins: Sequence[str] = ()) -> tuple[Deploymen
     """The deployment and the plugin manager ``hsu run`` would use."""
     boot = PluginManager.load(cli_plugins, env=ctx.env)
     deployment = read_config(boot, ctx)
+    if not deployment.plugins:
+        return deployment, boot  # the same list: the same plugins, loaded once
     plugins = PluginManager.load([*deployment.plugins, *cli_plugins], env=ctx.env)
     if set(plugins.config_sources()) != set(boot.config_sources()):
         deployment = read_config(plugins, ctx)

@@ -162,7 +162,8 @@ class Kernel:
     async def start(self) -> None:
         """created -> starting -> running: listen, start ``at-start`` units, serve."""
         self.machine.move(KernelState.STARTING)
-        self._stop_requested = asyncio.Event()
+        if self._stop_requested is None:  # serve() makes it first
+            self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._log_sink = logger.add(self.logs.sink, level="DEBUG", enqueue=False)
         try:
@@ -186,7 +187,11 @@ class Kernel:
             await self._server.set_serving(True)
             await self.plugins.call_each("hsu_kernel_started", kernel=self)
         except BaseException as exc:
-            await self._teardown(KernelState.FAILED, f"start failed: {exc!r}")
+            if isinstance(exc, asyncio.CancelledError) and self._stop_reason:
+                # serve() gave up the start for a stop signal: a stop, not a failure
+                await self._teardown(KernelState.STOPPED, f"{self._stop_reason} while starting")
+            else:
+                await self._teardown(KernelState.FAILED, f"start failed: {exc!r}")
             raise
 
     async def _bring_up(self, name: str) -> None:
@@ -268,10 +273,29 @@ class Kernel:
             lambda: self._background.append(asyncio.ensure_future(self.reload_logged("SIGHUP"))),
         )
         self._serving = True
+        self._stop_requested = stop = asyncio.Event()
         try:
-            await self.start()
-            assert self._stop_requested is not None
-            await self._stop_requested.wait()
+            # a stop signal during a long start (an HSU that never gets ready
+            # within its startup_timeout) ends the start, not after it
+            starting = asyncio.ensure_future(self.start())
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                starting.cancel()
+                raise
+            finally:
+                stopping.cancel()
+            if not starting.done():
+                logger.warning(
+                    "kernel: {} while starting; stopping what started", self._stop_reason
+                )
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                return
+            starting.result()
+            await stop.wait()
             await self.stop(self._stop_reason)
         finally:
             for sig in signals:

@@ -15,6 +15,7 @@ loaded exactly as a third party's plugin is.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata as md
 import os
@@ -157,7 +158,7 @@ class PluginManager:
 
     def _load_builtin(self, name: str, eps: Mapping[str, md.EntryPoint], source: str) -> None:
         ep = eps.get(name)
-        if ep is None or (ep.dist is not None and ep.dist.name != "hsu"):
+        if ep is None or (ep.dist is not None and _dist_of(ep)[0] != "hsu"):
             raise PluginError(
                 f"built-in plugin {name!r} has no entry point in the hsu distribution;"
                 " is hsu installed (pip install -e .)?"
@@ -464,16 +465,32 @@ def _entry_points() -> dict[str, md.EntryPoint]:
     return found
 
 
+#: (name, version) by distribution: reading METADATA parses a whole email
+#: message, and every built-in plugin comes from the same distribution
+_dists: dict[str, tuple[str, str]] = {}
+
+
 def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
     dist = ep.dist
     if dist is None:
         return "", ""
-    return dist.metadata["Name"] or dist.name, dist.version
+    key = str(getattr(dist, "_path", "")) or repr(dist)
+    known = _dists.get(key)
+    if known is None:
+        meta = dist.metadata
+        known = _dists[key] = (meta["Name"] or dist.name, meta["Version"] or dist.version)
+    return known
+
+
+@functools.cache
+def _packages_distributions() -> Mapping[str, list[str]]:
+    # scans every installed distribution's RECORD: once per process
+    return md.packages_distributions()
 
 
 def _dist_of_module(module: str) -> tuple[str | None, str | None]:
     top = module.split(".")[0]
-    dists = md.packages_distributions().get(top)
+    dists = _packages_distributions().get(top)
     if not dists:
         return None, None
     try:

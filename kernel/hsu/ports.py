@@ -25,7 +25,8 @@ class LaunchSpec:
     #: choice); the kernel passes its per-instance log files
     stdout: int | None = None
     stderr: int | None = None
-    #: POSIX rlimits applied in the child before exec, e.g. ``{"nofile": 1024}``
+    #: POSIX rlimits the process starts with (set by util-linux's prlimit, which then
+    #: execs the command), e.g. ``{"nofile": 1024}``
     rlimits: Mapping[str, int] = attrs.field(factory=dict)
     #: SIGKILL the child when the kernel dies (else it may be re-attached)
     die_with_kernel: bool = False

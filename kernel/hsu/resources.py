@@ -2,8 +2,10 @@
 
 A unit's ``limits`` section (:class:`ResourceLimits`) holds warning thresholds
 checked every ``interval`` seconds against a :class:`Usage` read by a
-:class:`Sampler`, the action to take on a breach, and POSIX rlimits applied in
-the child between fork and exec (:func:`rlimits_preexec`).
+:class:`Sampler`, the action to take on a breach, and POSIX rlimits set at
+spawn by util-linux's ``prlimit`` in front of the command, which then execs it
+(:func:`rlimits_argv`): no ``preexec_fn``, as that makes :class:`subprocess.Popen`
+fork() a kernel whose gRPC threads make fork unsafe.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import enum
 import os
 import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import attrs
 import psutil
@@ -130,31 +132,43 @@ def check_rlimits(rlimits: Mapping[str, int], *, privileged: bool | None = None)
     return problems
 
 
-def rlimits_preexec(rlimits: Mapping[str, int]) -> Callable[[], None] | None:
-    """A ``preexec_fn`` for :class:`subprocess.Popen` that sets ``rlimits`` (None if empty).
+#: prlimit(1)'s option for each resource (``ofile`` is ``nofile`` under its old name)
+_PRLIMIT_OPTIONS: Mapping[int, str] = {
+    getattr(resource, f"RLIMIT_{name.upper()}"): option
+    for name, option in (
+        ("as", "as"), ("core", "core"), ("cpu", "cpu"), ("data", "data"),
+        ("fsize", "fsize"), ("locks", "locks"), ("memlock", "memlock"),
+        ("msgqueue", "msgqueue"), ("nice", "nice"), ("nofile", "nofile"),
+        ("nproc", "nproc"), ("rss", "rss"), ("rtprio", "rtprio"),
+        ("rttime", "rttime"), ("sigpending", "sigpending"), ("stack", "stack"),
+    )
+    if hasattr(resource, f"RLIMIT_{name.upper()}")
+}  # fmt: skip
 
-    Each value becomes both the soft and the hard limit. The function runs in the
-    child between fork and exec, so everything is computed here and it only calls
-    :func:`resource.setrlimit`; if that fails, Popen raises ``SubprocessError``.
-    Raises ``ValueError`` for an unknown name or a bad value (see :func:`check_rlimits`).
+
+def rlimits_argv(rlimits: Mapping[str, int]) -> list[str]:
+    """The options of util-linux's ``prlimit`` that set ``rlimits`` (empty if none).
+
+    ``[prlimit, *rlimits_argv(rlimits), "--", *argv]`` sets the limits on
+    itself and execs ``argv``, which keeps its pid and holds them from its
+    first instruction. Each value becomes both the soft and the hard limit
+    (``--nofile=256:256``; -1 is ``unlimited``). Raises ``ValueError`` for an
+    unknown name or a bad value (see :func:`check_rlimits`).
     """
-    if not rlimits:
-        return None
-    pairs: list[tuple[int, tuple[int, int]]] = []
+    options: list[str] = []
     for name, value in rlimits.items():
         res = RESOURCES.get(name)
-        if res is None or isinstance(value, bool) or not _UNLIMITED <= value <= _RLIM_MAX:
+        option = _PRLIMIT_OPTIONS.get(res) if res is not None else None
+        if (
+            option is None
+            or isinstance(value, bool)
+            or not isinstance(value, int)
+            or not _UNLIMITED <= value <= _RLIM_MAX
+        ):
             raise ValueError(f"rlimits.{name}: cannot set {value!r}")
-        limit = resource.RLIM_INFINITY if value == _UNLIMITED else value
-        pairs.append((res, (limit, limit)))
-    frozen = tuple(pairs)
-    setrlimit = resource.setrlimit
-
-    def apply() -> None:
-        for res, limits in frozen:
-            setrlimit(res, limits)
-
-    return apply
+        limit = "unlimited" if value == _UNLIMITED else str(value)
+        options.append(f"--{option}={limit}:{limit}")
+    return options
 
 
 @attrs.frozen

@@ -22,7 +22,7 @@ import contextlib
 import fnmatch
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -401,6 +401,11 @@ class KernelRouting:
         #: called with each endpoint that leaves the registry (the gateway
         #: closes its channel)
         self.on_delete: list[Callable[[Endpoint], None]] = []
+        #: awaited with the instance id of each instance being drained, after
+        #: its draining state is written and before its calls are counted
+        #: down: a data plane outside the kernel (hsu_plugins.gateway_nginx)
+        #: returns once it sends the instance no new call
+        self.drain_barriers: list[Callable[[str], Awaitable[None]]] = []
         self._load_changed: dict[str, asyncio.Event] = {}
         self._last_scaled: dict[str, float] = {}
         self._quiet_since: dict[str, float] = {}
@@ -621,6 +626,19 @@ class KernelRouting:
         self.update(inst)
         await self.flush()
         deadline = time.monotonic() + timeout
+        for barrier in list(self.drain_barriers):
+            try:
+                await asyncio.wait_for(
+                    barrier(inst.instance_id), max(0.0, deadline - time.monotonic())
+                )
+            except TimeoutError:
+                logger.bind(instance=inst.instance_id).warning(
+                    "drain: {} did not confirm within the drain timeout", _name_of(barrier)
+                )
+            except Exception as exc:  # a plugin's bug must not stop the stop
+                logger.bind(instance=inst.instance_id).opt(exception=exc).error(
+                    "drain: {} failed", _name_of(barrier)
+                )
         ev = self._load_changed.setdefault(inst.instance_id, asyncio.Event())
         try:
             while self.load(inst.instance_id) > 0:
@@ -689,3 +707,7 @@ class KernelRouting:
         else:
             self._quiet_since.pop(unit, None)
         return 0
+
+
+def _name_of(fn: Callable[..., object]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
