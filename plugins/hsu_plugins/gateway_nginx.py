@@ -42,8 +42,9 @@ idempotent, max_attempts    ``grpc_next_upstream error timeout non_idempotent`` 
 ==========================  =====================================================
 
 Why: the Python gateway costs the kernel more CPU per call than the HSU
-spends answering it; nginx forwards at about 0.8x of a direct call where the
-Python gateway manages about half (docs/benchmarks.md, docs/routing.md).
+spends answering it; through nginx, calls ran at 0.65-0.88x of direct where
+the Python gateway managed 0.44-0.52x (two ``nox -s bench`` runs on a 2-CPU
+machine, docs/benchmarks.md).
 """
 
 from __future__ import annotations
