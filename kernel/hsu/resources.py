@@ -132,15 +132,13 @@ def check_rlimits(rlimits: Mapping[str, int], *, privileged: bool | None = None)
     return problems
 
 
-#: prlimit(1)'s option for each resource (``ofile`` is ``nofile`` under its old name)
+#: prlimit(1)'s option for each resource: its name (``ofile`` is ``nofile``
+#: under its old name, the same resource)
 _PRLIMIT_OPTIONS: Mapping[int, str] = {
-    getattr(resource, f"RLIMIT_{name.upper()}"): option
-    for name, option in (
-        ("as", "as"), ("core", "core"), ("cpu", "cpu"), ("data", "data"),
-        ("fsize", "fsize"), ("locks", "locks"), ("memlock", "memlock"),
-        ("msgqueue", "msgqueue"), ("nice", "nice"), ("nofile", "nofile"),
-        ("nproc", "nproc"), ("rss", "rss"), ("rtprio", "rtprio"),
-        ("rttime", "rttime"), ("sigpending", "sigpending"), ("stack", "stack"),
+    getattr(resource, f"RLIMIT_{name.upper()}"): name
+    for name in (
+        "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+        "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
     )
     if hasattr(resource, f"RLIMIT_{name.upper()}")
 }  # fmt: skip
