@@ -237,3 +237,21 @@ async def test_a_missing_wrapper_names_the_tool_and_its_package(
 async def test_a_bad_rlimit_is_a_launch_error() -> None:
     with pytest.raises(LaunchError, match=r"^unit 't': rlimits.nofle: cannot set 1$"):
         await LAUNCHER.launch(spec(["true"], rlimits={"nofle": 1}))
+
+
+# -- the handle's exit -------------------------------------------------------------
+
+
+async def test_every_exited_future_gets_the_status_and_cancelling_one_spares_the_rest() -> None:
+    handle = await LAUNCHER.launch(spec([SLEEP, "30"]))
+    first, second, third = handle.exited(), handle.exited(), handle.exited()
+    second.cancel()  # what a supervisor does when it stops waiting
+    handle.signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        assert await first == -signal.SIGTERM
+        assert await third == -signal.SIGTERM
+        assert await handle.wait() == -signal.SIGTERM
+    assert second.cancelled()
+    late = handle.exited()  # asked for after the exit: done at once
+    assert late.done() and late.result() == -signal.SIGTERM
+    assert handle.returncode == -signal.SIGTERM

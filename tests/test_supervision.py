@@ -456,3 +456,27 @@ async def test_a_replacement_starts_without_the_dead_pid_and_is_ready_with_its_o
     ready = [pid for state, pid in seen if state == "ready"]
     assert starting == [0]  # not the dead one
     assert ready == [inst.pid]
+
+
+async def test_first_done_wakes_on_any_future_and_close_detaches_it():
+    from hsu.supervisor import _FirstDone
+
+    loop = asyncio.get_running_loop()
+    a, b, c = loop.create_future(), loop.create_future(), loop.create_future()
+    first = _FirstDone((a, b, c))
+    await asyncio.sleep(0)
+    assert not first.waiter.done()
+    b.set_result(1)
+    async with asyncio.timeout(5):
+        await first.waiter
+    first.close()
+    # closed: a later result neither fails nor reaches it, and nothing is left attached
+    a.set_result(2)
+    await asyncio.sleep(0)
+    assert a.remove_done_callback(first._on_done) == 0
+    assert c.remove_done_callback(first._on_done) == 0
+    # an already-done future wakes a new one at once
+    again = _FirstDone((a, c))
+    async with asyncio.timeout(5):
+        await again.waiter
+    again.close()

@@ -128,6 +128,12 @@ class Instance:
 
 def _future() -> asyncio.Future[None]:
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    # a failed attempt nobody waited for is not an "exception never retrieved"
-    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    fut.add_done_callback(_retrieve)
     return fut
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """A failed attempt nobody waited for is not an "exception never retrieved".
+    (A module function: a lambda would be a new function object per future.)"""
+    if not fut.cancelled():
+        fut.exception()
