@@ -542,10 +542,16 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def bench_idle(counts: tuple[int, ...], window: float) -> dict[tuple[str, int], tuple[int, float]]:
-    """(tool, instances) -> (daemon RSS bytes, daemon CPU seconds per second)."""
-    out: dict[tuple[str, int], tuple[int, float]] = {}
-    for n in counts:
+Idle = dict[tuple[str, int], list[tuple[int, float]]]
+
+
+def bench_idle(counts: tuple[int, ...], window: float, rounds: int) -> Idle:
+    """(tool, instances) -> per round (daemon RSS bytes, daemon CPU seconds per second).
+
+    Each round starts fresh daemons: a daemon's RSS varies by a few hundred KiB from
+    one process to the next, which is several KiB per instance at 50 instances."""
+    out: Idle = {}
+    for r, n in ((r, n) for r in range(rounds) for n in counts):
         daemons: list[Daemon] = [Hsu(n, "idle"), Supervisor(n, "idle"), Circus(n, "idle")]
         try:
             for d in daemons:
@@ -559,13 +565,15 @@ def bench_idle(counts: tuple[int, ...], window: float) -> dict[tuple[str, int], 
             elapsed = time.monotonic() - t0
             for d, b in zip(daemons, before, strict=True):
                 cpu = (cpu_seconds(d.pid) - b) / elapsed
-                out[d.name, n] = (psutil.Process(d.pid).memory_info().rss, cpu)
+                out.setdefault((d.name, n), []).append(
+                    (psutil.Process(d.pid).memory_info().rss, cpu)
+                )
                 if len(d.sleepers.running()) != n:
                     raise RuntimeError(f"{d.name}: lost instances during the idle window")
         finally:
             for d in daemons:
                 d.stop()
-        print(f"  idle window with {n} instance(s) done", flush=True)
+        print(f"  round {r + 1}/{rounds}: idle window with {n} instance(s) done", flush=True)
     return out
 
 
@@ -608,8 +616,9 @@ def report(
     n_kills: int,
     cold: dict[str, list[float]],
     cold_imports: dict[str, list[float]],
-    idle: dict[tuple[str, int], tuple[int, float]],
+    idle: Idle,
     window: float,
+    rounds: int,
     runtime: float,
 ) -> str:
     v = versions("hsu", "supervisor", "circus", "psutil", "grpcio")
@@ -695,21 +704,28 @@ def report(
         "window; CPU = on-CPU time of all the daemon's threads over that window (summed from",
         "`/proc/PID/task/*/schedstat`, ns resolution: psutil's `cpu_times` counts 10 ms ticks,",
         f"too coarse for an idle daemon) / {window:g} s. Per instance = (value at 50 - value",
-        "at 1) / 49.",
+        f"at 1) / 49 within a round. {rounds} rounds, each with fresh daemons (one daemon's",
+        "RSS differs from the next one's by a few hundred KiB, i.e. several KiB per",
+        "instance); each cell is the median over the rounds, and the last column shows",
+        "every round's RSS per instance.",
         "",
         "| tool | RSS, 1 inst. | RSS, 50 inst. | RSS per inst. | CPU, 1 inst. | CPU, 50 inst. |"
-        " CPU per inst. |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " CPU per inst. | RSS per inst., each round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     per: dict[str, tuple[float, float]] = {}
     for tool in ("hsu", "supervisor", "circus"):
-        r1, c1 = idle[tool, 1]
-        r50, c50 = idle[tool, 50]
-        dr, dc = (r50 - r1) / 49, (c50 - c1) / 49
+        ones, fifties = idle[tool, 1], idle[tool, 50]
+        drs = [(b[0] - a[0]) / 49 for a, b in zip(ones, fifties, strict=True)]
+        dcs = [(b[1] - a[1]) / 49 for a, b in zip(ones, fifties, strict=True)]
+        r1, c1 = median([x[0] for x in ones]), median([x[1] for x in ones])
+        r50, c50 = median([x[0] for x in fifties]), median([x[1] for x in fifties])
+        dr, dc = median(drs), median(dcs)
         per[tool] = (dr, dc)
+        each = ", ".join(f"{x / 1024:.1f}" for x in drs)
         lines.append(
             f"| {tool} | {r1 / 2**20:.1f} MiB | {r50 / 2**20:.1f} MiB | {dr / 1024:.1f} KiB |"
-            f" {c1 * 100:.3f}% | {c50 * 100:.3f}% | {dc * 100:.4f}% |"
+            f" {c1 * 100:.3f}% | {c50 * 100:.3f}% | {dc * 100:.4f}% | {each} KiB |"
         )
     lines += ["", "(CPU in % of one core.)", ""]
     cold_h, cold_c = median(cold["hsu"]), median(cold["circus"])
@@ -755,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=10, help="kills per tool (default 10)")
     ap.add_argument("--cold", type=int, default=5, help="cold starts per tool (default 5)")
     ap.add_argument("--window", type=float, default=10.0, help="idle window, s (default 10)")
+    ap.add_argument("--rounds", type=int, default=3, help="idle rounds (default 3)")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
     args = ap.parse_args(argv)
     if not Path("/proc/self/task").exists():
@@ -769,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         cold = bench_cold(args.cold)
         imports = bench_imports()
         print(f"3. RSS and idle CPU, {args.window:g} s windows", flush=True)
-        idle = bench_idle((1, 50), args.window)
+        idle = bench_idle((1, 50), args.window, args.rounds)
     except BaseException as exc:
         failed = exc
         raise
@@ -784,7 +801,9 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr)
             if failed is None:
                 raise SystemExit(msg)
-    body = report(kills, args.kills, cold, imports, idle, args.window, time.monotonic() - started)
+    body = report(
+        kills, args.kills, cold, imports, idle, args.window, args.rounds, time.monotonic() - started
+    )
     print()
     print(body)
     print(f"no process left behind ({len(TRACKER.seen)} tracked)")
