@@ -54,3 +54,28 @@ def test_every_hookspec_is_exercised_by_a_test(name):
         if p.name != here and re.search(rf"def {name}\(", p.read_text())
     ]
     assert users, f"no test implements {name}"
+
+
+def test_an_hsu_importing_the_sdk_does_not_load_the_kernel():
+    import subprocess
+    import sys
+
+    kernel_side = ["hsu.microkernel", "hsu.supervisor", "hsu.config", "hsu.plugin_manager",
+                   "psutil", "cattrs", "yaml"]  # fmt: skip
+    code = (
+        f"import sys, hsu.worker; print(','.join(m for m in {kernel_side!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_the_public_names_resolve_on_first_use():
+    import hsu
+    import hsu.microkernel
+
+    assert hsu.Kernel is hsu.microkernel.Kernel
+    assert set(hsu.__all__) <= set(dir(hsu))
+    for name in hsu.__all__:
+        assert getattr(hsu, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'Kernal'"):
+        hsu.Kernal  # noqa: B018
