@@ -5,9 +5,11 @@ session's virtualenv). One run measures, on the same programs:
 
 1. SIGKILL of an instance -> its replacement running (and, for an integrated
    HSU, ready), interleaved across the tools, ``--kills`` times each;
-2. daemon launch -> 10 instances running, ``--cold`` times each;
+2. daemon launch -> 10 instances running, ``--cold`` times each, next to the
+   floor (``bench/launch_floor.py``: hsu's required dependencies imported, then
+   10 ``Popen()``s);
 3. the daemon's RSS and idle CPU with 1 and 50 instances, all three daemons
-   idle in the same window.
+   idle in the same window, over ``--rounds`` rounds of fresh daemons.
 
 It prints the results and replaces the ``## Supervision`` section of
 ``docs/benchmarks.md`` (other sections are left alone). Every daemon runs in

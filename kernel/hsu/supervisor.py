@@ -641,13 +641,15 @@ class UnitSupervisor:
 
     async def _become_ready(self, inst: Instance, saved: SavedInstance | None) -> None:
         spec = self.spec
+        if self._ready_once_running():  # _attempt does not call us then; one definition
+            return
         if spec.kind is UnitKind.INTEGRATED and saved is None:
             await inst.registered
         health = spec.health
         if health is None:
             if spec.kind is UnitKind.INTEGRATED and saved is not None:
                 await self._probe_until_ok(inst, "ping", 0.2, 1.0, 1)
-            elif spec.kind is UnitKind.UNMANAGED and not spec.pidfile:
+            elif spec.kind is UnitKind.UNMANAGED:  # by address (a pidfile: above)
                 await self._probe_until_ok(inst, "grpc", 0.2, 1.0, 1)
             return
         if health.initial_delay:
