@@ -1,4 +1,5 @@
-"""CPU and wake-ups of the log follower (``hsu.logfiles``), not part of ``nox -s bench``.
+"""CPU and wake-ups of the log follower (``hsu._kernel.supervision.logfiles``), not part of
+``nox -s bench``.
 
 ``python bench/logfollower_idle.py`` follows 100 files (50 instances) in a
 running event loop and prints: 10 s idle; 1000 one-line writes 5 ms apart by
@@ -26,7 +27,7 @@ from loguru import logger
 
 def load(module: str | None) -> Any:
     if module is None:
-        from hsu.logfiles import LogFiles
+        from hsu._kernel.supervision.logfiles import LogFiles
 
         return LogFiles
     spec = importlib.util.spec_from_file_location("other_logfiles", module)

@@ -7,7 +7,7 @@ measures, against one ``python -m hsu_echo`` instance on loopback:
    flight, side by side in rotating order, round after round: a plain grpc.aio
    stub straight to the instance (raw), ``hsu.connect`` (routed) and a plain
    stub to the kernel's address (the gateway), and, when nginx is installed,
-   a plain stub to the kernel's nginx data plane (``hsu_plugins.gateway_nginx``
+   a plain stub to the kernel's nginx data plane (``hsu_plugins.gateway.nginx``
    on an address of its own, so that both gateways run in the same kernel);
    then all of them call by call;
 2. the first call to an interface with no instance (started on demand, by a
@@ -54,11 +54,11 @@ import psutil
 from _common import DOC, ROOT, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
 
 import hsu
+from hsu._kernel.plugins import PluginManager
+from hsu._kernel.routing import Policy, Route
 from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
-from hsu.plugin_manager import PluginManager
 from hsu.ports import Endpoint
-from hsu.routing import Policy, Route
 
 HEADING = "## Routing"
 UNIT = "echo"
@@ -134,7 +134,7 @@ class KernelProc:
 
     def deployment(self) -> str:
         plane = (
-            f"plugins: [hsu_plugins.gateway_nginx]\ngateway_nginx: {{address: {self.nginx}}}\n"
+            f"plugins: [hsu_plugins.gateway.nginx]\ngateway_nginx: {{address: {self.nginx}}}\n"
             if self.nginx
             else ""
         )
@@ -758,7 +758,7 @@ def bench_micro(repeat: int) -> Micro:
     )
     out.other[CLIENT_OWN] = asyncio.run(client_overhead(plugins, repeat))
 
-    from hsu_plugins.registry_memory import MemoryRegistry
+    from hsu_plugins.routing.registry_memory import MemoryRegistry
 
     async def registry_costs() -> None:
         for interfaces in (N_INTERFACES, 1):
@@ -837,7 +837,7 @@ def report(
         *(
             [
                 "",
-                "nginx: the kernel runs with `plugins: [hsu_plugins.gateway_nginx]` and",
+                "nginx: the kernel runs with `plugins: [hsu_plugins.gateway.nginx]` and",
                 "`gateway_nginx.address` set to a port of its own, so that the Python gateway",
                 "keeps the kernel's port and both gateways forward to the same instance in one",
                 "run (without `address`, nginx takes the kernel's port: the same data path).",
@@ -846,7 +846,7 @@ def report(
             if "nginx" in VARIANTS
             else [
                 "",
-                "nginx (`hsu_plugins.gateway_nginx`) was not measured in this run: nginx is not",
+                "nginx (`hsu_plugins.gateway.nginx`) was not measured in this run: nginx is not",
                 "installed here (or `--no-nginx` was given).",
             ]
         ),

@@ -516,7 +516,7 @@ def bench_cold(reps: int, n: int = 10) -> dict[str, list[float]]:
 
 IMPORTS = {
     "python": "pass",
-    "hsu": "import hsu.cli, hsu.config_loader, hsu.microkernel",
+    "hsu": "import hsu._kernel.cli, hsu._kernel.config.loader, hsu._kernel.kernel",
     "supervisor": "import supervisor.supervisord",
     "circus": "import circus.circusd",
     # what hsu cannot start without: its required dependencies, no hsu code

@@ -1,4 +1,4 @@
-"""The built-in balancing strategies (``hsu_plugins.balancers``), as units."""
+"""The built-in balancing strategies (``hsu_plugins.routing.balancers``), as units."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 import hsu
+from hsu._kernel.plugins import PluginManager
 from hsu.errors import ConflictError
-from hsu.plugin_manager import PluginManager
 from hsu.ports import Balancer, Endpoint, Factory
-from hsu_plugins import balancers
+from hsu_plugins.routing import balancers
 
 ALL = [
     "least_inflight",

@@ -2,9 +2,9 @@
 
 import pytest
 
-import hsu_plugins.breakers as breakers
+import hsu_plugins.routing.breakers as breakers
 from hsu.ports import CircuitBreaker, Factory
-from hsu_plugins.breakers import (
+from hsu_plugins.routing.breakers import (
     CLOSED,
     HALF_OPEN,
     OPEN,
@@ -384,8 +384,8 @@ def test_create_refuses_bad_options():
 
 def test_another_plugin_adds_a_breaker_but_cannot_take_a_builtin_name():
     import hsu
+    from hsu._kernel.plugins import PluginManager
     from hsu.errors import ConflictError
-    from hsu.plugin_manager import PluginManager
 
     pm = PluginManager.load(env={}, autoload=False)
 

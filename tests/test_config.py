@@ -3,7 +3,7 @@ import sys
 import attrs
 import pytest
 
-from hsu.config import (
+from hsu._kernel.config.model import (
     Deployment,
     deployment_from_dict,
     load_deployment,
@@ -40,7 +40,7 @@ def test_every_problem_is_reported_at_once_with_its_path_and_source():
 def test_a_command_string_is_split_like_a_shell_and_python_means_this_interpreter():
     d = deployment_from_dict({"units": {"e": {"command": "python -m 'a b'"}}})
     assert d.units["e"].command == ("python", "-m", "a b")
-    from hsu.supervisor import UnitSupervisor
+    from hsu._kernel.supervision.supervisor import UnitSupervisor
 
     kernel = build_kernel({"units": {"e": {"command": "python -m x"}}})
     assert UnitSupervisor(kernel, "e", kernel.unit("e"))._argv()[0] == sys.executable

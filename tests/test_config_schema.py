@@ -10,14 +10,14 @@ import attrs
 import pytest
 import yaml
 
-from hsu.config import (
+from hsu._kernel.config.model import (
     KernelSettings,
     StartMode,
     UnitSpec,
     deployment_from_dict,
     structure_sections,
 )
-from hsu.config_schema import attrs_schema, deployment_schema
+from hsu._kernel.config.schema import attrs_schema, deployment_schema
 from hsu.errors import ConfigError
 
 jsonschema = pytest.importorskip("jsonschema")

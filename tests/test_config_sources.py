@@ -9,10 +9,17 @@ from hypothesis import HealthCheck, given, settings
 
 import hsu
 from conftest import run_hsu, write_deployment
-from hsu import config_loader
-from hsu.config_sources import Layer, Origin, SourceContext, env_layer, merge, overrides_layer
+from hsu._kernel.config import loader as config_loader
+from hsu._kernel.config.sources import (
+    Layer,
+    Origin,
+    SourceContext,
+    env_layer,
+    merge,
+    overrides_layer,
+)
+from hsu._kernel.plugins import PluginManager
 from hsu.errors import ConfigError
-from hsu.plugin_manager import PluginManager
 
 BASE = """\
 name: layered

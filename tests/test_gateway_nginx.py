@@ -27,7 +27,7 @@ from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu.errors import HsuError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 from hsu.testing import build_kernel
-from hsu_plugins import gateway_nginx
+from hsu_plugins.gateway import nginx as gateway_nginx
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ needs_nginx = pytest.mark.skipif(
 )
 
 ECHO = "hsu.echo.v1.Echo"
-PLUGIN = "hsu_plugins.gateway_nginx"
+PLUGIN = "hsu_plugins.gateway.nginx"
 
 
 def free_port() -> int:
@@ -244,7 +244,7 @@ async def test_scaling_down_under_load_through_nginx_cuts_no_call(tmp_path):
 
 DEPLOYMENT = """\
 name: nginxed
-plugins: [hsu_plugins.gateway_nginx]
+plugins: [hsu_plugins.gateway.nginx]
 kernel: {reattach: false}
 units:
   echo:

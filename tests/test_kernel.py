@@ -379,7 +379,7 @@ async def test_address_in_use_is_a_clear_error(hsu_kernel_factory):
 
 
 def test_sys_executable_is_what_python_means():
-    from hsu.supervisor import UnitSupervisor
+    from hsu._kernel.supervision.supervisor import UnitSupervisor
     from hsu.testing import build_kernel
 
     k = build_kernel(deployment())

@@ -21,9 +21,9 @@ import psutil
 import pytest
 
 from hsu.errors import LaunchError
-from hsu.pidfd import UNKNOWN_STATUS, PidfdHandle
 from hsu.ports import LaunchSpec
-from hsu_plugins.launcher_subprocess import SubprocessLauncher
+from hsu.process import UNKNOWN_STATUS, PidfdHandle
+from hsu_plugins.launch.subprocess import SubprocessLauncher
 
 pytestmark = pytest.mark.integration
 

@@ -2,9 +2,9 @@ import enum
 
 import pytest
 
+from hsu._kernel.lifecycle import KERNEL_TRANSITIONS, KernelState, StateMachine
+from hsu._kernel.supervision.instances import INSTANCE_TRANSITIONS, InstanceState
 from hsu.errors import InvalidTransition
-from hsu.instances import INSTANCE_TRANSITIONS, InstanceState
-from hsu.lifecycle import KERNEL_TRANSITIONS, KernelState, StateMachine
 
 
 def kernel_machine() -> StateMachine[KernelState]:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from loguru import logger
 
-import hsu.logfiles
-from hsu.logfiles import IN_Q_OVERFLOW, LINE_BUDGET, LogFiles
+import hsu._kernel.supervision.logfiles
+from hsu._kernel.supervision.logfiles import IN_Q_OVERFLOW, LINE_BUDGET, LogFiles
 
 CHILD = r"""
 import os, sys, time
@@ -414,7 +414,7 @@ class NoInotify:
 @pytest.mark.parametrize("how", ["unavailable", "turned-off"])
 async def test_without_inotify_the_files_are_polled(tmp_path, monkeypatch, records, how):
     if how == "unavailable":
-        monkeypatch.setattr(hsu.logfiles, "_Inotify", NoInotify)
+        monkeypatch.setattr(hsu._kernel.supervision.logfiles, "_Inotify", NoInotify)
     lf = LogFiles(tmp_path, interval=0.02, inotify=how != "turned-off")
     passed = count_passes(lf, monkeypatch)
     out, err = lf.open_for_child("u", "u-p")
@@ -446,14 +446,14 @@ async def test_without_inotify_the_files_are_polled(tmp_path, monkeypatch, recor
 async def test_a_file_that_cannot_be_watched_is_polled_the_others_are_not(
     tmp_path, monkeypatch, records
 ):
-    real = hsu.logfiles._Inotify.add_watch
+    real = hsu._kernel.supervision.logfiles._Inotify.add_watch
 
     def add_watch(self: Any, fd: int, path: Any) -> int:
         if str(path).endswith(".stderr.log"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, fd, path)
 
-    monkeypatch.setattr(hsu.logfiles._Inotify, "add_watch", add_watch)
+    monkeypatch.setattr(hsu._kernel.supervision.logfiles._Inotify, "add_watch", add_watch)
     lf = LogFiles(tmp_path, interval=0.05)
     out, err = lf.open_for_child("u", "u-m")
     lf.follow("u", "u-m", 1, from_start=True)

@@ -60,7 +60,8 @@ def test_an_hsu_importing_the_sdk_does_not_load_the_kernel():
     import subprocess
     import sys
 
-    kernel_side = ["hsu.microkernel", "hsu.supervisor", "hsu.config", "hsu.plugin_manager",
+    kernel_side = ["hsu._kernel.kernel", "hsu._kernel.supervision.supervisor",
+                   "hsu._kernel.config.model", "hsu._kernel.plugins",
                    "psutil", "cattrs", "yaml"]  # fmt: skip
     code = (
         f"import sys, hsu.worker; print(','.join(m for m in {kernel_side!r} if m in sys.modules))"
@@ -71,9 +72,9 @@ def test_an_hsu_importing_the_sdk_does_not_load_the_kernel():
 
 def test_the_public_names_resolve_on_first_use():
     import hsu
-    import hsu.microkernel
+    import hsu._kernel.kernel
 
-    assert hsu.Kernel is hsu.microkernel.Kernel
+    assert hsu.Kernel is hsu._kernel.kernel.Kernel
     assert set(hsu.__all__) <= set(dir(hsu))
     for name in hsu.__all__:
         assert getattr(hsu, name) is not None

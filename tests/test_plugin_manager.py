@@ -6,8 +6,8 @@ import pytest
 from loguru import logger
 
 import hsu
+from hsu._kernel.plugins import PluginManager, split_plugin_list
 from hsu.errors import ConflictError, PluginError, PluginLoadError
-from hsu.plugin_manager import PluginManager, split_plugin_list
 
 
 def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):

@@ -14,11 +14,11 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import hsu
+from hsu._kernel.core_service import CoreServicer
+from hsu._kernel.logbuffer import LogBuffer
+from hsu._kernel.plugins import PluginManager
 from hsu.core.v1 import core_pb2_grpc
-from hsu.core_service import CoreServicer
 from hsu.errors import ConflictError
-from hsu.logbuffer import LogBuffer
-from hsu.plugin_manager import PluginManager
 from hsu.ports import Probe, ProbeResult, ProbeTarget
 from hsu_plugins import probes
 

@@ -6,9 +6,9 @@ import gc
 import pytest
 
 import hsu
-import hsu_plugins.registry_memory as registry_memory
+import hsu_plugins.routing.registry_memory as registry_memory
 from hsu.ports import DRAINING, Endpoint, Registry, RegistryCompacted, RegistryEvent
-from hsu_plugins.registry_memory import MemoryRegistry
+from hsu_plugins.routing.registry_memory import MemoryRegistry
 
 ECHO = "hsu.echo.v1.Echo"
 OTHER = "pkg.Other"
@@ -382,8 +382,8 @@ async def test_the_lease_timer_is_armed_only_for_the_earliest_deadline(reg):
 
 
 def test_another_plugin_adds_a_registry_but_cannot_take_memory():
+    from hsu._kernel.plugins import PluginManager
     from hsu.errors import ConflictError
-    from hsu.plugin_manager import PluginManager
 
     pm = PluginManager.load(env={}, autoload=False)
     made = []

@@ -10,7 +10,7 @@ import pytest
 
 import hsu
 from conftest import run_hsu, wait_until, write_deployment
-from hsu.config import deployment_from_dict
+from hsu._kernel.config.model import deployment_from_dict
 from hsu.errors import ConfigError
 
 SLEEP = '["python", "-c", "import time; time.sleep(600)"]'

@@ -19,9 +19,8 @@ import psutil
 import pytest
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
-from hsu.config import converter
-from hsu.ports import LaunchSpec
-from hsu.resources import (
+from hsu._kernel.config.model import converter
+from hsu._kernel.supervision.resources import (
     MIB,
     RESOURCES,
     LimitAction,
@@ -32,7 +31,8 @@ from hsu.resources import (
     check_rlimits,
     rlimits_argv,
 )
-from hsu_plugins.launcher_subprocess import SubprocessLauncher
+from hsu.ports import LaunchSpec
+from hsu_plugins.launch.subprocess import SubprocessLauncher
 
 #: the child says "ready" once it holds what the test measures, then waits on stdin
 HOLD = "print('ready', flush=True)\nsys.stdin.read()\n"

@@ -19,10 +19,10 @@ import pytest
 
 import hsu
 from conftest import run_hsu, until
+from hsu._kernel.routing import Policy, RetryBudget
 from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu.errors import ConfigError
 from hsu.ports import Endpoint
-from hsu.routing import Policy, RetryBudget
 from hsu.testing import build_kernel
 
 pytestmark = pytest.mark.integration
@@ -357,7 +357,7 @@ def test_a_client_with_only_the_proto_calls_through_the_gateway(tmp_path, kernel
                     and "hsu-echo" not in p]
         sys.path.insert(0, {str(gen)!r})
         try:
-            import hsu.client
+            import hsu.client.aio
         except ImportError:
             pass
         else:
@@ -481,7 +481,7 @@ async def test_the_gateway_learns_method_kinds_from_reflection(hsu_kernel_factor
 async def test_a_reload_changes_routing_live_and_rejects_a_bad_balancer(
     hsu_kernel_factory, tmp_path
 ):
-    from hsu.config import deployment_from_dict
+    from hsu._kernel.config.model import deployment_from_dict
 
     def raw(routing):
         return {"units": {"echo": echo_unit(start="at-start", routing=routing)}}
@@ -505,7 +505,7 @@ async def test_a_reload_changes_routing_live_and_rejects_a_bad_balancer(
 
 
 async def test_the_kernel_uses_the_registry_its_deployment_names_and_empties_it_on_stop():
-    from hsu_plugins.registry_memory import MemoryRegistry
+    from hsu_plugins.routing.registry_memory import MemoryRegistry
 
     class Recording(MemoryRegistry):
         def __init__(self):

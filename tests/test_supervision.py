@@ -459,7 +459,7 @@ async def test_a_replacement_starts_without_the_dead_pid_and_is_ready_with_its_o
 
 
 async def test_first_done_wakes_on_any_future_and_close_detaches_it():
-    from hsu.supervisor import _FirstDone
+    from hsu._kernel.supervision.supervisor import _FirstDone
 
     loop = asyncio.get_running_loop()
     a, b, c = loop.create_future(), loop.create_future(), loop.create_future()

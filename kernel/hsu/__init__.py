@@ -27,40 +27,40 @@ from hsu.errors import (
 from hsu.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from hsu.client import RoutedChannel, connect
-    from hsu.client_sync import SyncRoutedChannel, connect_sync
-    from hsu.config import (
+    from hsu._kernel.config.model import (
         Deployment,
         KernelSettings,
         UnitSpec,
         deployment_from_dict,
         load_deployment,
     )
-    from hsu.instances import Instance, InstanceState
-    from hsu.lifecycle import KernelState, StateMachine, Transition
-    from hsu.microkernel import Kernel
-    from hsu.plugin_manager import PluginInfo, PluginManager
+    from hsu._kernel.kernel import Kernel
+    from hsu._kernel.lifecycle import KernelState, StateMachine, Transition
+    from hsu._kernel.plugins import PluginInfo, PluginManager
+    from hsu._kernel.supervision.instances import Instance, InstanceState
+    from hsu.client.aio import RoutedChannel, connect
+    from hsu.client.sync import SyncRoutedChannel, connect_sync
     from hsu.ports import Launcher, LaunchSpec, ProcessHandle
 
 #: name -> the module it is imported from on first use
 _LAZY = {
-    "RoutedChannel": "hsu.client",
-    "connect": "hsu.client",
-    "SyncRoutedChannel": "hsu.client_sync",
-    "connect_sync": "hsu.client_sync",
-    "Deployment": "hsu.config",
-    "KernelSettings": "hsu.config",
-    "UnitSpec": "hsu.config",
-    "deployment_from_dict": "hsu.config",
-    "load_deployment": "hsu.config",
-    "Instance": "hsu.instances",
-    "InstanceState": "hsu.instances",
-    "KernelState": "hsu.lifecycle",
-    "StateMachine": "hsu.lifecycle",
-    "Transition": "hsu.lifecycle",
-    "Kernel": "hsu.microkernel",
-    "PluginInfo": "hsu.plugin_manager",
-    "PluginManager": "hsu.plugin_manager",
+    "RoutedChannel": "hsu.client.aio",
+    "connect": "hsu.client.aio",
+    "SyncRoutedChannel": "hsu.client.sync",
+    "connect_sync": "hsu.client.sync",
+    "Deployment": "hsu._kernel.config.model",
+    "KernelSettings": "hsu._kernel.config.model",
+    "UnitSpec": "hsu._kernel.config.model",
+    "deployment_from_dict": "hsu._kernel.config.model",
+    "load_deployment": "hsu._kernel.config.model",
+    "Instance": "hsu._kernel.supervision.instances",
+    "InstanceState": "hsu._kernel.supervision.instances",
+    "KernelState": "hsu._kernel.lifecycle",
+    "StateMachine": "hsu._kernel.lifecycle",
+    "Transition": "hsu._kernel.lifecycle",
+    "Kernel": "hsu._kernel.kernel",
+    "PluginInfo": "hsu._kernel.plugins",
+    "PluginManager": "hsu._kernel.plugins",
     "Launcher": "hsu.ports",
     "LaunchSpec": "hsu.ports",
     "ProcessHandle": "hsu.ports",

@@ -2,6 +2,6 @@
 
 import sys
 
-from hsu.cli import main
+from hsu._kernel.cli import main
 
 sys.exit(main())

@@ -1,633 +1,78 @@
-"""The deployment: its schema as frozen attrs classes and the one converter.
+"""Read a deployment file into a :class:`Layer`, with the line of every key.
 
-A deployment file holds ``name``, ``plugins``, ``units`` and one section per
-plugin, keyed by the name the plugin registered its settings class under. Raw
-data becomes typed objects only here, at the edge; every problem found is
-reported at once with its path and source.
+YAML and JSON (a JSON document is YAML too) keep line numbers; TOML, read with
+the standard library, gives the file name only.
 """
 
 from __future__ import annotations
 
-import difflib
-import enum
-import shlex
-import signal
-from collections.abc import Mapping
+import tomllib
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import attrs
-import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
-from cattrs.gen import make_dict_structure_fn, override
+import yaml
 
-from hsu.config_sources import Origin, PathT, Secrets, format_path, origin_of
+from hsu._kernel.config.sources import Layer, Origin, PathT
 from hsu.errors import ConfigError
-from hsu.resources import ResourceLimits
 
-CORE_KEYS = ("name", "plugins", "units")
-
-
-class StartMode(enum.StrEnum):
-    ON_DEMAND = "on-demand"
-    AT_START = "at-start"
+SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 
 
-class UnitKind(enum.StrEnum):
-    #: any executable; ready once running (or once its health probe passes)
-    MANAGED = "managed"
-    #: speaks hsu's Core interface and registers itself; ready once registered
-    INTEGRATED = "integrated"
-    #: a process hsu did not start, attached by ``pidfile`` or ``address``
-    UNMANAGED = "unmanaged"
-
-
-class RestartPolicy(enum.StrEnum):
-    NEVER = "never"
-    ON_FAILURE = "on-failure"
-    ALWAYS = "always"
-
-
-class BreakerAction(enum.StrEnum):
-    #: stay ``fatal`` until started by hand (``hsu start``) or a reload
-    FATAL = "fatal"
-    #: stay ``fatal`` for ``cooldown`` seconds, then try once (half-open)
-    COOLDOWN = "cooldown"
-
-
-def _command_given(value: Any) -> tuple[str, ...]:
-    argv = _command(value)
-    if not argv:
-        raise ValueError("must not be empty")
-    return argv
-
-
-def _command(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        argv = shlex.split(value)
-    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        argv = list(value)
-    else:
-        raise ValueError(f"expected a string or a list of strings, got {value!r}")
-    return tuple(argv)
-
-
-_ge0: Any = attrs.validators.ge(0)
-_gt0: Any = attrs.validators.gt(0)
-
-
-@attrs.frozen
-class Backoff:
-    """Delay before restart number n of a failure streak.
-
-    The first restart is immediate; then ``initial * multiplier**(n-2)``,
-    capped at ``max``, spread by +-``jitter`` (a fraction). A streak ends once
-    an instance stays ready for ``reset_after`` seconds.
-    """
-
-    initial: float = attrs.field(default=0.5, validator=_ge0)
-    multiplier: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
-    max: float = attrs.field(default=30.0, validator=_ge0)
-    jitter: float = attrs.field(default=0.1, validator=[_ge0, attrs.validators.le(1)])
-    reset_after: float = attrs.field(default=10.0, validator=_ge0)
-
-
-@attrs.frozen
-class CrashLoop:
-    """The breaker: ``max_failures`` within ``window`` seconds trips it."""
-
-    max_failures: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-    window: float = attrs.field(default=60.0, validator=_gt0)
-    action: BreakerAction = BreakerAction.FATAL
-    cooldown: float = attrs.field(default=30.0, validator=_ge0)
-
-
-@attrs.frozen
-class Restart:
-    policy: RestartPolicy = RestartPolicy.ON_FAILURE
-    backoff: Backoff = attrs.field(factory=Backoff)
-    crash_loop: CrashLoop = attrs.field(factory=CrashLoop)
-
-
-@attrs.frozen
-class Health:
-    """A health probe (a plugin, see ``hsu plugins``) run while an instance is up."""
-
-    probe: str
-    interval: float = attrs.field(default=5.0, validator=_gt0)
-    timeout: float = attrs.field(default=1.0, validator=_gt0)
-    #: consecutive failures that make an instance unhealthy (it is replaced)
-    failure_threshold: int = attrs.field(default=3, validator=attrs.validators.ge(1))
-    #: consecutive successes that make a starting instance ready
-    success_threshold: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    #: seconds after start before the first probe
-    initial_delay: float = attrs.field(default=0.0, validator=_ge0)
-    #: the probe's own options, checked by the probe
-    options: Mapping[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class Autoscale:
-    """Scale between ``min_instances`` and ``max_instances`` on calls in flight.
-
-    Off unless ``above`` is set. One instance is added when the average calls
-    in flight per ready instance reach ``above``; one is removed when it has
-    stayed at or below ``below`` for ``cooldown`` seconds. Two scalings are at
-    least ``cooldown`` seconds apart.
-    """
-
-    above: float | None = attrs.field(default=None)
-    below: float = attrs.field(default=0.5, validator=_ge0)
-    cooldown: float = attrs.field(default=10.0, validator=_ge0)
-    #: seconds between looks at the load
-    interval: float = attrs.field(default=1.0, validator=_gt0)
-
-
-@attrs.frozen
-class Routing:
-    """How calls to a unit's interfaces are routed (``docs/routing.md``)."""
-
-    #: a balancer plugin (``hsu plugins``): round_robin, weighted_round_robin,
-    #: least_inflight, random, p2c, ring_hash, maglev, ...
-    balancer: str = "round_robin"
-    balancer_options: Mapping[str, Any] = attrs.field(factory=dict)
-    #: a call's hash key is the value of this metadata key (ring_hash, maglev)
-    hash_key: str = "hsu-key"
-    #: a circuit breaker plugin: consecutive, ratio, none
-    breaker: str = "consecutive"
-    breaker_options: Mapping[str, Any] = attrs.field(factory=dict)
-    #: methods that are safe to call twice, retried on UNAVAILABLE:
-    #: ``Method``, ``pkg.Service/Method`` or ``"*"``
-    idempotent: tuple[str, ...] = ()
-    #: tries per call, the first included
-    max_attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
-    #: retries a caller may make, as a share of its calls, plus a floor per second
-    retry_budget: float = attrs.field(default=0.2, validator=_ge0)
-    retry_min_per_second: float = attrs.field(default=10.0, validator=_ge0)
-    #: seconds a stopping instance gets to finish its calls in flight
-    drain_timeout: float = attrs.field(default=10.0, validator=_ge0)
-    autoscale: Autoscale = attrs.field(factory=Autoscale)
-
-
-def _signal_name(value: str) -> str:
-    name = value.upper()
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    if name not in signal.Signals.__members__:
-        raise ValueError(f"unknown signal {value!r}")
-    return name
-
-
-@attrs.frozen
-class UnitSpec:
-    """One kind of HSU: how to start it, what it serves, how it is kept alive.
-
-    ``command[0] == "python"`` means the interpreter running the kernel, so
-    HSUs share its virtual environment.
-    """
-
-    command: tuple[str, ...] = attrs.field(default=(), converter=_command)
-    args: tuple[str, ...] = ()
-    kind: UnitKind = UnitKind.INTEGRATED
-    interfaces: tuple[str, ...] = ()
-    env: Mapping[str, str] = attrs.field(factory=dict)
-    cwd: str | None = None
-    start: StartMode = StartMode.ON_DEMAND
-    #: instances kept running at all times (at least 1 for ``start: at-start``)
-    min_instances: int = attrs.field(default=0, validator=_ge0)
-    max_instances: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    #: seconds an instance above ``min_instances`` may go unused before it stops
-    idle_timeout: float | None = attrs.field(default=None)
-    launcher: str = "subprocess"
-    #: seconds from spawn to ready before the start counts as failed
-    startup_timeout: float = attrs.field(default=30.0, validator=_gt0)
-    #: sent when Core.Shutdown is not available (``managed`` units, or no answer)
-    stop_signal: str = attrs.field(default="SIGTERM", converter=_signal_name)
-    #: seconds an instance has to exit after being asked, before SIGKILL
-    stop_grace: float = attrs.field(default=10.0, validator=_ge0)
-    restart: Restart = attrs.field(factory=Restart)
-    health: Health | None = None
-    limits: ResourceLimits = attrs.field(factory=ResourceLimits)
-    #: units started (and ready) before this one, stopped after it
-    depends_on: tuple[str, ...] = ()
-    #: ``unmanaged``: where to find the process and whether hsu may stop it
-    pidfile: str | None = None
-    address: str | None = None
-    allow_kill: bool = False
-    routing: Routing = attrs.field(factory=Routing)
-
-    #: what the JSON Schema adds: only an unmanaged unit may leave out ``command``
-    __json_schema_extra__: ClassVar[dict[str, Any]] = {
-        "if": {"properties": {"kind": {"const": "unmanaged"}}, "required": ["kind"]},
-        "else": {"required": ["command"]},
-    }
-
-    @property
-    def argv(self) -> tuple[str, ...]:
-        return (*self.command, *self.args)
-
-    @property
-    def initial_instances(self) -> int:
-        """How many instances run once the kernel is up."""
-        if self.start is StartMode.AT_START:
-            return max(1, self.min_instances)
-        return self.min_instances
-
-
-@attrs.frozen
-class Deployment:
-    name: str
-    plugins: tuple[str, ...] = ()
-    units: Mapping[str, UnitSpec] = attrs.field(factory=dict)
-    #: plugin sections, raw until :func:`structure_sections` types them
-    sections: Mapping[str, Any] = attrs.field(factory=dict)
-    #: where it came from, for messages
-    source: str = "<defaults>"
-    #: relative ``cwd`` and paths in units resolve against this
-    base_dir: str = "."
-    #: where each value came from, for messages and ``hsu config show``
-    origins: Mapping[PathT, Origin] = attrs.field(factory=dict, repr=False, eq=False)
-    #: secret references and what they resolved to (never shown)
-    secrets: Secrets = attrs.field(factory=Secrets, repr=False, eq=False)
-
-
-def make_converter() -> cattrs.Converter:
-    """One converter for the whole deployment: strict, no unknown keys."""
-    conv = cattrs.Converter(forbid_extra_keys=True)
-    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
-    conv.register_structure_hook(float, _strict_number(float))
-    conv.register_structure_hook(int, _strict_number(int))
-    conv.register_structure_hook(str, _strict_str)
-    # after str: a StrEnum is a str, and singledispatch takes the nearest class
-    conv.register_structure_hook(enum.StrEnum, _strict_enum)
-    conv.register_structure_hook(bool, _strict_bool)
-    conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _structure_mapping)
-    conv.register_structure_hook(
-        UnitSpec,
-        make_dict_structure_fn(
-            UnitSpec,
-            conv,
-            _cattrs_forbid_extra_keys=True,
-            command=override(struct_hook=lambda v, _: _command_given(v)),
-            stop_signal=override(struct_hook=lambda v, _: _signal_name(_strict_str(v, str))),
-        ),
-    )
-    return conv
-
-
-def _strict_number(kind: type[Any]) -> Any:
-    def hook(value: Any, _: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"expected {kind.__name__}, got {value!r}")
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"expected int, got {value!r}")
-        return kind(value)
-
-    return hook
-
-
-def _strict_enum(value: Any, cls: type[enum.StrEnum]) -> enum.StrEnum:
+def read_file(path: Path) -> Layer:
+    source = str(path)
     try:
-        return cls(value)
-    except ValueError:
-        options = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"expected one of {options}, got {value!r}") from None
-
-
-def _strict_bool(value: Any, _: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
-def _structure_mapping(value: Any, _: Any) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"expected a mapping, got {value!r}")
-    return dict(value)
-
-
-def _strict_str(value: Any, _: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
-
-
-def _structure_str_tuple(value: Any, _: Any) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, list | tuple):
-        raise ValueError(f"expected a list of strings, got {value!r}")
-    for item in value:
-        if not isinstance(item, str):
-            raise ValueError(f"expected a list of strings, got item {item!r}")
-    return tuple(value)
-
-
-converter = make_converter()
-
-
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _messages(exc: BaseException, path: PathT) -> list[tuple[PathT, str]]:
-    """Flatten a cattrs error into one (path, message) per problem."""
-    out: list[tuple[PathT, str]] = []
-    if isinstance(exc, ForbiddenExtraKeysError):
-        valid = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
-        for key in sorted(exc.extra_fields):
-            out.append(((*path, key), f"unknown key{_suggest(key, valid)}"))
-        return out
-    if isinstance(exc, ClassValidationError | IterableValidationError):
-        with_notes, without_notes = exc.group_exceptions()
-        for sub, note in with_notes:
-            name = getattr(note, "name", None)
-            part: Any = name if name is not None else getattr(note, "index", None)
-            out.extend(_messages(sub, (*path, part)))
-        for sub in without_notes:
-            out.extend(_messages(sub, path))
-        return out
-    if isinstance(exc, KeyError):
-        return [(path, "required key missing")]
-    if isinstance(exc, ExceptionGroup):
-        for sub in exc.exceptions:
-            out.extend(_messages(sub, path))
-        return out
-    return [(path, str(exc))]
-
-
-def describe(path: PathT, message: str, source: str, origins: Mapping[PathT, Origin]) -> str:
-    """``deployment.yaml:14: units.echo.stop_grace: expected float, got 'three'``."""
-    origin = origin_of(origins, path)
-    return f"{origin or source}: {format_path(path)}: {message}"
-
-
-def structure(
-    data: Any,
-    cls: Any,
-    path: PathT,
-    source: str,
-    origins: Mapping[PathT, Origin] | None = None,
-) -> Any:
-    """Turn raw data into ``cls`` or raise :class:`ConfigError` listing every problem."""
-    try:
-        return converter.structure(data, cls)
-    except Exception as exc:
-        problems = [describe(p, m, source, origins or {}) for p, m in _messages(exc, path)]
-        raise ConfigError(problems, source) from None
-
-
-def load_deployment(path: str | Path) -> Deployment:
-    """Read one deployment file (YAML, JSON or TOML) with no other source."""
-    from hsu.config_files import read_file
-
-    path = Path(path)
-    layer = read_file(path)
-    return deployment_from_dict(
-        layer.data,
-        source=str(path),
-        base_dir=str(path.resolve().parent),
-        default_name=path.stem,
-        origins=layer.origins,
-    )
-
-
-def deployment_from_dict(
-    raw: Any,
-    *,
-    source: str = "<dict>",
-    base_dir: str = ".",
-    default_name: str = "hsu",
-    origins: Mapping[PathT, Origin] | None = None,
-    secrets: Secrets | None = None,
-) -> Deployment:
-    origins = origins or {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{source}: expected a mapping at the top, got {type(raw).__name__}"])
-    problems: list[str] = []
-    name = raw.get("name", default_name)
-    if not isinstance(name, str):
-        problems.append(describe(("name",), f"expected a string, got {name!r}", source, origins))
-    plugins: tuple[str, ...] = ()
-    units: dict[str, UnitSpec] = {}
-    try:
-        plugins = structure(raw.get("plugins", []), tuple[str, ...], ("plugins",), source, origins)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-    raw_units = raw.get("units") or {}
-    if not isinstance(raw_units, dict):
-        problems.append(
-            describe(("units",), "expected a mapping of unit name to unit", source, origins)
-        )
-        raw_units = {}
-    for unit_name, spec in raw_units.items():
-        path = ("units", str(unit_name))
-        if isinstance(spec, dict) and "command" not in spec and spec.get("kind") != "unmanaged":
-            problems.append(describe((*path, "command"), "required key missing", source, origins))
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror}"], source) from None
+    if path.suffix == ".toml":
         try:
-            units[str(unit_name)] = structure(spec, UnitSpec, path, source, origins)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise ConfigError(problems, source)
-    sections = {k: v for k, v in raw.items() if k not in CORE_KEYS}
-    return Deployment(
-        name=name,
-        plugins=plugins,
-        units=units,
-        sections=sections,
-        source=source,
-        base_dir=base_dir,
-        origins=dict(origins),
-        secrets=secrets or Secrets(),
-    )
-
-
-def structure_sections(deployment: Deployment, classes: Mapping[str, type[Any]]) -> dict[str, Any]:
-    """Type every plugin section; sections no plugin registered are errors."""
-    problems: list[str] = []
-    settings: dict[str, Any] = {}
-    valid = [*CORE_KEYS, *classes]
-    origins = deployment.origins
-    for key in deployment.sections:
-        if key not in classes:
-            problems.append(
-                describe(
-                    (key,),
-                    f"no enabled plugin has a settings section of this name{_suggest(key, valid)}",
-                    deployment.source,
-                    origins,
-                )
-            )
-    for section, cls in classes.items():
-        data = deployment.sections.get(section)
-        try:
-            settings[section] = structure(data or {}, cls, (section,), deployment.source, origins)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise ConfigError(problems, deployment.source)
-    return settings
-
-
-@attrs.frozen
-class KernelSettings:
-    """The ``kernel`` section of a deployment."""
-
-    #: where the kernel's gRPC API listens: ``host:port`` (loopback by
-    #: default) or ``unix:/path``
-    address: str = "127.0.0.1:7420"
-    #: seconds calls in flight get to finish when the kernel drains
-    drain_grace: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
-    #: how many of the kernel's own log records StreamLogs can replay
-    log_tail: int = attrs.field(default=2000, validator=attrs.validators.ge(0))
-    #: where the kernel keeps its state file and the instances' log files;
-    #: relative to the deployment file; default ``.hsu/<deployment name>``
-    state_dir: str | None = None
-    #: instances outlive a kernel that dies, and the next kernel re-attaches to
-    #: them; ``false``: they are SIGKILLed when the kernel dies
-    reattach: bool = True
-    #: per-instance stdout/stderr files rotate past this size, keeping backups
-    log_max_bytes: int = attrs.field(default=10 * 2**20, validator=attrs.validators.ge(1024))
-    log_backups: int = attrs.field(default=3, validator=attrs.validators.ge(0))
-    #: reload when a config source changes (deployment files: checked each second)
-    watch_config: bool = False
-    #: the service registry plugin (``hsu plugins``); ``memory`` keeps it in the kernel
-    registry: str = "memory"
-    #: serve every unit's interfaces on the kernel's own address, forwarding each
-    #: call to an instance (``docs/routing.md``)
-    gateway: bool = True
-
-
-def check_units(
-    deployment: Deployment,
-    launchers: list[str],
-    probes: Mapping[str, Any],
-    balancers: Mapping[str, Any] | None = None,
-    breakers: Mapping[str, Any] | None = None,
-) -> None:
-    """What one field cannot say alone: launchers and probes exist, min <= max,
-    ``depends_on`` names units and has no cycle, a command where one is needed.
-
-    Raises :class:`ConfigError` listing every problem with its origin.
-    """
-    from hsu.resources import check_rlimits
-
-    problems: list[str] = []
-    units = deployment.units
-
-    def problem(name: str, key: tuple[Any, ...], message: str) -> None:
-        problems.append(
-            describe(("units", name, *key), message, deployment.source, deployment.origins)
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{source}: not valid TOML: {exc}"], source) from None
+        return Layer(data, {(): Origin(source)} | _all_paths(data, Origin(source)))
+    if path.suffix not in SUFFIXES:
+        raise ConfigError(
+            [f"{source}: unknown file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"],
+            source,
         )
-
-    for name, spec in units.items():
-        if spec.launcher not in launchers:
-            problem(
-                name,
-                ("launcher",),
-                f"no launcher named {spec.launcher!r} (registered: {', '.join(launchers)})",
-            )
-        if spec.kind is UnitKind.UNMANAGED and not spec.pidfile and not spec.address:
-            problem(name, (), "an unmanaged unit needs 'pidfile' or 'address'")
-        if spec.min_instances > spec.max_instances:
-            problem(
-                name,
-                ("min_instances",),
-                f"{spec.min_instances} is more than max_instances ({spec.max_instances})",
-            )
-        if spec.idle_timeout is not None and spec.idle_timeout <= 0:
-            problem(name, ("idle_timeout",), f"must be > 0, got {spec.idle_timeout!r}")
-        for dep in spec.depends_on:
-            if dep not in units:
-                problem(name, ("depends_on",), f"no unit named {dep!r}{_suggest(dep, list(units))}")
-        if spec.health is not None:
-            probe = probes.get(spec.health.probe)
-            if probe is None:
-                problem(
-                    name,
-                    ("health", "probe"),
-                    f"no probe named {spec.health.probe!r}"
-                    f" (registered: {', '.join(sorted(probes)) or 'none'})",
-                )
-            else:
-                for p in probe.check_options(spec.health.options):
-                    key, _, message = p.partition(": ")
-                    problem(name, ("health", "options", key), message or p)
-        r = spec.routing
-        for what, table, chosen, options in (
-            ("balancer", balancers, r.balancer, r.balancer_options),
-            ("breaker", breakers, r.breaker, r.breaker_options),
-        ):
-            if table is None:
-                continue
-            factory = table.get(chosen)
-            if factory is None:
-                problem(
-                    name,
-                    ("routing", what),
-                    f"no {what} named {chosen!r}{_suggest(chosen, list(table))}"
-                    f" (registered: {', '.join(sorted(table)) or 'none'})",
-                )
-                continue
-            for p in factory.check_options(options):
-                key, _, message = p.partition(": ")
-                problem(name, ("routing", f"{what}_options", key), message or p)
-        a = r.autoscale
-        if a.above is not None and a.above <= a.below:
-            problem(
-                name,
-                ("routing", "autoscale", "above"),
-                f"must be more than below ({a.below}), got {a.above!r}",
-            )
-        for p in check_rlimits(spec.limits.rlimits):
-            key, _, message = p.partition(": ")
-            problem(name, ("limits", *key.split(".")), message or p)
-    cycle = _find_cycle({n: s.depends_on for n, s in units.items()})
-    if cycle:
-        problem(cycle[0], ("depends_on",), "dependency cycle: " + " -> ".join(cycle))
-    if problems:
-        raise ConfigError(problems, deployment.source)
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: not valid YAML: {problem}"], source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"{source}: expected a mapping at the top, got {type(data).__name__}"], source
+        )
+    origins: dict[PathT, Origin] = {(): Origin(source, 1)}
+    if node is not None:
+        _lines(node, (), source, origins)
+    return Layer(data, origins)
 
 
-def _find_cycle(graph: Mapping[str, tuple[str, ...]]) -> list[str]:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str]:
-        state[node] = 1
-        stack.append(node)
-        for dep in graph.get(node, ()):
-            if dep not in graph:
-                continue
-            if state.get(dep) == 1:
-                return [*stack[stack.index(dep) :], dep]
-            if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return []
-
-    for node in sorted(graph):
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
-    return []
+def _lines(node: yaml.Node, path: PathT, source: str, out: dict[PathT, Origin]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            child = (*path, key)
+            out[child] = Origin(source, key_node.start_mark.line + 1)
+            _lines(value_node, child, source, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            child = (*path, i)
+            out[child] = Origin(source, item.start_mark.line + 1)
+            _lines(item, child, source, out)
 
 
-def start_order(units: Mapping[str, UnitSpec]) -> list[list[str]]:
-    """Units in waves: each wave depends only on earlier ones (stop in reverse)."""
-    left = {n: {d for d in s.depends_on if d in units} for n, s in units.items()}
-    waves: list[list[str]] = []
-    done: set[str] = set()
-    while left:
-        wave = sorted(n for n, deps in left.items() if deps <= done)
-        if not wave:  # a cycle; check_units reports it
-            wave = sorted(left)
-        waves.append(wave)
-        done.update(wave)
-        for n in wave:
-            del left[n]
-    return waves
+def _all_paths(data: Any, origin: Origin, prefix: PathT = ()) -> dict[PathT, Origin]:
+    out: dict[PathT, Origin] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out[(*prefix, k)] = origin
+            out.update(_all_paths(v, origin, (*prefix, k)))
+    return out

@@ -5,7 +5,7 @@ implementation's signature against the spec here, and an implementation whose
 name matches no spec is rejected when the plugin is registered.
 
 A hook may return an awaitable where it must do I/O: the kernel awaits it (see
-:func:`hsu._async.await_me_maybe`). Hooks grow by gaining arguments; an
+:func:`hsu._kernel.aio.await_me_maybe`). Hooks grow by gaining arguments; an
 implementation takes only the arguments it needs.
 
 ``docs/hooks.md`` documents each hook; a test keeps the two in step.
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from hsu.config import Deployment
-    from hsu.config_sources import ConfigSource
-    from hsu.events import Event
-    from hsu.instances import Instance
-    from hsu.microkernel import Changes, Kernel
+    from hsu._kernel.config.model import Deployment
+    from hsu._kernel.config.sources import ConfigSource
+    from hsu._kernel.events import Event
+    from hsu._kernel.kernel import Changes, Kernel
+    from hsu._kernel.supervision.instances import Instance
     from hsu.ports import Factory, Launcher, Probe, Registry
 
 PROJECT = "hsu"
@@ -72,7 +72,7 @@ def hsu_register_config_sources(register: Callable[[str, ConfigSource], None]) -
     """Register a source of configuration, under a name.
 
     :param register: ``register(name, source)``; ``source`` satisfies
-        :class:`hsu.config_sources.ConfigSource`: a ``priority`` (file 10,
+        :class:`hsu._kernel.config.sources.ConfigSource`: a ``priority`` (file 10,
         environment 20, ``--set`` 30; higher wins), ``load(ctx)`` returning
         layers with the origin of every value, and ``watch(ctx, on_change)``
         for sources that can change while the kernel runs. A clashing name is
@@ -227,7 +227,7 @@ def hsu_instance_event(kernel: Kernel, instance: Instance, event: Event) -> None
 
     :param kernel: the kernel.
     :param instance: the :class:`hsu.Instance` (its ``state`` is the new one).
-    :param event: the :class:`hsu.events.Event`: ``from_state``, ``to_state``,
+    :param event: the :class:`hsu._kernel.events.Event`: ``from_state``, ``to_state``,
         ``reason``, ``pid``, ``seq`` and ``at``.
     """
 
@@ -249,7 +249,7 @@ def hsu_config_reloaded(
 
     :param kernel: the kernel.
     :param old: the :class:`hsu.Deployment` that was replaced.
-    :param changes: a :class:`hsu.microkernel.Changes`: unit names ``added``,
+    :param changes: a :class:`hsu._kernel.kernel.Changes`: unit names ``added``,
         ``removed``, ``changed`` (of which ``restarted`` got new processes) and
         the plugin ``sections`` that differ.
     :returns: ``None`` or an awaitable.

@@ -37,7 +37,7 @@ class ProcessHandle(Protocol):
     """A started instance's process, as its launcher sees it.
 
     A handle may also offer ``exited() -> asyncio.Future[int]`` (as
-    :class:`hsu.pidfd.PidfdHandle` does): the supervisor then waits on that
+    :class:`hsu.process.PidfdHandle` does): the supervisor then waits on that
     future instead of a task running :meth:`wait`, one task less per instance.
     """
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from hsu.config import deployment_from_dict
-from hsu.microkernel import Kernel
-from hsu.plugin_manager import PluginManager
+from hsu._kernel.config.model import deployment_from_dict
+from hsu._kernel.kernel import Kernel
+from hsu._kernel.plugins import PluginManager
 
 KernelFactory = Callable[..., Awaitable[Kernel]]
 

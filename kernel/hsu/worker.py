@@ -36,11 +36,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loguru import logger
 
+from hsu._kernel.core_service import CORE_SERVICE, CoreServicer
+from hsu._kernel.logbuffer import LogBuffer
 from hsu.core.v1 import core_pb2_grpc
-from hsu.core_service import CORE_SERVICE, CoreServicer
 from hsu.errors import HsuError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
-from hsu.logbuffer import LogBuffer
 
 ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
 ENV_UNIT = "HSU_UNIT"

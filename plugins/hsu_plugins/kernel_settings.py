@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import hsu
-from hsu.config import KernelSettings
+from hsu._kernel.config.model import KernelSettings
 
 
 @hsu.hookimpl

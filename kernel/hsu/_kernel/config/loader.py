@@ -1,0 +1,133 @@
+"""From sources to a typed deployment, and the effective config with origins.
+
+The plugin list lives in the config, yet config sources are plugins: the
+first read uses the sources of the plugins enabled before any config is read
+(built-ins, ``-p``, ``HSU_PLUGINS``, autoload); if the deployment's own
+``plugins:`` bring more sources, the config is read once more with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from hsu._kernel.config.model import Deployment, converter, deployment_from_dict, structure_sections
+from hsu._kernel.config.sources import (
+    DEFAULT,
+    PathT,
+    SourceContext,
+    format_path,
+    gather,
+    leaves,
+    resolve_secrets,
+)
+from hsu._kernel.plugins import PluginManager
+from hsu.errors import ConfigError
+
+
+def context(
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> SourceContext:
+    return SourceContext(
+        files=tuple(Path(f) for f in files),
+        env=dict(os.environ if env is None else env),
+        overrides=tuple(overrides),
+    )
+
+
+def read_config(plugins: PluginManager, ctx: SourceContext) -> Deployment:
+    """Gather every source, resolve secret references, structure the core keys."""
+    merged = gather(list(plugins.config_sources().values()), ctx)
+    first = ctx.files[0] if ctx.files else None
+    source = str(first) if first else "<config>"
+    base = first.resolve().parent if first else Path.cwd()
+    data, secrets, problems = resolve_secrets(merged.data, merged.origins, ctx.env, base)
+    if problems:
+        raise ConfigError(problems, source)
+    return deployment_from_dict(
+        data,
+        source=source,
+        base_dir=str(base),
+        default_name=first.stem if first else "hsu",
+        origins=merged.origins,
+        secrets=secrets,
+    )
+
+
+def load(ctx: SourceContext, cli_plugins: Sequence[str] = ()) -> tuple[Deployment, PluginManager]:
+    """The deployment and the plugin manager ``hsu run`` would use."""
+    boot = PluginManager.load(cli_plugins, env=ctx.env)
+    deployment = read_config(boot, ctx)
+    if not deployment.plugins:
+        return deployment, boot  # the same list: the same plugins, loaded once
+    plugins = PluginManager.load([*deployment.plugins, *cli_plugins], env=ctx.env)
+    if set(plugins.config_sources()) != set(boot.config_sources()):
+        deployment = read_config(plugins, ctx)
+    return deployment, plugins
+
+
+def effective(deployment: Deployment, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole config after defaults, as plain data."""
+    return {
+        "name": deployment.name,
+        "plugins": list(deployment.plugins),
+        "units": {n: converter.unstructure(u) for n, u in deployment.units.items()},
+        **{
+            section: converter.unstructure(value) if attrs.has(type(value)) else value
+            for section, value in sorted(settings.items())
+        },
+    }
+
+
+def show(deployment: Deployment, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every leaf of the effective config with its origin; secrets stay references."""
+    rows = []
+    for path, value in leaves(effective(deployment, settings)):
+        secret = _secret_ref(deployment, path)
+        origin = deployment.origins.get(path, DEFAULT)
+        rows.append(
+            {
+                "path": format_path(path),
+                "value": secret if secret is not None else value,
+                "source": str(origin),
+                "secret": secret is not None,
+            }
+        )
+    return rows
+
+
+def _secret_ref(deployment: Deployment, path: PathT) -> str | None:
+    for n in range(len(path), 0, -1):
+        ref = deployment.secrets.paths.get(path[:n])
+        if ref is not None:
+            return ref if n == len(path) else "(from a secret reference)"
+    return None
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        value = row["value"] if row["secret"] else json.dumps(row["value"])
+        note = " (secret reference, value not shown)" if row["secret"] else ""
+        lines.append(f"{row['path']} = {value}  # {row['source']}{note}")
+    return "\n".join(lines)
+
+
+def validate(
+    ctx: SourceContext, cli_plugins: Sequence[str] = ()
+) -> tuple[Deployment, dict[str, Any]]:
+    """Everything ``hsu run`` checks before it starts anything."""
+    from hsu._kernel.kernel import Kernel
+
+    deployment, plugins = load(ctx, cli_plugins)
+    kernel = Kernel(deployment, plugins)
+    return deployment, structure_sections(deployment, plugins.settings_classes()) | {
+        "kernel": kernel.kernel_settings
+    }

@@ -1,0 +1,97 @@
+"""The Core servicer, shared by the kernel and the Python HSU SDK."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hsu._kernel.logbuffer import LEVELS, LogBuffer, Record
+from hsu._version import __version__
+from hsu.core.v1 import core_pb2, core_pb2_grpc
+
+CORE_SERVICE = "hsu.core.v1.Core"
+RUNTIME = f"hsu-python/{__version__}"
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def log_record_pb(record: Record) -> core_pb2.LogRecord:
+    return core_pb2.LogRecord(
+        time=timestamp(record.time),
+        level=record.level,
+        message=record.message,
+        origin=record.origin,
+        extra=record.extra,
+        stream=record.stream,
+    )
+
+
+class CoreServicer(core_pb2_grpc.CoreServicer):
+    """Ping, Info, Shutdown and StreamLogs for one process.
+
+    :param info: returns the current :class:`core_pb2.InfoResponse` fields.
+    :param shutdown: called with (grace seconds, reason); starts the stop and
+        returns at once.
+    """
+
+    def __init__(
+        self,
+        info: Callable[[], dict[str, Any]],
+        shutdown: Callable[[float, str], None],
+        logs: LogBuffer,
+        default_grace: float = 5.0,
+    ):
+        self._info = info
+        self._shutdown = shutdown
+        self._logs = logs
+        self._default_grace = default_grace
+        self.started_at = time.time()
+
+    async def Ping(self, request: core_pb2.PingRequest, context: Any) -> core_pb2.PingResponse:
+        return core_pb2.PingResponse(payload=request.payload, time=timestamp(time.time()))
+
+    async def Info(self, request: core_pb2.InfoRequest, context: Any) -> core_pb2.InfoResponse:
+        fields: dict[str, Any] = {
+            "pid": os.getpid(),
+            "runtime": RUNTIME,
+            "started_at": timestamp(self.started_at),
+        }
+        fields.update(self._info())
+        return core_pb2.InfoResponse(**fields)
+
+    async def Shutdown(
+        self, request: core_pb2.ShutdownRequest, context: Any
+    ) -> core_pb2.ShutdownResponse:
+        grace = self._default_grace
+        if request.HasField("grace"):
+            grace = request.grace.ToNanoseconds() / 1e9
+            if grace < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "grace must not be negative")
+        self._shutdown(grace, request.reason or "Core.Shutdown")
+        return core_pb2.ShutdownResponse(accepted=True)
+
+    async def StreamLogs(
+        self, request: core_pb2.StreamLogsRequest, context: Any
+    ) -> AsyncIterator[core_pb2.LogRecord]:
+        if request.min_level and request.min_level.upper() not in LEVELS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"min_level {request.min_level!r} is not one of {', '.join(LEVELS)}",
+            )
+        async for record in self._logs.stream(
+            request.tail,
+            request.follow,
+            request.min_level,
+            unit=request.unit,
+            instance=request.instance_id,
+        ):
+            yield log_record_pb(record)

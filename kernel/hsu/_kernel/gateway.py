@@ -1,0 +1,434 @@
+"""The transparent gateway: any gRPC call to the kernel's address for a
+method the kernel does not serve itself goes to an instance of the unit that
+serves its interface.
+
+The gateway never decodes a message: it forwards the raw bytes (and the
+metadata, and the deadline) both ways, so it needs no ``.proto`` and works
+for every interface, unary and streaming alike. A client in any language
+calls ``/hsu.echo.v1.Echo/Echo`` on the kernel's port and needs no hsu
+library at all.
+
+A method is forwarded as a bidirectional stream (which is how gRPC carries
+all four kinds on the wire) until the gateway knows its kind: the first call
+to an interface makes it ask the instance's reflection service (which the
+Python SDK serves) for the service's methods, and from then on unary and
+server-streaming methods take their own, cheaper paths; an HSU without
+reflection keeps the stream path. An instance is started on demand when the
+interface has none; the unit's balancer picks one per call; a call that
+fails with UNAVAILABLE before it got any reply is tried again on another
+instance when the method is idempotent (``routing.idempotent``), its
+requests were all kept (at most ``REPLAY_MESSAGES`` messages and
+``REPLAY_BYTES`` bytes) and the retry budget allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from loguru import logger
+
+from hsu._kernel.routing import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
+from hsu._kernel.routing import INSTANCE_FAILED, Route
+from hsu.errors import HsuError, NoSuchUnit
+from hsu.ports import Endpoint
+
+if TYPE_CHECKING:
+    from hsu._kernel.kernel import Kernel
+
+#: requests kept for a retry; a longer request stream is not retried
+REPLAY_MESSAGES = 64
+REPLAY_BYTES = 4 * 2**20
+#: metadata a proxy must not copy: HTTP/2 and gRPC's own
+HOP_KEYS = frozenset({"user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding",
+                      "grpc-accept-encoding", "grpc-message-type"})  # fmt: skip
+#: a proxy does not limit message sizes: the two ends do
+CHANNEL_OPTIONS = (
+    *LOCAL_CHANNEL_OPTIONS,
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+)
+
+
+class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """The kernel's catch-all handler; see the module docstring."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._handlers: dict[str, Any] = {}
+        #: (request streaming, response streaming) by method path, from reflection
+        self.kinds: dict[str, tuple[bool, bool]] = {}
+        #: unary multicallables by (address, method): made once, not per call
+        self._unary_calls: dict[tuple[str, str], Any] = {}
+        #: interfaces asked about (or being asked) over reflection
+        self._learning: dict[str, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        kernel.routing.on_delete.append(self._forget)
+
+    def service(self, handler_call_details: Any) -> Any:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            interface = method[1:].partition("/")[0]
+            if not interface or "/" not in method[1:]:
+                return None
+            handler = self._handler(method, interface)
+            if handler is None:
+                return None
+            if method in self.kinds and len(self._handlers) < 10_000:
+                self._handlers[method] = handler
+        return handler
+
+    def _handler(self, method: str, interface: str) -> Any:
+        kind = self.kinds.get(method)
+        if kind == (False, False):
+
+            async def unary(request: bytes, context: Any) -> bytes:
+                return await self._unary(method, interface, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary)
+        if kind == (False, True):
+
+            async def server_streaming(request: bytes, context: Any) -> AsyncIterator[bytes]:
+                async for reply in self._unary_stream(method, interface, request, context):
+                    yield reply
+
+            return grpc.unary_stream_rpc_method_handler(server_streaming)
+
+        async def forward(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+            async for reply in self._forward(method, interface, requests, context):
+                yield reply
+
+        return grpc.stream_stream_rpc_method_handler(forward)
+
+    def _learn(self, interface: str, address: str) -> None:
+        """Ask an instance's reflection service what kinds its methods are."""
+        if interface in self._learning:
+            return
+        self._learning[interface] = asyncio.ensure_future(self._ask_reflection(interface, address))
+
+    async def _ask_reflection(self, interface: str, address: str) -> None:
+        from google.protobuf import descriptor_pb2
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        try:
+            stub = reflection_pb2_grpc.ServerReflectionStub(self.channel(address))
+            request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=interface)
+            async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5):
+                for raw in reply.file_descriptor_response.file_descriptor_proto:
+                    fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
+                    for svc in fd.service:
+                        name = f"{fd.package}.{svc.name}" if fd.package else svc.name
+                        if name != interface:
+                            continue
+                        for m in svc.method:
+                            kind = (m.client_streaming, m.server_streaming)
+                            self.kinds[f"/{interface}/{m.name}"] = kind
+                break
+        except (grpc.aio.AioRpcError, ValueError) as exc:
+            logger.debug("gateway: no reflection for {} at {}: {!r}", interface, address, exc)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS
+            )
+        return ch
+
+    def _forget(self, ep: Endpoint) -> None:
+        """No endpoint listens at ``ep.address`` any more: close its channel."""
+        ch = self._channels.pop(ep.address, None)
+        for k in [k for k in self._unary_calls if k[0] == ep.address]:
+            del self._unary_calls[k]
+        if ch is not None:
+            task = asyncio.ensure_future(ch.close(grace=1.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        for task in self._learning.values():
+            task.cancel()
+        await asyncio.gather(*self._learning.values(), return_exceptions=True)
+        channels, self._channels = self._channels, {}
+        self._unary_calls.clear()
+        for ch in channels.values():
+            await ch.close()
+
+    async def _route(self, interface: str, context: Any) -> Route:
+        routing = self.kernel.routing
+        try:
+            route = routing.route(interface)
+            if not route.routable:
+                remaining = context.time_remaining()
+                route = await routing.ensure(interface, remaining)
+            return route
+        except NoSuchUnit as exc:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"hsu gateway: {exc}")
+        except (HsuError, TimeoutError) as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"hsu gateway: no instance serving {interface!r} is ready: {exc or 'timed out'}",
+            )
+        raise AssertionError("unreachable")
+
+    def _call_key(self, route: Route, context: Any) -> tuple[tuple[tuple[str, Any], ...], Any]:
+        metadata = tuple(
+            (k, v)
+            for k, v in (context.invocation_metadata() or ())
+            if k not in HOP_KEYS and not k.startswith(":")
+        )
+        hk = route.policy.hash_key
+        key = next((v for k, v in metadata if k == hk), None)
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")
+        return metadata, key
+
+    async def _pick(
+        self, route: Route, interface: str, key: Any, exclude: str, context: Any
+    ) -> tuple[Route, Endpoint]:
+        ep = route.pick(key, exclude=exclude)
+        if ep is None:
+            route = await self._route(interface, context)
+            ep = route.pick(key)
+            if ep is None:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"hsu gateway: every instance serving {interface!r} is failing",
+                )
+                raise AssertionError("unreachable")
+        return route, ep
+
+    async def _unary(self, method: str, interface: str, request: bytes, context: Any) -> bytes:
+        """A unary call: the request is one message, so any try can replay it."""
+        route = self.kernel.routing.routes.get(interface)
+        if route is None or not route.routable:
+            route = await self._route(interface, context)
+        metadata, key = self._call_key(route, context)
+        routing = self.kernel.routing
+        failed_on = ""
+        attempt = 0
+        while True:
+            route, ep = await self._pick(route, interface, key, failed_on, context)
+            mc = self._unary_calls.get((ep.address, method))
+            if mc is None:
+                mc = self._unary_calls[ep.address, method] = self.channel(ep.address).unary_unary(
+                    method
+                )
+            call = mc(request, timeout=context.time_remaining(), metadata=metadata)
+            route.begin(ep)
+            routing.call_began(ep)
+            ok = True
+            try:
+                reply: bytes = await call
+                initial = await call.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(tuple(initial))
+                trailing = await call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                return reply
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                ok = code not in INSTANCE_FAILED
+                attempt += 1
+                if not ok and route.may_retry(method, attempt):
+                    failed_on = ep.instance_id
+                    continue
+                trailing = exc.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                await context.abort(code, exc.details() or "")
+                raise AssertionError("unreachable") from None
+            finally:
+                route.end(ep, ok)
+                routing.call_ended(ep)
+
+    async def _unary_stream(
+        self, method: str, interface: str, request: bytes, context: Any
+    ) -> AsyncIterator[bytes]:
+        route = self.kernel.routing.routes.get(interface)
+        if route is None or not route.routable:
+            route = await self._route(interface, context)
+        metadata, key = self._call_key(route, context)
+        routing = self.kernel.routing
+        failed_on = ""
+        attempt = 0
+        while True:
+            route, ep = await self._pick(route, interface, key, failed_on, context)
+            call = self.channel(ep.address).unary_stream(method)(
+                request, timeout=context.time_remaining(), metadata=metadata
+            )
+            route.begin(ep)
+            routing.call_began(ep)
+            ok = True
+            replied = False
+            try:
+                async for reply in call:
+                    if not replied:
+                        replied = True
+                        initial = await call.initial_metadata()
+                        if initial:
+                            await context.send_initial_metadata(tuple(initial))
+                    yield reply
+                trailing = await call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                ok = code not in INSTANCE_FAILED
+                attempt += 1
+                if not ok and not replied and route.may_retry(method, attempt):
+                    failed_on = ep.instance_id
+                    continue
+                trailing = exc.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                await context.abort(code, exc.details() or "")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            finally:
+                route.end(ep, ok)
+                routing.call_ended(ep)
+
+    async def _forward(
+        self, method: str, interface: str, requests: AsyncIterator[bytes], context: Any
+    ) -> AsyncIterator[bytes]:
+        route = await self._route(interface, context)
+        policy = route.policy
+        metadata = tuple(
+            (k, v)
+            for k, v in (context.invocation_metadata() or ())
+            if k not in HOP_KEYS and not k.startswith(":")
+        )
+        key = next((v for k, v in metadata if k == policy.hash_key), None)
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")
+        reqs = _Requests(requests)
+        retryable = policy.is_idempotent(method)
+        failed_on = ""
+        routing = self.kernel.routing
+        for attempt in range(policy.max_attempts):
+            ep: Endpoint | None = route.pick(key, exclude=failed_on)
+            if ep is None:
+                route = await self._route(interface, context)
+                ep = route.pick(key)
+                if ep is None:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"hsu gateway: every instance serving {interface!r} is failing",
+                    )
+                    return
+            if interface not in self._learning:
+                self._learn(interface, ep.address)
+            remaining = context.time_remaining()
+            call = self.channel(ep.address).stream_stream(method)(
+                reqs.stream(), timeout=remaining, metadata=metadata
+            )
+            route.begin(ep)
+            routing.call_began(ep)
+            replied = False
+            ok = True
+            try:
+                async for reply in call:
+                    if not replied:
+                        replied = True
+                        with contextlib.suppress(Exception):
+                            await context.send_initial_metadata(await call.initial_metadata())
+                    yield reply
+                trailing = await call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                ok = code not in INSTANCE_FAILED
+                if (
+                    not ok
+                    and retryable
+                    and not replied
+                    and await reqs.read_all()
+                    and route.may_retry(method, attempt + 1)
+                ):
+                    logger.bind(unit=ep.unit, instance=ep.instance_id).debug(
+                        "gateway: {} on {}: {}; trying another instance",
+                        method,
+                        ep.instance_id,
+                        code.name,
+                    )
+                    failed_on = ep.instance_id
+                    continue
+                trailing = exc.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                await context.abort(code, exc.details() or "")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            finally:
+                route.end(ep, ok)
+                routing.call_ended(ep)
+
+
+class _Requests:
+    """A call's request stream, kept (within bounds) so a retry can replay it.
+
+    Every attempt reads through :meth:`stream`, from the start: what was read
+    already comes from memory, the rest from the caller.
+    """
+
+    def __init__(self, source: AsyncIterator[bytes]):
+        self._source = source.__aiter__()
+        self._lock = asyncio.Lock()
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.done = False
+        self.replayable = True
+
+    async def _next(self) -> bytes | None:
+        """Read one more message from the caller (None at its end)."""
+        try:
+            msg = await self._source.__anext__()
+        except StopAsyncIteration:
+            self.done = True
+            return None
+        self.size += len(msg)
+        if self.replayable and len(self.kept) < REPLAY_MESSAGES and self.size <= REPLAY_BYTES:
+            self.kept.append(msg)
+        else:
+            self.replayable = False
+            self.kept.clear()
+        return msg
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        i = 0
+        while True:
+            if self.replayable and i < len(self.kept):
+                i += 1
+                yield self.kept[i - 1]
+                continue
+            if self.done:
+                return
+            async with self._lock:
+                if self.replayable and i < len(self.kept):
+                    continue
+                if self.done:
+                    return
+                msg = await self._next()
+            if msg is None:
+                return
+            i += 1
+            yield msg
+
+    async def read_all(self) -> bool:
+        """Read the rest of the caller's stream; True when all of it is kept."""
+        async with self._lock:
+            while self.replayable and not self.done:
+                await self._next()
+        return self.replayable

@@ -1,0 +1,499 @@
+"""A typed facade over pluggy: kernel code asks it, never ``pm.hook.*``.
+
+Loading order (first to last), as ``docs/plugins.md`` documents it:
+
+1. essential built-ins (:data:`ESSENTIAL`), which cannot be blocked;
+2. default built-ins (:data:`DEFAULTS`);
+3. the explicit list: ``HSU_PLUGINS``, then the deployment's ``plugins:``, then
+   ``-p`` on the command line; ``no:NAME`` anywhere in it blocks ``NAME``;
+4. every other entry point in the ``hsu`` group, unless
+   ``HSU_DISABLE_PLUGIN_AUTOLOAD`` is set.
+
+Built-ins are entry points of the ``hsu`` distribution itself, so they are
+loaded exactly as a third party's plugin is.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata as md
+import os
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import pluggy
+from loguru import logger
+
+from hsu import hookspecs
+from hsu._kernel.aio import await_me_maybe
+from hsu.errors import ConflictError, PluginError, PluginLoadError
+
+GROUP = "hsu"
+ESSENTIAL: tuple[str, ...] = ("kernel",)
+DEFAULTS: tuple[str, ...] = (
+    "subprocess",
+    "file",
+    "env",
+    "overrides",
+    "probes",
+    "balancers",
+    "breakers",
+    "registry_memory",
+)
+AUTOLOAD_ENV = "HSU_DISABLE_PLUGIN_AUTOLOAD"
+PLUGINS_ENV = "HSU_PLUGINS"
+TRACE_ENV = "HSU_TRACE_PLUGINS"
+
+ACTIVE, BLOCKED, FAILED = "active", "blocked", "failed"
+
+
+@attrs.define
+class PluginInfo:
+    """What ``hsu plugins`` shows for one plugin."""
+
+    name: str
+    status: str
+    source: str
+    distribution: str = ""
+    version: str = ""
+    hooks: list[str] = attrs.field(factory=list)
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def split_plugin_list(items: Iterable[str]) -> tuple[list[str], set[str]]:
+    """Split ``["a", "no:b", "c,d"]`` into names to load and names to block."""
+    names: list[str] = []
+    blocked: set[str] = set()
+    for item in items:
+        for raw in item.split(","):
+            name = raw.strip()
+            if not name:
+                continue
+            if name.startswith("no:"):
+                blocked.add(name[3:].strip())
+            elif name not in names:
+                names.append(name)
+    return names, blocked
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+class PluginManager:
+    """Loads plugins in the documented order and answers the kernel's questions."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self._infos: dict[str, PluginInfo] = {}
+        self._settings: dict[str, tuple[type[Any], str]] = {}
+        self._launchers: dict[str, tuple[Any, str]] = {}
+        self._config_sources: dict[str, tuple[Any, str]] = {}
+        self._probes: dict[str, tuple[Any, str]] = {}
+        self._balancers: dict[str, tuple[Any, str]] = {}
+        self._breakers: dict[str, tuple[Any, str]] = {}
+        self._registries: dict[str, tuple[Any, str]] = {}
+        self._undo_tracing: Callable[[], None] | None = None
+
+    # -- loading -----------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        explicit: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        autoload: bool | None = None,
+    ) -> PluginManager:
+        """Build a manager the way ``hsu run`` does.
+
+        :param explicit: plugin names in the order given (deployment, then
+            ``-p``); ``no:NAME`` blocks. ``HSU_PLUGINS`` from ``env`` comes
+            first.
+        :param autoload: ``None`` reads ``HSU_DISABLE_PLUGIN_AUTOLOAD``.
+        :raises PluginLoadError: a plugin named explicitly failed to load.
+        """
+        env = os.environ if env is None else env
+        names, blocked = split_plugin_list([env.get(PLUGINS_ENV, ""), *explicit])
+        essential_blocked = blocked & set(ESSENTIAL)
+        if essential_blocked:
+            raise PluginError(
+                f"plugin(s) {', '.join(sorted(essential_blocked))} are essential and cannot be"
+                " blocked"
+            )
+        if autoload is None:
+            autoload = not _truthy(env.get(AUTOLOAD_ENV))
+        self = cls()
+        if _truthy(env.get(TRACE_ENV)):
+            self.enable_tracing()
+        eps = _entry_points()
+        for name in blocked:
+            self.pm.set_blocked(name)
+            ep = eps.get(name)
+            self._infos[name] = PluginInfo(
+                name, BLOCKED, "blocked", *(_dist_of(ep) if ep else ("", ""))
+            )
+        for name in ESSENTIAL:
+            self._load_builtin(name, eps, "essential")
+        for name in DEFAULTS:
+            if name not in blocked:
+                self._load_builtin(name, eps, "default")
+        for name in names:
+            if name in blocked or self.pm.has_plugin(name):
+                continue
+            self._load_explicit(name, eps)
+        if autoload:
+            for name, ep in eps.items():
+                if name in blocked or self.pm.has_plugin(name) or name in self._infos:
+                    continue
+                self._load_autoload(name, ep)
+        return self
+
+    def _load_builtin(self, name: str, eps: Mapping[str, md.EntryPoint], source: str) -> None:
+        ep = eps.get(name)
+        if ep is None or (ep.dist is not None and _dist_of(ep)[0] != "hsu"):
+            raise PluginError(
+                f"built-in plugin {name!r} has no entry point in the hsu distribution;"
+                " is hsu installed (pip install -e .)?"
+            )
+        self._load_entry_point(name, ep, source)
+
+    def _load_explicit(self, name: str, eps: Mapping[str, md.EntryPoint]) -> None:
+        ep = eps.get(name)
+        if ep is not None:
+            self._load_entry_point(name, ep, "explicit")
+            return
+        dist, version = _dist_of_module(name)
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:
+            if isinstance(exc, ModuleNotFoundError) and exc.name == name.split(".")[0]:
+                known = ", ".join(sorted(eps)) or "none"
+                raise PluginError(
+                    f"unknown plugin {name!r}: no entry point of that name in group"
+                    f" {GROUP!r} (installed: {known}) and no module to import"
+                ) from exc
+            raise PluginLoadError(name, dist, version, exc) from exc
+        self._register_loaded(module, name, "explicit", dist, version)
+
+    def _load_entry_point(self, name: str, ep: md.EntryPoint, source: str) -> None:
+        dist, version = _dist_of(ep)
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginLoadError(name, dist, version, exc) from exc
+        self._register_loaded(plugin, name, source, dist, version)
+
+    def _load_autoload(self, name: str, ep: md.EntryPoint) -> None:
+        try:
+            self._load_entry_point(name, ep, "entrypoint")
+        except PluginError as exc:
+            cause = exc.__cause__ or exc
+            logger.warning(
+                "{} (skipped: it was autoloaded). To stop loading it, pass -p no:{} or set"
+                " {}=1.\n{}",
+                exc,
+                name,
+                AUTOLOAD_ENV,
+                "".join(traceback.format_exception(cause)).rstrip(),
+            )
+            dist, version = _dist_of(ep)
+            self._infos[name] = PluginInfo(
+                name, FAILED, "entrypoint", dist, version, error=str(exc)
+            )
+
+    def _register_loaded(
+        self, plugin: object, name: str, source: str, dist: str | None, version: str | None
+    ) -> None:
+        try:
+            self.register(
+                plugin, name, source=source, distribution=dist or "", version=version or ""
+            )
+        except PluginLoadError:
+            raise
+        except Exception as exc:
+            raise PluginLoadError(name, dist, version, exc) from exc
+
+    def register(
+        self,
+        plugin: object,
+        name: str | None = None,
+        *,
+        source: str = "code",
+        distribution: str = "",
+        version: str = "",
+    ) -> str:
+        """Register a plugin object (module, class or instance) from code.
+
+        Its hookimpls are checked against the specs: a hook name with no spec,
+        or a signature that does not match, is an error and the plugin is not
+        registered. Its registration hooks run at once.
+
+        :returns: the name it was registered under.
+        """
+        registered = self.pm.register(plugin, name)
+        if registered is None:
+            raise PluginError(f"plugin {name!r} is blocked")
+        try:
+            self._check_pending(plugin, registered)
+            self._infos[registered] = PluginInfo(
+                registered,
+                ACTIVE,
+                source,
+                distribution,
+                version,
+                hooks=sorted(h.name for h in self.pm.get_hookcallers(plugin) or []),
+            )
+            self._collect(plugin, registered)
+        except Exception:
+            self.pm.unregister(plugin)
+            self._infos.pop(registered, None)
+            self._forget(registered)
+            raise
+        return registered
+
+    def unregister(self, name: str) -> None:
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+        self._infos.pop(name, None)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        for table in (
+            self._settings,
+            self._launchers,
+            self._config_sources,
+            self._probes,
+            self._balancers,
+            self._breakers,
+            self._registries,
+        ):
+            for key in [k for k, (_, owner) in table.items() if owner == name]:
+                del table[key]
+
+    def _check_pending(self, plugin: object, name: str) -> None:
+        for hook in self.pm.get_hookcallers(plugin) or []:
+            if hook.spec is None:
+                for impl in hook.get_hookimpls():
+                    if impl.plugin is plugin and not impl.optionalhook:
+                        raise PluginError(
+                            f"plugin {name!r} implements unknown hook {hook.name!r};"
+                            " see docs/hooks.md for the hooks hsu calls"
+                        )
+
+    # -- registration hooks ------------------------------------------------
+
+    def _collect(self, plugin: object, name: str) -> None:
+        def register_to(table: dict[str, tuple[Any, str]], kind: str) -> Callable[[str, Any], None]:
+            def register(key: str, value: Any) -> None:
+                if key in table and table[key][1] != name:
+                    raise ConflictError(
+                        f"Conflicting plugins found: {kind} {key!r} is registered by"
+                        f" {self._describe(table[key][1])} and by {self._describe(name)}"
+                    )
+                table[key] = (value, name)
+
+            return register
+
+        self._call_own(
+            plugin,
+            "hsu_register_settings",
+            register=register_to(self._settings, "settings section"),
+        )
+        self._call_own(
+            plugin, "hsu_register_launchers", register=register_to(self._launchers, "launcher")
+        )
+        self._call_own(
+            plugin,
+            "hsu_register_config_sources",
+            register=register_to(self._config_sources, "config source"),
+        )
+        self._call_own(plugin, "hsu_register_probes", register=register_to(self._probes, "probe"))
+        self._call_own(
+            plugin, "hsu_register_balancers", register=register_to(self._balancers, "balancer")
+        )
+        self._call_own(
+            plugin, "hsu_register_breakers", register=register_to(self._breakers, "breaker")
+        )
+        self._call_own(
+            plugin, "hsu_register_registries", register=register_to(self._registries, "registry")
+        )
+
+    def _call_own(self, plugin: object, hook_name: str, **kwargs: Any) -> None:
+        """Call one plugin's own implementation of a registration hook."""
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+
+    def _describe(self, name: str) -> str:
+        info = self._infos.get(name)
+        if info and info.distribution:
+            return f"plugin {name!r} ({info.distribution} {info.version})"
+        return f"plugin {name!r}"
+
+    # -- questions the kernel asks ----------------------------------------
+
+    def settings_classes(self) -> dict[str, type[Any]]:
+        return {section: cls for section, (cls, _) in self._settings.items()}
+
+    def launcher(self, name: str) -> Any:
+        try:
+            return self._launchers[name][0]
+        except KeyError:
+            known = ", ".join(sorted(self._launchers)) or "none"
+            raise PluginError(
+                f"no launcher named {name!r} (registered: {known}); is its plugin enabled?"
+            ) from None
+
+    def config_sources(self) -> dict[str, Any]:
+        """Registered config sources by name (:class:`hsu._kernel.config.sources.ConfigSource`)."""
+        return {name: source for name, (source, _) in self._config_sources.items()}
+
+    def launcher_names(self) -> list[str]:
+        return sorted(self._launchers)
+
+    def probe(self, name: str) -> Any:
+        """The health probe registered as ``name`` (:class:`hsu.ports.Probe`)."""
+        try:
+            return self._probes[name][0]
+        except KeyError:
+            known = ", ".join(sorted(self._probes)) or "none"
+            raise PluginError(
+                f"no probe named {name!r} (registered: {known}); is its plugin enabled?"
+            ) from None
+
+    def probe_names(self) -> list[str]:
+        return sorted(self._probes)
+
+    def _named(self, table: dict[str, tuple[Any, str]], kind: str, name: str) -> Any:
+        try:
+            return table[name][0]
+        except KeyError:
+            known = ", ".join(sorted(table)) or "none"
+            raise PluginError(
+                f"no {kind} named {name!r} (registered: {known}); is its plugin enabled?"
+            ) from None
+
+    def balancer(self, name: str) -> Any:
+        """The balancer factory registered as ``name`` (:class:`hsu.ports.Factory`)."""
+        return self._named(self._balancers, "balancer", name)
+
+    def balancer_names(self) -> list[str]:
+        return sorted(self._balancers)
+
+    def breaker(self, name: str) -> Any:
+        """The circuit breaker factory registered as ``name`` (:class:`hsu.ports.Factory`)."""
+        return self._named(self._breakers, "breaker", name)
+
+    def breaker_names(self) -> list[str]:
+        return sorted(self._breakers)
+
+    def registry(self, name: str) -> Any:
+        """The registry factory registered as ``name``: ``factory(kernel) -> Registry``."""
+        return self._named(self._registries, "registry", name)
+
+    def registry_names(self) -> list[str]:
+        return sorted(self._registries)
+
+    def infos(self) -> list[PluginInfo]:
+        order = {"essential": 0, "default": 1, "explicit": 2, "code": 3, "entrypoint": 4}
+        return sorted(self._infos.values(), key=lambda i: (order.get(i.source, 5), i.name))
+
+    def is_active(self, name: str) -> bool:
+        return self.pm.has_plugin(name) and not self.pm.is_blocked(name)
+
+    def configure(self, kernel: Any) -> None:
+        self.pm.hook.hsu_kernel_configure.call_historic(kwargs={"kernel": kernel})
+
+    async def call_each(self, hook_name: str, *, stop_on_error: bool = True, **kwargs: Any) -> None:
+        """Call a lifecycle hook for every plugin, awaiting each result in turn.
+
+        With ``stop_on_error`` false a failing plugin is logged and the rest
+        still run (the stop path must go on).
+        """
+        hook = getattr(self.pm.hook, hook_name)
+        # pluggy's own order: tryfirst, then last registered first, then trylast.
+        for impl in reversed(hook.get_hookimpls()):
+            if self._undo_tracing is not None:
+                logger.info("hook {} -> {}", hook_name, impl.plugin_name)
+            if self.pm.is_blocked(self.pm.get_name(impl.plugin) or ""):
+                continue
+            call_kwargs = {k: v for k, v in kwargs.items() if k in impl.argnames}
+            try:
+                await await_me_maybe(impl.function(**call_kwargs))
+            except Exception:
+                if stop_on_error:
+                    raise
+                logger.exception("hook {} of plugin {!r} failed", hook_name, impl.plugin_name)
+
+    # -- tracing -----------------------------------------------------------
+
+    def enable_tracing(self) -> None:
+        """Log every hook call and its outcome (``HSU_TRACE_PLUGINS=1``)."""
+        if self._undo_tracing is not None:
+            return
+
+        def before(
+            hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]
+        ) -> None:
+            logger.info("hook {} -> {}", hook_name, [i.plugin_name for i in impls])
+
+        def after(
+            outcome: pluggy.Result[Any],
+            hook_name: str,
+            impls: Sequence[pluggy.HookImpl],
+            kwargs: Mapping[str, Any],
+        ) -> None:
+            exc = outcome.exception
+            logger.info("hook {} <- {}", hook_name, f"raised {exc!r}" if exc else "ok")
+
+        self._undo_tracing = self.pm.add_hookcall_monitoring(before, after)
+
+
+def _entry_points() -> dict[str, md.EntryPoint]:
+    found: dict[str, md.EntryPoint] = {}
+    for ep in md.entry_points(group=GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+#: (name, version) by distribution: reading METADATA parses a whole email
+#: message, and every built-in plugin comes from the same distribution
+_dists: dict[str, tuple[str, str]] = {}
+
+
+def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
+    dist = ep.dist
+    if dist is None:
+        return "", ""
+    key = str(getattr(dist, "_path", "")) or repr(dist)
+    known = _dists.get(key)
+    if known is None:
+        meta = dist.metadata
+        known = _dists[key] = (meta["Name"] or dist.name, meta["Version"] or dist.version)
+    return known
+
+
+@functools.cache
+def _packages_distributions() -> Mapping[str, list[str]]:
+    # scans every installed distribution's RECORD: once per process
+    return md.packages_distributions()
+
+
+def _dist_of_module(module: str) -> tuple[str | None, str | None]:
+    top = module.split(".")[0]
+    dists = _packages_distributions().get(top)
+    if not dists:
+        return None, None
+    try:
+        return dists[0], md.version(dists[0])
+    except md.PackageNotFoundError:
+        return dists[0], None

@@ -1,0 +1,344 @@
+"""The kernel's gRPC server: Kernel API, Core, grpc.health.v1, reflection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hsu._kernel.core_service import CORE_SERVICE, CoreServicer, timestamp
+from hsu._kernel.supervision.instances import Instance
+from hsu.core.v1 import core_pb2_grpc
+from hsu.errors import ConfigError, HsuError, NoSuchUnit
+from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+if TYPE_CHECKING:
+    from hsu._kernel.kernel import Kernel
+
+KERNEL_SERVICE = "hsu.kernel.v1.Kernel"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+def instance_pb(inst: Instance) -> kernel_pb2.Instance:
+    msg = kernel_pb2.Instance(
+        instance_id=inst.instance_id,
+        unit=inst.unit,
+        state=inst.state.value,
+        pid=inst.pid,
+        address=inst.address,
+        interfaces=inst.interfaces,
+        version=inst.version,
+        started_at=timestamp(inst.started_at),
+        metadata=inst.metadata,
+        managed=inst.managed,
+        restarts=inst.restarts,
+        last_exit=inst.last_exit,
+        health=inst.health,
+        reattached=inst.reattached,
+    )
+    if inst.registered_at is not None:
+        msg.registered_at.CopyFrom(timestamp(inst.registered_at))
+    return msg
+
+
+class KernelServicer(kernel_pb2_grpc.KernelServicer):
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+
+    async def Register(
+        self, request: kernel_pb2.RegisterRequest, context: Any
+    ) -> kernel_pb2.RegisterResponse:
+        try:
+            inst = await self.kernel.register(
+                instance_id=request.instance_id,
+                unit=request.unit,
+                address=request.address,
+                interfaces=tuple(request.interfaces),
+                pid=request.pid,
+                version=request.version,
+                metadata=dict(request.metadata),
+            )
+        except HsuError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return kernel_pb2.RegisterResponse(instance_id=inst.instance_id)
+
+    async def Deregister(
+        self, request: kernel_pb2.DeregisterRequest, context: Any
+    ) -> kernel_pb2.DeregisterResponse:
+        try:
+            self.kernel.deregister(request.instance_id)
+        except HsuError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return kernel_pb2.DeregisterResponse()
+
+    async def ListInstances(
+        self, request: kernel_pb2.ListInstancesRequest, context: Any
+    ) -> kernel_pb2.ListInstancesResponse:
+        found = [
+            instance_pb(i)
+            for i in self.kernel.instances.values()
+            if not request.unit or i.unit == request.unit
+        ]
+        return kernel_pb2.ListInstancesResponse(instances=found)
+
+    async def ListPlugins(
+        self, request: kernel_pb2.ListPluginsRequest, context: Any
+    ) -> kernel_pb2.ListPluginsResponse:
+        return kernel_pb2.ListPluginsResponse(
+            plugins=[kernel_pb2.Plugin(**i.to_dict()) for i in self.kernel.plugins.infos()]
+        )
+
+    async def Status(
+        self, request: kernel_pb2.StatusRequest, context: Any
+    ) -> kernel_pb2.StatusResponse:
+        k = self.kernel
+        return kernel_pb2.StatusResponse(
+            state=k.state.value,
+            version=k.version,
+            pid=k.pid,
+            address=k.address,
+            started_at=timestamp(k.created_at),
+            history=[
+                kernel_pb2.Transition(
+                    from_state=t.source.value,
+                    to_state=t.target.value,
+                    at=timestamp(t.at),
+                    reason=t.reason,
+                )
+                for t in k.machine.history
+            ],
+            deployment=k.deployment.name,
+            units=sorted(k.deployment.units),
+            instances=sum(1 for i in k.instances.values() if i.alive),
+        )
+
+    async def WatchEvents(
+        self, request: kernel_pb2.WatchEventsRequest, context: Any
+    ) -> AsyncIterator[kernel_pb2.Event]:
+        async for item in self.kernel.events.subscribe(replay=request.replay, unit=request.unit):
+            if isinstance(item, int):
+                yield kernel_pb2.Event(lost=item)
+                continue
+            yield kernel_pb2.Event(
+                seq=item.seq,
+                kind=item.kind,
+                unit=item.unit,
+                instance_id=item.instance_id,
+                from_state=item.from_state,
+                to_state=item.to_state,
+                reason=item.reason,
+                pid=item.pid,
+                at=timestamp(item.at),
+            )
+
+    async def _target(
+        self, request: kernel_pb2.TargetRequest, context: Any, action: str
+    ) -> kernel_pb2.TargetResponse:
+        k = self.kernel
+        grace = request.grace or None
+        try:
+            if bool(request.unit) == bool(request.instance_id):
+                raise HsuError(f"{action}: give a unit or an instance_id (one of them)")
+            if request.instance_id:
+                one = {
+                    "Start": k.start_one,
+                    "Restart": k.restart_instance,
+                }
+                if action == "Stop":
+                    await k.stop_one(request.instance_id, grace)
+                else:
+                    await one[action](request.instance_id)
+                unit = k.instances[request.instance_id].unit
+            else:
+                unit = request.unit
+                if action == "Start":
+                    await k.start_unit(unit)
+                elif action == "Stop":
+                    await k.stop_unit(unit, grace)
+                else:
+                    await k.restart_unit(unit)
+        except NoSuchUnit as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except HsuError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return self._instances(unit, request.instance_id)
+
+    def _instances(self, unit: str, instance_id: str = "") -> kernel_pb2.TargetResponse:
+        return kernel_pb2.TargetResponse(
+            instances=[
+                instance_pb(i)
+                for i in self.kernel.instances.values()
+                if i.unit == unit and (not instance_id or i.instance_id == instance_id)
+            ]
+        )
+
+    async def Start(self, request: kernel_pb2.TargetRequest, context: Any) -> Any:
+        return await self._target(request, context, "Start")
+
+    async def Stop(self, request: kernel_pb2.TargetRequest, context: Any) -> Any:
+        return await self._target(request, context, "Stop")
+
+    async def Restart(self, request: kernel_pb2.TargetRequest, context: Any) -> Any:
+        return await self._target(request, context, "Restart")
+
+    async def Scale(
+        self, request: kernel_pb2.ScaleRequest, context: Any
+    ) -> kernel_pb2.TargetResponse:
+        try:
+            await self.kernel.scale(request.unit, request.count)
+        except NoSuchUnit as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except HsuError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return self._instances(request.unit)
+
+    async def Reload(
+        self, request: kernel_pb2.ReloadRequest, context: Any
+    ) -> kernel_pb2.ReloadResponse:
+        try:
+            changes = await self.kernel.reload()
+        except ConfigError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except HsuError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return kernel_pb2.ReloadResponse(
+            added=changes.added,
+            removed=changes.removed,
+            changed=changes.changed,
+            restarted=changes.restarted,
+            sections=changes.sections,
+            summary=changes.summary(),
+        )
+
+    # -- routing ----------------------------------------------------------------
+
+    async def Resolve(
+        self, request: kernel_pb2.ResolveRequest, context: Any
+    ) -> kernel_pb2.ResolveResponse:
+        from hsu._kernel.routing import endpoint_pb
+
+        try:
+            policy, endpoints = await self.kernel.routing.lookup(request.interface, request.ensure)
+        except NoSuchUnit as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (HsuError, TimeoutError) as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no instance of {request.interface!r} is ready: {exc or 'timed out'}",
+            )
+        return kernel_pb2.ResolveResponse(
+            policy=policy.to_pb(kernel_pb2.RoutingPolicy),
+            endpoints=[endpoint_pb(e, kernel_pb2.Endpoint) for e in endpoints],
+        )
+
+    async def WatchEndpoints(
+        self, request: kernel_pb2.WatchEndpointsRequest, context: Any
+    ) -> AsyncIterator[kernel_pb2.EndpointUpdate]:
+        from hsu._kernel.routing import endpoint_pb
+        from hsu.ports import RegistryCompacted
+
+        registry = self.kernel.routing.registry
+        if registry is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the kernel is not running")
+            return
+        interface = request.interface
+        while True:
+            endpoints, revision = await registry.snapshot()
+            sent = {e.instance_id for e in endpoints if interface in e.interfaces}
+            yield kernel_pb2.EndpointUpdate(
+                snapshot=True,
+                revision=revision,
+                endpoints=[
+                    endpoint_pb(e, kernel_pb2.Endpoint) for e in endpoints if e.instance_id in sent
+                ],
+            )
+            try:
+                async for ev in registry.watch(revision):
+                    ep = ev.endpoint
+                    kind = ev.kind
+                    if interface in ep.interfaces and kind == "put":
+                        sent.add(ep.instance_id)
+                    elif ep.instance_id in sent:
+                        sent.discard(ep.instance_id)
+                        kind = "delete"
+                    else:
+                        continue
+                    yield kernel_pb2.EndpointUpdate(
+                        kind=kind,
+                        revision=ev.revision,
+                        endpoints=[endpoint_pb(ep, kernel_pb2.Endpoint)],
+                    )
+            except RegistryCompacted:
+                continue
+            return
+
+    async def ReportLoad(
+        self, request_iterator: AsyncIterator[kernel_pb2.LoadReport], context: Any
+    ) -> kernel_pb2.LoadReportAck:
+        last = ""
+        try:
+            async for report in request_iterator:
+                last = report.instance_id
+                self.kernel.routing.report(report.instance_id, report.inflight)
+        finally:
+            if last:
+                self.kernel.routing.reported.pop(last, None)
+        return kernel_pb2.LoadReportAck()
+
+
+class KernelServer:
+    """Owns the grpc.aio server and the health servicer."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+        self.server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0)],
+        )
+        self.health = health.aio.HealthServicer()
+        kernel_pb2_grpc.add_KernelServicer_to_server(KernelServicer(kernel), self.server)
+        core_pb2_grpc.add_CoreServicer_to_server(
+            CoreServicer(kernel.core_info, kernel.shutdown_from_rpc, kernel.logs), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.services = (KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE)
+        reflection.enable_server_reflection((*self.services, reflection.SERVICE_NAME), self.server)
+        if kernel.kernel_settings.gateway:
+            from hsu._kernel.gateway import Gateway
+
+            self.gateway: Gateway | None = Gateway(kernel)
+            self.server.add_generic_rpc_handlers((self.gateway,))
+        else:
+            self.gateway = None
+
+    async def start(self, address: str) -> str:
+        """Listen on ``address`` and return the address actually bound."""
+        try:
+            port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise HsuError(f"kernel cannot listen on {address}: {exc}; is it in use?") from None
+        await self.set_serving(False)
+        await self.server.start()
+        if address.startswith("unix:"):
+            return address
+        host = address.rsplit(":", 1)[0]
+        return f"{host}:{port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.services):
+            await self.health.set(name, status)
+
+    async def drain(self) -> None:
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+        if self.gateway is not None:
+            await self.gateway.close()

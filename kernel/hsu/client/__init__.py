@@ -1,0 +1,13 @@
+"""Routed calls from any Python process: name an interface, never an instance.
+
+:func:`connect` gives a grpc.aio channel for generated stubs; :func:`connect_sync`
+the same for blocking stubs and threads. Both balance each call over the
+unit's instances, start one on demand and fail idempotent calls over.
+"""
+
+from __future__ import annotations
+
+from hsu.client.aio import RoutedChannel, connect
+from hsu.client.sync import SyncRoutedChannel, connect_sync
+
+__all__ = ["RoutedChannel", "SyncRoutedChannel", "connect", "connect_sync"]

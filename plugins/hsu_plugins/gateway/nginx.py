@@ -1,0 +1,601 @@
+"""A C data plane for the gateway: nginx's ``grpc_pass``, fed from the registry.
+
+Opt in per deployment (``plugins: [hsu_plugins.gateway.nginx]``); nginx must be
+installed (Debian: ``apt-get install nginx-light``). The kernel then runs one
+nginx on its own address: nginx forwards each interface's calls straight to
+that interface's serving instances, and everything else (the kernel's own
+API, an interface with no instance yet, one that no unit serves) to the
+kernel, whose Python gateway starts an instance on demand or says
+UNIMPLEMENTED. The kernel's gRPC server moves to a private socket in the state
+directory; HSUs get that address, so their registrations never cross nginx.
+``gateway_nginx.address`` puts nginx on an address of its own instead, and
+leaves the kernel where it was.
+
+The kernel binds nginx's listening sockets itself and hands them over at exec
+(nginx's ``NGINX`` inherited-socket variable): a port in use fails the
+kernel's start with the address in the message, port 0 works, and nginx can
+be restarted without the port ever being closed. nginx dies with the kernel
+(``setpriv --pdeathsig``, from util-linux); one left behind anyway is ended at the next start.
+
+Whenever the registry changes, the configuration is written again and nginx
+reloads it (SIGHUP): old workers finish their calls, new ones route anew. A
+second, loopback-only listener answers ``/generation`` with the number of the
+configuration that serves, so the kernel knows when a reload took: before a
+draining instance's calls are counted down, the kernel waits until nginx
+sends it no new call (a drain barrier, :attr:`KernelRouting.drain_barriers`).
+If nginx exits, it is started again with backoff.
+
+Each unit's ``routing:`` maps onto nginx:
+
+==========================  =====================================================
+balancer                    ``round_robin``: nginx's default;
+                            ``weighted_round_robin``: ``weight=`` per server;
+                            ``least_inflight``: ``least_conn``;
+                            ``random``: ``random``; ``p2c``: ``random two least_conn``;
+                            ``ring_hash``/``maglev``: ``hash $http_<hash_key> consistent``
+breaker                     ``consecutive``: ``max_fails=failures fail_timeout=cooldown``;
+                            ``none``: ``max_fails=0``; others: nginx's defaults
+idempotent, max_attempts    ``grpc_next_upstream error timeout non_idempotent`` with
+                            ``grpc_next_upstream_tries`` for those methods (plain
+                            names and ``*``; glob patterns are not mapped); other
+                            methods are passed on only if not yet sent
+==========================  =====================================================
+
+Why: the Python gateway costs the kernel more CPU per call than the HSU
+spends answering it; through nginx, calls ran at 0.65-0.88x of direct where
+the Python gateway managed 0.44-0.52x (two ``nox -s bench`` runs on a 2-CPU
+machine, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import ipaddress
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from loguru import logger
+
+import hsu
+from hsu.errors import HsuError
+from hsu.ports import Endpoint, RegistryCompacted
+from hsu.process import PidfdHandle
+
+SECTION = "gateway_nginx"
+#: the longest unix socket path the kernel's private socket may have
+MAX_UNIX_PATH = 100
+
+
+@attrs.frozen
+class Settings:
+    #: where nginx listens; empty: the kernel's own address (the kernel then
+    #: listens on a private socket in its state directory)
+    address: str = ""
+    #: the nginx executable (a name on PATH or a path)
+    binary: str = "nginx"
+    workers: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    #: seconds to wait after a registry change before reloading, to batch changes
+    reload_delay: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
+    #: seconds nginx gets to start serving
+    start_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    #: seconds a reload gets to take before it is reported as failed
+    reload_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    #: seconds of nginx's idle stream timeouts (long streams such as WatchEvents)
+    stream_timeout: float = attrs.field(default=86400.0, validator=attrs.validators.gt(0))
+
+
+@hsu.hookimpl
+def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
+    register(SECTION, Settings)
+
+
+_planes: dict[int, DataPlane] = {}
+
+
+@hsu.hookimpl
+def hsu_kernel_configure(kernel: hsu.Kernel) -> None:
+    settings: Settings = kernel.settings(SECTION)
+    plane = _planes[id(kernel)] = DataPlane(kernel, settings)
+    if not settings.address:
+        plane.requested = kernel.requested_address
+        kernel.requested_address = plane.private_address()
+
+
+@hsu.hookimpl
+def hsu_kernel_starting(kernel: hsu.Kernel) -> None:
+    _planes[id(kernel)].bind()
+
+
+@hsu.hookimpl
+def hsu_kernel_started(kernel: hsu.Kernel) -> Any:
+    return _planes[id(kernel)].start()
+
+
+@hsu.hookimpl
+def hsu_kernel_stopping(kernel: hsu.Kernel) -> Any:
+    plane = _planes.get(id(kernel))
+    return plane.stop() if plane is not None else None
+
+
+@hsu.hookimpl
+def hsu_kernel_stopped(kernel: hsu.Kernel) -> None:
+    plane = _planes.pop(id(kernel), None)
+    if plane is not None:
+        plane.close()
+
+
+@hsu.hookimpl
+def hsu_config_reloaded(kernel: hsu.Kernel) -> None:
+    plane = _planes.get(id(kernel))
+    if plane is not None and plane.generation:
+        plane.schedule()  # a unit's routing may have changed
+
+
+def plane_of(kernel: hsu.Kernel) -> DataPlane | None:
+    """The kernel's data plane (for tests and tools)."""
+    return _planes.get(id(kernel))
+
+
+class DataPlane:
+    """One nginx, its sockets, its configuration, and the tasks that keep them."""
+
+    def __init__(self, kernel: hsu.Kernel, settings: Settings):
+        self.kernel = kernel
+        self.settings = settings
+        self.dir = Path(kernel.state_dir, "nginx")
+        self.conf = self.dir / "nginx.conf"
+        #: the address asked for; :attr:`address` is the one bound
+        self.requested = settings.address
+        self.address = ""
+        #: serving endpoints by instance_id, as last seen in the registry
+        self.endpoints: dict[str, Endpoint] = {}
+        #: the number of the configuration last written (0: none yet)
+        self.generation = 0
+        #: how many times nginx was started (1 at the kernel's start)
+        self.starts = 0
+        self.handle: PidfdHandle | None = None
+        self._public: socket.socket | None = None
+        self._control: socket.socket | None = None
+        self._listen = ""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: asyncio.TimerHandle | None = None
+        self._stopping = False
+
+    def private_address(self) -> str:
+        path = Path(self.kernel.state_dir, "kernel.sock").absolute()
+        return f"unix:{path}" if len(str(path)) <= MAX_UNIX_PATH else "127.0.0.1:0"
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Take nginx's sockets (before the kernel listens: a clash fails the start)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._end_leftover()
+        self._public, self._listen, self.address = _listen_on(self.requested)
+        self._control = _listen_on("127.0.0.1:0")[0]
+
+    async def start(self) -> None:
+        binary = shutil.which(self.settings.binary)
+        if binary is None:
+            raise HsuError(
+                f"{SECTION}: nginx executable {self.settings.binary!r} not found;"
+                " install it (Debian: apt-get install nginx-light) or set"
+                f" {SECTION}.binary"
+            )
+        registry = self.kernel.routing.registry
+        assert registry is not None
+        endpoints, revision = await registry.snapshot()
+        self.endpoints = {e.instance_id: e for e in endpoints if e.routable}
+        await self._spawn(binary)
+        self.kernel.routing.drain_barriers.append(self.drain_barrier)
+        logger.info(
+            "gateway_nginx: nginx (pid {}) serving on {}; the kernel listens on {}",
+            self.pid,
+            self.address,
+            self.kernel.address,
+        )
+        self._tasks.append(asyncio.ensure_future(self._follow(revision)))
+        self._tasks.append(asyncio.ensure_future(self._supervise(binary)))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(ValueError):
+            self.kernel.routing.drain_barriers.remove(self.drain_barrier)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        handle = self.handle
+        if handle is None or handle.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handle.pid, signal.SIGQUIT)  # graceful: calls in flight finish
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(handle.wait(), self.kernel.kernel_settings.drain_grace)
+        handle.signal(signal.SIGKILL)  # the master and any worker left (its group)
+        await handle.wait()
+
+    def close(self) -> None:
+        for sock in (self._public, self._control):
+            if sock is not None:
+                sock.close()
+        self._public = self._control = None
+
+    @property
+    def pid(self) -> int:
+        return self.handle.pid if self.handle is not None else 0
+
+    async def _spawn(self, binary: str) -> None:
+        assert self._public is not None and self._control is not None
+        fds = (self._public.fileno(), self._control.fileno())
+        self._write()
+        log = (self.dir / "error.log").open("ab")
+        argv = [
+            binary,
+            "-p",
+            f"{self.dir}/",
+            "-c",
+            str(self.conf),
+            "-e",
+            str(self.dir / "error.log"),
+        ]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # nginx ends (and ends its workers) when the kernel dies; through
+            # util-linux's setpriv, as a preexec_fn would fork() a process
+            # whose gRPC threads make fork unsafe
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+        try:
+            # fork+exec takes a millisecond or two: not worth a thread
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=fds,
+                env={**os.environ, "NGINX": "".join(f"{fd};" for fd in fds)},
+                start_new_session=True,  # its own group: its workers go with it
+            )
+        except OSError as exc:
+            raise HsuError(f"{SECTION}: cannot start {binary}: {exc}") from None
+        finally:
+            log.close()
+        self.handle = PidfdHandle(proc.pid, child=True, owned=True, popen=proc)
+        self.starts += 1
+        if not await self._until_serving(self.generation, self.settings.start_timeout):
+            self.handle.signal(signal.SIGKILL)
+            code = await self.handle.wait()
+            raise HsuError(
+                f"{SECTION}: nginx did not start (exit status {code}): {self._log_tail()}"
+            )
+
+    async def _supervise(self, binary: str) -> None:
+        """nginx exited on its own: start it again, with backoff."""
+        backoff = 0.1
+        while not self._stopping:
+            assert self.handle is not None
+            started = time.monotonic()
+            code = await self.handle.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - started > 10:
+                backoff = 0.1
+            logger.error(
+                "gateway_nginx: nginx (pid {}) exited with status {}; starting it again"
+                " in {:.1f} s: {}",
+                self.handle.pid,
+                code,
+                backoff,
+                self._log_tail(),
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            try:
+                await self._spawn(binary)
+            except HsuError as exc:
+                logger.error("{}", exc)
+
+    def _end_leftover(self) -> None:
+        """An nginx left by an earlier kernel (should its parent-death signal have missed)."""
+        try:
+            pid = int((self.dir / "nginx.pid").read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if str(self.conf).encode() in cmdline:  # ours, not a reused pid
+            logger.warning("gateway_nginx: ending nginx pid {} left by an earlier kernel", pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.dir / "error.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no error log)"
+        return " | ".join(lines[-3:]) or "(error log empty)"
+
+    # -- reloads ----------------------------------------------------------------
+
+    async def serving_generation(self) -> int:
+        """The number of the configuration nginx serves (0: none, or not answering)."""
+        assert self._control is not None
+        host, port = self._control.getsockname()[:2]
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            return 0
+        try:
+            writer.write(b"GET /generation HTTP/1.0\r\nHost: hsu\r\n\r\n")
+            data = await reader.read(4096)
+        except OSError:
+            return 0
+        finally:
+            writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(body) if head.startswith(b"HTTP/1.1 200") and body.isdigit() else 0
+
+    async def _until_serving(self, generation: int, timeout: float) -> bool:
+        """Wait until nginx serves ``generation`` (or a newer one)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.handle is None or self.handle.returncode is not None:
+                return False
+            if await self.serving_generation() >= generation:
+                return True
+            await asyncio.sleep(0.005)
+        return False
+
+    async def drain_barrier(self, instance_id: str) -> None:
+        """Return once nginx sends the (draining) instance no new call."""
+        if self.endpoints.pop(instance_id, None) is not None or self._pending is not None:
+            self.reload()
+        await self._until_serving(self.generation, self.settings.reload_timeout)
+
+    def schedule(self) -> None:
+        if self._pending is None:
+            loop = asyncio.get_running_loop()
+            self._pending = loop.call_later(self.settings.reload_delay, self.reload)
+
+    def reload(self) -> None:
+        """Write the configuration and have nginx load it (now)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        if self.handle is None or self.handle.returncode is not None:
+            return  # not running: the next start writes the configuration
+        self._write()
+        os.kill(self.handle.pid, signal.SIGHUP)  # our unreaped child: the pid is its own
+        self._tasks.append(asyncio.ensure_future(self._confirm(self.generation)))
+
+    async def _confirm(self, generation: int) -> None:
+        task = asyncio.current_task()
+        try:
+            if not await self._until_serving(generation, self.settings.reload_timeout):
+                logger.error(
+                    "gateway_nginx: nginx did not load configuration {} within {} s: {}",
+                    generation,
+                    self.settings.reload_timeout,
+                    self._log_tail(),
+                )
+        finally:
+            with contextlib.suppress(ValueError):
+                self._tasks.remove(task)  # type: ignore[arg-type]
+
+    # -- following the registry ------------------------------------------------
+
+    async def _follow(self, revision: int) -> None:
+        registry = self.kernel.routing.registry
+        assert registry is not None
+        while True:
+            try:
+                async for event in registry.watch(revision):
+                    ep = event.endpoint
+                    if event.kind == "put" and ep.routable:
+                        changed = self.endpoints.get(ep.instance_id) != ep
+                        self.endpoints[ep.instance_id] = ep
+                    else:
+                        changed = self.endpoints.pop(ep.instance_id, None) is not None
+                    if changed:
+                        self.schedule()
+                return
+            except RegistryCompacted:
+                endpoints, revision = await registry.snapshot()
+                self.endpoints = {e.instance_id: e for e in endpoints if e.routable}
+                self.schedule()
+
+    # -- the configuration -------------------------------------------------------
+
+    def _write(self) -> None:
+        self.generation += 1
+        tmp = self.conf.with_suffix(".tmp")
+        tmp.write_text(self.render())
+        os.replace(tmp, self.conf)
+
+    def render(self) -> str:
+        s = self.settings
+        control = "127.0.0.1:0"
+        if self._control is not None:
+            control = "{}:{}".format(*self._control.getsockname()[:2])
+        stream = f"{max(1, round(s.stream_timeout))}s"
+        lines = [
+            # workers run as the kernel does (as root, nginx would switch them
+            # to nobody, who may not reach the kernel's or an HSU's socket)
+            *([f"user {_user()};"] if os.geteuid() == 0 else []),
+            f"worker_processes {s.workers};",
+            "daemon off;",
+            f"pid {self.dir}/nginx.pid;",
+            f"error_log {self.dir}/error.log warn;",
+            "events { worker_connections 4096; }",
+            "http {",
+            "  access_log off;",
+            f"  client_body_temp_path {self.dir}/body;",
+            f"  grpc_read_timeout {stream};",
+            f"  grpc_send_timeout {stream};",
+            f"  client_body_timeout {stream};",
+            f"  send_timeout {stream};",
+            "  upstream hsu_kernel {",
+            f"    server {_server(self.kernel.address)};",
+            "    keepalive 16;",
+            "  }",
+        ]
+        locations: list[str] = []
+        for n, (unit, spec) in enumerate(sorted(self.kernel.deployment.units.items())):
+            members = sorted(
+                (e for e in self.endpoints.values() if e.unit == unit),
+                key=lambda e: e.instance_id,
+            )
+            if not members:
+                continue  # no instance: the kernel starts one
+            name = f"hsu_unit_{n}"
+            r = spec.routing
+            lines.append(f"  upstream {name} {{")
+            directive = _balancing(r.balancer, r.hash_key)
+            if directive:
+                lines.append(f"    {directive}")
+            fails = _fails(r.breaker, r.breaker_options)
+            weighted = r.balancer == "weighted_round_robin"
+            for e in members:
+                weight = f" weight={e.weight}" if weighted else ""
+                lines.append(f"    server {_server(e.address)}{weight}{fails};")
+            lines += ["    keepalive 32;", "  }"]
+            retry = (
+                "grpc_next_upstream error timeout non_idempotent;"
+                f" grpc_next_upstream_tries {r.max_attempts};"
+            )
+            for interface in sorted({i for e in members for i in e.interfaces}):
+                if "*" in r.idempotent:
+                    locations.append(
+                        f"    location /{interface}/ {{ grpc_pass grpc://{name}; {retry} }}"
+                    )
+                    continue
+                for method in r.idempotent:
+                    short = method.rpartition("/")[2]
+                    if "/" in method and not method.startswith(f"{interface}/"):
+                        continue
+                    if any(ch in short for ch in "*?["):
+                        continue  # glob patterns are not mapped
+                    exact = f"/{interface}/{short}"
+                    locations.append(
+                        f"    location = {exact} {{ grpc_pass grpc://{name}; {retry} }}"
+                    )
+                # the rest: passed to another instance only if not sent yet
+                locations.append(f"    location /{interface}/ {{ grpc_pass grpc://{name}; }}")
+        lines += [
+            "  server {",
+            f"    listen {self._listen or self.requested} http2;",
+            # an instance that failed a call: a gRPC UNAVAILABLE in trailers-only
+            # form (not an HTTP 502), which a client's gRPC retry policy retries
+            "    error_page 502 503 504 = @hsu_unavailable;",
+            "    location @hsu_unavailable {",
+            "      default_type application/grpc;",
+            "      add_header grpc-status 14 always;",
+            '      add_header grpc-message "instance unavailable" always;',
+            "      add_header content-length 0 always;",
+            "      return 204;",
+            "    }",
+            *locations,
+            "    location / { grpc_pass grpc://hsu_kernel; grpc_next_upstream off; }",
+            "  }",
+            "  server {",
+            f"    listen {control};",
+            "    default_type text/plain;",
+            f'    location = /generation {{ return 200 "{self.generation}"; }}',
+            "    location / { return 404; }",
+            "  }",
+            "}",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def _listen_on(address: str) -> tuple[socket.socket, str, str]:
+    """A listening, non-blocking socket on ``address``; with nginx's ``listen``
+    argument for it and the address bound (port 0 resolved)."""
+    try:
+        if address.startswith("unix:"):
+            path = address[5:]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with _closed_on_error(sock):
+                sock.bind(path)
+            listen = bound = address
+        else:
+            host, sep, port = address.rpartition(":")
+            if not sep or not port.isdigit():
+                raise HsuError(f"{SECTION}: address {address!r} is not HOST:PORT or unix:PATH")
+            host = host.strip("[]") or "0.0.0.0"
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM
+            )[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            with _closed_on_error(sock):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+            ip, real_port = sock.getsockname()[:2]
+            text = f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip
+            listen = f"{text}:{real_port}"
+            bound = f"{host if ':' not in host else f'[{host}]'}:{real_port}"
+        with _closed_on_error(sock):
+            sock.listen(4096)
+            sock.setblocking(False)
+    except OSError as exc:
+        raise HsuError(f"{SECTION}: cannot listen on {address}: {exc}; is it in use?") from None
+    return sock, listen, bound
+
+
+@contextlib.contextmanager
+def _closed_on_error(sock: socket.socket) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _user() -> str:
+    return f"{pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name}"
+
+
+def _server(address: str) -> str:
+    return address if not address.startswith("unix:") else f"unix:{address[5:]}"
+
+
+def _header_variable(name: str) -> str:
+    return "$http_" + re.sub(r"[^a-z0-9_]", "_", name.lower())
+
+
+def _balancing(balancer: str, hash_key: str) -> str:
+    return {
+        "least_inflight": "least_conn;",
+        "random": "random;",
+        "p2c": "random two least_conn;",
+        "ring_hash": f"hash {_header_variable(hash_key)} consistent;",
+        "maglev": f"hash {_header_variable(hash_key)} consistent;",
+    }.get(balancer, "")
+
+
+def _fails(breaker: str, options: Mapping[str, Any]) -> str:
+    if breaker == "none":
+        return " max_fails=0"
+    if breaker == "consecutive":
+        failures = int(options.get("failures", 5))
+        cooldown = float(options.get("cooldown", 5.0))
+        return f" max_fails={failures} fail_timeout={max(1, round(cooldown))}s"
+    return ""

@@ -1,0 +1,118 @@
+"""Default launcher: a local child process in its own process group.
+
+The process is started with vfork+exec (never a bare fork of the kernel), in a
+new session, so a signal to its group reaches everything it started. Its
+stdout and stderr go where the kernel says (its per-instance log files).
+
+No ``preexec_fn``, ever: it makes :class:`subprocess.Popen` fork() instead of
+vfork(), and the fork handlers of grpcio then crash the child (SIGSEGV,
+SIGABRT) when other threads are inside gRPC, as the kernel's always are.
+What a ``preexec_fn`` would do in the child is done by exec wrappers from
+util-linux that set it up on themselves and then exec the command, so the
+command keeps the pid Popen returned: ``setpriv --pdeathsig KILL`` for ``die_with_kernel``
+(PR_SET_PDEATHSIG survives execve) and ``prlimit`` for ``rlimits``
+(:func:`hsu._kernel.supervision.resources.rlimits_argv`). Without either, the command runs as is.
+
+Exit detection does not poll (see :class:`hsu.process.PidfdHandle`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
+
+import hsu
+from hsu._kernel.supervision.resources import rlimits_argv
+from hsu.errors import LaunchError
+from hsu.ports import Launcher, LaunchSpec
+from hsu.process import PidfdHandle
+
+
+def _tool(where: str, name: str, purpose: str) -> str:
+    """The path of util-linux's ``name``, searched on the kernel's PATH."""
+    path = shutil.which(name)
+    if path is None:
+        raise LaunchError(
+            f"{where}: cannot set {purpose}: {name!r} (package util-linux) "
+            "not found on the kernel's PATH"
+        )
+    return path
+
+
+def _resolve(where: str, spec: LaunchSpec, env: Mapping[str, str]) -> str:
+    """The absolute path exec would run for ``spec.argv[0]``, or the LaunchError
+    Popen would end in: a name with a '/' is relative to the unit's cwd, any
+    other is searched on the PATH of the child's environment, as execvp does."""
+    name = spec.argv[0]
+    cwd = spec.cwd or ""
+    if "/" in name:
+        candidates = [os.path.join(cwd, name)]
+    else:
+        candidates = [os.path.join(cwd, d, name) for d in os.get_exec_path(env)]
+    denied = False
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.abspath(path)
+        denied = denied or os.path.exists(path)
+    if denied:
+        raise LaunchError(f"{where}: {name!r} is not executable")
+    raise LaunchError(f"{where}: executable {name!r} not found (command: {' '.join(spec.argv)})")
+
+
+def _argv(where: str, spec: LaunchSpec, env: Mapping[str, str]) -> list[str]:
+    """The command, behind the wrappers its spec needs (none: as it is)."""
+    try:
+        limits = rlimits_argv(spec.rlimits)
+    except ValueError as exc:
+        raise LaunchError(f"{where}: {exc}") from None
+    if not limits and not spec.die_with_kernel:
+        return list(spec.argv)
+    wrappers: list[str] = []
+    if spec.die_with_kernel:
+        # first, so the signal is armed before anything else runs
+        wrappers += [_tool(where, "setpriv", "die_with_kernel"), "--pdeathsig", "KILL", "--"]
+    if limits:
+        wrappers += [_tool(where, "prlimit", "rlimits"), *limits, "--"]
+    return [*wrappers, _resolve(where, spec, env), *spec.argv[1:]]
+
+
+class SubprocessLauncher:
+    async def launch(self, spec: LaunchSpec) -> PidfdHandle:
+        where = f"unit {spec.unit!r}"
+        # one stat() before a vfork+exec; not worth a thread
+        if spec.cwd is not None and not os.path.isdir(spec.cwd):  # noqa: ASYNC240
+            raise LaunchError(f"{where}: working directory {spec.cwd!r} does not exist")
+        env = dict(spec.env)
+        # a few stat() calls at most, as exec itself would make
+        argv = _argv(where, spec, env)
+        try:
+            # vfork+exec takes a millisecond or two: not worth a thread
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=spec.stdout if spec.stdout is not None else subprocess.DEVNULL,
+                stderr=spec.stderr if spec.stderr is not None else subprocess.DEVNULL,
+                env=env,
+                cwd=spec.cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except FileNotFoundError:
+            raise LaunchError(
+                f"{where}: executable {spec.argv[0]!r} not found (command: {' '.join(spec.argv)})"
+            ) from None
+        except PermissionError:
+            raise LaunchError(f"{where}: {spec.argv[0]!r} is not executable") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise LaunchError(f"{where}: cannot start {spec.argv[0]!r}: {exc}") from None
+        return PidfdHandle(proc.pid, child=True, owned=True, popen=proc)
+
+    def attach(self, pid: int) -> PidfdHandle:
+        return PidfdHandle.attach(pid, owned=True)
+
+
+@hsu.hookimpl
+def hsu_register_launchers(register: Callable[[str, Launcher], None]) -> None:
+    register("subprocess", SubprocessLauncher())
