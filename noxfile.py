@@ -34,7 +34,8 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def proto(session: nox.Session) -> None:
-    """Regenerate kernel/hsu/**/v1/*_pb2*.py[i] from proto/; commit the result."""
+    """Regenerate the gRPC code, proto/ -> kernel/ and contrib/hsu-echo/proto/ ->
+    contrib/hsu-echo/ (scripts/gen_protos.py); commit the result."""
     session.install("grpcio-tools==1.85.1", "mypy-protobuf>=3.6")
     session.run("python", "scripts/gen_protos.py")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
+from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
 ROUNDS, SECONDS, WARMUP = 3, 1.5, 50
 

@@ -1,8 +1,12 @@
-"""Generate Python code and type stubs from proto/ into kernel/.
+"""Generate Python code and type stubs from the .proto files, next to the
+package that ships them.
 
-Run through ``nox -s proto``. ``tests/test_generated_code.py`` runs this into a
-temporary folder and fails when the committed files differ, so the .proto files
-and the code made from them cannot drift apart.
+Two trees: the kernel's contracts (proto/ -> kernel/, distribution ``hsu``)
+and the demo's Echo interface (contrib/hsu-echo/proto/ -> contrib/hsu-echo/,
+distribution ``hsu-echo``). Run through ``nox -s proto``.
+``tests/test_generated_code.py`` runs this into a temporary folder and fails
+when the committed files differ, so the .proto files and the code made from
+them cannot drift apart.
 """
 
 from __future__ import annotations
@@ -12,22 +16,37 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_ROOT = ROOT / "proto"
-OUT_ROOT = ROOT / "kernel"
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
-def proto_files() -> list[Path]:
-    return sorted(PROTO_ROOT.rglob("*.proto"))
+class Tree(NamedTuple):
+    """Where a distribution's .proto files are, and where its code goes (both
+    relative to the repository root, so ``--out`` mirrors the layout)."""
+
+    protos: Path
+    out: Path
+
+
+TREES = (
+    Tree(Path("proto"), Path("kernel")),
+    Tree(Path("contrib/hsu-echo/proto"), Path("contrib/hsu-echo")),
+)
+
+
+def proto_files(tree: Tree) -> list[Path]:
+    return sorted((ROOT / tree.protos).rglob("*.proto"))
 
 
 def generated_files(out: Path) -> list[Path]:
+    """The files ``generate(out)`` writes, with ``out`` in place of the root."""
     found: list[Path] = []
-    for proto in proto_files():
-        rel = proto.relative_to(PROTO_ROOT).with_suffix("")
-        found.extend(out / rel.parent / f"{rel.name}{s}" for s in SUFFIXES)
+    for tree in TREES:
+        for proto in proto_files(tree):
+            rel = proto.relative_to(ROOT / tree.protos).with_suffix("")
+            found.extend(out / tree.out / rel.parent / f"{rel.name}{s}" for s in SUFFIXES)
     return found
 
 
@@ -39,29 +58,37 @@ def _plugin(name: str) -> str:
     return found
 
 
-def generate(out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    protos = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
-    cmd = [
-        sys.executable,
-        "-m",
-        "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
-        f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
-        f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
-        f"--python_out={out}",
-        f"--grpc_python_out={out}",
-        f"--mypy_out={out}",
-        f"--mypy_grpc_out={out}",
-        *protos,
-    ]
-    subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
+def generate(out: Path = ROOT) -> list[Path]:
+    """Write every tree's code under ``out`` (the repository root by default)."""
+    for tree in TREES:
+        proto_root = ROOT / tree.protos
+        dest = out / tree.out
+        dest.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{proto_root}",
+            f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+            f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
+            f"--python_out={dest}",
+            f"--grpc_python_out={dest}",
+            f"--mypy_out={dest}",
+            f"--mypy_grpc_out={dest}",
+            *(str(p.relative_to(proto_root)) for p in proto_files(tree)),
+        ]
+        subprocess.run(cmd, check=True, cwd=proto_root)
     return generated_files(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=OUT_ROOT)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT,
+        help="write here instead of the repository, as DIR/kernel/... and DIR/contrib/hsu-echo/...",
+    )
     args = parser.parse_args()
     for path in generate(args.out):
         print(path.relative_to(args.out))

@@ -10,16 +10,11 @@ from hypothesis import HealthCheck, given, settings
 import hsu
 from conftest import run_hsu, write_deployment
 from hsu._kernel.config import loader as config_loader
-from hsu._kernel.config.sources import (
-    Layer,
-    Origin,
-    SourceContext,
-    env_layer,
-    merge,
-    overrides_layer,
-)
+from hsu._kernel.config.sources import merge
 from hsu._kernel.plugins import PluginManager
+from hsu.config import env_layer, overrides_layer
 from hsu.errors import ConfigError
+from hsu.ports import Layer, Origin, SourceContext
 
 BASE = """\
 name: layered

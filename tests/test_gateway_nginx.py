@@ -23,10 +23,10 @@ import pytest
 import hsu
 from conftest import until, wait_until, write_deployment
 from hsu.core.v1 import core_pb2, core_pb2_grpc
-from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu.errors import HsuError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 from hsu.testing import build_kernel
+from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu_plugins.gateway import nginx as gateway_nginx
 
 pytestmark = pytest.mark.integration

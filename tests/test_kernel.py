@@ -15,9 +15,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import hsu
 from conftest import until
 from hsu.core.v1 import core_pb2, core_pb2_grpc
-from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu.errors import LaunchError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

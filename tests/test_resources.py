@@ -22,16 +22,15 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from hsu._kernel.config.model import converter
 from hsu._kernel.supervision.resources import (
     MIB,
-    RESOURCES,
     LimitAction,
     ResourceLimits,
     Sampler,
     Usage,
     breaches,
     check_rlimits,
-    rlimits_argv,
 )
 from hsu.ports import LaunchSpec
+from hsu.process import RESOURCES, rlimits_argv
 from hsu_plugins.launch.subprocess import SubprocessLauncher
 
 #: the child says "ready" once it holds what the test measures, then waits on stdin

@@ -20,10 +20,10 @@ import pytest
 import hsu
 from conftest import run_hsu, until
 from hsu._kernel.routing import Policy, RetryBudget
-from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu.errors import ConfigError
 from hsu.ports import Endpoint
 from hsu.testing import build_kernel
+from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -346,8 +346,8 @@ def test_a_client_with_only_the_proto_calls_through_the_gateway(tmp_path, kernel
     gen.mkdir()
     # only the .proto, compiled here: the client below cannot import hsu
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}",
-         f"--python_out={gen}", f"--grpc_python_out={gen}", "hsu/echo/v1/echo.proto"],
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'contrib/hsu-echo/proto'}",
+         f"--python_out={gen}", f"--grpc_python_out={gen}", "hsu_echo/v1/echo.proto"],
         check=True,
     )  # fmt: skip
     client = textwrap.dedent(
@@ -363,7 +363,7 @@ def test_a_client_with_only_the_proto_calls_through_the_gateway(tmp_path, kernel
         else:
             sys.exit("the hsu library is importable: the test proves nothing")
         import grpc
-        from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
+        from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
         with grpc.insecure_channel({kernel.address!r}) as ch:
             stub = echo_pb2_grpc.EchoStub(ch)
             r = stub.Echo(echo_pb2.EchoRequest(message="plain"), timeout=30)
@@ -563,7 +563,7 @@ async def test_the_blocking_client_routes_streams_and_fails_over_from_threads(hs
             }
         }
     )
-    from hsu.echo.v1 import echo_pb2_grpc as sync_stubs  # the same module: plain stubs too
+    from hsu_echo.v1 import echo_pb2_grpc as sync_stubs  # the same module: plain stubs too
 
     def first_calls(channel):
         echo = sync_stubs.EchoStub(channel)

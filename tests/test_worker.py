@@ -10,9 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hsu.core.v1 import core_pb2, core_pb2_grpc
-from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu.errors import HsuError
 from hsu.worker import Service, Worker
+from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

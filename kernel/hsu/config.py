@@ -1,19 +1,24 @@
-"""Read a deployment file into a :class:`Layer`, with the line of every key.
+"""Configuration documents into layers: the toolbox of config-source plugins.
 
-YAML and JSON (a JSON document is YAML too) keep line numbers; TOML, read with
-the standard library, gives the file name only.
+A config source (:class:`hsu.ports.ConfigSource`) returns :class:`hsu.ports.Layer`
+objects: the data plus the origin of every path, so an error can say
+``deploy.yaml:14``. :func:`read_file` reads a YAML, JSON or TOML file (YAML and
+JSON keep line numbers; TOML, read with the standard library, gives the file
+name only); :func:`env_layer` and :func:`overrides_layer` build the layers of
+``HSU_A__B=...`` variables and ``--set a.b=...`` options.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hsu._kernel.config.sources import Layer, Origin, PathT
 from hsu.errors import ConfigError
+from hsu.ports import Layer, Origin, PathT
 
 SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 
@@ -76,3 +81,58 @@ def _all_paths(data: Any, origin: Origin, prefix: PathT = ()) -> dict[PathT, Ori
             out[(*prefix, k)] = origin
             out.update(_all_paths(v, origin, (*prefix, k)))
     return out
+
+
+def env_layer(env: Mapping[str, str], prefix: str = "HSU_") -> Layer:
+    """``HSU_UNITS__ECHO__MAX_INSTANCES=4`` sets ``units.echo.max_instances: 4``.
+
+    Only names with ``__`` are configuration (``HSU_PLUGINS`` and the other
+    single-level names are the kernel's own switches). Values are read as YAML
+    scalars or flow collections, so ``4`` is a number and ``[a, b]`` a list.
+    """
+    layer = Layer()
+    for name in sorted(env):
+        if not name.startswith(prefix) or "__" not in name:
+            continue
+        keys = [k.lower() for k in name[len(prefix) :].split("__")]
+        if not all(keys):
+            continue
+        _set(layer, tuple(keys), parse_scalar(env[name]), Origin(f"env {name}"))
+    return layer
+
+
+def overrides_layer(overrides: tuple[str, ...]) -> Layer:
+    """``--set units.echo.max_instances=4``: a dotted path, ``=``, a YAML value."""
+    layer = Layer()
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        keys = tuple(k.strip() for k in key.split("."))
+        if not sep or not all(keys):
+            problems.append(f"--set {item}: expected PATH=VALUE, e.g. units.echo.max_instances=4")
+            continue
+        _set(layer, keys, parse_scalar(raw), Origin(f"--set {item}"))
+    if problems:
+        raise ConfigError(problems)
+    return layer
+
+
+def _set(layer: Layer, keys: tuple[str, ...], value: Any, origin: Origin) -> None:
+    node = layer.data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = node[k] = {}
+        node = child
+    node[keys[-1]] = value
+    layer.origins[keys] = origin
+
+
+def parse_scalar(raw: str) -> Any:
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if value is None and raw.strip() not in ("null", "~") else value

@@ -5,7 +5,7 @@ implementation's signature against the spec here, and an implementation whose
 name matches no spec is rejected when the plugin is registered.
 
 A hook may return an awaitable where it must do I/O: the kernel awaits it (see
-:func:`hsu._kernel.aio.await_me_maybe`). Hooks grow by gaining arguments; an
+the kernel's ``await_me_maybe``). Hooks grow by gaining arguments; an
 implementation takes only the arguments it needs.
 
 ``docs/hooks.md`` documents each hook; a test keeps the two in step.
@@ -19,12 +19,19 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from hsu._kernel.config.model import Deployment
-    from hsu._kernel.config.sources import ConfigSource
-    from hsu._kernel.events import Event
-    from hsu._kernel.kernel import Changes, Kernel
-    from hsu._kernel.supervision.instances import Instance
-    from hsu.ports import Factory, Launcher, Probe, Registry
+    # every type a hook takes or returns is a public one, from hsu.ports
+    from hsu.ports import (
+        Changes,
+        ConfigSource,
+        Deployment,
+        Event,
+        Factory,
+        InstanceView,
+        KernelAPI,
+        Launcher,
+        Probe,
+        Registry,
+    )
 
 PROJECT = "hsu"
 
@@ -72,7 +79,7 @@ def hsu_register_config_sources(register: Callable[[str, ConfigSource], None]) -
     """Register a source of configuration, under a name.
 
     :param register: ``register(name, source)``; ``source`` satisfies
-        :class:`hsu._kernel.config.sources.ConfigSource`: a ``priority`` (file 10,
+        :class:`hsu.ports.ConfigSource`: a ``priority`` (file 10,
         environment 20, ``--set`` 30; higher wins), ``load(ctx)`` returning
         layers with the origin of every value, and ``watch(ctx, on_change)``
         for sources that can change while the kernel runs. A clashing name is
@@ -129,7 +136,9 @@ def hsu_register_breakers(register: Callable[[str, Factory], None]) -> None:
 
 
 @_hookspec
-def hsu_register_registries(register: Callable[[str, Callable[[Kernel], Registry]], None]) -> None:
+def hsu_register_registries(
+    register: Callable[[str, Callable[[KernelAPI], Registry]], None],
+) -> None:
     """Register a service registry, under a name the deployment refers to.
 
     :param register: ``register(name, factory)``; ``factory(kernel)`` returns
@@ -152,18 +161,18 @@ def hsu_register_registries(register: Callable[[str, Callable[[Kernel], Registry
 
 
 @_hookspec(historic=True)
-def hsu_kernel_configure(kernel: Kernel) -> None:
+def hsu_kernel_configure(kernel: KernelAPI) -> None:
     """The deployment is loaded and every plugin registered; nothing runs yet.
 
     The place to read settings (``kernel.settings(NAME)``) and prepare state.
     Must not do I/O. Historic: a plugin registered later is configured too.
 
-    :param kernel: the :class:`hsu.Kernel` being built.
+    :param kernel: the kernel being built (:class:`hsu.ports.KernelAPI`).
     """
 
 
 @_hookspec
-def hsu_kernel_starting(kernel: Kernel) -> Awaitable[None] | None:
+def hsu_kernel_starting(kernel: KernelAPI) -> Awaitable[None] | None:
     """The kernel entered ``starting``; its gRPC server is not listening yet.
 
     :param kernel: the kernel.
@@ -172,7 +181,7 @@ def hsu_kernel_starting(kernel: Kernel) -> Awaitable[None] | None:
 
 
 @_hookspec
-def hsu_kernel_started(kernel: Kernel) -> Awaitable[None] | None:
+def hsu_kernel_started(kernel: KernelAPI) -> Awaitable[None] | None:
     """The kernel is ``running``: serving, healthy, ``at-start`` units up.
 
     A plugin that works for the kernel's whole life starts its task here and
@@ -184,7 +193,7 @@ def hsu_kernel_started(kernel: Kernel) -> Awaitable[None] | None:
 
 
 @_hookspec
-def hsu_kernel_stopping(kernel: Kernel) -> Awaitable[None] | None:
+def hsu_kernel_stopping(kernel: KernelAPI) -> Awaitable[None] | None:
     """The kernel is draining: health says NOT_SERVING, instances stop next.
 
     :param kernel: the kernel.
@@ -193,7 +202,7 @@ def hsu_kernel_stopping(kernel: Kernel) -> Awaitable[None] | None:
 
 
 @_hookspec
-def hsu_kernel_stopped(kernel: Kernel) -> Awaitable[None] | None:
+def hsu_kernel_stopped(kernel: KernelAPI) -> Awaitable[None] | None:
     """The kernel has stopped: every instance it started is gone.
 
     :param kernel: the kernel.
@@ -207,18 +216,18 @@ def hsu_kernel_stopped(kernel: Kernel) -> Awaitable[None] | None:
 
 
 @_hookspec
-def hsu_instance_registered(kernel: Kernel, instance: Instance) -> Awaitable[None] | None:
+def hsu_instance_registered(kernel: KernelAPI, instance: InstanceView) -> Awaitable[None] | None:
     """An HSU completed the handshake: it listens and said what it serves.
 
     :param kernel: the kernel.
-    :param instance: the :class:`hsu.Instance`, now ``ready``, with its
+    :param instance: the instance (:class:`hsu.ports.InstanceView`), now ``ready``, with its
         ``address`` and ``interfaces`` set.
     :returns: ``None`` or an awaitable.
     """
 
 
 @_hookspec
-def hsu_instance_event(kernel: Kernel, instance: Instance, event: Event) -> None:
+def hsu_instance_event(kernel: KernelAPI, instance: InstanceView, event: Event) -> None:
     """An instance moved from one state to another (every transition).
 
     Called synchronously, in the kernel's event loop, as the move happens: keep
@@ -226,8 +235,8 @@ def hsu_instance_event(kernel: Kernel, instance: Instance, event: Event) -> None
     task of your own. The same events stream to ``Kernel.WatchEvents``.
 
     :param kernel: the kernel.
-    :param instance: the :class:`hsu.Instance` (its ``state`` is the new one).
-    :param event: the :class:`hsu._kernel.events.Event`: ``from_state``, ``to_state``,
+    :param instance: the instance (:class:`hsu.ports.InstanceView`) (its ``state`` is the new one).
+    :param event: the :class:`hsu.ports.Event`: ``from_state``, ``to_state``,
         ``reason``, ``pid``, ``seq`` and ``at``.
     """
 
@@ -239,7 +248,7 @@ def hsu_instance_event(kernel: Kernel, instance: Instance, event: Event) -> None
 
 @_hookspec
 def hsu_config_reloaded(
-    kernel: Kernel, old: Deployment, changes: Changes
+    kernel: KernelAPI, old: Deployment, changes: Changes
 ) -> Awaitable[None] | None:
     """A new deployment was applied (SIGHUP, ``hsu reload``, a watched file).
 
@@ -249,7 +258,7 @@ def hsu_config_reloaded(
 
     :param kernel: the kernel.
     :param old: the :class:`hsu.Deployment` that was replaced.
-    :param changes: a :class:`hsu._kernel.kernel.Changes`: unit names ``added``,
+    :param changes: a :class:`hsu.ports.Changes`: unit names ``added``,
         ``removed``, ``changed`` (of which ``restarted`` got new processes) and
         the plugin ``sections`` that differ.
     :returns: ``None`` or an awaitable.

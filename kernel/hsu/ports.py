@@ -1,15 +1,286 @@
-"""The ports the kernel defines; plugins provide the adapters.
+"""Every type a plugin meets: the ports the kernel defines, and what it hands over.
 
-Each port is a typed Protocol. A plugin registers an adapter through the
-matching registration hook (see :mod:`hsu.hookspecs`).
+Each port is a typed Protocol; a plugin registers an adapter through the
+matching registration hook (see :mod:`hsu.hookspecs`). :class:`KernelAPI` is
+all a plugin receives of the kernel: hooks and plugins depend on it, never on
+the concrete class, which stays private (``hsu._kernel``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
+
+if TYPE_CHECKING:
+    from hsu._kernel.config.model import Deployment, UnitSpec
+    from hsu.client.aio import RoutedChannel
+
+__all__ = [
+    "DRAINING",
+    "SERVING",
+    "UNHEALTHY",
+    "Balancer",
+    "Changes",
+    "CircuitBreaker",
+    "ConfigSource",
+    "Deployment",
+    "Endpoint",
+    "Event",
+    "Factory",
+    "InstanceView",
+    "KernelAPI",
+    "LaunchSpec",
+    "Launcher",
+    "Layer",
+    "Origin",
+    "PathT",
+    "Probe",
+    "ProbeResult",
+    "ProbeTarget",
+    "ProcessHandle",
+    "Registry",
+    "RegistryCompacted",
+    "RegistryEvent",
+    "SourceContext",
+    "UnitSpec",
+]
+
+#: the deployment's data classes, frozen attrs classes built by the kernel's
+#: config loader; imported on first use so that ``hsu.ports`` stays light
+_LAZY = {"Deployment", "UnitSpec"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from hsu._kernel.config import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'hsu.ports' has no attribute {name!r}")
+
+
+# -- configuration ----------------------------------------------------------
+
+#: a path into the configuration: ``("units", "echo", "stop_grace")``
+PathT = tuple[str | int, ...]
+
+
+@attrs.frozen
+class Origin:
+    """Where a value came from: ``deployment.yaml:14``, ``env HSU_X__Y``, ``--set a.b=1``."""
+
+    source: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}" if self.line else self.source
+
+
+@attrs.define
+class Layer:
+    """Data from one source, with an :class:`Origin` for each path it sets."""
+
+    data: dict[str, Any] = attrs.field(factory=dict)
+    origins: dict[PathT, Origin] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class SourceContext:
+    """What the user gave on the command line and in the environment."""
+
+    files: tuple[Path, ...] = ()
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    overrides: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class ConfigSource(Protocol):
+    #: higher wins; file 10, environment 20, overrides 30
+    priority: int
+
+    def load(self, ctx: SourceContext) -> list[Layer]:
+        """Read the source; raise :class:`ConfigError` naming what and where."""
+        ...
+
+    def watch(self, ctx: SourceContext, on_change: Callable[[], None]) -> Awaitable[None] | None:
+        """Return an awaitable that calls ``on_change`` whenever the source
+        changes, running until cancelled; or None if it cannot change."""
+        ...
+
+
+# -- what the kernel hands to plugins ---------------------------------------
+
+
+@attrs.frozen
+class Event:
+    """One transition of the kernel or an instance, as published to plugins
+    (:func:`hsu.hookspecs.hsu_instance_event`) and ``Kernel.WatchEvents``."""
+
+    seq: int
+    #: "instance", "kernel", "unit" or "reload"
+    kind: str
+    unit: str = ""
+    instance_id: str = ""
+    from_state: str = ""
+    to_state: str = ""
+    reason: str = ""
+    pid: int = 0
+    at: float = attrs.field(factory=time.time)
+
+
+@attrs.frozen
+class Changes:
+    """What a reload changed, by unit name."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    #: of ``changed``: the ones whose processes are replaced
+    restarted: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed or self.sections)
+
+    def summary(self) -> str:
+        parts = [
+            f"{what} {', '.join(names)}"
+            for what, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+                ("restarted", self.restarted),
+                ("sections", self.sections),
+            )
+            if names
+        ]
+        return "; ".join(parts) or "nothing changed"
+
+
+@runtime_checkable
+class InstanceView(Protocol):
+    """One instance, as plugins see it: read it, never change it."""
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def unit(self) -> str: ...
+
+    @property
+    def managed(self) -> bool:
+        """Started and supervised by this kernel (else it only registered)."""
+        ...
+
+    @property
+    def state(self) -> str:
+        """``stopped``, ``starting``, ``ready``, ``stopping``, ``backoff`` or ``fatal``."""
+        ...
+
+    @property
+    def pid(self) -> int:
+        """0 while not known."""
+        ...
+
+    @property
+    def address(self) -> str:
+        """Where its gRPC server listens ("" before it registered)."""
+        ...
+
+    @property
+    def interfaces(self) -> tuple[str, ...]: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def last_exit(self) -> str: ...
+
+
+@runtime_checkable
+class KernelAPI(Protocol):
+    """What a plugin may ask of the kernel: every hook receives this.
+
+    The kernel implements it; a plugin that needs more than this shows that a
+    piece of the public API is missing (docs/plugins.md).
+    """
+
+    @property
+    def address(self) -> str:
+        """Where the kernel's own gRPC server listens ("" until it started)."""
+        ...
+
+    @property
+    def requested_address(self) -> str:
+        """The address the deployment (or ``--address``) asked for."""
+        ...
+
+    @property
+    def state(self) -> str:
+        """``created``, ``starting``, ``running``, ``stopping``, ``stopped`` or ``failed``."""
+        ...
+
+    @property
+    def state_dir(self) -> Path:
+        """The kernel's own directory (0700): state, logs, a plugin's files."""
+        ...
+
+    @property
+    def deployment(self) -> Deployment:
+        """The deployment in force (replaced by a reload)."""
+        ...
+
+    @property
+    def instances(self) -> Mapping[str, InstanceView]:
+        """Every instance the kernel knows, by id."""
+        ...
+
+    @property
+    def registry(self) -> Registry | None:
+        """The service registry in use (``None`` before the kernel started)."""
+        ...
+
+    def settings(self, section: str) -> Any:
+        """The typed settings of a section (the attrs class its plugin registered)."""
+        ...
+
+    def connect(self) -> RoutedChannel:
+        """A routed channel for generated stubs over the kernel's own routes."""
+        ...
+
+    def instance_for(self, interface: str) -> Awaitable[InstanceView]:
+        """A ready instance serving ``interface``, started on demand if none is."""
+        ...
+
+    def scale(self, unit: str, count: int) -> Awaitable[None]:
+        """Run exactly ``count`` instances of ``unit``."""
+        ...
+
+    def register_plugin(self, plugin: object, name: str) -> str:
+        """Register per-kernel plugin state (an object with ``@hsu.hookimpl``
+        methods) for this kernel's life; see docs/plugins.md."""
+        ...
+
+    def plugin(self, name: str) -> object | None:
+        """The plugin registered as ``name``, or ``None``."""
+        ...
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the kernel to drain and stop."""
+        ...
+
+
+# -- launching --------------------------------------------------------------
 
 
 @attrs.frozen
@@ -87,8 +358,9 @@ class ProbeTarget:
     pid: int
     #: the HSU's gRPC address ("" before it registered, or for a plain process)
     address: str
-    #: the unit's ``health.options``, already accepted by ``check_options``
-    options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: the unit's ``health.options`` as an instance of the probe's
+    #: :attr:`Probe.options` class (structured and validated by the kernel)
+    options: Any
 
 
 @attrs.frozen
@@ -106,16 +378,29 @@ class Probe(Protocol):
     address (a channel, say) and drops the cache in :meth:`forget`.
     """
 
-    def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        """Problems with a unit's ``health.options``, each ``"key: what is wrong"``.
+    @property
+    def options(self) -> type[Any]:
+        """The frozen attrs class a unit's ``health.options`` become.
 
-        Called when the deployment is loaded; an empty list accepts them.
+        The kernel structures them with the deployment's strict converter when
+        the deployment is loaded, so a mistake is a config error with its path
+        and file: an unknown key, a wrong type (no coercion: ``"2"`` is not an
+        int), a failed validator (``attrs.validators.ge(1)``, say). Give every
+        field a default where leaving it out makes sense. ``hsu config schema``
+        describes the class: types, defaults, and bounds from
+        ``attrs.validators`` ``ge``/``gt``/``le``/``lt``/``in_`` (a field's
+        ``metadata["json_schema"]`` replaces what is derived). A validator of
+        your own reports its field like attrs' do: ``ValueError("'port' must
+        be ...")``.
         """
         ...
 
     async def check(self, target: ProbeTarget, timeout: float) -> ProbeResult:
-        """Probe once. Must return within ``timeout`` seconds and never raise
-        for an unhealthy instance: that is ``ProbeResult(False, why)``."""
+        """Probe once; ``target.options`` is an instance of :attr:`options`.
+
+        Must return within ``timeout`` seconds and never raise for an
+        unhealthy instance: that is ``ProbeResult(False, why)``.
+        """
         ...
 
     def forget(self, target: ProbeTarget) -> None:
@@ -275,14 +560,22 @@ class Factory(Protocol):
     """Makes a balancer or a breaker from a unit's options.
 
     Registered by name (``hsu_register_balancers``, ``hsu_register_breakers``);
-    a unit names one and passes it ``options``.
+    a unit names one and passes it options (``routing.balancer_options``,
+    ``routing.breaker_options``).
     """
 
-    def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        """Problems with the options, each ``"key: what is wrong"``; checked
-        when the deployment is loaded. An empty list accepts them."""
+    @property
+    def options(self) -> type[Any]:
+        """The frozen attrs class a unit's options become.
+
+        Structured as for :attr:`Probe.options`: by the kernel when the
+        deployment is loaded, and by every process that routes calls
+        (``hsu.connect``), which gets the unit's options from the kernel as a
+        mapping.
+        """
         ...
 
-    def create(self, options: Mapping[str, Any]) -> Any:
-        """A new balancer (or breaker) configured by accepted ``options``."""
+    def create(self, options: Any) -> Any:
+        """A new balancer (or breaker) configured by ``options``, an instance
+        of :attr:`options`."""
         ...

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import resource
 import subprocess
+from collections.abc import Mapping
 
 from hsu.errors import LaunchError
 
@@ -122,3 +124,55 @@ class PidfdHandle:
         except PermissionError:
             raise LaunchError(f"pid {pid} belongs to another user") from None
         return cls(pid, child=False, owned=owned)
+
+
+# -- rlimits at spawn ---------------------------------------------------------
+#
+# A launcher sets POSIX rlimits with util-linux's prlimit in front of the
+# command, which then execs it: no preexec_fn, as that makes subprocess.Popen
+# fork() a kernel whose gRPC threads make fork unsafe.
+
+#: rlimit names as a unit spells them (``RLIMIT_NOFILE`` -> ``nofile``)
+RESOURCES: Mapping[str, int] = {
+    name.removeprefix("RLIMIT_").lower(): getattr(resource, name)
+    for name in sorted(dir(resource))
+    if name.startswith("RLIMIT_")
+}
+UNLIMITED = -1
+RLIM_MAX = 2**63 - 1
+
+#: prlimit(1)'s option for each resource: its name (``ofile`` is ``nofile``
+#: under its old name, the same resource)
+PRLIMIT_OPTIONS: Mapping[int, str] = {
+    getattr(resource, f"RLIMIT_{name.upper()}"): name
+    for name in (
+        "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+        "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
+    )
+    if hasattr(resource, f"RLIMIT_{name.upper()}")
+}  # fmt: skip
+
+
+def rlimits_argv(rlimits: Mapping[str, int]) -> list[str]:
+    """The options of util-linux's ``prlimit`` that set ``rlimits`` (empty if none).
+
+    ``[prlimit, *rlimits_argv(rlimits), "--", *argv]`` sets the limits on
+    itself and execs ``argv``, which keeps its pid and holds them from its
+    first instruction. Each value becomes both the soft and the hard limit
+    (``--nofile=256:256``; -1 is ``unlimited``). Raises ``ValueError`` for an
+    unknown name or a bad value (see :func:`check_rlimits`).
+    """
+    options: list[str] = []
+    for name, value in rlimits.items():
+        res = RESOURCES.get(name)
+        option = PRLIMIT_OPTIONS.get(res) if res is not None else None
+        if (
+            option is None
+            or isinstance(value, bool)
+            or not isinstance(value, int)
+            or not UNLIMITED <= value <= RLIM_MAX
+        ):
+            raise ValueError(f"rlimits.{name}: cannot set {value!r}")
+        limit = "unlimited" if value == UNLIMITED else str(value)
+        options.append(f"--{option}={limit}:{limit}")
+    return options

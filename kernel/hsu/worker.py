@@ -3,7 +3,7 @@
 ::
 
     from hsu import worker
-    from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
+    from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
     class Echo(echo_pb2_grpc.EchoServicer):
         async def Echo(self, request, context):

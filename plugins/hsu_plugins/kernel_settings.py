@@ -6,9 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 import hsu
-from hsu._kernel.config.model import KernelSettings
 
 
 @hsu.hookimpl
 def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
-    register("kernel", KernelSettings)
+    register("kernel", hsu.KernelSettings)

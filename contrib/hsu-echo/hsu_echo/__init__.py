@@ -7,7 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
+from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
 __version__ = "0.1.0"
 

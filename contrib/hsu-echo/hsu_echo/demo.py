@@ -13,7 +13,7 @@ import attrs
 from loguru import logger
 
 import hsu
-from hsu.echo.v1 import echo_pb2, echo_pb2_grpc
+from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
 SECTION = "echo-demo"
 

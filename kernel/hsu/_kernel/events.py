@@ -10,27 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 from collections.abc import AsyncIterator, Callable
 
-import attrs
+from hsu.ports import Event
 
 RECENT = 1000
 QUEUE = 10_000
-
-
-@attrs.frozen
-class Event:
-    seq: int
-    #: "instance", "kernel", "unit" or "reload"
-    kind: str
-    unit: str = ""
-    instance_id: str = ""
-    from_state: str = ""
-    to_state: str = ""
-    reason: str = ""
-    pid: int = 0
-    at: float = attrs.field(factory=time.time)
 
 
 class EventBus:

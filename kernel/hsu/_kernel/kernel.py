@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
 from loguru import logger
 
 from hsu._kernel.config.model import (
@@ -27,7 +26,6 @@ from hsu._kernel.config.model import (
     start_order,
     structure_sections,
 )
-from hsu._kernel.config.sources import SourceContext
 from hsu._kernel.events import EventBus
 from hsu._kernel.lifecycle import KERNEL_TRANSITIONS, KernelState, StateMachine, Transition
 from hsu._kernel.logbuffer import LogBuffer
@@ -49,10 +47,12 @@ from hsu._kernel.supervision.supervisor import (
 )
 from hsu._version import __version__
 from hsu.errors import ConfigError, HsuError, NoSuchUnit
+from hsu.ports import Changes, Registry, SourceContext
 from hsu.process import PidfdHandle
 
 if TYPE_CHECKING:
     from hsu.client.aio import RoutedChannel
+    from hsu.ports import InstanceView, KernelAPI
 
 __all__ = ["ENV_INSTANCE_ID", "ENV_KERNEL_ADDRESS", "ENV_UNIT", "SHUTDOWN_SHARE", "Kernel"]
 
@@ -126,6 +126,8 @@ class Kernel:
         self._serving = False
         self._stopped: asyncio.Event | None = None
         self._log_sink: int | None = None
+        #: plugins registered through register_plugin, unregistered at the end
+        self._own_plugins: list[str] = []
         plugins.configure(self)
 
     @classmethod
@@ -141,6 +143,27 @@ class Kernel:
         """Load plugins (deployment's list, then ``plugins``) and build the kernel."""
         pm = PluginManager.load([*deployment.plugins, *plugins], env=env, autoload=autoload)
         return cls(deployment, pm, address=address)
+
+    # -- what plugins ask for (hsu.ports.KernelAPI) ---------------------------
+
+    @property
+    def registry(self) -> Registry | None:
+        return self.routing.registry
+
+    def register_plugin(self, plugin: object, name: str) -> str:
+        """Per-kernel plugin state: registered now, unregistered when the kernel
+        has stopped (after ``hsu_kernel_stopped``)."""
+        registered = self.plugins.register(plugin, name)
+        self._own_plugins.append(registered)
+        return registered
+
+    def _unregister_own_plugins(self) -> None:
+        for name in self._own_plugins:
+            self.plugins.unregister(name)
+        self._own_plugins.clear()
+
+    def plugin(self, name: str) -> object | None:
+        return self.plugins.pm.get_plugin(name)
 
     # -- settings ----------------------------------------------------------
 
@@ -211,6 +234,7 @@ class Kernel:
         """Drain: NOT_SERVING, stop instances, finish calls in flight, stopped."""
         if self.state is KernelState.CREATED:
             self.machine.move(KernelState.STOPPED, reason)
+            self._unregister_own_plugins()
             return
         if self.state in (KernelState.STOPPING, KernelState.STOPPED, KernelState.FAILED):
             if self._stopped is not None:
@@ -242,6 +266,7 @@ class Kernel:
         finally:
             self.machine.move(final, reason if final is KernelState.FAILED else "")
             await self.plugins.call_each("hsu_kernel_stopped", stop_on_error=False, kernel=self)
+            self._unregister_own_plugins()
             if self._log_sink is not None:
                 with contextlib.suppress(ValueError):
                     logger.remove(self._log_sink)
@@ -765,36 +790,6 @@ class Kernel:
         }
 
 
-@attrs.frozen
-class Changes:
-    """What a reload changed, by unit name."""
-
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    changed: tuple[str, ...] = ()
-    #: of ``changed``: the ones whose processes are replaced
-    restarted: tuple[str, ...] = ()
-    sections: tuple[str, ...] = ()
-
-    @property
-    def empty(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.sections)
-
-    def summary(self) -> str:
-        parts = [
-            f"{what} {', '.join(names)}"
-            for what, names in (
-                ("added", self.added),
-                ("removed", self.removed),
-                ("changed", self.changed),
-                ("restarted", self.restarted),
-                ("sections", self.sections),
-            )
-            if names
-        ]
-        return "; ".join(parts) or "nothing changed"
-
-
 def diff(old: Deployment, new: Deployment) -> Changes:
     added = tuple(sorted(set(new.units) - set(old.units)))
     removed = tuple(sorted(set(old.units) - set(new.units)))
@@ -824,3 +819,12 @@ async def _end_orphan(pid: int, grace: float) -> None:
     except TimeoutError:
         handle.signal(signal.SIGKILL)
         await handle.wait()
+
+
+if TYPE_CHECKING:
+
+    def _is_a_kernel_api(kernel: Kernel) -> KernelAPI:
+        return kernel  # mypy checks that Kernel implements what plugins are promised
+
+    def _is_an_instance_view(instance: Instance) -> InstanceView:
+        return instance

@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import hsu
-from hsu._kernel.config.sources import ConfigSource, Layer, SourceContext
 from hsu.config import read_file
+from hsu.ports import ConfigSource, Layer, SourceContext
 
 POLL_SECONDS = 1.0
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import hsu
-from hsu._kernel.config.sources import ConfigSource, Layer, SourceContext, overrides_layer
+from hsu.config import overrides_layer
+from hsu.ports import ConfigSource, Layer, SourceContext
 
 
 class OverridesSource:

@@ -11,7 +11,7 @@ What a ``preexec_fn`` would do in the child is done by exec wrappers from
 util-linux that set it up on themselves and then exec the command, so the
 command keeps the pid Popen returned: ``setpriv --pdeathsig KILL`` for ``die_with_kernel``
 (PR_SET_PDEATHSIG survives execve) and ``prlimit`` for ``rlimits``
-(:func:`hsu._kernel.supervision.resources.rlimits_argv`). Without either, the command runs as is.
+(:func:`hsu.process.rlimits_argv`). Without either, the command runs as is.
 
 Exit detection does not poll (see :class:`hsu.process.PidfdHandle`).
 """
@@ -24,10 +24,9 @@ import subprocess
 from collections.abc import Callable, Mapping
 
 import hsu
-from hsu._kernel.supervision.resources import rlimits_argv
+from hsu.process import PidfdHandle, rlimits_argv
 from hsu.errors import LaunchError
 from hsu.ports import Launcher, LaunchSpec
-from hsu.process import PidfdHandle
 
 
 def _tool(where: str, name: str, purpose: str) -> str:

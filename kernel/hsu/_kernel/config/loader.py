@@ -17,17 +17,10 @@ from typing import Any
 import attrs
 
 from hsu._kernel.config.model import Deployment, converter, deployment_from_dict, structure_sections
-from hsu._kernel.config.sources import (
-    DEFAULT,
-    PathT,
-    SourceContext,
-    format_path,
-    gather,
-    leaves,
-    resolve_secrets,
-)
+from hsu._kernel.config.sources import DEFAULT, format_path, gather, leaves, resolve_secrets
 from hsu._kernel.plugins import PluginManager
 from hsu.errors import ConfigError
+from hsu.ports import PathT, SourceContext
 
 
 def context(

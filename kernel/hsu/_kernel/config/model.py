@@ -21,9 +21,10 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 from cattrs.gen import make_dict_structure_fn, override
 
-from hsu._kernel.config.sources import Origin, PathT, Secrets, format_path, origin_of
+from hsu._kernel.config.sources import Secrets, format_path, origin_of
 from hsu._kernel.supervision.resources import ResourceLimits
 from hsu.errors import ConfigError
+from hsu.ports import Origin, PathT
 
 CORE_KEYS = ("name", "plugins", "units")
 

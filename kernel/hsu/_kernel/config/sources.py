@@ -14,15 +14,14 @@ merge; what they resolve to is never shown by ``hsu config show`` or logged.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import attrs
 
 from hsu.errors import ConfigError
-
-PathT = tuple[str | int, ...]
+from hsu.ports import ConfigSource, Layer, Origin, PathT, SourceContext
 
 
 def format_path(path: PathT) -> str:
@@ -39,50 +38,7 @@ def format_path(path: PathT) -> str:
     return out or "(top)"
 
 
-@attrs.frozen
-class Origin:
-    """Where a value came from: ``deployment.yaml:14``, ``env HSU_X__Y``, ``--set a.b=1``."""
-
-    source: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        return f"{self.source}:{self.line}" if self.line else self.source
-
-
 DEFAULT = Origin("default")
-
-
-@attrs.define
-class Layer:
-    """Data from one source, with an :class:`Origin` for each path it sets."""
-
-    data: dict[str, Any] = attrs.field(factory=dict)
-    origins: dict[PathT, Origin] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class SourceContext:
-    """What the user gave on the command line and in the environment."""
-
-    files: tuple[Path, ...] = ()
-    env: Mapping[str, str] = attrs.field(factory=dict)
-    overrides: tuple[str, ...] = ()
-
-
-@runtime_checkable
-class ConfigSource(Protocol):
-    #: higher wins; file 10, environment 20, overrides 30
-    priority: int
-
-    def load(self, ctx: SourceContext) -> list[Layer]:
-        """Read the source; raise :class:`ConfigError` naming what and where."""
-        ...
-
-    def watch(self, ctx: SourceContext, on_change: Callable[[], None]) -> Awaitable[None] | None:
-        """Return an awaitable that calls ``on_change`` whenever the source
-        changes, running until cancelled; or None if it cannot change."""
-        ...
 
 
 def merge(layers: list[Layer]) -> Layer:
@@ -221,58 +177,3 @@ def gather(sources: list[ConfigSource], ctx: SourceContext) -> Layer:
     if problems:
         raise ConfigError(problems)
     return merge(layers)
-
-
-def env_layer(env: Mapping[str, str], prefix: str = "HSU_") -> Layer:
-    """``HSU_UNITS__ECHO__MAX_INSTANCES=4`` sets ``units.echo.max_instances: 4``.
-
-    Only names with ``__`` are configuration (``HSU_PLUGINS`` and the other
-    single-level names are the kernel's own switches). Values are read as YAML
-    scalars or flow collections, so ``4`` is a number and ``[a, b]`` a list.
-    """
-    layer = Layer()
-    for name in sorted(env):
-        if not name.startswith(prefix) or "__" not in name:
-            continue
-        keys = [k.lower() for k in name[len(prefix) :].split("__")]
-        if not all(keys):
-            continue
-        _set(layer, tuple(keys), parse_scalar(env[name]), Origin(f"env {name}"))
-    return layer
-
-
-def overrides_layer(overrides: tuple[str, ...]) -> Layer:
-    """``--set units.echo.max_instances=4``: a dotted path, ``=``, a YAML value."""
-    layer = Layer()
-    problems = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        keys = tuple(k.strip() for k in key.split("."))
-        if not sep or not all(keys):
-            problems.append(f"--set {item}: expected PATH=VALUE, e.g. units.echo.max_instances=4")
-            continue
-        _set(layer, keys, parse_scalar(raw), Origin(f"--set {item}"))
-    if problems:
-        raise ConfigError(problems)
-    return layer
-
-
-def _set(layer: Layer, keys: tuple[str, ...], value: Any, origin: Origin) -> None:
-    node = layer.data
-    for k in keys[:-1]:
-        child = node.get(k)
-        if not isinstance(child, dict):
-            child = node[k] = {}
-        node = child
-    node[keys[-1]] = value
-    layer.origins[keys] = origin
-
-
-def parse_scalar(raw: str) -> Any:
-    import yaml
-
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    return raw if value is None and raw.strip() not in ("null", "~") else value

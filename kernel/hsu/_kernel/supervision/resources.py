@@ -4,7 +4,7 @@ A unit's ``limits`` section (:class:`ResourceLimits`) holds warning thresholds
 checked every ``interval`` seconds against a :class:`Usage` read by a
 :class:`Sampler`, the action to take on a breach, and POSIX rlimits set at
 spawn by util-linux's ``prlimit`` in front of the command, which then execs it
-(:func:`rlimits_argv`): no ``preexec_fn``, as that makes :class:`subprocess.Popen`
+(:func:`hsu.process.rlimits_argv`): no ``preexec_fn``, as that makes :class:`subprocess.Popen`
 fork() a kernel whose gRPC threads make fork unsafe.
 """
 
@@ -20,16 +20,10 @@ from collections.abc import Mapping
 import attrs
 import psutil
 
+from hsu.process import PRLIMIT_OPTIONS, RESOURCES, RLIM_MAX, UNLIMITED
+
 MIB = 1024 * 1024
 
-#: rlimit names as a unit spells them (``RLIMIT_NOFILE`` -> ``nofile``)
-RESOURCES: Mapping[str, int] = {
-    name.removeprefix("RLIMIT_").lower(): getattr(resource, name)
-    for name in sorted(dir(resource))
-    if name.startswith("RLIMIT_")
-}
-_UNLIMITED = -1
-_RLIM_MAX = 2**63 - 1
 _NR_OPEN = "/proc/sys/fs/nr_open"
 
 
@@ -86,7 +80,7 @@ def _nr_open() -> int | None:
 def _above(value: int, limit: int) -> bool:
     if limit == resource.RLIM_INFINITY:
         return False
-    return value == _UNLIMITED or value > limit
+    return value == UNLIMITED or value > limit
 
 
 def check_rlimits(rlimits: Mapping[str, int], *, privileged: bool | None = None) -> list[str]:
@@ -109,17 +103,17 @@ def check_rlimits(rlimits: Mapping[str, int], *, privileged: bool | None = None)
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{where}: expected an integer, got {value!r}")
             continue
-        if value < _UNLIMITED:
+        if value < UNLIMITED:
             problems.append(f"{where}: {value} is negative (-1 means unlimited)")
             continue
-        if value > _RLIM_MAX:
-            problems.append(f"{where}: {value} is too large (at most {_RLIM_MAX})")
+        if value > RLIM_MAX:
+            problems.append(f"{where}: {value} is too large (at most {RLIM_MAX})")
             continue
         if res in seen:
             problems.append(f"{where}: the same resource as {seen[res]!r}")
             continue
         seen[res] = name
-        shown = "unlimited" if value == _UNLIMITED else str(value)
+        shown = "unlimited" if value == UNLIMITED else str(value)
         _, hard = resource.getrlimit(res)
         ceiling = _nr_open() if res == resource.RLIMIT_NOFILE else None
         if not privileged and _above(value, hard):
@@ -130,43 +124,6 @@ def check_rlimits(rlimits: Mapping[str, int], *, privileged: bool | None = None)
         elif ceiling is not None and _above(value, ceiling):
             problems.append(f"{where}: {shown} exceeds the system maximum {ceiling} ({_NR_OPEN})")
     return problems
-
-
-#: prlimit(1)'s option for each resource: its name (``ofile`` is ``nofile``
-#: under its old name, the same resource)
-_PRLIMIT_OPTIONS: Mapping[int, str] = {
-    getattr(resource, f"RLIMIT_{name.upper()}"): name
-    for name in (
-        "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
-        "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
-    )
-    if hasattr(resource, f"RLIMIT_{name.upper()}")
-}  # fmt: skip
-
-
-def rlimits_argv(rlimits: Mapping[str, int]) -> list[str]:
-    """The options of util-linux's ``prlimit`` that set ``rlimits`` (empty if none).
-
-    ``[prlimit, *rlimits_argv(rlimits), "--", *argv]`` sets the limits on
-    itself and execs ``argv``, which keeps its pid and holds them from its
-    first instruction. Each value becomes both the soft and the hard limit
-    (``--nofile=256:256``; -1 is ``unlimited``). Raises ``ValueError`` for an
-    unknown name or a bad value (see :func:`check_rlimits`).
-    """
-    options: list[str] = []
-    for name, value in rlimits.items():
-        res = RESOURCES.get(name)
-        option = _PRLIMIT_OPTIONS.get(res) if res is not None else None
-        if (
-            option is None
-            or isinstance(value, bool)
-            or not isinstance(value, int)
-            or not _UNLIMITED <= value <= _RLIM_MAX
-        ):
-            raise ValueError(f"rlimits.{name}: cannot set {value!r}")
-        limit = "unlimited" if value == _UNLIMITED else str(value)
-        options.append(f"--{option}={limit}:{limit}")
-    return options
 
 
 @attrs.frozen

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from hsu.echo.v1 import echo_pb2 as hsu_dot_echo_dot_v1_dot_echo__pb2
+from hsu_echo.v1 import echo_pb2 as hsu__echo_dot_v1_dot_echo__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in hsu/echo/v1/echo_pb2_grpc.py depends on'
+        + ' but the generated code in hsu_echo/v1/echo_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class EchoStub:
         """
         self.Echo = channel.unary_unary(
                 '/hsu.echo.v1.Echo/Echo',
-                request_serializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-                response_deserializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+                request_serializer=hsu__echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+                response_deserializer=hsu__echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
                 _registered_method=True)
         self.EchoStream = channel.unary_stream(
                 '/hsu.echo.v1.Echo/EchoStream',
-                request_serializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoStreamRequest.SerializeToString,
-                response_deserializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+                request_serializer=hsu__echo_dot_v1_dot_echo__pb2.EchoStreamRequest.SerializeToString,
+                response_deserializer=hsu__echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
                 _registered_method=True)
         self.Collect = channel.stream_unary(
                 '/hsu.echo.v1.Echo/Collect',
-                request_serializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-                response_deserializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+                request_serializer=hsu__echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+                response_deserializer=hsu__echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
                 _registered_method=True)
 
 
@@ -79,18 +79,18 @@ def add_EchoServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Echo': grpc.unary_unary_rpc_method_handler(
                     servicer.Echo,
-                    request_deserializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoRequest.FromString,
-                    response_serializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
+                    request_deserializer=hsu__echo_dot_v1_dot_echo__pb2.EchoRequest.FromString,
+                    response_serializer=hsu__echo_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
             ),
             'EchoStream': grpc.unary_stream_rpc_method_handler(
                     servicer.EchoStream,
-                    request_deserializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoStreamRequest.FromString,
-                    response_serializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
+                    request_deserializer=hsu__echo_dot_v1_dot_echo__pb2.EchoStreamRequest.FromString,
+                    response_serializer=hsu__echo_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
             ),
             'Collect': grpc.stream_unary_rpc_method_handler(
                     servicer.Collect,
-                    request_deserializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoRequest.FromString,
-                    response_serializer=hsu_dot_echo_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
+                    request_deserializer=hsu__echo_dot_v1_dot_echo__pb2.EchoRequest.FromString,
+                    response_serializer=hsu__echo_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -118,8 +118,8 @@ class Echo:
             request,
             target,
             '/hsu.echo.v1.Echo/Echo',
-            hsu_dot_echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-            hsu_dot_echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+            hsu__echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+            hsu__echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -145,8 +145,8 @@ class Echo:
             request,
             target,
             '/hsu.echo.v1.Echo/EchoStream',
-            hsu_dot_echo_dot_v1_dot_echo__pb2.EchoStreamRequest.SerializeToString,
-            hsu_dot_echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+            hsu__echo_dot_v1_dot_echo__pb2.EchoStreamRequest.SerializeToString,
+            hsu__echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -172,8 +172,8 @@ class Echo:
             request_iterator,
             target,
             '/hsu.echo.v1.Echo/Collect',
-            hsu_dot_echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-            hsu_dot_echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+            hsu__echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+            hsu__echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,1 +1,0 @@
-"""The reference Echo interface (``hsu.echo.v1.Echo``)."""

@@ -1,1 +1,0 @@
-"""Generated from proto/hsu/echo/v1 by `nox -s proto`."""
