@@ -55,7 +55,7 @@ from _common import DOC, ROOT, RUN_MARK, TRACKER, interrupted, leftovers, versio
 
 import hsu
 from hsu._kernel.plugins import PluginManager
-from hsu._kernel.routing import Policy, Route
+from hsu.client.route import Policy, Route
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 from hsu.ports import Endpoint
 from hsu_echo.v1 import echo_pb2, echo_pb2_grpc

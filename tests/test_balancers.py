@@ -13,11 +13,13 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
+import attrs
 import pytest
 
 import hsu
+from hsu._kernel.config.model import structure_options
 from hsu._kernel.plugins import PluginManager
-from hsu.errors import ConflictError
+from hsu.errors import ConfigError, ConflictError
 from hsu.ports import Balancer, Endpoint, Factory
 from hsu_plugins.routing import balancers
 
@@ -52,7 +54,7 @@ def eps(n: int, start: int = 0) -> list[Endpoint]:
 def _collect() -> dict[str, Factory]:
     found: dict[str, Factory] = {}
 
-    def register(name: str, factory: Factory) -> None:
+    def register(name: str, factory: Factory, default: bool = False) -> None:
         assert name not in found
         found[name] = factory
 
@@ -63,10 +65,13 @@ def _collect() -> dict[str, Factory]:
 FACTORIES = _collect()
 
 
+def structured(name: str, options: Any) -> Any:
+    """``options`` as the kernel structures them for strategy ``name``."""
+    return structure_options(FACTORIES[name], options, ("balancer_options",), "d.yaml")
+
+
 def make(name: str, endpoints: Sequence[Endpoint] = (), **options: Any) -> Balancer:
-    factory = FACTORIES[name]
-    assert factory.check_options(options) == []
-    balancer = factory.create(options)
+    balancer = FACTORIES[name].create(structured(name, options))
     balancer.update(endpoints)
     return balancer
 
@@ -95,8 +100,8 @@ def test_the_plugin_registers_every_strategy_through_the_plugin_manager():
     for name in ALL:
         factory = pm.balancer(name)
         assert isinstance(factory, Factory)
-        assert factory.check_options({}) == []
-        balancer = factory.create({})
+        assert attrs.has(factory.options)
+        balancer = factory.create(factory.options())
         assert isinstance(balancer, Balancer)
         balancer.update(eps(3))
         assert balancer.pick({}, "k") in eps(3)
@@ -118,12 +123,12 @@ def test_another_plugin_adds_a_strategy_but_cannot_take_a_builtin_name():
             register("round_robin", balancers.Strategy("round_robin", lambda options: FirstOnly()))
 
     pm.register(Mine(), "mine")
-    first = pm.balancer("first").create({})
+    first = pm.balancer("first").create(balancers.NoOptions())
     first.update(eps(3))
     assert first.pick({}).instance_id == "svc-0"
     with pytest.raises(ConflictError, match="balancer 'round_robin'"):
         pm.register(Clash(), "clash")
-    assert isinstance(pm.balancer("round_robin").create({}), balancers.RoundRobin)
+    assert isinstance(pm.balancer("round_robin").create(None), balancers.RoundRobin)
 
 
 class FirstOnly:
@@ -792,55 +797,61 @@ def test_bounded_load_caps_one_hot_key_as_its_calls_pile_up(name):
 # -- options -----------------------------------------------------------------------
 
 
+def problems(name: str, options: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        structured(name, options)
+    return info.value.problems
+
+
 @pytest.mark.parametrize(
-    ("name", "options", "problems"),
+    ("name", "options", "found"),
     [
-        ("ring_hash", {"replcas": 10}, ["replcas: unknown option (did you mean 'replicas'?)"]),
-        ("ring_hash", {"replicas": "x"}, ["replicas: expected an int >= 1, got 'x'"]),
-        ("ring_hash", {"replicas": 0}, ["replicas: expected an int >= 1, got 0"]),
-        ("ring_hash", {"replicas": True}, ["replicas: expected an int >= 1, got True"]),
+        ("ring_hash", {"replcas": 10}, ["replcas: unknown key; did you mean 'replicas'?"]),
+        ("ring_hash", {"replicas": "x"}, ["replicas: expected int, got 'x'"]),
+        ("ring_hash", {"replicas": "2"}, ["replicas: expected int, got '2'"]),
+        ("ring_hash", {"replicas": 0}, ["replicas: must be >= 1, got 0"]),
+        ("ring_hash", {"replicas": True}, ["replicas: expected int, got True"]),
         (
             "ring_hash",
             {"bounded_load": 0.5},
-            ["bounded_load: expected 0 (off) or a number >= 1, such as 1.25, got 0.5"],
+            ["bounded_load: must be 0 (off) or a number >= 1, such as 1.25, got 0.5"],
         ),
         (
-            "maglev",
-            {"bounded_load": "1.25"},
-            ["bounded_load: expected 0 (off) or a number >= 1, such as 1.25, got '1.25'"],
+            "ring_hash",
+            {"bounded_load": float("inf")},
+            ["bounded_load: must be 0 (off) or a number >= 1, such as 1.25, got inf"],
         ),
+        ("maglev", {"bounded_load": "1.25"}, ["bounded_load: expected float, got '1.25'"]),
         (
             "maglev",
             {"table_size": 65536},
-            ["table_size: expected a prime, got 65536 (the next prime is 65537)"],
+            ["table_size: must be a prime, got 65536 (the next prime is 65537)"],
         ),
-        (
-            "maglev",
-            {"table_size": 1},
-            ["table_size: expected a prime int between 2 and 16777216, got 1"],
-        ),
-        ("maglev", {"tablesize": 7}, ["tablesize: unknown option (did you mean 'table_size'?)"]),
-        ("p2c", {"seed": 1.5}, ["seed: expected an int, got 1.5"]),
-        ("random", {"sed": 1}, ["sed: unknown option (did you mean 'seed'?)"]),
-        ("random", {"zzz": 1}, ["zzz: unknown option (known: seed)"]),
-        (
-            "round_robin",
-            {"seed": 1},
-            ["seed: unknown option (the round_robin strategy takes no options)"],
-        ),
-        ("least_inflight", [1], ["options: expected a mapping, got list"]),
+        ("maglev", {"table_size": 1}, ["table_size: must be >= 2, got 1"]),
+        ("maglev", {"table_size": 2**24 + 1}, ["table_size: must be <= 16777216, got 16777217"]),
+        ("maglev", {"tablesize": 7}, ["tablesize: unknown key; did you mean 'table_size'?"]),
+        ("p2c", {"seed": 1.5}, ["seed: expected int, got 1.5"]),
+        ("random", {"sed": 1}, ["sed: unknown key; did you mean 'seed'?"]),
+        ("random", {"zzz": 1}, ["zzz: unknown key"]),
+        ("round_robin", {"seed": 1}, ["seed: unknown key (takes no options)"]),
         (
             "ring_hash",
             {"replicas": -1, "bounded": 2},
             [
-                "replicas: expected an int >= 1, got -1",
-                "bounded: unknown option (did you mean 'bounded_load'?)",
+                "bounded: unknown key; did you mean 'bounded_load'?",
+                "replicas: must be >= 1, got -1",
             ],
         ),
     ],
 )
-def test_check_options_names_each_problem(name, options, problems):
-    assert FACTORIES[name].check_options(options) == problems
+def test_bad_options_name_the_path_and_each_problem(name, options, found):
+    assert problems(name, options) == [f"d.yaml: balancer_options.{p}" for p in found]
+
+
+def test_options_that_are_not_a_mapping_are_refused():
+    assert problems("least_inflight", [1]) == [
+        "d.yaml: balancer_options: expected a mapping, got [1]"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -854,11 +865,23 @@ def test_check_options_names_each_problem(name, options, problems):
         ("random", {}),
     ],
 )
-def test_check_options_accepts_good_options(name, options):
-    assert FACTORIES[name].check_options(options) == []
-    balancer = FACTORIES[name].create(options)
+def test_good_options_are_structured_and_build_a_balancer(name, options):
+    opts = structured(name, options)
+    assert isinstance(opts, FACTORIES[name].options)
+    for key, value in options.items():
+        assert getattr(opts, key) == value
+    balancer = FACTORIES[name].create(opts)
     balancer.update(eps(3))
     assert balancer.pick({}, "k") is not None
+
+
+def test_options_reach_the_balancer():
+    ring = make("ring_hash", eps(4), replicas=3)
+    assert len(ring._hashes) == 12  # 3 points for each of 4 endpoints
+    table = make("maglev", eps(4), table_size=5003)
+    assert table._size == 5003
+    a, b = make("random", eps(50), seed=7), make("random", eps(50), seed=7)
+    assert ids([a.pick({}) for _ in range(20)]) == ids([b.pick({}) for _ in range(20)])
 
 
 def test_a_small_maglev_table_still_fills_and_routes():

@@ -1,8 +1,12 @@
 """The built-in circuit breakers, on a fake clock."""
 
+from typing import Any
+
 import pytest
 
 import hsu_plugins.routing.breakers as breakers
+from hsu._kernel.config.model import structure_options
+from hsu.errors import ConfigError
 from hsu.ports import CircuitBreaker, Factory
 from hsu_plugins.routing.breakers import (
     CLOSED,
@@ -10,11 +14,28 @@ from hsu_plugins.routing.breakers import (
     OPEN,
     ConsecutiveBreaker,
     ConsecutiveFactory,
+    ConsecutiveOptions,
     NoBreaker,
     NoneFactory,
+    NoneOptions,
     RatioBreaker,
     RatioFactory,
+    RatioOptions,
 )
+
+
+def structured(factory: Factory, options: Any) -> Any:
+    """``options`` as the kernel structures them for ``factory``."""
+    return structure_options(factory, options, ("breaker_options",), "d.yaml")
+
+
+def problems(factory: Factory, options: Any) -> list[str]:
+    """What the kernel reports for ``options``, without the source and path prefix."""
+    with pytest.raises(ConfigError) as info:
+        structured(factory, options)
+    prefix = "d.yaml: breaker_options."
+    assert all(p.startswith(prefix) for p in info.value.problems)
+    return [p.removeprefix(prefix) for p in info.value.problems]
 
 
 class Clock:
@@ -55,13 +76,12 @@ def test_the_plugin_manager_hands_out_the_breakers(hsu_plugin_manager, clock):
     assert {"consecutive", "ratio", "none"} <= set(pm.breaker_names())
     factory = pm.breaker("consecutive")
     assert isinstance(factory, Factory)
-    assert factory.check_options({"failures": 2}) == []
-    breaker = factory.create({"failures": 2, "cooldown": 1}, clock=clock)
+    breaker = factory.create(structured(factory, {"failures": 2, "cooldown": 1}), clock=clock)
     assert isinstance(breaker, CircuitBreaker)
     fail(breaker, 2)
     assert breaker.state == OPEN
-    assert isinstance(pm.breaker("none").create({}), CircuitBreaker)
-    assert isinstance(pm.breaker("ratio").create({}), CircuitBreaker)
+    assert isinstance(pm.breaker("none").create(NoneOptions()), CircuitBreaker)
+    assert isinstance(pm.breaker("ratio").create(RatioOptions()), CircuitBreaker)
 
 
 # -- consecutive -------------------------------------------------------------------
@@ -266,7 +286,7 @@ def test_ratio_full_cycle_and_a_fresh_window_after_closing(clock):
 
 def test_ratio_min_calls_defaults_to_at_most_the_window(clock):
     assert RatioBreaker(clock=clock).min_calls == 10
-    small = RatioFactory().create({"window": 4}, clock=clock)
+    small = RatioFactory().create(RatioOptions(window=4), clock=clock)
     assert small.min_calls == 4
     fail(small, 4)
     assert small.state == OPEN
@@ -276,7 +296,7 @@ def test_ratio_min_calls_defaults_to_at_most_the_window(clock):
 
 
 def test_none_never_opens():
-    b = NoneFactory().create({})
+    b = NoneFactory().create(NoneOptions())
     assert isinstance(b, NoBreaker)
     for _ in range(1000):
         assert b.allow()
@@ -288,9 +308,9 @@ def test_none_never_opens():
 
 
 def test_defaults(clock):
-    b = ConsecutiveFactory().create({}, clock=clock)
+    b = ConsecutiveFactory().create(structured(ConsecutiveFactory(), {}), clock=clock)
     assert (b.failures, b.cooldown, b.max_cooldown, b.trials, b.successes) == (5, 5.0, None, 1, 1)
-    r = RatioFactory().create({}, clock=clock)
+    r = RatioFactory().create(structured(RatioFactory(), {}), clock=clock)
     assert (r.window, r.min_calls, r.ratio) == (20, 10, 0.5)
     fail(b, 4)
     assert b.state == CLOSED
@@ -303,83 +323,78 @@ def test_defaults(clock):
 
 
 def test_good_options_are_accepted():
-    assert ConsecutiveFactory().check_options({}) == []
-    assert (
-        ConsecutiveFactory().check_options(
-            {"failures": 1, "cooldown": 0.5, "max_cooldown": 60, "trials": 3, "successes": 2}
-        )
-        == []
-    )
-    assert RatioFactory().check_options({"window": 5, "min_calls": 5, "ratio": 1}) == []
-    assert NoneFactory().check_options({}) == []
+    assert structured(ConsecutiveFactory(), {}) == ConsecutiveOptions()
+    good = {"failures": 1, "cooldown": 0.5, "max_cooldown": 60, "trials": 3, "successes": 2}
+    assert structured(ConsecutiveFactory(), good) == ConsecutiveOptions(**good)
+    good = {"window": 5, "min_calls": 5, "ratio": 1}
+    assert structured(RatioFactory(), good) == RatioOptions(**good)
+    assert structured(NoneFactory(), {}) == NoneOptions()
 
 
 def test_unknown_options_get_a_suggestion():
-    assert ConsecutiveFactory().check_options({"failure": 3}) == [
-        "failure: unknown option; did you mean 'failures'? (known: cooldown, failures,"
-        " max_cooldown, successes, trials)"
+    assert problems(ConsecutiveFactory(), {"failure": 3}) == [
+        "failure: unknown key; did you mean 'failures'?"
     ]
-    [problem] = RatioFactory().check_options({"min_call": 3})
-    assert problem.startswith("min_call: unknown option; did you mean 'min_calls'?")
-    [problem] = RatioFactory().check_options({"zzz": 3})
-    assert problem.startswith("zzz: unknown option (known: ")
-    assert NoneFactory().check_options({"failures": 3}) == [
-        "failures: unknown option (the none breaker takes no options)"
+    assert problems(RatioFactory(), {"min_call": 3}) == [
+        "min_call: unknown key; did you mean 'min_calls'?"
     ]
+    assert problems(RatioFactory(), {"zzz": 3}) == ["zzz: unknown key"]
+    assert problems(NoneFactory(), {"failures": 3}) == ["failures: unknown key (takes no options)"]
 
 
 def test_wrong_types_are_refused():
-    assert ConsecutiveFactory().check_options(
-        {"failures": "3", "cooldown": True, "trials": 1.5, "max_cooldown": float("inf")}
+    assert problems(
+        ConsecutiveFactory(),
+        {"failures": "3", "cooldown": True, "trials": 1.5, "max_cooldown": float("inf")},
     ) == [
-        "failures: expected an int, got '3'",
-        "cooldown: expected a finite number, got True",
-        "trials: expected an int, got 1.5",
-        "max_cooldown: expected a finite number, got inf",
+        "cooldown: expected float, got True",
+        "trials: expected int, got 1.5",
+        "failures: expected int, got '3'",
     ]
-    assert RatioFactory().check_options({"ratio": "half"}) == [
-        "ratio: expected a finite number, got 'half'"
+    assert problems(ConsecutiveFactory(), {"max_cooldown": float("inf")}) == [
+        "max_cooldown: must be a finite number, got inf"
     ]
-    assert ConsecutiveFactory().check_options([1, 2]) == ["options: expected a mapping, got list"]
+    assert problems(RatioFactory(), {"ratio": "half"}) == ["ratio: expected float, got 'half'"]
+    with pytest.raises(ConfigError, match="breaker_options: expected a mapping, got"):
+        structured(ConsecutiveFactory(), [1, 2])
 
 
 def test_values_out_of_range_are_refused():
-    assert ConsecutiveFactory().check_options(
-        {"failures": 0, "cooldown": 0, "trials": 0, "successes": -1}
+    assert problems(
+        ConsecutiveFactory(), {"failures": 0, "cooldown": 0, "trials": 0, "successes": -1}
     ) == [
-        "failures: expected >= 1, got 0",
-        "trials: expected >= 1, got 0",
-        "successes: expected >= 1, got -1",
-        "cooldown: expected > 0 seconds, got 0",
+        "cooldown: must be > 0, got 0.0",
+        "trials: must be >= 1, got 0",
+        "successes: must be >= 1, got -1",
+        "failures: must be >= 1, got 0",
     ]
-    assert ConsecutiveFactory().check_options({"cooldown": 10, "max_cooldown": 5}) == [
-        "max_cooldown: expected >= cooldown (10), got 5"
+    assert problems(ConsecutiveFactory(), {"cooldown": 10, "max_cooldown": 5}) == [
+        "max_cooldown: must be >= cooldown (10), got 5"
     ]
-    assert ConsecutiveFactory().check_options({"max_cooldown": 1}) == [
-        "max_cooldown: expected >= cooldown (5), got 1"
+    assert problems(ConsecutiveFactory(), {"max_cooldown": 1}) == [
+        "max_cooldown: must be >= cooldown (5), got 1"
     ]
-    assert RatioFactory().check_options({"ratio": 0}) == ["ratio: expected 0 < ratio <= 1, got 0"]
-    assert RatioFactory().check_options({"ratio": 1.5}) == [
-        "ratio: expected 0 < ratio <= 1, got 1.5"
+    assert problems(RatioFactory(), {"ratio": 0}) == ["ratio: must be > 0, got 0.0"]
+    assert problems(RatioFactory(), {"ratio": 1.5}) == ["ratio: must be <= 1, got 1.5"]
+    assert problems(RatioFactory(), {"window": 0}) == ["window: must be >= 1, got 0"]
+    assert problems(RatioFactory(), {"window": 5, "min_calls": 6}) == [
+        "min_calls: must be 1 to window (5), got 6"
     ]
-    assert RatioFactory().check_options({"window": 0}) == ["window: expected >= 1, got 0"]
-    assert RatioFactory().check_options({"window": 5, "min_calls": 6}) == [
-        "min_calls: expected 1 to window (5), got 6"
+    assert problems(RatioFactory(), {"min_calls": 21}) == [
+        "min_calls: must be 1 to window (20), got 21"
     ]
-    assert RatioFactory().check_options({"min_calls": 21}) == [
-        "min_calls: expected 1 to window (20), got 21"
-    ]
+    assert problems(RatioFactory(), {"min_calls": 0}) == ["min_calls: must be >= 1, got 0"]
 
 
-def test_create_refuses_bad_options():
-    with pytest.raises(ValueError, match=r"consecutive breaker: bad options: failures: expected"):
-        ConsecutiveFactory().create({"failures": 0})
-    with pytest.raises(ValueError, match="ratio"):
-        RatioFactory().create({"ratio": 2})
-    with pytest.raises(ValueError, match="no options"):
-        NoneFactory().create({"x": 1})
-    with pytest.raises(ValueError, match="failures"):
+def test_a_breaker_made_in_code_refuses_bad_values_too():
+    with pytest.raises(ValueError, match="'failures' must be >= 1"):
         ConsecutiveBreaker(0)
+    with pytest.raises(ValueError, match="'ratio' must be <= 1"):
+        RatioBreaker(ratio=2)
+    with pytest.raises(ValueError, match="'min_calls' must be 1 to window"):
+        RatioBreaker(window=4, min_calls=5)
+    with pytest.raises(ValueError, match="'max_cooldown' must be >= cooldown"):
+        ConsecutiveBreaker(cooldown=2, max_cooldown=1)
 
 
 def test_another_plugin_adds_a_breaker_but_cannot_take_a_builtin_name():
@@ -400,7 +415,9 @@ def test_another_plugin_adds_a_breaker_but_cannot_take_a_builtin_name():
             register("consecutive", breakers.NoneFactory())
 
     pm.register(Mine(), "mine")
-    assert pm.breaker("never").create({}).allow()
+    assert pm.breaker("never").create(NoneOptions()).allow()
     with pytest.raises(ConflictError, match="breaker 'consecutive'"):
         pm.register(Clash(), "clash")
-    assert isinstance(pm.breaker("consecutive").create({}), breakers.ConsecutiveBreaker)
+    assert isinstance(
+        pm.breaker("consecutive").create(ConsecutiveOptions()), breakers.ConsecutiveBreaker
+    )

@@ -1,13 +1,20 @@
-"""`hsu run` as a real process: draining on signals, the demo, the CLI against it."""
+"""Draining: `hsu run` as a real process on signals, the demo, the CLI against
+it; and an instance's drain held by plugins (hsu_instance_draining)."""
 
+import asyncio
 import signal
 import threading
+import time
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loguru import logger
 
-from conftest import ROOT, hsu_env, run_hsu, write_deployment
+import hsu
+from conftest import ROOT, hsu_env, run_hsu, until, write_deployment
+from hsu.testing import build_kernel
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +156,119 @@ def test_a_stop_signal_during_a_long_start_stops_at_once(kernel_process, tmp_pat
     assert "kernel starting -> stopping (SIGTERM while starting)" in err
     assert "kernel stopping -> stopped" in err
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+# -- an instance's drain, held by plugins -----------------------------------------------
+
+ECHO = "hsu.echo.v1.Echo"
+
+
+def echo_unit(**more):
+    unit = {
+        "command": ["python", "-m", "hsu_echo"],
+        "interfaces": [ECHO],
+        "start": "at-start",
+        "startup_timeout": 20,
+        "stop_grace": 5,
+    }
+    unit.update(more)
+    return unit
+
+
+async def test_a_draining_hook_holds_the_instance_until_it_returns(tmp_path):
+    """A data plane outside the kernel returns once it sends the instance no new
+    call; until then the kernel does not count its calls down or stop it."""
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    class HoldsTheDrain:
+        @hsu.hookimpl
+        def hsu_instance_event(self, event):
+            if event.to_state in ("stopping", "stopped"):
+                seen.append(event.to_state)
+
+        @hsu.hookimpl
+        def hsu_instance_draining(self, kernel, instance):
+            seen.append(f"draining {instance.state}")
+            return self.hold(kernel)
+
+        async def hold(self, kernel):
+            [endpoint] = await kernel.registry.lookup(ECHO)
+            seen.append(f"registry says {endpoint.state}")
+            await release.wait()
+            seen.append("released")
+
+    kernel = build_kernel(
+        {"units": {"echo": echo_unit()}}, plugins=[HoldsTheDrain()], base_dir=str(tmp_path)
+    )
+    await kernel.start()
+    try:
+        [inst] = kernel.instances.values()
+        process = psutil.Process(inst.pid)
+        stopping = asyncio.ensure_future(kernel.stop_unit("echo"))
+        await until(lambda: "registry says draining" in seen, 10)
+        # no call in flight, yet the drain waits for the plugin: a drain
+        # without it is over in 50 ms and the HSU exits at once
+        await asyncio.sleep(0.5)
+        assert kernel.routing.load(inst.instance_id) == 0
+        assert not stopping.done() and process.is_running()
+        assert inst.state is hsu.InstanceState.STOPPING
+        release.set()
+        await asyncio.wait_for(stopping, 20)
+        assert seen == [
+            "stopping",
+            "draining stopping",
+            "registry says draining",
+            "released",
+            "stopped",
+        ]
+        assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    finally:
+        release.set()
+        await kernel.stop()
+
+
+async def test_draining_hooks_share_the_drain_timeout_and_never_stop_the_stop(tmp_path):
+    seen: list[str] = []
+
+    class Stuck:
+        @hsu.hookimpl
+        def hsu_instance_draining(self):
+            return self.forever()
+
+        async def forever(self):
+            seen.append("stuck")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                seen.append("stuck cancelled")
+                raise
+
+    class Broken:
+        @hsu.hookimpl
+        def hsu_instance_draining(self, instance):
+            seen.append("broken")
+            raise RuntimeError(f"a bug draining {instance.instance_id}")
+
+    logged: list[str] = []
+    sink = logger.add(lambda m: logged.append(str(m)), level="WARNING", format="{message}")
+    # called last registered first: Broken, then Stuck
+    kernel = build_kernel(
+        {"units": {"echo": echo_unit(routing={"drain_timeout": 0.5})}},
+        plugins=[Stuck(), Broken()],
+        base_dir=str(tmp_path),
+    )
+    await kernel.start()
+    try:
+        [inst] = kernel.instances.values()
+        began = time.monotonic()
+        await kernel.stop_unit("echo")
+        took = time.monotonic() - began
+    finally:
+        await kernel.stop()
+        logger.remove(sink)
+    assert seen == ["broken", "stuck", "stuck cancelled"]
+    assert inst.state is hsu.InstanceState.STOPPED
+    assert 0.5 <= took < 5  # the hooks' share of drain_timeout, then the stop went on
+    assert any(f"a bug draining {inst.instance_id}" in line for line in logged)
+    assert any("hsu_instance_draining" in line and "did not return" in line for line in logged)

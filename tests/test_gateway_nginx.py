@@ -1,4 +1,4 @@
-"""The nginx data plane (plugins/hsu_plugins/gateway_nginx.py) with a real nginx.
+"""The nginx data plane (plugins/hsu_plugins/gateway/nginx.py) with a real nginx.
 
 .ci/run installs nginx and sets HSU_REQUIRE_NGINX=1, so none of these is ever
 skipped there; elsewhere, without nginx (apt-get install nginx-light), the
@@ -98,9 +98,13 @@ async def start(tmp_path, units, **settings):
         base_dir=str(tmp_path),
     )
     await kernel.start()
-    plane = gateway_nginx.plane_of(kernel)
-    assert plane is not None
-    return kernel, plane
+    return kernel, plane_of(kernel)
+
+
+def plane_of(kernel) -> gateway_nginx.DataPlane:
+    plane = kernel.plugin(gateway_nginx.PLANE)
+    assert isinstance(plane, gateway_nginx.DataPlane)
+    return plane
 
 
 @needs_nginx
@@ -156,8 +160,9 @@ async def test_nginx_takes_the_kernels_own_address(tmp_path):
     kernel, plane = await start(tmp_path, {"echo": echo_unit(start="at-start")})
     try:
         # the kernel moved to a private socket; nginx has the address asked for
-        assert kernel.requested_address == f"unix:{Path(tmp_path, '.hsu/hsu/kernel.sock')}"
-        assert kernel.address == kernel.requested_address
+        assert kernel.requested_address == "127.0.0.1:0"
+        assert kernel.bind_address == f"unix:{Path(tmp_path, '.hsu/hsu/kernel.sock')}"
+        assert kernel.address == kernel.bind_address
         assert plane.requested == "127.0.0.1:0" and plane.address.startswith("127.0.0.1:")
         assert not plane.address.endswith(":0")
         [inst] = ready(kernel)  # it registered over the private socket
@@ -189,10 +194,13 @@ async def test_a_port_in_use_fails_the_start_and_names_it(tmp_path):
             names=[PLUGIN],
             base_dir=str(tmp_path),
         )
+        plane = plane_of(kernel)  # registered when the kernel was built
         with pytest.raises(HsuError, match=f"gateway_nginx: cannot listen on {address}: .*in use"):
             await kernel.start()
     assert kernel.state is hsu.KernelState.FAILED
-    assert gateway_nginx.plane_of(kernel) is None  # torn down, sockets closed
+    # torn down with the kernel: sockets closed, no longer a plugin
+    assert plane._public is None and plane._control is None
+    assert kernel.plugin(gateway_nginx.PLANE) is None
 
 
 @needs_nginx
@@ -215,8 +223,8 @@ async def test_an_nginx_that_dies_is_started_again_on_the_same_port(tmp_path):
 
 @needs_nginx
 async def test_scaling_down_under_load_through_nginx_cuts_no_call(tmp_path):
-    """The drain barrier: nginx reloads without the draining instance before the
-    kernel counts its calls down and stops it, so even calls that may not be
+    """hsu_instance_draining: nginx reloads without the draining instance before
+    the kernel counts its calls down and stops it, so even calls that may not be
     retried (no method is idempotent, the client has no retry policy) all pass."""
     kernel, plane = await start(
         tmp_path,
@@ -300,8 +308,10 @@ def test_the_configuration_maps_routing_onto_nginx(tmp_path):
         names=[PLUGIN],
         base_dir=str(tmp_path),
     )
+    # nginx has an address of its own: the kernel stays on the one asked for
+    assert kernel.bind_address == kernel.requested_address == "127.0.0.1:0"
     kernel.address = "unix:/run/k.sock"
-    plane = gateway_nginx.DataPlane(kernel, kernel.settings("gateway_nginx"))
+    plane = plane_of(kernel)
     plane.endpoints = {
         "echo-1": hsu.ports.Endpoint("echo-1", "echo", "127.0.0.1:5001", (ECHO,)),
         "echo-2": hsu.ports.Endpoint("echo-2", "echo", "unix:/run/e2.sock", (ECHO,)),

@@ -19,7 +19,7 @@ import pytest
 
 import hsu
 from conftest import run_hsu, until
-from hsu._kernel.routing import Policy, RetryBudget
+from hsu.client.route import Policy, RetryBudget
 from hsu.errors import ConfigError
 from hsu.ports import Endpoint
 from hsu.testing import build_kernel

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         KernelAPI,
         Launcher,
         Probe,
+        Register,
         Registry,
     )
 
@@ -62,12 +63,13 @@ def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
 
 
 @_hookspec
-def hsu_register_launchers(register: Callable[[str, Launcher], None]) -> None:
+def hsu_register_launchers(register: Register[Launcher]) -> None:
     """Register a way to start instances, under a name units refer to.
 
     :param register: ``register(name, launcher)``; ``launcher`` satisfies
         :class:`hsu.ports.Launcher`. A unit picks one with ``launcher: NAME``
-        (default ``subprocess``). A clashing name is an error naming both
+        (default: the launcher a plugin registered with ``default=True``;
+        the built-in one is ``subprocess``). A clashing name is an error naming both
         plugins.
 
     Called once for each plugin, when it is registered.
@@ -92,29 +94,32 @@ def hsu_register_config_sources(register: Callable[[str, ConfigSource], None]) -
 
 
 @_hookspec
-def hsu_register_probes(register: Callable[[str, Probe], None]) -> None:
+def hsu_register_probes(register: Register[Probe]) -> None:
     """Register a health probe, under a name units refer to.
 
     :param register: ``register(name, probe)``; ``probe`` satisfies
         :class:`hsu.ports.Probe`: ``check_options(options)`` returns the
         problems with a unit's ``health.options`` (checked when the deployment
         is loaded) and ``check(target, timeout)`` runs one probe. A unit picks
-        one with ``health: {probe: NAME}``. A clashing name is an error naming
-        both plugins.
+        one with ``health: {probe: NAME}``. The default probe
+        (``default=True``, built in ``grpc``) checks an instance the kernel
+        re-attached to, and an ``unmanaged`` unit found by address. A
+        clashing name is an error naming both plugins.
 
     Called once for each plugin, when it is registered.
     """
 
 
 @_hookspec
-def hsu_register_balancers(register: Callable[[str, Factory], None]) -> None:
+def hsu_register_balancers(register: Register[Factory]) -> None:
     """Register a balancing strategy, under a name units refer to.
 
     :param register: ``register(name, factory)``; ``factory`` satisfies
         :class:`hsu.ports.Factory` and its ``create(options)`` returns a
         :class:`hsu.ports.Balancer`. A unit picks one with
-        ``balancer: {strategy: NAME, options: {...}}`` (default
-        ``round_robin``). A clashing name is an error naming both plugins.
+        ``balancer: {strategy: NAME, options: {...}}`` (default: the one
+        registered with ``default=True``, built in ``round_robin``). A
+        clashing name is an error naming both plugins.
 
     Called once for each plugin, when it is registered, in the kernel and in
     every process that routes calls (``hsu.connect``).
@@ -122,14 +127,15 @@ def hsu_register_balancers(register: Callable[[str, Factory], None]) -> None:
 
 
 @_hookspec
-def hsu_register_breakers(register: Callable[[str, Factory], None]) -> None:
+def hsu_register_breakers(register: Register[Factory]) -> None:
     """Register a circuit breaker, under a name units refer to.
 
     :param register: ``register(name, factory)``; ``factory`` satisfies
         :class:`hsu.ports.Factory` and its ``create(options)`` returns a
         :class:`hsu.ports.CircuitBreaker`. A unit picks one with
-        ``breaker: {kind: NAME, options: {...}}`` (default ``consecutive``).
-        A clashing name is an error naming both plugins.
+        ``breaker: {kind: NAME, options: {...}}`` (default: the one
+        registered with ``default=True``, built in ``consecutive``). A
+        clashing name is an error naming both plugins.
 
     Called once for each plugin, when it is registered.
     """
@@ -137,14 +143,15 @@ def hsu_register_breakers(register: Callable[[str, Factory], None]) -> None:
 
 @_hookspec
 def hsu_register_registries(
-    register: Callable[[str, Callable[[KernelAPI], Registry]], None],
+    register: Register[Callable[[KernelAPI], Registry]],
 ) -> None:
     """Register a service registry, under a name the deployment refers to.
 
     :param register: ``register(name, factory)``; ``factory(kernel)`` returns
         a :class:`hsu.ports.Registry` (it may read its own settings section
         with ``kernel.settings(NAME)``). The deployment picks one with
-        ``kernel.registry: NAME`` (default ``memory``). A clashing name is an
+        ``kernel.registry: NAME`` (default: the one registered with
+        ``default=True``, built in ``memory``). A clashing name is an
         error naming both plugins.
 
     Called once for each plugin, when it is registered; the factory is called
@@ -168,6 +175,30 @@ def hsu_kernel_configure(kernel: KernelAPI) -> None:
     Must not do I/O. Historic: a plugin registered later is configured too.
 
     :param kernel: the kernel being built (:class:`hsu.ports.KernelAPI`).
+    """
+
+
+@_hookspec(firstresult=True)
+def hsu_kernel_address(kernel: KernelAPI, requested: str) -> str | None:
+    """Move the kernel's own gRPC server off the address a plugin serves itself.
+
+    For a data plane in front of the kernel (``hsu_plugins.gateway.nginx``):
+    it takes the requested address, so clients keep one address, and forwards
+    what it does not serve to the kernel at the address it returns here. HSUs
+    are given the address the kernel really listens on, so their
+    registrations never cross the data plane. Must not do I/O.
+
+    :param kernel: the kernel being built, configured but not listening;
+        ``kernel.requested_address`` stays what was asked for.
+    :param requested: the address the deployment's ``kernel.address`` or
+        ``--address`` asked for.
+    :returns: where the kernel's gRPC server should listen instead
+        (``host:port`` or ``unix:PATH``), or ``None`` to leave it at
+        ``requested``.
+
+    Called once, from the kernel's constructor, right after
+    :func:`hsu_kernel_configure` (so plugin state registered there answers
+    too); the first non-None result wins.
     """
 
 
@@ -223,6 +254,29 @@ def hsu_instance_registered(kernel: KernelAPI, instance: InstanceView) -> Awaita
     :param instance: the instance (:class:`hsu.ports.InstanceView`), now ``ready``, with its
         ``address`` and ``interfaces`` set.
     :returns: ``None`` or an awaitable.
+    """
+
+
+@_hookspec
+def hsu_instance_draining(kernel: KernelAPI, instance: InstanceView) -> Awaitable[None] | None:
+    """An instance is draining: return once you send it no new call.
+
+    For a data plane outside the kernel, whose calls the kernel does not
+    count: the instance's calls in flight are counted down (and it is then
+    stopped) only after every implementation returned, so a call that plane
+    picked the instance for just before is not cut.
+
+    :param kernel: the kernel.
+    :param instance: the instance (:class:`hsu.ports.InstanceView`), in state
+        ``stopping``; its endpoint is ``draining`` in the registry already.
+    :returns: ``None`` or an awaitable that completes once no new call goes
+        to the instance.
+
+    Called once per draining instance that was routable, one plugin at a
+    time, each result awaited before the next plugin's. All share the unit's
+    ``routing.drain_timeout`` with the countdown that follows: an awaitable
+    still pending when it runs out is cancelled, as are the hooks after it;
+    that and an exception are logged, and the drain goes on either way.
     """
 
 

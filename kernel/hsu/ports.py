@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
@@ -42,12 +42,15 @@ __all__ = [
     "ProbeResult",
     "ProbeTarget",
     "ProcessHandle",
+    "Register",
     "Registry",
     "RegistryCompacted",
     "RegistryEvent",
     "SourceContext",
     "UnitSpec",
 ]
+
+T_contra = TypeVar("T_contra", contravariant=True)
 
 #: the deployment's data classes, frozen attrs classes built by the kernel's
 #: config loader; imported on first use so that ``hsu.ports`` stays light
@@ -98,6 +101,14 @@ class SourceContext:
 
 @runtime_checkable
 class ConfigSource(Protocol):
+    """A source of configuration (files, the environment, ``--set``, a store).
+
+    A source says which parts of the :class:`SourceContext` it reads with a
+    class attribute such as ``reads = ("files",)`` (``files``, ``env``,
+    ``overrides``): given files or ``--set`` overrides that no enabled source
+    reads are an error, not an empty deployment.
+    """
+
     #: higher wins; file 10, environment 20, overrides 30
     priority: int
 
@@ -109,6 +120,23 @@ class ConfigSource(Protocol):
         """Return an awaitable that calls ``on_change`` whenever the source
         changes, running until cancelled; or None if it cannot change."""
         ...
+
+
+# -- registration ------------------------------------------------------------
+
+
+class Register(Protocol[T_contra]):
+    """The ``register`` callback a registration hook receives.
+
+    ``register(name, obj)`` adds ``obj`` under ``name``; a name another plugin
+    registered is an error naming both. ``default=True`` declares it the
+    default of its kind, used by every unit that names none (the kernel itself
+    names no plugin); two plugins declaring a default of one kind is an error
+    naming both. ``no:PLUGIN`` then removes the default with the plugin, and a
+    deployment that needs one is told which unit needs what.
+    """
+
+    def __call__(self, name: str, obj: T_contra, /, *, default: bool = False) -> None: ...
 
 
 # -- what the kernel hands to plugins ---------------------------------------

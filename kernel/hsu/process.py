@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import resource
+import signal
 import subprocess
 from collections.abc import Mapping
 

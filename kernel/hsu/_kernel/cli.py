@@ -70,6 +70,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for i in infos:
         dist = f"{i.distribution} {i.version}".strip() or "-"
         print(f"{i.name:<20} {i.status:<8} {i.source:<10} {dist}")
+        for kind, names in i.provides.items():
+            print(f"{'':<20} {kind}: {', '.join(names)}")
         if i.hooks:
             print(f"{'':<20} hooks: {', '.join(i.hooks)}")
         if i.error:

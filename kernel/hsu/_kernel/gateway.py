@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from loguru import logger
 
-from hsu._kernel.routing import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
-from hsu._kernel.routing import INSTANCE_FAILED, Route
+from hsu.client.route import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
+from hsu.client.route import Caller, Route, Tries, only, unavailable
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.ports import Endpoint
 
@@ -67,7 +68,11 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         #: interfaces asked about (or being asked) over reflection
         self._learning: dict[str, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        kernel.routing.on_delete.append(self._forget)
+        routing = kernel.routing
+        self._caller = Caller(
+            _failing, began=routing.call_began, ended=routing.call_ended, on_retry=_retrying
+        )
+        routing.on_delete.append(self._forget)
 
     def service(self, handler_call_details: Any) -> Any:
         method: str = handler_call_details.method
@@ -188,192 +193,130 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             key = key.decode("latin-1")
         return metadata, key
 
-    async def _pick(
-        self, route: Route, interface: str, key: Any, exclude: str, context: Any
-    ) -> tuple[Route, Endpoint]:
-        ep = route.pick(key, exclude=exclude)
-        if ep is None:
-            route = await self._route(interface, context)
-            ep = route.pick(key)
-            if ep is None:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"hsu gateway: every instance serving {interface!r} is failing",
-                )
-                raise AssertionError("unreachable")
-        return route, ep
-
-    async def _unary(self, method: str, interface: str, request: bytes, context: Any) -> bytes:
-        """A unary call: the request is one message, so any try can replay it."""
+    async def _tries(
+        self,
+        method: str,
+        interface: str,
+        context: Any,
+        replayable: Callable[[], Awaitable[bool]] | None = None,
+    ) -> tuple[Tries, tuple[tuple[str, Any], ...]]:
+        """The call's tries, and the metadata it forwards."""
         route = self.kernel.routing.routes.get(interface)
         if route is None or not route.routable:
             route = await self._route(interface, context)
         metadata, key = self._call_key(route, context)
-        routing = self.kernel.routing
-        failed_on = ""
-        attempt = 0
-        while True:
-            route, ep = await self._pick(route, interface, key, failed_on, context)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        tries = Tries(
+            self._caller, route, method, key, deadline=deadline, retries=True, replayable=replayable
+        )
+        return tries, metadata
+
+    def _ensure(self, context: Any) -> Callable[[Route, float | None], Awaitable[Route]]:
+        return lambda route, _left: self._route(route.interface, context)
+
+    async def _unary(self, method: str, interface: str, request: bytes, context: Any) -> bytes:
+        """A unary call: the request is one message, so any try can replay it."""
+        tries, metadata = await self._tries(method, interface, context)
+
+        async def attempt(ep: Endpoint) -> AsyncIterator[bytes]:
             mc = self._unary_calls.get((ep.address, method))
             if mc is None:
                 mc = self._unary_calls[ep.address, method] = self.channel(ep.address).unary_unary(
                     method
                 )
             call = mc(request, timeout=context.time_remaining(), metadata=metadata)
-            route.begin(ep)
-            routing.call_began(ep)
-            ok = True
-            try:
-                reply: bytes = await call
-                initial = await call.initial_metadata()
-                if initial:
-                    await context.send_initial_metadata(tuple(initial))
-                trailing = await call.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(tuple(trailing))
-                return reply
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                ok = code not in INSTANCE_FAILED
-                attempt += 1
-                if not ok and route.may_retry(method, attempt):
-                    failed_on = ep.instance_id
-                    continue
-                trailing = exc.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(tuple(trailing))
-                await context.abort(code, exc.details() or "")
-                raise AssertionError("unreachable") from None
-            finally:
-                route.end(ep, ok)
-                routing.call_ended(ep)
+            reply: bytes = await call
+            initial = await call.initial_metadata()
+            if initial:
+                await context.send_initial_metadata(tuple(initial))
+            await _relay_trailing(call, context)
+            yield reply
+
+        try:
+            return await only(tries.run_async(attempt, self._ensure(context)))
+        except grpc.aio.AioRpcError as exc:
+            await _fail(exc, context)
 
     async def _unary_stream(
         self, method: str, interface: str, request: bytes, context: Any
     ) -> AsyncIterator[bytes]:
-        route = self.kernel.routing.routes.get(interface)
-        if route is None or not route.routable:
-            route = await self._route(interface, context)
-        metadata, key = self._call_key(route, context)
-        routing = self.kernel.routing
-        failed_on = ""
-        attempt = 0
-        while True:
-            route, ep = await self._pick(route, interface, key, failed_on, context)
+        tries, metadata = await self._tries(method, interface, context)
+
+        def attempt(ep: Endpoint) -> AsyncIterator[bytes]:
             call = self.channel(ep.address).unary_stream(method)(
                 request, timeout=context.time_remaining(), metadata=metadata
             )
-            route.begin(ep)
-            routing.call_began(ep)
-            ok = True
-            replied = False
-            try:
-                async for reply in call:
-                    if not replied:
-                        replied = True
-                        initial = await call.initial_metadata()
-                        if initial:
-                            await context.send_initial_metadata(tuple(initial))
-                    yield reply
-                trailing = await call.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(tuple(trailing))
-                return
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                ok = code not in INSTANCE_FAILED
-                attempt += 1
-                if not ok and not replied and route.may_retry(method, attempt):
-                    failed_on = ep.instance_id
-                    continue
-                trailing = exc.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(tuple(trailing))
-                await context.abort(code, exc.details() or "")
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-            finally:
-                route.end(ep, ok)
-                routing.call_ended(ep)
+            return _relay(call, context)
+
+        try:
+            async for reply in tries.run_async(attempt, self._ensure(context)):
+                yield reply
+        except grpc.aio.AioRpcError as exc:
+            await _fail(exc, context)
 
     async def _forward(
         self, method: str, interface: str, requests: AsyncIterator[bytes], context: Any
     ) -> AsyncIterator[bytes]:
-        route = await self._route(interface, context)
-        policy = route.policy
-        metadata = tuple(
-            (k, v)
-            for k, v in (context.invocation_metadata() or ())
-            if k not in HOP_KEYS and not k.startswith(":")
-        )
-        key = next((v for k, v in metadata if k == policy.hash_key), None)
-        if isinstance(key, bytes):
-            key = key.decode("latin-1")
+        """Any kind, as a stream: retried only when every request was kept."""
         reqs = _Requests(requests)
-        retryable = policy.is_idempotent(method)
-        failed_on = ""
-        routing = self.kernel.routing
-        for attempt in range(policy.max_attempts):
-            ep: Endpoint | None = route.pick(key, exclude=failed_on)
-            if ep is None:
-                route = await self._route(interface, context)
-                ep = route.pick(key)
-                if ep is None:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"hsu gateway: every instance serving {interface!r} is failing",
-                    )
-                    return
+        tries, metadata = await self._tries(method, interface, context, reqs.read_all)
+
+        def attempt(ep: Endpoint) -> AsyncIterator[bytes]:
             if interface not in self._learning:
                 self._learn(interface, ep.address)
-            remaining = context.time_remaining()
             call = self.channel(ep.address).stream_stream(method)(
-                reqs.stream(), timeout=remaining, metadata=metadata
+                reqs.stream(), timeout=context.time_remaining(), metadata=metadata
             )
-            route.begin(ep)
-            routing.call_began(ep)
-            replied = False
-            ok = True
-            try:
-                async for reply in call:
-                    if not replied:
-                        replied = True
-                        with contextlib.suppress(Exception):
-                            await context.send_initial_metadata(await call.initial_metadata())
-                    yield reply
-                trailing = await call.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(tuple(trailing))
-                return
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                ok = code not in INSTANCE_FAILED
-                if (
-                    not ok
-                    and retryable
-                    and not replied
-                    and await reqs.read_all()
-                    and route.may_retry(method, attempt + 1)
-                ):
-                    logger.bind(unit=ep.unit, instance=ep.instance_id).debug(
-                        "gateway: {} on {}: {}; trying another instance",
-                        method,
-                        ep.instance_id,
-                        code.name,
-                    )
-                    failed_on = ep.instance_id
-                    continue
-                trailing = exc.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(tuple(trailing))
-                await context.abort(code, exc.details() or "")
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-            finally:
-                route.end(ep, ok)
-                routing.call_ended(ep)
+            return _relay(call, context)
+
+        try:
+            async for reply in tries.run_async(attempt, self._ensure(context)):
+                yield reply
+        except grpc.aio.AioRpcError as exc:
+            await _fail(exc, context)
+
+
+async def _relay(call: Any, context: Any) -> AsyncIterator[bytes]:
+    """One try's replies, and its metadata, to the caller."""
+    replied = False
+    try:
+        async for reply in call:
+            if not replied:
+                replied = True
+                with contextlib.suppress(Exception):
+                    await context.send_initial_metadata(await call.initial_metadata())
+            yield reply
+        await _relay_trailing(call, context)
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+
+
+async def _relay_trailing(call: Any, context: Any) -> None:
+    trailing = await call.trailing_metadata()
+    if trailing:
+        context.set_trailing_metadata(tuple(trailing))
+
+
+async def _fail(exc: Any, context: Any) -> NoReturn:
+    """End the call with the error of its last try (its code, details and
+    trailing metadata)."""
+    trailing = exc.trailing_metadata()
+    if trailing:
+        context.set_trailing_metadata(tuple(trailing))
+    await context.abort(exc.code(), exc.details() or "")
+    raise AssertionError("unreachable")
+
+
+def _failing(route: Route) -> BaseException:
+    return unavailable(f"hsu gateway: every instance serving {route.interface!r} is failing")
+
+
+def _retrying(method: str, ep: Endpoint, code: grpc.StatusCode) -> None:
+    logger.bind(unit=ep.unit, instance=ep.instance_id).debug(
+        "gateway: {} on {}: {}; trying another instance", method, ep.instance_id, code.name
+    )
 
 
 class _Requests:

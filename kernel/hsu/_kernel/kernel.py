@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from hsu._kernel.config.defaults import with_defaults
 from hsu._kernel.config.model import (
     Deployment,
     KernelSettings,
@@ -72,6 +73,9 @@ class Kernel:
         address: str | None = None,
         source_context: SourceContext | None = None,
     ):
+        # the launchers, balancers, ... that units leave unnamed: the defaults
+        # plugins declared (the kernel names none)
+        deployment = with_defaults(deployment, plugins)
         self.deployment = deployment
         self.plugins = plugins
         #: how the deployment was read, to read it again on reload
@@ -80,7 +84,12 @@ class Kernel:
         check_units(deployment, plugins.launcher_names(), self._probes(), **self._routing_plugins())
         ks: KernelSettings = self._settings["kernel"]
         self.kernel_settings = ks
+        #: the address the deployment (or ``--address``) asked for
         self.requested_address = address or ks.address
+        #: where the kernel's gRPC server binds: the requested address, unless
+        #: a plugin serving that one itself moves the kernel (hsu_kernel_address)
+        self.bind_address = self.requested_address
+        #: where it listens, once it does (a port 0 resolved); HSUs are given this
         self.address = ""
         self.version = __version__
         self.pid = os.getpid()
@@ -129,6 +138,10 @@ class Kernel:
         #: plugins registered through register_plugin, unregistered at the end
         self._own_plugins: list[str] = []
         plugins.configure(self)
+        # after configure: the per-kernel plugin state registered there answers
+        self.bind_address = (
+            plugins.kernel_address(self, self.requested_address) or self.requested_address
+        )
 
     @classmethod
     def from_deployment(
@@ -193,7 +206,7 @@ class Kernel:
         try:
             await self.plugins.call_each("hsu_kernel_starting", kernel=self)
             self._server = KernelServer(self)
-            self.address = await self._server.start(self.requested_address)
+            self.address = await self._server.start(self.bind_address)
             logger.info("kernel {} listening on {}", self.deployment.name, self.address)
             await self.routing.start()
             found = await self._reattach()
@@ -354,7 +367,7 @@ class Kernel:
         (no round trip to itself); see :func:`hsu.connect`."""
         from hsu.client.aio import local_channel
 
-        return local_channel(self)
+        return local_channel(self.routing, self.plugins)
 
     def units_serving(self, interface: str) -> list[str]:
         return [n for n, s in self.deployment.units.items() if interface in s.interfaces]
@@ -666,7 +679,9 @@ class Kernel:
         async with self._reload_lock:
             if self.state is not KernelState.RUNNING:
                 raise HsuError(f"kernel is {self.state.value}; not reloading")
-            new = deployment if deployment is not None else self.read_config()
+            new = with_defaults(
+                deployment if deployment is not None else self.read_config(), self.plugins
+            )
             settings = self._validate(new)
             old = self.deployment
             changes = diff(old, new)

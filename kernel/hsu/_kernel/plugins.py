@@ -10,15 +10,25 @@ Loading order (first to last), as ``docs/plugins.md`` documents it:
    ``HSU_DISABLE_PLUGIN_AUTOLOAD`` is set.
 
 Built-ins are entry points of the ``hsu`` distribution itself, so they are
-loaded exactly as a third party's plugin is.
+loaded exactly as a third party's plugin is: the default built-ins are
+whatever entry points that distribution declares (pyproject.toml), so this
+module names no plugin but the essential one.
+
+Plugins register capabilities (launchers, probes, balancers, ...) by kind and
+name into one table; a plugin may declare one of its names the default of its
+kind (``register(name, obj, default=True)``, as tox's default env runner), and
+units that name none get that one. ``no:NAME`` then works for every plugin
+but the essential: a deployment that needs a blocked capability is told so.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import importlib.metadata as md
 import os
+import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -33,21 +43,26 @@ from hsu.errors import ConflictError, PluginError, PluginLoadError
 
 GROUP = "hsu"
 ESSENTIAL: tuple[str, ...] = ("kernel",)
-DEFAULTS: tuple[str, ...] = (
-    "subprocess",
-    "file",
-    "env",
-    "overrides",
-    "probes",
-    "balancers",
-    "breakers",
-    "registry_memory",
-)
+#: the distribution whose entry points are the built-in plugins
+BUILTIN_DIST = "hsu"
 AUTOLOAD_ENV = "HSU_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ENV = "HSU_PLUGINS"
 TRACE_ENV = "HSU_TRACE_PLUGINS"
 
 ACTIVE, BLOCKED, FAILED = "active", "blocked", "failed"
+
+#: the kinds of capability, each with the registration hook that fills it
+KINDS: Mapping[str, str] = {
+    "settings section": "hsu_register_settings",
+    "launcher": "hsu_register_launchers",
+    "config source": "hsu_register_config_sources",
+    "probe": "hsu_register_probes",
+    "balancer": "hsu_register_balancers",
+    "breaker": "hsu_register_breakers",
+    "registry": "hsu_register_registries",
+}
+#: kinds that have a default (a settings section or a config source has none)
+DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry")
 
 
 @attrs.define
@@ -61,6 +76,9 @@ class PluginInfo:
     version: str = ""
     hooks: list[str] = attrs.field(factory=list)
     error: str = ""
+    #: what it registered, by kind: ``{"balancer": ["p2c", "round_robin*"]}``
+    #: (``*``: the default of its kind)
+    provides: dict[str, list[str]] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -93,13 +111,12 @@ class PluginManager:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._infos: dict[str, PluginInfo] = {}
-        self._settings: dict[str, tuple[type[Any], str]] = {}
-        self._launchers: dict[str, tuple[Any, str]] = {}
-        self._config_sources: dict[str, tuple[Any, str]] = {}
-        self._probes: dict[str, tuple[Any, str]] = {}
-        self._balancers: dict[str, tuple[Any, str]] = {}
-        self._breakers: dict[str, tuple[Any, str]] = {}
-        self._registries: dict[str, tuple[Any, str]] = {}
+        #: kind -> name -> (the registered object, the plugin that registered it)
+        self._table: dict[str, dict[str, tuple[Any, str]]] = {kind: {} for kind in KINDS}
+        #: kind -> (default name, the plugin that declared it)
+        self._defaults: dict[str, tuple[str, str]] = {}
+        #: names blocked with no:NAME
+        self.blocked: set[str] = set()
         self._undo_tracing: Callable[[], None] | None = None
 
     # -- loading -----------------------------------------------------------
@@ -131,6 +148,7 @@ class PluginManager:
         if autoload is None:
             autoload = not _truthy(env.get(AUTOLOAD_ENV))
         self = cls()
+        self.blocked = set(blocked)
         if _truthy(env.get(TRACE_ENV)):
             self.enable_tracing()
         eps = _entry_points()
@@ -142,8 +160,8 @@ class PluginManager:
             )
         for name in ESSENTIAL:
             self._load_builtin(name, eps, "essential")
-        for name in DEFAULTS:
-            if name not in blocked:
+        for name in _builtin_names(eps):
+            if name not in blocked and name not in ESSENTIAL:
                 self._load_builtin(name, eps, "default")
         for name in names:
             if name in blocked or self.pm.has_plugin(name):
@@ -158,7 +176,7 @@ class PluginManager:
 
     def _load_builtin(self, name: str, eps: Mapping[str, md.EntryPoint], source: str) -> None:
         ep = eps.get(name)
-        if ep is None or (ep.dist is not None and _dist_of(ep)[0] != "hsu"):
+        if ep is None or (ep.dist is not None and _dist_of(ep)[0] != BUILTIN_DIST):
             raise PluginError(
                 f"built-in plugin {name!r} has no entry point in the hsu distribution;"
                 " is hsu installed (pip install -e .)?"
@@ -267,17 +285,11 @@ class PluginManager:
         self._forget(name)
 
     def _forget(self, name: str) -> None:
-        for table in (
-            self._settings,
-            self._launchers,
-            self._config_sources,
-            self._probes,
-            self._balancers,
-            self._breakers,
-            self._registries,
-        ):
+        for table in self._table.values():
             for key in [k for k, (_, owner) in table.items() if owner == name]:
                 del table[key]
+        for kind in [k for k, (_, owner) in self._defaults.items() if owner == name]:
+            del self._defaults[kind]
 
     def _check_pending(self, plugin: object, name: str) -> None:
         for hook in self.pm.get_hookcallers(plugin) or []:
@@ -292,40 +304,34 @@ class PluginManager:
     # -- registration hooks ------------------------------------------------
 
     def _collect(self, plugin: object, name: str) -> None:
-        def register_to(table: dict[str, tuple[Any, str]], kind: str) -> Callable[[str, Any], None]:
-            def register(key: str, value: Any) -> None:
+        provides: dict[str, list[str]] = {}
+        for kind, hook_name in KINDS.items():
+
+            def register(key: str, value: Any, *, default: bool = False, kind: str = kind) -> None:
+                table = self._table[kind]
                 if key in table and table[key][1] != name:
                     raise ConflictError(
                         f"Conflicting plugins found: {kind} {key!r} is registered by"
                         f" {self._describe(table[key][1])} and by {self._describe(name)}"
                     )
+                if default:
+                    self._declare_default(kind, key, name)
                 table[key] = (value, name)
+                provides.setdefault(kind, []).append(key + ("*" if default else ""))
 
-            return register
+            self._call_own(plugin, hook_name, register=register)
+        self._infos[name].provides = {k: sorted(v) for k, v in provides.items()}
 
-        self._call_own(
-            plugin,
-            "hsu_register_settings",
-            register=register_to(self._settings, "settings section"),
-        )
-        self._call_own(
-            plugin, "hsu_register_launchers", register=register_to(self._launchers, "launcher")
-        )
-        self._call_own(
-            plugin,
-            "hsu_register_config_sources",
-            register=register_to(self._config_sources, "config source"),
-        )
-        self._call_own(plugin, "hsu_register_probes", register=register_to(self._probes, "probe"))
-        self._call_own(
-            plugin, "hsu_register_balancers", register=register_to(self._balancers, "balancer")
-        )
-        self._call_own(
-            plugin, "hsu_register_breakers", register=register_to(self._breakers, "breaker")
-        )
-        self._call_own(
-            plugin, "hsu_register_registries", register=register_to(self._registries, "registry")
-        )
+    def _declare_default(self, kind: str, key: str, plugin: str) -> None:
+        if kind not in DEFAULTABLE:
+            raise PluginError(f"plugin {plugin!r}: a {kind} has no default; drop default=True")
+        known = self._defaults.get(kind)
+        if known is not None and known[1] != plugin:
+            raise ConflictError(
+                f"Conflicting plugins found: the default {kind} is {known[0]!r} from"
+                f" {self._describe(known[1])} and {key!r} from {self._describe(plugin)}"
+            )
+        self._defaults[kind] = (key, plugin)
 
     def _call_own(self, plugin: object, hook_name: str, **kwargs: Any) -> None:
         """Call one plugin's own implementation of a registration hook."""
@@ -341,67 +347,79 @@ class PluginManager:
 
     # -- questions the kernel asks ----------------------------------------
 
-    def settings_classes(self) -> dict[str, type[Any]]:
-        return {section: cls for section, (cls, _) in self._settings.items()}
-
-    def launcher(self, name: str) -> Any:
+    def get(self, kind: str, name: str | None) -> Any:
+        """The object registered as ``name`` of ``kind`` (``None``: the default),
+        or a :class:`PluginError` that lists what is registered."""
+        if name is None:
+            name = self.default(kind)
+            if name is None:
+                raise PluginError(self.missing(kind))
         try:
-            return self._launchers[name][0]
+            return self._table[kind][name][0]
         except KeyError:
-            known = ", ".join(sorted(self._launchers)) or "none"
-            raise PluginError(
-                f"no launcher named {name!r} (registered: {known}); is its plugin enabled?"
-            ) from None
-
-    def config_sources(self) -> dict[str, Any]:
-        """Registered config sources by name (:class:`hsu._kernel.config.sources.ConfigSource`)."""
-        return {name: source for name, (source, _) in self._config_sources.items()}
-
-    def launcher_names(self) -> list[str]:
-        return sorted(self._launchers)
-
-    def probe(self, name: str) -> Any:
-        """The health probe registered as ``name`` (:class:`hsu.ports.Probe`)."""
-        try:
-            return self._probes[name][0]
-        except KeyError:
-            known = ", ".join(sorted(self._probes)) or "none"
-            raise PluginError(
-                f"no probe named {name!r} (registered: {known}); is its plugin enabled?"
-            ) from None
-
-    def probe_names(self) -> list[str]:
-        return sorted(self._probes)
-
-    def _named(self, table: dict[str, tuple[Any, str]], kind: str, name: str) -> Any:
-        try:
-            return table[name][0]
-        except KeyError:
-            known = ", ".join(sorted(table)) or "none"
+            known = ", ".join(sorted(self._table[kind])) or "none"
             raise PluginError(
                 f"no {kind} named {name!r} (registered: {known}); is its plugin enabled?"
             ) from None
 
-    def balancer(self, name: str) -> Any:
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._table[kind])
+
+    def all(self, kind: str) -> dict[str, Any]:
+        return {name: value for name, (value, _) in self._table[kind].items()}
+
+    def default(self, kind: str) -> str | None:
+        """The name a plugin declared the default of ``kind``, if any did."""
+        known = self._defaults.get(kind)
+        return known[0] if known is not None else None
+
+    def missing(self, kind: str) -> str:
+        """Why there is no default ``kind``, for a one-line error."""
+        why = f"no enabled plugin registers a default {kind}"
+        if self.blocked:
+            why += f" (blocked: {', '.join(f'no:{n}' for n in sorted(self.blocked))})"
+        return why
+
+    def settings_classes(self) -> dict[str, type[Any]]:
+        return self.all("settings section")
+
+    def config_sources(self) -> dict[str, Any]:
+        """Registered config sources by name (:class:`hsu.ports.ConfigSource`)."""
+        return self.all("config source")
+
+    def launcher(self, name: str | None) -> Any:
+        return self.get("launcher", name)
+
+    def launcher_names(self) -> list[str]:
+        return self.names("launcher")
+
+    def probe(self, name: str | None) -> Any:
+        """The health probe registered as ``name`` (:class:`hsu.ports.Probe`)."""
+        return self.get("probe", name)
+
+    def probe_names(self) -> list[str]:
+        return self.names("probe")
+
+    def balancer(self, name: str | None) -> Any:
         """The balancer factory registered as ``name`` (:class:`hsu.ports.Factory`)."""
-        return self._named(self._balancers, "balancer", name)
+        return self.get("balancer", name)
 
     def balancer_names(self) -> list[str]:
-        return sorted(self._balancers)
+        return self.names("balancer")
 
-    def breaker(self, name: str) -> Any:
+    def breaker(self, name: str | None) -> Any:
         """The circuit breaker factory registered as ``name`` (:class:`hsu.ports.Factory`)."""
-        return self._named(self._breakers, "breaker", name)
+        return self.get("breaker", name)
 
     def breaker_names(self) -> list[str]:
-        return sorted(self._breakers)
+        return self.names("breaker")
 
-    def registry(self, name: str) -> Any:
+    def registry(self, name: str | None) -> Any:
         """The registry factory registered as ``name``: ``factory(kernel) -> Registry``."""
-        return self._named(self._registries, "registry", name)
+        return self.get("registry", name)
 
     def registry_names(self) -> list[str]:
-        return sorted(self._registries)
+        return self.names("registry")
 
     def infos(self) -> list[PluginInfo]:
         order = {"essential": 0, "default": 1, "explicit": 2, "code": 3, "entrypoint": 4}
@@ -413,12 +431,28 @@ class PluginManager:
     def configure(self, kernel: Any) -> None:
         self.pm.hook.hsu_kernel_configure.call_historic(kwargs={"kernel": kernel})
 
-    async def call_each(self, hook_name: str, *, stop_on_error: bool = True, **kwargs: Any) -> None:
+    def kernel_address(self, kernel: Any, requested: str) -> str | None:
+        """Where a plugin serving ``requested`` itself moves the kernel (or ``None``)."""
+        address: str | None = self.pm.hook.hsu_kernel_address(kernel=kernel, requested=requested)
+        return address
+
+    async def call_each(
+        self,
+        hook_name: str,
+        *,
+        stop_on_error: bool = True,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Call a lifecycle hook for every plugin, awaiting each result in turn.
 
         With ``stop_on_error`` false a failing plugin is logged and the rest
-        still run (the stop path must go on).
+        still run (the stop path must go on). With ``timeout``, all the results
+        share one deadline, ``timeout`` seconds from now: one still pending
+        then is cancelled and fails with ``TimeoutError``, as does every plugin
+        after it (cancelled before it is called).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         hook = getattr(self.pm.hook, hook_name)
         # pluggy's own order: tryfirst, then last registered first, then trylast.
         for impl in reversed(hook.get_hookimpls()):
@@ -428,7 +462,20 @@ class PluginManager:
                 continue
             call_kwargs = {k: v for k, v in kwargs.items() if k in impl.argnames}
             try:
-                await await_me_maybe(impl.function(**call_kwargs))
+                call = _call(impl.function, call_kwargs)
+                if deadline is None:
+                    await call
+                else:
+                    await asyncio.wait_for(call, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                if stop_on_error:
+                    raise
+                logger.warning(
+                    "hook {} of plugin {!r} did not return within {:g} s; going on",
+                    hook_name,
+                    impl.plugin_name,
+                    timeout,
+                )
             except Exception:
                 if stop_on_error:
                     raise
@@ -456,6 +503,20 @@ class PluginManager:
             logger.info("hook {} <- {}", hook_name, f"raised {exc!r}" if exc else "ok")
 
         self._undo_tracing = self.pm.add_hookcall_monitoring(before, after)
+
+
+async def _call(function: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+    # the plugin is called in the coroutine: one whose deadline passed before
+    # it ran is not called at all (no awaitable is left un-awaited)
+    await await_me_maybe(function(**kwargs))
+
+
+def _builtin_names(eps: Mapping[str, md.EntryPoint]) -> list[str]:
+    """The default built-ins: the entry points of the hsu distribution, in the
+    order pyproject.toml declares them."""
+    return [
+        name for name, ep in eps.items() if ep.dist is not None and _dist_of(ep)[0] == BUILTIN_DIST
+    ]
 
 
 def _entry_points() -> dict[str, md.EntryPoint]:

@@ -1,17 +1,11 @@
-"""Routing: from an interface name to one instance, per call.
+"""The kernel's routing: it writes the kernel's instances into the registry
+(a plugin) as they become ready, drain, turn unhealthy or go; keeps the
+kernel's own routes (the gateway's, ``Kernel.connect``'s) up to date from the
+registry's watch; collects the load HSUs report; waits for an instance's
+calls to finish before it stops (drain); and scales units on load.
 
-Two halves share this module:
-
-- :class:`Route` is what any caller keeps per interface: the routable
-  endpoints, a balancer (a plugin), one circuit breaker (a plugin) per
-  instance, the calls in flight per instance and a retry budget. The kernel's
-  gateway and ``hsu.connect`` both use it.
-- :class:`KernelRouting` is the kernel's side: it writes the kernel's
-  instances into the registry (a plugin) as they become ready, drain, turn
-  unhealthy or go; keeps the kernel's own routes up to date from the
-  registry's watch; collects the load HSUs report; waits for an instance's
-  calls to finish before it stops (drain); and scales units on load.
-
+What every caller keeps per interface (:class:`~hsu.client.route.Route`) and
+the call loop are the caller's side, in the public :mod:`hsu.client.route`.
 See ``docs/routing.md``.
 """
 
@@ -19,25 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
-import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import attrs
-import grpc
 from loguru import logger
 
 from hsu._kernel.config.model import Routing
 from hsu._kernel.supervision.instances import Instance, InstanceState
+from hsu.client.route import Policy, Route
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.ports import (
     DRAINING,
     SERVING,
     UNHEALTHY,
-    Balancer,
-    CircuitBreaker,
     Endpoint,
     Registry,
     RegistryCompacted,
@@ -46,308 +35,26 @@ from hsu.ports import (
 
 if TYPE_CHECKING:
     from hsu._kernel.kernel import Kernel
-    from hsu._kernel.plugins import PluginManager
 
-#: codes that mean the instance could not take the call: a circuit breaker's
-#: failure, and what an idempotent call is retried on
-INSTANCE_FAILED = frozenset({grpc.StatusCode.UNAVAILABLE})
-#: channels to local HSUs: no proxy, and a short reconnect backoff so a server
-#: that comes back is seen at once
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
 #: how long a stopping instance stays listed as draining after its calls
 #: ended, so callers that watch the registry see it before it goes
 DRAIN_SETTLE = 0.05
 
 
-# -- the caller's side ----------------------------------------------------------
-
-
-@attrs.frozen
-class Policy:
-    """How callers route to one unit: its ``routing:`` as the kernel hands it out."""
-
-    unit: str
-    balancer: str = "round_robin"
-    balancer_options: Mapping[str, Any] = attrs.field(factory=dict)
-    breaker: str = "consecutive"
-    breaker_options: Mapping[str, Any] = attrs.field(factory=dict)
-    hash_key: str = "hsu-key"
-    idempotent: tuple[str, ...] = ()
-    max_attempts: int = 3
-    retry_budget: float = 0.2
-    retry_min_per_second: float = 10.0
-
-    @classmethod
-    def of(cls, unit: str, r: Routing) -> Policy:
-        return cls(
-            unit=unit,
-            balancer=r.balancer,
-            balancer_options=dict(r.balancer_options),
-            breaker=r.breaker,
-            breaker_options=dict(r.breaker_options),
-            hash_key=r.hash_key,
-            idempotent=tuple(r.idempotent),
-            max_attempts=r.max_attempts,
-            retry_budget=r.retry_budget,
-            retry_min_per_second=r.retry_min_per_second,
-        )
-
-    def to_pb(self, pb: Any) -> Any:
-        return pb(
-            unit=self.unit,
-            balancer=self.balancer,
-            balancer_options_json=json.dumps(dict(self.balancer_options)),
-            breaker=self.breaker,
-            breaker_options_json=json.dumps(dict(self.breaker_options)),
-            hash_key=self.hash_key,
-            idempotent=list(self.idempotent),
-            max_attempts=self.max_attempts,
-            retry_budget=self.retry_budget,
-            retry_min_per_second=self.retry_min_per_second,
-        )
-
-    @classmethod
-    def from_pb(cls, msg: Any) -> Policy:
-        return cls(
-            unit=msg.unit,
-            balancer=msg.balancer or "round_robin",
-            balancer_options=json.loads(msg.balancer_options_json or "{}"),
-            breaker=msg.breaker or "consecutive",
-            breaker_options=json.loads(msg.breaker_options_json or "{}"),
-            hash_key=msg.hash_key,
-            idempotent=tuple(msg.idempotent),
-            max_attempts=max(1, msg.max_attempts),
-            retry_budget=msg.retry_budget,
-            retry_min_per_second=msg.retry_min_per_second,
-        )
-
-    def is_idempotent(self, method: str) -> bool:
-        """``method`` is the full path, ``/pkg.Service/Method``."""
-        service_method = method.lstrip("/")
-        short = service_method.rpartition("/")[2]
-        return any(
-            pat == "*" or pat in (short, service_method) or fnmatch.fnmatchcase(service_method, pat)
-            for pat in self.idempotent
-        )
-
-
-def endpoint_pb(ep: Endpoint, pb: Any) -> Any:
-    return pb(
-        instance_id=ep.instance_id,
-        unit=ep.unit,
-        address=ep.address,
-        interfaces=list(ep.interfaces),
-        state=ep.state,
-        weight=ep.weight,
-        metadata=dict(ep.metadata),
+def policy_of(unit: str, r: Routing) -> Policy:
+    """How callers route to ``unit``: its ``routing:``, as the kernel hands it out."""
+    return Policy(
+        unit=unit,
+        balancer=r.balancer,
+        balancer_options=dict(r.balancer_options),
+        breaker=r.breaker,
+        breaker_options=dict(r.breaker_options),
+        hash_key=r.hash_key,
+        idempotent=tuple(r.idempotent),
+        max_attempts=r.max_attempts,
+        retry_budget=r.retry_budget,
+        retry_min_per_second=r.retry_min_per_second,
     )
-
-
-def endpoint_from_pb(msg: Any) -> Endpoint:
-    return Endpoint(
-        instance_id=msg.instance_id,
-        unit=msg.unit,
-        address=msg.address,
-        interfaces=tuple(msg.interfaces),
-        state=msg.state or SERVING,
-        weight=max(1, msg.weight),
-        metadata=dict(msg.metadata),
-    )
-
-
-class RetryBudget:
-    """Retries allowed as a share of calls, like Envoy's retry budget and
-    gRPC's retry throttling: a retry storm cannot multiply the load.
-
-    Every call deposits ``ratio`` tokens (up to a cap); a retry takes one.
-    ``min_per_second`` tokens also trickle in, so a caller with little
-    traffic may still retry.
-    """
-
-    def __init__(
-        self, ratio: float, min_per_second: float, clock: Callable[[], float] = time.monotonic
-    ):
-        self.ratio = ratio
-        self.min_per_second = min_per_second
-        self.cap = max(10.0, min_per_second)
-        self.tokens = self.cap
-        self._clock = clock
-        self._last = clock()
-
-    def deposit(self) -> None:
-        self.tokens = min(self.cap, self.tokens + self.ratio)
-
-    def withdraw(self) -> bool:
-        now = self._clock()
-        self.tokens = min(self.cap, self.tokens + (now - self._last) * self.min_per_second)
-        self._last = now
-        if self.tokens >= 1.0 - 1e-9:  # 10 deposits of 0.1 make one retry
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-class Route:
-    """One caller's view of one interface: pick, count, break, budget.
-
-    Single-threaded: use it from one event loop (or under one lock).
-    """
-
-    def __init__(self, interface: str, policy: Policy, plugins: PluginManager):
-        self.interface = interface
-        self.policy = policy
-        self._plugins = plugins
-        self.balancer: Balancer = _make(
-            plugins, "balancer", policy.balancer, policy.balancer_options
-        )
-        self.breakers: dict[str, CircuitBreaker] = {}
-        #: every endpoint the registry lists, routable or not, by instance_id
-        self.endpoints: dict[str, Endpoint] = {}
-        #: the ones handed to the balancer
-        self.available: tuple[Endpoint, ...] = ()
-        #: calls in flight, by instance_id
-        self.inflight: dict[str, int] = {}
-        self.budget = RetryBudget(policy.retry_budget, policy.retry_min_per_second)
-        self._open: set[str] = set()
-        self._changed = asyncio.Event() if _has_loop() else None
-        self.version = 0
-
-    # -- endpoints ----------------------------------------------------------
-
-    def set_policy(self, policy: Policy) -> None:
-        if policy == self.policy:
-            return
-        old = self.policy
-        self.policy = policy
-        if (policy.balancer, policy.balancer_options) != (old.balancer, old.balancer_options):
-            self.balancer = _make(
-                self._plugins, "balancer", policy.balancer, policy.balancer_options
-            )
-        if (policy.breaker, policy.breaker_options) != (old.breaker, old.breaker_options):
-            self.breakers.clear()
-        self.budget = RetryBudget(policy.retry_budget, policy.retry_min_per_second)
-        self._refresh()
-
-    def replace(self, endpoints: Iterable[Endpoint]) -> None:
-        self.endpoints = {e.instance_id: e for e in endpoints}
-        self._refresh()
-
-    def put(self, ep: Endpoint) -> None:
-        self.endpoints[ep.instance_id] = ep
-        self._refresh()
-
-    def delete(self, instance_id: str) -> None:
-        if self.endpoints.pop(instance_id, None) is not None:
-            self.breakers.pop(instance_id, None)
-            self._refresh()
-
-    def breaker(self, instance_id: str) -> CircuitBreaker:
-        b = self.breakers.get(instance_id)
-        if b is None:
-            p = self.policy
-            b = self.breakers[instance_id] = _make(
-                self._plugins, "breaker", p.breaker, p.breaker_options
-            )
-        return b
-
-    def _refresh(self) -> None:
-        """Hand the balancer the routable endpoints whose breaker is not open."""
-        self._open = {i for i, b in self.breakers.items() if b.state == "open"}
-        self.available = tuple(
-            e for i, e in sorted(self.endpoints.items()) if e.routable and i not in self._open
-        )
-        self.balancer.update(self.available)
-        self.version += 1
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = asyncio.Event()
-
-    @property
-    def routable(self) -> bool:
-        return any(e.routable for e in self.endpoints.values())
-
-    async def changed(self) -> None:
-        """Wait for the next change of the endpoints."""
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        await self._changed.wait()
-
-    # -- calls --------------------------------------------------------------
-
-    def pick(self, key: str | None = None, exclude: str = "") -> Endpoint | None:
-        """The endpoint for a call, or ``None`` when none is routable now.
-
-        ``exclude``: an instance the call just failed on (a retry goes
-        elsewhere when there is elsewhere).
-        """
-        if self._open and any(self.breakers[i].state != "open" for i in self._open):
-            self._refresh()  # a cooldown passed: half-open instances take trials
-        for _ in range(3):
-            ep = self.balancer.pick(self.inflight, key)
-            if ep is None:
-                return None
-            if ep.instance_id == exclude and len(self.available) > 1:
-                continue
-            if self.breaker(ep.instance_id).allow():
-                return ep
-            self._refresh()  # it opened (or is half-open with its trials taken)
-        # every try was refused: any endpoint whose breaker lets a call through
-        for ep in self.available:
-            if ep.instance_id != exclude and self.breaker(ep.instance_id).allow():
-                return ep
-        return None
-
-    def may_retry(self, method: str, attempts: int) -> bool:
-        """After ``attempts`` tries of ``method`` (a full path) that instances
-        could not take: may the call try another one? Idempotent methods may,
-        up to ``max_attempts``, while the retry budget lasts (a yes takes a
-        retry from it). The caller checks the rest: its deadline, and that no
-        reply came yet."""
-        return (
-            attempts < self.policy.max_attempts
-            and self.policy.is_idempotent(method)
-            and self.budget.withdraw()
-        )
-
-    def begin(self, ep: Endpoint) -> None:
-        self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
-        self.budget.deposit()
-
-    def end(self, ep: Endpoint, ok: bool) -> None:
-        """A call on ``ep`` ended; ``ok`` is False when the instance failed it
-        (UNAVAILABLE, or a deadline it did not meet), not for errors it returned."""
-        n = self.inflight.get(ep.instance_id, 1) - 1
-        if n > 0:
-            self.inflight[ep.instance_id] = n
-        else:
-            self.inflight.pop(ep.instance_id, None)
-        b = self.breakers.get(ep.instance_id)
-        if b is not None:
-            before = b.state
-            b.record(ok)
-            if b.state != before and (b.state == "open" or before == "open"):
-                self._refresh()
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def _make(plugins: PluginManager, what: str, name: str, options: Mapping[str, Any]) -> Any:
-    factory = plugins.balancer(name) if what == "balancer" else plugins.breaker(name)
-    problems = factory.check_options(options)
-    if problems:
-        raise HsuError(f"{what} {name!r}: " + "; ".join(problems))
-    return factory.create(options)
 
 
 # -- the kernel's side --------------------------------------------------------------
@@ -401,11 +108,6 @@ class KernelRouting:
         #: called with each endpoint that leaves the registry (the gateway
         #: closes its channel)
         self.on_delete: list[Callable[[Endpoint], None]] = []
-        #: awaited with the instance id of each instance being drained, after
-        #: its draining state is written and before its calls are counted
-        #: down: a data plane outside the kernel (hsu_plugins.gateway.nginx)
-        #: returns once it sends the instance no new call
-        self.drain_barriers: list[Callable[[str], Awaitable[None]]] = []
         self._load_changed: dict[str, asyncio.Event] = {}
         self._last_scaled: dict[str, float] = {}
         self._quiet_since: dict[str, float] = {}
@@ -413,7 +115,12 @@ class KernelRouting:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        name = self.kernel.kernel_settings.registry
+        name = self.kernel.kernel_settings.registry or self.kernel.plugins.default("registry")
+        if name is None:
+            # no registry plugin, and (the config check made sure) no unit
+            # serves an interface: there is nothing to route
+            logger.info("no registry: routing is off (no unit serves an interface)")
+            return
         self.registry = self.kernel.plugins.registry(name)(self.kernel)
         self._writes = asyncio.Queue()
         self._flushed = asyncio.Event()
@@ -531,7 +238,7 @@ class KernelRouting:
             known = {i for s in self.kernel.deployment.units.values() for i in s.interfaces}
             hint = f" (served: {', '.join(sorted(known))})" if known else ""
             raise NoSuchUnit(f"no unit serves interface {interface!r}{hint}")
-        return Policy.of(units[0], self.kernel.deployment.units[units[0]].routing)
+        return policy_of(units[0], self.kernel.deployment.units[units[0]].routing)
 
     def route(self, interface: str) -> Route:
         """The kernel's own route for ``interface`` (made on first use)."""
@@ -626,19 +333,17 @@ class KernelRouting:
         self.update(inst)
         await self.flush()
         deadline = time.monotonic() + timeout
-        for barrier in list(self.drain_barriers):
-            try:
-                await asyncio.wait_for(
-                    barrier(inst.instance_id), max(0.0, deadline - time.monotonic())
-                )
-            except TimeoutError:
-                logger.bind(instance=inst.instance_id).warning(
-                    "drain: {} did not confirm within the drain timeout", _name_of(barrier)
-                )
-            except Exception as exc:  # a plugin's bug must not stop the stop
-                logger.bind(instance=inst.instance_id).opt(exception=exc).error(
-                    "drain: {} failed", _name_of(barrier)
-                )
+        # a data plane outside the kernel (hsu_plugins.gateway.nginx) returns
+        # once it sends the instance no new call; a plugin that fails or runs
+        # out of the drain's time is logged, and the stop goes on
+        with logger.contextualize(instance=inst.instance_id):
+            await self.kernel.plugins.call_each(
+                "hsu_instance_draining",
+                stop_on_error=False,
+                timeout=max(0.0, deadline - time.monotonic()),
+                kernel=self.kernel,
+                instance=inst,
+            )
         ev = self._load_changed.setdefault(inst.instance_id, asyncio.Event())
         try:
             while self.load(inst.instance_id) > 0:
@@ -707,7 +412,3 @@ class KernelRouting:
         else:
             self._quiet_since.pop(unit, None)
         return 0
-
-
-def _name_of(fn: Callable[..., object]) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)

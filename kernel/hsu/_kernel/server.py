@@ -218,7 +218,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def Resolve(
         self, request: kernel_pb2.ResolveRequest, context: Any
     ) -> kernel_pb2.ResolveResponse:
-        from hsu._kernel.routing import endpoint_pb
+        from hsu.client.route import endpoint_pb
 
         try:
             policy, endpoints = await self.kernel.routing.lookup(request.interface, request.ensure)
@@ -237,7 +237,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def WatchEndpoints(
         self, request: kernel_pb2.WatchEndpointsRequest, context: Any
     ) -> AsyncIterator[kernel_pb2.EndpointUpdate]:
-        from hsu._kernel.routing import endpoint_pb
+        from hsu.client.route import endpoint_pb
         from hsu.ports import RegistryCompacted
 
         registry = self.kernel.routing.registry

@@ -28,19 +28,30 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import grpc
 from loguru import logger
 
-from hsu._kernel.routing import CHANNEL_OPTIONS, INSTANCE_FAILED, Policy, Route, endpoint_from_pb
+from hsu.client.route import (
+    CHANNEL_OPTIONS,
+    RETRIED,
+    Caller,
+    Factories,
+    Policy,
+    Route,
+    Tries,
+    cannot_take,
+    endpoint_from_pb,
+    installed,
+    load_plugins,
+    only,
+    unavailable,
+)
 from hsu.errors import HsuError
 from hsu.ports import Endpoint
-
-if TYPE_CHECKING:
-    from hsu._kernel.kernel import Kernel
-    from hsu._kernel.plugins import PluginManager
 
 DEFAULT_KERNEL = "127.0.0.1:7420"
 #: how long a call may wait for an instance to be started on demand when it
@@ -48,7 +59,7 @@ DEFAULT_KERNEL = "127.0.0.1:7420"
 START_TIMEOUT = 30.0
 
 
-def connect(kernel: str | None = None, *, plugins: PluginManager | None = None) -> RoutedChannel:
+def connect(kernel: str | None = None, *, plugins: Factories | None = None) -> RoutedChannel:
     """A routed channel through the kernel at ``kernel`` (default:
     ``$HSU_KERNEL_ADDRESS``, else ``127.0.0.1:7420``).
 
@@ -62,30 +73,33 @@ def connect(kernel: str | None = None, *, plugins: PluginManager | None = None) 
 class _Resolver:
     """Where routes come from: a kernel over gRPC, or the kernel in-process."""
 
+    #: the in-process kernel's count of the calls through it
+    began: Callable[[Endpoint], None] | None = None
+    ended: Callable[[Endpoint], None] | None = None
+
     async def route(self, interface: str, timeout: float | None) -> Route:
         raise NotImplementedError
 
     async def ensure(self, route: Route, timeout: float | None) -> None:
         raise NotImplementedError
 
-    def began(self, ep: Endpoint) -> None:
-        pass
-
-    def ended(self, ep: Endpoint) -> None:
-        pass
-
     async def close(self) -> None:
         pass
+
+
+def _no_instance(route: Route) -> BaseException:
+    return unavailable(cannot_take(route))
 
 
 class RoutedChannel:
     """Duck-types ``grpc.aio.Channel`` for generated stubs; see the module docstring."""
 
-    def __init__(self, resolver: _Resolver, plugins: PluginManager | None = None):
+    def __init__(self, resolver: _Resolver, plugins: Factories | None = None):
         self._resolver = resolver
         self._plugins = plugins
         if isinstance(resolver, _RemoteResolver):
             resolver.channel = self
+        self._caller = Caller(_no_instance, began=resolver.began, ended=resolver.ended)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._routes: dict[str, Route] = {}
         self._resolving: dict[str, asyncio.Future[Route]] = {}
@@ -94,40 +108,20 @@ class RoutedChannel:
 
     # -- grpc.aio.Channel's stub-facing half -----------------------------------
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        **_: Any,
-    ) -> _UnaryUnary:
-        return _UnaryUnary(self, method, request_serializer, response_deserializer)
+    def unary_unary(self, method: str, request_serializer: Any = None,
+                    response_deserializer: Any = None, **_: Any) -> _Unary:  # fmt: skip
+        return _Unary(self, method, request_serializer, response_deserializer, "unary_unary")
 
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        **_: Any,
-    ) -> _Streaming:
+    def unary_stream(self, method: str, request_serializer: Any = None,
+                     response_deserializer: Any = None, **_: Any) -> _Streaming:  # fmt: skip
         return _Streaming(self, method, request_serializer, response_deserializer, "unary_stream")
 
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        **_: Any,
-    ) -> _StreamUnary:
-        return _StreamUnary(self, method, request_serializer, response_deserializer)
+    def stream_unary(self, method: str, request_serializer: Any = None,
+                     response_deserializer: Any = None, **_: Any) -> _Unary:  # fmt: skip
+        return _Unary(self, method, request_serializer, response_deserializer, "stream_unary")
 
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        **_: Any,
-    ) -> _Streaming:
+    def stream_stream(self, method: str, request_serializer: Any = None,
+                      response_deserializer: Any = None, **_: Any) -> _Streaming:  # fmt: skip
         return _Streaming(self, method, request_serializer, response_deserializer, "stream_stream")
 
     async def __aenter__(self) -> RoutedChannel:
@@ -145,11 +139,9 @@ class RoutedChannel:
 
     # -- routing ------------------------------------------------------------
 
-    def plugins(self) -> PluginManager:
+    def plugins(self) -> Factories:
         if self._plugins is None:
-            from hsu._kernel.plugins import PluginManager
-
-            self._plugins = PluginManager.load([])
+            self._plugins = load_plugins()
         return self._plugins
 
     async def route(self, interface: str, timeout: float | None) -> Route:
@@ -165,6 +157,11 @@ class RoutedChannel:
             pending.add_done_callback(lambda _: self._resolving.pop(interface, None))
         route = await asyncio.shield(pending)
         self._routes[interface] = route
+        return route
+
+    async def ensure(self, route: Route, timeout: float | None) -> Route:
+        """The route, once an instance was started on demand."""
+        await self._resolver.ensure(route, timeout)
         return route
 
     def channel(self, address: str) -> grpc.aio.Channel:
@@ -185,53 +182,52 @@ class RoutedChannel:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def pick(
-        self, interface: str, key: str | None, exclude: str, deadline: float | None
-    ) -> tuple[Route, Endpoint]:
-        """An endpoint for a call; starts an instance on demand if needed."""
-        loop = asyncio.get_running_loop()
-        timeout = None if deadline is None else max(0.0, deadline - loop.time())
-        route = await self.route(interface, timeout)
-        ep = route.pick(key, exclude)
-        if ep is not None:
-            return route, ep
-        if not route.routable:
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            await self._resolver.ensure(route, timeout)
-            ep = route.pick(key)
-            if ep is not None:
-                return route, ep
-        raise _unavailable(
-            f"hsu: no instance serving {interface!r} can take the call"
-            + (" (every one's circuit breaker is open)" if route.routable else "")
-        )
-
 
 class _Call:
-    """What the four call kinds share."""
+    """What the four call kinds share: one :class:`Tries` per call."""
 
     def __init__(
-        self, channel: RoutedChannel, method: str, serializer: Any, deserializer: Any
+        self, channel: RoutedChannel, method: str, serializer: Any, deserializer: Any, kind: str
     ) -> None:
         self._ch = channel
         self._method = method
         self._interface = method.lstrip("/").partition("/")[0]
         self._ser = serializer
         self._de = deserializer
-        #: the per-instance multicallable, by address
-        self._calls: dict[str, Any] = {}
+        self._kind = kind
+        #: the per-instance multicallable and the channel it is on, by address
+        self._calls: dict[str, tuple[Any, Any]] = {}
 
-    def _key(self, route: Route, metadata: Any, key: str | None) -> str | None:
-        if key is not None or not metadata:
-            return key
-        hk = route.policy.hash_key
-        for k, v in metadata:
-            if k == hk:
-                return v if isinstance(v, str) else bytes(v).decode("latin-1")
-        return None
+    async def _tries(self, timeout: float | None, metadata: Any, key: str | None) -> Tries:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        route = await self._ch.route(self._interface, timeout)
+        if metadata and key is None:
+            hk = route.policy.hash_key
+            for k, v in metadata:
+                if k == hk:
+                    key = v if isinstance(v, str) else bytes(v).decode("latin-1")
+                    break
+        return Tries(
+            self._ch._caller,
+            route,
+            self._method,
+            key,
+            deadline=deadline,
+            retries=self._kind in RETRIED,
+        )
+
+    def _callable(self, address: str) -> Any:
+        channel = self._ch.channel(address)
+        made = self._calls.get(address)
+        if made is None or made[0] is not channel:  # new, or its channel was closed
+            factory = getattr(channel, self._kind)
+            made = self._calls[address] = (channel, factory(self._method, self._ser, self._de))
+        return made[1]
 
 
-class _UnaryUnary(_Call):
+class _Unary(_Call):
+    """unary_unary and stream_unary: the reply."""
+
     async def __call__(
         self,
         request: Any,
@@ -241,86 +237,17 @@ class _UnaryUnary(_Call):
         key: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        ch = self._ch
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        exclude = ""
-        attempt = 0
-        resolver = ch._resolver
-        if metadata and key is None:
-            key = self._key(await ch.route(self._interface, timeout), metadata, None)
-        while True:
-            route, ep = await ch.pick(self._interface, key, exclude, deadline)
-            call = self._calls.get(ep.address)
-            if call is None:
-                call = self._calls[ep.address] = ch.channel(ep.address).unary_unary(
-                    self._method, self._ser, self._de
-                )
-            route.begin(ep)
-            resolver.began(ep)
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            try:
-                reply = await call(request, timeout=left, metadata=metadata, **kwargs)
-            except grpc.aio.AioRpcError as exc:
-                ok = exc.code() not in INSTANCE_FAILED
-                route.end(ep, ok)
-                resolver.ended(ep)
-                attempt += 1
-                if (
-                    ok
-                    or (deadline is not None and loop.time() >= deadline)
-                    or not route.may_retry(self._method, attempt)
-                ):
-                    raise
-                exclude = ep.instance_id
-                continue
-            except BaseException:
-                route.end(ep, True)
-                resolver.ended(ep)
-                raise
-            route.end(ep, True)
-            resolver.ended(ep)
-            return reply
+        tries = await self._tries(timeout, metadata, key)
 
+        async def attempt(ep: Endpoint) -> AsyncIterator[Any]:
+            call = self._callable(ep.address)
+            yield await call(request, timeout=tries.left(), metadata=metadata, **kwargs)
 
-class _StreamUnary(_Call):
-    async def __call__(
-        self,
-        request_iterator: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        key: str | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        ch = self._ch
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        if metadata and key is None:
-            key = self._key(await ch.route(self._interface, timeout), metadata, None)
-        route, ep = await ch.pick(self._interface, key, "", deadline)
-        call = ch.channel(ep.address).stream_unary(self._method, self._ser, self._de)
-        route.begin(ep)
-        ch._resolver.began(ep)
-        ok = True
-        left = None if deadline is None else max(0.0, deadline - loop.time())
-        try:
-            return await call(request_iterator, timeout=left, metadata=metadata, **kwargs)
-        except grpc.aio.AioRpcError as exc:
-            ok = exc.code() not in INSTANCE_FAILED
-            raise
-        finally:
-            route.end(ep, ok)
-            ch._resolver.ended(ep)
+        return await only(tries.run_async(attempt, self._ch.ensure))
 
 
 class _Streaming(_Call):
-    """unary_stream and stream_stream: an async iterator of replies. A
-    unary_stream call of an idempotent method is retried while no reply came."""
-
-    def __init__(self, channel: RoutedChannel, method: str, ser: Any, de: Any, kind: str):
-        super().__init__(channel, method, ser, de)
-        self._kind = kind
+    """unary_stream and stream_stream: an async iterator of replies."""
 
     def __call__(
         self,
@@ -336,48 +263,14 @@ class _Streaming(_Call):
     async def _run(
         self, request: Any, timeout: float | None, metadata: Any, key: str | None, kwargs: Any
     ) -> AsyncIterator[Any]:
-        ch = self._ch
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        exclude = ""
-        attempt = 0
-        if metadata and key is None:
-            key = self._key(await ch.route(self._interface, timeout), metadata, None)
-        while True:
-            route, ep = await ch.pick(self._interface, key, exclude, deadline)
-            factory = getattr(ch.channel(ep.address), self._kind)
-            call = factory(self._method, self._ser, self._de)
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            route.begin(ep)
-            ch._resolver.began(ep)
-            replied = False
-            ok = True
-            try:
-                stream = call(request, timeout=left, metadata=metadata, **kwargs)
-                async for reply in stream:
-                    replied = True
-                    yield reply
-                return
-            except grpc.aio.AioRpcError as exc:
-                ok = exc.code() not in INSTANCE_FAILED
-                attempt += 1
-                if (
-                    ok
-                    or replied
-                    or self._kind != "unary_stream"
-                    or not route.may_retry(self._method, attempt)
-                ):
-                    raise
-                exclude = ep.instance_id
-            finally:
-                route.end(ep, ok)
-                ch._resolver.ended(ep)
+        tries = await self._tries(timeout, metadata, key)
 
+        def attempt(ep: Endpoint) -> Any:
+            call = self._callable(ep.address)
+            return call(request, timeout=tries.left(), metadata=metadata, **kwargs)
 
-def _unavailable(details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
-    )
+        async for reply in tries.run_async(attempt, self._ch.ensure):
+            yield reply
 
 
 # -- resolvers ------------------------------------------------------------------
@@ -418,7 +311,7 @@ class _RemoteResolver(_Resolver):
             if exc.code() is grpc.StatusCode.UNAVAILABLE and "no instance" not in (
                 exc.details() or ""
             ):
-                raise _unavailable(
+                raise unavailable(
                     f"hsu: no kernel answers at {self.address}: {exc.details()}"
                 ) from None
             raise
@@ -428,7 +321,7 @@ class _RemoteResolver(_Resolver):
         reply = await self._resolve(interface, True, timeout)
         policy = Policy.from_pb(reply.policy)
         plugins = self.channel.plugins()
-        policy = _installed(policy, plugins)
+        policy = installed(policy, plugins)
         route = Route(interface, policy, plugins)
         route.replace(endpoint_from_pb(e) for e in reply.endpoints)
         self._watchers[interface] = asyncio.ensure_future(self._watch(route))
@@ -484,47 +377,35 @@ class _RemoteResolver(_Resolver):
             self._kernel_channel = None
 
 
+class LocalRoutes(Protocol):
+    """What the in-process path needs of the kernel: its routing
+    (``hsu._kernel.routing.KernelRouting``), passed in so that the client
+    never imports the kernel."""
+
+    def route(self, interface: str) -> Route: ...
+
+    async def ensure(self, interface: str, timeout: float | None = None) -> Route: ...
+
+    def call_began(self, ep: Endpoint) -> None: ...
+
+    def call_ended(self, ep: Endpoint) -> None: ...
+
+
 class _LocalResolver(_Resolver):
     """Routes from the kernel in this process (the gateway's own)."""
 
-    def __init__(self, kernel: Kernel):
-        self.kernel = kernel
+    def __init__(self, routes: LocalRoutes):
+        self.routes = routes
+        self.began = routes.call_began
+        self.ended = routes.call_ended
 
     async def route(self, interface: str, timeout: float | None) -> Route:
-        return self.kernel.routing.route(interface)
+        return self.routes.route(interface)
 
     async def ensure(self, route: Route, timeout: float | None) -> None:
-        await self.kernel.routing.ensure(route.interface, timeout)
-
-    def began(self, ep: Endpoint) -> None:
-        self.kernel.routing.call_began(ep)
-
-    def ended(self, ep: Endpoint) -> None:
-        self.kernel.routing.call_ended(ep)
+        await self.routes.ensure(route.interface, timeout)
 
 
-def local_channel(kernel: Kernel) -> RoutedChannel:
-    return RoutedChannel(_LocalResolver(kernel), kernel.plugins)
-
-
-def _installed(policy: Policy, plugins: PluginManager) -> Policy:
-    """The policy, with a balancer or breaker this process lacks replaced by
-    the default (and a warning)."""
-    import attrs
-
-    changes: dict[str, Any] = {}
-    if policy.balancer not in plugins.balancer_names():
-        logger.warning(
-            "hsu: balancer {!r} of unit {!r} is not installed here; using round_robin",
-            policy.balancer,
-            policy.unit,
-        )
-        changes.update(balancer="round_robin", balancer_options={})
-    if policy.breaker not in plugins.breaker_names():
-        logger.warning(
-            "hsu: breaker {!r} of unit {!r} is not installed here; using consecutive",
-            policy.breaker,
-            policy.unit,
-        )
-        changes.update(breaker="consecutive", breaker_options={})
-    return attrs.evolve(policy, **changes) if changes else policy
+def local_channel(routes: LocalRoutes, plugins: Factories) -> RoutedChannel:
+    """A routed channel over the kernel's own routes, in its process."""
+    return RoutedChannel(_LocalResolver(routes), plugins)

@@ -24,22 +24,31 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from loguru import logger
 
-from hsu._kernel.routing import CHANNEL_OPTIONS, INSTANCE_FAILED, Policy, Route, endpoint_from_pb
-from hsu.client.aio import DEFAULT_KERNEL, START_TIMEOUT, _installed
+from hsu.client.aio import DEFAULT_KERNEL, START_TIMEOUT
+from hsu.client.route import (
+    CHANNEL_OPTIONS,
+    RETRIED,
+    Caller,
+    Factories,
+    Policy,
+    Route,
+    Tries,
+    cannot_take,
+    endpoint_from_pb,
+    installed,
+    load_plugins,
+)
 from hsu.errors import HsuError
 from hsu.ports import Endpoint
 
-if TYPE_CHECKING:
-    from hsu._kernel.plugins import PluginManager
-
 
 def connect_sync(
-    kernel: str | None = None, *, plugins: PluginManager | None = None
+    kernel: str | None = None, *, plugins: Factories | None = None
 ) -> SyncRoutedChannel:
     """A blocking routed channel through the kernel at ``kernel`` (default:
     ``$HSU_KERNEL_ADDRESS``, else ``127.0.0.1:7420``). Use it as ``with`` or
@@ -67,10 +76,11 @@ class NoInstance(grpc.RpcError):  # type: ignore[misc]
 class SyncRoutedChannel:
     """Duck-types ``grpc.Channel`` for generated (blocking) stubs."""
 
-    def __init__(self, kernel: str, plugins: PluginManager | None = None):
+    def __init__(self, kernel: str, plugins: Factories | None = None):
         self.kernel = kernel
         self._plugins = plugins
         self._lock = threading.Lock()
+        self._caller = Caller(_no_instance, lock=self._lock)
         self._kernel_channel = grpc.insecure_channel(kernel, options=CHANNEL_OPTIONS)
         self._channels: dict[str, grpc.Channel] = {}
         self._routes: dict[str, Route] = {}
@@ -113,11 +123,9 @@ class SyncRoutedChannel:
 
     # -- routing ----------------------------------------------------------------
 
-    def plugins(self) -> PluginManager:
+    def plugins(self) -> Factories:
         if self._plugins is None:
-            from hsu._kernel.plugins import PluginManager
-
-            self._plugins = PluginManager.load([])
+            self._plugins = load_plugins()
         return self._plugins
 
     def _resolve(self, interface: str, timeout: float | None) -> Any:
@@ -143,7 +151,7 @@ class SyncRoutedChannel:
             raise HsuError("the routed channel is closed")
         reply = self._resolve(interface, timeout)
         plugins = self.plugins()
-        policy = _installed(Policy.from_pb(reply.policy), plugins)
+        policy = installed(Policy.from_pb(reply.policy), plugins)
         with self._lock:
             route = self._routes.get(interface)
             if route is not None:  # another thread was first
@@ -191,40 +199,17 @@ class SyncRoutedChannel:
             ch = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         return ch
 
-    def pick(
-        self, interface: str, key: str | None, exclude: str, deadline: float | None
-    ) -> tuple[Route, Endpoint]:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        route = self.route(interface, timeout)
+    def ensure(self, route: Route, timeout: float | None) -> Route:
+        """The route, once an instance was started on demand."""
+        reply = self._resolve(route.interface, timeout)
         with self._lock:
-            ep = route.pick(key, exclude)
-            if ep is not None:
-                route.begin(ep)
-                return route, ep
-            routable = route.routable
-        if not routable:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            reply = self._resolve(interface, timeout)
-            with self._lock:
-                for msg in reply.endpoints:
-                    route.put(endpoint_from_pb(msg))
-                ep = route.pick(key)
-                if ep is not None:
-                    route.begin(ep)
-                    return route, ep
-        raise NoInstance(
-            grpc.StatusCode.UNAVAILABLE,
-            f"hsu: no instance serving {interface!r} can take the call"
-            + (" (every one's circuit breaker is open)" if routable else ""),
-        )
+            for msg in reply.endpoints:
+                route.put(endpoint_from_pb(msg))
+        return route
 
-    def end(self, route: Route, ep: Endpoint, ok: bool) -> None:
-        with self._lock:
-            route.end(ep, ok)
 
-    def may_retry(self, route: Route, method: str, attempts: int) -> bool:
-        with self._lock:
-            return route.may_retry(method, attempts)
+def _no_instance(route: Route) -> BaseException:
+    return NoInstance(grpc.StatusCode.UNAVAILABLE, cannot_take(route))
 
 
 class _Call:
@@ -257,63 +242,30 @@ class _Call:
         if metadata and key is None:
             hk = self._ch.route(self._interface, timeout).policy.hash_key
             key = next((v for k, v in metadata if k == hk), None)
+        replies = self._replies(request, deadline, metadata, key, kwargs)
         if self._kind in ("unary_stream", "stream_stream"):
-            return self._stream(request, deadline, metadata, key, kwargs)
-        exclude = ""
-        attempt = 0
-        while True:
-            route, ep = self._ch.pick(self._interface, key, exclude, deadline)
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                reply = self._callable(ep.address)(
-                    request, timeout=left, metadata=metadata, **kwargs
-                )
-            except grpc.RpcError as exc:
-                ok = exc.code() not in INSTANCE_FAILED
-                self._ch.end(route, ep, ok)
-                attempt += 1
-                if (
-                    ok
-                    or self._kind != "unary_unary"
-                    or (deadline is not None and time.monotonic() >= deadline)
-                    or not self._ch.may_retry(route, self._method, attempt)
-                ):
-                    raise
-                exclude = ep.instance_id
-                continue
-            except BaseException:
-                self._ch.end(route, ep, True)
-                raise
-            self._ch.end(route, ep, True)
-            return reply
+            return replies
+        [reply] = replies
+        return reply
 
-    def _stream(
+    def _replies(
         self, request: Any, deadline: float | None, metadata: Any, key: str | None, kwargs: Any
     ) -> Iterator[Any]:
-        exclude = ""
-        attempt = 0
-        while True:
-            route, ep = self._ch.pick(self._interface, key, exclude, deadline)
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            replied = False
-            ok = True
-            try:
-                for reply in self._callable(ep.address)(
-                    request, timeout=left, metadata=metadata, **kwargs
-                ):
-                    replied = True
-                    yield reply
-                return
-            except grpc.RpcError as exc:
-                ok = exc.code() not in INSTANCE_FAILED
-                attempt += 1
-                if (
-                    ok
-                    or replied
-                    or self._kind != "unary_stream"
-                    or not self._ch.may_retry(route, self._method, attempt)
-                ):
-                    raise
-                exclude = ep.instance_id
-            finally:
-                self._ch.end(route, ep, ok)
+        streaming = self._kind.endswith("_stream")
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        route = self._ch.route(self._interface, left)
+        tries = Tries(
+            self._ch._caller,
+            route,
+            self._method,
+            key,
+            deadline=deadline,
+            retries=self._kind in RETRIED,
+        )
+
+        def attempt(ep: Endpoint) -> Any:
+            call = self._callable(ep.address)
+            replies = call(request, timeout=tries.left(), metadata=metadata, **kwargs)
+            return replies if streaming else (replies,)
+
+        yield from tries.run(attempt, self._ch.ensure)

@@ -11,6 +11,8 @@ from hsu.ports import ConfigSource, Layer, SourceContext
 
 class EnvSource:
     priority = 20
+    #: what of the SourceContext it reads: the environment
+    reads = ("env",)
 
     def load(self, ctx: SourceContext) -> list[Layer]:
         return [env_layer(ctx.env)]

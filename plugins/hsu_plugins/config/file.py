@@ -15,6 +15,8 @@ POLL_SECONDS = 1.0
 
 class FileSource:
     priority = 10
+    #: what of the SourceContext it reads: the deployment files given
+    reads = ("files",)
 
     def load(self, ctx: SourceContext) -> list[Layer]:
         return [read_file(path) for path in ctx.files]

@@ -11,6 +11,8 @@ from hsu.ports import ConfigSource, Layer, SourceContext
 
 class OverridesSource:
     priority = 30
+    #: what of the SourceContext it reads: the --set overrides
+    reads = ("overrides",)
 
     def load(self, ctx: SourceContext) -> list[Layer]:
         return [overrides_layer(ctx.overrides)]

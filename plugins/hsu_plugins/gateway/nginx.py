@@ -7,9 +7,13 @@ that interface's serving instances, and everything else (the kernel's own
 API, an interface with no instance yet, one that no unit serves) to the
 kernel, whose Python gateway starts an instance on demand or says
 UNIMPLEMENTED. The kernel's gRPC server moves to a private socket in the state
-directory; HSUs get that address, so their registrations never cross nginx.
-``gateway_nginx.address`` puts nginx on an address of its own instead, and
-leaves the kernel where it was.
+directory (the plugin answers ``hsu_kernel_address``); HSUs get that address,
+so their registrations never cross nginx. ``gateway_nginx.address`` puts nginx
+on an address of its own instead, and leaves the kernel where it was.
+
+Each kernel gets one :class:`DataPlane`, registered in ``hsu_kernel_configure``
+as that kernel's plugin state (``kernel.plugin(PLANE)``): its ``hsu_*`` methods
+are the hooks that run nginx for the kernel's life, and it goes with the kernel.
 
 The kernel binds nginx's listening sockets itself and hands them over at exec
 (nginx's ``NGINX`` inherited-socket variable): a port in use fails the
@@ -20,10 +24,10 @@ be restarted without the port ever being closed. nginx dies with the kernel
 Whenever the registry changes, the configuration is written again and nginx
 reloads it (SIGHUP): old workers finish their calls, new ones route anew. A
 second, loopback-only listener answers ``/generation`` with the number of the
-configuration that serves, so the kernel knows when a reload took: before a
+configuration that serves, so the plane knows when a reload took: before a
 draining instance's calls are counted down, the kernel waits until nginx
-sends it no new call (a drain barrier, :attr:`KernelRouting.drain_barriers`).
-If nginx exits, it is started again with backoff.
+sends it no new call (the plane's ``hsu_instance_draining``). If nginx exits,
+it is started again with backoff.
 
 Each unit's ``routing:`` maps onto nginx:
 
@@ -61,7 +65,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +74,12 @@ from loguru import logger
 
 import hsu
 from hsu.errors import HsuError
-from hsu.ports import Endpoint, RegistryCompacted
+from hsu.ports import Endpoint, InstanceView, KernelAPI, Registry, RegistryCompacted
 from hsu.process import PidfdHandle
 
 SECTION = "gateway_nginx"
+#: the name a kernel's :class:`DataPlane` is registered under: ``kernel.plugin(PLANE)``
+PLANE = "gateway_nginx.plane"
 #: the longest unix socket path the kernel's private socket may have
 MAX_UNIX_PATH = 100
 
@@ -101,57 +107,20 @@ def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
     register(SECTION, Settings)
 
 
-_planes: dict[int, DataPlane] = {}
-
-
 @hsu.hookimpl
-def hsu_kernel_configure(kernel: hsu.Kernel) -> None:
-    settings: Settings = kernel.settings(SECTION)
-    plane = _planes[id(kernel)] = DataPlane(kernel, settings)
-    if not settings.address:
-        plane.requested = kernel.requested_address
-        kernel.requested_address = plane.private_address()
-
-
-@hsu.hookimpl
-def hsu_kernel_starting(kernel: hsu.Kernel) -> None:
-    _planes[id(kernel)].bind()
-
-
-@hsu.hookimpl
-def hsu_kernel_started(kernel: hsu.Kernel) -> Any:
-    return _planes[id(kernel)].start()
-
-
-@hsu.hookimpl
-def hsu_kernel_stopping(kernel: hsu.Kernel) -> Any:
-    plane = _planes.get(id(kernel))
-    return plane.stop() if plane is not None else None
-
-
-@hsu.hookimpl
-def hsu_kernel_stopped(kernel: hsu.Kernel) -> None:
-    plane = _planes.pop(id(kernel), None)
-    if plane is not None:
-        plane.close()
-
-
-@hsu.hookimpl
-def hsu_config_reloaded(kernel: hsu.Kernel) -> None:
-    plane = _planes.get(id(kernel))
-    if plane is not None and plane.generation:
-        plane.schedule()  # a unit's routing may have changed
-
-
-def plane_of(kernel: hsu.Kernel) -> DataPlane | None:
-    """The kernel's data plane (for tests and tools)."""
-    return _planes.get(id(kernel))
+def hsu_kernel_configure(kernel: KernelAPI) -> None:
+    # the kernel's own plugin state: its hooks are called for this kernel
+    # only, and it is unregistered once the kernel has stopped
+    kernel.register_plugin(DataPlane(kernel, kernel.settings(SECTION)), PLANE)
 
 
 class DataPlane:
-    """One nginx, its sockets, its configuration, and the tasks that keep them."""
+    """One nginx, its sockets, its configuration, and the tasks that keep them.
 
-    def __init__(self, kernel: hsu.Kernel, settings: Settings):
+    Registered per kernel (:data:`PLANE`); the ``hsu_*`` methods are its hooks.
+    """
+
+    def __init__(self, kernel: KernelAPI, settings: Settings):
         self.kernel = kernel
         self.settings = settings
         self.dir = Path(kernel.state_dir, "nginx")
@@ -171,7 +140,46 @@ class DataPlane:
         self._listen = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: asyncio.TimerHandle | None = None
+        #: nginx started serving; the kernel's drains wait for it from then
+        self._started = False
         self._stopping = False
+
+    # -- hooks --------------------------------------------------------------------
+
+    @hsu.hookimpl
+    def hsu_kernel_address(self, requested: str) -> str | None:
+        """nginx takes the kernel's address, unless it has one of its own."""
+        if self.settings.address:
+            return None
+        self.requested = requested
+        return self.private_address()
+
+    @hsu.hookimpl
+    def hsu_kernel_starting(self) -> None:
+        self.bind()
+
+    @hsu.hookimpl
+    def hsu_kernel_started(self) -> Awaitable[None]:
+        return self.start()
+
+    @hsu.hookimpl
+    def hsu_kernel_stopping(self) -> Awaitable[None]:
+        return self.stop()
+
+    @hsu.hookimpl
+    def hsu_kernel_stopped(self) -> None:
+        self.close()
+
+    @hsu.hookimpl
+    def hsu_config_reloaded(self) -> None:
+        if self.generation:
+            self.schedule()  # a unit's routing may have changed
+
+    @hsu.hookimpl
+    def hsu_instance_draining(self, instance: InstanceView) -> Awaitable[None] | None:
+        if not self._started or self._stopping:
+            return None  # nginx sends nothing anywhere
+        return self.withdraw(instance.instance_id)
 
     def private_address(self) -> str:
         path = Path(self.kernel.state_dir, "kernel.sock").absolute()
@@ -194,12 +202,11 @@ class DataPlane:
                 " install it (Debian: apt-get install nginx-light) or set"
                 f" {SECTION}.binary"
             )
-        registry = self.kernel.routing.registry
-        assert registry is not None
+        registry = self._registry()
         endpoints, revision = await registry.snapshot()
         self.endpoints = {e.instance_id: e for e in endpoints if e.routable}
         await self._spawn(binary)
-        self.kernel.routing.drain_barriers.append(self.drain_barrier)
+        self._started = True
         logger.info(
             "gateway_nginx: nginx (pid {}) serving on {}; the kernel listens on {}",
             self.pid,
@@ -211,8 +218,6 @@ class DataPlane:
 
     async def stop(self) -> None:
         self._stopping = True
-        with contextlib.suppress(ValueError):
-            self.kernel.routing.drain_barriers.remove(self.drain_barrier)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -225,7 +230,7 @@ class DataPlane:
         with contextlib.suppress(ProcessLookupError):
             os.kill(handle.pid, signal.SIGQUIT)  # graceful: calls in flight finish
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(handle.wait(), self.kernel.kernel_settings.drain_grace)
+            await asyncio.wait_for(handle.wait(), self.kernel.settings("kernel").drain_grace)
         handle.signal(signal.SIGKILL)  # the master and any worker left (its group)
         await handle.wait()
 
@@ -238,6 +243,12 @@ class DataPlane:
     @property
     def pid(self) -> int:
         return self.handle.pid if self.handle is not None else 0
+
+    def _registry(self) -> Registry:
+        registry = self.kernel.registry
+        if registry is None:  # the kernel makes it before hsu_kernel_started
+            raise HsuError(f"{SECTION}: the kernel has no registry yet")
+        return registry
 
     async def _spawn(self, binary: str) -> None:
         assert self._public is not None and self._control is not None
@@ -359,7 +370,7 @@ class DataPlane:
             await asyncio.sleep(0.005)
         return False
 
-    async def drain_barrier(self, instance_id: str) -> None:
+    async def withdraw(self, instance_id: str) -> None:
         """Return once nginx sends the (draining) instance no new call."""
         if self.endpoints.pop(instance_id, None) is not None or self._pending is not None:
             self.reload()
@@ -398,8 +409,7 @@ class DataPlane:
     # -- following the registry ------------------------------------------------
 
     async def _follow(self, revision: int) -> None:
-        registry = self.kernel.routing.registry
-        assert registry is not None
+        registry = self._registry()
         while True:
             try:
                 async for event in registry.watch(revision):

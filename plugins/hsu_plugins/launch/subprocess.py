@@ -21,12 +21,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import hsu
-from hsu.process import PidfdHandle, rlimits_argv
 from hsu.errors import LaunchError
-from hsu.ports import Launcher, LaunchSpec
+from hsu.ports import Launcher, LaunchSpec, Register
+from hsu.process import PidfdHandle, rlimits_argv
 
 
 def _tool(where: str, name: str, purpose: str) -> str:
@@ -113,5 +113,5 @@ class SubprocessLauncher:
 
 
 @hsu.hookimpl
-def hsu_register_launchers(register: Callable[[str, Launcher], None]) -> None:
-    register("subprocess", SubprocessLauncher())
+def hsu_register_launchers(register: Register[Launcher]) -> None:
+    register("subprocess", SubprocessLauncher(), default=True)

@@ -1,7 +1,8 @@
 """Built-in balancing strategies: round_robin, weighted_round_robin,
 least_inflight, random, p2c, ring_hash, maglev.
 
-A unit picks one with ``balancer: {strategy: NAME, options: {...}}``. A
+A unit picks one with ``routing: {balancer: NAME, balancer_options: {...}}``,
+the options structured into the strategy's attrs class (``*Options`` below). A
 balancer only ever sees the routable endpoints (the caller filters them) and
 may be given a new list at any time with ``update``; ``pick`` is on every
 call's path, so each strategy does its work in ``update`` and keeps ``pick``
@@ -33,7 +34,6 @@ under its bound, so ``c`` must be 1 or more; 1.25 is a common choice.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import heapq
 import math
@@ -47,9 +47,10 @@ from functools import reduce
 from itertools import repeat
 from typing import Any
 
+import attrs
+
 import hsu
-from hsu._kernel.options import OptionType, quote
-from hsu.ports import Balancer, Endpoint, Factory
+from hsu.ports import Balancer, Endpoint, Factory, Register
 
 #: virtual nodes per unit of weight on a ring_hash ring: each endpoint's share
 #: of the keys is then within about 10% (one standard deviation) of its due
@@ -125,59 +126,6 @@ def _key_bytes(key: str) -> bytes:
 # -- options -------------------------------------------------------------------
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_positive_int(value: object) -> bool:
-    return _is_int(value) and value >= 1  # type: ignore[operator]
-
-
-def _is_load_factor(value: object) -> bool:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return False
-    return value == 0 or (math.isfinite(value) and value >= 1)
-
-
-def _is_table_size(value: object) -> bool:
-    return _is_int(value) and 2 <= value <= MAX_TABLE_SIZE  # type: ignore[operator]
-
-
-#: option type: (test, description for "expected ...")
-SEED: OptionType = (_is_int, "an int")
-REPLICAS: OptionType = (_is_positive_int, "an int >= 1")
-BOUNDED_LOAD: OptionType = (_is_load_factor, "0 (off) or a number >= 1, such as 1.25")
-TABLE_SIZE: OptionType = (_is_table_size, f"a prime int between 2 and {MAX_TABLE_SIZE}")
-
-
-def check_option_types(
-    options: Mapping[str, Any], known: Mapping[str, OptionType], strategy: str
-) -> list[str]:
-    """The problems common to every strategy: unknown keys and wrong types."""
-    if not isinstance(options, Mapping):
-        return [f"options: expected a mapping, got {type(options).__name__}"]
-    problems: list[str] = []
-    for key, value in options.items():
-        name = str(key)
-        if name not in known:
-            if not known:
-                problems.append(
-                    f"{name}: unknown option (the {strategy} strategy takes no options)"
-                )
-                continue
-            close = difflib.get_close_matches(name, list(known), n=1)
-            if close:
-                problems.append(f"{name}: unknown option (did you mean {close[0]!r}?)")
-            else:
-                listing = ", ".join(sorted(known))
-                problems.append(f"{name}: unknown option (known: {listing})")
-            continue
-        test, description = known[name]
-        if not test(value):
-            problems.append(f"{name}: expected {description}, got {quote(value)}")
-    return problems
-
-
 def is_prime(n: int) -> bool:
     if n < 2:
         return False
@@ -192,44 +140,77 @@ def _next_prime(n: int) -> int:
     return n
 
 
-def _check_table_size(options: Mapping[str, Any]) -> list[str]:
-    size = options.get("table_size")
-    if isinstance(size, int) and _is_table_size(size) and not is_prime(size):
-        return [f"table_size: expected a prime, got {size} (the next prime is {_next_prime(size)})"]
-    return []
+def _load_factor(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (value == 0 or (math.isfinite(value) and value >= 1)):
+        raise ValueError(
+            f"'{attribute.name}' must be 0 (off) or a number >= 1, such as 1.25, got {value!r}"
+        )
+
+
+def _prime(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not is_prime(value):
+        raise ValueError(
+            f"'{attribute.name}' must be a prime, got {value} (the next prime is"
+            f" {_next_prime(value)})"
+        )
+
+
+def _bounded_load() -> Any:
+    """``bounded_load``: 0 turns it off, else c >= 1 (ring_hash, maglev)."""
+    return attrs.field(
+        default=0.0,
+        validator=_load_factor,
+        metadata={"json_schema": {"type": "number", "anyOf": [{"const": 0}, {"minimum": 1}]}},
+    )
+
+
+@attrs.frozen
+class NoOptions:
+    """round_robin, weighted_round_robin and least_inflight take no options."""
+
+
+@attrs.frozen
+class SeedOptions:
+    """random and p2c."""
+
+    #: seeds the strategy's random numbers, for repeatable picks
+    seed: int | None = None
+
+
+@attrs.frozen
+class RingHashOptions:
+    #: points on the ring per unit of weight
+    replicas: int = attrs.field(default=DEFAULT_REPLICAS, validator=attrs.validators.ge(1))
+    bounded_load: float = _bounded_load()
+    seed: int | None = None
+
+
+@attrs.frozen
+class MaglevOptions:
+    #: the lookup table's size: a prime
+    table_size: int = attrs.field(
+        default=DEFAULT_TABLE_SIZE,
+        validator=[attrs.validators.ge(2), attrs.validators.le(MAX_TABLE_SIZE), _prime],
+    )
+    bounded_load: float = _bounded_load()
+    seed: int | None = None
 
 
 class Strategy:
-    """The :class:`hsu.ports.Factory` of one strategy: its options and its balancer."""
+    """The :class:`hsu.ports.Factory` of one strategy: its options class and its balancer."""
 
     def __init__(
-        self,
-        name: str,
-        make: Callable[[Mapping[str, Any]], Balancer],
-        options: Mapping[str, OptionType] | None = None,
-        check: Callable[[Mapping[str, Any]], list[str]] | None = None,
+        self, name: str, make: Callable[[Any], Balancer], options: type[Any] = NoOptions
     ) -> None:
         self.name = name
-        self.options: Mapping[str, OptionType] = options or {}
+        self.options = options
         self._make = make
-        self._check = check
 
-    def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        problems = check_option_types(options, self.options, self.name)
-        if not problems and self._check is not None:
-            problems = self._check(options)
-        return problems
-
-    def create(self, options: Mapping[str, Any]) -> Balancer:
+    def create(self, options: Any) -> Balancer:
         return self._make(options)
 
     def __repr__(self) -> str:
         return f"<balancing strategy {self.name!r}>"
-
-
-def _rng(options: Mapping[str, Any]) -> random.Random:
-    seed = options.get("seed")
-    return random.Random(seed) if seed is not None else random.Random()
 
 
 # -- rotation ------------------------------------------------------------------
@@ -557,9 +538,9 @@ class _Hashed:
     slots of no endpoint.
     """
 
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        self._rng = _rng(options)
-        self._c = float(options.get("bounded_load") or 0)
+    def __init__(self, options: RingHashOptions | MaglevOptions) -> None:
+        self._rng = random.Random(options.seed)
+        self._c = float(options.bounded_load)
         #: (instance id, weight) of each endpoint, by instance id
         self._shape: tuple[tuple[str, int], ...] = ()
         self._slots: dict[str, int] = {}
@@ -720,9 +701,10 @@ class RingHash(_Hashed):
     sorts the ring anew.
     """
 
-    def __init__(self, options: Mapping[str, Any]) -> None:
+    def __init__(self, options: RingHashOptions | None = None) -> None:
+        options = options or RingHashOptions()
         super().__init__(options)
-        self._replicas = int(options.get("replicas", DEFAULT_REPLICAS))
+        self._replicas = options.replicas
         #: the ring: its points' hashes, ascending, and their owners' slots
         self._hashes: array[int] = array("Q")
         self._ring: array[int] = array("I")
@@ -842,9 +824,10 @@ class Maglev(_Hashed):
     the permutation, which is where the probes pile up.
     """
 
-    def __init__(self, options: Mapping[str, Any]) -> None:
+    def __init__(self, options: MaglevOptions | None = None) -> None:
+        options = options or MaglevOptions()
         super().__init__(options)
-        self._size = int(options.get("table_size", DEFAULT_TABLE_SIZE))
+        self._size = options.table_size
         self._prime = is_prime(self._size)
         #: the permutation (offset, skip, 1/skip mod size) of each endpoint, by id
         self._permutations: dict[str, tuple[int, int, int]] = {}
@@ -974,31 +957,22 @@ class Maglev(_Hashed):
 # -- registration --------------------------------------------------------------
 
 
-def _seeded(cls: Callable[[random.Random], Balancer]) -> Callable[[Mapping[str, Any]], Balancer]:
-    return lambda options: cls(_rng(options))
+def _seeded(cls: Callable[[random.Random], Balancer]) -> Callable[[Any], Balancer]:
+    return lambda options: cls(random.Random(getattr(options, "seed", None)))
 
 
 STRATEGIES: tuple[Strategy, ...] = (
     Strategy("round_robin", _seeded(RoundRobin)),
     Strategy("weighted_round_robin", _seeded(WeightedRoundRobin)),
     Strategy("least_inflight", _seeded(LeastInflight)),
-    Strategy("random", _seeded(RandomPick), {"seed": SEED}),
-    Strategy("p2c", _seeded(PowerOfTwoChoices), {"seed": SEED}),
-    Strategy(
-        "ring_hash",
-        RingHash,
-        {"replicas": REPLICAS, "bounded_load": BOUNDED_LOAD, "seed": SEED},
-    ),
-    Strategy(
-        "maglev",
-        Maglev,
-        {"table_size": TABLE_SIZE, "bounded_load": BOUNDED_LOAD, "seed": SEED},
-        check=_check_table_size,
-    ),
+    Strategy("random", _seeded(RandomPick), SeedOptions),
+    Strategy("p2c", _seeded(PowerOfTwoChoices), SeedOptions),
+    Strategy("ring_hash", RingHash, RingHashOptions),
+    Strategy("maglev", Maglev, MaglevOptions),
 )
 
 
 @hsu.hookimpl
-def hsu_register_balancers(register: Callable[[str, Factory], None]) -> None:
+def hsu_register_balancers(register: Register[Factory]) -> None:
     for strategy in STRATEGIES:
-        register(strategy.name, strategy)
+        register(strategy.name, strategy, default=strategy.name == "round_robin")

@@ -1,9 +1,10 @@
 """Built-in circuit breakers: consecutive (the default), ratio, none.
 
-A unit picks one with ``breaker: {kind: NAME, options: {...}}``; a caller
-keeps one breaker per instance. ``closed``: calls go through and their
-outcomes are counted. ``open``: no call goes through until ``cooldown``
-seconds have passed. ``half_open``: up to ``trials`` calls at a time go
+A unit picks one with ``routing: {breaker: NAME, breaker_options: {...}}``
+(the options structured into ``ConsecutiveOptions``, ``RatioOptions`` or
+``NoneOptions``); a caller keeps one breaker per instance. ``closed``: calls
+go through and their outcomes are counted. ``open``: no call goes through
+until ``cooldown`` seconds have passed. ``half_open``: up to ``trials`` calls at a time go
 through; ``successes`` successes close the breaker, any failure opens it
 again (for ``cooldown`` doubled each time, up to ``max_cooldown``, when that
 is set).
@@ -26,20 +27,19 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
+import attrs
+
 import hsu
-from hsu._kernel.options import OptionType, check_option_types
-from hsu.ports import Factory
+from hsu.ports import Factory, Register
 
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
 
 Clock = Callable[[], float]
-
-#: the longest option value quoted in a problem
 
 DEFAULT_COOLDOWN = 5.0
 DEFAULT_WINDOW = 20
@@ -49,53 +49,66 @@ DEFAULT_MIN_CALLS = 10
 # -- options -------------------------------------------------------------------
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _finite(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"'{attribute.name}' must be a finite number, got {value!r}")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _not_below_cooldown(inst: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    cooldown = inst.cooldown
+    if value is None or not (math.isfinite(cooldown) and cooldown > 0):
+        return  # no max, or a cooldown that is itself refused
+    if value < cooldown:
+        raise ValueError(f"'{attribute.name}' must be >= cooldown ({cooldown:g}), got {value:g}")
 
 
-#: option type: (test, description for "expected ...")
-INT: OptionType = (_is_int, "an int")
-NUMBER: OptionType = (_is_number, "a finite number")
-
-#: what the consecutive and ratio breakers share
-COMMON: Mapping[str, OptionType] = {
-    "cooldown": NUMBER,
-    "max_cooldown": NUMBER,
-    "trials": INT,
-    "successes": INT,
-}
+def _within_window(inst: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    window = inst.window
+    if value is not None and window >= 1 and value > window:
+        raise ValueError(f"'{attribute.name}' must be 1 to window ({window}), got {value}")
 
 
-def _typed(options: Mapping[str, Any], key: str, test: Callable[[object], bool]) -> Any:
-    """The option's value when it is there and of the right type, else None."""
-    value = options.get(key)
-    return value if value is not None and test(value) else None
+@attrs.frozen
+class BreakerOptions:
+    """What the consecutive and ratio breakers share."""
+
+    #: seconds an opening lasts
+    cooldown: float = attrs.field(
+        default=DEFAULT_COOLDOWN, validator=[_finite, attrs.validators.gt(0)]
+    )
+    #: each reopening doubles the cooldown, up to this; none: no growth
+    max_cooldown: float | None = attrs.field(default=None, validator=[_finite, _not_below_cooldown])
+    #: calls let through at a time in half_open
+    trials: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    #: successes in half_open that close the breaker
+    successes: int = attrs.field(default=1, validator=attrs.validators.ge(1))
 
 
-def _check_common(options: Mapping[str, Any]) -> list[str]:
-    problems: list[str] = []
-    for key in ("trials", "successes"):
-        value = _typed(options, key, _is_int)
-        if value is not None and value < 1:
-            problems.append(f"{key}: expected >= 1, got {value}")
-    cooldown = _typed(options, "cooldown", _is_number)
-    if cooldown is not None and cooldown <= 0:
-        problems.append(f"cooldown: expected > 0 seconds, got {cooldown}")
-    max_cooldown = _typed(options, "max_cooldown", _is_number)
-    if max_cooldown is not None:
-        floor = cooldown if cooldown is not None and cooldown > 0 else DEFAULT_COOLDOWN
-        if max_cooldown < floor:
-            problems.append(f"max_cooldown: expected >= cooldown ({floor:g}), got {max_cooldown}")
-    return problems
+@attrs.frozen
+class ConsecutiveOptions(BreakerOptions):
+    #: failures in a row that open the breaker
+    failures: int = attrs.field(default=5, validator=attrs.validators.ge(1))
 
 
-def _reject(problems: list[str], kind: str) -> None:
-    if problems:
-        raise ValueError(f"{kind} breaker: bad options: {'; '.join(problems)}")
+@attrs.frozen
+class RatioOptions(BreakerOptions):
+    #: the last calls looked at
+    window: int = attrs.field(default=DEFAULT_WINDOW, validator=attrs.validators.ge(1))
+    #: the fewest calls in the window before it may open; none: 10, or window
+    #: when that is smaller
+    min_calls: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional([attrs.validators.ge(1), _within_window]),
+    )
+    #: the share of failed calls that opens it
+    ratio: float = attrs.field(
+        default=0.5, validator=[attrs.validators.gt(0), attrs.validators.le(1)]
+    )
+
+
+@attrs.frozen
+class NoneOptions:
+    """The none breaker takes no options."""
 
 
 # -- breakers ------------------------------------------------------------------
@@ -113,14 +126,6 @@ class _Breaker:
         successes: int = 1,
         clock: Clock = time.monotonic,
     ) -> None:
-        if not cooldown > 0:
-            raise ValueError(f"cooldown: expected > 0 seconds, got {cooldown}")
-        if max_cooldown is not None and max_cooldown < cooldown:
-            raise ValueError(f"max_cooldown: expected >= cooldown ({cooldown:g})")
-        if trials < 1:
-            raise ValueError(f"trials: expected >= 1, got {trials}")
-        if successes < 1:
-            raise ValueError(f"successes: expected >= 1, got {successes}")
         self.cooldown = float(cooldown)
         self.max_cooldown = None if max_cooldown is None else float(max_cooldown)
         self.trials = trials
@@ -210,8 +215,13 @@ class ConsecutiveBreaker(_Breaker):
         successes: int = 1,
         clock: Clock = time.monotonic,
     ) -> None:
-        if failures < 1:
-            raise ValueError(f"failures: expected >= 1, got {failures}")
+        ConsecutiveOptions(  # refuses a bad value, naming it
+            failures=failures,
+            cooldown=cooldown,
+            max_cooldown=max_cooldown,
+            trials=trials,
+            successes=successes,
+        )
         super().__init__(
             cooldown=cooldown,
             max_cooldown=max_cooldown,
@@ -250,14 +260,17 @@ class RatioBreaker(_Breaker):
         successes: int = 1,
         clock: Clock = time.monotonic,
     ) -> None:
-        if window < 1:
-            raise ValueError(f"window: expected >= 1, got {window}")
+        RatioOptions(  # refuses a bad value, naming it
+            window=window,
+            min_calls=min_calls,
+            ratio=ratio,
+            cooldown=cooldown,
+            max_cooldown=max_cooldown,
+            trials=trials,
+            successes=successes,
+        )
         if min_calls is None:
             min_calls = min(DEFAULT_MIN_CALLS, window)
-        if not 1 <= min_calls <= window:
-            raise ValueError(f"min_calls: expected 1 to window ({window}), got {min_calls}")
-        if not 0 < ratio <= 1:
-            raise ValueError(f"ratio: expected 0 < ratio <= 1, got {ratio}")
         super().__init__(
             cooldown=cooldown,
             max_cooldown=max_cooldown,
@@ -309,72 +322,34 @@ class NoBreaker:
 class ConsecutiveFactory:
     """``consecutive``: opens after ``failures`` failures in a row."""
 
-    options: Mapping[str, OptionType] = {"failures": INT, **COMMON}
-
-    def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        problems = check_option_types(options, self.options, "consecutive breaker")
-        if not isinstance(options, Mapping):
-            return problems
-        failures = _typed(options, "failures", _is_int)
-        if failures is not None and failures < 1:
-            problems.append(f"failures: expected >= 1, got {failures}")
-        return problems + _check_common(options)
+    options = ConsecutiveOptions
 
     def create(
-        self, options: Mapping[str, Any], *, clock: Clock = time.monotonic
+        self, options: ConsecutiveOptions, *, clock: Clock = time.monotonic
     ) -> ConsecutiveBreaker:
-        _reject(self.check_options(options), "consecutive")
-        return ConsecutiveBreaker(**options, clock=clock)
+        return ConsecutiveBreaker(**attrs.asdict(options), clock=clock)
 
 
 class RatioFactory:
     """``ratio``: opens on a share of failures over a sliding window of calls."""
 
-    options: Mapping[str, OptionType] = {
-        "window": INT,
-        "min_calls": INT,
-        "ratio": NUMBER,
-        **COMMON,
-    }
+    options = RatioOptions
 
-    def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        problems = check_option_types(options, self.options, "ratio breaker")
-        if not isinstance(options, Mapping):
-            return problems
-        window = _typed(options, "window", _is_int)
-        if window is not None and window < 1:
-            problems.append(f"window: expected >= 1, got {window}")
-        min_calls = _typed(options, "min_calls", _is_int)
-        if min_calls is not None:
-            # against the default window when window is missing or itself wrong
-            limit = window if window is not None and window >= 1 else DEFAULT_WINDOW
-            if not 1 <= min_calls <= limit:
-                problems.append(f"min_calls: expected 1 to window ({limit}), got {min_calls}")
-        ratio = _typed(options, "ratio", _is_number)
-        if ratio is not None and not 0 < ratio <= 1:
-            problems.append(f"ratio: expected 0 < ratio <= 1, got {ratio}")
-        return problems + _check_common(options)
-
-    def create(self, options: Mapping[str, Any], *, clock: Clock = time.monotonic) -> RatioBreaker:
-        _reject(self.check_options(options), "ratio")
-        return RatioBreaker(**options, clock=clock)
+    def create(self, options: RatioOptions, *, clock: Clock = time.monotonic) -> RatioBreaker:
+        return RatioBreaker(**attrs.asdict(options), clock=clock)
 
 
 class NoneFactory:
     """``none``: no breaker; every call goes through."""
 
-    options: Mapping[str, OptionType] = {}
+    options = NoneOptions
 
-    def check_options(self, options: Mapping[str, Any]) -> list[str]:
-        return check_option_types(options, self.options, "none breaker")
-
-    def create(self, options: Mapping[str, Any], *, clock: Clock = time.monotonic) -> NoBreaker:
-        _reject(self.check_options(options), "none")
+    def create(self, options: NoneOptions, *, clock: Clock = time.monotonic) -> NoBreaker:
         return NoBreaker()
 
 
 @hsu.hookimpl
-def hsu_register_breakers(register: Callable[[str, Factory], None]) -> None:
-    register("consecutive", ConsecutiveFactory())
+def hsu_register_breakers(register: Register[Factory]) -> None:
+    register("consecutive", ConsecutiveFactory(), default=True)
     register("ratio", RatioFactory())
     register("none", NoneFactory())

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 
 import hsu
-from hsu.ports import Endpoint, Registry, RegistryCompacted, RegistryEvent
+from hsu.ports import Endpoint, Register, Registry, RegistryCompacted, RegistryEvent
 
 #: how many events the registry keeps for watchers that resume
 HISTORY = 10_000
@@ -397,5 +397,5 @@ def create(kernel: object = None) -> MemoryRegistry:
 
 
 @hsu.hookimpl
-def hsu_register_registries(register: Callable[[str, Callable[..., Registry]], None]) -> None:
-    register("memory", create)
+def hsu_register_registries(register: Register[Callable[..., Registry]]) -> None:
+    register("memory", create, default=True)

@@ -37,7 +37,21 @@ def context(
 
 def read_config(plugins: PluginManager, ctx: SourceContext) -> Deployment:
     """Gather every source, resolve secret references, structure the core keys."""
-    merged = gather(list(plugins.config_sources().values()), ctx)
+    sources = plugins.config_sources()
+    problems = []
+    for given, what in (("files", "deployment files"), ("overrides", "--set overrides")):
+        if getattr(ctx, given) and not any(
+            given in getattr(s, "reads", ()) for s in sources.values()
+        ):
+            blocked = ", ".join(f"no:{name}" for name in sorted(plugins.blocked)) or "none"
+            first = getattr(ctx, given)[0]
+            problems.append(
+                f"{first}: no enabled config source reads {what}"
+                f" (sources: {', '.join(sorted(sources)) or 'none'}; blocked: {blocked})"
+            )
+    if problems:
+        raise ConfigError(problems)
+    merged = gather(list(sources.values()), ctx)
     first = ctx.files[0] if ctx.files else None
     source = str(first) if first else "<config>"
     base = first.resolve().parent if first else Path.cwd()
@@ -121,6 +135,7 @@ def validate(
 
     deployment, plugins = load(ctx, cli_plugins)
     kernel = Kernel(deployment, plugins)
+    deployment = kernel.deployment  # with the defaults plugins declared
     return deployment, structure_sections(deployment, plugins.settings_classes()) | {
         "kernel": kernel.kernel_settings
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import re
 import shlex
 import signal
 from collections.abc import Mapping
@@ -150,12 +151,14 @@ class Routing:
 
     #: a balancer plugin (``hsu plugins``): round_robin, weighted_round_robin,
     #: least_inflight, random, p2c, ring_hash, maglev, ...
-    balancer: str = "round_robin"
+    #: (none: the default a plugin declared; built in, round_robin)
+    balancer: str | None = None
     balancer_options: Mapping[str, Any] = attrs.field(factory=dict)
     #: a call's hash key is the value of this metadata key (ring_hash, maglev)
     hash_key: str = "hsu-key"
     #: a circuit breaker plugin: consecutive, ratio, none
-    breaker: str = "consecutive"
+    #: (none: the default a plugin declared; built in, consecutive)
+    breaker: str | None = None
     breaker_options: Mapping[str, Any] = attrs.field(factory=dict)
     #: methods that are safe to call twice, retried on UNAVAILABLE:
     #: ``Method``, ``pkg.Service/Method`` or ``"*"``
@@ -199,7 +202,8 @@ class UnitSpec:
     max_instances: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     #: seconds an instance above ``min_instances`` may go unused before it stops
     idle_timeout: float | None = attrs.field(default=None)
-    launcher: str = "subprocess"
+    #: a launcher plugin; none: the default a plugin declared (built in, subprocess)
+    launcher: str | None = None
     #: seconds from spawn to ready before the start counts as failed
     startup_timeout: float = attrs.field(default=30.0, validator=_gt0)
     #: sent when Core.Shutdown is not available (``managed`` units, or no answer)
@@ -256,6 +260,7 @@ def make_converter() -> cattrs.Converter:
     """One converter for the whole deployment: strict, no unknown keys."""
     conv = cattrs.Converter(forbid_extra_keys=True)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
+    conv.register_structure_hook_func(lambda t: t == str | tuple[str, ...], _structure_str_or_tuple)
     conv.register_structure_hook(float, _strict_number(float))
     conv.register_structure_hook(int, _strict_number(int))
     conv.register_structure_hook(str, _strict_str)
@@ -311,6 +316,14 @@ def _strict_str(value: Any, _: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     return value
+
+
+def _structure_str_or_tuple(value: Any, _: Any) -> str | tuple[str, ...]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"expected a string or a list of strings, got {value!r}")
 
 
 def _structure_str_tuple(value: Any, _: Any) -> tuple[str, ...]:
@@ -375,6 +388,89 @@ def structure(
     except Exception as exc:
         problems = [describe(p, m, source, origins or {}) for p, m in _messages(exc, path)]
         raise ConfigError(problems, source) from None
+
+
+def structure_options(
+    owner: Any,
+    raw: Any,
+    path: PathT,
+    source: str = "<options>",
+    origins: Mapping[PathT, Origin] | None = None,
+) -> Any:
+    """A unit's raw options for a probe, balancer or breaker (``owner``), as
+    an instance of ``owner.options``, its attrs class.
+
+    The one place plugin options are checked: when a deployment is loaded
+    (:func:`check_units`), where a route builds its balancer and breakers (in
+    the kernel and in ``hsu.connect``), and before each health probe. Raises
+    :class:`ConfigError` listing every problem, at ``path`` plus the key.
+    """
+    cls = owner.options
+    raw = {} if raw is None else raw
+    try:
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"expected a mapping, got {raw!r}")
+        return converter.structure(raw, cls)
+    except Exception as exc:
+        found: list[tuple[PathT, str]] = []
+        if isinstance(exc, ClassValidationError) and exc.cl is cls:
+            with_notes, without_notes = exc.group_exceptions()
+            for sub, note in with_notes:
+                found.extend(_messages(sub, (*path, note.name)))
+            refused = []
+            for sub in without_notes:
+                if isinstance(sub, ForbiddenExtraKeysError) and not attrs.fields(cls):
+                    found.extend(
+                        ((*path, k), "unknown key (takes no options)")
+                        for k in sorted(sub.extra_fields)
+                    )
+                elif isinstance(sub, ForbiddenExtraKeysError):
+                    found.extend(_messages(sub, path))
+                else:  # the class refused the values
+                    refused.append((path, str(sub)))
+            if not with_notes:  # every value has its type: run every validator
+                found.extend(_validator_problems(cls, raw, path) or refused)
+        else:
+            found = _messages(exc, path)
+        problems = [describe(p, m, source, origins or {}) for p, m in found]
+        raise ConfigError(problems, source) from None
+
+
+#: attrs' number validators say ``'replicas' must be >= 1: 0``
+_ATTRS_BOUND = re.compile(r"(must be (?:<|<=|>|>=) \S+): (.*)")
+
+
+def _validator_problems(
+    cls: type[Any], raw: Mapping[str, Any], path: PathT
+) -> list[tuple[PathT, str]]:
+    """Every validator of ``cls`` that ``raw`` (of the right types) fails, each
+    at its field: attrs stops at the first one that fails."""
+    attrs.resolve_types(cls)
+    obj = object.__new__(cls)
+    fields = attrs.fields(cls)
+    for f in fields:
+        if f.name in raw:  # structured once already, without a problem
+            value = converter.structure(raw[f.name], f.type)
+        elif isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
+            factory: Any = f.default
+            value = factory.factory(obj) if factory.takes_self else factory.factory()
+        else:
+            value = f.default
+        object.__setattr__(obj, f.name, value)
+    out: list[tuple[PathT, str]] = []
+    for f in fields:
+        if f.validator is None:
+            continue
+        try:
+            f.validator(obj, f, getattr(obj, f.name))
+        except Exception as exc:
+            message = str(exc.args[0]) if exc.args else type(exc).__name__
+            message = message.removeprefix(f"'{f.name}' ")
+            bound = _ATTRS_BOUND.fullmatch(message)
+            if bound:
+                message = f"{bound[1]}, got {bound[2]}"
+            out.append(((*path, f.name), message))
+    return out
 
 
 def load_deployment(path: str | Path) -> Deployment:
@@ -493,7 +589,7 @@ class KernelSettings:
     #: reload when a config source changes (deployment files: checked each second)
     watch_config: bool = False
     #: the service registry plugin (``hsu plugins``); ``memory`` keeps it in the kernel
-    registry: str = "memory"
+    registry: str | None = None
     #: serve every unit's interfaces on the kernel's own address, forwarding each
     #: call to an instance (``docs/routing.md``)
     gateway: bool = True
@@ -506,8 +602,9 @@ def check_units(
     balancers: Mapping[str, Any] | None = None,
     breakers: Mapping[str, Any] | None = None,
 ) -> None:
-    """What one field cannot say alone: launchers and probes exist, min <= max,
-    ``depends_on`` names units and has no cycle, a command where one is needed.
+    """What one field cannot say alone: launchers, probes, balancers and
+    breakers exist and accept the unit's options, min <= max, ``depends_on``
+    names units and has no cycle, a command where one is needed.
 
     Raises :class:`ConfigError` listing every problem with its origin.
     """
@@ -515,6 +612,7 @@ def check_units(
 
     problems: list[str] = []
     units = deployment.units
+    where = (deployment.source, deployment.origins)
 
     def problem(name: str, key: tuple[Any, ...], message: str) -> None:
         problems.append(
@@ -551,15 +649,17 @@ def check_units(
                     f" (registered: {', '.join(sorted(probes)) or 'none'})",
                 )
             else:
-                for p in probe.check_options(spec.health.options):
-                    key, _, message = p.partition(": ")
-                    problem(name, ("health", "options", key), message or p)
+                options_path = ("units", name, "health", "options")
+                try:
+                    structure_options(probe, spec.health.options, options_path, *where)
+                except ConfigError as exc:
+                    problems.extend(exc.problems)
         r = spec.routing
         for what, table, chosen, options in (
             ("balancer", balancers, r.balancer, r.balancer_options),
             ("breaker", breakers, r.breaker, r.breaker_options),
         ):
-            if table is None:
+            if table is None or chosen is None:  # None: not routed (no interfaces)
                 continue
             factory = table.get(chosen)
             if factory is None:
@@ -570,9 +670,11 @@ def check_units(
                     f" (registered: {', '.join(sorted(table)) or 'none'})",
                 )
                 continue
-            for p in factory.check_options(options):
-                key, _, message = p.partition(": ")
-                problem(name, ("routing", f"{what}_options", key), message or p)
+            options_path = ("units", name, "routing", f"{what}_options")
+            try:
+                structure_options(factory, options, options_path, *where)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
         a = r.autoscale
         if a.above is not None and a.above <= a.below:
             problem(

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import attrs
 import psutil
 
-from hsu.process import PRLIMIT_OPTIONS, RESOURCES, RLIM_MAX, UNLIMITED
+from hsu.process import RESOURCES, RLIM_MAX, UNLIMITED
 
 MIB = 1024 * 1024
 

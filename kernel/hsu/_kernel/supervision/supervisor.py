@@ -27,12 +27,19 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from loguru import logger
 
-from hsu._kernel.config.model import BreakerAction, CrashLoop, RestartPolicy, UnitKind, UnitSpec
+from hsu._kernel.config.model import (
+    BreakerAction,
+    CrashLoop,
+    RestartPolicy,
+    UnitKind,
+    UnitSpec,
+    structure_options,
+)
 from hsu._kernel.supervision.instances import Instance, InstanceState, new_instance_id
 from hsu._kernel.supervision.resources import breaches
 from hsu._kernel.supervision.statefile import SavedInstance
 from hsu.core.v1 import core_pb2, core_pb2_grpc
-from hsu.errors import HsuError, LaunchError
+from hsu.errors import ConfigError, HsuError, LaunchError
 from hsu.ports import LaunchSpec, ProbeResult, ProbeTarget, ProcessHandle
 from hsu.process import PidfdHandle
 
@@ -647,10 +654,16 @@ class UnitSupervisor:
             await inst.registered
         health = spec.health
         if health is None:
-            if spec.kind is UnitKind.INTEGRATED and saved is not None:
-                await self._probe_until_ok(inst, "ping", 0.2, 1.0, 1)
-            elif spec.kind is UnitKind.UNMANAGED:  # by address (a pidfile: above)
-                await self._probe_until_ok(inst, "grpc", 0.2, 1.0, 1)
+            # the default probe (a plugin declares it) checks a re-attached HSU
+            # and an unmanaged one found by address; without one (its plugin
+            # blocked), a re-attached process that is alive counts as ready, and
+            # an unmanaged unit by address was refused when the config was read
+            probe = self.kernel.plugins.default("probe")
+            if probe is None:
+                return
+            reattached = spec.kind is UnitKind.INTEGRATED and saved is not None
+            if reattached or spec.kind is UnitKind.UNMANAGED:  # by address (pidfile: above)
+                await self._probe_until_ok(inst, probe, 0.2, 1.0, 1)
             return
         if health.initial_delay:
             await asyncio.sleep(health.initial_delay)
@@ -684,7 +697,12 @@ class UnitSupervisor:
         self, inst: Instance, probe_name: str, timeout: float, options: Any
     ) -> ProbeResult:
         probe = self.kernel.plugins.probe(probe_name)
-        target = ProbeTarget(self.name, inst.instance_id, inst.pid, inst.address, options or {})
+        path = ("units", self.name, "health", "options")
+        try:
+            structured = structure_options(probe, options, path, self.kernel.deployment.source)
+        except ConfigError as exc:  # accepted when loaded; cannot happen unless a plugin changed
+            return ProbeResult(False, "; ".join(exc.problems))
+        target = ProbeTarget(self.name, inst.instance_id, inst.pid, inst.address, structured)
         try:
             result: ProbeResult = await asyncio.wait_for(probe.check(target, timeout), timeout)
         except TimeoutError:
