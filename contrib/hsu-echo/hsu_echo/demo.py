@@ -13,6 +13,7 @@ import attrs
 from loguru import logger
 
 import hsu
+from hsu.ports import KernelAPI
 from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
 SECTION = "echo-demo"
@@ -31,11 +32,11 @@ def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
 
 
 @hsu.hookimpl
-def hsu_kernel_started(kernel: hsu.Kernel) -> Any:
+def hsu_kernel_started(kernel: KernelAPI) -> Any:
     return _call_echo(kernel)
 
 
-async def _call_echo(kernel: hsu.Kernel) -> None:
+async def _call_echo(kernel: KernelAPI) -> None:
     settings: Settings = kernel.settings(SECTION)
     # a routed channel: the first call starts an echo instance on demand
     async with kernel.connect() as channel:

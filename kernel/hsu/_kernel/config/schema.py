@@ -1,7 +1,9 @@
 """JSON Schema (draft 2020-12) for deployment files, derived from the attrs classes.
 
 It mirrors what :mod:`hsu._kernel.config.model`'s strict converter accepts, so editors can
-flag unknown keys and wrong types before ``hsu run`` does.
+flag unknown keys, wrong types and values out of bounds before ``hsu run`` does. The
+options of probes, balancers and breakers are attrs classes too: a unit's ``health``
+and ``routing`` list the registered names and, per name, that plugin's options.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from hsu._kernel.config.model import CORE_KEYS, UnitSpec
+from hsu._kernel.config.model import CORE_KEYS, Routing, UnitSpec
 
 _SCALARS: dict[Any, dict[str, Any]] = {
     str: {"type": "string"},
@@ -29,6 +31,13 @@ _OBJECTS = (dict, Mapping)
 _STRINGS = {"type": "array", "items": {"type": "string"}}
 _COMMAND = {"anyOf": [{"type": "string", "minLength": 1}, {**_STRINGS, "minItems": 1}]}
 _NO_DEFAULT = object()
+
+# attrs' validator classes, to read bounds from (their names are private)
+_AND = type(attrs.validators.and_())
+_OPTIONAL = type(attrs.validators.optional(attrs.validators.ge(0)))
+_NUMBER = type(attrs.validators.ge(0))
+_IN = type(attrs.validators.in_(()))
+_BOUNDS = {">=": "minimum", ">": "exclusiveMinimum", "<=": "maximum", "<": "exclusiveMaximum"}
 
 
 def _type_schema(tp: Any) -> dict[str, Any]:
@@ -67,11 +76,34 @@ def _json_default(value: Any) -> Any:
     return _NO_DEFAULT
 
 
+def _validator_schema(validator: Any) -> dict[str, Any]:
+    """What ``validator`` bounds, in JSON Schema: attrs' ``ge``/``gt``/``le``/``lt``
+    as ``minimum`` ..., ``in_`` as ``enum``, through ``and_`` and ``optional``
+    (``minimum`` applies to numbers only, so ``null`` stays valid). Validators
+    of one's own add nothing: the loader still runs them."""
+    out: dict[str, Any] = {}
+    if isinstance(validator, _AND):
+        for inner in validator._validators:
+            out.update(_validator_schema(inner))
+    elif isinstance(validator, _OPTIONAL):
+        out.update(_validator_schema(validator.validator))
+    elif isinstance(validator, _NUMBER) and validator.compare_op in _BOUNDS:
+        bound = _json_default(validator.bound)
+        if isinstance(bound, int | float) and not isinstance(bound, bool):
+            out[_BOUNDS[validator.compare_op]] = bound
+    elif isinstance(validator, _IN):
+        values = [_json_default(v) for v in validator.options]
+        if all(v is not _NO_DEFAULT for v in values):
+            out["enum"] = values
+    return out
+
+
 def attrs_schema(cls: type) -> dict[str, Any]:
     """The JSON Schema of one attrs class as the strict converter structures it.
 
     Fields without a default are required; plain JSON defaults (not factories)
-    are given as ``default``. A field's ``metadata["json_schema"]`` is used
+    are given as ``default``; attrs' bound validators give ``minimum`` and the
+    like (:func:`_validator_schema`). A field's ``metadata["json_schema"]`` is used
     verbatim: ``config.py`` should attach it wherever a converter widens what
     the annotation says. Until ``UnitSpec.command`` has it, a field named
     ``command`` with a converter is "a string or a non-empty list of strings".
@@ -94,6 +126,8 @@ def attrs_schema(cls: type) -> dict[str, Any]:
             prop = copy.deepcopy(_COMMAND)
         else:
             prop = _type_schema(hints.get(field.name, field.type))
+            if field.validator is not None:
+                prop.update(_validator_schema(field.validator))
         if field.default is attrs.NOTHING:
             required.append(field.name)
         elif field.name != "command" and not isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
@@ -113,15 +147,91 @@ def attrs_schema(cls: type) -> dict[str, Any]:
     return schema
 
 
-def deployment_schema(sections: Mapping[str, type]) -> dict[str, Any]:
-    """The schema of a whole deployment file; ``sections`` maps section name to class."""
+def plugin_choices(plugins: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`deployment_schema` for the probes,
+    balancers and breakers a plugin manager has registered."""
+    return {
+        "probes": {n: plugins.probe(n) for n in plugins.probe_names()},
+        "balancers": {n: plugins.balancer(n) for n in plugins.balancer_names()},
+        "breakers": {n: plugins.breaker(n) for n in plugins.breaker_names()},
+        "defaults": {k: plugins.default(k) for k in ("balancer", "breaker")},
+    }
+
+
+def _object_titled(schema: dict[str, Any], title: str) -> dict[str, Any] | None:
+    """The object schema of the attrs class ``title``: ``schema`` or one of its
+    ``anyOf`` branches (an optional field)."""
+    for candidate in [schema, *schema.get("anyOf", ())]:
+        if candidate.get("title") == title:
+            return candidate
+    return None
+
+
+def _choose(
+    schema: dict[str, Any],
+    key: str,
+    options_key: str,
+    choices: Mapping[str, Any],
+    default: str | None = None,
+) -> None:
+    """Give ``schema``'s ``key`` the registered names, and its ``options_key``
+    the options of the one named: one ``if``/``then`` per name. ``default`` is
+    the name a unit gets when it leaves ``key`` out (or sets it to null)."""
+    prop = schema["properties"][key]
+    for branch in [prop, *prop.get("anyOf", ())]:
+        if branch.get("type") == "string":
+            branch["enum"] = sorted(choices)
+    rules = []
+    for name in sorted(choices):
+        named: dict[str, Any] = {"properties": {key: {"const": name}}, "required": [key]}
+        if name == default:  # also when left out or null
+            named = {"properties": {key: {"enum": [name, None]}}}
+        options = attrs_schema(choices[name].options)
+        rules.append({"if": named, "then": {"properties": {options_key: options}}})
+    if rules:
+        schema.setdefault("allOf", []).extend(rules)
+
+
+def unit_schema(
+    probes: Mapping[str, Any] | None = None,
+    balancers: Mapping[str, Any] | None = None,
+    breakers: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """The schema of one unit; with the registered probes, balancers and
+    breakers (each with its ``options`` class), their names and options too."""
+    unit = attrs_schema(UnitSpec)
+    defaults = defaults or {}
+    health = _object_titled(unit["properties"]["health"], "Health")
+    if health is not None and probes is not None:
+        _choose(health, "probe", "options", probes)
+    routing = _object_titled(unit["properties"]["routing"], "Routing")
+    for key, choices in (("balancer", balancers), ("breaker", breakers)):
+        if routing is not None and choices is not None:
+            field_default = attrs.fields_dict(Routing)[key].default
+            default = field_default if isinstance(field_default, str) else defaults.get(key)
+            _choose(routing, key, f"{key}_options", choices, default)
+    return unit
+
+
+def deployment_schema(
+    sections: Mapping[str, type],
+    *,
+    probes: Mapping[str, Any] | None = None,
+    balancers: Mapping[str, Any] | None = None,
+    breakers: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """The schema of a whole deployment file; ``sections`` maps section name to
+    class; the rest is what :func:`plugin_choices` gives, for :func:`unit_schema`."""
     clashes = sorted(set(sections) & set(CORE_KEYS))
     if clashes:
         raise ValueError(f"section names clash with core keys: {clashes}")
+    unit = unit_schema(probes, balancers, breakers, defaults)
     properties: dict[str, Any] = {
         "name": {"type": "string"},
         "plugins": copy.deepcopy(_STRINGS),
-        "units": {"type": "object", "additionalProperties": attrs_schema(UnitSpec)},
+        "units": {"type": "object", "additionalProperties": unit},
     }
     properties.update((name, attrs_schema(cls)) for name, cls in sections.items())
     return {
