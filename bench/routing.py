@@ -722,7 +722,7 @@ def bench_micro(repeat: int) -> Micro:
         updates = []
         changes = []
         for _ in range(3):
-            b = factory.create(options)
+            b = factory.create(factory.options(**options))
             t = time.perf_counter()
             b.update(eps)
             b.pick(idle, key)  # a lazy build (maglev's table) is paid by the first pick

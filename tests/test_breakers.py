@@ -350,9 +350,7 @@ def test_wrong_types_are_refused():
         "cooldown: expected float, got True",
         "trials: expected int, got 1.5",
         "failures: expected int, got '3'",
-    ]
-    assert problems(ConsecutiveFactory(), {"max_cooldown": float("inf")}) == [
-        "max_cooldown: must be a finite number, got inf"
+        "max_cooldown: must be a finite number, got inf",
     ]
     assert problems(RatioFactory(), {"ratio": "half"}) == ["ratio: expected float, got 'half'"]
     with pytest.raises(ConfigError, match="breaker_options: expected a mapping, got"):

@@ -7,9 +7,12 @@ from hsu._kernel.config.model import (
     Deployment,
     deployment_from_dict,
     load_deployment,
+    structure_options,
     structure_sections,
 )
-from hsu.errors import ConfigError
+from hsu._kernel.kernel import Kernel
+from hsu._kernel.plugins import PluginManager
+from hsu.errors import ConfigError, HsuError
 from hsu.testing import build_kernel
 
 
@@ -91,4 +94,83 @@ def test_a_unit_naming_an_unknown_launcher_is_a_config_error():
         build_kernel({"units": {"e": {"command": ["x"], "launcher": "dokcer"}}})
     assert "units.e.launcher: no launcher named 'dokcer' (registered: subprocess)" in str(
         info.value
+    )
+
+
+# -- plugin options ------------------------------------------------------------------
+
+BAD_OPTIONS = """\
+units:
+  echo:
+    command: [python, -m, hsu_echo]
+    interfaces: [hsu.echo.v1.Echo]
+    health:
+      probe: tcp
+      options: {prot: 80}
+    routing:
+      balancer: ring_hash
+      balancer_options:
+        replicas: 0
+        seed: "2"
+      breaker_options: {failures: 0, cooldown: 10, max_cooldown: 5}
+"""
+
+
+def test_plugin_options_are_config_errors_with_the_file_line_and_path(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text(BAD_OPTIONS)
+    deployment = load_deployment(path)
+    with pytest.raises(ConfigError) as info:
+        Kernel(deployment, PluginManager.load([], env={}, autoload=False))
+    assert sorted(info.value.problems) == [
+        f"{path}:11: units.echo.routing.balancer_options.replicas: must be >= 1, got 0",
+        f"{path}:12: units.echo.routing.balancer_options.seed: expected int, got '2'",
+        f"{path}:13: units.echo.routing.breaker_options.failures: must be >= 1, got 0",
+        f"{path}:13: units.echo.routing.breaker_options.max_cooldown:"
+        " must be >= cooldown (10), got 5",
+        f"{path}:7: units.echo.health.options.prot: unknown key; did you mean 'port'?",
+    ]
+
+
+def test_good_plugin_options_load_and_reach_the_plugin(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text(
+        BAD_OPTIONS.replace("prot: 80", "port: 80")
+        .replace("replicas: 0", "replicas: 3")
+        .replace('seed: "2"', "seed: 2")
+        .replace("failures: 0", "failures: 2")
+        .replace("max_cooldown: 5", "max_cooldown: 50")
+    )
+    pm = PluginManager.load([], env={}, autoload=False)
+    kernel = Kernel(load_deployment(path), pm)
+    health = kernel.unit("echo").health
+    assert health is not None
+    options = structure_options(pm.probe("tcp"), health.options, ("health", "options"))
+    assert (options.port, options.host) == (80, None)
+
+
+def test_a_routed_caller_structures_the_options_it_gets_over_the_kernel_api():
+    """hsu.connect gets a unit's options as a mapping (JSON over the Kernel API)
+    and builds its balancer and breakers with the kernel's own check."""
+    from hsu.client.route import Policy, Route
+    from hsu.kernel.v1 import kernel_pb2
+
+    pm = PluginManager.load([], env={}, autoload=False)
+    sent = Policy(
+        unit="echo",
+        balancer="ring_hash",
+        balancer_options={"replicas": 3},
+        breaker="ratio",
+        breaker_options={"window": 4},
+    )
+    received = Policy.from_pb(sent.to_pb(kernel_pb2.RoutingPolicy))
+    route = Route("hsu.echo.v1.Echo", received, pm)
+    assert route.balancer._replicas == 3  # type: ignore[attr-defined]
+    assert route.breaker("echo-1").window == 4  # type: ignore[attr-defined]
+    bad = attrs.evolve(sent, balancer_options={"replicas": 0, "sed": 1})
+    with pytest.raises(HsuError) as info:
+        Route("hsu.echo.v1.Echo", bad, pm)
+    assert str(info.value) == (
+        "balancer 'ring_hash': routing.balancer_options.sed: unknown key; did you mean 'seed'?; "
+        "balancer 'ring_hash': routing.balancer_options.replicas: must be >= 1, got 0"
     )

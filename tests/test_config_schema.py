@@ -17,8 +17,10 @@ from hsu._kernel.config.model import (
     deployment_from_dict,
     structure_sections,
 )
-from hsu._kernel.config.schema import attrs_schema, deployment_schema
+from hsu._kernel.config.schema import attrs_schema, deployment_schema, plugin_choices
+from hsu._kernel.plugins import PluginManager
 from hsu.errors import ConfigError
+from hsu.testing import build_kernel
 
 jsonschema = pytest.importorskip("jsonschema")
 hsu_echo_demo = pytest.importorskip("hsu_echo.demo")
@@ -109,7 +111,11 @@ def test_deployment_schema_has_core_keys_and_sections():
     assert schema["additionalProperties"] is False
     props = schema["properties"]
     assert props["kernel"] == attrs_schema(KernelSettings)
-    assert props["kernel"]["properties"]["log_tail"] == {"type": "integer", "default": 2000}
+    assert props["kernel"]["properties"]["log_tail"] == {
+        "type": "integer",
+        "minimum": 0,
+        "default": 2000,
+    }
     assert props["units"]["additionalProperties"] == attrs_schema(UnitSpec)
     assert props["plugins"] == {"type": "array", "items": {"type": "string"}}
     assert props["name"] == {"type": "string"}
@@ -140,6 +146,7 @@ WRONG_VALUES = [
     ("units", "command", []),
     ("units", "command", 3),
     ("kernel", "log_tail", 1.5),
+    ("kernel", "log_tail", -1),
     ("kernel", "address", 7420),
     ("echo-demo", "calls", "3"),
 ]
@@ -195,3 +202,138 @@ def test_schema_and_loader_agree_on_units(unit):
     except ConfigError:
         loads = False
     assert (errors(document) == []) is loads
+
+
+# -- plugin options: probes, balancers, breakers ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def plugins() -> PluginManager:
+    return PluginManager.load([], env={}, autoload=False)
+
+
+def plugin_errors(plugins: PluginManager, document: Any) -> list[str]:
+    schema = deployment_schema(SECTIONS, **plugin_choices(plugins))
+    validator = jsonschema.Draft202012Validator(schema)
+    found = []
+    for e in validator.iter_errors(document):
+        for sub in [e, *e.context]:  # health is "an object or null": look inside
+            found.append(f"{list(sub.absolute_path)}: {sub.message}")
+    return found
+
+
+def loader_accepts(document: Any) -> bool:
+    """What the kernel makes of it: its plugins' defaults, names and options."""
+    try:
+        build_kernel(document)
+    except ConfigError:
+        return False
+    return True
+
+
+def with_unit(**unit: Any) -> dict[str, Any]:
+    document = demo_document()
+    document["units"]["echo"].update(unit)
+    return document
+
+
+def test_the_schema_with_plugins_is_valid_and_lists_the_registered_names(plugins):
+    schema = deployment_schema(SECTIONS, **plugin_choices(plugins))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    unit = schema["properties"]["units"]["additionalProperties"]
+    [health] = [b for b in unit["properties"]["health"]["anyOf"] if b.get("title") == "Health"]
+    assert health["properties"]["probe"]["enum"] == plugins.probe_names()
+    routing = unit["properties"]["routing"]
+    [balancer] = [b for b in routing["properties"]["balancer"]["anyOf"] if "enum" in b]
+    assert balancer["enum"] == plugins.balancer_names()
+    [breaker] = [b for b in routing["properties"]["breaker"]["anyOf"] if "enum" in b]
+    assert breaker["enum"] == plugins.breaker_names()
+
+
+def test_each_name_gets_its_options_with_types_defaults_and_bounds(plugins):
+    schema = deployment_schema(SECTIONS, **plugin_choices(plugins))
+    unit = schema["properties"]["units"]["additionalProperties"]
+    routing = unit["properties"]["routing"]
+
+    def options_of(where: dict[str, Any], key: str, name: str, options_key: str) -> Any:
+        for rule in where["allOf"]:
+            if rule["if"]["properties"].get(key) in ({"const": name}, {"enum": [name, None]}):
+                return rule["then"]["properties"][options_key]
+        raise AssertionError(f"no rule for {name}")
+
+    ring = options_of(routing, "balancer", "ring_hash", "balancer_options")
+    assert ring["additionalProperties"] is False
+    assert ring["properties"]["replicas"] == {"type": "integer", "minimum": 1, "default": 100}
+    maglev = options_of(routing, "balancer", "maglev", "balancer_options")["properties"]
+    assert maglev["table_size"] == {
+        "type": "integer",
+        "minimum": 2,
+        "maximum": 2**24,
+        "default": 65537,
+    }
+    ratio = options_of(routing, "breaker", "ratio", "breaker_options")["properties"]
+    assert ratio["ratio"] == {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "default": 0.5,
+    }
+    [health] = [b for b in unit["properties"]["health"]["anyOf"] if b.get("title") == "Health"]
+    tcp = options_of(health, "probe", "tcp", "options")["properties"]
+    assert tcp["port"]["minimum"] == 1 and tcp["port"]["maximum"] == 65535
+    assert options_of(health, "probe", "exec", "options")["required"] == ["command"]
+
+
+GOOD_UNITS = [
+    {
+        "routing": {
+            "balancer": "ring_hash",
+            "balancer_options": {"replicas": 5, "bounded_load": 1.25},
+        }
+    },
+    {"routing": {"balancer": "maglev", "balancer_options": {"table_size": 5003}}},
+    {"routing": {"balancer": "p2c", "balancer_options": {"seed": 3}}},
+    {"routing": {"breaker": "ratio", "breaker_options": {"window": 5, "min_calls": 5}}},
+    {"routing": {"breaker_options": {"failures": 2, "cooldown": 0.5}}},
+    {"health": {"probe": "tcp", "options": {"port": 8080}}},
+    {"health": {"probe": "http", "options": {"url": "http://127.0.0.1:8080/healthz"}}},
+    {"health": {"probe": "exec", "options": {"command": ["true"]}}},
+    {"health": {"probe": "process"}},
+    {"health": None},
+]
+BAD_UNITS = [
+    {"routing": {"balancer": "ring_hash", "balancer_options": {"replicas": 0}}},
+    {"routing": {"balancer": "ring_hash", "balancer_options": {"replicas": "2"}}},
+    {"routing": {"balancer": "ring_hash", "balancer_options": {"bounded_load": 0.5}}},
+    {"routing": {"balancer": "maglev", "balancer_options": {"tablesize": 7}}},
+    {"routing": {"balancer": "p2", "balancer_options": {}}},
+    {"routing": {"balancer_options": {"seed": 1}}},  # the default round_robin has none
+    {"routing": {"breaker": "ratio", "breaker_options": {"ratio": 1.5}}},
+    {"routing": {"breaker_options": {"failures": 0}}},
+    {"health": {"probe": "tcp", "options": {"port": 70000}}},
+    {"health": {"probe": "exec", "options": {}}},
+    {"health": {"probe": "process", "options": {"pid": 1}}},
+    {"health": {"probe": "tpc"}},
+]
+
+
+@pytest.mark.parametrize("unit", GOOD_UNITS)
+def test_real_plugin_options_validate_and_load(plugins, unit):
+    document = with_unit(**copy.deepcopy(unit))
+    assert plugin_errors(plugins, document) == []
+    assert loader_accepts(document)
+
+
+@pytest.mark.parametrize("unit", BAD_UNITS)
+def test_a_bad_plugin_option_fails_validation_and_loading(plugins, unit):
+    document = with_unit(**copy.deepcopy(unit))
+    assert plugin_errors(plugins, document), f"{unit} passed the schema"
+    assert not loader_accepts(document)
+
+
+def test_a_bad_option_is_reported_at_its_path(plugins):
+    document = with_unit(routing={"balancer": "ring_hash", "balancer_options": {"replicas": 0}})
+    assert plugin_errors(plugins, document) == [
+        "['units', 'echo', 'routing', 'balancer_options', 'replicas']:"
+        " 0 is less than the minimum of 1"
+    ]

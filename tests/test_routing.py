@@ -271,6 +271,76 @@ async def test_killing_instances_under_load_fails_no_idempotent_call(hsu_kernel_
     await until(lambda: len(ready(kernel)) == 3)
 
 
+async def test_every_caller_fails_over_an_idempotent_call_the_same_way(hsu_kernel_factory):
+    """hsu.connect, hsu.connect_sync, kernel.connect() and the gateway run one
+    call loop (hsu.client.route.Tries): with a dead instance listed next to a
+    live one, each tries every idempotent call again on the live one, and a
+    call of a method that is not idempotent that went to the dead one fails
+    with UNAVAILABLE: one call in two, as round robin alternates."""
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "echo": echo_unit(
+                    start="at-start", routing={"idempotent": ["Echo"], "breaker": "none"}
+                )
+            }
+        }
+    )
+    [real] = ready(kernel)
+    ghost = Endpoint("ghost", "echo", f"127.0.0.1:{free_port()}", (ECHO,))
+    await kernel.routing.registry.put(ghost)
+    await until(lambda: "ghost" in kernel.routing.route(ECHO).endpoints, 10)
+    echo_request = echo_pb2.EchoRequest(message="x")
+    stream_request = echo_pb2.EchoStreamRequest(message="s", count=1)
+
+    async def calls_async(channel):
+        echo = echo_pb2_grpc.EchoStub(channel)
+        pids = {(await echo.Echo(echo_request, timeout=5)).pid for _ in range(6)}
+        outcomes = []
+        for _ in range(6):
+            try:
+                outcomes.append(len([r async for r in echo.EchoStream(stream_request, timeout=5)]))
+            except grpc.aio.AioRpcError as exc:
+                outcomes.append(exc.code().name)
+        return pids, collections.Counter(outcomes)
+
+    def calls_sync(channel):
+        echo = echo_pb2_grpc.EchoStub(channel)
+        pids = {echo.Echo(echo_request, timeout=5).pid for _ in range(6)}
+        outcomes = []
+        for _ in range(6):
+            try:
+                outcomes.append(len(list(echo.EchoStream(stream_request, timeout=5))))
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+        return pids, collections.Counter(outcomes)
+
+    seen = {}
+    try:
+        async with hsu.connect(kernel.address) as channel:
+            route = await channel.route(ECHO, 10)
+            await until(lambda: "ghost" in route.endpoints, 10)
+            seen["connect"] = await calls_async(channel)
+        sync_channel = hsu.connect_sync(kernel.address)
+        try:
+            route = await asyncio.to_thread(sync_channel.route, ECHO, 10)
+            await until(lambda: "ghost" in route.endpoints, 10)
+            seen["connect_sync"] = await asyncio.to_thread(calls_sync, sync_channel)
+        finally:
+            await asyncio.to_thread(sync_channel.close)
+        local = kernel.connect()
+        try:
+            seen["kernel.connect"] = await calls_async(local)
+        finally:
+            await local.close()
+        async with grpc.aio.insecure_channel(kernel.address) as plain:
+            seen["gateway"] = await calls_async(plain)
+    finally:
+        await kernel.routing.registry.delete("ghost")
+    expected = ({real.pid}, collections.Counter({1: 3, "UNAVAILABLE": 3}))
+    assert seen == dict.fromkeys(("connect", "connect_sync", "kernel.connect", "gateway"), expected)
+
+
 # -- the circuit breaker ------------------------------------------------------------------
 
 

@@ -98,9 +98,9 @@ def hsu_register_probes(register: Register[Probe]) -> None:
     """Register a health probe, under a name units refer to.
 
     :param register: ``register(name, probe)``; ``probe`` satisfies
-        :class:`hsu.ports.Probe`: ``check_options(options)`` returns the
-        problems with a unit's ``health.options`` (checked when the deployment
-        is loaded) and ``check(target, timeout)`` runs one probe. A unit picks
+        :class:`hsu.ports.Probe`: ``options`` is the attrs class a unit's
+        ``health.options`` are structured into (when the deployment is
+        loaded) and ``check(target, timeout)`` runs one probe. A unit picks
         one with ``health: {probe: NAME}``. The default probe
         (``default=True``, built in ``grpc``) checks an instance the kernel
         re-attached to, and an ``unmanaged`` unit found by address. A
@@ -117,7 +117,7 @@ def hsu_register_balancers(register: Register[Factory]) -> None:
     :param register: ``register(name, factory)``; ``factory`` satisfies
         :class:`hsu.ports.Factory` and its ``create(options)`` returns a
         :class:`hsu.ports.Balancer`. A unit picks one with
-        ``balancer: {strategy: NAME, options: {...}}`` (default: the one
+        ``routing: {balancer: NAME, balancer_options: {...}}`` (default: the one
         registered with ``default=True``, built in ``round_robin``). A
         clashing name is an error naming both plugins.
 
@@ -133,7 +133,7 @@ def hsu_register_breakers(register: Register[Factory]) -> None:
     :param register: ``register(name, factory)``; ``factory`` satisfies
         :class:`hsu.ports.Factory` and its ``create(options)`` returns a
         :class:`hsu.ports.CircuitBreaker`. A unit picks one with
-        ``breaker: {kind: NAME, options: {...}}`` (default: the one
+        ``routing: {breaker: NAME, breaker_options: {...}}`` (default: the one
         registered with ``default=True``, built in ``consecutive``). A
         clashing name is an error naming both plugins.
 

@@ -284,14 +284,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
     from hsu._kernel.config import loader as config_loader
-    from hsu._kernel.config.schema import deployment_schema
+    from hsu._kernel.config.schema import deployment_schema, plugin_choices
 
     explicit = list(args.plugin)
     if args.deployment:
         deployment, _ = config_loader.load(config_loader.context([args.deployment]), explicit)
         explicit = [*deployment.plugins, *explicit]
     plugins = PluginManager.load(explicit)
-    print(json.dumps(deployment_schema(plugins.settings_classes()), indent=2))
+    schema = deployment_schema(plugins.settings_classes(), **plugin_choices(plugins))
+    print(json.dumps(schema, indent=2))
     return 0
 
 

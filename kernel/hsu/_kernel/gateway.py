@@ -33,7 +33,7 @@ import grpc
 from loguru import logger
 
 from hsu.client.route import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
-from hsu.client.route import Caller, Route, Tries, only, unavailable
+from hsu.client.route import Caller, Route, Tries, unavailable
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.ports import Endpoint
 
@@ -219,7 +219,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         """A unary call: the request is one message, so any try can replay it."""
         tries, metadata = await self._tries(method, interface, context)
 
-        async def attempt(ep: Endpoint) -> AsyncIterator[bytes]:
+        async def attempt(ep: Endpoint) -> bytes:
             mc = self._unary_calls.get((ep.address, method))
             if mc is None:
                 mc = self._unary_calls[ep.address, method] = self.channel(ep.address).unary_unary(
@@ -231,10 +231,10 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             if initial:
                 await context.send_initial_metadata(tuple(initial))
             await _relay_trailing(call, context)
-            yield reply
+            return reply
 
         try:
-            return await only(tries.run_async(attempt, self._ensure(context)))
+            return await tries.call_async(attempt, self._ensure(context))
         except grpc.aio.AioRpcError as exc:
             await _fail(exc, context)
 
@@ -327,7 +327,8 @@ class _Requests:
     """
 
     def __init__(self, source: AsyncIterator[bytes]):
-        self._source = source.__aiter__()
+        self._from = source
+        self._source: AsyncIterator[bytes] | None = None  # opened on the first read
         self._lock = asyncio.Lock()
         self.kept: list[bytes] = []
         self.size = 0
@@ -336,6 +337,8 @@ class _Requests:
 
     async def _next(self) -> bytes | None:
         """Read one more message from the caller (None at its end)."""
+        if self._source is None:
+            self._source = self._from.__aiter__()
         try:
             msg = await self._source.__anext__()
         except StopAsyncIteration:

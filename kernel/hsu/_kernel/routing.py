@@ -42,12 +42,13 @@ DRAIN_SETTLE = 0.05
 
 
 def policy_of(unit: str, r: Routing) -> Policy:
-    """How callers route to ``unit``: its ``routing:``, as the kernel hands it out."""
+    """How callers route to ``unit``: its ``routing:``, as the kernel hands it
+    out (a name left unset falls back as in :meth:`Policy.from_pb`)."""
     return Policy(
         unit=unit,
-        balancer=r.balancer,
+        balancer=r.balancer or "round_robin",
         balancer_options=dict(r.balancer_options),
-        breaker=r.breaker,
+        breaker=r.breaker or "consecutive",
         breaker_options=dict(r.breaker_options),
         hash_key=r.hash_key,
         idempotent=tuple(r.idempotent),

@@ -37,17 +37,15 @@ from loguru import logger
 
 from hsu.client.route import (
     CHANNEL_OPTIONS,
-    RETRIED,
     Caller,
     Factories,
     Policy,
     Route,
-    Tries,
+    RoutedMethod,
     cannot_take,
     endpoint_from_pb,
     installed,
     load_plugins,
-    only,
     unavailable,
 )
 from hsu.errors import HsuError
@@ -183,46 +181,10 @@ class RoutedChannel:
             task.add_done_callback(self._closing.discard)
 
 
-class _Call:
-    """What the four call kinds share: one :class:`Tries` per call."""
-
-    def __init__(
-        self, channel: RoutedChannel, method: str, serializer: Any, deserializer: Any, kind: str
-    ) -> None:
-        self._ch = channel
-        self._method = method
-        self._interface = method.lstrip("/").partition("/")[0]
-        self._ser = serializer
-        self._de = deserializer
-        self._kind = kind
-        #: the per-instance multicallable and the channel it is on, by address
-        self._calls: dict[str, tuple[Any, Any]] = {}
-
-    async def _tries(self, timeout: float | None, metadata: Any, key: str | None) -> Tries:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        route = await self._ch.route(self._interface, timeout)
-        if metadata and key is None:
-            hk = route.policy.hash_key
-            for k, v in metadata:
-                if k == hk:
-                    key = v if isinstance(v, str) else bytes(v).decode("latin-1")
-                    break
-        return Tries(
-            self._ch._caller,
-            route,
-            self._method,
-            key,
-            deadline=deadline,
-            retries=self._kind in RETRIED,
-        )
-
-    def _callable(self, address: str) -> Any:
-        channel = self._ch.channel(address)
-        made = self._calls.get(address)
-        if made is None or made[0] is not channel:  # new, or its channel was closed
-            factory = getattr(channel, self._kind)
-            made = self._calls[address] = (channel, factory(self._method, self._ser, self._de))
-        return made[1]
+class _Call(RoutedMethod):
+    def __init__(self, ch: RoutedChannel, method: str, ser: Any, de: Any, kind: str) -> None:
+        super().__init__(ch._caller, ch, method, ser, de, kind)
+        self._ch = ch
 
 
 class _Unary(_Call):
@@ -237,13 +199,16 @@ class _Unary(_Call):
         key: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        tries = await self._tries(timeout, metadata, key)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ch = self._ch  # the route's lookup without a coroutine, once it is known:
+        route = ch._routes.get(self._interface) or await ch.route(self._interface, timeout)
+        tries = self._tries(route, deadline, metadata, key)
 
-        async def attempt(ep: Endpoint) -> AsyncIterator[Any]:
+        def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
-            yield await call(request, timeout=tries.left(), metadata=metadata, **kwargs)
+            return call(request, timeout=tries.left(), metadata=metadata, **kwargs)
 
-        return await only(tries.run_async(attempt, self._ch.ensure))
+        return await tries.call_async(attempt, ch.ensure)
 
 
 class _Streaming(_Call):
@@ -263,7 +228,8 @@ class _Streaming(_Call):
     async def _run(
         self, request: Any, timeout: float | None, metadata: Any, key: str | None, kwargs: Any
     ) -> AsyncIterator[Any]:
-        tries = await self._tries(timeout, metadata, key)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tries = self._tries(await self._ch.route(self._interface, timeout), deadline, metadata, key)
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)

@@ -19,9 +19,9 @@ See ``docs/routing.md``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import json
+import threading
 import time
 from collections.abc import (
     AsyncIterable,
@@ -385,10 +385,6 @@ def _make(plugins: Factories, what: str, name: str, options: Mapping[str, Any]) 
 # -- the call loop ----------------------------------------------------------------
 
 
-#: the lock of a caller on one event loop (stateless, so one serves all)
-NO_LOCK: AbstractContextManager[Any] = contextlib.nullcontext()
-
-
 @attrs.frozen
 class Caller:
     """What one routed caller (a channel, the gateway) brings to every call."""
@@ -400,7 +396,9 @@ class Caller:
     began: Callable[[Endpoint], None] | None = None
     ended: Callable[[Endpoint], None] | None = None
     #: held around the route's bookkeeping, for a caller with many threads
-    lock: AbstractContextManager[Any] = NO_LOCK
+    #: (a caller on one event loop keeps its own: never contended, and
+    #: cheaper than a no-op written in Python)
+    lock: AbstractContextManager[Any] = attrs.field(factory=threading.Lock)
     #: told of each retry: (method, the instance that failed, its status code)
     on_retry: Callable[[str, Endpoint, grpc.StatusCode], None] | None = None
 
@@ -413,14 +411,16 @@ AsyncEnsure = Callable[[Route, float | None], Awaitable[Route]]
 class Tries:
     """One routed call's attempts: the call loop, written once.
 
-    :meth:`run_async` and :meth:`run` step through it, the one awaiting, the
-    other blocking; both yield the replies of the attempt that got through.
-    An attempt (``attempt(endpoint)``) returns the replies of one try, a
-    unary call's one reply as a one-item iterable; an RPC error it raises is
-    the instance's outcome. A try is retried on another instance when the
-    instance could not take it (:data:`INSTANCE_FAILED`), no reply came,
-    ``retries`` (the caller can replay the request), the deadline has not
-    passed, the method is idempotent, ``replayable`` (if given) says yes and
+    The steps (pick and begin, end with the outcome, decide a retry) are
+    here; :meth:`call_async` (one reply), :meth:`run_async` (a stream of
+    replies) and :meth:`run` (blocking) only step through them, awaiting or
+    blocking on ``attempt(endpoint)``, one try's reply or replies (an RPC
+    error it raises is the instance's outcome), and on ``ensure``, which
+    starts an instance when none is routable. A try is retried on another
+    instance when the instance could not take it (:data:`INSTANCE_FAILED`),
+    no reply came, ``retries`` (the caller can send the request again), the
+    deadline has not passed, the method is idempotent, ``replayable`` (for
+    :meth:`run_async`: the caller kept the request stream) says yes and
     :meth:`Route.may_retry` allows it; else the error goes to the caller.
     """
 
@@ -466,21 +466,32 @@ class Tries:
         """Seconds to the call's deadline (``None``: it has none)."""
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
+    async def call_async(
+        self, attempt: Callable[[Endpoint], Awaitable[T]], ensure: AsyncEnsure
+    ) -> T:
+        """A call with one reply: the reply of the try that got through."""
+        while True:
+            ep = self._pick() or self._pick_after(await ensure(self.route, self.left()))
+            with self:
+                return await attempt(ep)
+
     async def run_async(
         self, attempt: Callable[[Endpoint], AsyncIterable[T]], ensure: AsyncEnsure
     ) -> AsyncIterator[T]:
+        """A call's replies, from the try that got through."""
         while True:
             ep = self._pick() or self._pick_after(await ensure(self.route, self.left()))
-            async with self._trying(ep):
+            async with self:
                 async for reply in attempt(ep):
                     self.replied = True
                     yield reply
                 return
 
     def run(self, attempt: Callable[[Endpoint], Iterable[T]], ensure: Ensure) -> Iterator[T]:
+        """The same, blocking: a unary call's one reply is a one-item iterable."""
         while True:
             ep = self._pick() or self._pick_after(ensure(self.route, self.left()))
-            with self._trying(ep):
+            with self:
                 for reply in attempt(ep):
                     self.replied = True
                     yield reply
@@ -488,36 +499,30 @@ class Tries:
 
     # -- the steps ------------------------------------------------------------------
 
-    def _pick(self) -> Endpoint | None:
+    def _pick(self, ensured: bool = False) -> Endpoint | None:
         """The next try's endpoint, begun; ``None`` when none is routable
         (the driver then starts one and calls :meth:`_pick_after`)."""
         route = self.route
-        with self._caller.lock:
-            ep = route.pick(self.key, self.exclude)
+        caller = self._caller
+        with caller.lock:
+            ep = route.pick(self.key, "" if ensured else self.exclude)
             if ep is None:
-                if route.routable:  # every breaker refuses
-                    raise self._caller.no_instance(route)
+                if ensured or route.routable:  # else every breaker refuses
+                    raise caller.no_instance(route)
                 return None
             route.begin(ep)
-        if self._caller.began is not None:
-            self._caller.began(ep)
+        if caller.began is not None:
+            caller.began(ep)
+        self._ep = ep
+        self.replied = False
         return ep
 
     def _pick_after(self, route: Route) -> Endpoint:
+        """The same, from the route ``ensure`` gave (any instance will do)."""
         self.route = route
-        with self._caller.lock:
-            ep = route.pick(self.key)
-            if ep is None:
-                raise self._caller.no_instance(route)
-            route.begin(ep)
-        if self._caller.began is not None:
-            self._caller.began(ep)
+        ep = self._pick(ensured=True)
+        assert ep is not None
         return ep
-
-    def _trying(self, ep: Endpoint) -> Tries:
-        self._ep = ep
-        self.replied = False
-        return self
 
     def __enter__(self) -> None:
         pass
@@ -539,12 +544,14 @@ class Tries:
         """End the try with its outcome; True when it may be tried again."""
         ep = self._ep
         assert ep is not None
-        failed = isinstance(exc, grpc.RpcError) and exc.code() in INSTANCE_FAILED
-        with self._caller.lock:
+        caller = self._caller
+        rpc = exc is not None and isinstance(exc, grpc.RpcError)
+        failed = rpc and exc.code() in INSTANCE_FAILED  # type: ignore[union-attr]
+        with caller.lock:
             self.route.end(ep, not failed)
-        if self._caller.ended is not None:
-            self._caller.ended(ep)
-        if not isinstance(exc, grpc.RpcError):
+        if caller.ended is not None:
+            caller.ended(ep)
+        if not rpc:
             return False
         self.attempts += 1
         return (
@@ -568,6 +575,51 @@ class Tries:
         return True
 
 
+class Channels(Protocol):
+    """A routed channel's pool: one grpc channel per instance address."""
+
+    def channel(self, address: str) -> Any: ...
+
+
+class RoutedMethod:
+    """One method of a routed channel, as a generated stub keeps it (the
+    asyncio and the blocking channel's multicallables): a :class:`Tries` per
+    call, and a multicallable per instance."""
+
+    def __init__(
+        self, caller: Caller, pool: Channels, method: str, ser: Any, de: Any, kind: str
+    ) -> None:
+        self._caller = caller
+        self._pool = pool
+        self._method = method
+        self._interface = method.lstrip("/").partition("/")[0]
+        self._ser = ser
+        self._de = de
+        self._kind = kind
+        #: the per-instance multicallable and the channel it is on, by address
+        self._calls: dict[str, tuple[Any, Any]] = {}
+
+    def _tries(self, route: Route, deadline: float | None, metadata: Any, key: str | None) -> Tries:
+        """A call's tries; its key is ``key``, else the policy's hash key's
+        value in ``metadata``."""
+        if metadata and key is None:
+            hk = route.policy.hash_key
+            for k, v in metadata:
+                if k == hk:
+                    key = v if isinstance(v, str) else bytes(v).decode("latin-1")
+                    break
+        retries = self._kind in RETRIED
+        return Tries(self._caller, route, self._method, key, deadline=deadline, retries=retries)
+
+    def _callable(self, address: str) -> Any:
+        channel = self._pool.channel(address)
+        made = self._calls.get(address)
+        if made is None or made[0] is not channel:  # new, or its channel was closed
+            factory = getattr(channel, self._kind)
+            made = self._calls[address] = (channel, factory(self._method, self._ser, self._de))
+        return made[1]
+
+
 def cannot_take(route: Route) -> str:
     """Why no instance took a call (for the client's UNAVAILABLE)."""
     return f"hsu: no instance serving {route.interface!r} can take the call" + (
@@ -581,9 +633,3 @@ def unavailable(details: str) -> Exception:
         grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
     )
     return error
-
-
-async def only(replies: AsyncIterable[T]) -> T:
-    """A unary call's reply: the one item, after the try has ended."""
-    [reply] = [r async for r in replies]
-    return reply

@@ -32,12 +32,11 @@ from loguru import logger
 from hsu.client.aio import DEFAULT_KERNEL, START_TIMEOUT
 from hsu.client.route import (
     CHANNEL_OPTIONS,
-    RETRIED,
     Caller,
     Factories,
     Policy,
     Route,
-    Tries,
+    RoutedMethod,
     cannot_take,
     endpoint_from_pb,
     installed,
@@ -212,22 +211,10 @@ def _no_instance(route: Route) -> BaseException:
     return NoInstance(grpc.StatusCode.UNAVAILABLE, cannot_take(route))
 
 
-class _Call:
+class _Call(RoutedMethod):
     def __init__(self, ch: SyncRoutedChannel, method: str, ser: Any, de: Any, kind: str):
+        super().__init__(ch._caller, ch, method, ser, de, kind)
         self._ch = ch
-        self._method = method
-        self._interface = method.lstrip("/").partition("/")[0]
-        self._ser = ser
-        self._de = de
-        self._kind = kind
-        self._calls: dict[str, Any] = {}
-
-    def _callable(self, address: str) -> Any:
-        call = self._calls.get(address)
-        if call is None:
-            factory = getattr(self._ch.channel(address), self._kind)
-            call = self._calls[address] = factory(self._method, self._ser, self._de)
-        return call
 
     def __call__(
         self,
@@ -239,9 +226,6 @@ class _Call:
         **kwargs: Any,
     ) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
-        if metadata and key is None:
-            hk = self._ch.route(self._interface, timeout).policy.hash_key
-            key = next((v for k, v in metadata if k == hk), None)
         replies = self._replies(request, deadline, metadata, key, kwargs)
         if self._kind in ("unary_stream", "stream_stream"):
             return replies
@@ -253,15 +237,7 @@ class _Call:
     ) -> Iterator[Any]:
         streaming = self._kind.endswith("_stream")
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        route = self._ch.route(self._interface, left)
-        tries = Tries(
-            self._ch._caller,
-            route,
-            self._method,
-            key,
-            deadline=deadline,
-            retries=self._kind in RETRIED,
-        )
+        tries = self._tries(self._ch.route(self._interface, left), deadline, metadata, key)
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)

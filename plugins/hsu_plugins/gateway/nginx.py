@@ -591,17 +591,17 @@ def _header_variable(name: str) -> str:
     return "$http_" + re.sub(r"[^a-z0-9_]", "_", name.lower())
 
 
-def _balancing(balancer: str, hash_key: str) -> str:
+def _balancing(balancer: str | None, hash_key: str) -> str:
     return {
         "least_inflight": "least_conn;",
         "random": "random;",
         "p2c": "random two least_conn;",
         "ring_hash": f"hash {_header_variable(hash_key)} consistent;",
         "maglev": f"hash {_header_variable(hash_key)} consistent;",
-    }.get(balancer, "")
+    }.get(balancer or "", "")
 
 
-def _fails(breaker: str, options: Mapping[str, Any]) -> str:
+def _fails(breaker: str | None, options: Mapping[str, Any]) -> str:
     if breaker == "none":
         return " max_fails=0"
     if breaker == "consecutive":

@@ -12,8 +12,6 @@ One module per probe kind: adding one is adding a module here and a line to
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import hsu
 from hsu.ports import Probe, Register
 from hsu_plugins.probes.exec import ExecProbe

@@ -428,8 +428,7 @@ def structure_options(
                     found.extend(_messages(sub, path))
                 else:  # the class refused the values
                     refused.append((path, str(sub)))
-            if not with_notes:  # every value has its type: run every validator
-                found.extend(_validator_problems(cls, raw, path) or refused)
+            found.extend(_validator_problems(cls, raw, path) or refused)
         else:
             found = _messages(exc, path)
         problems = [describe(p, m, source, origins or {}) for p, m in found]
@@ -443,23 +442,32 @@ _ATTRS_BOUND = re.compile(r"(must be (?:<|<=|>|>=) \S+): (.*)")
 def _validator_problems(
     cls: type[Any], raw: Mapping[str, Any], path: PathT
 ) -> list[tuple[PathT, str]]:
-    """Every validator of ``cls`` that ``raw`` (of the right types) fails, each
-    at its field: attrs stops at the first one that fails."""
-    attrs.resolve_types(cls)
+    """Every validator of ``cls`` that ``raw`` fails, each at its field (attrs
+    stops at the first one that fails). A value of the wrong type is reported
+    by the converter; its field is skipped here, and others see its default."""
+    try:
+        attrs.resolve_types(cls)
+    except NameError:  # an annotation not importable here: the caller says why
+        return []
     obj = object.__new__(cls)
     fields = attrs.fields(cls)
+    typed: set[str] = set()
     for f in fields:
-        if f.name in raw:  # structured once already, without a problem
-            value = converter.structure(raw[f.name], f.type)
-        elif isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
-            factory: Any = f.default
-            value = factory.factory(obj) if factory.takes_self else factory.factory()
+        value: Any = f.default
+        if isinstance(value, attrs.Factory):  # type: ignore[arg-type]
+            value = value.factory(obj) if value.takes_self else value.factory()
+        if f.name in raw:
+            try:
+                value = converter.structure(raw[f.name], f.type)
+                typed.add(f.name)
+            except Exception:
+                pass
         else:
-            value = f.default
+            typed.add(f.name)
         object.__setattr__(obj, f.name, value)
     out: list[tuple[PathT, str]] = []
     for f in fields:
-        if f.validator is None:
+        if f.validator is None or f.name not in typed or getattr(obj, f.name) is attrs.NOTHING:
             continue
         try:
             f.validator(obj, f, getattr(obj, f.name))
@@ -620,7 +628,7 @@ def check_units(
         )
 
     for name, spec in units.items():
-        if spec.launcher not in launchers:
+        if spec.launcher is not None and spec.launcher not in launchers:
             problem(
                 name,
                 ("launcher",),

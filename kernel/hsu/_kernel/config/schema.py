@@ -33,10 +33,10 @@ _COMMAND = {"anyOf": [{"type": "string", "minLength": 1}, {**_STRINGS, "minItems
 _NO_DEFAULT = object()
 
 # attrs' validator classes, to read bounds from (their names are private)
-_AND = type(attrs.validators.and_())
-_OPTIONAL = type(attrs.validators.optional(attrs.validators.ge(0)))
-_NUMBER = type(attrs.validators.ge(0))
-_IN = type(attrs.validators.in_(()))
+_AND: Any = type(attrs.validators.and_())
+_OPTIONAL: Any = type(attrs.validators.optional(attrs.validators.ge(0)))
+_NUMBER: Any = type(attrs.validators.ge(0))
+_IN: Any = type(attrs.validators.in_(()))
 _BOUNDS = {">=": "minimum", ">": "exclusiveMinimum", "<=": "maximum", "<": "exclusiveMaximum"}
 
 
@@ -161,6 +161,7 @@ def plugin_choices(plugins: Any) -> dict[str, Any]:
 def _object_titled(schema: dict[str, Any], title: str) -> dict[str, Any] | None:
     """The object schema of the attrs class ``title``: ``schema`` or one of its
     ``anyOf`` branches (an optional field)."""
+    candidate: dict[str, Any]
     for candidate in [schema, *schema.get("anyOf", ())]:
         if candidate.get("title") == title:
             return candidate
