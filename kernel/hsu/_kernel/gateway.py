@@ -99,13 +99,13 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         if kind == (False, True):
 
             async def server_streaming(request: bytes, context: Any) -> AsyncIterator[bytes]:
-                async for reply in self._unary_stream(method, interface, request, context):
+                async for reply in self._streaming(method, interface, request, context):
                     yield reply
 
             return grpc.unary_stream_rpc_method_handler(server_streaming)
 
         async def forward(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-            async for reply in self._forward(method, interface, requests, context):
+            async for reply in self._streaming(method, interface, _Requests(requests), context):
                 yield reply
 
         return grpc.stream_stream_rpc_method_handler(forward)
@@ -238,36 +238,27 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         except grpc.aio.AioRpcError as exc:
             await _fail(exc, context)
 
-    async def _unary_stream(
-        self, method: str, interface: str, request: bytes, context: Any
+    async def _streaming(
+        self, method: str, interface: str, request: bytes | _Requests, context: Any
     ) -> AsyncIterator[bytes]:
-        tries, metadata = await self._tries(method, interface, context)
+        """A server-streaming call (one request), or any kind as a stream
+        (``_Requests``, until reflection told the method's kind): retried only
+        when every request was kept."""
+        reqs = request if isinstance(request, _Requests) else None
+        replayable = None if reqs is None else reqs.read_all
+        tries, metadata = await self._tries(method, interface, context, replayable)
 
         def attempt(ep: Endpoint) -> AsyncIterator[bytes]:
-            call = self.channel(ep.address).unary_stream(method)(
-                request, timeout=context.time_remaining(), metadata=metadata
-            )
-            return _relay(call, context)
-
-        try:
-            async for reply in tries.run_async(attempt, self._ensure(context)):
-                yield reply
-        except grpc.aio.AioRpcError as exc:
-            await _fail(exc, context)
-
-    async def _forward(
-        self, method: str, interface: str, requests: AsyncIterator[bytes], context: Any
-    ) -> AsyncIterator[bytes]:
-        """Any kind, as a stream: retried only when every request was kept."""
-        reqs = _Requests(requests)
-        tries, metadata = await self._tries(method, interface, context, reqs.read_all)
-
-        def attempt(ep: Endpoint) -> AsyncIterator[bytes]:
-            if interface not in self._learning:
-                self._learn(interface, ep.address)
-            call = self.channel(ep.address).stream_stream(method)(
-                reqs.stream(), timeout=context.time_remaining(), metadata=metadata
-            )
+            channel = self.channel(ep.address)
+            timeout = context.time_remaining()
+            if reqs is None:
+                call = channel.unary_stream(method)(request, timeout=timeout, metadata=metadata)
+            else:
+                if interface not in self._learning:
+                    self._learn(interface, ep.address)
+                call = channel.stream_stream(method)(
+                    reqs.stream(), timeout=timeout, metadata=metadata
+                )
             return _relay(call, context)
 
         try:

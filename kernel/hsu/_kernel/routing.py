@@ -43,12 +43,12 @@ DRAIN_SETTLE = 0.05
 
 def policy_of(unit: str, r: Routing) -> Policy:
     """How callers route to ``unit``: its ``routing:``, as the kernel hands it
-    out (a name left unset falls back as in :meth:`Policy.from_pb`)."""
+    out (a name left unset, for a unit with no interfaces: "")."""
     return Policy(
         unit=unit,
-        balancer=r.balancer or "round_robin",
+        balancer=r.balancer or "",
         balancer_options=dict(r.balancer_options),
-        breaker=r.breaker or "consecutive",
+        breaker=r.breaker or "",
         breaker_options=dict(r.breaker_options),
         hash_key=r.hash_key,
         idempotent=tuple(r.idempotent),

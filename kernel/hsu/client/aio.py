@@ -42,6 +42,7 @@ from hsu.client.route import (
     Policy,
     Route,
     RoutedMethod,
+    apply_update,
     cannot_take,
     endpoint_from_pb,
     installed,
@@ -322,12 +323,7 @@ class _RemoteResolver(_Resolver):
 
     def _apply(self, route: Route, update: Any) -> None:
         before = {e.address for e in route.endpoints.values()}
-        if update.snapshot:
-            route.replace(endpoint_from_pb(e) for e in update.endpoints)
-        elif update.kind == "put":
-            route.put(endpoint_from_pb(update.endpoints[0]))
-        else:
-            route.delete(update.endpoints[0].instance_id)
+        apply_update(route, update)
         gone = before - {e.address for e in route.endpoints.values()}
         if self.channel is not None:
             for address in gone:

@@ -71,6 +71,8 @@ class Factories(Protocol):
 
     def breaker_names(self) -> list[str]: ...
 
+    def default(self, kind: str) -> str | None: ...
+
 
 def load_plugins() -> Factories:
     """Every installed hsu plugin, for a caller outside the kernel's process."""
@@ -87,9 +89,11 @@ class Policy:
     """How callers route to one unit: its ``routing:`` as the kernel hands it out."""
 
     unit: str
-    balancer: str = "round_robin"
+    #: "" (and a name not installed here): the default this process's plugins
+    #: declare (see :func:`installed`)
+    balancer: str = ""
     balancer_options: Mapping[str, Any] = attrs.field(factory=dict)
-    breaker: str = "consecutive"
+    breaker: str = ""
     breaker_options: Mapping[str, Any] = attrs.field(factory=dict)
     hash_key: str = "hsu-key"
     idempotent: tuple[str, ...] = ()
@@ -115,9 +119,9 @@ class Policy:
     def from_pb(cls, msg: Any) -> Policy:
         return cls(
             unit=msg.unit,
-            balancer=msg.balancer or "round_robin",
+            balancer=msg.balancer,
             balancer_options=json.loads(msg.balancer_options_json or "{}"),
-            breaker=msg.breaker or "consecutive",
+            breaker=msg.breaker,
             breaker_options=json.loads(msg.breaker_options_json or "{}"),
             hash_key=msg.hash_key,
             idempotent=tuple(msg.idempotent),
@@ -137,23 +141,32 @@ class Policy:
 
 
 def installed(policy: Policy, plugins: Factories) -> Policy:
-    """The policy, with a balancer or breaker this process lacks replaced by
-    the default (and a warning)."""
+    """The policy, with a balancer or breaker that is unset, or not installed in
+    this process, replaced by the default its plugins declare (with a warning
+    for one not installed)."""
     changes: dict[str, Any] = {}
-    if policy.balancer not in plugins.balancer_names():
-        logger.warning(
-            "hsu: balancer {!r} of unit {!r} is not installed here; using round_robin",
-            policy.balancer,
-            policy.unit,
-        )
-        changes.update(balancer="round_robin", balancer_options={})
-    if policy.breaker not in plugins.breaker_names():
-        logger.warning(
-            "hsu: breaker {!r} of unit {!r} is not installed here; using consecutive",
-            policy.breaker,
-            policy.unit,
-        )
-        changes.update(breaker="consecutive", breaker_options={})
+    for kind, names in (
+        ("balancer", plugins.balancer_names()),
+        ("breaker", plugins.breaker_names()),
+    ):
+        name = getattr(policy, kind)
+        if name in names:
+            continue
+        default = plugins.default(kind)
+        if default is None:
+            raise HsuError(
+                f"unit {policy.unit!r}: no {kind} {name or '(default)'} in this process,"
+                f" and no installed plugin declares a default {kind}"
+            )
+        if name:
+            logger.warning(
+                "hsu: {} {!r} of unit {!r} is not installed here; using {}",
+                kind,
+                name,
+                policy.unit,
+                default,
+            )
+        changes.update({kind: default, f"{kind}_options": {}})
     return attrs.evolve(policy, **changes) if changes else policy
 
 
@@ -179,6 +192,16 @@ def endpoint_from_pb(msg: Any) -> Endpoint:
         weight=max(1, msg.weight),
         metadata=dict(msg.metadata),
     )
+
+
+def apply_update(route: Route, update: Any) -> None:
+    """One ``Kernel.WatchEndpoints`` update, onto the route."""
+    if update.snapshot:
+        route.replace(endpoint_from_pb(e) for e in update.endpoints)
+    elif update.kind == "put":
+        route.put(endpoint_from_pb(update.endpoints[0]))
+    else:
+        route.delete(update.endpoints[0].instance_id)
 
 
 # -- the route ------------------------------------------------------------------

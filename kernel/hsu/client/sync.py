@@ -37,6 +37,7 @@ from hsu.client.route import (
     Policy,
     Route,
     RoutedMethod,
+    apply_update,
     cannot_take,
     endpoint_from_pb,
     installed,
@@ -177,12 +178,7 @@ class SyncRoutedChannel:
                 for update in stream:
                     backoff = 0.1
                     with self._lock:
-                        if update.snapshot:
-                            route.replace(endpoint_from_pb(e) for e in update.endpoints)
-                        elif update.kind == "put":
-                            route.put(endpoint_from_pb(update.endpoints[0]))
-                        else:
-                            route.delete(update.endpoints[0].instance_id)
+                        apply_update(route, update)
             except grpc.RpcError as exc:
                 if self._closed or exc.code() is grpc.StatusCode.CANCELLED:
                     return
@@ -227,7 +223,7 @@ class _Call(RoutedMethod):
     ) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         replies = self._replies(request, deadline, metadata, key, kwargs)
-        if self._kind in ("unary_stream", "stream_stream"):
+        if self._kind.endswith("_stream"):
             return replies
         [reply] = replies
         return reply
