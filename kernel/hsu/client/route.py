@@ -396,6 +396,11 @@ def _make(plugins: Factories, what: str, name: str, options: Mapping[str, Any]) 
     from hsu._kernel.config.model import structure_options
     from hsu.errors import ConfigError
 
+    if not name:  # unset: the default this process's plugins declare
+        default = plugins.default(what)
+        if default is None:
+            raise HsuError(f"no {what} named, and no installed plugin declares a default {what}")
+        name = default
     factory = plugins.balancer(name) if what == "balancer" else plugins.breaker(name)
     path = ("routing", f"{what}_options")
     try:
