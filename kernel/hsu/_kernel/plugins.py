@@ -3,7 +3,7 @@
 Loading order (first to last), as ``docs/plugins.md`` documents it:
 
 1. essential built-ins (:data:`ESSENTIAL`), which cannot be blocked;
-2. default built-ins (:data:`DEFAULTS`);
+2. default built-ins: the other entry points of the ``hsu`` distribution;
 3. the explicit list: ``HSU_PLUGINS``, then the deployment's ``plugins:``, then
    ``-p`` on the command line; ``no:NAME`` anywhere in it blocks ``NAME``;
 4. every other entry point in the ``hsu`` group, unless

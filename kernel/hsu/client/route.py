@@ -497,11 +497,20 @@ class Tries:
     async def call_async(
         self, attempt: Callable[[Endpoint], Awaitable[T]], ensure: AsyncEnsure
     ) -> T:
-        """A call with one reply: the reply of the try that got through."""
+        """A call with one reply: the reply of the try that got through.
+
+        The steps as in :meth:`__exit__`, spelled out: this is the path of
+        most routed calls, and a context manager costs two calls more."""
         while True:
             ep = self._pick() or self._pick_after(await ensure(self.route, self.left()))
-            with self:
-                return await attempt(ep)
+            try:
+                reply = await attempt(ep)
+            except BaseException as exc:
+                if self._failed(exc) and self._retry(exc):
+                    continue
+                raise
+            self._succeeded(ep)
+            return reply
 
     async def run_async(
         self, attempt: Callable[[Endpoint], AsyncIterable[T]], ensure: AsyncEnsure
@@ -567,6 +576,13 @@ class Tries:
             and (self._replayable is None or await self._replayable())
             and self._retry(exc)
         )
+
+    def _succeeded(self, ep: Endpoint) -> None:
+        caller = self._caller
+        with caller.lock:
+            self.route.end(ep, True)
+        if caller.ended is not None:
+            caller.ended(ep)
 
     def _failed(self, exc: BaseException | None) -> bool:
         """End the try with its outcome; True when it may be tried again."""
