@@ -775,7 +775,8 @@ def report(
         "",
         "Per-instance differences of a few KiB or a few us/s are close to what varies from",
         "run to run. An idle hsu kernel has no periodic work per instance: exits come",
-        "through pidfds, logs through inotify (`kernel/hsu/_kernel/supervision/logfiles.py`), and probes,",
+        "through pidfds, logs through inotify",
+        "(`kernel/hsu/_kernel/supervision/logfiles.py`), and probes,",
         "limits and idle checks run only for units that configure them.",
         "",
     ]
