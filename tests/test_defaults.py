@@ -81,7 +81,7 @@ def test_the_built_in_defaults_are_the_hsu_distributions_entry_points() -> None:
 
 
 def test_each_default_plugin_that_provides_something_is_covered_here() -> None:
-    assert set(NEEDS) | {"file", "env", "overrides"} == set(_builtin_defaults())
+    assert set(NEEDS) | {"file", "env", "overrides", "gateway"} == set(_builtin_defaults())
 
 
 @pytest.mark.parametrize("blocked", sorted(NEEDS))
@@ -92,7 +92,9 @@ def test_a_deployment_that_needs_a_blocked_default_gets_one_line(blocked: str) -
     assert info.value.problems == [f"<test>: {line}; name one or enable its plugin"]
 
 
-@pytest.mark.parametrize("blocked", [*sorted(set(NEEDS) - {"subprocess"}), "env", "overrides"])
+@pytest.mark.parametrize(
+    "blocked", [*sorted(set(NEEDS) - {"subprocess"}), "env", "overrides", "gateway"]
+)
 async def test_a_deployment_that_does_not_need_a_blocked_default_runs(
     blocked: str, tmp_path: Path
 ) -> None:

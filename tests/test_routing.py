@@ -24,6 +24,7 @@ from hsu.errors import ConfigError
 from hsu.ports import Endpoint
 from hsu.testing import build_kernel
 from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
+from hsu_plugins.gateway import python as gateway_python
 
 pytestmark = pytest.mark.integration
 
@@ -525,7 +526,7 @@ async def test_load_scales_a_unit_up_and_quiet_scales_it_back_down(hsu_kernel_fa
 
 async def test_the_gateway_learns_method_kinds_from_reflection(hsu_kernel_factory):
     kernel = await hsu_kernel_factory({"units": {"echo": echo_unit(start="at-start")}})
-    gateway = kernel._server.gateway
+    gateway = kernel.plugin(gateway_python.PLANE)
     assert gateway is not None and not gateway.kinds
     async with grpc.aio.insecure_channel(kernel.address) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)

@@ -13,7 +13,7 @@ implementation takes only the arguments it needs.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         Changes,
         ConfigSource,
         Deployment,
+        Endpoint,
         Event,
         Factory,
         InstanceView,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
         Probe,
         Register,
         Registry,
+        RpcHandler,
     )
 
 PROJECT = "hsu"
@@ -203,6 +205,26 @@ def hsu_kernel_address(kernel: KernelAPI, requested: str) -> str | None:
 
 
 @_hookspec
+def hsu_kernel_handlers(kernel: KernelAPI) -> Sequence[RpcHandler] | None:
+    """gRPC handlers the kernel's own server serves besides its API.
+
+    For a gateway: a ``grpc.GenericRpcHandler`` that takes the calls of
+    methods the kernel does not serve (the built-in ``gateway`` plugin
+    forwards each to an instance of the unit serving its interface). The
+    kernel's own services (its API, Core, health, reflection) are asked
+    first, then every plugin's handlers in hook order.
+
+    :param kernel: the kernel, ``starting``; its server is being built and
+        does not listen yet.
+    :returns: the handlers, or ``None`` for none. Every plugin's are served.
+
+    Called once per start, before the server listens. A handler that holds
+    resources releases them in :func:`hsu_kernel_stopped` (the server has
+    stopped by then).
+    """
+
+
+@_hookspec
 def hsu_kernel_starting(kernel: KernelAPI) -> Awaitable[None] | None:
     """The kernel entered ``starting``; its gRPC server is not listening yet.
 
@@ -292,6 +314,20 @@ def hsu_instance_event(kernel: KernelAPI, instance: InstanceView, event: Event) 
     :param instance: the instance (:class:`hsu.ports.InstanceView`) (its ``state`` is the new one).
     :param event: the :class:`hsu.ports.Event`: ``from_state``, ``to_state``,
         ``reason``, ``pid``, ``seq`` and ``at``.
+    """
+
+
+@_hookspec
+def hsu_endpoint_removed(kernel: KernelAPI, endpoint: Endpoint) -> None:
+    """No endpoint in the registry listens at ``endpoint.address`` any more.
+
+    For plugins that keep something per address (a gateway's pooled
+    channel): drop it. Called synchronously in the kernel's event loop, as
+    the registry's change arrives: keep it quick and do not raise.
+
+    :param kernel: the kernel.
+    :param endpoint: the :class:`hsu.ports.Endpoint` that left the registry,
+        the last one at its address.
     """
 
 

@@ -18,6 +18,7 @@ import attrs
 if TYPE_CHECKING:
     from hsu._kernel.config.model import Deployment, UnitSpec
     from hsu.client.aio import RoutedChannel
+    from hsu.client.route import Route
 
 __all__ = [
     "DRAINING",
@@ -33,6 +34,7 @@ __all__ = [
     "Factory",
     "InstanceView",
     "KernelAPI",
+    "KernelRoutes",
     "LaunchSpec",
     "Launcher",
     "Layer",
@@ -46,6 +48,7 @@ __all__ = [
     "Registry",
     "RegistryCompacted",
     "RegistryEvent",
+    "RpcHandler",
     "SourceContext",
     "UnitSpec",
 ]
@@ -235,6 +238,32 @@ class InstanceView(Protocol):
     def last_exit(self) -> str: ...
 
 
+#: a ``grpc.GenericRpcHandler`` (grpc ships no types), as
+#: :func:`hsu.hookspecs.hsu_kernel_handlers` returns them
+RpcHandler = Any
+
+
+class KernelRoutes(Protocol):
+    """The kernel's own routes, one :class:`hsu.client.route.Route` per
+    interface, shared by every caller in the kernel's process (its gateway,
+    ``kernel.connect()``), so drain and autoscaling see their calls."""
+
+    def route(self, interface: str) -> Route:
+        """The route of ``interface`` (it may have no instance yet); raises
+        :class:`hsu.errors.NoSuchUnit` when no unit serves it."""
+        ...
+
+    def ensure(self, interface: str, timeout: float | None = None) -> Awaitable[Route]:
+        """The route, once an instance is routable (started on demand)."""
+        ...
+
+    def call_began(self, ep: Endpoint) -> None:
+        """A call went to ``ep``: count it (drain waits for it, autoscaling sees it)."""
+        ...
+
+    def call_ended(self, ep: Endpoint) -> None: ...
+
+
 @runtime_checkable
 class KernelAPI(Protocol):
     """What a plugin may ask of the kernel: every hook receives this.
@@ -276,6 +305,11 @@ class KernelAPI(Protocol):
     @property
     def registry(self) -> Registry | None:
         """The service registry in use (``None`` before the kernel started)."""
+        ...
+
+    @property
+    def routes(self) -> KernelRoutes:
+        """The kernel's own routes, for a gateway in its process."""
         ...
 
     def settings(self, section: str) -> Any:

@@ -163,6 +163,10 @@ class Kernel:
     def registry(self) -> Registry | None:
         return self.routing.registry
 
+    @property
+    def routes(self) -> KernelRouting:
+        return self.routing
+
     def register_plugin(self, plugin: object, name: str) -> str:
         """Per-kernel plugin state: registered now, unregistered when the kernel
         has stopped (after ``hsu_kernel_stopped``)."""

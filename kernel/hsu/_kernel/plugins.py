@@ -436,6 +436,23 @@ class PluginManager:
         address: str | None = self.pm.hook.hsu_kernel_address(kernel=kernel, requested=requested)
         return address
 
+    def kernel_handlers(self, kernel: Any) -> list[Any]:
+        """Every plugin's extra gRPC handlers for the kernel's server, in hook order."""
+        found: list[Any] = []
+        for handlers in reversed(self.pm.hook.hsu_kernel_handlers(kernel=kernel)):
+            found.extend(handlers or ())
+        return found
+
+    def endpoint_removed(self, kernel: Any, endpoint: Any) -> None:
+        """Tell plugins that nothing listens at ``endpoint.address`` any more;
+        one that raises is logged, the others are still told."""
+        given = {"kernel": kernel, "endpoint": endpoint}
+        for impl in reversed(self.pm.hook.hsu_endpoint_removed.get_hookimpls()):
+            try:
+                impl.function(**{k: v for k, v in given.items() if k in impl.argnames})
+            except Exception:
+                logger.exception("hook hsu_endpoint_removed of {!r} failed", impl.plugin_name)
+
     async def call_each(
         self,
         hook_name: str,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -106,9 +105,6 @@ class KernelRouting:
         self._queued = 0
         self._flushed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        #: called with each endpoint that leaves the registry (the gateway
-        #: closes its channel)
-        self.on_delete: list[Callable[[Endpoint], None]] = []
         self._load_changed: dict[str, asyncio.Event] = {}
         self._last_scaled: dict[str, float] = {}
         self._quiet_since: dict[str, float] = {}
@@ -221,8 +217,7 @@ class KernelRouting:
             for route in self.routes.values():
                 route.delete(ep.instance_id)
             if not any(e.address == ep.address for e in self._all.values()):
-                for listener in self.on_delete:
-                    listener(ep)
+                self.kernel.plugins.endpoint_removed(self.kernel, ep)
             return
         self._all[ep.instance_id] = ep
         for route in self.routes.values():

@@ -305,13 +305,10 @@ class KernelServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.services = (KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE)
         reflection.enable_server_reflection((*self.services, reflection.SERVICE_NAME), self.server)
-        if kernel.kernel_settings.gateway:
-            from hsu._kernel.gateway import Gateway
-
-            self.gateway: Gateway | None = Gateway(kernel)
-            self.server.add_generic_rpc_handlers((self.gateway,))
-        else:
-            self.gateway = None
+        # after the kernel's own services: a gateway (a plugin) takes the rest
+        handlers = kernel.plugins.kernel_handlers(kernel)
+        if handlers:
+            self.server.add_generic_rpc_handlers(tuple(handlers))
 
     async def start(self, address: str) -> str:
         """Listen on ``address`` and return the address actually bound."""
@@ -340,5 +337,3 @@ class KernelServer:
 
     async def stop(self, grace: float) -> None:
         await self.server.stop(grace)
-        if self.gateway is not None:
-            await self.gateway.close()

@@ -19,6 +19,13 @@ fails with UNAVAILABLE before it got any reply is tried again on another
 instance when the method is idempotent (``routing.idempotent``), its
 requests were all kept (at most ``REPLAY_MESSAGES`` messages and
 ``REPLAY_BYTES`` bytes) and the retry budget allows.
+
+A default plugin (``gateway``): per kernel, unless ``kernel.gateway: false``,
+it registers a :class:`Gateway` whose hooks hand the kernel's server its
+handler (``hsu_kernel_handlers``), close the pooled channel of an address
+that left the registry (``hsu_endpoint_removed``) and close the rest when
+the kernel has stopped. ``-p no:gateway`` leaves the kernel serving only its
+own API; routed clients (``hsu.connect``) never go through the gateway.
 """
 
 from __future__ import annotations
@@ -27,18 +34,26 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from loguru import logger
 
+import hsu
 from hsu.client.route import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
 from hsu.client.route import Caller, Route, Tries, unavailable
 from hsu.errors import HsuError, NoSuchUnit
-from hsu.ports import Endpoint
+from hsu.ports import Endpoint, KernelAPI, RpcHandler
 
-if TYPE_CHECKING:
-    from hsu._kernel.kernel import Kernel
+#: the name a kernel's gateway is registered under (``kernel.plugin(PLANE)``)
+PLANE = "gateway.python"
+
+
+@hsu.hookimpl
+def hsu_kernel_configure(kernel: KernelAPI) -> None:
+    if kernel.settings("kernel").gateway:
+        kernel.register_plugin(Gateway(kernel), PLANE)
+
 
 #: requests kept for a retry; a longer request stream is not retried
 REPLAY_MESSAGES = 64
@@ -57,8 +72,8 @@ CHANNEL_OPTIONS = (
 class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
     """The kernel's catch-all handler; see the module docstring."""
 
-    def __init__(self, kernel: Kernel):
-        self.kernel = kernel
+    def __init__(self, kernel: KernelAPI):
+        self._routes = kernel.routes
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._handlers: dict[str, Any] = {}
         #: (request streaming, response streaming) by method path, from reflection
@@ -68,11 +83,24 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         #: interfaces asked about (or being asked) over reflection
         self._learning: dict[str, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        routing = kernel.routing
+        routes = self._routes
         self._caller = Caller(
-            _failing, began=routing.call_began, ended=routing.call_ended, on_retry=_retrying
+            _failing, began=routes.call_began, ended=routes.call_ended, on_retry=_retrying
         )
-        routing.on_delete.append(self._forget)
+
+    # -- as a plugin of its kernel ------------------------------------------------
+
+    @hsu.hookimpl
+    def hsu_kernel_handlers(self) -> list[RpcHandler]:
+        return [self]
+
+    @hsu.hookimpl
+    def hsu_endpoint_removed(self, endpoint: Endpoint) -> None:
+        self._forget(endpoint)
+
+    @hsu.hookimpl
+    def hsu_kernel_stopped(self) -> Awaitable[None]:
+        return self.close()
 
     def service(self, handler_call_details: Any) -> Any:
         method: str = handler_call_details.method
@@ -165,12 +193,12 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             await ch.close()
 
     async def _route(self, interface: str, context: Any) -> Route:
-        routing = self.kernel.routing
+        routes = self._routes
         try:
-            route = routing.route(interface)
+            route = routes.route(interface)
             if not route.routable:
                 remaining = context.time_remaining()
-                route = await routing.ensure(interface, remaining)
+                route = await routes.ensure(interface, remaining)
             return route
         except NoSuchUnit as exc:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"hsu gateway: {exc}")
@@ -201,7 +229,10 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         replayable: Callable[[], Awaitable[bool]] | None = None,
     ) -> tuple[Tries, tuple[tuple[str, Any], ...]]:
         """The call's tries, and the metadata it forwards."""
-        route = self.kernel.routing.routes.get(interface)
+        try:
+            route: Route | None = self._routes.route(interface)
+        except HsuError:
+            route = None
         if route is None or not route.routable:
             route = await self._route(interface, context)
         metadata, key = self._call_key(route, context)
