@@ -19,6 +19,7 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
         ("breakers", "default", "active"),
         ("env", "default", "active"),
         ("file", "default", "active"),
+        ("gateway", "default", "active"),
         ("overrides", "default", "active"),
         ("probes", "default", "active"),
         ("registry_memory", "default", "active"),

@@ -18,6 +18,7 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
         ("breakers", "default", "active", "hsu"),
         ("env", "default", "active", "hsu"),
         ("file", "default", "active", "hsu"),
+        ("gateway", "default", "active", "hsu"),
         ("overrides", "default", "active", "hsu"),
         ("probes", "default", "active", "hsu"),
         ("registry_memory", "default", "active", "hsu"),
@@ -193,10 +194,10 @@ def test_tracing_logs_hook_calls():
     lines = []
     sink = logger.add(lambda m: lines.append(str(m)), level="INFO")
     try:
-        pm.pm.hook.hsu_kernel_configure.call_historic(kwargs={"kernel": None})
+        pm.pm.hook.hsu_endpoint_removed(kernel=None, endpoint=None)
     finally:
         logger.remove(sink)
-    assert any("hook hsu_kernel_configure" in line for line in lines)
+    assert any("hook hsu_endpoint_removed" in line for line in lines)
 
 
 # -- real installed distributions (see conftest.plugin_dists) --------------
