@@ -27,6 +27,20 @@ def pytest_configure(config: pytest.Config) -> None:
     # are re-parented to pytest rather than init, so the leak check sees them.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # kernels name their control address in a runtime dir of the session's,
+    # not the user's (hsu._kernel.control)
+    if not os.environ.get("HSU_RUNTIME_DIR"):
+        import tempfile
+
+        os.environ["HSU_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="hsu-run-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    run = os.environ.get("HSU_RUNTIME_DIR", "")
+    if os.path.basename(run).startswith("hsu-run-"):
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def _live_children() -> list[psutil.Process]:
@@ -83,7 +97,9 @@ def plugin_dists(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def hsu_env(extra_path: Path | None = None, **env: str) -> dict[str, str]:
     """The environment for an `hsu` subprocess: autoload off unless asked."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith("HSU_")}
+    out = {
+        k: v for k, v in os.environ.items() if not k.startswith("HSU_") or k == "HSU_RUNTIME_DIR"
+    }
     out["HSU_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     if extra_path is not None:
         out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), out.get("PYTHONPATH")]))
@@ -108,14 +124,17 @@ class KernelProcess:
     """`hsu run` as a subprocess on a unix socket, stopped by pid at the end."""
 
     def __init__(self, deployment: Path, address: str, env: dict[str, str], *args: str, logs: Path):
+        #: the control plane (Kernel API, Core): what the CLI calls
         self.address = address
+        #: the data plane (the gateway)
+        self.data = address.replace(".sock", ".data.sock")
         # output to files, not pipes: a kernel that logs a lot never blocks on
         # a test that is not reading yet
         self.out = logs / f"kernel.{id(self)}.out"
         self.err = logs / f"kernel.{id(self)}.err"
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen(
-                [*HSU, "run", str(deployment), "--address", address, *args],
+                [*HSU, "run", str(deployment), "--control", address, "--address", self.data, *args],
                 env=env,
                 stdout=out,
                 stderr=err,

@@ -118,7 +118,8 @@ def test_deployment_schema_has_core_keys_and_sections():
     }
     assert props["units"]["additionalProperties"] == attrs_schema(UnitSpec)
     assert props["plugins"] == {"type": "array", "items": {"type": "string"}}
-    assert props["name"] == {"type": "string"}
+    assert props["name"]["type"] == "string"
+    assert props["units"]["propertyNames"] == {"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"}
     with pytest.raises(ValueError, match="units"):
         deployment_schema({"units": KernelSettings})
 

@@ -103,7 +103,8 @@ def test_a_missing_secret_is_an_error_naming_where_it_was_asked_for(tmp_path):
 def test_double_dollar_is_a_literal_dollar(tmp_path):
     _, d, _ = load(tmp_path, BASE.replace("${env:HSU_TEST_TOKEN}", "'$${env:NOT_A_REF}'"))
     assert d.units["echo"].env["TOKEN"] == "${env:NOT_A_REF}"
-    assert not d.secrets.paths
+    assert not d.references
+    assert not d.secrets
 
 
 def test_config_show_cli_lists_each_value_with_its_source(tmp_path):

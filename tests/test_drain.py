@@ -116,7 +116,7 @@ def test_a_good_plugin_pip_installed_from_a_directory_is_listed_and_its_hooks_ru
     k.wait_ready()
     code, _, err = k.stop()
     assert code == 0, err
-    assert marker.read_text() == f"started {k.address}\nstopped\n"
+    assert marker.read_text() == f"started {k.data}\nstopped\n"
 
 
 def test_a_blocked_plugin_stays_out_even_when_autoloading(kernel_process, tmp_path, plugin_dists):

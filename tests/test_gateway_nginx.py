@@ -10,15 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
+import re
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loguru import logger
 
 import hsu
 from conftest import until, wait_until, write_deployment
@@ -101,6 +106,15 @@ async def start(tmp_path, units, **settings):
     return kernel, plane_of(kernel)
 
 
+@pytest.fixture
+def warnings_logged():
+    """The messages of the warnings logged during the test."""
+    logged: list[str] = []
+    sink = logger.add(lambda m: logged.append(str(m)), level="WARNING", format="{message}")
+    yield logged
+    logger.remove(sink)
+
+
 def plane_of(kernel) -> gateway_nginx.DataPlane:
     plane = kernel.plugin(gateway_nginx.PLANE)
     assert isinstance(plane, gateway_nginx.DataPlane)
@@ -129,8 +143,8 @@ async def test_calls_go_through_nginx_straight_to_instances(tmp_path):
             await until(lambda: plane.handle is not None)
             assert await plane._until_serving(plane.generation, 5)
             conf = plane.conf.read_text()
-            assert f"server {inst.address}" in conf
-            assert f"location = /{ECHO}/Echo" in conf and "non_idempotent" in conf
+            assert f'server "{inst.address}"' in conf
+            assert f'location = "/{ECHO}/Echo"' in conf and "non_idempotent" in conf
             through = dict(kernel.routing.through)
             for i in range(20):
                 reply = await echo.Echo(echo_pb2.EchoRequest(message=str(i)), timeout=10)
@@ -144,11 +158,16 @@ async def test_calls_go_through_nginx_straight_to_instances(tmp_path):
                     yield echo_pb2.EchoRequest(message=p)
 
             assert (await echo.Collect(parts(), timeout=10)).message == "x y"
-            # what no unit serves still reaches the kernel, which says so
+            # bodies larger than nginx's in-memory buffer pass (its workers,
+            # not root, have no temp file to write in the private state dir)
+            big = "b" * 600_000
+            reply = await echo.Echo(echo_pb2.EchoRequest(message=big), timeout=10)
+            assert reply.message == big and reply.pid == inst.pid
+            # what no unit serves is answered by nginx itself
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await channel.unary_unary("/nope.v1.Nope/Call")(b"", timeout=10)
             assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
-            assert "no unit serves interface 'nope.v1.Nope'" in info.value.details()
+            assert "not served on this address" in info.value.details()
     finally:
         await kernel.stop()
     assert plane.handle is not None and plane.handle.returncode is not None  # nginx is gone
@@ -159,26 +178,223 @@ async def test_calls_go_through_nginx_straight_to_instances(tmp_path):
 async def test_nginx_takes_the_kernels_own_address(tmp_path):
     kernel, plane = await start(tmp_path, {"echo": echo_unit(start="at-start")})
     try:
-        # the kernel moved to a private socket; nginx has the address asked for
+        # the kernel's data plane moved to a private address; nginx has the
+        # address asked for. As root, nginx's workers are not, and cannot
+        # enter the 0700 state dir: the kernel takes a loopback port instead
         assert kernel.requested_address == "127.0.0.1:0"
-        assert kernel.bind_address == f"unix:{Path(tmp_path, '.hsu/hsu/kernel.sock')}"
-        assert kernel.address == kernel.bind_address
+        if os.geteuid() == 0:
+            assert kernel.bind_address == "127.0.0.1:0"
+        else:
+            assert kernel.bind_address == f"unix:{Path(tmp_path, '.hsu/hsu/kernel.sock')}"
+        assert kernel.address != plane.address
         assert plane.requested == "127.0.0.1:0" and plane.address.startswith("127.0.0.1:")
         assert not plane.address.endswith(":0")
-        [inst] = ready(kernel)  # it registered over the private socket
+        [inst] = ready(kernel)  # it registered on the control socket
         await until(lambda: inst.instance_id in plane.endpoints)
         async with grpc.aio.insecure_channel(plane.address) as channel:
-            # the kernel's own API, through nginx
-            status = await kernel_pb2_grpc.KernelStub(channel).ListInstances(
-                kernel_pb2.ListInstancesRequest(), timeout=10
-            )
-            assert [i.instance_id for i in status.instances] == [inst.instance_id]
-            pong = await core_pb2_grpc.CoreStub(channel).Ping(core_pb2.PingRequest(), timeout=10)
-            assert pong is not None
             reply = await echo_pb2_grpc.EchoStub(channel).Echo(
                 echo_pb2.EchoRequest(message="hi"), timeout=10
             )
             assert reply.pid == inst.pid
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await kernel.stop()
+
+
+@needs_nginx
+async def test_the_kernels_control_api_is_never_proxied(tmp_path):
+    """Through nginx, the Kernel API and the kernel's Core are UNIMPLEMENTED
+    (answered by nginx itself), however the path is spelled; the kernel keeps
+    running, and serves them on its control socket."""
+    kernel, plane = await start(tmp_path, {"echo": echo_unit(start="at-start")})
+    try:
+        [inst] = ready(kernel)
+        await until(lambda: inst.instance_id in plane.endpoints)
+        async with grpc.aio.insecure_channel(plane.address) as channel:
+            api = kernel_pb2_grpc.KernelStub(channel)
+            core = core_pb2_grpc.CoreStub(channel)
+            calls = [
+                api.Status(kernel_pb2.StatusRequest(), timeout=10),
+                api.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=10),
+                api.Scale(kernel_pb2.ScaleRequest(unit="echo", count=0), timeout=10),
+                core.Shutdown(core_pb2.ShutdownRequest(), timeout=10),
+                core.Ping(core_pb2.PingRequest(), timeout=10),
+                # dot segments and doubled slashes: nginx matches the normalized path
+                channel.unary_unary("/grpc.health.v1.Health/../hsu.core.v1.Core/Shutdown")(
+                    b"", timeout=10
+                ),
+                channel.unary_unary(f"/{ECHO}/%2e%2e/hsu.kernel.v1.Kernel/Status")(b"", timeout=10),
+                channel.unary_unary("//hsu.kernel.v1.Kernel/Status")(b"", timeout=10),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED, info.value
+                # nginx's own answer: the call never reached the kernel
+                assert info.value.details() == "hsu gateway_nginx: not served on this address"
+            # units' calls still pass
+            reply = await echo_pb2_grpc.EchoStub(channel).Echo(
+                echo_pb2.EchoRequest(message="still"), timeout=10
+            )
+            assert reply.message == "still" and reply.pid == inst.pid
+        assert kernel.state is hsu.KernelState.RUNNING
+        assert ready(kernel) == [inst]  # neither scaled down nor shut down
+        conf = plane.conf.read_text()
+        assert "hsu.kernel.v1.Kernel" not in conf and "hsu.core.v1.Core" not in conf
+        # the control socket serves them
+        async with grpc.aio.insecure_channel(kernel.control_address) as channel:
+            status = await kernel_pb2_grpc.KernelStub(channel).Status(
+                kernel_pb2.StatusRequest(), timeout=10
+            )
+        assert status.state == "running"
+    finally:
+        await kernel.stop()
+
+
+@needs_nginx
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a kernel running as root")
+async def test_nginx_workers_never_run_as_root(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    kernel, plane = await start(tmp_path, {"echo": echo_unit(start="at-start")}, workers=2)
+    try:
+        await until(lambda: workers_set_up(plane.pid, 2), 10)
+        for w in psutil.Process(plane.pid).children():
+            uids, gids = proc_ids(w.pid)
+            assert uids == [nobody.pw_uid] * 4 and gids == [nobody.pw_gid] * 4
+        assert 'user "nobody" "' in plane.conf.read_text()
+        async with grpc.aio.insecure_channel(plane.address) as channel:
+            echo = echo_pb2_grpc.EchoStub(channel)
+            reply = await echo.Echo(echo_pb2.EchoRequest(message="w"), timeout=10)
+            assert reply.message == "w"
+
+            async def parts():
+                for _ in range(3):
+                    yield echo_pb2.EchoRequest(message="p" * 200_000)
+
+            # a streamed body larger than nginx's buffers: no temp file needed
+            collected = await echo.Collect(parts(), timeout=10)
+            assert len(collected.message) == 3 * 200_000 + 2
+    finally:
+        await kernel.stop()
+
+
+def workers_set_up(master: int, count: int) -> bool:
+    """The master has ``count`` workers, each set up: a worker names itself
+    once its user is switched, before it takes a connection; until then it
+    is the master's fork."""
+    titles = [w.cmdline()[:1] for w in psutil.Process(master).children()]
+    return titles == [["nginx: worker process"]] * count
+
+
+def proc_ids(pid: int) -> tuple[list[int], list[int]]:
+    """The real, effective, saved and filesystem uids and gids of ``pid``."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    found = {k: [int(x) for x in v.split()] for k, _, v in (ln.partition(":") for ln in lines)
+             if k in ("Uid", "Gid")}  # fmt: skip
+    return found["Uid"], found["Gid"]
+
+
+@needs_nginx
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a kernel running as root")
+async def test_the_worker_user_can_be_set_but_never_to_root(tmp_path):
+    other = next(p for p in pwd.getpwall() if p.pw_uid not in (0, 65534) and p.pw_uid < 1000)
+    kernel, plane = await start(tmp_path / "a", {"echo": echo_unit()}, user=other.pw_name)
+    try:
+        await until(lambda: workers_set_up(plane.pid, 1), 10)
+        [worker] = psutil.Process(plane.pid).children()
+        assert proc_ids(worker.pid)[0] == [other.pw_uid] * 4
+    finally:
+        await kernel.stop()
+    for user, message in (
+        ("root", "gateway_nginx.user: 'root' is uid 0; nginx's workers never run as root"),
+        ("no-such-user-x", "gateway_nginx.user: no user 'no-such-user-x' on this machine"),
+    ):
+        kernel = build_kernel(
+            {"units": {"echo": echo_unit()}, "gateway_nginx": {"user": user}},
+            names=[PLUGIN],
+            base_dir=str(tmp_path / user),
+        )
+        with pytest.raises(HsuError, match=re.escape(message)):
+            await kernel.start()
+        assert kernel.state is hsu.KernelState.FAILED
+
+
+@needs_nginx
+async def test_a_registered_address_cannot_inject_configuration(tmp_path, warnings_logged):
+    """An endpoint whose address or interface would close nginx's block and
+    add a server of its own (serving / over HTTP) and an access log (appending
+    to a file of root's) is left out, with a warning naming it; nginx reloads
+    and serves on, and nothing it was told to do happens."""
+    secret = tmp_path / "secret"
+    secret.write_text("top secret")
+    secret.chmod(0o600)
+    pwned = tmp_path / "pwned.log"
+    port = free_port()
+    injected = (
+        f"server {{ listen 127.0.0.1:{port}; root /; access_log {pwned}; }}"
+        " upstream evil { server 127.0.0.1:1"
+    )
+    kernel, plane = await start(tmp_path, {"echo": echo_unit(start="at-start")})
+    try:
+        [inst] = ready(kernel)
+        await until(lambda: inst.instance_id in plane.endpoints)
+        registry = kernel.registry
+        assert registry is not None
+        await registry.put(
+            hsu.ports.Endpoint("evil-addr", "echo", f"127.0.0.1:1; }} {injected}", (ECHO,))
+        )
+        await registry.put(
+            hsu.ports.Endpoint(
+                "evil-iface", "echo", "127.0.0.1:2", (f"x.v1.X/ {{ }} }} {injected} #",)
+            )
+        )
+        await until(lambda: {"evil-addr", "evil-iface"} <= set(plane.endpoints))
+        await until(lambda: plane._pending is None)
+        assert await plane._until_serving(plane.generation, 10)  # the reload took
+        conf = plane.conf.read_text()
+        assert "root" not in conf.replace('"', " ").split()
+        assert "access_log off;" in conf and str(pwned) not in conf and "evil" not in conf
+        assert f"127.0.0.1:{port}" not in conf and "127.0.0.1:1" not in conf
+        assert "x.v1.X" not in conf
+        assert 'server "127.0.0.1:2"' not in conf  # no interface left: no upstream
+        # nothing listens where the injected server would have, nothing was logged
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        async with grpc.aio.insecure_channel(plane.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary(str(secret))(b"", timeout=10)
+            assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+            assert b"top secret" not in (info.value.details() or "").encode()
+            reply = await echo_pb2_grpc.EchoStub(channel).Echo(
+                echo_pb2.EchoRequest(message="ok"), timeout=10
+            )
+            assert reply.pid == inst.pid
+        assert not pwned.exists()
+        warnings = [m for m in warnings_logged if "left out of nginx.conf" in m]
+        assert any("instance 'evil-addr': address: " in m for m in warnings), warnings
+        assert any("instance 'evil-iface': interface: " in m for m in warnings), warnings
+        assert all("\n" not in m.rstrip("\n") for m in warnings)
+    finally:
+        await kernel.stop()
+
+
+@needs_nginx
+async def test_paths_are_quoted_for_nginx(tmp_path):
+    """A state dir whose path holds a space, a quote and nginx's own syntax:
+    nginx.conf quotes it, and nginx starts and serves."""
+    base = tmp_path / 'odd "dir; {x}'
+    base.mkdir()
+    kernel, plane = await start(base, {"echo": echo_unit()})
+    try:
+        assert (plane.dir / "nginx.pid").read_text().strip() == str(plane.pid)
+        async with grpc.aio.insecure_channel(plane.address) as channel:
+            reply = await echo_pb2_grpc.EchoStub(channel).Echo(
+                echo_pb2.EchoRequest(message="q"), timeout=30
+            )
+        assert reply.message == "q"
     finally:
         await kernel.stop()
 
@@ -265,11 +481,11 @@ units:
 @needs_nginx
 def test_nginx_dies_with_a_sigkilled_kernel(kernel_process, tmp_path):
     k = kernel_process(write_deployment(tmp_path / "d.yaml", DEPLOYMENT))
-    k.wait_ready()  # its health, asked through nginx on the kernel's address
+    k.wait_ready()  # its health, on the control socket
     pid = int((tmp_path / ".hsu/nginxed/nginx/nginx.pid").read_text())
     family = [pid, *(c.pid for c in psutil.Process(pid).children())]
     assert len(family) >= 2  # the master and its worker
-    with grpc.insecure_channel(k.address) as channel:
+    with grpc.insecure_channel(k.data) as channel:
         reply = echo_pb2_grpc.EchoStub(channel).Echo(echo_pb2.EchoRequest(message="x"), timeout=10)
     assert reply.message == "x"
     k.proc.kill()
@@ -320,16 +536,92 @@ def test_the_configuration_maps_routing_onto_nginx(tmp_path):
     plane.generation = 7
     conf = plane.render()
     assert "hash $http_tenant_id consistent;" in conf
-    assert "server 127.0.0.1:5001 max_fails=3 fail_timeout=2s;" in conf
-    assert "server unix:/run/e2.sock max_fails=3 fail_timeout=2s;" in conf
-    assert f"location /{ECHO}/ {{ grpc_pass grpc://hsu_unit_0;" in conf
+    assert 'server "127.0.0.1:5001" max_fails=3 fail_timeout=2s;' in conf
+    assert 'server "unix:/run/e2.sock" max_fails=3 fail_timeout=2s;' in conf
+    assert f'location "/{ECHO}/" {{ grpc_pass grpc://hsu_unit_0;' in conf
     assert "grpc_next_upstream_tries 2;" in conf
     # only the idempotent method may be sent again; the rest never twice
-    assert "location = /x.v1.X/Get { grpc_pass grpc://hsu_unit_1; grpc_next_upstream" in conf
-    assert "location /x.v1.X/ { grpc_pass grpc://hsu_unit_1; }" in conf
-    assert "server unix:/run/k.sock;" in conf
-    assert "listen 127.0.0.1:7999 http2;" in conf
+    assert 'location = "/x.v1.X/Get" { grpc_pass grpc://hsu_unit_1; grpc_next_upstream' in conf
+    assert 'location "/x.v1.X/" { grpc_pass grpc://hsu_unit_1; }' in conf
+    assert 'server "unix:/run/k.sock";' in conf
+    assert 'listen "127.0.0.1:7999" http2;' in conf
     assert 'location = /generation { return 200 "7"; }' in conf
+    # only the units' interfaces, health and reflection reach the kernel
+    kernel_bound = re.findall(r'location "(/[^"]*)" \{ grpc_pass grpc://hsu_kernel;', conf)
+    assert kernel_bound == [
+        "/grpc.health.v1.Health/",
+        "/grpc.reflection.v1alpha.ServerReflection/",
+        "/grpc.reflection.v1.ServerReflection/",
+    ]
+    assert (
+        "location / {\n      default_type application/grpc;\n      add_header grpc-status 12"
+        in conf
+    )
+    # without instances, the units' interfaces go to the kernel (which starts one)
+    plane.endpoints = {}
+    conf = plane.render()
+    kernel_bound = re.findall(r'location "(/[^"]*)" \{ grpc_pass grpc://hsu_kernel;', conf)
+    assert kernel_bound[3:] == [f"/{ECHO}/", "/x.v1.X/"]
+
+
+def test_the_configuration_leaves_out_what_is_not_well_formed(tmp_path):
+    """Straight to render(): addresses and interface names that are not well
+    formed never reach nginx.conf, nor the kernel's control API, whoever
+    declares them; and nginx accepts what is rendered (nginx -t)."""
+    kernel = build_kernel(
+        {
+            "units": {
+                "echo": echo_unit(interfaces=[ECHO, "hsu.core.v1.Core"]),
+                "bad": echo_unit(interfaces=["hsu.kernel.v1.Kernel"]),
+            },
+            "gateway_nginx": {"address": "127.0.0.1:7999"},
+        },
+        names=[PLUGIN],
+        base_dir=str(tmp_path),
+    )
+    kernel.address = "127.0.0.1:7998"
+    plane = plane_of(kernel)
+    evil = "; } server { listen 127.0.0.1:7997; root /; } upstream x { server 127.0.0.1:1"
+    plane.endpoints = {
+        e.instance_id: e
+        for e in (
+            hsu.ports.Endpoint("ok", "echo", "127.0.0.1:5001", (ECHO, "hsu.kernel.v1.Kernel")),
+            hsu.ports.Endpoint("addr", "echo", f"127.0.0.1:5002{evil}", (ECHO,)),
+            hsu.ports.Endpoint("unix", "echo", f"unix:/run/e.sock{evil}", (ECHO,)),
+            hsu.ports.Endpoint("quote", "echo", 'unix:/run/e".sock', (ECHO,)),
+            hsu.ports.Endpoint("iface", "echo", "127.0.0.1:5003", (f"x.v1.X/{evil}",)),
+            hsu.ports.Endpoint("core", "bad", "127.0.0.1:5004", ("hsu.core.v1.Core",)),
+        )
+    }
+    conf = plane.render()
+    servers = re.findall(r'server "([^"]*)"', conf)
+    assert servers == ["127.0.0.1:7998", "127.0.0.1:5001"]
+    assert "root /" not in conf
+    for absent in ("7997", "5002", "5003", "5004", "e.sock", "Kernel", "Core", "x.v1.X"):
+        assert absent not in conf, absent
+    assert plane._refused == {
+        "instance 'ok'\x00hsu.kernel.v1.Kernel",
+        f"instance 'addr'\x00127.0.0.1:5002{evil}",
+        f"instance 'unix'\x00unix:/run/e.sock{evil}",
+        "instance 'quote'\x00unix:/run/e\".sock",
+        f"instance 'iface'\x00x.v1.X/{evil}",
+        "instance 'core'\x00hsu.core.v1.Core",
+        "unit echo\x00hsu.core.v1.Core",
+        "unit bad\x00hsu.kernel.v1.Kernel",
+    }
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        return
+    plane.dir.mkdir(parents=True)
+    # the control listener's port, which the plane binds when it starts
+    (tmp_path / "nginx.conf").write_text(conf.replace("127.0.0.1:0", f"127.0.0.1:{free_port()}"))
+    check = subprocess.run(
+        [nginx, "-t", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stderr
 
 
 RETRY = json.dumps({"methodConfig": [{

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import hsu
 from conftest import until
@@ -32,7 +33,9 @@ async def test_without_the_gateway_plugin_the_kernel_serves_only_its_own_api(
 ) -> None:
     kernel = await hsu_kernel_factory({"units": {"echo": UNIT}}, names=["no:gateway"])
     assert kernel.plugin(gateway_python.PLANE) is None
-    async with grpc.aio.insecure_channel(kernel.address) as channel:
+    # no data plane at all: nothing listens on the address asked for
+    assert kernel.address == ""
+    async with grpc.aio.insecure_channel(kernel.control_address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await echo_pb2_grpc.EchoStub(channel).Echo(echo_pb2.EchoRequest(message="x"), timeout=5)
         assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
@@ -76,7 +79,7 @@ class Hello(grpc.GenericRpcHandler):  # type: ignore[misc]
         return grpc.unary_unary_rpc_method_handler(say)
 
 
-async def test_hsu_kernel_handlers_are_served_after_the_kernels_own(
+async def test_hsu_kernel_handlers_serve_the_data_plane_after_health(
     hsu_kernel_factory: Any,
 ) -> None:
     class Extra:
@@ -89,9 +92,15 @@ async def test_hsu_kernel_handlers_are_served_after_the_kernels_own(
     async with grpc.aio.insecure_channel(kernel.address) as channel:
         say = channel.unary_unary("/test.v1.Hello/Say")
         assert await say(b"abc", timeout=5) == b"cba"
-        # the kernel's own services are asked first, the gateway still takes the rest
-        pong = await core_pb2_grpc.CoreStub(channel).Ping(core_pb2.PingRequest(), timeout=5)
-        assert pong is not None
+        # health is asked first, the gateway still takes the rest
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # the kernel's Core is the control plane's, not the data plane's
+        with pytest.raises(grpc.aio.AioRpcError) as core:
+            await core_pb2_grpc.CoreStub(channel).Ping(core_pb2.PingRequest(), timeout=5)
+        assert core.value.code() is grpc.StatusCode.UNIMPLEMENTED
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await channel.unary_unary("/no.such.v1.Svc/M")(b"", timeout=5)
         assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED

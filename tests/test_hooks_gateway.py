@@ -12,6 +12,7 @@ import pytest
 import hsu
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.testing import build_kernel
+from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def listening(address: str) -> bool:
 
 
 async def info(address: str) -> core_pb2.InfoResponse:
-    """The kernel's Core.Info, asked over gRPC at ``address``."""
+    """The kernel's Core.Info, asked over gRPC at ``address`` (its control plane)."""
     async with grpc.aio.insecure_channel(address) as channel:
         reply: core_pb2.InfoResponse = await core_pb2_grpc.CoreStub(channel).Info(
             core_pb2.InfoRequest(), timeout=10
@@ -44,7 +45,9 @@ def environ(pid: int) -> dict[str, str]:
     return dict(item.decode().partition("=")[::2] for item in raw if item)
 
 
-async def test_a_plane_registered_in_configure_moves_the_kernel_where_it_says(tmp_path):
+async def test_a_plane_registered_in_configure_moves_the_kernels_data_plane_where_it_says(
+    tmp_path,
+):
     private = f"unix:{tmp_path}/kernel.sock"
     asked: list[str] = []
 
@@ -87,15 +90,21 @@ async def test_a_plane_registered_in_configure_moves_the_kernel_where_it_says(tm
     await kernel.start()
     try:
         assert kernel.address == private
-        reply = await info(private)
-        assert reply.unit == "kernel" and reply.address == private and reply.pid == kernel.pid
+        # the gateway serves there: the unit's interface, not the kernel's Core
+        async with grpc.aio.insecure_channel(private) as channel:
+            reply = await echo_pb2_grpc.EchoStub(channel).Echo(
+                echo_pb2.EchoRequest(message="moved"), timeout=10
+            )
+            assert reply.message == "moved"
         # nothing of the kernel's on the address asked for: the plane's to take
         assert not listening(requested)
-        # the HSU was given the address the kernel really listens on, and
+        # the HSU was given the control plane, which did not move, and
         # registered there
         [inst] = [i for i in kernel.instances.values() if i.unit == "echo"]
         assert inst.state is hsu.InstanceState.READY
-        assert environ(inst.pid)["HSU_KERNEL_ADDRESS"] == private
+        assert environ(inst.pid)["HSU_KERNEL_ADDRESS"] == kernel.control_address
+        reply = await info(kernel.control_address)
+        assert reply.unit == "kernel" and reply.pid == kernel.pid
     finally:
         await kernel.stop()
     assert kernel.plugin("test.plane") is None  # went with the kernel
@@ -116,6 +125,7 @@ async def test_no_answer_leaves_the_kernel_on_the_address_asked_for(tmp_path):
     await kernel.start()
     try:
         assert kernel.address == requested
-        assert (await info(requested)).address == requested
+        assert listening(requested)
+        assert (await info(kernel.control_address)).address == kernel.control_address
     finally:
         await kernel.stop()

@@ -98,7 +98,7 @@ async def test_an_hsu_registers_and_is_listed_over_grpc(hsu_kernel_factory):
     kernel = await hsu_kernel_factory(deployment())
     inst = await kernel.instance_for("hsu.echo.v1.Echo")
     assert inst.state is hsu.InstanceState.READY and inst.managed
-    async with grpc.aio.insecure_channel(kernel.address) as ch:
+    async with grpc.aio.insecure_channel(kernel.control_address) as ch:
         listing = await kernel_pb2_grpc.KernelStub(ch).ListInstances(
             kernel_pb2.ListInstancesRequest(unit="echo")
         )
@@ -137,9 +137,9 @@ async def test_stop_leaves_no_process_and_reaps_every_child(hsu_kernel_factory):
     assert not psutil.pid_exists(pid)
 
 
-async def test_health_reflection_and_core_on_the_kernel_port(hsu_kernel_factory):
+async def test_health_reflection_and_core_on_the_control_socket(hsu_kernel_factory):
     kernel = await hsu_kernel_factory(deployment())
-    async with grpc.aio.insecure_channel(kernel.address) as ch:
+    async with grpc.aio.insecure_channel(kernel.control_address) as ch:
         health = await health_pb2_grpc.HealthStub(ch).Check(
             health_pb2.HealthCheckRequest(service="hsu.kernel.v1.Kernel")
         )
@@ -160,13 +160,13 @@ async def test_health_reflection_and_core_on_the_kernel_port(hsu_kernel_factory)
         "grpc.reflection.v1alpha.ServerReflection",
     } <= services
     assert pong.payload == b"x"
-    assert (info.unit, info.pid, info.address) == ("kernel", os.getpid(), kernel.address)
+    assert (info.unit, info.pid, info.address) == ("kernel", os.getpid(), kernel.control_address)
 
 
 async def test_kernel_streams_its_own_logs(hsu_kernel_factory):
     kernel = await hsu_kernel_factory(deployment())
     await kernel.instance_for("hsu.echo.v1.Echo")
-    async with grpc.aio.insecure_channel(kernel.address) as ch:
+    async with grpc.aio.insecure_channel(kernel.control_address) as ch:
         stub = core_pb2_grpc.CoreStub(ch)
         records = [r async for r in stub.StreamLogs(core_pb2.StreamLogsRequest(tail=50))]
         follow = stub.StreamLogs(core_pb2.StreamLogsRequest(tail=0, follow=True))
@@ -195,10 +195,10 @@ async def test_kernel_streams_its_own_logs(hsu_kernel_factory):
 
 async def test_malformed_register_is_rejected_and_the_kernel_keeps_running(hsu_kernel_factory):
     kernel = await hsu_kernel_factory(deployment())
-    async with grpc.aio.insecure_channel(kernel.address) as ch:
+    async with grpc.aio.insecure_channel(kernel.control_address) as ch:
         stub = kernel_pb2_grpc.KernelStub(ch)
         for request, message in [
-            (kernel_pb2.RegisterRequest(unit="x", interfaces=["a.B"]), "address is required"),
+            (kernel_pb2.RegisterRequest(unit="x", interfaces=["a.B"]), "address: is required"),
             (kernel_pb2.RegisterRequest(unit="x", address="127.0.0.1:1"), "at least one interface"),
             (
                 kernel_pb2.RegisterRequest(address="127.0.0.1:1", interfaces=["a.B"]),
@@ -216,16 +216,19 @@ async def test_malformed_register_is_rejected_and_the_kernel_keeps_running(hsu_k
         # grpcio answers before our code runs; the details still say what was wrong
         assert info.value.code() is grpc.StatusCode.UNKNOWN
         assert "hsu.kernel.v1.RegisterRequest" in info.value.details()
-        # an HSU the kernel did not start may register; it is listed, not managed
-        reply = await stub.Register(
-            kernel_pb2.RegisterRequest(unit="ext", address="127.0.0.1:1", interfaces=["a.B"], pid=1)
-        )
-        await stub.Deregister(kernel_pb2.DeregisterRequest(instance_id=reply.instance_id))
+        # an HSU the kernel did not start, of a unit the deployment does not declare
+        # unmanaged (with a token), may not register (tests/test_registration_security.py)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Register(
+                kernel_pb2.RegisterRequest(
+                    unit="ext", address="127.0.0.1:1", interfaces=["a.B"], pid=1
+                )
+            )
+        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Deregister(kernel_pb2.DeregisterRequest(instance_id="nope"))
         assert info.value.code() is grpc.StatusCode.NOT_FOUND
-    ext = kernel.instances[reply.instance_id]
-    assert (ext.managed, ext.state.value) == (False, "stopped")
+    assert not [i for i in kernel.instances.values() if i.unit == "ext"]
     assert kernel.state is hsu.KernelState.RUNNING
 
 
@@ -364,17 +367,17 @@ async def test_unknown_interface_and_unit_are_clear_errors(hsu_kernel_factory):
         await kernel.start_instance("ech")
 
 
-async def test_kernel_listens_on_a_unix_socket(hsu_kernel_factory, hsu_free_address):
+async def test_kernel_serves_its_data_plane_on_a_unix_socket(hsu_kernel_factory, hsu_free_address):
     kernel = await hsu_kernel_factory(deployment(), address=hsu_free_address)
     assert kernel.address == hsu_free_address
     inst = await kernel.instance_for("hsu.echo.v1.Echo")  # the HSU registers over the socket
     assert inst.state is hsu.InstanceState.READY
 
 
-async def test_address_in_use_is_a_clear_error(hsu_kernel_factory):
+async def test_address_in_use_is_a_clear_error(hsu_kernel_factory, tmp_path):
     first = await hsu_kernel_factory(deployment())
-    with pytest.raises(hsu.HsuError, match=f"kernel cannot listen on {first.address}"):
-        await hsu_kernel_factory(deployment(), address=first.address)
+    with pytest.raises(hsu.HsuError, match=f"kernel.address: cannot listen on {first.address}"):
+        await hsu_kernel_factory(deployment(), address=first.address, base_dir=str(tmp_path / "2"))
     assert first.state is hsu.KernelState.RUNNING
 
 

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import grpc
 import psutil
 import pytest
 
+from hsu._kernel.supervision.containment import find_cgroup
 from hsu.errors import LaunchError
 from hsu.ports import LaunchSpec
 from hsu.process import UNKNOWN_STATUS, PidfdHandle
@@ -159,6 +160,67 @@ async def test_die_with_kernel_arms_sigkill_on_the_parents_death(
     assert code == 0
     armed = WRAPPED[wrapped].get("die_with_kernel", False)
     assert out.read_text().strip() == str(int(signal.SIGKILL) if armed else 0)
+
+
+# -- a cgroup, joined before the command runs --------------------------------------
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    """An empty cgroup v2 of its own under this process's (skipped without one),
+    emptied and removed at the end."""
+    home, why = find_cgroup()
+    if home is None:
+        pytest.skip(f"no writable cgroup v2 here: {why}")
+    path = home.directory / f"hsu-test-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        deadline = time.monotonic() + 10
+        while (path / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
+            (path / "cgroup.kill").write_text("1")
+            time.sleep(0.01)
+        path.rmdir()
+
+
+async def test_a_command_is_in_its_cgroup_from_its_first_instruction(
+    cgroup: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    with out.open("wb") as f:
+        launch = spec(["cat", "/proc/self/cgroup"], stdout=f.fileno(), cgroup=str(cgroup))
+        assert await run(launch) == 0
+    home, _ = find_cgroup()
+    assert home is not None
+    assert f"0::{home.path.rstrip('/')}/{cgroup.name}" in out.read_text().splitlines()
+
+
+async def test_with_a_cgroup_and_every_wrapper_the_command_keeps_its_pid(cgroup: Path) -> None:
+    launch = spec(
+        ["sleep", "60"], cgroup=str(cgroup), rlimits={"nofile": 256}, die_with_kernel=True
+    )
+    handle = await LAUNCHER.launch(launch)
+    try:
+        proc = await until_running(handle, SLEEP_REAL)
+        assert proc.ppid() == os.getpid()  # no wrapper left in between
+        assert (cgroup / "cgroup.procs").read_text().split() == [str(handle.pid)]
+    finally:
+        handle.signal(signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await handle.wait()
+
+
+async def test_a_cgroup_that_cannot_be_joined_never_runs_the_command(tmp_path: Path) -> None:
+    err, ran = tmp_path / "err", tmp_path / "ran"
+    with err.open("wb") as f:
+        launch = spec(
+            ["touch", str(ran)], stderr=f.fileno(), cgroup=str(tmp_path / "no-such-cgroup")
+        )
+        assert await run(launch) == 126
+    assert not ran.exists()
+    procs = tmp_path / "no-such-cgroup" / "cgroup.procs"
+    assert err.read_text() == f"hsu: cannot join the cgroup of {procs}\n"
 
 
 # -- a bad command reads the same with or without a wrapper --------------------

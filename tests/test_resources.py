@@ -143,6 +143,20 @@ def test_descendants_are_counted() -> None:
     assert breaches(ResourceLimits(children=2, threads=1000), usage) == []
 
 
+def test_an_instance_cgroup_counts_what_left_the_tree() -> None:
+    # a process that is not a descendant (a daemon that left its HSU's tree)
+    # counts when the instance's cgroup lists it, and the tree is not walked
+    with child(HOLD) as proc, child("data = b'x' * (30 * 1024 * 1024)\n" + HOLD) as stray:
+        tree = sample(Sampler(), proc.pid)
+        usage = Sampler().sample(proc.pid, [proc.pid, stray.pid, 2**22 + 1])
+        assert usage is not None
+        stray_rss = psutil.Process(stray.pid).memory_info().rss
+    assert tree.children == 0
+    assert usage.children == 1  # the stray; a pid that is gone is left out
+    assert usage.rss >= tree.rss + stray_rss - 5 * MIB
+    assert usage.threads >= tree.threads + 1
+
+
 def test_open_files_of_the_main_process() -> None:
     code = "import os\nfiles = [open(os.devnull) for _ in range(50)]\n" + HOLD
     with child(code) as proc:

@@ -51,7 +51,7 @@ async def test_a_crash_loop_trips_the_breaker_and_the_api_keeps_answering(hsu_ke
     )
     kernel = await hsu_kernel_factory({"units": {"crash": crash}}, plugins=[events])
     [inst] = kernel.instances.values()
-    async with grpc.aio.insecure_channel(kernel.address) as ch:
+    async with grpc.aio.insecure_channel(kernel.control_address) as ch:
         core = core_pb2_grpc.CoreStub(ch)
         pings = 0
         while inst.state is not S.FATAL:

@@ -81,7 +81,7 @@ async def test_a_refused_registration_exits_1_saying_why(hsu_kernel_factory):
 
     kernel = await hsu_kernel_factory({})
     env = {k: v for k, v in os.environ.items() if not k.startswith("HSU_")}
-    env.update(HSU_KERNEL_ADDRESS=kernel.address, HSU_LISTEN="127.0.0.1:0")
+    env.update(HSU_KERNEL_ADDRESS=kernel.control_address, HSU_LISTEN="127.0.0.1:0")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hsu_echo", env=env, stderr=asyncio.subprocess.PIPE
     )

@@ -6,12 +6,24 @@ objects: the data plus the origin of every path, so an error can say
 JSON keep line numbers; TOML, read with the standard library, gives the file
 name only); :func:`env_layer` and :func:`overrides_layer` build the layers of
 ``HSU_A__B=...`` variables and ``--set a.b=...`` options.
+
+Input is bounded: a file is at most :data:`MAX_FILE_BYTES`, valid UTF-8, with
+no duplicate keys, nested at most :data:`MAX_DEPTH` levels, and YAML aliases
+may repeat at most :data:`MAX_ALIASED_NODES` values (a "billion laughs" file
+is refused as it is read, in milliseconds). Every such problem is a one-line
+:class:`~hsu.errors.ConfigError` saying where.
+
+Secrets: :class:`SecretStr` (what ``${env:..}``/``${file:..}`` resolve to),
+:func:`redact`, and :func:`child_env`, the part of the kernel's environment an
+HSU inherits (:data:`DEFAULT_PASS_ENV`).
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +34,96 @@ from hsu.ports import Layer, Origin, PathT
 
 SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 
+#: the largest deployment file read (bytes)
+MAX_FILE_BYTES = 1 << 20
+#: mappings and lists nested deeper than this are refused
+MAX_DEPTH = 100
+#: values a document may repeat through YAML aliases (``*name``), counted
+#: as they are expanded: a shared subtree of 50 values used 3 times is 150
+MAX_ALIASED_NODES = 10_000
+#: values in one document, aliases expanded
+MAX_NODES = 1_000_000
+
+#: the kernel environment variables an HSU inherits unless its unit says
+#: otherwise (``pass_env``): what a program needs to find its tools, its home,
+#: its locale and time zone, its Python packages and its CA certificates.
+#: Anything else of the kernel's (credentials in particular) is not passed on.
+DEFAULT_PASS_ENV: tuple[str, ...] = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ",
+    "TMPDIR", "TERM", "PYTHONPATH", "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR",
+)  # fmt: skip
+
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class SecretStr(str):
+    """A string resolved from a ``${env:..}`` or ``${file:..}`` reference.
+
+    It is the plain string in every use (equality, ``str()``, the environment
+    of a process), but its ``repr`` is ``'***'``: an error message that quotes
+    a value (``got {value!r}``) does not show a secret.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every occurrence of each of ``secrets`` replaced by ``***``
+    (the longest first, so a secret containing another is hidden whole).
+    Empty strings are ignored; a deployment's ``secrets`` holds only values
+    of at least 4 characters, as shorter ones would mangle any text."""
+    values = sorted({s for s in secrets if s}, key=len, reverse=True)
+    if not values:
+        return text
+    return re.sub("|".join(re.escape(v) for v in values), "***", text)
+
+
+def child_env(pass_env: Iterable[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``environ`` whose names match one of the ``pass_env``
+    glob patterns (``fnmatch``, case-sensitive): what an HSU inherits of the
+    kernel's environment, before its unit's own ``env`` and the kernel's
+    ``HSU_*`` variables are added."""
+    patterns = tuple(pass_env)
+    return {k: v for k, v in environ.items() if any(fnmatchcase(k, p) for p in patterns)}
+
+
+# -- files --------------------------------------------------------------------
+
 
 def read_file(path: Path) -> Layer:
+    """One deployment file as a layer, or a :class:`ConfigError` saying what
+    is wrong and where (one line): unreadable, too large, not UTF-8, not
+    valid YAML/JSON/TOML, a duplicate key, nested or aliased beyond bounds,
+    or not a mapping at the top. Pure: safe to call from any thread."""
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{source}: cannot read: {exc.strerror}"], source) from None
-    if path.suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{source}: not valid TOML: {exc}"], source) from None
-        return Layer(data, {(): Origin(source)} | _all_paths(data, Origin(source)))
     if path.suffix not in SUFFIXES:
         raise ConfigError(
             [f"{source}: unknown file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"],
             source,
         )
+    text = _read_text(path, source)
+    if path.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{source}: not valid TOML: {exc}"], source) from None
+        except RecursionError:
+            raise ConfigError([f"{source}: nested too deeply"], source) from None
+        _check_depth(data, source)
+        return Layer(data, {(): Origin(source)} | _all_paths(data, Origin(source)))
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data, origins = _load_yaml(text, source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join(str(problem).split())
         raise ConfigError([f"{where}: not valid YAML: {problem}"], source) from None
     if data is None:
         data = {}
@@ -54,24 +131,179 @@ def read_file(path: Path) -> Layer:
         raise ConfigError(
             [f"{source}: expected a mapping at the top, got {type(data).__name__}"], source
         )
-    origins: dict[PathT, Origin] = {(): Origin(source, 1)}
-    if node is not None:
-        _lines(node, (), source, origins)
-    return Layer(data, origins)
+    return Layer(data, {(): Origin(source, 1)} | origins)
 
 
-def _lines(node: yaml.Node, path: PathT, source: str, out: dict[PathT, Origin]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            child = (*path, key)
-            out[child] = Origin(source, key_node.start_mark.line + 1)
-            _lines(value_node, child, source, out)
-    elif isinstance(node, yaml.SequenceNode):
+def _read_text(path: Path, source: str) -> str:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror}"], source) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(
+            [f"{source}: larger than {MAX_FILE_BYTES // 2**20} MiB; a deployment file is at most"
+             f" {MAX_FILE_BYTES} bytes"],
+            source,
+        )  # fmt: skip
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            [f"{source}: not valid UTF-8 at byte {exc.start} (line {line})"], source
+        ) from None
+
+
+def _load_yaml(text: str, source: str, lines: bool = True) -> tuple[Any, dict[PathT, Origin]]:
+    """Compose once (aliases share nodes), then build plain data within bounds."""
+    try:
+        node = yaml.compose(text, Loader=_LOADER)
+    except RecursionError:
+        raise ConfigError([f"{source}: nested too deeply"], source) from None
+    if node is None:
+        return None, {}
+    builder = _Builder(source, lines)
+    return builder.build(node, (), node.start_mark.line + 1), builder.origins
+
+
+class _Builder:
+    """Plain data from a composed YAML node graph: each alias expanded into a
+    copy, counted, so the data is a tree of bounded size (later merges and
+    walks are linear in it), and duplicate keys are refused."""
+
+    def __init__(self, source: str, lines: bool = True):
+        self.source = source
+        self.lines = lines
+        self.origins: dict[PathT, Origin] = {}
+        self.nodes = 0
+        self.aliased = 0
+        self.seen: set[int] = set()
+        self.open: set[int] = set()  # the nodes being built: an alias to one is a cycle
+        self.scalars = yaml.SafeLoader("")
+
+    def where(self, line: int) -> str:
+        return f"{self.source}:{line}" if self.lines else self.source
+
+    def fail(self, line: int, message: str) -> ConfigError:
+        return ConfigError([f"{self.where(line)}: {message}"], self.source)
+
+    def origin(self, line: int) -> Origin:
+        return Origin(self.source, line if self.lines else None)
+
+    def build(self, node: yaml.Node, path: PathT, line: int, alias: int | None = None) -> Any:
+        """``line``: where the value is used (its key or list), for messages;
+        ``alias``: where the outermost alias being expanded is used."""
+        self.nodes += 1
+        if id(node) in self.seen:
+            self.aliased += 1
+            alias = line if alias is None else alias
+            if id(node) in self.open:
+                raise self.fail(line, "a YAML alias refers to a value that contains it")
+        self.seen.add(id(node))
+        if self.aliased > MAX_ALIASED_NODES:
+            raise self.fail(
+                alias or line,
+                f"too many aliased nodes (YAML aliases repeat more than"
+                f" {MAX_ALIASED_NODES:,} values)",
+            )
+        if self.nodes > MAX_NODES:
+            raise self.fail(line, f"too many nodes (more than {MAX_NODES:,} values)")
+        if len(path) > MAX_DEPTH:
+            raise self.fail(line, f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalars.construct_object(node, deep=True)
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
+                return self.sequence(node, path, alias)
+            if isinstance(node, yaml.MappingNode) and node.tag == _MAP:
+                return self.mapping(node, path, alias)
+        finally:
+            self.open.discard(id(node))
+        raise self.fail(node.start_mark.line + 1, f"YAML tag {node.tag!r} is not supported")
+
+    def sequence(self, node: yaml.SequenceNode, path: PathT, alias: int | None) -> list[Any]:
+        out = []
         for i, item in enumerate(node.value):
-            child = (*path, i)
-            out[child] = Origin(source, item.start_mark.line + 1)
-            _lines(item, child, source, out)
+            line = item.start_mark.line + 1
+            self.origins[(*path, i)] = self.origin(line)
+            # an alias item's node is the anchored one, elsewhere: say the list
+            used = node.start_mark.line + 1 if id(item) in self.seen else line
+            out.append(self.build(item, (*path, i), used, alias))
+        return out
+
+    def mapping(self, node: yaml.MappingNode, path: PathT, alias: int | None) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        merged: set[Any] = set()  # keys from ``<<: *base``, which a key of its own overrides
+        first: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag == _MERGE:
+                self.merge(value_node, path, line, out, merged, alias)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.fail(line, "a key must be a plain value, not a mapping or a list")
+            key = self.scalars.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise self.fail(line, f"a key must be a plain value, got {key!r}") from None
+            if key in first:
+                raise self.fail(line, f"duplicate key {key!r} (first at line {first[key]})")
+            first[key] = line
+            child = (*path, key)
+            if key in merged:
+                merged.discard(key)
+                self._forget(child)
+            self.origins[child] = self.origin(line)
+            out[key] = self.build(value_node, child, line, alias)
+        return out
+
+    def merge(
+        self,
+        value: yaml.Node,
+        path: PathT,
+        line: int,
+        out: dict[Any, Any],
+        merged: set[Any],
+        alias: int | None,
+    ) -> None:
+        """``<<: *base`` or ``<<: [*a, *b]``: keys not already set (the first
+        base listed wins, as in YAML 1.1)."""
+        bases = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        for base in bases:
+            if not isinstance(base, yaml.MappingNode):
+                raise self.fail(line, "'<<' merges a mapping or a list of mappings")
+            scratch = _Builder(self.source, self.lines)
+            scratch.nodes, scratch.aliased = self.nodes, self.aliased
+            scratch.seen, scratch.open = self.seen, self.open
+            built = scratch.build(base, path, line, alias)
+            self.nodes, self.aliased = scratch.nodes, scratch.aliased
+            for key, item in built.items():
+                if key in out:
+                    continue
+                out[key] = item
+                merged.add(key)
+                for p, origin in scratch.origins.items():
+                    if p[: len(path) + 1] == (*path, key):
+                        self.origins[p] = origin
+
+    def _forget(self, prefix: PathT) -> None:
+        for p in [p for p in self.origins if p[: len(prefix)] == prefix]:
+            del self.origins[p]
+
+
+def _check_depth(data: Any, source: str) -> None:
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError([f"{source}: nested more than {MAX_DEPTH} levels deep"], source)
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def _all_paths(data: Any, origin: Origin, prefix: PathT = ()) -> dict[PathT, Origin]:
@@ -81,6 +313,9 @@ def _all_paths(data: Any, origin: Origin, prefix: PathT = ()) -> dict[PathT, Ori
             out[(*prefix, k)] = origin
             out.update(_all_paths(v, origin, (*prefix, k)))
     return out
+
+
+# -- the environment and --set --------------------------------------------------
 
 
 def env_layer(env: Mapping[str, str], prefix: str = "HSU_") -> Layer:
@@ -97,7 +332,8 @@ def env_layer(env: Mapping[str, str], prefix: str = "HSU_") -> Layer:
         keys = [k.lower() for k in name[len(prefix) :].split("__")]
         if not all(keys):
             continue
-        _set(layer, tuple(keys), parse_scalar(env[name]), Origin(f"env {name}"))
+        source = f"env {name}"
+        _set(layer, tuple(keys), parse_scalar(env[name], source), Origin(source))
     return layer
 
 
@@ -111,7 +347,11 @@ def overrides_layer(overrides: tuple[str, ...]) -> Layer:
         if not sep or not all(keys):
             problems.append(f"--set {item}: expected PATH=VALUE, e.g. units.echo.max_instances=4")
             continue
-        _set(layer, keys, parse_scalar(raw), Origin(f"--set {item}"))
+        source = f"--set {item}"
+        try:
+            _set(layer, keys, parse_scalar(raw, source), Origin(source))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
     return layer
@@ -128,11 +368,14 @@ def _set(layer: Layer, keys: tuple[str, ...], value: Any, origin: Origin) -> Non
     layer.origins[keys] = origin
 
 
-def parse_scalar(raw: str) -> Any:
-    import yaml
-
+def parse_scalar(raw: str, source: str = "<value>") -> Any:
+    """``raw`` read as a YAML value (``4``, ``true``, ``[a, b]``), or as the
+    string itself when it is not valid YAML; within the same bounds as a file
+    (a :class:`ConfigError` naming ``source`` past them)."""
+    if len(raw.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+        raise ConfigError([f"{source}: larger than {MAX_FILE_BYTES // 2**20} MiB"], source)
     try:
-        value = yaml.safe_load(raw)
+        value, _ = _load_yaml(raw, source, lines=False)
     except yaml.YAMLError:
         return raw
     return raw if value is None and raw.strip() not in ("null", "~") else value

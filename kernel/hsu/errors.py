@@ -54,3 +54,17 @@ class LaunchError(HsuError):
 
 class NoSuchUnit(HsuError):
     """A unit or interface was asked for that the deployment does not have."""
+
+
+class InvalidValue(HsuError):
+    """A value from outside (an RPC's field, an address) is malformed or out of
+    bounds (:mod:`hsu.validate`); the message names the field."""
+
+
+class NotAllowed(HsuError):
+    """The caller did not prove it may do this: a missing or wrong credential,
+    or something only the kernel's own instances may do."""
+
+
+class OverLimit(HsuError):
+    """A cap or a rate limit refused the request; it may succeed later."""

@@ -182,13 +182,13 @@ def hsu_kernel_configure(kernel: KernelAPI) -> None:
 
 @_hookspec(firstresult=True)
 def hsu_kernel_address(kernel: KernelAPI, requested: str) -> str | None:
-    """Move the kernel's own gRPC server off the address a plugin serves itself.
+    """Move the kernel's data plane off the address a plugin serves itself.
 
-    For a data plane in front of the kernel (``hsu_plugins.gateway.nginx``):
+    For a data plane in front of the kernel's (``hsu_plugins.gateway.nginx``):
     it takes the requested address, so clients keep one address, and forwards
-    what it does not serve to the kernel at the address it returns here. HSUs
-    are given the address the kernel really listens on, so their
-    registrations never cross the data plane. Must not do I/O.
+    the unit interfaces it does not route itself to the kernel's data plane at
+    the address it returns here. The control plane (``kernel.control``) never
+    moves; HSUs register there. Must not do I/O.
 
     :param kernel: the kernel being built, configured but not listening;
         ``kernel.requested_address`` stays what was asked for.

@@ -274,7 +274,15 @@ class KernelAPI(Protocol):
 
     @property
     def address(self) -> str:
-        """Where the kernel's own gRPC server listens ("" until it started)."""
+        """Where the data plane listens: the units' interfaces, served by the
+        plugins' ``hsu_kernel_handlers`` ("" until it started, or when no
+        plugin serves a data plane)."""
+        ...
+
+    @property
+    def control_address(self) -> str:
+        """Where the control plane listens: the Kernel API and the kernel's
+        Core; what HSUs register with ("" until it started)."""
         ...
 
     @property
@@ -363,6 +371,12 @@ class LaunchSpec:
     rlimits: Mapping[str, int] = attrs.field(factory=dict)
     #: SIGKILL the child when the kernel dies (else it may be re-attached)
     die_with_kernel: bool = False
+    #: a cgroup v2 directory the process must join before its command runs
+    #: (:func:`hsu.process.cgroup_argv`), so everything it starts stays in it;
+    #: None when the kernel contains instances without cgroups. A launcher
+    #: given one must honour it: the kernel ends the instance's processes by
+    #: killing that cgroup
+    cgroup: str | None = None
 
 
 @runtime_checkable

@@ -5,6 +5,10 @@ learns it through ``add_reader`` and a child is reaped at once with
 ``waitpid(pid, WNOHANG)``, so no zombie is left. The same works for a process
 this kernel did not start (one it re-attached to), whose exit status is then
 unknown. The pidfd pins the process: a signal never reaches a reused pid.
+
+For launchers, the exec wrappers that set a process up before its command
+runs, keeping its pid: :func:`cgroup_argv` (join the instance's cgroup,
+``LaunchSpec.cgroup``) and :func:`rlimits_argv` (``LaunchSpec.rlimits``).
 """
 
 from __future__ import annotations
@@ -124,6 +128,31 @@ class PidfdHandle:
         except PermissionError:
             raise LaunchError(f"pid {pid} belongs to another user") from None
         return cls(pid, child=False, owned=owned)
+
+
+# -- a cgroup at spawn ---------------------------------------------------------
+#
+# Python cannot clone3(CLONE_INTO_CGROUP), and a preexec_fn is ruled out (see
+# below), so the process joins its cgroup itself: a POSIX shell writes its own
+# pid into ``cgroup.procs`` and then execs the rest of the command line, which
+# keeps that pid. Whatever the command starts is in the cgroup from its first
+# instruction: no window in which a fork escapes it.
+
+#: the shell that joins the cgroup (POSIX guarantees ``/bin/sh``)
+SHELL = "/bin/sh"
+#: ``$1`` is the cgroup's ``cgroup.procs``; the rest is the command to exec
+CGROUP_SCRIPT = (
+    '{ echo $$ > "$1"; } 2>/dev/null || '
+    '{ echo "hsu: cannot join the cgroup of $1" >&2; exit 126; }; shift; exec "$@"'
+)
+
+
+def cgroup_argv(cgroup: str) -> list[str]:
+    """An exec wrapper that moves itself into the cgroup v2 directory
+    ``cgroup`` and then execs what follows it, keeping its pid:
+    ``[*cgroup_argv(path), *argv]``. If it cannot join, it exits 126 with one
+    line on stderr and never runs the command."""
+    return [SHELL, "-c", CGROUP_SCRIPT, "hsu-cgroup", os.path.join(cgroup, "cgroup.procs")]
 
 
 # -- rlimits at spawn ---------------------------------------------------------

@@ -7,7 +7,8 @@ Fixtures:
 
 ``hsu_kernel_factory``
     ``await hsu_kernel_factory(deployment_dict, plugins=[obj, ...])`` builds a
-    kernel listening on an ephemeral loopback port, registers the given plugin
+    kernel with its data plane on an ephemeral loopback port and its control
+    plane on a unix socket in the test's temporary directory, registers the given plugin
     objects, starts it, and stops it (and every instance) after the test.
     Needs pytest-asyncio.
 
@@ -46,14 +47,19 @@ def build_kernel(
     plugins: Iterable[object] = (),
     names: Iterable[str] = (),
     address: str = "127.0.0.1:0",
+    control: str | None = None,
     base_dir: str = ".",
 ) -> Kernel:
-    """A kernel from a dict, with extra plugin objects registered from code."""
+    """A kernel from a dict, with extra plugin objects registered from code.
+
+    Its data plane listens on ``address`` (an ephemeral loopback port), its
+    control plane on ``control`` (default: the unix socket in its state dir,
+    ``<base_dir>/.hsu/<name>/control.sock``)."""
     deployment = deployment_from_dict(raw, source="<test>", base_dir=base_dir)
     pm = PluginManager.load([*deployment.plugins, *names], env={}, autoload=False)
     for plugin in plugins:
         pm.register(plugin)
-    return Kernel(deployment, pm, address=address)
+    return Kernel(deployment, pm, address=address, control_address=control)
 
 
 try:

@@ -17,11 +17,16 @@
 at ``HSU_KERNEL_ADDRESS`` when a kernel started it, streams its logs over
 Core.StreamLogs, and exits cleanly on Core.Shutdown, SIGTERM or SIGINT. Without
 a kernel it runs standalone and logs where it listens.
+
+A kernel that starts an HSU hands it a secret, ``HSU_INSTANCE_TOKEN``: the HSU
+sends it (gRPC metadata ``hsu-instance-token``) with Register, Deregister and
+ReportLoad, and accepts Core.Shutdown only from a caller that sends it back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import importlib
 import inspect
 import os
@@ -46,6 +51,11 @@ ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
 ENV_UNIT = "HSU_UNIT"
 ENV_INSTANCE_ID = "HSU_INSTANCE_ID"
 ENV_LISTEN = "HSU_LISTEN"
+ENV_INSTANCE_TOKEN = "HSU_INSTANCE_TOKEN"
+#: the gRPC metadata key that carries the instance's token, both ways
+TOKEN_METADATA = "hsu-instance-token"
+#: the one call of Core only the kernel may make
+SHUTDOWN_METHOD = "/hsu.core.v1.Core/Shutdown"
 DEFAULT_LISTEN = "127.0.0.1:0"
 #: the shortest time between two load reports to the kernel
 LOAD_REPORT_INTERVAL = 0.1
@@ -149,6 +159,29 @@ class LoadCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return counted
 
 
+class ShutdownGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Core.Shutdown only from a caller sending ``hsu-instance-token`` equal to
+    ``token`` (the kernel); any other caller gets PERMISSION_DENIED."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if details.method != SHUTDOWN_METHOD:
+            return await continuation(details)
+        sent = next((v for k, v in details.invocation_metadata or () if k == TOKEN_METADATA), "")
+        if isinstance(sent, str) and hmac.compare_digest(sent.encode(), self._token):
+            return await continuation(details)
+        return grpc.unary_unary_rpc_method_handler(_deny_shutdown)
+
+
+async def _deny_shutdown(request: Any, context: Any) -> None:
+    await context.abort(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"Core.Shutdown: only the kernel that started this HSU may stop it ({TOKEN_METADATA})",
+    )
+
+
 class Worker:
     """One HSU process: its server, its registration, its shutdown."""
 
@@ -161,6 +194,7 @@ class Worker:
         kernel_address: str | None = None,
         instance_id: str | None = None,
         grace: float = 5.0,
+        token: str | None = None,
     ):
         if not servicers:
             raise HsuError("an HSU serves at least one interface: pass a servicer")
@@ -171,6 +205,9 @@ class Worker:
         self.listen = listen or env.get(ENV_LISTEN) or DEFAULT_LISTEN
         self.kernel_address = kernel_address or env.get(ENV_KERNEL_ADDRESS, "")
         self.instance_id = instance_id or env.get(ENV_INSTANCE_ID, "")
+        #: the secret the kernel gave (or, joining as an unmanaged instance,
+        #: the unit's token): sent with every call to the kernel
+        self.token = token if token is not None else env.get(ENV_INSTANCE_TOKEN, "")
         self.grace = grace
         self.address = ""
         self.logs = LogBuffer()
@@ -205,8 +242,14 @@ class Worker:
             logger.info("stopping: {}", reason or "requested")
         self._stop.set()
 
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return ((TOKEN_METADATA, self.token),) if self.token else None
+
     async def start(self) -> str:
-        interceptors = [self.load] if self.kernel_address else []
+        interceptors: list[Any] = [ShutdownGuard(self.token)] if self.token else []
+        if self.kernel_address:
+            interceptors.append(self.load)
         server = grpc.aio.server(interceptors=interceptors)
         for service in self.services:
             service.add_to_server(service.servicer, server)
@@ -224,7 +267,10 @@ class Worker:
         if self.listen.startswith("unix:"):
             self.address = self.listen
         else:
-            self.address = f"{self.listen.rsplit(':', 1)[0]}:{port}"
+            host = self.listen.rsplit(":", 1)[0]
+            # listening on every interface: the kernel calls it on loopback
+            host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
+            self.address = f"{host}:{port}"
         for name in ("", *names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.kernel_address:
@@ -246,7 +292,9 @@ class Worker:
         )
         async with grpc.aio.insecure_channel(self.kernel_address) as channel:
             stub = kernel_pb2_grpc.KernelStub(channel)
-            reply = await stub.Register(request, timeout=10.0, wait_for_ready=True)
+            reply = await stub.Register(
+                request, timeout=10.0, wait_for_ready=True, metadata=self._metadata
+            )
         self.instance_id = reply.instance_id
         logger.info(
             "registered with kernel at {} as {}, serving {} on {}",
@@ -302,8 +350,11 @@ class Worker:
             try:
                 async with grpc.aio.insecure_channel(self.kernel_address) as channel:
                     stub = kernel_pb2_grpc.KernelStub(channel)
-                    await stub.ReportLoad(messages())
+                    await stub.ReportLoad(messages(), metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    logger.warning("load reports refused: {}", exc.details())
+                    return
                 logger.debug("load reports: {}", exc.code().name)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
@@ -314,7 +365,9 @@ class Worker:
             async with grpc.aio.insecure_channel(self.kernel_address) as channel:
                 stub = kernel_pb2_grpc.KernelStub(channel)
                 await stub.Deregister(
-                    kernel_pb2.DeregisterRequest(instance_id=self.instance_id), timeout=1.0
+                    kernel_pb2.DeregisterRequest(instance_id=self.instance_id),
+                    timeout=1.0,
+                    metadata=self._metadata,
                 )
         except grpc.aio.AioRpcError as exc:
             logger.debug("deregister: {}", exc.code().name)

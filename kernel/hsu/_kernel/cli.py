@@ -9,27 +9,36 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from loguru import logger
 
-from hsu._kernel.config.model import KernelSettings, load_deployment
+from hsu._kernel.config.model import load_deployment
 from hsu._kernel.plugins import PluginManager
 from hsu._version import __version__
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.errors import HsuError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
-DEFAULT_ADDRESS = KernelSettings().address
 LOG_FORMAT = (
     "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
     "<cyan>{extra[where]}</cyan>{message}"
 )
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(
+    level: str, kernel_log: Path | None = None, *, max_bytes: int = 10 * 2**20, backups: int = 3
+) -> None:
+    """Log to stderr at ``level`` (whoever reads it, a terminal or a service
+    manager, keeps or rotates it). With ``kernel_log`` (``hsu run``), also the
+    kernel's own records, not its HSUs' lines (those have their own files), to
+    that file: mode 0600 in a 0700 directory, rotated when it would pass
+    ``max_bytes``, the ``backups`` newest rotated files kept
+    (``kernel.<date>.log``)."""
+
     def where(record: Any) -> None:
         extra = record["extra"]
         parts = [str(extra[k]) for k in ("instance", "stream") if k in extra]
@@ -38,10 +47,28 @@ def _setup_logging(level: str) -> None:
     logger.remove()
     logger.configure(patcher=where)
     logger.add(sys.stderr, level=level.upper(), format=LOG_FORMAT, colorize=None)
+    if kernel_log is not None:
+        from hsu._kernel.control import secure_dir
+
+        secure_dir(kernel_log.parent)
+        logger.add(
+            str(kernel_log),
+            level=level.upper(),
+            format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[where]}{message}",
+            colorize=False,
+            filter=lambda record: "stream" not in record["extra"],
+            rotation=max_bytes,
+            retention=backups,
+            opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, 0o600),
+        )
 
 
 def _kernel_address(args: argparse.Namespace) -> str:
-    return str(args.address or os.environ.get("HSU_KERNEL_ADDRESS") or DEFAULT_ADDRESS)
+    """The control address to call: --control, --kernel NAME, $HSU_CONTROL,
+    $HSU_KERNEL_ADDRESS, --deployment FILE, else the one running kernel."""
+    from hsu._kernel import control
+
+    return control.resolve(args.control, kernel=args.kernel, deployment=args.deployment)
 
 
 # -- commands ----------------------------------------------------------------
@@ -53,7 +80,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     ctx = config_loader.context([args.deployment], args.set)
     deployment, plugins = config_loader.load(ctx, args.plugin)
-    kernel = Kernel(deployment, plugins, address=args.address, source_context=ctx)
+    kernel = Kernel(
+        deployment, plugins, address=args.address, control_address=args.control, source_context=ctx
+    )
+    ks = kernel.kernel_settings
+    _setup_logging(
+        args.log_level,
+        kernel.state_dir / "kernel.log",
+        max_bytes=ks.log_max_bytes,
+        backups=ks.log_backups,
+    )
     asyncio.run(kernel.serve())
     return 0
 
@@ -320,10 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def address_opt(p: argparse.ArgumentParser, what: str) -> None:
-        p.add_argument(
+        where = p.add_mutually_exclusive_group()
+        where.add_argument(
+            "--control",
             "--address",
-            help=f"{what} (host:port or unix:/path); default $HSU_KERNEL_ADDRESS or"
-            f" {DEFAULT_ADDRESS}",
+            dest="control",
+            metavar="ADDRESS",
+            help=f"{what}: its control address (unix:/path or host:port); default"
+            " $HSU_CONTROL, $HSU_KERNEL_ADDRESS, else the one running kernel",
+        )
+        where.add_argument(
+            "-k", "--kernel", metavar="NAME", help=f"{what}: the running kernel of deployment NAME"
+        )
+        where.add_argument(
+            "-d",
+            "--deployment",
+            metavar="FILE",
+            help=f"{what}: the kernel of this deployment file",
         )
 
     def set_opt(p: argparse.ArgumentParser) -> None:
@@ -339,7 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("deployment", help="deployment file (YAML, JSON or TOML)")
     plugin_opt(p)
     set_opt(p)
-    p.add_argument("--address", help="listen here instead of the deployment's kernel.address")
+    p.add_argument(
+        "--address", help="serve the data plane here instead of the deployment's kernel.address"
+    )
+    p.add_argument(
+        "--control",
+        help="serve the control plane here instead of kernel.control (default: a unix"
+        " socket in the state dir)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("plugins", help="list plugins: name, distribution, hooks, status")

@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import os
 import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from loguru import logger
 
+from hsu import validate
+from hsu._kernel import control
 from hsu._kernel.config.defaults import with_defaults
 from hsu._kernel.config.model import (
     Deployment,
@@ -34,6 +37,7 @@ from hsu._kernel.plugins import PluginManager
 from hsu._kernel.routing import KernelRouting
 from hsu._kernel.server import KernelServer
 from hsu._kernel.supervision import statefile
+from hsu._kernel.supervision.containment import Containment
 from hsu._kernel.supervision.instances import Instance, InstanceState, new_instance_id
 from hsu._kernel.supervision.logfiles import LogFiles
 from hsu._kernel.supervision.resources import Sampler
@@ -47,8 +51,8 @@ from hsu._kernel.supervision.supervisor import (
     settled,
 )
 from hsu._version import __version__
-from hsu.errors import ConfigError, HsuError, NoSuchUnit
-from hsu.ports import Changes, Registry, SourceContext
+from hsu.errors import ConfigError, HsuError, InvalidValue, NoSuchUnit, NotAllowed, OverLimit
+from hsu.ports import Changes, ProbeTarget, Registry, SourceContext
 from hsu.process import PidfdHandle
 
 if TYPE_CHECKING:
@@ -71,6 +75,7 @@ class Kernel:
         plugins: PluginManager,
         *,
         address: str | None = None,
+        control_address: str | None = None,
         source_context: SourceContext | None = None,
     ):
         # the launchers, balancers, ... that units leave unnamed: the defaults
@@ -89,8 +94,12 @@ class Kernel:
         #: where the kernel's gRPC server binds: the requested address, unless
         #: a plugin serving that one itself moves the kernel (hsu_kernel_address)
         self.bind_address = self.requested_address
-        #: where it listens, once it does (a port 0 resolved); HSUs are given this
+        #: where the data plane listens, once it does (a port 0 resolved); ""
+        #: when no plugin serves one (``hsu_kernel_handlers``)
         self.address = ""
+        #: where the control plane listens (the Kernel API and the kernel's
+        #: Core), once it does; HSUs are given this
+        self.control_address = ""
         self.version = __version__
         self.pid = os.getpid()
         self.created_at = time.time()
@@ -118,11 +127,19 @@ class Kernel:
         self.logs = LogBuffer(ks.log_tail)
         state_dir = Path(deployment.base_dir, ks.state_dir or f".hsu/{deployment.name}")
         self.state_dir = state_dir
+        #: where the control plane binds: ``kernel.control``, else a unix
+        #: socket in the state dir
+        self.control_bind = (
+            control_address or ks.control or control.default_socket(state_dir, deployment.name)
+        )
+        self._control_entry: Path | None = None
         self.state_path: Path | None = state_dir / "state.json"
         self.logfiles = LogFiles(
             state_dir / "logs", max_bytes=ks.log_max_bytes, backups=ks.log_backups
         )
         self.sampler = Sampler()
+        #: cgroups or the child subreaper: what an instance starts ends with it
+        self.containment = Containment(lambda: [i.pid for i in self.instances.values() if i.pid])
         self.routing = KernelRouting(self)
         self._background: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
@@ -209,9 +226,20 @@ class Kernel:
         self._log_sink = logger.add(self.logs.sink, level="DEBUG", enqueue=False)
         try:
             await self.plugins.call_each("hsu_kernel_starting", kernel=self)
+            self._check_exposure()
+            control.secure_dir(self.state_dir)
+            self.containment.start()
             self._server = KernelServer(self)
-            self.address = await self._server.start(self.bind_address)
-            logger.info("kernel {} listening on {}", self.deployment.name, self.address)
+            self.control_address, self.address = await self._server.start(
+                self.control_bind, self.bind_address
+            )
+            self._control_entry = control.publish(self.deployment.name, self.control_address)
+            logger.info(
+                "kernel {}: control on {}, data plane on {}",
+                self.deployment.name,
+                self.control_address,
+                self.address or "(none: no plugin serves one)",
+            )
             await self.routing.start()
             found = await self._reattach()
             self._background.append(asyncio.ensure_future(self.logfiles.run()))
@@ -234,6 +262,19 @@ class Kernel:
             else:
                 await self._teardown(KernelState.FAILED, f"start failed: {exc!r}")
             raise
+
+    def _check_exposure(self) -> None:
+        """Nothing listens off loopback unauthenticated unless the deployment
+        says ``insecure: true`` (and then every start says so)."""
+        insecure = self.kernel_settings.insecure
+        for what, address in (("control", self.control_bind), ("address", self.bind_address)):
+            if control.check_exposure(what, address, insecure):
+                logger.warning(
+                    "kernel.{}: {} is reachable from other machines and nothing"
+                    " authenticates callers (kernel.insecure: true)",
+                    what,
+                    address,
+                )
 
     async def _bring_up(self, name: str) -> None:
         sup = self.units[name]
@@ -275,12 +316,15 @@ class Kernel:
                 self.logfiles.unfollow(inst.instance_id)
             if self.state_path is not None:
                 statefile.remove(self.state_path)
+            control.unpublish(self._control_entry, self.control_address)
+            self._control_entry = None
             if self._server is not None:
                 grace = self._drain_grace
                 await self._server.stop(
                     self.kernel_settings.drain_grace if grace is None else grace
                 )
         finally:
+            self.containment.close()
             self.machine.move(final, reason if final is KernelState.FAILED else "")
             await self.plugins.call_each("hsu_kernel_stopped", stop_on_error=False, kernel=self)
             self._unregister_own_plugins()
@@ -350,7 +394,7 @@ class Kernel:
             "instance_id": f"kernel-{self.pid}",
             "version": self.version,
             "interfaces": list(self._server.services if self._server else ()),
-            "address": self.address,
+            "address": self.control_address,
         }
 
     # -- units and instances -----------------------------------------------
@@ -584,12 +628,60 @@ class Kernel:
             if spec is None or not self.kernel_settings.reattach:
                 why = "its unit is gone" if spec is None else "reattach is off"
                 logger.warning("stopping pid {} left by the last kernel ({})", si.pid, why)
+                self.containment.adopt(si.instance_id, si.pid)
                 await _end_orphan(si.pid, spec.stop_grace if spec else 10.0)
+                await self.containment.end(si.instance_id, si.pid)
                 continue
             found.setdefault(si.unit, []).append(si)
         return found
 
     # -- the handshake -------------------------------------------------------
+    #
+    # Who may register: a process this kernel spawned, proven by the token it
+    # was given (HSU_INSTANCE_TOKEN, sent as hsu-instance-token metadata) and
+    # its pid; or an instance of a unit declared ``kind: unmanaged`` that
+    # carries the unit's ``token``. Every field is checked (hsu.validate).
+    # Calls that prove nothing share one token bucket; what they may create is
+    # capped. See docs/security.md, "Registration".
+
+    #: instances of one unmanaged unit registered at once
+    MAX_REGISTERED_PER_UNIT: ClassVar[int] = 64
+    #: instances the kernel lists at once; a registration beyond is refused
+    MAX_INSTANCES: ClassVar[int] = 4096
+    #: interfaces one Register may list
+    MAX_INTERFACES: ClassVar[int] = 64
+    #: the largest ``inflight`` a load report may carry
+    MAX_INFLIGHT: ClassVar[int] = 1_000_000
+    #: calls that prove nothing (Register, Deregister, ReportLoad streams
+    #: without a valid token, and every unmanaged Register): per second, burst
+    UNPROVEN_RATE: ClassVar[tuple[float, float]] = (50.0, 100.0)
+    #: load reports on one ReportLoad stream: per second, burst (the SDK sends
+    #: at most 10 a second)
+    LOAD_REPORT_RATE: ClassVar[tuple[float, float]] = (20.0, 40.0)
+    #: a self-registered instance with no ``health`` is probed by the default
+    #: probe this often (seconds), with this timeout, and dropped after this
+    #: many failures in a row
+    REGISTERED_PROBE: ClassVar[tuple[float, float, int]] = (2.0, 1.0, 3)
+
+    @functools.cached_property
+    def _unproven(self) -> validate.RateLimit:
+        return validate.RateLimit(*self.UNPROVEN_RATE)
+
+    def _slot(self, inst: Instance | None) -> Instance | None:
+        """``inst`` if it is a slot of one of this kernel's supervisors."""
+        if inst is None or not inst.managed:
+            return None
+        sup = self.units.get(inst.unit)
+        return inst if sup is not None and sup.slots.get(inst.instance_id) is inst else None
+
+    def _proves(self, inst: Instance, token: str) -> bool:
+        """Whether ``token`` is ``inst``'s secret: the one its process was
+        spawned with, or (self-registered) its unit's ``token``."""
+        if inst.managed:
+            expected = inst.token
+        else:
+            expected = getattr(self.deployment.units.get(inst.unit), "token", None) or ""
+        return bool(expected and token) and hmac.compare_digest(token.encode(), expected.encode())
 
     async def register(
         self,
@@ -601,63 +693,317 @@ class Kernel:
         pid: int,
         version: str = "",
         metadata: dict[str, str] | None = None,
+        token: str = "",
     ) -> Instance:
-        """The handshake: an HSU says where it listens and what it serves."""
-        if not address:
-            raise HsuError("Register: address is required")
-        if not interfaces:
-            raise HsuError("Register: at least one interface is required")
-        inst = self.instances.get(instance_id) if instance_id else None
-        supervised = (
-            inst is not None
-            and inst.unit in self.units
-            and (inst.instance_id in self.units[inst.unit].slots)
-        )
-        if inst is None:
-            if not unit:
-                raise HsuError("Register: unit is required for an HSU this kernel did not start")
-            inst = Instance(instance_id or new_instance_id(unit), unit, managed=False, pid=pid)
-            self.adopt(inst)
-            inst.machine.move(InstanceState.STARTING, "registering")
-        elif supervised and inst.state is not InstanceState.STARTING:
-            raise HsuError(f"Register: instance {instance_id} is {inst.state.value}")
-        elif supervised and inst.registered.done():
-            raise HsuError(f"Register: instance {instance_id} is already registered")
-        elif not supervised and inst.state is not InstanceState.STARTING:
-            raise HsuError(f"Register: instance {instance_id} is {inst.state.value}")
-        if pid and inst.pid and pid != inst.pid:
-            raise HsuError(
-                f"Register: instance {instance_id} was started as pid {inst.pid}, not {pid}"
+        """The handshake: an HSU says where it listens and what it serves.
+
+        ``token`` is the caller's ``hsu-instance-token``. Raises
+        :class:`~hsu.errors.NotAllowed` (not proven), :class:`~hsu.errors.OverLimit`
+        (rate or caps), :class:`~hsu.errors.InvalidValue` (a field) or
+        :class:`HsuError` (the instance's state); each one line.
+        """
+        slot = self._slot(self.instances.get(instance_id) if instance_id else None)
+        proven = slot is not None and self._proves(slot, token)
+        if not proven:
+            self._unproven.check("Register")
+        try:
+            interfaces, version, metadata = self._register_fields(
+                address, interfaces, pid, version, metadata
             )
+            if slot is not None:
+                inst = self._register_slot(slot, proven, address, pid)
+            else:
+                inst = self._register_new(instance_id, unit, address, interfaces, pid, token)
+        except (NotAllowed, InvalidValue) as exc:
+            if not proven:
+                logger.warning("refused: {}", exc)
+            raise
         inst.address = address
         inst.interfaces = interfaces
         inst.version = version
-        inst.metadata = dict(metadata or {})
+        inst.metadata = metadata
         inst.registered_at = time.time()
         logger.bind(unit=inst.unit, instance=inst.instance_id).info(
             "registered at {} serving {}", address, ", ".join(interfaces)
         )
-        if supervised:
+        if slot is not None:
             inst.registered.set_result(None)
         else:
-            inst.machine.move(InstanceState.READY, "registered")
-            inst.ready.set_result(None)
+            task = asyncio.ensure_future(self._watch_registered(inst))
+            self._background.append(task)
+            task.add_done_callback(self._task_done)
         await self.plugins.call_each(
             "hsu_instance_registered", stop_on_error=False, kernel=self, instance=inst
         )
         return inst
 
-    def deregister(self, instance_id: str) -> None:
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._background.remove(task)
+
+    def _register_fields(
+        self,
+        address: str,
+        interfaces: tuple[str, ...],
+        pid: int,
+        version: str,
+        metadata: dict[str, str] | None,
+    ) -> tuple[tuple[str, ...], str, dict[str, str]]:
+        """The fields every Register must get right (the address is checked
+        once it is known whose it is)."""
+        try:
+            validate.address(address)
+            if not interfaces:
+                raise InvalidValue("interfaces: at least one interface is required")
+            if len(interfaces) > self.MAX_INTERFACES:
+                raise InvalidValue(
+                    f"interfaces: {len(interfaces)} listed; at most {self.MAX_INTERFACES}"
+                )
+            for i, name in enumerate(interfaces):
+                validate.interface_name(name, field=f"interfaces[{i}]")
+            if pid < 0:
+                raise InvalidValue(f"pid: {pid} is not a process id")
+            version = validate.version(version)
+            labels = validate.labels(metadata or {})
+            if "weight" in labels:
+                validate.weight(labels["weight"], field="metadata[weight]")
+        except InvalidValue as exc:
+            raise InvalidValue(f"Register: {exc}") from None
+        return tuple(dict.fromkeys(interfaces)), version, labels
+
+    def _register_slot(self, inst: Instance, proven: bool, address: str, pid: int) -> Instance:
+        """A Register for an instance this kernel spawned: its process's token
+        and pid, while it starts, once; an address on this host."""
+        name = inst.instance_id
+        if not proven:
+            raise NotAllowed(
+                f"Register: instance {validate.shown(name)} was started by this kernel;"
+                " the caller's hsu-instance-token is missing or wrong"
+            )
+        if pid != inst.pid or not pid:
+            raise NotAllowed(
+                f"Register: instance {name} was started as pid {inst.pid or '(none yet)'},"
+                f" not {pid}; a wrapper must exec the HSU"
+            )
+        if inst.state is not InstanceState.STARTING:
+            raise HsuError(f"Register: instance {name} is {inst.state.value}")
+        if inst.registered.done():
+            raise HsuError(f"Register: instance {name} is already registered")
+        spec = self.units[inst.unit].spec
+        base = self.deployment.base_dir
+        cwd = Path(base, spec.cwd) if spec.cwd else Path(base)
+        listen = spec.env.get("HSU_LISTEN")
+        self._check_address(address, dirs=(self.state_dir, cwd), also=(listen,) if listen else ())
+        return inst
+
+    def _register_new(
+        self,
+        instance_id: str,
+        unit: str,
+        address: str,
+        interfaces: tuple[str, ...],
+        pid: int,
+        token: str,
+    ) -> Instance:
+        """A Register from an instance this kernel did not start: only for a
+        declared ``unmanaged`` unit, with its token, within the caps."""
+        if instance_id:
+            raise NotAllowed(
+                f"Register: instance {validate.shown(instance_id)} was not started by this"
+                " kernel; an instance of an unmanaged unit registers with an empty instance_id"
+            )
+        if not unit:
+            raise InvalidValue("Register: unit is required for an HSU this kernel did not start")
+        if self.state not in (KernelState.STARTING, KernelState.RUNNING):
+            raise HsuError(f"Register: the kernel is {self.state.value}; not taking new instances")
+        try:
+            validate.unit_name(unit)
+        except InvalidValue as exc:
+            raise InvalidValue(f"Register: {exc}") from None
+        spec = self.deployment.units.get(unit)
+        if spec is None:
+            raise NotAllowed(
+                f"Register: deployment {self.deployment.name!r} has no unit {unit!r}; only"
+                " instances this kernel started and those of an unmanaged unit may register"
+            )
+        if spec.kind is not UnitKind.UNMANAGED:
+            raise NotAllowed(
+                f"Register: unit {unit!r} is {spec.kind.value}: the kernel starts its"
+                " instances itself; only an unmanaged unit's instances register on their own"
+            )
+        expected = getattr(spec, "token", None)
+        if not expected:
+            raise NotAllowed(
+                f"Register: unit {unit!r} has no token; set units.{unit}.token to let"
+                " its instances register"
+            )
+        if not (token and hmac.compare_digest(token.encode(), str(expected).encode())):
+            raise NotAllowed(
+                f"Register: the hsu-instance-token for unit {unit!r} is missing or wrong"
+            )
+        undeclared = [i for i in interfaces if i not in spec.interfaces]
+        if undeclared:
+            raise NotAllowed(
+                f"Register: unit {unit!r} does not serve {undeclared[0]!r} (its interfaces:"
+                f" {', '.join(spec.interfaces) or 'none'})"
+            )
+        if self.units.get(unit) is None or self._registered_probe(spec) is None:
+            raise HsuError(f"Register: unit {unit!r} has no health probe to check its instances")
+        self._check_address(
+            address,
+            dirs=(self.state_dir, self.deployment.base_dir),
+            also=(spec.address,) if spec.address else (),
+        )
+        mine = sum(1 for i in self.instances.values() if i.unit == unit and not i.managed)
+        if mine >= self.MAX_REGISTERED_PER_UNIT:
+            raise OverLimit(
+                f"Register: unit {unit!r} has {mine} registered instances;"
+                f" at most {self.MAX_REGISTERED_PER_UNIT}"
+            )
+        if len(self.instances) >= self.MAX_INSTANCES:
+            raise OverLimit(
+                f"Register: the kernel lists {len(self.instances)} instances;"
+                f" at most {self.MAX_INSTANCES}"
+            )
+        inst = Instance(new_instance_id(unit), unit, managed=False, pid=pid)
+        self.adopt(inst)
+        inst.machine.move(InstanceState.STARTING, "registered; probing its address")
+        return inst
+
+    def _check_address(
+        self, address: str, *, dirs: tuple[str | Path, ...], also: tuple[str, ...]
+    ) -> None:
+        """A registered address is on this host and is not the kernel's own:
+        loopback, a unix socket in ``dirs``, or one of ``also`` (declared)."""
+        try:
+            validate.local_address(
+                address,
+                dirs=dirs,
+                also=also,
+                never=tuple(a for a in (self.address, self.control_address) if a),
+            )
+        except InvalidValue as exc:
+            raise InvalidValue(f"Register: {exc}") from None
+
+    def _registered_probe(self, spec: UnitSpec) -> tuple[str, float, float, int, int] | None:
+        """How a self-registered instance is probed: the unit's ``health``, else
+        the default probe; (probe, interval, timeout, successes, failures)."""
+        if spec.health is not None:
+            h = spec.health
+            return h.probe, h.interval, h.timeout, h.success_threshold, h.failure_threshold
+        probe = self.plugins.default("probe")
+        if probe is None:
+            return None
+        interval, timeout, failures = self.REGISTERED_PROBE
+        return probe, interval, timeout, 1, failures
+
+    async def _watch_registered(self, inst: Instance) -> None:
+        """A self-registered instance is ready once its probe passes (within its
+        unit's ``startup_timeout``), and dropped once it fails in a row
+        ``failures`` times, or never passes."""
+        loop = asyncio.get_running_loop()
+        spec = self.deployment.units.get(inst.unit)
+        sup = self.units.get(inst.unit)
+        how = self._registered_probe(spec) if spec is not None else None
+        if spec is None or sup is None or how is None:
+            self._drop_registered(inst, "its unit is gone")
+            return
+        probe, interval, timeout, successes, failures = how
+        options = spec.health.options if spec.health is not None else None
+        if spec.health is not None and spec.health.initial_delay:
+            await asyncio.sleep(spec.health.initial_delay)
+        deadline = loop.time() + spec.startup_timeout
+        ok = 0
+        while inst.state is InstanceState.STARTING:
+            result = await sup._probe(inst, probe, timeout, options)
+            ok = ok + 1 if result.ok else 0
+            if inst.state is not InstanceState.STARTING:
+                return
+            if ok >= successes:
+                inst.health = "healthy"
+                inst.ready_at = time.time()
+                inst.machine.move(InstanceState.READY, f"{probe} probe passed")
+                inst.ready.set_result(None)
+                break
+            if loop.time() >= deadline:
+                self._drop_registered(
+                    inst,
+                    f"not answering within startup_timeout={spec.startup_timeout:g}s:"
+                    f" {result.detail}",
+                )
+                return
+            await asyncio.sleep(min(interval, 0.2))
+        failed = 0
+        while inst.state is InstanceState.READY:
+            await asyncio.sleep(interval)
+            if inst.state is not InstanceState.READY:
+                return
+            result = await sup._probe(inst, probe, timeout, options)
+            if result.ok:
+                failed = 0
+                continue
+            failed += 1
+            logger.bind(unit=inst.unit, instance=inst.instance_id).warning(
+                "{} probe failed ({}/{}): {}", probe, failed, failures, result.detail
+            )
+            if failed >= failures:
+                self._drop_registered(inst, f"probed out: {failed} {probe} probes failed")
+
+    def _drop_registered(self, inst: Instance, reason: str) -> None:
+        """Forget a self-registered instance: out of routing, the list and the probe's cache."""
+        if inst.state is not InstanceState.STOPPED:
+            inst.machine.move(InstanceState.STOPPED, reason)
+        inst.end_attempts(HsuError(f"instance {inst.instance_id}: {reason}"))
+        if self.instances.get(inst.instance_id) is inst:
+            self.forget(inst)
+        spec = self.deployment.units.get(inst.unit)
+        how = self._registered_probe(spec) if spec is not None else None
+        if how is not None:
+            with contextlib.suppress(Exception):
+                self.plugins.probe(how[0]).forget(
+                    ProbeTarget(inst.unit, inst.instance_id, inst.pid, inst.address, None)
+                )
+        logger.bind(unit=inst.unit, instance=inst.instance_id).info(
+            "registered instance dropped: {}", reason
+        )
+
+    def deregister(self, instance_id: str, token: str = "") -> None:
+        """An HSU stops serving: a self-registered one is forgotten, a spawned
+        one routes nothing more (its supervisor handles its exit).
+
+        ``token`` is the caller's ``hsu-instance-token``; raises
+        :class:`~hsu.errors.NotAllowed` without the instance's.
+        """
         inst = self.instances.get(instance_id)
-        if inst is None:
-            raise HsuError(f"Deregister: no instance {instance_id!r}")
-        if inst.alive and not inst.managed:
-            inst.machine.move(InstanceState.STOPPED, "deregistered")
+        if inst is None or not self._proves(inst, token):
+            self._unproven.check("Deregister")
+            if inst is None:
+                raise HsuError(f"Deregister: no instance {validate.shown(instance_id)}")
+            raise NotAllowed(
+                f"Deregister: instance {instance_id}: the caller's hsu-instance-token"
+                " is missing or wrong"
+            )
+        if not inst.managed:
+            self._drop_registered(inst, "deregistered")
         elif inst.state is InstanceState.READY:
             # a supervised HSU that stops serving on its own: route nothing to
             # it; its exit is handled by its supervisor when it comes
             inst.health = "draining"
             self.routing.update(inst)
+
+    def report_load(self, instance_id: str, token: str, inflight: int) -> None:
+        """One ``ReportLoad`` message: the instance's calls in flight, from the
+        instance itself (its ``hsu-instance-token``)."""
+        inst = self.instances.get(instance_id)
+        if inst is None or not self._proves(inst, token):
+            self._unproven.check("ReportLoad")
+            raise NotAllowed(
+                f"ReportLoad: instance {validate.shown(instance_id)}: the caller's"
+                " hsu-instance-token is missing or wrong"
+            )
+        if not 0 <= inflight <= self.MAX_INFLIGHT:
+            raise InvalidValue(f"ReportLoad: inflight: {inflight}; at most {self.MAX_INFLIGHT}")
+        self.routing.report(instance_id, inflight)
 
     # -- reload --------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The kernel's gRPC server: Kernel API, Core, grpc.health.v1, reflection."""
+"""The kernel's gRPC servers: the control plane (Kernel API, Core, health,
+reflection) and the data plane plugins serve (the gateway)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hsu._kernel.core_service import CORE_SERVICE, CoreServicer, timestamp
-from hsu._kernel.supervision.instances import Instance
+from hsu import validate
+from hsu._kernel.control import lock_socket, prepare_socket
+from hsu._kernel.core_service import CORE_SERVICE, CoreServicer, StreamLimit, timestamp
+from hsu._kernel.supervision.instances import TOKEN_METADATA, Instance
 from hsu.core.v1 import core_pb2_grpc
-from hsu.errors import ConfigError, HsuError, NoSuchUnit
+from hsu.errors import ConfigError, HsuError, InvalidValue, NoSuchUnit, NotAllowed, OverLimit
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
 if TYPE_CHECKING:
@@ -47,6 +50,8 @@ def instance_pb(inst: Instance) -> kernel_pb2.Instance:
 class KernelServicer(kernel_pb2_grpc.KernelServicer):
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
+        self.event_streams = StreamLimit("WatchEvents")
+        self.endpoint_streams = StreamLimit("WatchEndpoints")
 
     async def Register(
         self, request: kernel_pb2.RegisterRequest, context: Any
@@ -60,18 +65,19 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                 pid=request.pid,
                 version=request.version,
                 metadata=dict(request.metadata),
+                token=_token(context),
             )
         except HsuError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(_refusal(exc, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
         return kernel_pb2.RegisterResponse(instance_id=inst.instance_id)
 
     async def Deregister(
         self, request: kernel_pb2.DeregisterRequest, context: Any
     ) -> kernel_pb2.DeregisterResponse:
         try:
-            self.kernel.deregister(request.instance_id)
+            self.kernel.deregister(request.instance_id, _token(context))
         except HsuError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await context.abort(_refusal(exc, grpc.StatusCode.NOT_FOUND), str(exc))
         return kernel_pb2.DeregisterResponse()
 
     async def ListInstances(
@@ -118,21 +124,23 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def WatchEvents(
         self, request: kernel_pb2.WatchEventsRequest, context: Any
     ) -> AsyncIterator[kernel_pb2.Event]:
-        async for item in self.kernel.events.subscribe(replay=request.replay, unit=request.unit):
-            if isinstance(item, int):
-                yield kernel_pb2.Event(lost=item)
-                continue
-            yield kernel_pb2.Event(
-                seq=item.seq,
-                kind=item.kind,
-                unit=item.unit,
-                instance_id=item.instance_id,
-                from_state=item.from_state,
-                to_state=item.to_state,
-                reason=item.reason,
-                pid=item.pid,
-                at=timestamp(item.at),
-            )
+        events = self.kernel.events.subscribe(replay=request.replay, unit=request.unit)
+        async with self.event_streams.hold(context):
+            async for item in events:
+                if isinstance(item, int):
+                    yield kernel_pb2.Event(lost=item)
+                    continue
+                yield kernel_pb2.Event(
+                    seq=item.seq,
+                    kind=item.kind,
+                    unit=item.unit,
+                    instance_id=item.instance_id,
+                    from_state=item.from_state,
+                    to_state=item.to_state,
+                    reason=item.reason,
+                    pid=item.pid,
+                    at=timestamp(item.at),
+                )
 
     async def _target(
         self, request: kernel_pb2.TargetRequest, context: Any, action: str
@@ -245,58 +253,92 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the kernel is not running")
             return
         interface = request.interface
-        while True:
-            endpoints, revision = await registry.snapshot()
-            sent = {e.instance_id for e in endpoints if interface in e.interfaces}
-            yield kernel_pb2.EndpointUpdate(
-                snapshot=True,
-                revision=revision,
-                endpoints=[
-                    endpoint_pb(e, kernel_pb2.Endpoint) for e in endpoints if e.instance_id in sent
-                ],
-            )
-            try:
-                async for ev in registry.watch(revision):
-                    ep = ev.endpoint
-                    kind = ev.kind
-                    if interface in ep.interfaces and kind == "put":
-                        sent.add(ep.instance_id)
-                    elif ep.instance_id in sent:
-                        sent.discard(ep.instance_id)
-                        kind = "delete"
-                    else:
-                        continue
-                    yield kernel_pb2.EndpointUpdate(
-                        kind=kind,
-                        revision=ev.revision,
-                        endpoints=[endpoint_pb(ep, kernel_pb2.Endpoint)],
-                    )
-            except RegistryCompacted:
-                continue
-            return
+        async with self.endpoint_streams.hold(context):
+            while True:
+                endpoints, revision = await registry.snapshot()
+                sent = {e.instance_id for e in endpoints if interface in e.interfaces}
+                yield kernel_pb2.EndpointUpdate(
+                    snapshot=True,
+                    revision=revision,
+                    endpoints=[
+                        endpoint_pb(e, kernel_pb2.Endpoint)
+                        for e in endpoints
+                        if e.instance_id in sent
+                    ],
+                )
+                try:
+                    async for ev in registry.watch(revision):
+                        ep = ev.endpoint
+                        kind = ev.kind
+                        if interface in ep.interfaces and kind == "put":
+                            sent.add(ep.instance_id)
+                        elif ep.instance_id in sent:
+                            sent.discard(ep.instance_id)
+                            kind = "delete"
+                        else:
+                            continue
+                        yield kernel_pb2.EndpointUpdate(
+                            kind=kind,
+                            revision=ev.revision,
+                            endpoints=[endpoint_pb(ep, kernel_pb2.Endpoint)],
+                        )
+                except RegistryCompacted:
+                    continue
+                return
 
     async def ReportLoad(
         self, request_iterator: AsyncIterator[kernel_pb2.LoadReport], context: Any
     ) -> kernel_pb2.LoadReportAck:
+        token = _token(context)
+        # one bucket per stream: a proven HSU cannot flood the kernel either
+        rate = validate.RateLimit(*self.kernel.LOAD_REPORT_RATE)
         last = ""
         try:
             async for report in request_iterator:
+                try:
+                    rate.check("ReportLoad")
+                    self.kernel.report_load(report.instance_id, token, report.inflight)
+                except HsuError as exc:
+                    await context.abort(_refusal(exc, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
                 last = report.instance_id
-                self.kernel.routing.report(report.instance_id, report.inflight)
         finally:
             if last:
                 self.kernel.routing.reported.pop(last, None)
         return kernel_pb2.LoadReportAck()
 
 
+def _token(context: Any) -> str:
+    """The caller's ``hsu-instance-token`` metadata ("" without one)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TOKEN_METADATA and isinstance(value, str):
+            return value
+    return ""
+
+
+def _refusal(exc: HsuError, otherwise: grpc.StatusCode) -> grpc.StatusCode:
+    """The status a refused call gets for what refused it."""
+    if isinstance(exc, NotAllowed):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, OverLimit):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, InvalidValue):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return otherwise
+
+
 class KernelServer:
-    """Owns the grpc.aio server and the health servicer."""
+    """Owns the kernel's two grpc.aio servers and their health servicers.
+
+    The *control plane* serves the Kernel API, the kernel's Core, health and
+    reflection, on a 0600 unix socket by default (``kernel.control``). The
+    *data plane* serves what plugins add through ``hsu_kernel_handlers`` (the
+    gateway: every unit's interfaces) with health, on ``kernel.address``; it
+    exists only when a plugin adds handlers, and never serves the Kernel API.
+    """
 
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
-        self.server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0)],
-        )
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
         kernel_pb2_grpc.add_KernelServicer_to_server(KernelServicer(kernel), self.server)
         core_pb2_grpc.add_CoreServicer_to_server(
@@ -305,23 +347,33 @@ class KernelServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.services = (KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE)
         reflection.enable_server_reflection((*self.services, reflection.SERVICE_NAME), self.server)
-        # after the kernel's own services: a gateway (a plugin) takes the rest
+        self.data: grpc.aio.Server | None = None
+        self.data_health: health.aio.HealthServicer | None = None
         handlers = kernel.plugins.kernel_handlers(kernel)
         if handlers:
-            self.server.add_generic_rpc_handlers(tuple(handlers))
+            self.data = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self.data_health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.data_health, self.data)
+            reflection.enable_server_reflection(
+                (HEALTH_SERVICE, reflection.SERVICE_NAME), self.data
+            )
+            # after health and reflection: a gateway (a plugin) takes the rest
+            self.data.add_generic_rpc_handlers(tuple(handlers))
 
-    async def start(self, address: str) -> str:
-        """Listen on ``address`` and return the address actually bound."""
-        try:
-            port = self.server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise HsuError(f"kernel cannot listen on {address}: {exc}; is it in use?") from None
+    async def start(self, control: str, data: str) -> tuple[str, str]:
+        """Listen on both addresses; return them as bound (port 0 resolved).
+
+        The data address is "" when no plugin serves a data plane.
+        """
+        prepare_socket(control)
+        bound_control = await _listen(self.server, control, "control")
+        lock_socket(control)
+        bound_data = ""
+        if self.data is not None:
+            prepare_socket(data)
+            bound_data = await _listen(self.data, data, "address")
         await self.set_serving(False)
-        await self.server.start()
-        if address.startswith("unix:"):
-            return address
-        host = address.rsplit(":", 1)[0]
-        return f"{host}:{port}"
+        return bound_control, bound_data
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -331,9 +383,27 @@ class KernelServer:
         )
         for name in ("", *self.services):
             await self.health.set(name, status)
+        if self.data_health is not None:
+            await self.data_health.set("", status)
 
     async def drain(self) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.data_health is not None:
+            await self.data_health.enter_graceful_shutdown()
 
     async def stop(self, grace: float) -> None:
+        if self.data is not None:
+            await self.data.stop(grace)
         await self.server.stop(grace)
+
+
+async def _listen(server: grpc.aio.Server, address: str, what: str) -> str:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise HsuError(f"kernel.{what}: cannot listen on {address}: {exc}; is it in use?") from None
+    await server.start()
+    if address.startswith("unix:"):
+        return address
+    host = address.rsplit(":", 1)[0]
+    return f"{host}:{port}"

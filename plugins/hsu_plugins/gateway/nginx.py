@@ -2,14 +2,22 @@
 
 Opt in per deployment (``plugins: [hsu_plugins.gateway.nginx]``); nginx must be
 installed (Debian: ``apt-get install nginx-light``). The kernel then runs one
-nginx on its own address: nginx forwards each interface's calls straight to
-that interface's serving instances, and everything else (the kernel's own
-API, an interface with no instance yet, one that no unit serves) to the
-kernel, whose Python gateway starts an instance on demand or says
-UNIMPLEMENTED. The kernel's gRPC server moves to a private socket in the state
-directory (the plugin answers ``hsu_kernel_address``); HSUs get that address,
-so their registrations never cross nginx. ``gateway_nginx.address`` puts nginx
-on an address of its own instead, and leaves the kernel where it was.
+nginx on its data-plane address: nginx forwards each interface's calls
+straight to that interface's serving instances, and a unit's interface with
+no instance yet (or one only other kernels' instances serve), health and
+reflection to the kernel's data plane, whose Python gateway starts an
+instance on demand. Nothing else is proxied: the Kernel API and the kernel's
+Core (``hsu.kernel.v1.Kernel``, ``hsu.core.v1.Core``) and any interface no
+unit serves get UNIMPLEMENTED from nginx itself. The kernel's data plane
+moves to a private address (the plugin answers ``hsu_kernel_address``): a
+socket in the state directory, or a loopback port when the kernel runs as
+root (its workers then run as ``gateway_nginx.user``, who cannot enter the
+0700 state directory). ``gateway_nginx.address`` puts nginx on an address of
+its own instead, and leaves the kernel where it was.
+
+What nginx.conf holds comes partly from HSUs (the addresses and interfaces
+they register): every string is quoted, and an address or interface name
+that is not well formed is left out, with a warning naming the instance.
 
 Each kernel gets one :class:`DataPlane`, registered in ``hsu_kernel_configure``
 as that kernel's plugin state (``kernel.plugin(PLANE)``): its ``hsu_*`` methods
@@ -73,6 +81,7 @@ import attrs
 from loguru import logger
 
 import hsu
+from hsu import validate
 from hsu.errors import HsuError
 from hsu.ports import Endpoint, InstanceView, KernelAPI, Registry, RegistryCompacted
 from hsu.process import PidfdHandle
@@ -82,6 +91,16 @@ SECTION = "gateway_nginx"
 PLANE = "gateway_nginx.plane"
 #: the longest unix socket path the kernel's private socket may have
 MAX_UNIX_PATH = 100
+#: the kernel's control API: never proxied, whatever a unit or an HSU declares
+NEVER_PROXIED = ("hsu.kernel.v1.Kernel", "hsu.core.v1.Core")
+#: what the kernel's data plane serves besides the units' interfaces
+KERNEL_SERVES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+#: a method's name
+METHOD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @attrs.frozen
@@ -100,6 +119,9 @@ class Settings:
     reload_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     #: seconds of nginx's idle stream timeouts (long streams such as WatchEvents)
     stream_timeout: float = attrs.field(default=86400.0, validator=attrs.validators.gt(0))
+    #: the user nginx's workers run as when the kernel runs as root (never
+    #: root); its primary group goes with it. Empty: ``nobody``
+    user: str = ""
 
 
 @hsu.hookimpl
@@ -140,6 +162,10 @@ class DataPlane:
         self._listen = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: asyncio.TimerHandle | None = None
+        #: ``user`` and ``group`` the workers run as (None: as the kernel, not root)
+        self.worker: tuple[str, str] | None = None
+        #: what was left out of the configuration and said so (once each)
+        self._refused: set[str] = set()
         #: nginx started serving; the kernel's drains wait for it from then
         self._started = False
         self._stopping = False
@@ -182,14 +208,20 @@ class DataPlane:
         return self.withdraw(instance.instance_id)
 
     def private_address(self) -> str:
+        """Where the kernel's data plane moves: a socket in the state directory,
+        unless nginx's workers cannot reach it there (the kernel runs as root
+        and they do not; the directory is 0700) or its path is too long."""
         path = Path(self.kernel.state_dir, "kernel.sock").absolute()
-        return f"unix:{path}" if len(str(path)) <= MAX_UNIX_PATH else "127.0.0.1:0"
+        if os.geteuid() == 0 or len(str(path)) > MAX_UNIX_PATH:
+            return "127.0.0.1:0"
+        return f"unix:{path}"
 
     # -- lifecycle --------------------------------------------------------------
 
     def bind(self) -> None:
         """Take nginx's sockets (before the kernel listens: a clash fails the start)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.worker = worker_user(self.settings.user) if os.geteuid() == 0 else None
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._end_leftover()
         self._public, self._listen, self.address = _listen_on(self.requested)
         self._control = _listen_on("127.0.0.1:0")[0]
@@ -436,40 +468,62 @@ class DataPlane:
         os.replace(tmp, self.conf)
 
     def render(self) -> str:
+        """nginx.conf for the kernel's settings and the endpoints last seen.
+
+        Every string is quoted (:func:`quote`); what HSUs registered is checked
+        first (:meth:`_address`, :meth:`_interfaces`) and left out when it is
+        not well formed. Only the units' interfaces, health and reflection are
+        routed; anything else is UNIMPLEMENTED from nginx itself.
+        """
         s = self.settings
         control = "127.0.0.1:0"
         if self._control is not None:
             control = "{}:{}".format(*self._control.getsockname()[:2])
         stream = f"{max(1, round(s.stream_timeout))}s"
+        # "": the kernel serves no data plane (no gateway plugin)
+        kernel = callable_address(self.kernel.address)
+        kernel = self._address("the kernel", kernel) if kernel else ""
         lines = [
-            # workers run as the kernel does (as root, nginx would switch them
-            # to nobody, who may not reach the kernel's or an HSU's socket)
-            *([f"user {_user()};"] if os.geteuid() == 0 else []),
+            # never root: workers parse what clients send (nginx ignores
+            # ``user`` unless its master runs as root)
+            *([f"user {quote(self.worker[0])} {quote(self.worker[1])};"] if self.worker else []),
             f"worker_processes {s.workers};",
             "daemon off;",
-            f"pid {self.dir}/nginx.pid;",
-            f"error_log {self.dir}/error.log warn;",
+            f"pid {quote(f'{self.dir}/nginx.pid')};",
+            f"error_log {quote(f'{self.dir}/error.log')} warn;",
             "events { worker_connections 4096; }",
             "http {",
             "  access_log off;",
-            f"  client_body_temp_path {self.dir}/body;",
+            f"  client_body_temp_path {quote(f'{self.dir}/body')};",
             f"  grpc_read_timeout {stream};",
             f"  grpc_send_timeout {stream};",
             f"  client_body_timeout {stream};",
             f"  send_timeout {stream};",
-            "  upstream hsu_kernel {",
-            f"    server {_server(self.kernel.address)};",
-            "    keepalive 16;",
-            "  }",
         ]
+        if kernel:
+            lines += [
+                "  upstream hsu_kernel {",
+                f"    server {quote(kernel)};",
+                "    keepalive 16;",
+                "  }",
+            ]
+        # interfaces with a location of their own (and those never proxied)
+        routed: set[str] = set(NEVER_PROXIED) | set(KERNEL_SERVES)
         locations: list[str] = []
         for n, (unit, spec) in enumerate(sorted(self.kernel.deployment.units.items())):
             members = sorted(
-                (e for e in self.endpoints.values() if e.unit == unit),
-                key=lambda e: e.instance_id,
+                (
+                    (e, self._interfaces(e))
+                    for e in self.endpoints.values()
+                    if e.unit == unit and self._address(_instance(e), e.address)
+                ),
+                key=lambda m: m[0].instance_id,
             )
-            if not members:
+            interfaces = sorted({i for _, found in members for i in found} - routed)
+            members = [(e, found) for e, found in members if found]
+            if not members or not interfaces:
                 continue  # no instance: the kernel starts one
+            routed.update(interfaces)
             name = f"hsu_unit_{n}"
             r = spec.routing
             lines.append(f"  upstream {name} {{")
@@ -478,58 +532,111 @@ class DataPlane:
                 lines.append(f"    {directive}")
             fails = _fails(r.breaker, r.breaker_options)
             weighted = r.balancer == "weighted_round_robin"
-            for e in members:
-                weight = f" weight={e.weight}" if weighted else ""
-                lines.append(f"    server {_server(e.address)}{weight}{fails};")
+            for e, _ in members:
+                weight = f" weight={int(e.weight)}" if weighted else ""
+                lines.append(f"    server {quote(e.address)}{weight}{fails};")
             lines += ["    keepalive 32;", "  }"]
             retry = (
                 "grpc_next_upstream error timeout non_idempotent;"
-                f" grpc_next_upstream_tries {r.max_attempts};"
+                f" grpc_next_upstream_tries {int(r.max_attempts)};"
             )
-            for interface in sorted({i for e in members for i in e.interfaces}):
+            for interface in interfaces:
+                prefix = quote(f"/{interface}/")
                 if "*" in r.idempotent:
                     locations.append(
-                        f"    location /{interface}/ {{ grpc_pass grpc://{name}; {retry} }}"
+                        f"    location {prefix} {{ grpc_pass grpc://{name}; {retry} }}"
                     )
                     continue
                 for method in r.idempotent:
                     short = method.rpartition("/")[2]
                     if "/" in method and not method.startswith(f"{interface}/"):
                         continue
-                    if any(ch in short for ch in "*?["):
+                    if not METHOD.fullmatch(short):
                         continue  # glob patterns are not mapped
-                    exact = f"/{interface}/{short}"
+                    exact = quote(f"/{interface}/{short}")
                     locations.append(
                         f"    location = {exact} {{ grpc_pass grpc://{name}; {retry} }}"
                     )
                 # the rest: passed to another instance only if not sent yet
-                locations.append(f"    location /{interface}/ {{ grpc_pass grpc://{name}; }}")
+                locations.append(f"    location {prefix} {{ grpc_pass grpc://{name}; }}")
+        if kernel:
+            # to the kernel's data plane: a unit's interface with no instance
+            # here (its gateway starts one), health and reflection
+            for interface in [*KERNEL_SERVES, *sorted(self._unit_interfaces() - routed)]:
+                locations.append(
+                    f"    location {quote(f'/{interface}/')}"
+                    " { grpc_pass grpc://hsu_kernel; grpc_next_upstream off; }"
+                )
         lines += [
             "  server {",
-            f"    listen {self._listen or self.requested} http2;",
+            f"    listen {quote(self._listen or self.requested)} http2;",
             # an instance that failed a call: a gRPC UNAVAILABLE in trailers-only
             # form (not an HTTP 502), which a client's gRPC retry policy retries
             "    error_page 502 503 504 = @hsu_unavailable;",
             "    location @hsu_unavailable {",
-            "      default_type application/grpc;",
-            "      add_header grpc-status 14 always;",
-            '      add_header grpc-message "instance unavailable" always;',
-            "      add_header content-length 0 always;",
-            "      return 204;",
+            *_grpc_status(14, "instance unavailable"),
             "    }",
             *locations,
-            "    location / { grpc_pass grpc://hsu_kernel; grpc_next_upstream off; }",
+            # everything else, the kernel's control API among it: never proxied
+            "    location / {",
+            *_grpc_status(12, "hsu gateway_nginx: not served on this address"),
+            "    }",
             "  }",
             "  server {",
-            f"    listen {control};",
+            f"    listen {quote(control)};",
             "    default_type text/plain;",
-            f'    location = /generation {{ return 200 "{self.generation}"; }}',
+            f'    location = /generation {{ return 200 "{int(self.generation)}"; }}',
             "    location / { return 404; }",
             "  }",
             "}",
             "",
         ]
         return "\n".join(lines)
+
+    def _unit_interfaces(self) -> set[str]:
+        """The interfaces the units declare and the instances serve (well formed)."""
+        found = {
+            i
+            for unit, spec in self.kernel.deployment.units.items()
+            for i in spec.interfaces
+            if self._interface(f"unit {unit}", i)
+        }
+        for e in self.endpoints.values():
+            found.update(self._interfaces(e))
+        return found
+
+    def _interfaces(self, e: Endpoint) -> set[str]:
+        return {i for i in e.interfaces if self._interface(_instance(e), i)}
+
+    def _address(self, who: str, address: str) -> str:
+        """``address`` if it is fit for nginx.conf, else "" (said once)."""
+        try:
+            return validate.address(address, field=f"{who}: address")
+        except HsuError as exc:
+            self._refuse(f"{who}\x00{address}", str(exc))
+            return ""
+
+    def _interface(self, who: str, name: str) -> bool:
+        try:
+            validate.interface_name(name, field=f"{who}: interface")
+        except HsuError as exc:
+            self._refuse(f"{who}\x00{name}", str(exc))
+            return False
+        if name in NEVER_PROXIED:
+            self._refuse(
+                f"{who}\x00{name}", f"{who}: interface {name!r}: the kernel's own, never proxied"
+            )
+            return False
+        return True
+
+    def _refuse(self, key: str, problem: str) -> None:
+        if key not in self._refused:
+            self._refused.add(key)
+            logger.warning("gateway_nginx: {}; left out of nginx.conf", problem)
+
+
+def _instance(e: Endpoint) -> str:
+    return f"instance {validate.shown(e.instance_id)}"
 
 
 def _listen_on(address: str) -> tuple[socket.socket, str, str]:
@@ -579,12 +686,49 @@ def _closed_on_error(sock: socket.socket) -> Iterator[None]:
         raise
 
 
-def _user() -> str:
-    return f"{pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name}"
+def worker_user(name: str) -> tuple[str, str]:
+    """The user (``name``, else ``nobody``) and group nginx's workers run as.
+
+    Refuses a user that does not exist or is root (uid 0).
+    """
+    name = name or "nobody"
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise HsuError(f"{SECTION}.user: no user {name!r} on this machine") from None
+    if entry.pw_uid == 0:
+        raise HsuError(f"{SECTION}.user: {name!r} is uid 0; nginx's workers never run as root")
+    try:
+        group = grp.getgrgid(entry.pw_gid).gr_name
+    except KeyError:
+        raise HsuError(
+            f"{SECTION}.user: {name!r}'s group {entry.pw_gid} has no name in /etc/group"
+        ) from None
+    return entry.pw_name, group
 
 
-def _server(address: str) -> str:
-    return address if not address.startswith("unix:") else f"unix:{address[5:]}"
+def callable_address(address: str) -> str:
+    """``address`` as one calls it: an unspecified host (where a server
+    listens on every interface) is loopback."""
+    host, sep, port = address.rpartition(":")
+    loopback = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host)
+    return f"{loopback}:{port}" if sep and loopback else address
+
+
+def quote(text: str) -> str:
+    """``text`` as one nginx string: in double quotes, ``"`` and ``\\`` escaped."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _grpc_status(code: int, message: str) -> list[str]:
+    """A location body answering gRPC status ``code`` in trailers-only form."""
+    return [
+        "      default_type application/grpc;",
+        f"      add_header grpc-status {code} always;",
+        f"      add_header grpc-message {quote(message)} always;",
+        "      add_header content-length 0 always;",
+        "      return 204;",
+    ]
 
 
 def _header_variable(name: str) -> str:

@@ -7,11 +7,13 @@ stdout and stderr go where the kernel says (its per-instance log files).
 No ``preexec_fn``, ever: it makes :class:`subprocess.Popen` fork() instead of
 vfork(), and the fork handlers of grpcio then crash the child (SIGSEGV,
 SIGABRT) when other threads are inside gRPC, as the kernel's always are.
-What a ``preexec_fn`` would do in the child is done by exec wrappers from
-util-linux that set it up on themselves and then exec the command, so the
-command keeps the pid Popen returned: ``setpriv --pdeathsig KILL`` for ``die_with_kernel``
-(PR_SET_PDEATHSIG survives execve) and ``prlimit`` for ``rlimits``
-(:func:`hsu.process.rlimits_argv`). Without either, the command runs as is.
+What a ``preexec_fn`` would do in the child is done by exec wrappers that
+set it up on themselves and then exec the command, so the command keeps the
+pid Popen returned: ``setpriv --pdeathsig KILL`` for ``die_with_kernel``
+(PR_SET_PDEATHSIG survives execve), ``/bin/sh`` writing its own pid into the
+instance's cgroup for ``cgroup`` (:func:`hsu.process.cgroup_argv`) and
+``prlimit`` for ``rlimits`` (:func:`hsu.process.rlimits_argv`). Without any,
+the command runs as is.
 
 Exit detection does not poll (see :class:`hsu.process.PidfdHandle`).
 """
@@ -26,7 +28,7 @@ from collections.abc import Mapping
 import hsu
 from hsu.errors import LaunchError
 from hsu.ports import Launcher, LaunchSpec, Register
-from hsu.process import PidfdHandle, rlimits_argv
+from hsu.process import PidfdHandle, cgroup_argv, rlimits_argv
 
 
 def _tool(where: str, name: str, purpose: str) -> str:
@@ -66,12 +68,15 @@ def _argv(where: str, spec: LaunchSpec, env: Mapping[str, str]) -> list[str]:
         limits = rlimits_argv(spec.rlimits)
     except ValueError as exc:
         raise LaunchError(f"{where}: {exc}") from None
-    if not limits and not spec.die_with_kernel:
+    if not limits and not spec.die_with_kernel and not spec.cgroup:
         return list(spec.argv)
     wrappers: list[str] = []
     if spec.die_with_kernel:
         # first, so the signal is armed before anything else runs
         wrappers += [_tool(where, "setpriv", "die_with_kernel"), "--pdeathsig", "KILL", "--"]
+    if spec.cgroup:
+        # before the command: what it starts is in the cgroup from the start
+        wrappers += cgroup_argv(spec.cgroup)
     if limits:
         wrappers += [_tool(where, "prlimit", "rlimits"), *limits, "--"]
     return [*wrappers, _resolve(where, spec, env), *spec.argv[1:]]

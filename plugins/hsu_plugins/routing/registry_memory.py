@@ -15,6 +15,12 @@ other changes nothing a caller can see:
   asks for a revision older than that gets :class:`RegistryCompacted` and
   starts again from a fresh snapshot.
 
+Every endpoint put is checked where it enters (:mod:`hsu.validate`: its
+instance id, unit, address, interfaces, state, weight and metadata), and the
+registry holds at most ``max_endpoints``: a put that would add one more
+raises :class:`hsu.errors.OverLimit`, a malformed one
+:class:`hsu.errors.InvalidValue`, and the registry is left as it was.
+
 Lookups go through an index by interface; :meth:`~MemoryRegistry.lookup_now`
 returns a cached tuple, rebuilt only when that interface's endpoints change.
 Leases expire from one event-loop timer, armed for the earliest deadline.
@@ -29,12 +35,29 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 
 import hsu
-from hsu.ports import Endpoint, Register, Registry, RegistryCompacted, RegistryEvent
+from hsu import validate
+from hsu.errors import InvalidValue, OverLimit
+from hsu.ports import (
+    DRAINING,
+    SERVING,
+    UNHEALTHY,
+    Endpoint,
+    Register,
+    Registry,
+    RegistryCompacted,
+    RegistryEvent,
+)
 
 #: how many events the registry keeps for watchers that resume
 HISTORY = 10_000
 #: how many events one watcher may fall behind before it gets RegistryCompacted
 WATCH_QUEUE = 1_000
+#: how many endpoints the registry holds at most (a kernel lists at most 4096
+#: instances; a registry may be shared)
+MAX_ENDPOINTS = 16_384
+#: interfaces one endpoint may serve
+MAX_INTERFACES = 64
+STATES = frozenset({SERVING, DRAINING, UNHEALTHY})
 
 PUT = "put"
 DELETE = "delete"
@@ -56,13 +79,23 @@ class MemoryRegistry:
 
     :param history: how many events to keep for watchers that resume.
     :param watch_queue: how many events one watcher may fall behind.
+    :param max_endpoints: how many endpoints it holds at most.
     """
 
-    def __init__(self, *, history: int = HISTORY, watch_queue: int = WATCH_QUEUE) -> None:
+    def __init__(
+        self,
+        *,
+        history: int = HISTORY,
+        watch_queue: int = WATCH_QUEUE,
+        max_endpoints: int = MAX_ENDPOINTS,
+    ) -> None:
         if history < 1:
             raise ValueError(f"history: expected >= 1, got {history}")
         if watch_queue < 1:
             raise ValueError(f"watch_queue: expected >= 1, got {watch_queue}")
+        if max_endpoints < 1:
+            raise ValueError(f"max_endpoints: expected >= 1, got {max_endpoints}")
+        self.max_endpoints = max_endpoints
         self._revision = 0
         #: the newest revision no longer in the history (0: none dropped yet)
         self._compacted = 0
@@ -98,13 +131,21 @@ class MemoryRegistry:
         """Add the endpoint, or replace the one with its ``instance_id``.
 
         With ``ttl`` (seconds, > 0) the endpoint holds a lease; without, a
-        lease it had is removed and it stays until :meth:`delete`.
+        lease it had is removed and it stays until :meth:`delete`. Raises
+        :class:`~hsu.errors.InvalidValue` for a malformed endpoint and
+        :class:`~hsu.errors.OverLimit` when it would be one too many.
         """
         self._check_open()
         if ttl is not None and not ttl > 0:
             raise ValueError(f"ttl: expected > 0 seconds, got {ttl!r}")
+        _check(endpoint)
         instance_id = endpoint.instance_id
         old = self._endpoints.get(instance_id)
+        if old is None and len(self._endpoints) >= self.max_endpoints:
+            raise OverLimit(
+                f"registry put {instance_id}: the registry holds {len(self._endpoints)}"
+                f" endpoints; at most {self.max_endpoints}"
+            )
         unchanged = (
             old is not None
             and old == endpoint
@@ -311,6 +352,28 @@ class MemoryRegistry:
             if lease is not None and lease[1] == deadline:
                 self._remove(instance_id)
         self._arm()
+
+
+def _check(endpoint: Endpoint) -> None:
+    """Every field of an endpoint, as :mod:`hsu.validate` accepts it."""
+    try:
+        validate.instance_id(endpoint.instance_id)
+        validate.text(endpoint.unit, field="unit", max_len=validate.MAX_UNIT, required=True)
+        validate.address(endpoint.address)
+        if not 1 <= len(endpoint.interfaces) <= MAX_INTERFACES:
+            raise InvalidValue(
+                f"interfaces: {len(endpoint.interfaces)} listed; 1 to {MAX_INTERFACES}"
+            )
+        for i, name in enumerate(endpoint.interfaces):
+            validate.interface_name(name, field=f"interfaces[{i}]")
+        if endpoint.state not in STATES:
+            raise InvalidValue(
+                f"state: {validate.shown(endpoint.state)} is not one of {sorted(STATES)}"
+            )
+        validate.weight(endpoint.weight)
+        validate.labels(endpoint.metadata)
+    except InvalidValue as exc:
+        raise InvalidValue(f"registry put {validate.shown(endpoint.instance_id)}: {exc}") from None
 
 
 class _Watch(AsyncIterator[RegistryEvent]):

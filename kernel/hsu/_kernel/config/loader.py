@@ -19,6 +19,7 @@ import attrs
 from hsu._kernel.config.model import Deployment, converter, deployment_from_dict, structure_sections
 from hsu._kernel.config.sources import DEFAULT, format_path, gather, leaves, resolve_secrets
 from hsu._kernel.plugins import PluginManager
+from hsu.config import redact
 from hsu.errors import ConfigError
 from hsu.ports import PathT, SourceContext
 
@@ -55,16 +56,17 @@ def read_config(plugins: PluginManager, ctx: SourceContext) -> Deployment:
     first = ctx.files[0] if ctx.files else None
     source = str(first) if first else "<config>"
     base = first.resolve().parent if first else Path.cwd()
-    data, secrets, problems = resolve_secrets(merged.data, merged.origins, ctx.env, base)
-    if problems:
-        raise ConfigError(problems, source)
+    found = resolve_secrets(merged.data, merged.origins, ctx.env, base)
+    if found.problems:
+        raise ConfigError(found.problems, source)
     return deployment_from_dict(
-        data,
+        found.data,
         source=source,
         base_dir=str(base),
         default_name=first.stem if first else "hsu",
         origins=merged.origins,
-        secrets=secrets,
+        secrets=found.values,
+        references=found.references,
     )
 
 
@@ -94,47 +96,69 @@ def effective(deployment: Deployment, settings: Mapping[str, Any]) -> dict[str, 
 
 
 def show(deployment: Deployment, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every leaf of the effective config with its origin; secrets stay references."""
+    """Every leaf of the effective config with its origin. A value with a
+    secret reference shows the reference as written (``${env:TOKEN}``), in
+    lists and mappings too; a unit's ``token`` given as is shows ``***``."""
     rows = []
     for path, value in leaves(effective(deployment, settings)):
-        secret = _secret_ref(deployment, path)
+        shown, secret = _mask(deployment, path, value)
         origin = deployment.origins.get(path, DEFAULT)
         rows.append(
             {
                 "path": format_path(path),
-                "value": secret if secret is not None else value,
+                "value": shown,
                 "source": str(origin),
-                "secret": secret is not None,
+                "secret": secret,
             }
         )
     return rows
 
 
-def _secret_ref(deployment: Deployment, path: PathT) -> str | None:
+def _mask(deployment: Deployment, path: PathT, value: Any) -> tuple[Any, bool]:
+    """``value`` at ``path`` with what references resolved to replaced: by
+    the reference, or ``***`` under one (``command: ${env:X}``, split)."""
+    refs = deployment.references
     for n in range(len(path), 0, -1):
-        ref = deployment.secrets.paths.get(path[:n])
+        ref = refs.get(path[:n])
         if ref is not None:
-            return ref if n == len(path) else "(from a secret reference)"
-    return None
+            return (ref if n == len(path) else "***"), True
+    if len(path) == 3 and path[0] == "units" and path[2] == "token" and value is not None:
+        return "***", True
+    if isinstance(value, dict):
+        items = {k: _mask(deployment, (*path, k), v) for k, v in value.items()}
+        return {k: v for k, (v, _) in items.items()}, any(s for _, s in items.values())
+    if isinstance(value, list | tuple):
+        masked = [_mask(deployment, (*path, i), v) for i, v in enumerate(value)]
+        return [v for v, _ in masked], any(s for _, s in masked)
+    if isinstance(value, str):
+        hidden = redact(value, deployment.secrets)
+        return hidden, hidden != value
+    return value, False
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
-        value = row["value"] if row["secret"] else json.dumps(row["value"])
+        value = row["value"]
+        text = value if row["secret"] and isinstance(value, str) else json.dumps(value)
         note = " (secret reference, value not shown)" if row["secret"] else ""
-        lines.append(f"{row['path']} = {value}  # {row['source']}{note}")
+        lines.append(f"{row['path']} = {text}  # {row['source']}{note}")
     return "\n".join(lines)
 
 
 def validate(
     ctx: SourceContext, cli_plugins: Sequence[str] = ()
 ) -> tuple[Deployment, dict[str, Any]]:
-    """Everything ``hsu run`` checks before it starts anything."""
+    """Everything ``hsu run`` checks before it starts anything. No problem
+    it reports shows what a secret reference resolved to."""
     from hsu._kernel.kernel import Kernel
 
     deployment, plugins = load(ctx, cli_plugins)
-    kernel = Kernel(deployment, plugins)
+    try:
+        kernel = Kernel(deployment, plugins)
+    except ConfigError as exc:
+        redacted = [redact(p, deployment.secrets) for p in exc.problems]
+        raise ConfigError(redacted, exc.source) from None
     deployment = kernel.deployment  # with the defaults plugins declared
     return deployment, structure_sections(deployment, plugins.settings_classes()) | {
         "kernel": kernel.kernel_settings

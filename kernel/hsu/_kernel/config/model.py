@@ -13,7 +13,7 @@ import enum
 import re
 import shlex
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,12 +22,19 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 from cattrs.gen import make_dict_structure_fn, override
 
-from hsu._kernel.config.sources import Secrets, format_path, origin_of
+from hsu._kernel.config.sources import MIN_SECRET_LENGTH, format_path, origin_of
 from hsu._kernel.supervision.resources import ResourceLimits
+from hsu.config import DEFAULT_PASS_ENV, redact
 from hsu.errors import ConfigError
 from hsu.ports import Origin, PathT
 
 CORE_KEYS = ("name", "plugins", "units")
+#: a unit's name: it becomes part of instance ids, file names and log lines
+UNIT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+#: a deployment's name: it names the state folder ``.hsu/<name>``
+DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+#: an unmanaged unit's ``token``: what its instances send as gRPC metadata
+TOKEN = re.compile(r"[!-~]{16,}")
 
 
 class StartMode(enum.StrEnum):
@@ -219,7 +226,15 @@ class UnitSpec:
     pidfile: str | None = None
     address: str | None = None
     allow_kill: bool = False
+    #: ``unmanaged``: the credential its instances present when they register
+    #: (normally ``${env:NAME}``); at least 16 printable ASCII characters.
+    #: Instances the kernel starts get their own, one per instance
+    token: str | None = None
     routing: Routing = attrs.field(factory=Routing)
+    #: glob patterns (``fnmatch``) of the kernel's environment variables the
+    #: instances inherit; the default is :data:`hsu.config.DEFAULT_PASS_ENV`,
+    #: ``["*"]`` passes everything. ``env`` is added on top
+    pass_env: tuple[str, ...] = DEFAULT_PASS_ENV
 
     #: what the JSON Schema adds: only an unmanaged unit may leave out ``command``
     __json_schema_extra__: ClassVar[dict[str, Any]] = {
@@ -239,6 +254,16 @@ class UnitSpec:
         return self.min_instances
 
 
+class Secrets(frozenset[str]):
+    """Every value a ``${env:..}``/``${file:..}`` reference resolved to (and
+    every unit ``token``) of at least ``MIN_SECRET_LENGTH`` (4) characters:
+    what :func:`hsu.config.redact` hides from logs and messages."""
+
+    def redact(self, text: str) -> str:
+        """``text`` with each of these values replaced by ``***``."""
+        return redact(text, self)
+
+
 @attrs.frozen
 class Deployment:
     name: str
@@ -252,8 +277,10 @@ class Deployment:
     base_dir: str = "."
     #: where each value came from, for messages and ``hsu config show``
     origins: Mapping[PathT, Origin] = attrs.field(factory=dict, repr=False, eq=False)
-    #: secret references and what they resolved to (never shown)
+    #: the values secret references resolved to (never shown; see :class:`Secrets`)
     secrets: Secrets = attrs.field(factory=Secrets, repr=False, eq=False)
+    #: path -> the string as written, for each value with a secret reference
+    references: Mapping[PathT, str] = attrs.field(factory=dict, repr=False, eq=False)
 
 
 def make_converter() -> cattrs.Converter:
@@ -503,15 +530,32 @@ def deployment_from_dict(
     base_dir: str = ".",
     default_name: str = "hsu",
     origins: Mapping[PathT, Origin] | None = None,
-    secrets: Secrets | None = None,
+    secrets: Iterable[str] = (),
+    references: Mapping[PathT, str] | None = None,
 ) -> Deployment:
+    """A typed :class:`Deployment` from plain data, or a :class:`ConfigError`
+    listing every problem. ``secrets`` are the values references resolved
+    to and ``references`` where they were (:func:`resolve_secrets`): no
+    message shows one, and none may be in a unit's command line."""
     origins = origins or {}
+    references = references or {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: expected a mapping at the top, got {type(raw).__name__}"])
     problems: list[str] = []
     name = raw.get("name", default_name)
     if not isinstance(name, str):
         problems.append(describe(("name",), f"expected a string, got {name!r}", source, origins))
+    elif not DEPLOYMENT_NAME.fullmatch(name):
+        given = "" if "name" in raw else " (from the file name; set name: to choose one)"
+        problems.append(
+            describe(
+                ("name",),
+                f"{name!r} is not a valid deployment name{given}: use letters, digits, '.',"
+                " '-' and '_', starting with a letter or digit, at most 63 characters",
+                source,
+                origins,
+            )
+        )
     plugins: tuple[str, ...] = ()
     units: dict[str, UnitSpec] = {}
     try:
@@ -526,14 +570,28 @@ def deployment_from_dict(
         raw_units = {}
     for unit_name, spec in raw_units.items():
         path = ("units", str(unit_name))
+        if not UNIT_NAME.fullmatch(str(unit_name)):
+            problems.append(
+                describe(
+                    path,
+                    f"{str(unit_name)!r} is not a valid unit name: use a-z, 0-9, '-' and '_',"
+                    " starting with a letter or digit, at most 63 characters",
+                    source,
+                    origins,
+                )
+            )
+            continue
         if isinstance(spec, dict) and "command" not in spec and spec.get("kind") != "unmanaged":
             problems.append(describe((*path, "command"), "required key missing", source, origins))
         try:
             units[str(unit_name)] = structure(spec, UnitSpec, path, source, origins)
         except ConfigError as exc:
             problems.extend(exc.problems)
+    problems.extend(_unit_secret_problems(units, references, source, origins))
+    values = {*secrets, *(u.token for u in units.values() if u.token)}
+    kept = Secrets(v for v in values if len(v) >= MIN_SECRET_LENGTH)
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError([redact(p, kept) for p in problems], source)
     sections = {k: v for k, v in raw.items() if k not in CORE_KEYS}
     return Deployment(
         name=name,
@@ -543,8 +601,64 @@ def deployment_from_dict(
         source=source,
         base_dir=base_dir,
         origins=dict(origins),
-        secrets=secrets or Secrets(),
+        secrets=kept,
+        references=dict(references),
     )
+
+
+#: where a secret must not be: the argv of a process is readable by every
+#: local user in ``/proc/PID/cmdline``
+_COMMAND_LINE = ("command", "args")
+
+
+def _unit_secret_problems(
+    units: Mapping[str, UnitSpec],
+    references: Mapping[PathT, str],
+    source: str,
+    origins: Mapping[PathT, Origin],
+) -> list[str]:
+    """No secret reference in a command line; a ``token`` only on an
+    unmanaged unit, and one long enough to guess no sooner than a key."""
+    problems: list[str] = []
+    found = sorted(
+        {p[:3] for p in references if len(p) >= 3 and p[0] == "units" and p[2] in _COMMAND_LINE},
+        key=str,
+    )
+    for path in found:
+        problems.append(
+            describe(
+                path,
+                "secret references are not allowed in the command line (visible in"
+                " /proc/PID/cmdline); pass it in env or a file",
+                source,
+                origins,
+            )
+        )
+    for name, spec in units.items():
+        if spec.token is None:
+            continue
+        where = ("units", name, "token")
+        if spec.kind is not UnitKind.UNMANAGED:
+            problems.append(
+                describe(
+                    where,
+                    "only an unmanaged unit takes a token; the instances the kernel starts"
+                    " get their own",
+                    source,
+                    origins,
+                )
+            )
+        elif not TOKEN.fullmatch(spec.token):
+            problems.append(
+                describe(
+                    where,
+                    f"must be at least 16 printable ASCII characters without spaces"
+                    f" (got {len(spec.token)} characters)",
+                    source,
+                    origins,
+                )
+            )
+    return problems
 
 
 def structure_sections(deployment: Deployment, classes: Mapping[str, type[Any]]) -> dict[str, Any]:
@@ -578,9 +692,17 @@ def structure_sections(deployment: Deployment, classes: Mapping[str, type[Any]])
 class KernelSettings:
     """The ``kernel`` section of a deployment."""
 
-    #: where the kernel's gRPC API listens: ``host:port`` (loopback by
-    #: default) or ``unix:/path``
+    #: the data plane: where clients call the units' interfaces (the gateway,
+    #: with health and reflection): ``host:port`` (loopback by default) or
+    #: ``unix:/path``
     address: str = "127.0.0.1:7420"
+    #: the control plane: where the Kernel API and the kernel's Core listen;
+    #: default a 0600 unix socket in the 0700 state dir (``control.sock``).
+    #: A TCP address is opt-in; one off loopback needs ``insecure: true``
+    control: str | None = None
+    #: allow a control or data address off loopback with nothing
+    #: authenticating callers (logged as a warning at every start)
+    insecure: bool = False
     #: seconds calls in flight get to finish when the kernel drains
     drain_grace: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     #: how many of the kernel's own log records StreamLogs can replay
@@ -596,6 +718,9 @@ class KernelSettings:
     log_backups: int = attrs.field(default=3, validator=attrs.validators.ge(0))
     #: reload when a config source changes (deployment files: checked each second)
     watch_config: bool = False
+    #: folders ``${file:PATH}`` references may read besides the deployment's
+    #: own (relative to it); a path outside them is an error
+    secret_roots: tuple[str, ...] = ()
     #: the service registry plugin (``hsu plugins``); ``memory`` keeps it in the kernel
     registry: str | None = None
     #: serve every unit's interfaces on the kernel's own address, forwarding each
@@ -634,8 +759,17 @@ def check_units(
                 ("launcher",),
                 f"no launcher named {spec.launcher!r} (registered: {', '.join(launchers)})",
             )
-        if spec.kind is UnitKind.UNMANAGED and not spec.pidfile and not spec.address:
-            problem(name, (), "an unmanaged unit needs 'pidfile' or 'address'")
+        if (
+            spec.kind is UnitKind.UNMANAGED
+            and not spec.pidfile
+            and not spec.address
+            and not spec.token
+        ):
+            problem(
+                name,
+                (),
+                "an unmanaged unit needs 'pidfile', 'address' or a 'token' to register with",
+            )
         if spec.min_instances > spec.max_instances:
             problem(
                 name,

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from hsu._kernel.config.model import CORE_KEYS, Routing, UnitSpec
+from hsu._kernel.config.model import CORE_KEYS, DEPLOYMENT_NAME, UNIT_NAME, Routing, UnitSpec
 
 _SCALARS: dict[Any, dict[str, Any]] = {
     str: {"type": "string"},
@@ -230,9 +230,13 @@ def deployment_schema(
         raise ValueError(f"section names clash with core keys: {clashes}")
     unit = unit_schema(probes, balancers, breakers, defaults)
     properties: dict[str, Any] = {
-        "name": {"type": "string"},
+        "name": {"type": "string", "pattern": f"^{DEPLOYMENT_NAME.pattern}$"},
         "plugins": copy.deepcopy(_STRINGS),
-        "units": {"type": "object", "additionalProperties": unit},
+        "units": {
+            "type": "object",
+            "propertyNames": {"pattern": f"^{UNIT_NAME.pattern}$"},
+            "additionalProperties": unit,
+        },
     }
     properties.update((name, attrs_schema(cls)) for name, cls in sections.items())
     return {

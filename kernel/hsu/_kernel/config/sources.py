@@ -8,7 +8,9 @@ for every path, where it came from. Layers merge in ascending ``priority``
     file (10) < environment (20) < --set overrides (30)
 
 Secrets are references, ``${env:NAME}`` and ``${file:PATH}``, resolved after the
-merge; what they resolve to is never shown by ``hsu config show`` or logged.
+merge; what they resolve to is never shown by ``hsu config show`` or quoted by
+an error, and a file is read only from the deployment's folder or
+``kernel.secret_roots``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import attrs
 
+from hsu.config import SecretStr
 from hsu.errors import ConfigError
 from hsu.ports import ConfigSource, Layer, Origin, PathT, SourceContext
 
@@ -100,27 +103,76 @@ def leaves(data: Any, prefix: PathT = ()) -> Iterator[tuple[PathT, Any]]:
 
 SECRET_RE = re.compile(r"\$\$|\$\{(env|file):([^}]*)\}")
 
+#: resolved values shorter than this are not redacted from text (they would
+#: mangle it: a secret "1" would hide every digit one); ``hsu config show``
+#: hides every resolved value whatever its length
+MIN_SECRET_LENGTH = 4
+#: the largest file a ``${file:PATH}`` reference reads
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
 
 @attrs.define
-class Secrets:
-    """The paths that held references and the values they resolved to."""
+class Resolved:
+    """What :func:`resolve_secrets` found: the data with every reference
+    replaced, where the references were, and what they resolved to."""
 
-    paths: dict[PathT, str] = attrs.field(factory=dict)  # path -> the reference text
+    data: Any
+    #: path -> the string as written, references and all (what ``hsu config show`` prints)
+    references: dict[PathT, str] = attrs.field(factory=dict)
+    #: every value a reference resolved to
     values: set[str] = attrs.field(factory=set)
+    problems: list[str] = attrs.field(factory=list)
 
-    def redact(self, text: str) -> str:
-        for value in sorted(self.values, key=len, reverse=True):
-            if value:
-                text = text.replace(value, "***")
-        return text
+
+def secret_roots(data: Any, base_dir: Path) -> list[Path]:
+    """The folders ``${file:..}`` may read: the deployment's folder and
+    ``kernel.secret_roots`` (relative to it), symlinks resolved."""
+    roots = [base_dir.resolve()]
+    kernel = data.get("kernel") if isinstance(data, dict) else None
+    extra = kernel.get("secret_roots") if isinstance(kernel, dict) else None
+    if isinstance(extra, list):
+        for root in extra:
+            if isinstance(root, str) and root and "$" not in root:
+                roots.append((base_dir / Path(root).expanduser()).resolve())
+    return roots
+
+
+def read_secret_file(name: str, base_dir: Path, roots: list[Path]) -> str:
+    """The content of ``${file:NAME}`` (trailing newlines dropped), or a
+    ``ValueError`` saying why not; the content is never part of a message."""
+    asked = base_dir / Path(name).expanduser()
+    target = asked.resolve()
+    if not any(target.is_relative_to(root) for root in roots):
+        how = f" (it resolves to {target})" if target != asked else ""
+        allowed = ", ".join(str(r) for r in roots)
+        raise ValueError(
+            f"{asked} is outside the folders secrets may be read from{how}: {allowed};"
+            " kernel.secret_roots adds folders"
+        )
+    try:
+        with target.open("rb") as f:
+            raw = f.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {asked}: {exc.strerror}") from None
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        raise ValueError(f"{asked} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{asked} is not valid UTF-8 at byte {exc.start}") from None
+    return text.rstrip("\n")
 
 
 def resolve_secrets(
     data: Any, origins: Mapping[PathT, Origin], env: Mapping[str, str], base_dir: Path
-) -> tuple[Any, Secrets, list[str]]:
-    """Replace ``${env:NAME}`` / ``${file:PATH}`` in every string; ``$$`` is ``$``."""
-    secrets = Secrets()
-    problems: list[str] = []
+) -> Resolved:
+    """Replace ``${env:NAME}`` / ``${file:PATH}`` in every string; ``$$`` is ``$``.
+
+    A string with a reference becomes a :class:`~hsu.config.SecretStr`. A
+    file is read only inside the deployment's folder or ``kernel.secret_roots``
+    (:func:`read_secret_file`)."""
+    found = Resolved(None)
+    roots = secret_roots(data, base_dir)
 
     def walk(value: Any, path: PathT) -> Any:
         if isinstance(value, dict):
@@ -129,40 +181,39 @@ def resolve_secrets(
             return [walk(v, (*path, i)) for i, v in enumerate(value)]
         if not isinstance(value, str) or "$" not in value:
             return value
+        referenced = False
 
         def one(m: re.Match[str]) -> str:
+            nonlocal referenced
             if m.group(0) == "$$":
                 return "$"
+            referenced = True
             kind, name = m.group(1), m.group(2).strip()
             where = origin_of(origins, path)
             prefix = f"{where}: " if where else ""
+            prefix += f"{format_path(path)}: ${{{kind}:{name}}}: "
             if kind == "env":
                 if name not in env:
-                    problems.append(
-                        f"{prefix}{format_path(path)}: ${{env:{name}}}: {name} is not set"
-                    )
+                    found.problems.append(f"{prefix}{name} is not set")
                     return ""
                 secret = env[name]
             else:
-                file = Path(name).expanduser()
-                file = file if file.is_absolute() else base_dir / file
                 try:
-                    secret = file.read_text(encoding="utf-8").rstrip("\n")
-                except OSError as exc:
-                    problems.append(
-                        f"{prefix}{format_path(path)}: ${{file:{name}}}: cannot read"
-                        f" {file}: {exc.strerror}"
-                    )
+                    secret = read_secret_file(name, base_dir, roots)
+                except ValueError as exc:
+                    found.problems.append(f"{prefix}{exc}")
                     return ""
-            secrets.values.add(secret)
+            found.values.add(secret)
             return secret
 
         resolved = SECRET_RE.sub(one, value)
-        if SECRET_RE.search(value) and any(m.group(0) != "$$" for m in SECRET_RE.finditer(value)):
-            secrets.paths[path] = value
-        return resolved
+        if not referenced:
+            return resolved
+        found.references[path] = value
+        return SecretStr(resolved)
 
-    return walk(data, ()), secrets, problems
+    found.data = walk(data, ())
+    return found
 
 
 def gather(sources: list[ConfigSource], ctx: SourceContext) -> Layer:

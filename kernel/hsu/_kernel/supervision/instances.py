@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import secrets
 import time
 import uuid
 from collections.abc import Mapping
@@ -49,6 +50,13 @@ INSTANCE_TRANSITIONS: Mapping[InstanceState, frozenset[InstanceState]] = {
 }
 
 
+#: the environment variable that hands a spawned instance its secret
+ENV_INSTANCE_TOKEN = "HSU_INSTANCE_TOKEN"
+#: the gRPC metadata key that carries it: on the instance's Register,
+#: Deregister and ReportLoad, and on the kernel's Core.Shutdown to it
+TOKEN_METADATA = "hsu-instance-token"
+
+
 def new_instance_id(unit: str) -> str:
     return f"{unit}-{uuid.uuid4().hex[:8]}"
 
@@ -58,7 +66,8 @@ class Instance:
     """What the kernel knows about one instance.
 
     ``managed`` instances belong to a unit the kernel supervises; others
-    registered themselves and are only listed.
+    registered themselves (instances of an ``unmanaged`` unit, with the unit's
+    token) and are only listed, probed and routed to.
     """
 
     instance_id: str
@@ -85,6 +94,9 @@ class Instance:
     #: adopted from a kernel that ran before (re-attached, not spawned)
     reattached: bool = False
     handle: ProcessHandle | None = attrs.field(default=None, repr=False)
+    #: the secret of the process now in this slot (:meth:`new_token`); what it
+    #: proves itself with. "" for a slot whose process the kernel did not spawn
+    token: str = attrs.field(default="", repr=False)
     #: the current start attempt: resolved when ready, failed when it fails
     ready: asyncio.Future[None] = attrs.field(init=False, repr=False)
     #: the current attempt's handshake (an integrated HSU's Register)
@@ -97,6 +109,12 @@ class Instance:
         )
         self.ready = self.next_attempt()
         self.registered = _future()
+
+    def new_token(self) -> str:
+        """A new random secret for the process about to be spawned in this slot
+        (the last process's secret stops working)."""
+        self.token = secrets.token_urlsafe(32)
+        return self.token
 
     def next_attempt(self) -> asyncio.Future[None]:
         """The ``ready`` future of the next start attempt (made once, shared)."""

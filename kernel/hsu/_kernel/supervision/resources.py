@@ -15,7 +15,7 @@ import enum
 import os
 import resource
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import attrs
 import psutil
@@ -209,10 +209,14 @@ class Sampler:
             return seen.proc, seen
         return fresh, None
 
-    def sample(self, pid: int) -> Usage | None:
+    def sample(self, pid: int, cgroup: Collection[int] | None = None) -> Usage | None:
         """The usage of ``pid`` and its descendants; None if it is gone, a zombie,
         or cannot be read. Descendants that vanish or cannot be read meanwhile
-        are left out."""
+        are left out.
+
+        ``cgroup``: the processes of the instance's cgroup, counted instead of
+        the descendants (a process that left the tree still counts, and no
+        listing of the host's processes is needed)."""
         try:
             fresh = psutil.Process(pid)
             proc, seen = self._cached(fresh)
@@ -227,10 +231,13 @@ class Sampler:
                 threads = proc.num_threads()
                 open_files = proc.num_fds()
             now = time.monotonic()
-            try:
-                descendants = proc.children(recursive=True)
-            except psutil.AccessDenied:
-                descendants = []
+            if cgroup is not None:
+                descendants = _processes(m for m in cgroup if m != pid)
+            else:
+                try:
+                    descendants = proc.children(recursive=True)
+                except psutil.AccessDenied:
+                    descendants = []
         except _GONE:
             self.forget(pid)
             return None
@@ -275,6 +282,16 @@ class Sampler:
             threads=threads,
             children=len(members),
         )
+
+
+def _processes(pids: Iterable[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            found.append(psutil.Process(pid))
+        except _GONE:
+            continue
+    return found
 
 
 def breaches(limits: ResourceLimits, usage: Usage) -> list[str]:

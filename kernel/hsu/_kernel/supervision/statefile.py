@@ -5,6 +5,12 @@ gets a new pid or address. A kernel that was SIGKILLed and is started again
 reads it to re-attach to the HSUs still running rather than start duplicates
 or leave orphans. A pid is trusted only if the process's start time matches
 too, so a reused pid is never taken for an old instance.
+
+The file decides which processes a kernel signals, so it is trusted only if
+this user wrote it: in a 0700 directory this user owns, mode 0600 whatever
+the umask, and when read, owned by this user and writable by no one else
+(a regular file, not a symlink). Any other is ignored with a warning naming
+it: nothing in it is re-attached to or stopped.
 """
 
 from __future__ import annotations
@@ -12,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
 import psutil
+from loguru import logger
 
+from hsu._kernel.control import secure_dir
 from hsu.errors import HsuError
 
 FORMAT = 1
@@ -66,13 +75,43 @@ def is_running(pid: int, created: float) -> bool:
     return now is not None and abs(now - created) < 0.05
 
 
+def untrusted(st: os.stat_result) -> str | None:
+    """Why a state file with this stat is not to be trusted (None: it is)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by this kernel's user ({os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"mode {stat.S_IMODE(st.st_mode):04o}: writable by others than its owner"
+    return None
+
+
+def _ignored(path: Path, why: str) -> None:
+    logger.warning(
+        "ignoring the state file {}: {}; re-attaching to or stopping nothing in it", path, why
+    )
+
+
 def load(path: Path) -> SavedState | None:
+    """The state a kernel left, or None if there is none or it is not trusted."""
     try:
-        raw = json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise HsuError(f"{path}: cannot read the kernel state file: {exc}") from None
+    except OSError as exc:
+        if os.path.islink(path):
+            _ignored(path, "a symlink")
+            return None
+        raise HsuError(f"{path}: cannot read the kernel state file: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        why = untrusted(os.fstat(f.fileno()))
+        if why is not None:
+            _ignored(path, why)
+            return None
+        try:
+            raw = json.loads(f.read())
+        except (OSError, ValueError) as exc:
+            raise HsuError(f"{path}: cannot read the kernel state file: {exc}") from None
     try:
         return _conv.structure(raw, SavedState)
     except Exception as exc:
@@ -80,11 +119,28 @@ def load(path: Path) -> SavedState | None:
 
 
 def save(path: Path, state: SavedState) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the state atomically: mode 0600 in a 0700 directory, whatever the umask."""
+    try:
+        secure_dir(path.parent)
+    except HsuError as exc:  # another user's directory: as if not writable
+        raise PermissionError(str(exc)) from None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data: Any = _conv.unstructure(state)
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:  # left by a kernel of this pid that died writing
+        tmp.unlink()
+        fd = os.open(tmp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # a umask may take bits off, never add them
+            f.write(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def remove(path: Path) -> None:

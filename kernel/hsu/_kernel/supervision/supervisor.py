@@ -35,9 +35,17 @@ from hsu._kernel.config.model import (
     UnitSpec,
     structure_options,
 )
-from hsu._kernel.supervision.instances import Instance, InstanceState, new_instance_id
+from hsu._kernel.supervision.containment import ENV_INSTANCE_ID as ENV_INSTANCE_ID
+from hsu._kernel.supervision.instances import (
+    ENV_INSTANCE_TOKEN,
+    TOKEN_METADATA,
+    Instance,
+    InstanceState,
+    new_instance_id,
+)
 from hsu._kernel.supervision.resources import breaches
 from hsu._kernel.supervision.statefile import SavedInstance
+from hsu.config import child_env
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.errors import ConfigError, HsuError, LaunchError
 from hsu.ports import LaunchSpec, ProbeResult, ProbeTarget, ProcessHandle
@@ -50,13 +58,13 @@ S = InstanceState
 #: what the kernel tells every instance it starts, in its environment
 ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
 ENV_UNIT = "HSU_UNIT"
-ENV_INSTANCE_ID = "HSU_INSTANCE_ID"
 #: of a unit's stop_grace, the share an HSU is told it has to drain; the rest is
 #: headroom for it to exit before SIGKILL
 SHUTDOWN_SHARE = 0.8
 #: fields whose change needs new processes; any other change applies live
 PROCESS_FIELDS = (
-    "command", "args", "kind", "env", "cwd", "launcher", "pidfile", "address", "allow_kill",
+    "command", "args", "kind", "env", "pass_env", "cwd", "launcher", "pidfile", "address",
+    "allow_kill",
 )  # fmt: skip
 
 
@@ -332,6 +340,7 @@ class UnitSupervisor:
                     if isinstance(attempt, tuple)
                     else attempt
                 )
+                await self._end_rest(inst)
                 if outcome.requested == "stop":
                     break
                 if outcome.requested == "restart":
@@ -350,6 +359,21 @@ class UnitSupervisor:
             if inst.state is not S.STOPPED:
                 inst.machine.move(S.STOPPED, ctl.reason or inst.last_exit)
             self.kernel.save_state()
+
+    async def _end_rest(self, inst: Instance) -> None:
+        """The process is gone and its group signalled: end what it started
+        that left the group (a daemon's setsid and double fork), so nothing of
+        it outlives it (:mod:`hsu._kernel.supervision.containment`)."""
+        if self.spec.kind is UnitKind.UNMANAGED:
+            return
+        left = await self.kernel.containment.end(inst.instance_id, inst.pid)
+        if left:
+            _InstanceLog(self.log, inst.instance_id).warning(
+                "killed {} process(es) pid {} left outside its process group: {}",
+                len(left),
+                inst.pid,
+                " ".join(map(str, left)),
+            )
 
     async def _after_exit(self, inst: Instance, ctl: _Control, outcome: _Outcome, log: Any) -> bool:
         """Apply the restart policy; True to start again."""
@@ -570,11 +594,15 @@ class UnitSupervisor:
         kernel = self.kernel
         launcher = kernel.plugins.launcher(spec.launcher)
         env = {
-            **os.environ,
+            # the kernel's environment only as far as the unit lets it through
+            **child_env(spec.pass_env, os.environ),
             **spec.env,
-            ENV_KERNEL_ADDRESS: kernel.address,
+            ENV_KERNEL_ADDRESS: kernel.control_address,
             ENV_UNIT: self.name,
             ENV_INSTANCE_ID: inst.instance_id,
+            # what this process proves itself with (Register, Deregister,
+            # ReportLoad) and expects on Core.Shutdown; new for every spawn
+            ENV_INSTANCE_TOKEN: inst.new_token(),
         }
         base = kernel.deployment.base_dir
         cwd = str(Path(base, spec.cwd)) if spec.cwd else base
@@ -589,6 +617,7 @@ class UnitSupervisor:
             stderr=err,
             rlimits=spec.limits.rlimits,
             die_with_kernel=not kernel.kernel_settings.reattach,
+            cgroup=kernel.containment.cgroup_for(inst.instance_id),
         )
         try:
             handle: ProcessHandle = await launcher.launch(launch)
@@ -610,6 +639,7 @@ class UnitSupervisor:
             raise LaunchError(f"launcher {self.spec.launcher!r} cannot re-attach")
         handle: ProcessHandle = attach(saved.pid)
         inst.handle, inst.pid, inst.reattached = handle, saved.pid, True
+        self.kernel.containment.adopt(inst.instance_id, saved.pid)
         inst.address, inst.interfaces = saved.address, saved.interfaces
         self.kernel.logfiles.follow(self.name, inst.instance_id, saved.pid, from_start=False)
         self.log.bind(instance=inst.instance_id).info(
@@ -785,7 +815,9 @@ class UnitSupervisor:
                 d = Duration()
                 d.FromNanoseconds(int(grace * 1e9))
                 reply = await stub.Shutdown(
-                    core_pb2.ShutdownRequest(grace=d, reason=reason), timeout=1.0
+                    core_pb2.ShutdownRequest(grace=d, reason=reason),
+                    timeout=1.0,
+                    metadata=((TOKEN_METADATA, inst.token),) if inst.token else None,
                 )
                 return bool(reply.accepted)
         except grpc.aio.AioRpcError as exc:
@@ -820,7 +852,7 @@ class UnitSupervisor:
             for inst in list(self.wanted):
                 if inst.state is not S.READY or not inst.pid:
                     continue
-                usage = sampler.sample(inst.pid)
+                usage = sampler.sample(inst.pid, self.kernel.containment.members(inst.instance_id))
                 if usage is None:
                     continue
                 found = breaches(limits, usage)
