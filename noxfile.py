@@ -43,7 +43,8 @@ def proto(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Supervision side by side with supervisor and circus, then routing against raw
-    grpcio (bench/routing.py); both update their section of docs/benchmarks.md.
+    grpcio (bench/routing.py), then failover under kills (bench/failover.py); each
+    updates its section of docs/benchmarks.md.
 
     Not in the default sessions. supervisor and circus are installed only here.
     """
@@ -56,3 +57,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/supervision.py", *session.posargs)
     routing_args = [a for a in session.posargs if a == "--no-write"]
     session.run("python", "bench/routing.py", *routing_args)
+    session.run("python", "bench/failover.py", *routing_args)

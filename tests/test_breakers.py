@@ -127,6 +127,25 @@ def test_a_failed_trial_reopens_for_another_cooldown(clock):
     assert b.state == HALF_OPEN
 
 
+def test_retry_in_tells_a_waiting_caller_when_the_opening_ends(clock):
+    """``retry_in``: seconds until an open breaker turns half-open (what a
+    call that no instance can take waits for), 0 when it is not open; a
+    grown cooldown counts."""
+    b = ConsecutiveBreaker(1, cooldown=2.0, max_cooldown=8.0, clock=clock)
+    assert b.retry_in == 0.0
+    fail(b, 1)
+    assert b.retry_in == 2.0
+    clock.advance(1.5)
+    assert b.retry_in == 0.5
+    clock.advance(0.5)
+    assert b.retry_in == 0.0 and b.state == HALF_OPEN
+    fail(b, 1)  # the trial fails: open for twice as long
+    assert b.retry_in == 4.0
+    r = RatioBreaker(window=2, min_calls=2, cooldown=3.0, clock=clock)
+    fail(r, 2)
+    assert r.retry_in == 3.0
+
+
 def test_the_cooldown_doubles_up_to_max_cooldown_and_resets_on_close(clock):
     b = ConsecutiveBreaker(1, cooldown=1.0, max_cooldown=3.0, clock=clock)
     fail(b, 1)

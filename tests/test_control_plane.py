@@ -259,3 +259,20 @@ async def test_hsu_connect_finds_the_kernel_from_hsu_control(
     async with hsu.connect() as channel:
         reply = await echo_pb2_grpc.EchoStub(channel).Echo(echo_pb2.EchoRequest(message="x"))
     assert reply.message == "x"
+
+
+async def test_reloads_are_rate_limited(hsu_kernel_factory) -> None:
+    kernel = await hsu_kernel_factory(deployment())
+    codes = []
+    async with grpc.aio.insecure_channel(kernel.control_address) as ch:
+        stub = kernel_pb2_grpc.KernelStub(ch)
+        for _ in range(8):
+            try:
+                await stub.Reload(kernel_pb2.ReloadRequest(), timeout=10)
+                codes.append("OK")
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code().name)
+    # built from a dict, it has nothing to reload: refused, but counted
+    assert codes[:5] == ["FAILED_PRECONDITION"] * 5
+    assert "RESOURCE_EXHAUSTED" in codes[5:]
+    assert kernel.state is hsu.KernelState.RUNNING

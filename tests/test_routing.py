@@ -23,6 +23,7 @@ from hsu.client.route import Policy, RetryBudget
 from hsu.errors import ConfigError
 from hsu.ports import Endpoint
 from hsu.testing import build_kernel
+from hsu_echo import Echo
 from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 from hsu_plugins.gateway import python as gateway_python
 
@@ -104,7 +105,7 @@ async def test_the_first_routed_call_starts_an_instance_and_later_ones_reuse_it(
 ):
     kernel = await hsu_kernel_factory({"units": {"echo": echo_unit()}})
     assert not kernel.instances
-    async with hsu.connect(kernel.address) as channel:
+    async with hsu.connect(kernel.control_address) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
         first = await echo.Echo(echo_pb2.EchoRequest(message="hi"), timeout=30)
         assert first.message == "hi"
@@ -137,7 +138,7 @@ async def test_round_robin_spreads_calls_evenly_and_a_hash_key_pins_them(hsu_ker
         }
     )
     assert len(ready(kernel)) == 3
-    async with hsu.connect(kernel.address) as channel:
+    async with hsu.connect(kernel.control_address) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
         seen = collections.Counter()
         for i in range(30):
@@ -165,7 +166,7 @@ async def test_ring_hash_sends_a_key_to_one_instance(hsu_kernel_factory):
         }
     )
     assert len(ready(kernel)) == 3
-    async with hsu.connect(kernel.address) as channel:
+    async with hsu.connect(kernel.control_address) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
         homes = collections.defaultdict(set)
         for round_ in range(3):
@@ -184,7 +185,7 @@ async def test_an_unknown_interface_is_unimplemented_with_the_reason():
     kernel = build_kernel({"units": {"echo": echo_unit()}})
     await kernel.start()
     try:
-        async with hsu.connect(kernel.address) as channel:
+        async with hsu.connect(kernel.control_address) as channel:
             stub = channel.unary_unary("/nope.v1.Nope/Call")
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub(b"", timeout=5)
@@ -239,7 +240,7 @@ async def test_killing_instances_under_load_fails_no_idempotent_call(hsu_kernel_
     )
     assert len(ready(kernel)) == 3
     if via == "connect":
-        channel = hsu.connect(kernel.address)
+        channel = hsu.connect(kernel.control_address)
     else:
         channel = grpc.aio.insecure_channel(kernel.address)
     echo = echo_pb2_grpc.EchoStub(channel)
@@ -277,7 +278,9 @@ async def test_every_caller_fails_over_an_idempotent_call_the_same_way(hsu_kerne
     call loop (hsu.client.route.Tries): with a dead instance listed next to a
     live one, each tries every idempotent call again on the live one, and a
     call of a method that is not idempotent that went to the dead one fails
-    with UNAVAILABLE: one call in two, as round robin alternates."""
+    with UNAVAILABLE. Either way the dead one is ejected at its first
+    failure: round robin sends it no more calls, so of 6 such calls exactly
+    one fails."""
     kernel = await hsu_kernel_factory(
         {
             "units": {
@@ -288,15 +291,26 @@ async def test_every_caller_fails_over_an_idempotent_call_the_same_way(hsu_kerne
         }
     )
     [real] = ready(kernel)
-    ghost = Endpoint("ghost", "echo", f"127.0.0.1:{free_port()}", (ECHO,))
-    await kernel.routing.registry.put(ghost)
-    await until(lambda: "ghost" in kernel.routing.route(ECHO).endpoints, 10)
+    registry = kernel.routing.registry
     echo_request = echo_pb2.EchoRequest(message="x")
     stream_request = echo_pb2.EchoStreamRequest(message="s", count=1)
+    ghosts = iter(range(100))
 
-    async def calls_async(channel):
+    async def new_ghost(route) -> str:
+        """A dead instance listed in place of the last one: not ejected yet."""
+        name = f"ghost-{next(ghosts)}"
+        for old in [i for i in route.endpoints if i.startswith("ghost")]:
+            await registry.delete(old)
+        await registry.put(Endpoint(name, "echo", f"127.0.0.1:{free_port()}", (ECHO,)))
+        await until(lambda: set(route.endpoints) == {real.instance_id, name}, 10)
+        return name
+
+    async def calls_async(channel, route):
         echo = echo_pb2_grpc.EchoStub(channel)
+        ghost = await new_ghost(route)
         pids = {(await echo.Echo(echo_request, timeout=5)).pid for _ in range(6)}
+        assert route.ejected.keys() == {ghost}
+        await new_ghost(route)
         outcomes = []
         for _ in range(6):
             try:
@@ -305,9 +319,12 @@ async def test_every_caller_fails_over_an_idempotent_call_the_same_way(hsu_kerne
                 outcomes.append(exc.code().name)
         return pids, collections.Counter(outcomes)
 
-    def calls_sync(channel):
+    def calls_sync(channel, route, loop):
         echo = echo_pb2_grpc.EchoStub(channel)
+        ghost = asyncio.run_coroutine_threadsafe(new_ghost(route), loop).result()
         pids = {echo.Echo(echo_request, timeout=5).pid for _ in range(6)}
+        assert route.ejected.keys() == {ghost}
+        asyncio.run_coroutine_threadsafe(new_ghost(route), loop).result()
         outcomes = []
         for _ in range(6):
             try:
@@ -317,37 +334,48 @@ async def test_every_caller_fails_over_an_idempotent_call_the_same_way(hsu_kerne
         return pids, collections.Counter(outcomes)
 
     seen = {}
+    loop = asyncio.get_running_loop()
+    async with hsu.connect(kernel.control_address) as channel:
+        route = await channel.route(ECHO, 10)
+        seen["connect"] = await calls_async(channel, route)
+    sync_channel = hsu.connect_sync(kernel.control_address)
     try:
-        async with hsu.connect(kernel.address) as channel:
-            route = await channel.route(ECHO, 10)
-            await until(lambda: "ghost" in route.endpoints, 10)
-            seen["connect"] = await calls_async(channel)
-        sync_channel = hsu.connect_sync(kernel.address)
-        try:
-            route = await asyncio.to_thread(sync_channel.route, ECHO, 10)
-            await until(lambda: "ghost" in route.endpoints, 10)
-            seen["connect_sync"] = await asyncio.to_thread(calls_sync, sync_channel)
-        finally:
-            await asyncio.to_thread(sync_channel.close)
-        local = kernel.connect()
-        try:
-            seen["kernel.connect"] = await calls_async(local)
-        finally:
-            await local.close()
-        async with grpc.aio.insecure_channel(kernel.address) as plain:
-            seen["gateway"] = await calls_async(plain)
+        route = await asyncio.to_thread(sync_channel.route, ECHO, 10)
+        seen["connect_sync"] = await asyncio.to_thread(calls_sync, sync_channel, route, loop)
     finally:
-        await kernel.routing.registry.delete("ghost")
-    expected = ({real.pid}, collections.Counter({1: 3, "UNAVAILABLE": 3}))
+        await asyncio.to_thread(sync_channel.close)
+    local = kernel.connect()
+    try:
+        seen["kernel.connect"] = await calls_async(local, kernel.routing.route(ECHO))
+    finally:
+        await local.close()
+    async with grpc.aio.insecure_channel(kernel.address) as plain:
+        seen["gateway"] = await calls_async(plain, kernel.routing.route(ECHO))
+    expected = ({real.pid}, collections.Counter({1: 5, "UNAVAILABLE": 1}))
     assert seen == dict.fromkeys(("connect", "connect_sync", "kernel.connect", "gateway"), expected)
 
 
-# -- the circuit breaker ------------------------------------------------------------------
+# -- the circuit breaker and ejection -----------------------------------------------------
 
 
-async def test_the_breaker_opens_on_a_failing_instance_and_recovers_through_half_open(
-    hsu_kernel_factory, tmp_path
+class _Flaky(Echo):
+    """An Echo servicer that answers UNAVAILABLE itself while ``failing``."""
+
+    failing = True
+
+    async def Echo(self, request, context):
+        if self.failing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+        return await super().Echo(request, context)
+
+
+async def test_the_breaker_opens_on_an_instance_answering_unavailable_and_recovers(
+    hsu_kernel_factory,
 ):
+    """An instance that answers UNAVAILABLE (reachable: it is not ejected)
+    opens its breaker after ``failures`` of them, every call going to the
+    other instance meanwhile; once it answers again, a trial after the
+    cooldown closes the breaker."""
     kernel = await hsu_kernel_factory(
         {
             "units": {
@@ -362,21 +390,58 @@ async def test_the_breaker_opens_on_a_failing_instance_and_recovers_through_half
         }
     )
     [real] = ready(kernel)
+    flaky = _Flaky()
+    server = grpc.aio.server()
+    echo_pb2_grpc.add_EchoServicer_to_server(flaky, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        await kernel.routing.registry.put(Endpoint("flaky", "echo", f"127.0.0.1:{port}", (ECHO,)))
+        async with hsu.connect(kernel.control_address) as channel:
+            echo = echo_pb2_grpc.EchoStub(channel)
+            route = await channel.route(ECHO, 10)
+            await until(lambda: "flaky" in route.endpoints, 10)
+            for _ in range(10):
+                # retried on the real instance: no call fails
+                assert (await echo.Echo(echo_pb2.EchoRequest(), timeout=5)).pid == real.pid
+            assert route.breakers["flaky"].state == "open"
+            assert route.ejected == {}
+            assert [e.instance_id for e in route.available] == [real.instance_id]
+            flaky.failing = False
+            pids = set()
+            deadline = time.monotonic() + 10
+            while os.getpid() not in pids and time.monotonic() < deadline:
+                pids.add((await echo.Echo(echo_pb2.EchoRequest(), timeout=5)).pid)
+                await asyncio.sleep(0.05)
+            assert os.getpid() in pids  # the flaky server (in this process) answered
+            assert route.breakers["flaky"].state == "closed"
+    finally:
+        await kernel.routing.registry.delete("flaky")
+        await server.stop(None)
+
+
+async def test_an_unreachable_instance_is_ejected_until_its_channel_connects(hsu_kernel_factory):
+    """A listed instance nothing serves: its first call (retried on the real
+    instance) ejects it, and no call goes there while nothing listens. Once
+    something serves its address, the channel connects and calls reach it,
+    with no call failing in between."""
+    kernel = await hsu_kernel_factory(
+        {"units": {"echo": echo_unit(start="at-start", routing={"idempotent": ["Echo"]})}}
+    )
+    [real] = ready(kernel)
     port = free_port()
-    # an instance listed in the registry that nothing serves yet: every call to it fails
     await kernel.routing.registry.put(Endpoint("ghost", "echo", f"127.0.0.1:{port}", (ECHO,)))
-    async with hsu.connect(kernel.address) as channel:
+    async with hsu.connect(kernel.control_address) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
         route = await channel.route(ECHO, 10)
         await until(lambda: "ghost" in route.endpoints, 10)
         for _ in range(10):
-            # retried on the real instance: no call fails
             assert (await echo.Echo(echo_pb2.EchoRequest(), timeout=5)).pid == real.pid
-        assert route.breakers["ghost"].state == "open"
+        assert route.is_ejected(route.endpoints["ghost"])
+        assert route.breakers["ghost"].state == "closed"  # one failure, then no call
         assert [e.instance_id for e in route.available] == [real.instance_id]
-        # now something serves there: after the cooldown a trial call goes through
         env = {**os.environ, "HSU_LISTEN": f"127.0.0.1:{port}"}
-        for key in ("HSU_KERNEL_ADDRESS", "HSU_INSTANCE_ID", "HSU_UNIT"):
+        for key in ("HSU_KERNEL_ADDRESS", "HSU_CONTROL", "HSU_INSTANCE_ID", "HSU_UNIT"):
             env.pop(key, None)
         ghost = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hsu_echo", env=env, stderr=subprocess.DEVNULL
@@ -388,7 +453,7 @@ async def test_the_breaker_opens_on_a_failing_instance_and_recovers_through_half
                 pids.add((await echo.Echo(echo_pb2.EchoRequest(), timeout=5)).pid)
                 await asyncio.sleep(0.05)
             assert ghost.pid in pids
-            assert route.breakers["ghost"].state == "closed"
+            assert route.ejected == {}
         finally:
             ghost.terminate()
             await asyncio.wait_for(ghost.wait(), 10)
@@ -435,7 +500,7 @@ def test_a_client_with_only_the_proto_calls_through_the_gateway(tmp_path, kernel
             sys.exit("the hsu library is importable: the test proves nothing")
         import grpc
         from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
-        with grpc.insecure_channel({kernel.address!r}) as ch:
+        with grpc.insecure_channel({kernel.data!r}) as ch:
             stub = echo_pb2_grpc.EchoStub(ch)
             r = stub.Echo(echo_pb2.EchoRequest(message="plain"), timeout=30)
             print("unary", r.message, r.instance_id)
@@ -474,7 +539,7 @@ def test_a_client_with_only_the_proto_calls_through_the_gateway(tmp_path, kernel
 async def test_stopping_an_instance_lets_its_calls_in_flight_finish(hsu_kernel_factory):
     kernel = await hsu_kernel_factory({"units": {"echo": echo_unit(start="at-start")}})
     [inst] = ready(kernel)
-    async with hsu.connect(kernel.address) as channel:
+    async with hsu.connect(kernel.control_address) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
         slow = asyncio.ensure_future(
             echo.Echo(echo_pb2.EchoRequest(message="slow", delay_ms=1500), timeout=20)
@@ -506,7 +571,7 @@ async def test_load_scales_a_unit_up_and_quiet_scales_it_back_down(hsu_kernel_fa
     )
     assert len(ready(kernel)) == 1
     sizes = []
-    async with hsu.connect(kernel.address) as channel:
+    async with hsu.connect(kernel.control_address) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
 
         async def busy():
@@ -650,7 +715,7 @@ async def test_the_blocking_client_routes_streams_and_fails_over_from_threads(hs
             missing = (exc.code(), exc.details())
         return first, streamed, collected.message, missing
 
-    channel = hsu.connect_sync(kernel.address)
+    channel = hsu.connect_sync(kernel.control_address)
     try:
         first, streamed, collected, missing = await asyncio.to_thread(first_calls, channel)
         assert first.message == "sync" and first.pid == ready(kernel)[0].pid  # started on demand

@@ -1029,9 +1029,11 @@ class Kernel:
         async with self._reload_lock:
             if self.state is not KernelState.RUNNING:
                 raise HsuError(f"kernel is {self.state.value}; not reloading")
-            new = with_defaults(
-                deployment if deployment is not None else self.read_config(), self.plugins
-            )
+            if deployment is None:
+                # parsing and merging off the event loop: a pathological file
+                # never stalls the Kernel API (the readers keep no shared state)
+                deployment = await asyncio.to_thread(self.read_config)
+            new = with_defaults(deployment, self.plugins)
             settings = self._validate(new)
             old = self.deployment
             changes = diff(old, new)

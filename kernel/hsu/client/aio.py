@@ -14,7 +14,11 @@ and waits until it is ready, then follows its endpoints
 unit's balancer, over a pooled channel per instance, with the unit's circuit
 breaker per instance; an idempotent method (``routing.idempotent``) that
 fails with UNAVAILABLE before any reply is tried again on another instance,
-within the retry budget and the call's deadline.
+within the retry budget and the call's deadline. An instance the channel
+could not reach is ejected until its channel connects again (or the
+registry replaces it); a call that no listed instance can take waits for one
+within its deadline. The channel of an address the registry dropped is
+closed, and never used again: an instance listening there later gets a new one.
 
 Inside the kernel's process, :meth:`hsu.Kernel.connect` gives the same
 channel over the kernel's own routes, without a round trip to itself.
@@ -27,7 +31,6 @@ like grpc.aio's; the call objects' extras (``initial_metadata()``,
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -44,15 +47,26 @@ from hsu.client.route import (
     RoutedMethod,
     apply_update,
     cannot_take,
+    connected,
     endpoint_from_pb,
     installed,
     load_plugins,
     unavailable,
+    until_connected,
 )
 from hsu.errors import HsuError
 from hsu.ports import Endpoint
 
-DEFAULT_KERNEL = "127.0.0.1:7420"
+
+def control_address(kernel: str | None = None) -> str:
+    """``kernel``, else ``$HSU_CONTROL`` or ``$HSU_KERNEL_ADDRESS`` (what a
+    kernel gives the HSUs it starts), else the control address of the one
+    kernel running as this user (``hsu._kernel.control``)."""
+    from hsu._kernel.control import resolve
+
+    return resolve(kernel)
+
+
 #: how long a call may wait for an instance to be started on demand when it
 #: has no deadline of its own
 START_TIMEOUT = 30.0
@@ -60,12 +74,13 @@ START_TIMEOUT = 30.0
 
 def connect(kernel: str | None = None, *, plugins: Factories | None = None) -> RoutedChannel:
     """A routed channel through the kernel at ``kernel`` (default:
-    ``$HSU_KERNEL_ADDRESS``, else ``127.0.0.1:7420``).
+    its control address: ``$HSU_CONTROL``,
+    ``$HSU_KERNEL_ADDRESS``, else the one kernel running as this user).
 
     ``plugins`` supplies the balancers and breakers (default: every installed
     hsu plugin, loaded once). Use it as ``async with`` or ``await ch.close()``.
     """
-    address = kernel or os.environ.get("HSU_KERNEL_ADDRESS") or DEFAULT_KERNEL
+    address = control_address(kernel)
     return RoutedChannel(_RemoteResolver(address), plugins)
 
 
@@ -98,12 +113,21 @@ class RoutedChannel:
         self._plugins = plugins
         if isinstance(resolver, _RemoteResolver):
             resolver.channel = self
-        self._caller = Caller(_no_instance, began=resolver.began, ended=resolver.ended)
+        self._caller = Caller(
+            _no_instance,
+            began=resolver.began,
+            ended=resolver.ended,
+            connected=lambda ep: connected(self._channels.get(ep.address)),
+            watch=self._watch_ejected,
+        )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._routes: dict[str, Route] = {}
         self._resolving: dict[str, asyncio.Future[Route]] = {}
         self._closed = False
+        #: channels closing (left to finish), watches of ejected instances'
+        #: channels (cancelled on close)
         self._closing: set[asyncio.Task[None]] = set()
+        self._watches: set[asyncio.Task[None]] = set()
 
     # -- grpc.aio.Channel's stub-facing half -----------------------------------
 
@@ -132,6 +156,9 @@ class RoutedChannel:
     async def close(self) -> None:
         self._closed = True
         await self._resolver.close()
+        for task in self._watches:
+            task.cancel()
+        await asyncio.gather(*self._watches, return_exceptions=True)
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
@@ -171,15 +198,29 @@ class RoutedChannel:
             )
         return ch
 
+    def channel_of(self, address: str) -> grpc.aio.Channel | None:
+        return self._channels.get(address)
+
     def forget_address(self, address: str) -> None:
-        """No route lists ``address`` any more: close its channel."""
+        """No route lists ``address`` any more: close its channel (calls on
+        it get a second to end); the next call there opens a new one."""
         if any(e.address == address for r in self._routes.values() for e in r.endpoints.values()):
             return
         ch = self._channels.pop(address, None)
         if ch is not None:
-            task = asyncio.ensure_future(ch.close(grace=1.0))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._spawn(ch.close(grace=1.0), self._closing)
+
+    def _watch_ejected(self, route: Route, ep: Endpoint) -> None:
+        if not self._closed:
+            self._spawn(
+                until_connected(route, ep, lambda: self._channels.get(ep.address)), self._watches
+            )
+
+    @staticmethod
+    def _spawn(work: Any, tasks: set[asyncio.Task[None]]) -> None:
+        task = asyncio.ensure_future(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
 
 class _Call(RoutedMethod):
@@ -296,11 +337,10 @@ class _RemoteResolver(_Resolver):
 
     async def ensure(self, route: Route, timeout: float | None) -> None:
         reply = await self._resolve(route.interface, True, timeout)
-        known = {e.instance_id for e in route.endpoints.values()}
+        if route.routable:
+            return  # the watch listed one meanwhile: it is the newer word
         for msg in reply.endpoints:
-            ep = endpoint_from_pb(msg)
-            if ep.instance_id not in known or route.endpoints[ep.instance_id] != ep:
-                route.put(ep)
+            route.put(endpoint_from_pb(msg))  # one already listed as it is stays as it is
 
     async def _watch(self, route: Route) -> None:
         from hsu.kernel.v1 import kernel_pb2

@@ -4,10 +4,13 @@
   endpoints, a balancer (a plugin), one circuit breaker (a plugin) per
   instance, the calls in flight per instance and a retry budget.
 - :class:`Tries` is the one call loop every routed caller runs: pick an
-  instance (starting one on demand when none is routable), count the call,
-  run the attempt, end it with its outcome and, when the instance failed an
-  idempotent call before any reply, try another one within the call's
-  deadline and the retry budget. ``hsu.connect`` (:mod:`hsu.client.aio`),
+  instance (starting one on demand when none is routable, waiting for one
+  when every routable one refuses), count the call, run the attempt, end it
+  with its outcome and, when the instance failed an idempotent call before
+  any reply, try another one within the call's deadline and the retry
+  budget. An instance the caller could not reach is ejected (taken out of
+  the rotation) at once, until its channel connects again or the registry
+  replaces it. ``hsu.connect`` (:mod:`hsu.client.aio`),
   ``hsu.connect_sync`` (:mod:`hsu.client.sync`) and the kernel's gateway all
   step through it: the decisions are made here, once; the waiting (awaiting
   or blocking) is each caller's.
@@ -19,8 +22,10 @@ See ``docs/routing.md``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
+import math
 import threading
 import time
 from collections.abc import (
@@ -58,6 +63,35 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 #: the kinds of call whose request a retry can send again (a request stream
 #: is gone once sent, unless the caller kept it: see ``Tries``'s ``replayable``)
 RETRIED = frozenset({"unary_unary", "unary_stream"})
+#: how long an instance the caller could not reach stays ejected when the
+#: caller does not watch its channel (a caller that does lets it back as soon
+#: as the channel connects again; see ``Caller.watch``)
+EJECT_FOR = 5.0
+#: how long a call without a deadline waits for an instance that can take it
+#: (every routable one refused it: breakers open, instances ejected)
+WAIT_WITHOUT_DEADLINE = 10.0
+#: a waiting call looks again at least this often (a change of the route, an
+#: ejection ended or a breaker's cooldown known to end sooner wake it earlier)
+RECHECK = 0.25
+#: what grpc's own UNAVAILABLE says when a connection was refused or lost
+#: (lowercased), unlike one an instance answered; the channel's state says
+#: the same, but may say it a moment after the call has failed
+TRANSPORT_ERRORS = (
+    "failed to connect",
+    "connection refused",
+    "connection reset",
+    "socket closed",
+    "stream removed",
+    "broken pipe",
+    "goaway",
+    "transport closed",
+    "endpoint closing",
+    "keepalive watchdog",
+)
+#: tries of one call that could not reach their instance, on top of
+#: ``max_attempts``; they take nothing from the retry budget either (the
+#: instance is gone: trying elsewhere adds no load)
+UNREACHABLE_TRIES = 10
 
 
 class Factories(Protocol):
@@ -240,7 +274,7 @@ class RetryBudget:
 
 
 class Route:
-    """One caller's view of one interface: pick, count, break, budget.
+    """One caller's view of one interface: pick, count, break, eject, budget.
 
     Single-threaded: use it from one event loop (or under one lock).
     """
@@ -252,6 +286,8 @@ class Route:
         self.balancer: Balancer = _make(
             plugins, "balancer", policy.balancer, policy.balancer_options
         )
+        #: by instance_id; dropped when the registry removes the instance or
+        #: lists it at another address (a replacement starts with a fresh one)
         self.breakers: dict[str, CircuitBreaker] = {}
         #: every endpoint the registry lists, routable or not, by instance_id
         self.endpoints: dict[str, Endpoint] = {}
@@ -259,9 +295,15 @@ class Route:
         self.available: tuple[Endpoint, ...] = ()
         #: calls in flight, by instance_id
         self.inflight: dict[str, int] = {}
+        #: instances the caller could not reach, by instance_id: (the address
+        #: it could not reach, until when on :func:`time.monotonic`'s clock)
+        self.ejected: dict[str, tuple[str, float]] = {}
         self.budget = RetryBudget(policy.retry_budget, policy.retry_min_per_second)
+        #: told of every change (a caller on threads wakes its waiting calls)
+        self.listeners: list[Callable[[], None]] = []
         self._open: set[str] = set()
-        self._changed = asyncio.Event() if _has_loop() else None
+        self._eject_ends = math.inf
+        self._changed: asyncio.Event | None = None
         self.version = 0
 
     # -- endpoints ----------------------------------------------------------
@@ -281,17 +323,36 @@ class Route:
         self._refresh()
 
     def replace(self, endpoints: Iterable[Endpoint]) -> None:
-        self.endpoints = {e.instance_id: e for e in endpoints}
+        old = self.endpoints
+        new: dict[str, Endpoint] = {}
+        for e in endpoints:
+            known = old.get(e.instance_id)
+            new[e.instance_id] = known if known is not None and known == e else e
+        for instance_id, known in old.items():
+            now = new.get(instance_id)
+            if now is None or now.address != known.address:
+                self._forget(instance_id)
+        self.endpoints = new
         self._refresh()
 
     def put(self, ep: Endpoint) -> None:
+        known = self.endpoints.get(ep.instance_id)
+        if known == ep:
+            return
+        if known is not None and known.address != ep.address:
+            self._forget(ep.instance_id)  # another process in the slot
         self.endpoints[ep.instance_id] = ep
         self._refresh()
 
     def delete(self, instance_id: str) -> None:
         if self.endpoints.pop(instance_id, None) is not None:
-            self.breakers.pop(instance_id, None)
+            self._forget(instance_id)
             self._refresh()
+
+    def _forget(self, instance_id: str) -> None:
+        """The instance left (or another took its slot): its history goes."""
+        self.breakers.pop(instance_id, None)
+        self.ejected.pop(instance_id, None)
 
     def breaker(self, instance_id: str) -> CircuitBreaker:
         b = self.breakers.get(instance_id)
@@ -303,37 +364,77 @@ class Route:
         return b
 
     def _refresh(self) -> None:
-        """Hand the balancer the routable endpoints whose breaker is not open."""
-        self._open = {i for i, b in self.breakers.items() if b.state == "open"}
+        """Hand the balancer the routable endpoints whose breaker is not open
+        and that are not ejected; wake whoever waits for a change."""
+        out = self._open = {i for i, b in self.breakers.items() if b.state == "open"}
+        self._eject_ends = math.inf
+        if self.ejected:
+            now = time.monotonic()
+            for i, (_, until) in list(self.ejected.items()):
+                if until <= now:
+                    del self.ejected[i]
+                else:
+                    self._eject_ends = min(self._eject_ends, until)
+            out = out | self.ejected.keys()
         self.available = tuple(
-            e for i, e in sorted(self.endpoints.items()) if e.routable and i not in self._open
+            e for i, e in sorted(self.endpoints.items()) if e.routable and i not in out
         )
         self.balancer.update(self.available)
         self.version += 1
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = asyncio.Event()
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
+        for listener in self.listeners:
+            listener()
 
     @property
     def routable(self) -> bool:
+        """The registry lists a serving endpoint (ejected or not: the
+        caller waits for those, rather than starting another instance)."""
         return any(e.routable for e in self.endpoints.values())
 
     async def changed(self) -> None:
-        """Wait for the next change of the endpoints."""
+        """Wait for the next change of the endpoints (or of what they may take)."""
         if self._changed is None:
             self._changed = asyncio.Event()
         await self._changed.wait()
 
+    # -- ejection -------------------------------------------------------------
+
+    def eject(self, ep: Endpoint, until: float = math.inf) -> bool:
+        """The caller could not reach ``ep``: no call goes there until
+        :meth:`restore`, ``until`` (on :func:`time.monotonic`'s clock) or the
+        registry lists the instance elsewhere. False when it is ejected
+        already, or the registry has since removed or replaced it."""
+        known = self.endpoints.get(ep.instance_id)
+        if known is None or known.address != ep.address or ep.instance_id in self.ejected:
+            return False
+        self.ejected[ep.instance_id] = (ep.address, until)
+        self._refresh()
+        return True
+
+    def is_ejected(self, ep: Endpoint) -> bool:
+        return self.ejected.get(ep.instance_id, ("",))[0] == ep.address
+
+    def restore(self, ep: Endpoint) -> None:
+        """``ep``'s channel connects again: calls may go there."""
+        if self.is_ejected(ep):
+            del self.ejected[ep.instance_id]
+            self._refresh()
+
     # -- calls --------------------------------------------------------------
 
     def pick(self, key: str | None = None, exclude: str = "") -> Endpoint | None:
-        """The endpoint for a call, or ``None`` when none is routable now.
+        """The endpoint for a call, or ``None`` when none can take one now.
 
         ``exclude``: an instance the call just failed on (a retry goes
         elsewhere when there is elsewhere).
         """
-        if self._open and any(self.breakers[i].state != "open" for i in self._open):
-            self._refresh()  # a cooldown passed: half-open instances take trials
+        if (self._open and any(self.breakers[i].state != "open" for i in self._open)) or (
+            self.ejected and self._eject_ends <= time.monotonic()
+        ):
+            self._refresh()  # a cooldown passed (half-open instances take trials), or an ejection
         for _ in range(3):
             ep = self.balancer.pick(self.inflight, key)
             if ep is None:
@@ -343,11 +444,23 @@ class Route:
             if self.breaker(ep.instance_id).allow():
                 return ep
             self._refresh()  # it opened (or is half-open with its trials taken)
-        # every try was refused: any endpoint whose breaker lets a call through
-        for ep in self.available:
-            if ep.instance_id != exclude and self.breaker(ep.instance_id).allow():
+        # every try was refused: any endpoint whose breaker lets a call
+        # through, the excluded one last
+        for ep in sorted(self.available, key=lambda e: e.instance_id == exclude):
+            if self.breaker(ep.instance_id).allow():
                 return ep
         return None
+
+    def wake_in(self) -> float:
+        """Seconds until an instance refused now may take a call: the end of
+        an ejection, or of a breaker's opening when the breaker tells it
+        (``retry_in``, as the built-in ones do); at most :data:`RECHECK`."""
+        soonest = min(RECHECK, self._eject_ends - time.monotonic())
+        for instance_id in self._open:
+            left = getattr(self.breakers.get(instance_id), "retry_in", None)
+            if isinstance(left, (int, float)):
+                soonest = min(soonest, left)
+        return max(0.001, soonest)
 
     def may_retry(self, method: str, attempts: int) -> bool:
         """After ``attempts`` tries of ``method`` (a full path) that instances
@@ -361,32 +474,37 @@ class Route:
             and self.budget.withdraw()
         )
 
-    def begin(self, ep: Endpoint) -> None:
+    def begin(self, ep: Endpoint) -> CircuitBreaker | None:
+        """A call on ``ep`` begins; returns the breaker that let it through
+        (its outcome goes to that one, even if the instance was replaced since)."""
         self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
         self.budget.deposit()
+        return self.breakers.get(ep.instance_id)
 
-    def end(self, ep: Endpoint, ok: bool) -> None:
+    def end(
+        self,
+        ep: Endpoint,
+        ok: bool,
+        breaker: CircuitBreaker | None = None,
+        unreachable: float | None = None,
+    ) -> bool:
         """A call on ``ep`` ended; ``ok`` is False when the instance failed it
-        (UNAVAILABLE, or a deadline it did not meet), not for errors it returned."""
+        (UNAVAILABLE), not for errors it returned. ``breaker``: the one
+        :meth:`begin` returned (default: the instance's current one).
+        ``unreachable``: the caller could not reach the instance; it is
+        ejected until then (see :meth:`eject`). True when this ejected it."""
         n = self.inflight.get(ep.instance_id, 1) - 1
         if n > 0:
             self.inflight[ep.instance_id] = n
         else:
             self.inflight.pop(ep.instance_id, None)
-        b = self.breakers.get(ep.instance_id)
+        b = breaker if breaker is not None else self.breakers.get(ep.instance_id)
         if b is not None:
             before = b.state
             b.record(ok)
-            if b.state != before and (b.state == "open" or before == "open"):
+            if b.state != before and self.breakers.get(ep.instance_id) is b:
                 self._refresh()
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+        return unreachable is not None and self.eject(ep, unreachable)
 
 
 def _make(plugins: Factories, what: str, name: str, options: Mapping[str, Any]) -> Any:
@@ -429,6 +547,22 @@ class Caller:
     lock: AbstractContextManager[Any] = attrs.field(factory=threading.Lock)
     #: told of each retry: (method, the instance that failed, its status code)
     on_retry: Callable[[str, Endpoint, grpc.StatusCode], None] | None = None
+    #: an UNAVAILABLE error with these details, raised like the caller's
+    #: own (in place of a usage error of a channel that was closed);
+    #: default: :func:`unavailable`
+    unavailable: Callable[[str], BaseException] | None = None
+    #: after an UNAVAILABLE try: is the endpoint's channel still connected?
+    #: (None: unknown; then only grpc's own errors for a refused or lost
+    #: connection, :data:`TRANSPORT_ERRORS`, eject it)
+    connected: Callable[[Endpoint], bool | None] | None = None
+    #: told of an endpoint just ejected (the caller could not reach it): the
+    #: caller watches its channel and calls ``route.restore(endpoint)`` (under
+    #: ``lock``) once it connects again (:func:`until_connected` does, for
+    #: grpc.aio); without it, an ejection lasts :data:`EJECT_FOR` seconds
+    watch: Callable[[Route, Endpoint], None] | None = None
+    #: a blocking caller's wait for a change of the route: (route, the
+    #: version seen, seconds at most); without it, :meth:`Tries.run` sleeps
+    wait: Callable[[Route, int, float], None] | None = None
 
 
 #: makes sure an instance is routable: (route, seconds left) -> the route to pick from
@@ -443,27 +577,38 @@ class Tries:
     here; :meth:`call_async` (one reply), :meth:`run_async` (a stream of
     replies) and :meth:`run` (blocking) only step through them, awaiting or
     blocking on ``attempt(endpoint)``, one try's reply or replies (an RPC
-    error it raises is the instance's outcome), and on ``ensure``, which
-    starts an instance when none is routable. A try is retried on another
-    instance when the instance could not take it (:data:`INSTANCE_FAILED`),
-    no reply came, ``retries`` (the caller can send the request again), the
-    deadline has not passed, the method is idempotent, ``replayable`` (for
+    error it raises is the instance's outcome), on ``ensure``, which starts
+    an instance when none is routable, and on a change of the route when
+    every routable instance refuses the call (its breaker is open, or it is
+    ejected): the call waits for one, within its deadline (without one, up
+    to :data:`WAIT_WITHOUT_DEADLINE`). A try is retried on another instance
+    when the instance could not take it (:data:`INSTANCE_FAILED`), no reply
+    came, ``retries`` (the caller can send the request again), the deadline
+    has not passed, the method is idempotent, ``replayable`` (for
     :meth:`run_async`: the caller kept the request stream) says yes and
-    :meth:`Route.may_retry` allows it; else the error goes to the caller.
+    either the caller could not reach the instance (up to
+    :data:`UNREACHABLE_TRIES` such tries) or :meth:`Route.may_retry` allows
+    it; else the error goes to the caller.
     """
 
     __slots__ = (
+        "_breaker",
         "_caller",
         "_ep",
+        "_give_up",
         "_replayable",
+        "_seen",
+        "_unreachable",
         "attempts",
         "deadline",
+        "error",
         "exclude",
         "key",
         "method",
         "replied",
         "retries",
         "route",
+        "unreachable",
     )
 
     def __init__(
@@ -486,9 +631,17 @@ class Tries:
         self.retries = retries
         self._replayable = replayable
         self.exclude = ""
+        #: tries the instance failed, and tries that could not reach theirs
         self.attempts = 0
+        self.unreachable = 0
         self.replied = False
+        #: what the last try raised, as the caller gets it (an RPC error)
+        self.error: BaseException | None = None
         self._ep: Endpoint | None = None
+        self._breaker: CircuitBreaker | None = None
+        self._unreachable = False
+        self._seen = -1
+        self._give_up: float | None = None
 
     def left(self) -> float | None:
         """Seconds to the call's deadline (``None``: it has none)."""
@@ -502,12 +655,13 @@ class Tries:
         The steps as in :meth:`__exit__`, spelled out: this is the path of
         most routed calls, and a context manager costs two calls more."""
         while True:
-            ep = self._pick() or self._pick_after(await ensure(self.route, self.left()))
+            ep = self._pick() or await self._next_async(ensure)
             try:
                 reply = await attempt(ep)
             except BaseException as exc:
                 if self._failed(exc) and self._retry(exc):
                     continue
+                self._raise_error(exc)
                 raise
             self._succeeded(ep)
             return reply
@@ -517,7 +671,7 @@ class Tries:
     ) -> AsyncIterator[T]:
         """A call's replies, from the try that got through."""
         while True:
-            ep = self._pick() or self._pick_after(await ensure(self.route, self.left()))
+            ep = self._pick() or await self._next_async(ensure)
             async with self:
                 async for reply in attempt(ep):
                     self.replied = True
@@ -527,7 +681,7 @@ class Tries:
     def run(self, attempt: Callable[[Endpoint], Iterable[T]], ensure: Ensure) -> Iterator[T]:
         """The same, blocking: a unary call's one reply is a one-item iterable."""
         while True:
-            ep = self._pick() or self._pick_after(ensure(self.route, self.left()))
+            ep = self._pick() or self._next(ensure)
             with self:
                 for reply in attempt(ep):
                     self.replied = True
@@ -536,30 +690,73 @@ class Tries:
 
     # -- the steps ------------------------------------------------------------------
 
-    def _pick(self, ensured: bool = False) -> Endpoint | None:
-        """The next try's endpoint, begun; ``None`` when none is routable
-        (the driver then starts one and calls :meth:`_pick_after`)."""
+    def _pick(self) -> Endpoint | None:
+        """The next try's endpoint, begun; ``None`` when no instance can take
+        it now (the driver then starts one, or waits, and picks again)."""
         route = self.route
         caller = self._caller
         with caller.lock:
-            ep = route.pick(self.key, "" if ensured else self.exclude)
+            ep = route.pick(self.key, self.exclude)
             if ep is None:
-                if ensured or route.routable:  # else every breaker refuses
-                    raise caller.no_instance(route)
+                self._seen = route.version
                 return None
-            route.begin(ep)
+            self._breaker = route.begin(ep)
         if caller.began is not None:
             caller.began(ep)
         self._ep = ep
         self.replied = False
         return ep
 
-    def _pick_after(self, route: Route) -> Endpoint:
-        """The same, from the route ``ensure`` gave (any instance will do)."""
-        self.route = route
-        ep = self._pick(ensured=True)
-        assert ep is not None
-        return ep
+    def _wait_for(self) -> float:
+        """How long to wait for the route to change before picking again;
+        raises the caller's error once the call's time is up."""
+        if self._give_up is None:
+            self._give_up = (
+                self.deadline
+                if self.deadline is not None
+                else time.monotonic() + WAIT_WITHOUT_DEADLINE
+            )
+        left = self._give_up - time.monotonic()
+        if left <= 0:
+            raise self._caller.no_instance(self.route)
+        with self._caller.lock:
+            return min(left, self.route.wake_in())
+
+    async def _next_async(self, ensure: AsyncEnsure) -> Endpoint:
+        """No instance could take the try: start one when none is routable
+        (``ensure``), else wait for one that can take it; then pick again."""
+        while True:
+            route = self.route
+            if route.routable:
+                wait = self._wait_for()
+                if route.version == self._seen:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(route.changed(), wait)
+            else:
+                if self._give_up is not None:
+                    self._wait_for()  # raises once the time is up
+                self.route = await ensure(route, self.left())
+            ep = self._pick()
+            if ep is not None:
+                return ep
+
+    def _next(self, ensure: Ensure) -> Endpoint:
+        """The same, blocking."""
+        while True:
+            route = self.route
+            if route.routable:
+                wait = self._wait_for()
+                if self._caller.wait is not None:
+                    self._caller.wait(route, self._seen, wait)
+                else:
+                    time.sleep(wait)
+            else:
+                if self._give_up is not None:
+                    self._wait_for()
+                self.route = ensure(route, self.left())
+            ep = self._pick()
+            if ep is not None:
+                return ep
 
     def __enter__(self) -> None:
         pass
@@ -568,36 +765,78 @@ class Tries:
         pass
 
     def __exit__(self, _t: object, exc: BaseException | None, _tb: object) -> bool:
-        return self._failed(exc) and self._retry(exc)
+        if self._failed(exc) and self._retry(exc):
+            return True
+        self._raise_error(exc)
+        return False
 
     async def __aexit__(self, _t: object, exc: BaseException | None, _tb: object) -> bool:
-        return (
+        if (
             self._failed(exc)
             and (self._replayable is None or await self._replayable())
             and self._retry(exc)
-        )
+        ):
+            return True
+        self._raise_error(exc)
+        return False
+
+    def _raise_error(self, exc: BaseException | None) -> None:
+        """Raise the error the caller gets in place of ``exc``, if not ``exc``."""
+        error = self.error
+        if error is not None and error is not exc:
+            raise error from exc
 
     def _succeeded(self, ep: Endpoint) -> None:
         caller = self._caller
         with caller.lock:
-            self.route.end(ep, True)
+            self.route.end(ep, True, self._breaker)
         if caller.ended is not None:
             caller.ended(ep)
 
     def _failed(self, exc: BaseException | None) -> bool:
-        """End the try with its outcome; True when it may be tried again."""
+        """End the try with its outcome; True when it may be tried again.
+
+        A channel that was closed under the try (a usage error) is an
+        UNAVAILABLE the caller could not reach; it gets that, as an RPC error
+        (:attr:`error`)."""
         ep = self._ep
         assert ep is not None
         caller = self._caller
-        rpc = exc is not None and isinstance(exc, grpc.RpcError)
-        failed = rpc and exc.code() in INSTANCE_FAILED  # type: ignore[union-attr]
+        self.error = exc
+        rpc = isinstance(exc, grpc.RpcError)
+        if rpc:
+            code = exc.code()  # type: ignore[union-attr]
+        elif _closed_channel(exc):
+            code = grpc.StatusCode.UNAVAILABLE
+            self.error = (caller.unavailable or unavailable)(
+                f"hsu: the channel to {ep.address} was closed"
+            )
+        else:
+            code = None
+        failed = code in INSTANCE_FAILED
+        unreachable: float | None = None  # until when to eject the instance
+        if failed:
+            # the instance's own UNAVAILABLE comes over a connected channel
+            reached = (
+                rpc
+                and not _lost_connection(exc)
+                and (caller.connected is None or caller.connected(ep) is not False)
+            )
+            if not reached:
+                unreachable = math.inf if caller.watch is not None else time.monotonic() + EJECT_FOR
         with caller.lock:
-            self.route.end(ep, not failed)
+            ejected = self.route.end(ep, not failed, self._breaker, unreachable)
         if caller.ended is not None:
             caller.ended(ep)
-        if not rpc:
+        if ejected and caller.watch is not None:
+            caller.watch(self.route, ep)
+        if code is None:
             return False
-        self.attempts += 1
+        self._unreachable = unreachable is not None
+        if self._unreachable:
+            self.unreachable += 1
+        else:
+            self.attempts += 1
         return (
             failed
             and not self.replied
@@ -607,22 +846,87 @@ class Tries:
         )
 
     def _retry(self, exc: BaseException | None) -> bool:
-        """Take a retry from the budget; the next try goes elsewhere."""
-        with self._caller.lock:
-            if not self.route.may_retry(self.method, self.attempts):
+        """Take a retry (from the budget, unless the instance could not be
+        reached); the next try goes elsewhere."""
+        if self._unreachable:
+            if self.unreachable > UNREACHABLE_TRIES:
                 return False
+        else:
+            with self._caller.lock:
+                if not self.route.may_retry(self.method, self.attempts):
+                    return False
         ep = self._ep
-        assert ep is not None and isinstance(exc, grpc.RpcError)
+        assert ep is not None
         self.exclude = ep.instance_id
         if self._caller.on_retry is not None:
-            self._caller.on_retry(self.method, ep, exc.code())
+            code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+            self._caller.on_retry(self.method, ep, code)
         return True
+
+
+def _lost_connection(exc: Any) -> bool:
+    """``exc`` (an RPC error) is grpc's for a connection refused or lost."""
+    details = getattr(exc, "details", None)
+    text = (details() or "").lower() if callable(details) else ""
+    return any(t in text for t in TRANSPORT_ERRORS)
+
+
+def _closed_channel(exc: BaseException | None) -> bool:
+    """``exc`` is what grpc raises for a call on a channel that was closed."""
+    if isinstance(exc, grpc.aio.UsageError):
+        return True
+    return isinstance(exc, ValueError) and "closed channel" in str(exc)
+
+
+def connected(channel: Any) -> bool | None:
+    """Is ``channel`` (grpc.aio's, or grpc's blocking one) connected? None
+    when it cannot tell; False for no channel (the caller closed the one to a
+    gone address). A try that failed with UNAVAILABLE on a connected channel
+    was the instance's answer; on one that is not, the instance could not be
+    reached (refused, reset, gone)."""
+    if channel is None:
+        return False
+    get_state = getattr(channel, "get_state", None)  # grpc.aio.Channel
+    if get_state is not None:
+        return bool(get_state(False) is grpc.ChannelConnectivity.READY)
+    # a blocking grpc.Channel: its core channel tells (grpc offers no
+    # public call that does without a thread of its own)
+    check = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
+    if check is None:
+        return None
+    return bool(check(False) == grpc.ChannelConnectivity.READY.value[0])
+
+
+async def until_connected(route: Route, ep: Endpoint, channel: Callable[[], Any]) -> None:
+    """Watch an ejected endpoint's channel (``channel()``: the caller's
+    current one for its address, None once it has none) and restore the
+    endpoint once it connects; stop when the route no longer ejects it."""
+    while route.is_ejected(ep):
+        ch = channel()
+        if ch is None:
+            return
+        state = ch.get_state(True)
+        if state is grpc.ChannelConnectivity.READY:
+            route.restore(ep)
+            return
+        if state is grpc.ChannelConnectivity.SHUTDOWN:
+            await asyncio.sleep(RECHECK)  # closed: the caller's next channel, or none
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ch.wait_for_state_change(state), 1.0)
 
 
 class Channels(Protocol):
     """A routed channel's pool: one grpc channel per instance address."""
 
-    def channel(self, address: str) -> Any: ...
+    def channel(self, address: str) -> Any:
+        """The address's channel, opened if it has none (a closed one is
+        never handed out: an address the route forgot gets a new one)."""
+        ...
+
+    def channel_of(self, address: str) -> Any:
+        """The address's channel if it has one, else None."""
+        ...
 
 
 class RoutedMethod:
@@ -659,6 +963,10 @@ class RoutedMethod:
         channel = self._pool.channel(address)
         made = self._calls.get(address)
         if made is None or made[0] is not channel:  # new, or its channel was closed
+            if made is None and len(self._calls) >= 16:
+                # addresses come and go: keep only the ones on a live channel
+                live = self._pool.channel_of
+                self._calls = {a: m for a, m in self._calls.items() if live(a) is m[0]}
             factory = getattr(channel, self._kind)
             made = self._calls[address] = (channel, factory(self._method, self._ser, self._de))
         return made[1]
@@ -666,8 +974,14 @@ class RoutedMethod:
 
 def cannot_take(route: Route) -> str:
     """Why no instance took a call (for the client's UNAVAILABLE)."""
-    return f"hsu: no instance serving {route.interface!r} can take the call" + (
-        " (every one's circuit breaker is open)" if route.routable else ""
+    listed = [e for e in route.endpoints.values() if e.routable]
+    if not listed:
+        return f"hsu: no instance serving {route.interface!r} can take the call"
+    ejected = sum(route.is_ejected(e) for e in listed)
+    return (
+        f"hsu: no instance serving {route.interface!r} could take the call in time:"
+        f" of {len(listed)} listed, {ejected} could not be reached and the rest's"
+        " circuit breakers were open"
     )
 
 

@@ -9,10 +9,12 @@
 The same routing as :func:`hsu.connect` (see :mod:`hsu.client.aio`): the first
 call to an interface resolves it (starting an instance on demand), a daemon
 thread per interface follows its endpoints, and each call picks an instance
-with the unit's balancer, skips instances whose breaker is open, and retries
-an idempotent method that got UNAVAILABLE on another instance within the
-retry budget and the deadline. Safe to use from many threads: the pick and
-the bookkeeping take a lock; the calls themselves run in parallel.
+with the unit's balancer, skips instances whose breaker is open or that it
+could not reach (until their channel connects again), waits within the
+deadline when no listed instance can take the call, and retries an
+idempotent method that got UNAVAILABLE on another instance within the retry
+budget and the deadline. Safe to use from many threads: the pick and the
+bookkeeping take a lock; the calls themselves run in parallel.
 
 Unary calls return the reply, streaming calls an iterator of replies; the
 call objects' extras (``with_call``, ``future``) are not offered.
@@ -20,7 +22,6 @@ call objects' extras (``with_call``, ``future``) are not offered.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from typing import Any
 import grpc
 from loguru import logger
 
-from hsu.client.aio import DEFAULT_KERNEL, START_TIMEOUT
+from hsu.client.aio import START_TIMEOUT, control_address
 from hsu.client.route import (
     CHANNEL_OPTIONS,
     Caller,
@@ -39,6 +40,7 @@ from hsu.client.route import (
     RoutedMethod,
     apply_update,
     cannot_take,
+    connected,
     endpoint_from_pb,
     installed,
     load_plugins,
@@ -51,9 +53,10 @@ def connect_sync(
     kernel: str | None = None, *, plugins: Factories | None = None
 ) -> SyncRoutedChannel:
     """A blocking routed channel through the kernel at ``kernel`` (default:
-    ``$HSU_KERNEL_ADDRESS``, else ``127.0.0.1:7420``). Use it as ``with`` or
+    its control address: ``$HSU_CONTROL``,
+    ``$HSU_KERNEL_ADDRESS``, else the one kernel running as this user). Use it as ``with`` or
     call :meth:`SyncRoutedChannel.close`."""
-    address = kernel or os.environ.get("HSU_KERNEL_ADDRESS") or DEFAULT_KERNEL
+    address = control_address(kernel)
     return SyncRoutedChannel(address, plugins)
 
 
@@ -80,7 +83,16 @@ class SyncRoutedChannel:
         self.kernel = kernel
         self._plugins = plugins
         self._lock = threading.Lock()
-        self._caller = Caller(_no_instance, lock=self._lock)
+        #: notified (under its own lock) of every change of a route
+        self._changed = threading.Condition()
+        self._caller = Caller(
+            _no_instance,
+            lock=self._lock,
+            unavailable=lambda details: NoInstance(grpc.StatusCode.UNAVAILABLE, details),
+            connected=lambda ep: connected(self._channels.get(ep.address)),
+            watch=self._watch_ejected,
+            wait=self._wait,
+        )
         self._kernel_channel = grpc.insecure_channel(kernel, options=CHANNEL_OPTIONS)
         self._channels: dict[str, grpc.Channel] = {}
         self._routes: dict[str, Route] = {}
@@ -158,6 +170,7 @@ class SyncRoutedChannel:
                 return route
             route = Route(interface, policy, plugins)
             route.replace(endpoint_from_pb(e) for e in reply.endpoints)
+            route.listeners.append(self._notify)
             self._routes[interface] = route
         threading.Thread(
             target=self._watch, args=(route,), name=f"hsu-watch-{interface}", daemon=True
@@ -178,7 +191,11 @@ class SyncRoutedChannel:
                 for update in stream:
                     backoff = 0.1
                     with self._lock:
+                        before = {e.address for e in route.endpoints.values()}
                         apply_update(route, update)
+                        gone = before - {e.address for e in route.endpoints.values()}
+                        for address in gone:
+                            self._forget_address(address)
             except grpc.RpcError as exc:
                 if self._closed or exc.code() is grpc.StatusCode.CANCELLED:
                     return
@@ -194,12 +211,56 @@ class SyncRoutedChannel:
             ch = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         return ch
 
+    def channel_of(self, address: str) -> grpc.Channel | None:
+        return self._channels.get(address)
+
+    def _forget_address(self, address: str) -> None:
+        """No route lists ``address`` any more (called under the lock): drop
+        its channel, closed a second later (calls on it get that long to
+        end); the next call there opens a new one."""
+        if any(e.address == address for r in self._routes.values() for e in r.endpoints.values()):
+            return
+        ch = self._channels.pop(address, None)
+        if ch is not None:
+            closer = threading.Timer(1.0, ch.close)
+            closer.daemon = True
+            closer.start()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait(self, route: Route, seen: int, timeout: float) -> None:
+        """Block until ``route`` changes from version ``seen``, up to ``timeout`` s."""
+        with self._changed:
+            if route.version == seen:
+                self._changed.wait(timeout)
+
+    def _watch_ejected(self, route: Route, ep: Endpoint) -> None:
+        """Restore ``ep`` once its channel connects again; stop watching once
+        the route no longer ejects it (or the channel is closed)."""
+        ch = self._channels.get(ep.address)
+        if ch is None or self._closed:
+            return
+
+        def changed(state: grpc.ChannelConnectivity) -> None:
+            with self._lock:
+                ejected = route.is_ejected(ep) and self._channels.get(ep.address) is ch
+                if ejected and state is grpc.ChannelConnectivity.READY:
+                    route.restore(ep)
+                    ejected = False
+            if not ejected or state is grpc.ChannelConnectivity.SHUTDOWN:
+                ch.unsubscribe(changed)
+
+        ch.subscribe(changed, try_to_connect=True)
+
     def ensure(self, route: Route, timeout: float | None) -> Route:
         """The route, once an instance was started on demand."""
         reply = self._resolve(route.interface, timeout)
         with self._lock:
-            for msg in reply.endpoints:
-                route.put(endpoint_from_pb(msg))
+            if not route.routable:  # else the watch listed one meanwhile: the newer word
+                for msg in reply.endpoints:
+                    route.put(endpoint_from_pb(msg))
         return route
 
 

@@ -18,7 +18,11 @@ interface has none; the unit's balancer picks one per call; a call that
 fails with UNAVAILABLE before it got any reply is tried again on another
 instance when the method is idempotent (``routing.idempotent``), its
 requests were all kept (at most ``REPLAY_MESSAGES`` messages and
-``REPLAY_BYTES`` bytes) and the retry budget allows.
+``REPLAY_BYTES`` bytes) and the retry budget allows. An instance the gateway
+could not reach is ejected until its channel connects again (or the
+registry drops it), and a call no listed instance can take waits for one
+within its deadline: the same call loop as ``hsu.connect``
+(:class:`hsu.client.route.Tries`).
 
 A default plugin (``gateway``): per kernel, unless ``kernel.gateway: false``,
 it registers a :class:`Gateway` whose hooks hand the kernel's server its
@@ -41,7 +45,15 @@ from loguru import logger
 
 import hsu
 from hsu.client.route import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
-from hsu.client.route import Caller, Route, Tries, unavailable
+from hsu.client.route import (
+    Caller,
+    Route,
+    Tries,
+    cannot_take,
+    connected,
+    unavailable,
+    until_connected,
+)
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.ports import Endpoint, KernelAPI, RpcHandler
 
@@ -82,10 +94,18 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._unary_calls: dict[tuple[str, str], Any] = {}
         #: interfaces asked about (or being asked) over reflection
         self._learning: dict[str, asyncio.Task[None]] = {}
+        #: channels closing (left to finish), watches of ejected instances'
+        #: channels (cancelled on close)
         self._closing: set[asyncio.Task[None]] = set()
+        self._watches: set[asyncio.Task[None]] = set()
         routes = self._routes
         self._caller = Caller(
-            _failing, began=routes.call_began, ended=routes.call_ended, on_retry=_retrying
+            _failing,
+            began=routes.call_began,
+            ended=routes.call_ended,
+            on_retry=_retrying,
+            connected=lambda ep: connected(self._channels.get(ep.address)),
+            watch=self._watch_ejected,
         )
 
     # -- as a plugin of its kernel ------------------------------------------------
@@ -174,19 +194,30 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         return ch
 
     def _forget(self, ep: Endpoint) -> None:
-        """No endpoint listens at ``ep.address`` any more: close its channel."""
+        """No endpoint listens at ``ep.address`` any more: close its channel
+        (calls on it get a second to end); the next call there opens a new one."""
         ch = self._channels.pop(ep.address, None)
         for k in [k for k in self._unary_calls if k[0] == ep.address]:
             del self._unary_calls[k]
         if ch is not None:
-            task = asyncio.ensure_future(ch.close(grace=1.0))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._spawn(ch.close(grace=1.0), self._closing)
+
+    def _watch_ejected(self, route: Route, ep: Endpoint) -> None:
+        self._spawn(
+            until_connected(route, ep, lambda: self._channels.get(ep.address)), self._watches
+        )
+
+    @staticmethod
+    def _spawn(work: Any, tasks: set[asyncio.Task[None]]) -> None:
+        task = asyncio.ensure_future(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def close(self) -> None:
-        for task in self._learning.values():
+        tasks = [*self._learning.values(), *self._watches]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._learning.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         channels, self._channels = self._channels, {}
         self._unary_calls.clear()
         for ch in channels.values():
@@ -332,7 +363,7 @@ async def _fail(exc: Any, context: Any) -> NoReturn:
 
 
 def _failing(route: Route) -> BaseException:
-    return unavailable(f"hsu gateway: every instance serving {route.interface!r} is failing")
+    return unavailable(f"hsu gateway: {cannot_take(route).removeprefix('hsu: ')}")
 
 
 def _retrying(method: str, ep: Endpoint, code: grpc.StatusCode) -> None:

@@ -10,7 +10,8 @@ again (for ``cooldown`` doubled each time, up to ``max_cooldown``, when that
 is set).
 
 No breaker runs a timer: the state is worked out from the clock when it is
-asked for. An outcome that arrives while the breaker is open, or in
+asked for; ``retry_in`` tells a caller that has no instance to call how long
+until an open one turns half-open. An outcome that arrives while the breaker is open, or in
 ``half_open`` when no trial call is out, belongs to a call let through before
 it opened; it is ignored rather than counted against the trials.
 
@@ -152,6 +153,14 @@ class _Breaker:
     def open_for(self) -> float:
         """How long the current (or next) opening lasts, in seconds."""
         return self._open_for
+
+    @property
+    def retry_in(self) -> float:
+        """Seconds until an open breaker turns half-open (0 when it is not
+        open): a caller with no instance to call waits this long at most."""
+        if self.state != OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self._open_for - self._clock())
 
     def allow(self) -> bool:
         state = self.state
