@@ -15,7 +15,7 @@ import grpc
 import psutil
 
 import hsu
-from conftest import run_hsu, until, wait_until, write_deployment
+from conftest import hsu_env, run_hsu, until, wait_until, write_deployment
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
@@ -284,7 +284,7 @@ def test_a_sigkilled_kernel_is_reattached_without_duplicates_or_orphans(kernel_p
     hsus = {pid for _, pid in before}
     assert hsus <= descendants()  # they outlived the kernel (reattach: true)
 
-    again = kernel_process(path)
+    again = kernel_process(path, hsu_env(HSU_LOG_LEVEL="DEBUG"))
     again.wait_ready()
     after = listing(again.address)
     assert {(i["instance_id"], i["pid"]) for i in after} == before
@@ -309,6 +309,9 @@ def test_a_sigkilled_kernel_is_reattached_without_duplicates_or_orphans(kernel_p
     code, _, err = again.stop()
     assert code == 0, err
     assert not any(alive(p) for p in hsus)  # no orphan
+    # the re-attached echo proved itself with the token the state file kept:
+    # it was asked to stop over Core.Shutdown, not signalled
+    assert "Core.Shutdown failed" not in err
 
 
 def test_a_unit_removed_while_the_kernel_was_dead_is_stopped_on_restart(kernel_process, tmp_path):

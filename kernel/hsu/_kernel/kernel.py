@@ -558,7 +558,8 @@ class Kernel:
         self.logfiles.drain(inst.instance_id)
 
     def output_tail(self, inst: Instance, n: int = 20) -> list[str]:
-        return [line for _, line in self.logfiles.tail(inst.instance_id, n)]
+        hide = self.deployment.secrets.redact
+        return [hide(line) for _, line in self.logfiles.tail(inst.instance_id, n)]
 
     def save_state(self) -> None:
         """Write the state file soon (once per loop turn, however many changes)."""
@@ -592,6 +593,7 @@ class Kernel:
                     inst.interfaces,
                     inst.started_at,
                     inst.restarts,
+                    inst.token,
                 )
             )
         try:

@@ -13,6 +13,7 @@ import enum
 import re
 import shlex
 import signal
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -260,8 +261,22 @@ class Secrets(frozenset[str]):
     what :func:`hsu.config.redact` hides from logs and messages."""
 
     def redact(self, text: str) -> str:
-        """``text`` with each of these values replaced by ``***``."""
-        return redact(text, self)
+        """``text`` with each of these values replaced by ``***`` (the pattern
+        compiled once: this runs on every line an HSU writes)."""
+        if not self:
+            return text
+        pattern = _SECRET_PATTERNS.get(self)
+        if pattern is None:
+            values = sorted(self, key=len, reverse=True)
+            pattern = re.compile("|".join(re.escape(v) for v in values))
+            _SECRET_PATTERNS[self] = pattern
+        return pattern.sub("***", text)
+
+
+#: compiled redaction patterns by secret set (a deployment and its reloads)
+_SECRET_PATTERNS: weakref.WeakKeyDictionary[Secrets, re.Pattern[str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @attrs.frozen

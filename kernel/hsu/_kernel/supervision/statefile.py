@@ -44,6 +44,9 @@ class SavedInstance:
     interfaces: tuple[str, ...] = ()
     started_at: float = 0.0
     restarts: int = 0
+    #: the process's secret, so a re-attached HSU still proves itself (the
+    #: file is 0600 in the 0700 state dir, and trusted only if the kernel's)
+    token: str = attrs.field(default="", repr=False)
 
 
 @attrs.frozen

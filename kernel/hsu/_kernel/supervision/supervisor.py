@@ -217,6 +217,7 @@ class UnitSupervisor:
         if saved is not None:
             inst.restarts = saved.restarts
             inst.started_at = saved.started_at
+            inst.token = saved.token
         self.slots[inst.instance_id] = inst
         ctl = self._controls[inst.instance_id] = _Control()
         self.breakers[inst.instance_id] = Breaker(self.spec.restart.crash_loop)
@@ -378,7 +379,7 @@ class UnitSupervisor:
     async def _after_exit(self, inst: Instance, ctl: _Control, outcome: _Outcome, log: Any) -> bool:
         """Apply the restart policy; True to start again."""
         policy = self.spec.restart.policy
-        inst.last_exit = outcome.reason
+        inst.last_exit = self.kernel.deployment.secrets.redact(outcome.reason)
         clean = outcome.returncode == 0 and not outcome.failed
         if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):
             ctl.wanted = False
@@ -558,7 +559,7 @@ class UnitSupervisor:
         if not inst.ready.done():
             inst.ready.set_exception(HsuError(f"instance {inst.instance_id}: {ctl.reason}"))
         await self._terminate(inst, handle, exited, grace, ctl.reason)
-        inst.last_exit = ctl.reason
+        inst.last_exit = self.kernel.deployment.secrets.redact(ctl.reason)
         if command == "restart":
             inst.machine.move(S.STOPPED, ctl.reason)
         return _Outcome(requested=command or "stop", returncode=inst.returncode)
@@ -738,8 +739,11 @@ class UnitSupervisor:
         except TimeoutError:
             return ProbeResult(False, f"{probe_name} probe timed out after {timeout:g}s")
         except Exception as exc:
-            return ProbeResult(False, f"{probe_name} probe raised {exc!r}")
-        return result
+            result = ProbeResult(False, f"{probe_name} probe raised {exc!r}")
+        # a detail may quote what the probe saw (an exec probe's output, an
+        # HTTP body): resolved secrets never reach logs, events or status
+        hidden = self.kernel.deployment.secrets.redact(result.detail)
+        return result if hidden == result.detail else ProbeResult(result.ok, hidden)
 
     async def _monitor(self, inst: Instance) -> str:
         """Run the health probe while the instance is ready; return why it is unhealthy."""
