@@ -9,6 +9,7 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -111,7 +112,7 @@ async def test_a_child_s_lines_reach_the_tail_and_the_log_per_stream(tmp_path, r
         [("stdout", line) for line in stdout] + [("stderr", line) for line in stderr]
     )
     assert lf.tail("u-1", n=1) == [("stderr", "no newline at end")]
-    assert (tmp_path / "logs" / "u" / "u-1.stdout.log").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "logs" / "u" / "u-1.stdout.log").stat().st_mode & 0o777 == 0o600
     assert messages(records, "u-1") == stdout
     assert messages(records, "u-1", "stderr") == stderr
     extras = {
@@ -179,6 +180,72 @@ async def test_rotation_under_a_child_writing_flat_out_never_duplicates(tmp_path
     assert not wrong, f"out of order or repeated at (index, a, b): {wrong[:10]}"
     names = sorted(p.name for p in (tmp_path / "u").iterdir())
     assert names == ["u-f.stderr.log", "u-f.stdout.log", "u-f.stdout.log.1", "u-f.stdout.log.2"]
+
+
+async def test_a_file_far_over_its_size_is_rotated_off_the_loop_keeping_its_last_bytes(
+    tmp_path, records, monkeypatch
+):
+    max_bytes = 64 * 1024
+    lf = LogFiles(tmp_path, max_bytes=max_bytes, backups=1, interval=0.05)
+    rotated_on: list[str] = []
+    real = lf._rotate
+
+    def spy(f: Any) -> None:
+        rotated_on.append(threading.current_thread().name)
+        real(f)
+
+    monkeypatch.setattr(lf, "_rotate", spy)
+    out, err = lf.open_for_child("u", "u-big")
+    lf.follow("u", "u-big", 1, from_start=True)
+    stdout = tmp_path / "u" / "u-big.stdout.log"
+    lines = [f"{i:05d} " + "z" * 93 for i in range(10_000)]  # 1 MB in one write
+    task = asyncio.create_task(lf.run())
+    try:
+        await asyncio.sleep(0)
+        os.write(out, "".join(line + "\n" for line in lines).encode())
+        await until(lambda: messages(records, "u-big")[-1:] == [lines[-1]], within=10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        os.close(out)
+        os.close(err)
+        lf.close()
+    assert stdout.stat().st_size == 0
+    kept = stdout.with_name(f"{stdout.name}.1").read_bytes()
+    # only its last max_bytes, from a line's start: not the 1 MB
+    assert max_bytes - 100 <= len(kept) <= max_bytes
+    assert kept.decode().splitlines() == lines[-len(kept) // 100 :]
+    assert set(rotated_on) == {"hsu-log-rotation"}  # never the event loop
+    # what the reader had not read when it was rotated: the last lines, once,
+    # in order, after a warning of what it skipped
+    logged = messages(records, "u-big")
+    head = next(i for i, line in enumerate(logged) if line != lines[i])
+    assert head < len(lines) - len(kept) // 100
+    assert logged[head:] == lines[-(len(logged) - head) :]
+    (warning,) = [r["message"] for r in records if r["level"].name == "WARNING"]
+    assert "bytes skipped" in warning and "u-big.stdout.log.1" in warning
+
+
+def test_a_backup_is_never_bigger_than_max_bytes_and_a_little(tmp_path, records):
+    lf = LogFiles(tmp_path, max_bytes=4096, backups=2)
+    assert lf.slack == 1024  # a quarter of max_bytes, when less than ROTATE_SLACK
+    out, err = lf.open_for_child("u", "u-s")
+    lf.follow("u", "u-s", 1, from_start=True)
+    stdout = tmp_path / "u" / "u-s.stdout.log"
+    sizes = []
+    for n in (4000, 200, 40_000, 5000, 4096 + 1024 + 10):  # bytes in one write
+        os.write(out, (b"w" * 99 + b"\n") * (n // 100) + b"w" * (n % 100))
+        lf.poll()  # no event loop: the reader rotates itself
+        sizes.append([p.stat().st_size for p in sorted(stdout.parent.glob("u-s.stdout.log.*"))])
+    os.close(out)
+    os.close(err)
+    lf.close()
+    assert all(size <= 4096 + 1024 for row in sizes for size in row), sizes
+    assert sizes[0] == []  # 4000: not over
+    assert sizes[1] == [4200]  # over by one write: copied whole
+    assert sizes[2][0] <= 4096  # 40 kB at once: its last 4 KiB only
+    assert stdout.stat().st_size <= 4096
 
 
 def test_without_backups_a_file_is_truncated_and_no_copy_kept(tmp_path, records):

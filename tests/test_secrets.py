@@ -346,3 +346,46 @@ def test_pass_env_defaults_to_the_allowlist_and_a_unit_can_set_its_own():
     assert d.units["w"].pass_env == ("PATH", "APP_*")
     with pytest.raises(ConfigError, match=r"units\.w\.pass_env: expected a list of strings"):
         deployment_from_dict({"units": {"w": {"command": ["x"], "pass_env": "PATH"}}})
+
+
+# -- at run time ----------------------------------------------------------------
+
+LEAKY = """\
+name: leaky
+units:
+  leaky:
+    command:
+      - python
+      - -c
+      - |
+        import os, sys
+        print("my secret is", os.environ["S"], flush=True)
+        print("NOT_PASSED" in os.environ, "PATH" in os.environ, flush=True)
+        sys.exit(3)
+    env:
+      S: ${env:HSU_TEST_SECRET}
+    restart: {policy: never}
+    startup_timeout: 10
+"""
+
+
+def test_what_an_hsu_prints_of_a_secret_is_hidden_in_logs_status_and_errors(
+    kernel_process, tmp_path
+):
+    path = write_deployment(tmp_path / "d.yaml", LEAKY)
+    k = kernel_process(path, hsu_env(HSU_TEST_SECRET=ENV_SECRET, NOT_PASSED="1"))
+    k.wait_ready()
+    started = run_hsu("start", "leaky", "--address", k.address, timeout=30)
+    assert "exited with status 3" in started.stdout, started.stdout + started.stderr
+    assert ENV_SECRET not in started.stdout + started.stderr
+    status = run_hsu("status", "--json", "--address", k.address, timeout=30)
+    [inst] = json.loads(status.stdout)["instances"]
+    assert "exited with status 3" in inst["last_exit"] and ENV_SECRET not in status.stdout
+    logs = run_hsu("logs", "leaky", "--address", k.address, timeout=30)
+    assert "my secret is ***" in logs.stdout, logs.stdout
+    # the kernel's environment reached the HSU only through pass_env
+    assert "False True" in logs.stdout
+    assert ENV_SECRET not in logs.stdout
+    code, out, err = k.stop()
+    assert code == 0, err
+    assert ENV_SECRET not in out + err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,9 @@ from hsu.core.v1 import core_pb2, core_pb2_grpc
 
 CORE_SERVICE = "hsu.core.v1.Core"
 RUNTIME = f"hsu-python/{__version__}"
+#: how many streams of one kind (StreamLogs with follow, WatchEvents,
+#: WatchEndpoints) a process serves at once; one more is refused
+MAX_STREAMS = 64
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -33,6 +37,32 @@ def log_record_pb(record: Record) -> core_pb2.LogRecord:
         extra=record.extra,
         stream=record.stream,
     )
+
+
+class StreamLimit:
+    """At most ``limit`` streams of one kind open at once (``MAX_STREAMS`` as
+    it is when made, unless given); one more gets RESOURCE_EXHAUSTED. Used on
+    one event loop."""
+
+    def __init__(self, what: str, limit: int | None = None):
+        self.what = what
+        self.limit = MAX_STREAMS if limit is None else limit
+        self.open = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, context: Any) -> AsyncIterator[None]:
+        """One of them, for the life of a stream; aborts the call if none is left."""
+        if self.open >= self.limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.what}: {self.open} streams open, the most this process serves;"
+                " close one and retry",
+            )
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
 
 
 class CoreServicer(core_pb2_grpc.CoreServicer):
@@ -55,6 +85,8 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
         self._logs = logs
         self._default_grace = default_grace
         self.started_at = time.time()
+        #: the StreamLogs calls with ``follow`` open at once
+        self.followers = StreamLimit("StreamLogs with follow")
 
     async def Ping(self, request: core_pb2.PingRequest, context: Any) -> core_pb2.PingResponse:
         return core_pb2.PingResponse(payload=request.payload, time=timestamp(time.time()))
@@ -87,11 +119,13 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"min_level {request.min_level!r} is not one of {', '.join(LEVELS)}",
             )
-        async for record in self._logs.stream(
+        records = self._logs.stream(
             request.tail,
             request.follow,
             request.min_level,
             unit=request.unit,
             instance=request.instance_id,
-        ):
-            yield log_record_pb(record)
+        )
+        async with self.followers.hold(context) if request.follow else contextlib.nullcontext():
+            async for record in records:
+                yield log_record_pb(record)

@@ -137,6 +137,9 @@ class Kernel:
         self.logfiles = LogFiles(
             state_dir / "logs", max_bytes=ks.log_max_bytes, backups=ks.log_backups
         )
+        # what an HSU prints of a resolved secret is hidden from the kernel's
+        # log, StreamLogs and error messages (the deployment of the moment)
+        self.logfiles.redact = lambda line: self.deployment.secrets.redact(line)
         self.sampler = Sampler()
         #: cgroups or the child subreaper: what an instance starts ends with it
         self.containment = Containment(lambda: [i.pid for i in self.instances.values() if i.pid])
@@ -558,8 +561,7 @@ class Kernel:
         self.logfiles.drain(inst.instance_id)
 
     def output_tail(self, inst: Instance, n: int = 20) -> list[str]:
-        hide = self.deployment.secrets.redact
-        return [hide(line) for _, line in self.logfiles.tail(inst.instance_id, n)]
+        return [line for _, line in self.logfiles.tail(inst.instance_id, n)]
 
     def save_state(self) -> None:
         """Write the state file soon (once per loop turn, however many changes)."""

@@ -1,16 +1,25 @@
-"""An in-memory tail of log records that StreamLogs serves from.
+"""An in-memory ring of log records that StreamLogs serves from.
 
-A loguru sink appends each record; followers on any event loop get new records
-through an asyncio queue fed thread-safely, so loguru may log from any thread.
+A loguru sink appends each record, from any thread, to one ring where it gets
+the next sequence number. A follower is a cursor into that ring, not a queue:
+appending a line costs the same whatever the number of followers. Followers
+on one event loop that want the same records (every record, one unit's or one
+instance's) wait on one shared ``asyncio.Event``, set once per batch: the
+first record appended after a wake-up schedules the next one (one
+``call_soon``, or ``call_soon_threadsafe`` from another thread), the rest of
+the batch only lands in the ring. Woken, each follower reads forward from its
+cursor. One that fell behind by more than the ring holds (a client that does
+not read) jumps to the oldest record still there and is first given a
+``WARNING`` record saying how many it skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
+import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -23,6 +32,13 @@ LEVELS = {
     "ERROR": 40,
     "CRITICAL": 50,
 }
+
+#: the least the ring holds for followers, however few records ``tail`` keeps
+RING_MIN = 1024
+#: ``origin`` of the record that tells a follower it skipped records
+SKIPPED_ORIGIN = "hsu.logbuffer"
+
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -39,10 +55,73 @@ class Record:
         return LEVELS.get(self.level, 0)
 
 
+def skipped_record(n: int) -> Record:
+    """What a follower that fell ``n`` records behind the ring is told."""
+    return Record(
+        time=time.time(),
+        level="WARNING",
+        message=f"{n} log records skipped: this stream fell behind",
+        origin=SKIPPED_ORIGIN,
+        extra={"skipped": str(n)},
+    )
+
+
+class Ring(Generic[T]):
+    """The last ``capacity`` items appended, each numbered by the sequence
+    number it got (0, 1, 2...). Not locked: its owner locks it if need be."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, capacity)
+        self._items: list[T | None] = [None] * self.capacity
+        #: the sequence number the next item gets
+        self.next = 0
+
+    @property
+    def oldest(self) -> int:
+        """The sequence number of the oldest item still held."""
+        return max(0, self.next - self.capacity)
+
+    def append(self, item: T) -> int:
+        seq = self.next
+        self._items[seq % self.capacity] = item
+        self.next = seq + 1
+        return seq
+
+    def since(self, seq: int) -> tuple[int, list[T]]:
+        """(how many items from ``seq`` on are no longer held, the held ones
+        from ``seq`` on, oldest first)."""
+        start = max(seq, self.oldest)
+        end = self.next
+        if start >= end:
+            return start - seq, []
+        i, j = start % self.capacity, end % self.capacity
+        got = self._items[i:j] if i < j else self._items[i:] + self._items[:j]
+        return start - seq, got  # type: ignore[return-value]  # all set: held
+
+
+class _Hub:
+    """The followers of one event loop, by key ("" for all records,
+    ``u:<unit>``, ``i:<instance>``)."""
+
+    __slots__ = ("counts", "dirty", "events", "loop", "scheduled", "thread")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.thread = threading.get_ident()  # the loop's: followers run on it
+        self.counts: dict[str, int] = {}  # followers per key (under the buffer's lock)
+        self.dirty: set[str] = set()  # keys with records since the last wake-up (lock)
+        self.scheduled = False  # a wake-up is scheduled (lock)
+        self.events: dict[str, asyncio.Event] = {}  # touched on the loop only
+
+
 class LogBuffer:
+    """The last ``maxlen`` records for ``tail``, in a ring of at least
+    ``RING_MIN`` that followers read from."""
+
     def __init__(self, maxlen: int = 2000):
-        self._records: collections.deque[Record] = collections.deque(maxlen=maxlen)
-        self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Record]]] = set()
+        self.maxlen = maxlen
+        self._ring: Ring[Record] = Ring(max(maxlen, RING_MIN))
+        self._hubs: dict[asyncio.AbstractEventLoop, _Hub] = {}
         self._lock = threading.Lock()
 
     def sink(self, message: Any) -> None:
@@ -61,19 +140,52 @@ class LogBuffer:
         )
 
     def append(self, record: Record) -> None:
+        """Add ``record``; from any thread. O(1) whatever the number of followers:
+        at most one wake-up scheduled per event loop with followers."""
+        wake: list[_Hub] = []
         with self._lock:
-            self._records.append(record)
-            followers = list(self._followers)
-        for loop, queue in followers:
+            self._ring.append(record)
+            if not self._hubs:
+                return
+            extra = record.extra
+            keys = ("", f"u:{extra.get('unit', '')}", f"i:{extra.get('instance', '')}")
+            for hub in self._hubs.values():
+                for key in keys:
+                    if key in hub.counts:
+                        hub.dirty.add(key)
+                if hub.dirty and not hub.scheduled:
+                    hub.scheduled = True
+                    wake.append(hub)
+        for hub in wake:
             try:
-                loop.call_soon_threadsafe(_offer, queue, record)
-            except RuntimeError:  # that loop is closed; its follower is gone
+                if threading.get_ident() == hub.thread:
+                    hub.loop.call_soon(self._wake, hub)
+                else:
+                    hub.loop.call_soon_threadsafe(self._wake, hub)
+            except RuntimeError:  # that loop is closed: its followers are gone
                 with self._lock:
-                    self._followers.discard((loop, queue))
+                    if self._hubs.get(hub.loop) is hub:
+                        del self._hubs[hub.loop]
+
+    def _wake(self, hub: _Hub) -> None:
+        """On ``hub``'s loop: wake the followers of the keys that got records."""
+        with self._lock:
+            keys, hub.dirty = hub.dirty, set()
+            hub.scheduled = False
+        for key in keys:
+            event = hub.events.pop(key, None)
+            if event is not None:
+                event.set()
 
     def tail(self, n: int) -> list[Record]:
         with self._lock:
-            return list(self._records)[-n:] if n > 0 else []
+            return self._last(n)
+
+    def _last(self, n: int) -> list[Record]:
+        n = min(n, self.maxlen)
+        if n <= 0:
+            return []
+        return self._ring.since(self._ring.next - n)[1]
 
     async def stream(
         self,
@@ -95,25 +207,45 @@ class LogBuffer:
                 and (not instance or r.extra.get("instance") == instance)
             )
 
-        queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=10_000)
-        entry = (asyncio.get_running_loop(), queue)
+        key = f"i:{instance}" if instance else f"u:{unit}" if unit else ""
+        loop = asyncio.get_running_loop()
+        hub: _Hub | None = None
         with self._lock:
-            past = [r for r in self._records if wanted(r)][-tail:] if tail > 0 else []
+            kept = self._last(self.maxlen) if tail > 0 else []
+            cursor = self._ring.next
             if follow:
-                self._followers.add(entry)
+                hub = self._hubs.get(loop)
+                if hub is None:
+                    hub = self._hubs[loop] = _Hub(loop)
+                hub.counts[key] = hub.counts.get(key, 0) + 1
         try:
-            for record in past:
+            for record in [r for r in kept if wanted(r)][-tail:] if tail > 0 else ():
                 yield record
-            while follow:
-                record = await queue.get()
-                if wanted(record):
-                    yield record
+            while hub is not None:
+                with self._lock:
+                    skipped, batch = self._ring.since(cursor)
+                    cursor = self._ring.next
+                if skipped:
+                    yield skipped_record(skipped)
+                if batch:
+                    for record in batch:
+                        if wanted(record):
+                            yield record
+                    continue
+                # nothing new: wait for the next batch (the check above and this
+                # wait are on the loop, where wake-ups run: none is missed)
+                event = hub.events.get(key)
+                if event is None:
+                    event = hub.events[key] = asyncio.Event()
+                await event.wait()
         finally:
-            with self._lock:
-                self._followers.discard(entry)
-
-
-def _offer(queue: asyncio.Queue[Record], record: Record) -> None:
-    """Drop the record for a follower too slow to keep up, rather than grow."""
-    if not queue.full():
-        queue.put_nowait(record)
+            if hub is not None:
+                with self._lock:
+                    left = hub.counts[key] - 1
+                    if left:
+                        hub.counts[key] = left
+                    else:
+                        del hub.counts[key]
+                        hub.dirty.discard(key)
+                        if not hub.counts and self._hubs.get(loop) is hub:
+                            del self._hubs[loop]

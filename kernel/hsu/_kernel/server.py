@@ -17,6 +17,7 @@ from hsu._kernel.supervision.instances import TOKEN_METADATA, Instance
 from hsu.core.v1 import core_pb2_grpc
 from hsu.errors import ConfigError, HsuError, InvalidValue, NoSuchUnit, NotAllowed, OverLimit
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+from hsu.validate import RateLimit
 
 if TYPE_CHECKING:
     from hsu._kernel.kernel import Kernel
@@ -52,6 +53,8 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         self.kernel = kernel
         self.event_streams = StreamLimit("WatchEvents")
         self.endpoint_streams = StreamLimit("WatchEndpoints")
+        #: a reload reads files and may restart processes: 1 a second, 5 at once
+        self._reloads = RateLimit(1.0, 5)
 
     async def Register(
         self, request: kernel_pb2.RegisterRequest, context: Any
@@ -206,6 +209,11 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def Reload(
         self, request: kernel_pb2.ReloadRequest, context: Any
     ) -> kernel_pb2.ReloadResponse:
+        if not self._reloads.allow():
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "Reload: more than 5 reloads in a few seconds; try again in a second",
+            )
         try:
             changes = await self.kernel.reload()
         except ConfigError as exc:
