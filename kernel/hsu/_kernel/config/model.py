@@ -274,9 +274,7 @@ class Secrets(frozenset[str]):
 
 
 #: compiled redaction patterns by secret set (a deployment and its reloads)
-_SECRET_PATTERNS: weakref.WeakKeyDictionary[Secrets, re.Pattern[str]] = (
-    weakref.WeakKeyDictionary()
-)
+_SECRET_PATTERNS: weakref.WeakKeyDictionary[Secrets, re.Pattern[str]] = weakref.WeakKeyDictionary()
 
 
 @attrs.frozen
