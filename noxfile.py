@@ -8,7 +8,7 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
 
-LOCAL = ["-e", ".", "-e", "contrib/hsu-echo"]
+LOCAL = ["-e", ".", "-e", "contrib/hsu-echo", "-e", "contrib/hsu-plugin-jwt"]
 
 
 @nox.session
@@ -43,18 +43,20 @@ def proto(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Supervision side by side with supervisor and circus, then routing against raw
-    grpcio (bench/routing.py), then failover under kills (bench/failover.py); each
-    updates its section of docs/benchmarks.md.
+    grpcio (bench/routing.py), then failover under kills (bench/failover.py), then
+    routed calls with no auth, a token, TLS and mTLS (bench/auth.py); each updates
+    its section of docs/benchmarks.md.
 
     Not in the default sessions. supervisor and circus are installed only here.
     """
     # A regular (not editable) install, as in production: pip byte-compiles it,
     # as it does supervisor and circus. An editable hsu under
     # PYTHONDONTWRITEBYTECODE=1 would compile every module at every start.
-    session.install(".", "./contrib/hsu-echo", "supervisor", "circus", "psutil")
+    session.install(".", "./contrib/hsu-echo", "supervisor", "circus", "psutil", "cryptography")
     session.install("--force-reinstall", "--no-deps", ".", "./contrib/hsu-echo")
     # posargs go to the supervision bench, except --no-write, which goes to both
     session.run("python", "bench/supervision.py", *session.posargs)
     routing_args = [a for a in session.posargs if a == "--no-write"]
     session.run("python", "bench/routing.py", *routing_args)
     session.run("python", "bench/failover.py", *routing_args)
+    session.run("python", "bench/auth.py", *routing_args)

@@ -15,17 +15,21 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
     data = json.loads(out.stdout)
     assert [(p["name"], p["source"], p["status"]) for p in data] == [
         ("kernel", "essential", "active"),
+        ("auth", "default", "active"),
         ("balancers", "default", "active"),
         ("breakers", "default", "active"),
         ("env", "default", "active"),
         ("file", "default", "active"),
         ("gateway", "default", "active"),
+        ("mtls", "default", "active"),
         ("overrides", "default", "active"),
         ("probes", "default", "active"),
+        ("rbac", "default", "active"),
         ("registry_memory", "default", "active"),
         ("subprocess", "default", "active"),
+        ("token", "default", "active"),
     ]
-    assert data[-1]["hooks"] == ["hsu_register_launchers"]
+    assert data[-2]["hooks"] == ["hsu_register_launchers"]
     assert data[0]["distribution"] == "hsu"
 
 

@@ -14,15 +14,19 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
     infos = hsu_plugin_manager.infos()
     assert [(i.name, i.source, i.status, i.distribution) for i in infos] == [
         ("kernel", "essential", "active", "hsu"),
+        ("auth", "default", "active", "hsu"),
         ("balancers", "default", "active", "hsu"),
         ("breakers", "default", "active", "hsu"),
         ("env", "default", "active", "hsu"),
         ("file", "default", "active", "hsu"),
         ("gateway", "default", "active", "hsu"),
+        ("mtls", "default", "active", "hsu"),
         ("overrides", "default", "active", "hsu"),
         ("probes", "default", "active", "hsu"),
+        ("rbac", "default", "active", "hsu"),
         ("registry_memory", "default", "active", "hsu"),
         ("subprocess", "default", "active", "hsu"),
+        ("token", "default", "active", "hsu"),
     ]
     assert sorted(hsu_plugin_manager.config_sources()) == ["env", "file", "overrides"]
     assert hsu_plugin_manager.launcher_names() == ["subprocess"]

@@ -68,3 +68,14 @@ class NotAllowed(HsuError):
 
 class OverLimit(HsuError):
     """A cap or a rate limit refused the request; it may succeed later."""
+
+
+class Unauthenticated(HsuError):
+    """A call carries no credential any authenticator accepts, or a bad one
+    (gRPC ``UNAUTHENTICATED``). An authenticator raises it for a credential
+    of its kind that is not good; the message never holds the secret."""
+
+
+class PermissionDenied(HsuError):
+    """The caller is known but may not make this call (gRPC
+    ``PERMISSION_DENIED``); the message names the method and a missing role."""

@@ -21,6 +21,8 @@ import pluggy
 if TYPE_CHECKING:
     # every type a hook takes or returns is a public one, from hsu.ports
     from hsu.ports import (
+        Authenticator,
+        Authorizer,
         Changes,
         ConfigSource,
         Deployment,
@@ -158,6 +160,48 @@ def hsu_register_registries(
 
     Called once for each plugin, when it is registered; the factory is called
     once, when the kernel starts.
+    """
+
+
+@_hookspec
+def hsu_register_authenticators(
+    register: Register[Callable[[KernelAPI], Authenticator]],
+) -> None:
+    """Register a way to tell who is calling, under a name the deployment refers to.
+
+    :param register: ``register(name, factory)``; ``factory(kernel)`` returns
+        a :class:`hsu.ports.Authenticator` (reading its own settings section
+        with ``kernel.settings(NAME)``): ``authenticate(call)`` returns an
+        :class:`hsu.ports.Identity`, ``None`` ("not mine") or raises
+        :class:`hsu.errors.Unauthenticated`. The deployment turns auth on by
+        naming authenticators in order, ``auth: {authenticators: [NAME,
+        ...]}``; the first identity wins. There is no default. A clashing
+        name is an error naming both plugins.
+
+    Called once for each plugin, when it is registered. The factory is called
+    when the kernel starts and again on each reload (a factory that raises
+    :class:`hsu.errors.HsuError` fails the start, or rejects the reload).
+    Registered factories rather than a call hook: the deployment picks and
+    orders them by name, and each kernel gets its own objects with its own
+    settings (docs/hooks.md).
+    """
+
+
+@_hookspec
+def hsu_register_authorizers(
+    register: Register[Callable[[KernelAPI], Authorizer]],
+) -> None:
+    """Register a policy on what an identity may call, under a name.
+
+    :param register: ``register(name, factory)``; ``factory(kernel)``
+        returns a :class:`hsu.ports.Authorizer`: ``authorize(identity,
+        method, unit)`` returns a :class:`hsu.ports.Decision`. The deployment
+        names them in ``auth: {authorizers: [NAME, ...]}``; every one is
+        asked, a ``DENY`` wins, and no ``ALLOW`` at all refuses the call.
+        There is no default. A clashing name is an error naming both plugins.
+
+    Called once for each plugin, when it is registered; the factory as for
+    :func:`hsu_register_authenticators`.
     """
 
 

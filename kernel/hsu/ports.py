@@ -8,6 +8,7 @@ the concrete class, which stays private (``hsu._kernel``).
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,14 +25,20 @@ __all__ = [
     "DRAINING",
     "SERVING",
     "UNHEALTHY",
+    "AuthSettings",
+    "Authenticator",
+    "Authorizer",
     "Balancer",
+    "CallInfo",
     "Changes",
     "CircuitBreaker",
     "ConfigSource",
+    "Decision",
     "Deployment",
     "Endpoint",
     "Event",
     "Factory",
+    "Identity",
     "InstanceView",
     "KernelAPI",
     "KernelRoutes",
@@ -348,6 +355,131 @@ class KernelAPI(Protocol):
     def request_stop(self, reason: str) -> None:
         """Ask the kernel to drain and stop."""
         ...
+
+    def caller_identity(self) -> Identity | None:
+        """Who made the call being served, as the kernel's auth verified it;
+        for a handler of the kernel's servers (``hsu_kernel_handlers``). None
+        when auth is off (docs/auth.md)."""
+        ...
+
+    def forward_identity(self, identity: Identity, instance_id: str) -> str | None:
+        """The ``hsu-identity`` metadata value that tells instance
+        ``instance_id`` who calls (:mod:`hsu.identity`): signed with that
+        instance's secret, so a caller cannot forge it. None when auth is off
+        or the instance has no secret. A gateway adds it to each call it
+        forwards, and drops every ``hsu-identity`` the caller sent."""
+        ...
+
+
+# -- auth ---------------------------------------------------------------------
+#
+# Who is calling (an authenticator, a plugin) and what they may call (an
+# authorizer, a plugin), on the kernel's control plane and data plane. Off
+# until the deployment's ``auth.authenticators`` names one; see docs/auth.md.
+
+
+@attrs.frozen
+class Identity:
+    """Who a call comes from, as an :class:`Authenticator` proved it."""
+
+    #: ``"uid:0"``, ``"alice"``, ``"spiffe://example.org/hsu/echo"``, ``"instance:echo-1a2b"``
+    name: str
+    #: what proved it: ``"uid"``, ``"token"``, ``"x509"``, ``"jwt"``, ``"instance"``, ...
+    kind: str
+    #: roles the authenticator vouches for (an authorizer may add grants of its own)
+    roles: tuple[str, ...] = ()
+    #: what else the authenticator knows: a JWT's claims, a certificate's subject
+    attributes: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class CallInfo:
+    """One call, as an :class:`Authenticator` sees it."""
+
+    #: the full method: ``"/hsu.kernel.v1.Kernel/Scale"``
+    method: str
+    #: the call's metadata (keys lower case; ``-bin`` keys carry bytes)
+    metadata: tuple[tuple[str, str | bytes], ...]
+    #: the transport's peer: ``"ipv4:127.0.0.1:50312"``, ``"unix:"``
+    peer: str
+    #: ``"control"`` (the Kernel API, the kernel's Core) or ``"data"`` (the gateway)
+    plane: str
+    #: what the transport proved (``context.auth_context()``): under TLS the
+    #: client certificate's ``x509_subject_alternative_name``, ``x509_common_name``, ...
+    auth_context: Mapping[str, tuple[bytes, ...]] = attrs.field(factory=dict)
+
+    def header(self, key: str) -> str | bytes | None:
+        """The first value of metadata ``key`` (lower case), or None."""
+        for k, v in self.metadata:
+            if k == key:
+                return v
+        return None
+
+
+@runtime_checkable
+class Authenticator(Protocol):
+    """Says who a call comes from. Several are stacked in the deployment's
+    order (``auth.authenticators``); the first :class:`Identity` wins."""
+
+    def authenticate(self, call: CallInfo) -> Identity | None:
+        """The caller's identity; ``None`` when the call carries no credential
+        of this kind ("not mine": the next authenticator is asked); or raise
+        :class:`hsu.errors.Unauthenticated` (one line, never the secret) for a
+        credential of this kind that is not good: the call is refused.
+
+        Called on the kernel's event loop: no blocking I/O. The kernel caches
+        the answer per connection and credential for a few seconds, so it is
+        not asked on every call. Anything else it raises refuses the call
+        (fail closed) and is logged once per cause.
+        """
+        ...
+
+
+class Decision(enum.Enum):
+    """An :class:`Authorizer`'s answer: deny wins; no ``ALLOW`` at all is deny."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    ABSTAIN = "abstain"
+
+
+@runtime_checkable
+class Authorizer(Protocol):
+    """Says whether an identity may make a call. Every one in
+    ``auth.authorizers`` is asked: one ``DENY`` refuses, else one ``ALLOW``
+    lets the call through, else it is refused.
+
+    An authorizer with roles may also offer ``missing_role(identity, method,
+    unit) -> str | None``: a role that would have allowed the call, which
+    the refusal names (``rbac`` does).
+    """
+
+    def authorize(self, identity: Identity, method: str, unit: str | None) -> Decision:
+        """``method`` is the full method (``"/hsu.kernel.v1.Kernel/Scale"``,
+        ``"/hsu.echo.v1.Echo/Echo"``); ``unit`` the unit the call is about (a
+        Kernel API request's unit, or its instance's; for a routed call the
+        unit serving the interface), ``None`` when it is about no one unit.
+
+        Called on the kernel's event loop for every call: cheap, no I/O.
+        """
+        ...
+
+
+@attrs.frozen
+class AuthSettings:
+    """The deployment's ``auth`` section (docs/auth.md)."""
+
+    #: authenticator plugins by name, asked in this order (after the kernel's
+    #: own ``instance``); empty: auth is off
+    authenticators: tuple[str, ...] = ()
+    #: authorizer plugins by name; every one is asked, deny wins, no allow is deny
+    authorizers: tuple[str, ...] = ()
+    #: seconds an authentication is reused for the same connection and credential
+    cache_ttl: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.authenticators)
 
 
 # -- launching --------------------------------------------------------------

@@ -41,11 +41,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loguru import logger
 
+from hsu import identity as forwarded
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer
 from hsu._kernel.logbuffer import LogBuffer
 from hsu.core.v1 import core_pb2_grpc
 from hsu.errors import HsuError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+from hsu.ports import Identity
+from hsu.tls import TLSConfig, aio_channel
 
 ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
 ENV_UNIT = "HSU_UNIT"
@@ -208,6 +211,9 @@ class Worker:
         #: the secret the kernel gave (or, joining as an unmanaged instance,
         #: the unit's token): sent with every call to the kernel
         self.token = token if token is not None else env.get(ENV_INSTANCE_TOKEN, "")
+        #: how to reach a kernel serving TLS on a TCP control address
+        #: (``HSU_TLS_CA``/``_CERT``/``_KEY``, see :mod:`hsu.tls`)
+        self.tls = TLSConfig.from_env()
         self.grace = grace
         self.address = ""
         self.logs = LogBuffer()
@@ -290,7 +296,7 @@ class Worker:
             pid=os.getpid(),
             version=self.version,
         )
-        async with grpc.aio.insecure_channel(self.kernel_address) as channel:
+        async with aio_channel(self.kernel_address, self.tls) as channel:
             stub = kernel_pb2_grpc.KernelStub(channel)
             reply = await stub.Register(
                 request, timeout=10.0, wait_for_ready=True, metadata=self._metadata
@@ -348,7 +354,7 @@ class Worker:
         backoff = 0.1
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.kernel_address) as channel:
+                async with aio_channel(self.kernel_address, self.tls) as channel:
                     stub = kernel_pb2_grpc.KernelStub(channel)
                     await stub.ReportLoad(messages(), metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
@@ -362,7 +368,7 @@ class Worker:
     async def _deregister(self) -> None:
         """Best effort: the kernel may be the one stopping us, or gone."""
         try:
-            async with grpc.aio.insecure_channel(self.kernel_address) as channel:
+            async with aio_channel(self.kernel_address, self.tls) as channel:
                 stub = kernel_pb2_grpc.KernelStub(channel)
                 await stub.Deregister(
                     kernel_pb2.DeregisterRequest(instance_id=self.instance_id),
@@ -388,6 +394,25 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             logger.remove(sink)
+
+
+def identity(context: Any, *, token: str | None = None) -> Identity | None:
+    """Who made the call being served, as the kernel verified it (docs/auth.md).
+
+    With auth on, the kernel's gateway forwards each routed call with the
+    caller's identity in metadata ``hsu-identity``, signed with this
+    instance's secret (``HSU_INSTANCE_TOKEN``, or ``token``); a caller cannot
+    forge it. ``None`` when the call carries none that this instance can
+    verify: auth is off, the call did not come through the kernel's gateway,
+    or the header is forged, stale or made for another instance.
+    """
+    key = token if token is not None else os.environ.get(ENV_INSTANCE_TOKEN, "")
+    sent = next(
+        (v for k, v in context.invocation_metadata() or () if k == forwarded.METADATA), None
+    )
+    if sent is None or not key:
+        return None
+    return forwarded.verify(sent, key, os.environ.get(ENV_INSTANCE_ID) or None)
 
 
 def run(*servicers: Any, **kwargs: Any) -> None:

@@ -115,9 +115,24 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(address: str, fn: Any, timeout: float) -> Any:
+def _client_tls(args: argparse.Namespace) -> Any:
+    """``--ca``/``--cert``/``--key`` (or ``HSU_TLS_*``) as a ``TLSConfig``; None without them."""
+    from hsu.tls import ENV, TLSConfig
+
+    given = {f: getattr(args, f, None) for f in ("ca", "cert", "key")}
+    given["server_name"] = os.environ.get(ENV["server_name"]) or None
+    return TLSConfig(**given) if any(given.values()) else None
+
+
+def _call(address: str, fn: Any, timeout: float, args: argparse.Namespace) -> Any:
+    from hsu.client.credentials import BearerInterceptor, bearer
+    from hsu.tls import channel as tls_channel
+
     try:
-        with grpc.insecure_channel(address) as channel:
+        with tls_channel(address, _client_tls(args)) as channel:
+            token = bearer(None, getattr(args, "token_file", None))
+            if token:
+                return fn(grpc.intercept_channel(channel, BearerInterceptor(token)), timeout)
             return fn(channel, timeout)
     except grpc.RpcError as exc:
         code = exc.code()
@@ -136,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
         )
 
-    status, listing = _call(address, fetch, args.timeout)
+    status, listing = _call(address, fetch, args.timeout, args)
     if args.json:
         out = {
             "status": json_format.MessageToDict(status, preserving_proto_field_name=True),
@@ -189,7 +204,7 @@ def _action(method: str) -> Any:
             stub = kernel_pb2_grpc.KernelStub(channel)
             return getattr(stub, method)(request, timeout=timeout)
 
-        reply = _call(_kernel_address(args), go, args.timeout)
+        reply = _call(_kernel_address(args), go, args.timeout, args)
         for i in reply.instances:
             _print_instance(i)
         return 0
@@ -203,7 +218,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         request = kernel_pb2.ScaleRequest(unit=args.unit, count=args.count)
         return stub.Scale(request, timeout=timeout)
 
-    reply = _call(_kernel_address(args), go, args.timeout)
+    reply = _call(_kernel_address(args), go, args.timeout, args)
     for i in reply.instances:
         _print_instance(i)
     return 0
@@ -214,7 +229,7 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
         request = kernel_pb2.ResolveRequest(interface=args.interface, ensure=args.ensure)
         return kernel_pb2_grpc.KernelStub(channel).Resolve(request, timeout=timeout)
 
-    reply = _call(_kernel_address(args), go, args.timeout)
+    reply = _call(_kernel_address(args), go, args.timeout, args)
     p = reply.policy
     if args.json:
         print(
@@ -238,7 +253,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
             kernel_pb2.ReloadRequest(), timeout=timeout
         )
 
-    reply = _call(_kernel_address(args), go, args.timeout)
+    reply = _call(_kernel_address(args), go, args.timeout, args)
     print(f"reloaded: {reply.summary}")
     return 0
 
@@ -261,7 +276,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             stamp = time.strftime("%H:%M:%S", time.localtime(rec.time.seconds))
             print(f"{stamp} [{where}{stream}] {rec.message}", flush=True)
 
-    _call(address, follow, args.timeout)
+    _call(address, follow, args.timeout, args)
     return 0
 
 
@@ -280,7 +295,7 @@ def cmd_events(args: argparse.Namespace) -> int:
             reason = f"  ({ev.reason})" if ev.reason else ""
             print(f"{stamp} #{ev.seq} {who}: {move}{reason}", flush=True)
 
-    _call(address, follow, 0.0)
+    _call(address, follow, 0.0, args)
     return 0
 
 
@@ -293,7 +308,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
         stub.Ping(core_pb2.PingRequest(payload=b"hsu"), timeout=timeout, wait_for_ready=False)
         return time.perf_counter() - t0
 
-    elapsed = _call(address, ping, args.timeout)
+    elapsed = _call(address, ping, args.timeout, args)
     print(f"pong from {address} in {elapsed * 1000:.2f} ms")
     return 0
 
@@ -373,6 +388,33 @@ def build_parser() -> argparse.ArgumentParser:
             "--deployment",
             metavar="FILE",
             help=f"{what}: the kernel of this deployment file",
+        )
+        env = os.environ
+        p.add_argument(
+            "--token-file",
+            default=env.get("HSU_TOKEN_FILE") or None,
+            metavar="FILE",
+            help="auth: send the bearer token on FILE's first line (env HSU_TOKEN_FILE;"
+            " docs/auth.md)",
+        )
+        p.add_argument(
+            "--ca",
+            default=env.get("HSU_TLS_CA") or None,
+            metavar="PEM",
+            help="TLS: the CA bundle a kernel serving TLS on a TCP control address is checked"
+            " against (env HSU_TLS_CA; a unix: address is plaintext)",
+        )
+        p.add_argument(
+            "--cert",
+            default=env.get("HSU_TLS_CERT") or None,
+            metavar="PEM",
+            help="mTLS: this client's certificate chain (env HSU_TLS_CERT)",
+        )
+        p.add_argument(
+            "--key",
+            default=env.get("HSU_TLS_KEY") or None,
+            metavar="PEM",
+            help="mTLS: the key of --cert (env HSU_TLS_KEY)",
         )
 
     def set_opt(p: argparse.ArgumentParser) -> None:

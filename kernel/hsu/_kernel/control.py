@@ -106,18 +106,20 @@ def is_loopback(address: str) -> bool:
     return bool(found) and all(ipaddress.ip_address(f[4][0]).is_loopback for f in found)
 
 
-def check_exposure(what: str, address: str, insecure: bool) -> bool:
-    """Refuse ``address`` off loopback unless the deployment says ``insecure``.
+def check_exposure(what: str, address: str, insecure: bool, authenticated: bool = False) -> bool:
+    """Refuse ``address`` off loopback unless callers are authenticated (an
+    authenticator is enabled, docs/auth.md) or the deployment says ``insecure``.
 
-    Returns True when the address leaves the machine (and ``insecure`` allowed it).
+    Returns True when the address leaves the machine unauthenticated (and
+    ``insecure`` allowed it).
     """
-    if is_loopback(address):
+    if is_loopback(address) or authenticated:
         return False
     if not insecure:
         raise HsuError(
             f"kernel.{what}: {address} is reachable from other machines and nothing"
-            " authenticates callers; use a loopback or unix: address, or set"
-            " kernel.insecure: true"
+            " authenticates callers; use a loopback or unix: address, turn auth on"
+            " (auth.authenticators, docs/auth.md), or set kernel.insecure: true"
         )
     return True
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from loguru import logger
 
 from hsu import validate
-from hsu._kernel import control
+from hsu._kernel import auth, control
 from hsu._kernel.config.defaults import with_defaults
 from hsu._kernel.config.model import (
     Deployment,
@@ -52,7 +52,7 @@ from hsu._kernel.supervision.supervisor import (
 )
 from hsu._version import __version__
 from hsu.errors import ConfigError, HsuError, InvalidValue, NoSuchUnit, NotAllowed, OverLimit
-from hsu.ports import Changes, ProbeTarget, Registry, SourceContext
+from hsu.ports import Changes, Identity, ProbeTarget, Registry, SourceContext
 from hsu.process import PidfdHandle
 
 if TYPE_CHECKING:
@@ -202,6 +202,16 @@ class Kernel:
     def plugin(self, name: str) -> object | None:
         return self.plugins.pm.get_plugin(name)
 
+    def caller_identity(self) -> Identity | None:
+        """The verified identity of the call being served (docs/auth.md)."""
+        return auth.CALLER.get()
+
+    def forward_identity(self, identity: Identity, instance_id: str) -> str | None:
+        """``identity`` as the ``hsu-identity`` value for ``instance_id``, signed
+        with that instance's secret (None without auth, or when it has none)."""
+        gate = self._server.auth if self._server is not None else None
+        return gate.sign_for(identity, instance_id) if gate is not None else None
+
     # -- settings ----------------------------------------------------------
 
     def settings(self, section: str) -> Any:
@@ -268,10 +278,19 @@ class Kernel:
 
     def _check_exposure(self) -> None:
         """Nothing listens off loopback unauthenticated unless the deployment
-        says ``insecure: true`` (and then every start says so)."""
+        says ``insecure: true`` (and then every start says so); with auth on
+        (``auth.authenticators``) it may."""
         insecure = self.kernel_settings.insecure
+        authenticated = auth.enabled(self)
         for what, address in (("control", self.control_bind), ("address", self.bind_address)):
-            if control.check_exposure(what, address, insecure):
+            if authenticated and not control.is_loopback(address) and not self.kernel_settings.tls:
+                logger.warning(
+                    "kernel.{}: {} is reachable from other machines without TLS: credentials"
+                    " cross the network in clear (kernel.tls)",
+                    what,
+                    address,
+                )
+            if control.check_exposure(what, address, insecure, authenticated):
                 logger.warning(
                     "kernel.{}: {} is reachable from other machines and nothing"
                     " authenticates callers (kernel.insecure: true)",
@@ -1091,12 +1110,13 @@ class Kernel:
             problems.extend(exc.problems)
         if settings:
             ks: KernelSettings = settings["kernel"]
-            for key in ("address", "state_dir", "reattach", "registry", "gateway"):
+            for key in ("address", "state_dir", "reattach", "registry", "gateway", "tls"):
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
                     problems.append(
                         f"{new.source}: kernel.{key}: changed; it applies when the kernel"
                         " starts: restart it"
                     )
+            problems.extend(auth.reload_problems(self, settings, new.source))
         if problems:
             raise ConfigError(problems, new.source)
         return settings

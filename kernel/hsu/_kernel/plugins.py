@@ -60,6 +60,8 @@ KINDS: Mapping[str, str] = {
     "balancer": "hsu_register_balancers",
     "breaker": "hsu_register_breakers",
     "registry": "hsu_register_registries",
+    "authenticator": "hsu_register_authenticators",
+    "authorizer": "hsu_register_authorizers",
 }
 #: kinds that have a default (a settings section or a config source has none)
 DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry")

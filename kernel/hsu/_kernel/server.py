@@ -11,9 +11,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hsu import validate
+from hsu._kernel import auth
+from hsu._kernel.config.model import TLSSettings
 from hsu._kernel.control import lock_socket, prepare_socket
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer, StreamLimit, timestamp
 from hsu._kernel.supervision.instances import TOKEN_METADATA, Instance
+from hsu._kernel.tls import ServerTLS
 from hsu.core.v1 import core_pb2_grpc
 from hsu.errors import ConfigError, HsuError, InvalidValue, NoSuchUnit, NotAllowed, OverLimit
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
@@ -346,7 +349,11 @@ class KernelServer:
 
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        #: who may call what (docs/auth.md); None when auth is off
+        self.auth = auth.gate_for(kernel)
+        self.server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0)], interceptors=self._interceptors("control")
+        )
         self.health = health.aio.HealthServicer()
         kernel_pb2_grpc.add_KernelServicer_to_server(KernelServicer(kernel), self.server)
         core_pb2_grpc.add_CoreServicer_to_server(
@@ -359,7 +366,9 @@ class KernelServer:
         self.data_health: health.aio.HealthServicer | None = None
         handlers = kernel.plugins.kernel_handlers(kernel)
         if handlers:
-            self.data = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self.data = grpc.aio.server(
+                options=[("grpc.so_reuseport", 0)], interceptors=self._interceptors("data")
+            )
             self.data_health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.data_health, self.data)
             reflection.enable_server_reflection(
@@ -368,18 +377,29 @@ class KernelServer:
             # after health and reflection: a gateway (a plugin) takes the rest
             self.data.add_generic_rpc_handlers(tuple(handlers))
 
+    def _interceptors(self, plane: str) -> list[Any]:
+        return [] if self.auth is None else [auth.AuthInterceptor(self.auth, plane)]
+
     async def start(self, control: str, data: str) -> tuple[str, str]:
         """Listen on both addresses; return them as bound (port 0 resolved).
 
         The data address is "" when no plugin serves a data plane.
         """
+        tls = self.kernel.kernel_settings.tls
+        if tls is not None and self.data is not None and data != self.kernel.requested_address:
+            raise HsuError(
+                f"kernel.tls: a plugin serves the data plane at {self.kernel.requested_address}"
+                " (the nginx gateway?) and the kernel's TLS does not reach it; use the python"
+                " gateway with kernel.tls"
+            )
+        base = self.kernel.deployment.base_dir
         prepare_socket(control)
-        bound_control = await _listen(self.server, control, "control")
+        bound_control = await _listen(self.server, control, "control", tls, base)
         lock_socket(control)
         bound_data = ""
         if self.data is not None:
             prepare_socket(data)
-            bound_data = await _listen(self.data, data, "address")
+            bound_data = await _listen(self.data, data, "address", tls, base)
         await self.set_serving(False)
         return bound_control, bound_data
 
@@ -405,9 +425,20 @@ class KernelServer:
         await self.server.stop(grace)
 
 
-async def _listen(server: grpc.aio.Server, address: str, what: str) -> str:
+async def _listen(
+    server: grpc.aio.Server,
+    address: str,
+    what: str,
+    tls: TLSSettings | None = None,
+    base_dir: str = ".",
+) -> str:
+    """Bind and start ``server``: TLS with ``tls`` on a TCP address (a unix
+    socket stays plaintext: its file mode guards it)."""
     try:
-        port = server.add_insecure_port(address)
+        if tls is not None and not address.startswith("unix:"):
+            port = server.add_secure_port(address, ServerTLS(tls, base_dir).credentials())
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise HsuError(f"kernel.{what}: cannot listen on {address}: {exc}; is it in use?") from None
     await server.start()

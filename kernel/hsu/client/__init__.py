@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from hsu.client.aio import RoutedChannel, connect
 from hsu.client.sync import SyncRoutedChannel, connect_sync
+from hsu.tls import TLSConfig
 
-__all__ = ["RoutedChannel", "SyncRoutedChannel", "connect", "connect_sync"]
+__all__ = ["RoutedChannel", "SyncRoutedChannel", "TLSConfig", "connect", "connect_sync"]

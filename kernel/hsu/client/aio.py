@@ -31,6 +31,7 @@ like grpc.aio's; the call objects' extras (``initial_metadata()``,
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ from typing import Any, Protocol
 import grpc
 from loguru import logger
 
+from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
     CHANNEL_OPTIONS,
     Caller,
@@ -56,6 +58,7 @@ from hsu.client.route import (
 )
 from hsu.errors import HsuError
 from hsu.ports import Endpoint
+from hsu.tls import TLSConfig, aio_channel
 
 
 def control_address(kernel: str | None = None) -> str:
@@ -72,16 +75,30 @@ def control_address(kernel: str | None = None) -> str:
 START_TIMEOUT = 30.0
 
 
-def connect(kernel: str | None = None, *, plugins: Factories | None = None) -> RoutedChannel:
+def connect(
+    kernel: str | None = None,
+    *,
+    plugins: Factories | None = None,
+    tls: TLSConfig | None = None,
+    token: str | None = None,
+    token_file: str | os.PathLike[str] | None = None,
+) -> RoutedChannel:
     """A routed channel through the kernel at ``kernel`` (default:
     its control address: ``$HSU_CONTROL``,
     ``$HSU_KERNEL_ADDRESS``, else the one kernel running as this user).
 
     ``plugins`` supplies the balancers and breakers (default: every installed
-    hsu plugin, loaded once). Use it as ``async with`` or ``await ch.close()``.
+    hsu plugin, loaded once). ``tls``: how to reach a kernel that serves TLS
+    on a TCP control address (default: ``HSU_TLS_CA``/``_CERT``/``_KEY``
+    when set, see :mod:`hsu.tls`). ``token``: a bearer token for a kernel
+    with auth on, sent with each call to it (default: the first line of
+    ``token_file``, else of ``$HSU_TOKEN_FILE`` when set; docs/auth.md).
+    Use it as ``async with`` or ``await ch.close()``.
     """
     address = control_address(kernel)
-    return RoutedChannel(_RemoteResolver(address), plugins)
+    tls = TLSConfig.from_env() if tls is None else tls
+    metadata = bearer(token, token_file)
+    return RoutedChannel(_RemoteResolver(address, tls, metadata), plugins)
 
 
 class _Resolver:
@@ -287,8 +304,11 @@ class _Streaming(_Call):
 class _RemoteResolver(_Resolver):
     """Routes from a kernel over its API: Resolve, then WatchEndpoints."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, tls: TLSConfig | None = None, metadata: Metadata = ()):
         self.address = address
+        self.tls = tls
+        #: the caller's credential, sent with each call to the kernel
+        self.metadata = metadata or None
         self.channel: RoutedChannel | None = None
         self._kernel_channel: grpc.aio.Channel | None = None
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -297,7 +317,7 @@ class _RemoteResolver(_Resolver):
         from hsu.kernel.v1 import kernel_pb2_grpc
 
         if self._kernel_channel is None:
-            self._kernel_channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._kernel_channel = aio_channel(self.address, self.tls, CHANNEL_OPTIONS)
         return kernel_pb2_grpc.KernelStub(self._kernel_channel)
 
     async def _resolve(self, interface: str, ensure: bool, timeout: float | None) -> Any:
@@ -307,6 +327,7 @@ class _RemoteResolver(_Resolver):
             return await self._stub().Resolve(
                 kernel_pb2.ResolveRequest(interface=interface, ensure=ensure),
                 timeout=START_TIMEOUT if timeout is None else timeout,
+                metadata=self.metadata,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND:
@@ -349,7 +370,8 @@ class _RemoteResolver(_Resolver):
         while True:
             try:
                 stream = self._stub().WatchEndpoints(
-                    kernel_pb2.WatchEndpointsRequest(interface=route.interface)
+                    kernel_pb2.WatchEndpointsRequest(interface=route.interface),
+                    metadata=self.metadata,
                 )
                 async for update in stream:
                     backoff = 0.1

@@ -22,6 +22,7 @@ call objects' extras (``with_call``, ``future``) are not offered.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ import grpc
 from loguru import logger
 
 from hsu.client.aio import START_TIMEOUT, control_address
+from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
     CHANNEL_OPTIONS,
     Caller,
@@ -47,17 +49,30 @@ from hsu.client.route import (
 )
 from hsu.errors import HsuError
 from hsu.ports import Endpoint
+from hsu.tls import TLSConfig
+from hsu.tls import channel as tls_channel
 
 
 def connect_sync(
-    kernel: str | None = None, *, plugins: Factories | None = None
+    kernel: str | None = None,
+    *,
+    plugins: Factories | None = None,
+    tls: TLSConfig | None = None,
+    token: str | None = None,
+    token_file: str | os.PathLike[str] | None = None,
 ) -> SyncRoutedChannel:
     """A blocking routed channel through the kernel at ``kernel`` (default:
     its control address: ``$HSU_CONTROL``,
-    ``$HSU_KERNEL_ADDRESS``, else the one kernel running as this user). Use it as ``with`` or
+    ``$HSU_KERNEL_ADDRESS``, else the one kernel running as this user). ``tls``,
+    ``token`` and ``token_file`` as for :func:`hsu.connect`. Use it as ``with`` or
     call :meth:`SyncRoutedChannel.close`."""
     address = control_address(kernel)
-    return SyncRoutedChannel(address, plugins)
+    return SyncRoutedChannel(
+        address,
+        plugins,
+        tls=TLSConfig.from_env() if tls is None else tls,
+        metadata=bearer(token, token_file),
+    )
 
 
 class NoInstance(grpc.RpcError):  # type: ignore[misc]
@@ -79,8 +94,17 @@ class NoInstance(grpc.RpcError):  # type: ignore[misc]
 class SyncRoutedChannel:
     """Duck-types ``grpc.Channel`` for generated (blocking) stubs."""
 
-    def __init__(self, kernel: str, plugins: Factories | None = None):
+    def __init__(
+        self,
+        kernel: str,
+        plugins: Factories | None = None,
+        *,
+        tls: TLSConfig | None = None,
+        metadata: Metadata = (),
+    ):
         self.kernel = kernel
+        #: the caller's credential, sent with each call to the kernel
+        self._metadata = metadata or None
         self._plugins = plugins
         self._lock = threading.Lock()
         #: notified (under its own lock) of every change of a route
@@ -93,7 +117,7 @@ class SyncRoutedChannel:
             watch=self._watch_ejected,
             wait=self._wait,
         )
-        self._kernel_channel = grpc.insecure_channel(kernel, options=CHANNEL_OPTIONS)
+        self._kernel_channel = tls_channel(kernel, tls, CHANNEL_OPTIONS)
         self._channels: dict[str, grpc.Channel] = {}
         self._routes: dict[str, Route] = {}
         self._watches: list[Any] = []
@@ -148,6 +172,7 @@ class SyncRoutedChannel:
             return stub.Resolve(
                 kernel_pb2.ResolveRequest(interface=interface, ensure=True),
                 timeout=START_TIMEOUT if timeout is None else timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND:
@@ -184,7 +209,8 @@ class SyncRoutedChannel:
         backoff = 0.1
         while not self._closed:
             stream = stub.WatchEndpoints(
-                kernel_pb2.WatchEndpointsRequest(interface=route.interface)
+                kernel_pb2.WatchEndpointsRequest(interface=route.interface),
+                metadata=self._metadata,
             )
             self._watches.append(stream)
             try:

@@ -55,6 +55,7 @@ from hsu.client.route import (
     until_connected,
 )
 from hsu.errors import HsuError, NoSuchUnit
+from hsu.identity import METADATA as IDENTITY_METADATA
 from hsu.ports import Endpoint, KernelAPI, RpcHandler
 
 #: the name a kernel's gateway is registered under (``kernel.plugin(PLANE)``)
@@ -73,6 +74,10 @@ REPLAY_BYTES = 4 * 2**20
 #: metadata a proxy must not copy: HTTP/2 and gRPC's own
 HOP_KEYS = frozenset({"user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding",
                       "grpc-accept-encoding", "grpc-message-type"})  # fmt: skip
+#: with auth on, the caller's credential stays with the kernel
+HOP_KEYS_AUTH = HOP_KEYS | {"authorization"}
+#: metadata only the kernel sets: a caller's is dropped (``hsu.identity``)
+IDENTITY_PREFIX = IDENTITY_METADATA
 #: a proxy does not limit message sizes: the two ends do
 CHANNEL_OPTIONS = (
     *LOCAL_CHANNEL_OPTIONS,
@@ -85,6 +90,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
     """The kernel's catch-all handler; see the module docstring."""
 
     def __init__(self, kernel: KernelAPI):
+        self._kernel = kernel
         self._routes = kernel.routes
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._handlers: dict[str, Any] = {}
@@ -241,10 +247,13 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         raise AssertionError("unreachable")
 
     def _call_key(self, route: Route, context: Any) -> tuple[tuple[tuple[str, Any], ...], Any]:
+        # what a caller says of its identity is dropped: the kernel's own
+        # (signed) is added per instance; the credential is the kernel's alone
+        drop = HOP_KEYS if self._kernel.caller_identity() is None else HOP_KEYS_AUTH
         metadata = tuple(
             (k, v)
             for k, v in (context.invocation_metadata() or ())
-            if k not in HOP_KEYS and not k.startswith(":")
+            if k not in drop and not k.startswith((":", IDENTITY_PREFIX))
         )
         hk = route.policy.hash_key
         key = next((v for k, v in metadata if k == hk), None)
@@ -277,6 +286,16 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
     def _ensure(self, context: Any) -> Callable[[Route, float | None], Awaitable[Route]]:
         return lambda route, _left: self._route(route.interface, context)
 
+    def _for(
+        self, ep: Endpoint, metadata: tuple[tuple[str, Any], ...]
+    ) -> tuple[tuple[str, Any], ...]:
+        """The metadata for a try at ``ep``: the caller's identity, signed for it."""
+        caller = self._kernel.caller_identity()
+        if caller is None:
+            return metadata
+        signed = self._kernel.forward_identity(caller, ep.instance_id)
+        return metadata if signed is None else (*metadata, (IDENTITY_METADATA, signed))
+
     async def _unary(self, method: str, interface: str, request: bytes, context: Any) -> bytes:
         """A unary call: the request is one message, so any try can replay it."""
         tries, metadata = await self._tries(method, interface, context)
@@ -287,7 +306,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                 mc = self._unary_calls[ep.address, method] = self.channel(ep.address).unary_unary(
                     method
                 )
-            call = mc(request, timeout=context.time_remaining(), metadata=metadata)
+            call = mc(request, timeout=context.time_remaining(), metadata=self._for(ep, metadata))
             reply: bytes = await call
             initial = await call.initial_metadata()
             if initial:
@@ -313,13 +332,14 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         def attempt(ep: Endpoint) -> AsyncIterator[bytes]:
             channel = self.channel(ep.address)
             timeout = context.time_remaining()
+            metadata_ep = self._for(ep, metadata)
             if reqs is None:
-                call = channel.unary_stream(method)(request, timeout=timeout, metadata=metadata)
+                call = channel.unary_stream(method)(request, timeout=timeout, metadata=metadata_ep)
             else:
                 if interface not in self._learning:
                     self._learn(interface, ep.address)
                 call = channel.stream_stream(method)(
-                    reqs.stream(), timeout=timeout, metadata=metadata
+                    reqs.stream(), timeout=timeout, metadata=metadata_ep
                 )
             return _relay(call, context)
 

@@ -702,6 +702,40 @@ def structure_sections(deployment: Deployment, classes: Mapping[str, type[Any]])
 
 
 @attrs.frozen
+class TLSSettings:
+    """``kernel.tls``: TLS, and with ``client_ca`` mutual TLS, on the data
+    plane and on a TCP control plane (a unix control socket stays plaintext:
+    its file mode guards it). Paths are relative to the deployment file; the
+    files are read again when they change, so a rotated certificate is served
+    to new connections without a restart."""
+
+    #: PEM certificate chain the kernel presents (its leaf first)
+    cert: str
+    #: PEM private key of ``cert``
+    key: str
+    #: PEM bundle of the CAs whose client certificates are accepted (mTLS)
+    client_ca: str | None = None
+    #: refuse a client without a certificate from ``client_ca``; default: true
+    #: when ``client_ca`` is given (grpcio either requires and verifies a
+    #: client certificate or does not ask for one)
+    require_client_cert: bool | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.require_client_cert and not self.client_ca:
+            raise ValueError("require_client_cert: true needs client_ca (the CAs to verify with)")
+        if self.client_ca and self.require_client_cert is False:
+            raise ValueError(
+                "client_ca with require_client_cert: false: grpcio cannot ask for an optional"
+                " client certificate; leave require_client_cert out or drop client_ca"
+            )
+
+    @property
+    def mutual(self) -> bool:
+        """Client certificates are required and verified against ``client_ca``."""
+        return self.client_ca is not None
+
+
+@attrs.frozen
 class KernelSettings:
     """The ``kernel`` section of a deployment."""
 
@@ -716,6 +750,8 @@ class KernelSettings:
     #: allow a control or data address off loopback with nothing
     #: authenticating callers (logged as a warning at every start)
     insecure: bool = False
+    #: TLS (and mTLS) on the data plane and a TCP control plane: see ``TLSSettings``
+    tls: TLSSettings | None = None
     #: seconds calls in flight get to finish when the kernel drains
     drain_grace: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     #: how many of the kernel's own log records StreamLogs can replay
