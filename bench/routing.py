@@ -125,6 +125,8 @@ class KernelProc:
     def __init__(self, tag: str, *, start: str, min_instances: int, nginx: bool = False):
         self.dir = Path(tempfile.mkdtemp(prefix=f"hb-route-{tag}-"))
         self.address = f"127.0.0.1:{free_port()}"
+        #: the Kernel API's socket (the control plane)
+        self.control = f"unix:{self.dir}/control.sock"
         #: the nginx data plane's address ("" without one)
         self.nginx = f"127.0.0.1:{free_port()}" if nginx else ""
         self.start_mode = start
@@ -142,6 +144,7 @@ class KernelProc:
             name: bench-routing
             kernel:
               address: {self.address}
+              control: {self.control}
               drain_grace: 1
             units:
               {UNIT}:
@@ -168,7 +171,7 @@ class KernelProc:
         )
         out.close()
         TRACKER.add([self.proc.pid])
-        self.channel = grpc.insecure_channel(self.address, options=PLAIN_OPTIONS)
+        self.channel = grpc.insecure_channel(self.control, options=PLAIN_OPTIONS)
 
     @property
     def stub(self) -> Any:
@@ -404,7 +407,7 @@ async def _throughput(
     raw_ch = grpc.aio.insecure_channel(hsu_address, options=PLAIN_OPTIONS)
     gw_ch = grpc.aio.insecure_channel(kernel.address, options=PLAIN_OPTIONS)
     nginx_ch = grpc.aio.insecure_channel(kernel.nginx or kernel.address, options=PLAIN_OPTIONS)
-    routed_ch = hsu.connect(kernel.address)
+    routed_ch = hsu.connect(kernel.control)
     calls = {
         "raw": echo_pb2_grpc.EchoStub(raw_ch).Echo,
         "routed": echo_pb2_grpc.EchoStub(routed_ch).Echo,
@@ -508,7 +511,7 @@ async def first_routed(kernel: KernelProc) -> First:
         raise RuntimeError("the kernel already has an instance before the first call")
     wall0 = time.time()
     t0 = time.perf_counter()
-    channel = hsu.connect(kernel.address)
+    channel = hsu.connect(kernel.control)
     try:
         reply = await echo_pb2_grpc.EchoStub(channel).Echo(REQUEST, timeout=60)
         t1 = time.perf_counter()

@@ -222,8 +222,16 @@ class Hsu(Daemon):
     def address(self) -> str:
         return f"unix:{self.dir}/kernel.sock"
 
+    @property
+    def control(self) -> str:
+        """The Kernel API's socket (the data plane is ``address``)."""
+        return f"unix:{self.dir}/control.sock"
+
     def argv(self) -> list[str]:
-        return [_bin("hsu"), "run", "deployment.yaml", "--address", self.address]
+        return [
+            _bin("hsu"), "run", "deployment.yaml", "--address", self.address,
+            "--control", self.control,
+        ]  # fmt: skip
 
     def write_config(self) -> None:
         restart = textwrap.indent(
@@ -460,7 +468,7 @@ def bench_kills(kills: int) -> Samples:
             d.start()
         for d in daemons:
             d.wait_running()
-        events = EventLog(h.address)
+        events = EventLog(h.control)
         for unit in ("sleeper", "echo"):
             events.first(lambda e, u=unit: e.unit == u and e.to_state == "ready", 30)
         rpc = sv.rpc()
