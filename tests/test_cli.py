@@ -23,6 +23,7 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
         ("gateway", "default", "active"),
         ("mtls", "default", "active"),
         ("overrides", "default", "active"),
+        ("peercred", "default", "active"),
         ("probes", "default", "active"),
         ("rbac", "default", "active"),
         ("registry_memory", "default", "active"),

@@ -22,6 +22,7 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
         ("gateway", "default", "active", "hsu"),
         ("mtls", "default", "active", "hsu"),
         ("overrides", "default", "active", "hsu"),
+        ("peercred", "default", "active", "hsu"),
         ("probes", "default", "active", "hsu"),
         ("rbac", "default", "active", "hsu"),
         ("registry_memory", "default", "active", "hsu"),

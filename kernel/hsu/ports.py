@@ -47,6 +47,7 @@ __all__ = [
     "Layer",
     "Origin",
     "PathT",
+    "PeerCredentials",
     "Probe",
     "ProbeResult",
     "ProbeTarget",
@@ -393,6 +394,20 @@ class Identity:
 
 
 @attrs.frozen
+class PeerCredentials:
+    """Who opened a connection to the kernel's unix control socket, as the
+    operating system told the kernel when it accepted it (``SO_PEERCRED``):
+    the connecting process's pid and effective uid and gid then, and its
+    supplementary groups (``SO_PEERGROUPS``; empty where the system does not
+    say)."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+@attrs.frozen
 class CallInfo:
     """One call, as an :class:`Authenticator` sees it."""
 
@@ -407,6 +422,10 @@ class CallInfo:
     #: what the transport proved (``context.auth_context()``): under TLS the
     #: client certificate's ``x509_subject_alternative_name``, ``x509_common_name``, ...
     auth_context: Mapping[str, tuple[bytes, ...]] = attrs.field(factory=dict)
+    #: who is at the other end, for a call on the unix control socket
+    #: (docs/auth.md, ``peercred``); None on TCP, or when the kernel does not
+    #: read them (auth off)
+    peer_credentials: PeerCredentials | None = None
 
     def header(self, key: str) -> str | bytes | None:
         """The first value of metadata ``key`` (lower case), or None."""
@@ -431,6 +450,14 @@ class Authenticator(Protocol):
         the answer per connection and credential for a few seconds, so it is
         not asked on every call. Anything else it raises refuses the call
         (fail closed) and is logged once per cause.
+
+        Two optional attributes tell the kernel more: ``metadata_keys``
+        (the metadata keys it reads; the cache keys on their values only)
+        and ``socket_mode`` (an int, with ``socket_group``, a gid or None):
+        an authenticator that tells the callers of the unix control socket
+        apart by their :class:`PeerCredentials` may let other users open
+        the socket (``0o660``, ``0o666``); the kernel applies the mode when
+        it starts (docs/auth.md).
         """
         ...
 

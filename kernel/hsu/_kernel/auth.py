@@ -34,7 +34,15 @@ from loguru import logger
 
 from hsu import identity as forwarded
 from hsu.errors import HsuError, Unauthenticated
-from hsu.ports import Authenticator, Authorizer, AuthSettings, CallInfo, Decision, Identity
+from hsu.ports import (
+    Authenticator,
+    Authorizer,
+    AuthSettings,
+    CallInfo,
+    Decision,
+    Identity,
+    PeerCredentials,
+)
 
 if TYPE_CHECKING:
     from hsu._kernel.kernel import Kernel
@@ -219,8 +227,22 @@ class AuthGate:
         #: signed hsu-identity values: (id(identity), instance) -> (identity, value, until)
         self._signed: dict[tuple[int, str], tuple[Identity, str, float]] = {}
         self.log_once = _Once()
+        #: the peer credentials of the control socket's connections, by gRPC
+        #: peer (filled by hsu._kernel.peercred when the kernel reads them)
+        self.peers: Mapping[str, PeerCredentials] = {}
         self._seen: object = None
         self._chain = self._current()
+
+    def socket_access(self) -> tuple[int, int | None]:
+        """The unix control socket's mode and group: 0600 and None, unless an
+        authenticator that tells its callers apart widens them
+        (``socket_mode``, ``socket_group``; the first that says)."""
+        for _, authn in self._chain.authenticators:
+            mode = getattr(authn, "socket_mode", None)
+            if isinstance(mode, int) and mode != 0o600:
+                group = getattr(authn, "socket_group", None)
+                return mode, group if isinstance(group, int) else None
+        return 0o600, None
 
     # -- the chain in force ---------------------------------------------------
 
@@ -253,7 +275,8 @@ class AuthGate:
         metadata = tuple(context.invocation_metadata() or ())
         peer = context.peer()
         transport = _transport(context)
-        call = CallInfo(method, metadata, peer, plane, transport)
+        creds = self.peers.get(peer) if plane == "control" else None
+        call = CallInfo(method, metadata, peer, plane, transport, creds)
         try:
             ident = self.instance.authenticate(call)
         except Unauthenticated as exc:

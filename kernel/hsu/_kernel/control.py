@@ -128,15 +128,17 @@ def unix_path(address: str) -> str | None:
     return address[5:] if address.startswith("unix:") else None
 
 
-def prepare_socket(address: str) -> None:
-    """Before binding: the socket's directory is private, and a stale socket goes.
+def prepare_socket(address: str, *, private_dir: bool = True) -> None:
+    """Before binding: the socket's directory is private (unless not
+    ``private_dir``: the caller checked it), and a stale socket goes.
 
     A live socket (a kernel answers there) is an error rather than stolen.
     """
     path = unix_path(address)
     if path is None:
         return
-    secure_dir(Path(path).parent)
+    if private_dir:
+        secure_dir(Path(path).parent)
     if not os.path.lexists(path):
         return
     if not stat.S_ISSOCK(os.lstat(path).st_mode):

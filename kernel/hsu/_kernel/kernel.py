@@ -898,12 +898,14 @@ class Kernel:
     ) -> None:
         """A registered address is on this host and is not the kernel's own:
         loopback, a unix socket in ``dirs``, or one of ``also`` (declared)."""
+        # the control server's own socket behind the peercred proxy, too
+        internal = self._server.internal if self._server is not None else ""
         try:
             validate.local_address(
                 address,
                 dirs=dirs,
                 also=also,
-                never=tuple(a for a in (self.address, self.control_address) if a),
+                never=tuple(a for a in (self.address, self.control_address, internal) if a),
             )
         except InvalidValue as exc:
             raise InvalidValue(f"Register: {exc}") from None

@@ -4,6 +4,7 @@ reflection) and the data plane plugins serve (the gateway)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -11,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hsu import validate
-from hsu._kernel import auth
+from hsu._kernel import auth, peercred
 from hsu._kernel.config.model import TLSSettings
 from hsu._kernel.control import lock_socket, prepare_socket
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer, StreamLimit, timestamp
@@ -362,6 +363,12 @@ class KernelServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.services = (KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE)
         reflection.enable_server_reflection((*self.services, reflection.SERVICE_NAME), self.server)
+        #: the control socket's front when the kernel reads who connects
+        #: (auth on, a unix control socket): hsu._kernel.peercred
+        self.proxy: peercred.PeerProxy | None = None
+        #: the control server's internal socket behind the proxy ("" without)
+        self.internal = ""
+        self._internal_dir: Path | None = None
         self.data: grpc.aio.Server | None = None
         self.data_health: health.aio.HealthServicer | None = None
         handlers = kernel.plugins.kernel_handlers(kernel)
@@ -393,15 +400,35 @@ class KernelServer:
                 " gateway with kernel.tls"
             )
         base = self.kernel.deployment.base_dir
-        prepare_socket(control)
-        bound_control = await _listen(self.server, control, "control", tls, base)
-        lock_socket(control)
+        if self.auth is not None and control.startswith("unix:"):
+            bound_control = await self._listen_proxied(control)
+        else:
+            prepare_socket(control)
+            bound_control = await _listen(self.server, control, "control", tls, base)
+            lock_socket(control)
         bound_data = ""
         if self.data is not None:
             prepare_socket(data)
             bound_data = await _listen(self.data, data, "address", tls, base)
         await self.set_serving(False)
         return bound_control, bound_data
+
+    async def _listen_proxied(self, control: str) -> str:
+        """The gRPC server on an internal socket in the state dir, and the
+        proxy that reads each caller's credentials on ``control``."""
+        assert self.auth is not None
+        mode, group = self.auth.socket_access()
+        state_dir = self.kernel.state_dir
+        peercred.prepare(control, state_dir, widened=mode != 0o600)
+        internal, self._internal_dir = peercred.internal_socket(state_dir)
+        self.internal = internal
+        prepare_socket(internal)
+        await _listen(self.server, internal, "control")
+        lock_socket(internal)
+        self.proxy = peercred.PeerProxy(control, internal)
+        self.auth.peers = self.proxy.peers
+        await self.proxy.start(mode, group)
+        return control
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -420,9 +447,16 @@ class KernelServer:
             await self.data_health.enter_graceful_shutdown()
 
     async def stop(self, grace: float) -> None:
+        if self.proxy is not None:
+            self.proxy.stop_listening()  # calls in flight finish through it
         if self.data is not None:
             await self.data.stop(grace)
         await self.server.stop(grace)
+        if self.proxy is not None:
+            await self.proxy.close()
+        if self.internal:
+            peercred.cleanup(self.internal, self._internal_dir)
+            self._internal_dir = None
 
 
 async def _listen(

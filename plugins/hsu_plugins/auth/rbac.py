@@ -10,7 +10,8 @@ identity's roles matches its method (and, for a scoped grant, the call is
 about one of the grant's units); else this authorizer abstains, and a call
 no authorizer allows is refused, naming a role that would have allowed it.
 
-Shipped roles (a role of the same name in the settings replaces one):
+Shipped roles (:data:`hsu.roles.ROLES`; a role of the same name in the settings
+replaces one):
 
 - ``read``: Kernel Status, ListInstances, WatchEvents, ListPlugins; Core
   StreamLogs, Ping, Info
@@ -36,7 +37,6 @@ Settings, section ``rbac``::
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,22 +44,10 @@ import attrs
 
 import hsu
 from hsu.ports import Authorizer, Decision, Identity, KernelAPI, Register
+from hsu.roles import ROLES, RoleTable
 
 NAME = "rbac"
-KERNEL = "hsu.kernel.v1.Kernel/"
-CORE = "hsu.core.v1.Core/"
-
-#: the roles rbac ships with
-ROLES: Mapping[str, tuple[str, ...]] = {
-    "read": (
-        *(KERNEL + m for m in ("Status", "ListInstances", "WatchEvents", "ListPlugins")),
-        *(CORE + m for m in ("StreamLogs", "Ping", "Info")),
-    ),
-    "control": tuple(KERNEL + m for m in ("Scale", "Start", "Stop", "Restart", "Reload")),
-    "register": tuple(KERNEL + m for m in ("Register", "Deregister", "ReportLoad")),
-    "route": tuple(KERNEL + m for m in ("Resolve", "WatchEndpoints")),
-    "admin": (CORE + "Shutdown",),
-}
+__all__ = ["ROLES", "Grant", "Rbac", "RbacSettings"]
 #: at most this many decisions remembered
 MEMO_SIZE = 8192
 
@@ -88,12 +76,7 @@ class Rbac:
     """Satisfies :class:`hsu.ports.Authorizer` (see the module docstring)."""
 
     def __init__(self, settings: RbacSettings):
-        roles = {**ROLES, **settings.roles}
-        #: role -> one compiled pattern of its globs
-        self._roles = {
-            name: re.compile("|".join(fnmatch.translate(g) for g in globs) or r"(?!)")
-            for name, globs in roles.items()
-        }
+        self._roles = RoleTable(settings.roles)
         self._grants = settings.grants
         self._memo: dict[tuple[Any, ...], Decision] = {}
 
@@ -109,10 +92,6 @@ class Rbac:
                 held.extend((role, grant.units) for role in grant.roles)
         return held
 
-    def _matches(self, role: str, method: str) -> bool:
-        pattern = self._roles.get(role)
-        return pattern is not None and pattern.match(method.lstrip("/")) is not None
-
     def authorize(self, identity: Identity, method: str, unit: str | None) -> Decision:
         key = (identity.name, identity.kind, identity.roles, method, unit)
         known = self._memo.get(key)
@@ -120,7 +99,7 @@ class Rbac:
             return known
         decision = Decision.ABSTAIN
         for role, units in self._held(identity):
-            if self._matches(role, method) and (not units or unit in units):
+            if self._roles.allows(role, method) and (not units or unit in units):
                 decision = Decision.ALLOW
                 break
         if len(self._memo) >= MEMO_SIZE:
@@ -130,7 +109,7 @@ class Rbac:
 
     def missing_role(self, identity: Identity, method: str, unit: str | None) -> str | None:
         """A role that would allow the call (the first, by name)."""
-        return next((r for r in sorted(self._roles) if self._matches(r, method)), None)
+        return self._roles.role_for(method)
 
 
 @hsu.hookimpl
