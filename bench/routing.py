@@ -246,7 +246,7 @@ class KernelProc:
         """Wait until nginx's configuration sends calls straight to ``address``."""
         conf = self.dir / ".hsu/bench-routing/nginx/nginx.conf"
         deadline = time.monotonic() + timeout
-        while f"server {address}" not in conf.read_text():
+        while f'server "{address}"' not in conf.read_text():  # the renderer quotes
             self._check_alive()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nginx never routed to {address}:\n{self.log_tail()}")
