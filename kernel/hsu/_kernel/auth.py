@@ -226,6 +226,9 @@ class AuthGate:
         self._cache = collections.OrderedDict()
         #: signed hsu-identity values: (id(identity), instance) -> (identity, value, until)
         self._signed: dict[tuple[int, str], tuple[Identity, str, float]] = {}
+        #: (id(identity), method, unit) -> (identity, chain, None or (code, message))
+        self._decisions: collections.OrderedDict[tuple[int, str, str | None], Any]
+        self._decisions = collections.OrderedDict()
         self.log_once = _Once()
         #: the peer credentials of the control socket's connections, by gRPC
         #: peer (filled by hsu._kernel.peercred when the kernel reads them)
@@ -321,12 +324,35 @@ class AuthGate:
     # -- authorization -----------------------------------------------------------
 
     def authorize(self, identity: Identity, method: str, unit: str | None) -> None:
-        """Return if ``identity`` may call ``method`` about ``unit``, else :class:`Refused`."""
+        """Return if ``identity`` may call ``method`` about ``unit``, else :class:`Refused`.
+
+        A decision is reused while the identity (the object the authentication
+        cache hands out) and the chain (the settings in force) are the same:
+        a gateway's calls of one connection pay one dictionary lookup."""
         if identity.kind == "instance" and method in INSTANCE_METHODS:
             return
         if method.startswith(IDENTIFIED_PREFIXES):
             return
         chain = self._chain
+        key = (id(identity), method, unit)
+        hit = self._decisions.get(key)
+        if hit is not None and hit[0] is identity and hit[1] is chain:
+            if hit[2] is None:
+                return
+            raise Refused(*hit[2])
+        try:
+            self._decide(chain, identity, method, unit)
+        except Refused as refused:
+            self._remember(key, (identity, chain, (refused.code, refused.message)))
+            raise
+        self._remember(key, (identity, chain, None))
+
+    def _remember(self, key: tuple[int, str, str | None], decision: Any) -> None:
+        self._decisions[key] = decision
+        if len(self._decisions) > CACHE_SIZE:
+            self._decisions.popitem(last=False)
+
+    def _decide(self, chain: Chain, identity: Identity, method: str, unit: str | None) -> None:
         allowed = False
         denied_by = ""
         for name, authz in chain.authorizers:
