@@ -13,7 +13,6 @@ serving the last good one and logs the problem once per change.
 from __future__ import annotations
 
 import os
-import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -111,6 +110,8 @@ def _read(path: Path, what: str) -> bytes:
 def _check_pair(cert: Path, key: Path, client_ca: Path | None) -> None:
     """The key matches the certificate and the CA bundle parses (stdlib ssl),
     so that grpcio is never handed a pair that fails every handshake."""
+    import ssl  # here: a kernel without kernel.tls does not pay for it at start
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(cert, key)
