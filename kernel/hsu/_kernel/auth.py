@@ -494,13 +494,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, gate: AuthGate, plane: str):
         self.gate = gate
         self.plane = plane
+        #: method -> (the handler, its wrapped handler): the servicers and the
+        #: gateway hand out the same handler for a method, so it is wrapped once
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
         method: str = details.method
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        return self._wrap(handler, method)
+        hit = self._wrapped.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = self._wrap(handler, method)
+        if len(self._wrapped) < CACHE_SIZE:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, handler: Any, method: str) -> Any:
         gate, plane = self.gate, self.plane
