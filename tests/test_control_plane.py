@@ -276,3 +276,22 @@ async def test_reloads_are_rate_limited(hsu_kernel_factory) -> None:
     assert codes[:5] == ["FAILED_PRECONDITION"] * 5
     assert "RESOURCE_EXHAUSTED" in codes[5:]
     assert kernel.state is hsu.KernelState.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("control", "unix:/tmp/elsewhere.sock"), ("insecure", True)]
+)
+async def test_a_reload_that_moves_or_opens_the_control_plane_is_refused(
+    hsu_kernel_factory, tmp_path: Path, key: str, value: object
+) -> None:
+    from hsu._kernel.config.model import deployment_from_dict
+
+    kernel = await hsu_kernel_factory(deployment())
+    moved = deployment_from_dict(
+        {**deployment(), "kernel": {key: value}}, source="d.yaml", base_dir=str(tmp_path)
+    )
+    with pytest.raises(hsu.ConfigError, match=rf"kernel\.{key}: changed; it applies when"):
+        await kernel.reload(moved)
+    assert kernel.kernel_settings.control is None and not kernel.kernel_settings.insecure
+    async with grpc.aio.insecure_channel(kernel.control_address) as ch:
+        await core_pb2_grpc.CoreStub(ch).Ping(core_pb2.PingRequest())

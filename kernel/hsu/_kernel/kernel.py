@@ -1112,7 +1112,10 @@ class Kernel:
             problems.extend(exc.problems)
         if settings:
             ks: KernelSettings = settings["kernel"]
-            for key in ("address", "state_dir", "reattach", "registry", "gateway", "tls"):
+            for key in (
+                "address", "control", "insecure", "state_dir", "reattach", "registry", "gateway",
+                "tls",
+            ):  # fmt: skip
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
                     problems.append(
                         f"{new.source}: kernel.{key}: changed; it applies when the kernel"
