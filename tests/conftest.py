@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DISTS = Path(__file__).resolve().parent / "dists"
 HSU = [sys.executable, "-m", "hsu"]
 PR_SET_CHILD_SUBREAPER = 36
+#: the runtime dir this pytest session made (removed at its end)
+RUNTIME_DIR = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,13 +35,15 @@ def pytest_configure(config: pytest.Config) -> None:
         import tempfile
 
         os.environ["HSU_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="hsu-run-")
+        config.stash[RUNTIME_DIR] = os.environ["HSU_RUNTIME_DIR"]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     import shutil
 
-    run = os.environ.get("HSU_RUNTIME_DIR", "")
-    if os.path.basename(run).startswith("hsu-run-"):
+    # only the one this session made (a pytest run inside a test inherits it)
+    run = config.stash.get(RUNTIME_DIR, None)
+    if run is not None:
         shutil.rmtree(run, ignore_errors=True)
 
 

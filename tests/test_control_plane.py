@@ -44,7 +44,9 @@ def deployment(name: str = "ctl") -> dict:
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A deployment folder any user may enter: only the kernel's own modes
-    stand between another user and its socket (pytest's tmp dirs are 0700)."""
+    stand between another user and its socket (pytest's tmp dirs are 0700).
+    Ask for it before ``hsu_kernel_factory``, so that it is removed after the
+    kernels have stopped (a stopping kernel still writes its state dir)."""
     path = Path(tempfile.mkdtemp(prefix="hsu-ctl-"))
     path.chmod(0o777)
     yield path
@@ -99,7 +101,7 @@ def attack(*addresses: str) -> dict[str, str]:
 
 
 async def test_the_control_socket_is_private_whatever_the_umask(
-    hsu_kernel_factory, open_dir: Path, umask_000: None
+    open_dir: Path, umask_000: None, hsu_kernel_factory
 ) -> None:
     kernel = await hsu_kernel_factory(deployment(), base_dir=str(open_dir))
     path = control.unix_path(kernel.control_address)
@@ -113,7 +115,7 @@ async def test_the_control_socket_is_private_whatever_the_umask(
 
 
 async def test_another_user_reaches_no_control_rpc(
-    hsu_kernel_factory, open_dir: Path, umask_000: None
+    open_dir: Path, umask_000: None, hsu_kernel_factory
 ) -> None:
     kernel = await hsu_kernel_factory(deployment(), base_dir=str(open_dir))
     await kernel.instance_for(ECHO)
@@ -295,3 +297,13 @@ async def test_a_reload_that_moves_or_opens_the_control_plane_is_refused(
     assert kernel.kernel_settings.control is None and not kernel.kernel_settings.insecure
     async with grpc.aio.insecure_channel(kernel.control_address) as ch:
         await core_pb2_grpc.CoreStub(ch).Ping(core_pb2.PingRequest())
+
+
+def test_a_flag_names_the_kernel_before_the_environment_does(tmp_path: Path) -> None:
+    path = tmp_path / "alpha.yaml"
+    path.write_text("name: alpha\nunits: {}\n")
+    env = {"HSU_CONTROL": "unix:/elsewhere.sock", "HSU_KERNEL_ADDRESS": "unix:/other.sock"}
+    mine = f"unix:{tmp_path.absolute() / '.hsu' / 'alpha' / 'control.sock'}"
+    assert control.resolve(deployment=str(path), env=env) == mine
+    assert control.resolve("unix:/given.sock", env=env) == "unix:/given.sock"
+    assert control.resolve(env=env) == "unix:/elsewhere.sock"

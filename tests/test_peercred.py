@@ -150,7 +150,7 @@ def attrs_free(creds: PeerCredentials) -> PeerCredentials:
 
 
 async def test_another_user_gets_nothing_on_a_socket_open_to_everyone(
-    hsu_kernel_factory, open_dir: Path
+    open_dir: Path, hsu_kernel_factory
 ) -> None:
     control = f"unix:{open_dir}/run/ctl.sock"
     kernel = await hsu_kernel_factory(
@@ -167,7 +167,7 @@ async def test_another_user_gets_nothing_on_a_socket_open_to_everyone(
 
 
 async def test_a_grant_gives_another_user_its_roles_and_no_more(
-    hsu_kernel_factory, open_dir: Path
+    open_dir: Path, hsu_kernel_factory
 ) -> None:
     control = f"unix:{open_dir}/run/ctl.sock"
     kernel = await hsu_kernel_factory(
@@ -286,7 +286,7 @@ print(closed)
 
 
 async def test_another_user_cannot_take_every_connection(
-    hsu_kernel_factory, open_dir: Path
+    open_dir: Path, hsu_kernel_factory
 ) -> None:
     control = f"unix:{open_dir}/run/ctl.sock"
     kernel = await hsu_kernel_factory(
@@ -320,7 +320,7 @@ async def test_another_user_cannot_take_every_connection(
 
 
 async def test_a_widened_socket_in_a_directory_others_may_write_is_refused(
-    hsu_kernel_factory, open_dir: Path
+    open_dir: Path, hsu_kernel_factory
 ) -> None:
     os.chmod(open_dir, 0o777)
     with pytest.raises(HsuError, match="writable by other users"):

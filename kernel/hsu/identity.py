@@ -25,6 +25,11 @@ from hsu.ports import Identity
 
 #: the metadata key of the forwarded identity
 METADATA = "hsu-identity"
+#: where a spawned instance finds its secret (the kernel sets it at spawn)
+ENV_TOKEN = "HSU_INSTANCE_TOKEN"
+#: the metadata an instance proves itself with to its kernel (Register,
+#: Deregister, ReportLoad), and the kernel to it (Core.Shutdown)
+TOKEN_METADATA = "hsu-instance-token"
 #: a forwarded identity older than this many seconds is not accepted
 MAX_AGE = 300.0
 

@@ -54,9 +54,9 @@ ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
 ENV_UNIT = "HSU_UNIT"
 ENV_INSTANCE_ID = "HSU_INSTANCE_ID"
 ENV_LISTEN = "HSU_LISTEN"
-ENV_INSTANCE_TOKEN = "HSU_INSTANCE_TOKEN"
-#: the gRPC metadata key that carries the instance's token, both ways
-TOKEN_METADATA = "hsu-instance-token"
+#: the instance's token, and the gRPC metadata key that carries it both ways
+ENV_INSTANCE_TOKEN = forwarded.ENV_TOKEN
+TOKEN_METADATA = forwarded.TOKEN_METADATA
 #: the one call of Core only the kernel may make
 SHUTDOWN_METHOD = "/hsu.core.v1.Core/Shutdown"
 DEFAULT_LISTEN = "127.0.0.1:0"

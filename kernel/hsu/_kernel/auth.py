@@ -34,6 +34,7 @@ from loguru import logger
 
 from hsu import identity as forwarded
 from hsu.errors import HsuError, Unauthenticated
+from hsu.identity import TOKEN_METADATA
 from hsu.ports import (
     Authenticator,
     Authorizer,
@@ -49,8 +50,6 @@ if TYPE_CHECKING:
 
 #: the settings section
 SECTION = "auth"
-#: the metadata an HSU proves itself with (hsu._kernel.supervision.instances)
-TOKEN_METADATA = "hsu-instance-token"
 #: never authenticated: load balancers and orchestrators probe health
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 #: need an identity, but no role: the service schema only

@@ -64,8 +64,8 @@ def _setup_logging(
 
 
 def _kernel_address(args: argparse.Namespace) -> str:
-    """The control address to call: --control, --kernel NAME, $HSU_CONTROL,
-    $HSU_KERNEL_ADDRESS, --deployment FILE, else the one running kernel."""
+    """The control address to call: --control, --kernel NAME, --deployment
+    FILE, $HSU_CONTROL, $HSU_KERNEL_ADDRESS, else the one running kernel."""
     from hsu._kernel import control
 
     return control.resolve(args.control, kernel=args.kernel, deployment=args.deployment)

@@ -3,9 +3,10 @@
 A kernel serves its API (``hsu.kernel.v1.Kernel`` and its own
 ``hsu.core.v1.Core``) on a unix socket in its state dir, mode 0600 in a
 0700 directory, so only its own user (and root) can connect. Clients find
-it in this order: an explicit address (``--control``), ``$HSU_CONTROL``,
-``$HSU_KERNEL_ADDRESS`` (what a kernel gives the HSUs it starts), a
-deployment file (its state dir), and last the per-user *runtime directory*,
+it in this order: what the command line says (``--control ADDRESS``,
+``--kernel NAME``, ``--deployment FILE``: its state dir), ``$HSU_CONTROL``,
+``$HSU_KERNEL_ADDRESS`` (what a kernel gives the HSUs it starts), and last
+the per-user *runtime directory*,
 where every running kernel leaves one small file naming its control
 address: ``$HSU_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/hsu``, else
 ``/tmp/hsu-<uid>``, each created 0700 and refused when another user owns it
@@ -250,11 +251,11 @@ def resolve(
         return explicit
     if kernel:
         return discover(kernel)
+    if deployment:  # a flag, so before the environment
+        return control_of(deployment)
     for var in ("HSU_CONTROL", "HSU_KERNEL_ADDRESS"):
         if env.get(var):
             return env[var]
-    if deployment:
-        return control_of(deployment)
     return discover()
 
 

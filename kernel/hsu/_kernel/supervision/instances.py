@@ -25,6 +25,8 @@ from collections.abc import Mapping
 import attrs
 
 from hsu._kernel.lifecycle import StateMachine
+from hsu.identity import ENV_TOKEN
+from hsu.identity import TOKEN_METADATA as TOKEN_METADATA
 from hsu.ports import ProcessHandle
 
 
@@ -50,11 +52,9 @@ INSTANCE_TRANSITIONS: Mapping[InstanceState, frozenset[InstanceState]] = {
 }
 
 
-#: the environment variable that hands a spawned instance its secret
-ENV_INSTANCE_TOKEN = "HSU_INSTANCE_TOKEN"
-#: the gRPC metadata key that carries it: on the instance's Register,
-#: Deregister and ReportLoad, and on the kernel's Core.Shutdown to it
-TOKEN_METADATA = "hsu-instance-token"
+#: the environment variable that hands a spawned instance its secret, and the
+#: gRPC metadata key that carries it (one definition: :mod:`hsu.identity`)
+ENV_INSTANCE_TOKEN = ENV_TOKEN
 
 
 def new_instance_id(unit: str) -> str:
