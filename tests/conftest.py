@@ -31,7 +31,8 @@ def pytest_configure(config: pytest.Config) -> None:
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     # kernels name their control address in a runtime dir of the session's,
     # not the user's (hsu._kernel.control)
-    if not os.environ.get("HSU_RUNTIME_DIR"):
+    # (an xdist worker makes its own: "the sole running kernel" is per worker)
+    if not os.environ.get("HSU_RUNTIME_DIR") or os.environ.get("PYTEST_XDIST_WORKER"):
         import tempfile
 
         os.environ["HSU_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="hsu-run-")
