@@ -266,8 +266,10 @@ class Kernel:
             if self.kernel_settings.watch_config:
                 self._background.append(asyncio.ensure_future(self._watch_config()))
             self.machine.move(KernelState.RUNNING)
-            await self._server.set_serving(True)
+            # SERVING once the plugins' started hooks are done: a data plane a
+            # plugin serves (nginx) answers from then, not before
             await self.plugins.call_each("hsu_kernel_started", kernel=self)
+            await self._server.set_serving(True)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and self._stop_reason:
                 # serve() gave up the start for a stop signal: a stop, not a failure
