@@ -15,7 +15,9 @@ LOCAL = ["-e", ".", "-e", "contrib/hsu-echo", "-e", "contrib/hsu-plugin-jwt"]
 def tests(session: nox.Session) -> None:
     """The whole suite: unit tests and integration tests with real processes."""
     session.install(*LOCAL, "-e", ".[dev]")
-    session.run("pytest", *session.posargs)
+    # Four workers on two cores: the tests mostly wait on real processes and
+    # sockets. Arguments replace the default (`nox -s tests -- tests/test_x.py`).
+    session.run("pytest", *(session.posargs or ["-n", "4"]))
 
 
 @nox.session
