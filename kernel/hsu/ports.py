@@ -536,6 +536,12 @@ class LaunchSpec:
     #: given one must honour it: the kernel ends the instance's processes by
     #: killing that cgroup
     cgroup: str | None = None
+    #: the soft limit of open files (RLIMIT_NOFILE) the process must start
+    #: with, the one the kernel was started with, when the kernel raised its
+    #: own at start (``None``: inherit the kernel's); a program that uses
+    #: ``select()`` breaks above 1024. The built-in launcher sets it with
+    #: ``prlimit --nofile=N:`` unless ``rlimits`` sets ``nofile``
+    nofile_soft: int | None = None
 
 
 @runtime_checkable

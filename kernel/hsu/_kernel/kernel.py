@@ -36,7 +36,7 @@ from hsu._kernel.logbuffer import LogBuffer
 from hsu._kernel.plugins import PluginManager
 from hsu._kernel.routing import KernelRouting
 from hsu._kernel.server import KernelServer
-from hsu._kernel.supervision import statefile
+from hsu._kernel.supervision import resources, statefile
 from hsu._kernel.supervision.containment import Containment
 from hsu._kernel.supervision.instances import Instance, InstanceState, new_instance_id
 from hsu._kernel.supervision.logfiles import LogFiles
@@ -142,6 +142,8 @@ class Kernel:
         self.logfiles.redact = lambda line: self.deployment.secrets.redact(line)
         self.sampler = Sampler()
         #: cgroups or the child subreaper: what an instance starts ends with it
+        #: the soft RLIMIT_NOFILE the HSUs start with (None: the kernel's own)
+        self.child_nofile: int | None = None
         self.containment = Containment(lambda: [i.pid for i in self.instances.values() if i.pid])
         self.routing = KernelRouting(self)
         self._background: list[asyncio.Task[None]] = []
@@ -242,6 +244,8 @@ class Kernel:
             self._check_exposure()
             control.secure_dir(self.state_dir)
             self.containment.start()
+            # the soft open-files limit up to the hard one; HSUs get the original
+            self.child_nofile = resources.raise_open_files()
             self._server = KernelServer(self)
             self.control_address, self.address = await self._server.start(
                 self.control_bind, self.bind_address

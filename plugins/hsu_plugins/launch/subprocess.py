@@ -68,6 +68,9 @@ def _argv(where: str, spec: LaunchSpec, env: Mapping[str, str]) -> list[str]:
         limits = rlimits_argv(spec.rlimits)
     except ValueError as exc:
         raise LaunchError(f"{where}: {exc}") from None
+    if spec.nofile_soft is not None and "nofile" not in spec.rlimits:
+        # the kernel raised its own soft limit: the command gets the original
+        limits.append(f"--nofile={spec.nofile_soft}:")
     if not limits and not spec.die_with_kernel and not spec.cgroup:
         return list(spec.argv)
     wrappers: list[str] = []
@@ -110,7 +113,8 @@ class SubprocessLauncher:
         except PermissionError:
             raise LaunchError(f"{where}: {spec.argv[0]!r} is not executable") from None
         except (OSError, subprocess.SubprocessError) as exc:
-            raise LaunchError(f"{where}: cannot start {spec.argv[0]!r}: {exc}") from None
+            # the cause stays: the kernel tells an EMFILE from the rest
+            raise LaunchError(f"{where}: cannot start {spec.argv[0]!r}: {exc}") from exc
         return PidfdHandle(proc.pid, child=True, owned=True, popen=proc)
 
     def attach(self, pid: int) -> PidfdHandle:

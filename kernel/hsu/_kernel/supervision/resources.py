@@ -311,3 +311,59 @@ def breaches(limits: ResourceLimits, usage: Usage) -> list[str]:
         if limit is not None and value > limit:
             out.append(f"{label} {value} > limit {limit}")
     return out
+
+
+# -- the kernel's own open-files limit ----------------------------------------
+
+#: the soft RLIMIT_NOFILE this process had before :func:`raise_open_files`
+#: raised it (None: it was not raised), for the processes it spawns
+_started_with: int | None = None
+_raised = False
+
+
+def raise_open_files() -> int | None:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, once per process.
+
+    A kernel holds a pidfd per instance, the log files it follows and a
+    socket per connection: the common soft limit of 1024 would stop it at a
+    few hundred instances although the hard limit (what the administrator
+    allows) is far above. Returns the soft limit it started with, which the
+    kernel's children get back (:attr:`hsu.ports.LaunchSpec.nofile_soft`: a
+    program using ``select()`` breaks above 1024), or None if nothing changed.
+    As Go's runtime does since 1.19.
+    """
+    global _started_with, _raised
+    if _raised:
+        return _started_with
+    _raised = True
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY or target > RLIM_MAX:
+        try:  # the kernel's own ceiling for RLIMIT_NOFILE
+            with open(_NR_OPEN) as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            return None
+    if soft != resource.RLIM_INFINITY and soft >= target:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return None
+    _started_with = soft
+    return soft
+
+
+def open_files_note() -> str:
+    """How many files this process has open against its limit, for an error
+    that says EMFILE: what to change and where."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        count = str(len(os.listdir("/proc/self/fd")))
+    except OSError:
+        count = "?"
+    return (
+        f"the kernel has {count} files open and may open {soft} (RLIMIT_NOFILE, hard"
+        f" limit {hard}): raise the limit (systemd LimitNOFILE=, `ulimit -n` before"
+        " `hsu run`) or run fewer instances"
+    )

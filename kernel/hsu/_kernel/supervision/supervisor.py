@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import os
 import random
 import signal
@@ -43,7 +44,7 @@ from hsu._kernel.supervision.instances import (
     InstanceState,
     new_instance_id,
 )
-from hsu._kernel.supervision.resources import breaches
+from hsu._kernel.supervision.resources import breaches, open_files_note
 from hsu._kernel.supervision.statefile import SavedInstance
 from hsu.config import child_env
 from hsu.core.v1 import core_pb2, core_pb2_grpc
@@ -101,6 +102,24 @@ class Breaker:
     def reset(self) -> None:
         self.half_open = False
         self.failures.clear()
+
+
+#: seconds at least before an instance that could not start for want of file
+#: descriptors tries again (spread over half as much again)
+EXHAUSTED_DELAY = 2.0
+
+
+def _out_of_files(exc: BaseException) -> bool:
+    """Whether a start failed because the kernel or the system ran out of
+    file descriptors (EMFILE, ENFILE), anywhere in the exception's causes."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def backoff_delay(spec: UnitSpec, streak: int, rng: random.Random | None = None) -> float:
@@ -165,6 +184,9 @@ class _Outcome:
     returncode: int | None = None
     reason: str = ""
     failed: bool = False
+    #: the kernel ran out of file descriptors: wait before trying again, even
+    #: the first time (every instance would retry at once: a storm)
+    exhausted: bool = False
 
 
 class UnitSupervisor:
@@ -421,6 +443,8 @@ class UnitSupervisor:
             ctl.streak = 0
             return True
         delay = backoff_delay(self.spec, ctl.streak)
+        if outcome.exhausted:
+            delay = max(delay, EXHAUSTED_DELAY * (1 + random.uniform(0, 0.5)))
         inst.machine.move(S.BACKOFF, f"{outcome.reason}; restarting in {delay:.2f}s")
         if delay:
             log.warning("{}; restarting in {:.2f}s", outcome.reason, delay)
@@ -450,9 +474,12 @@ class UnitSupervisor:
         try:
             handle = self._attach(inst, saved) if saved else await self._spawn(inst)
         except LaunchError as exc:
+            exhausted = _out_of_files(exc)
+            if exhausted:
+                exc = LaunchError(f"{exc}; {open_files_note()}")
             log.error("{}", exc)
             inst.ready.set_exception(exc)
-            return _Outcome(reason=str(exc), failed=True)
+            return _Outcome(reason=str(exc), failed=True, exhausted=exhausted)
         exited = _exit_future(handle) if handle else _never()
         woken = ctl.woken()
         if self._ready_once_running():
@@ -607,7 +634,13 @@ class UnitSupervisor:
         }
         base = kernel.deployment.base_dir
         cwd = str(Path(base, spec.cwd)) if spec.cwd else base
-        out, err = kernel.logfiles.open_for_child(self.name, inst.instance_id)
+        try:
+            out, err = kernel.logfiles.open_for_child(self.name, inst.instance_id)
+        except OSError as exc:
+            raise LaunchError(
+                f"unit {self.name!r}: cannot open its log files in"
+                f" {str(kernel.logfiles.directory)!r}: {exc.strerror}"
+            ) from exc
         launch = LaunchSpec(
             self.name,
             inst.instance_id,
@@ -617,6 +650,7 @@ class UnitSupervisor:
             stdout=out,
             stderr=err,
             rlimits=spec.limits.rlimits,
+            nofile_soft=kernel.child_nofile,
             die_with_kernel=not kernel.kernel_settings.reattach,
             cgroup=kernel.containment.cgroup_for(inst.instance_id),
         )
