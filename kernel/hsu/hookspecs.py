@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         Authorizer,
         Changes,
         ConfigSource,
+        DataPlane,
         Deployment,
         Endpoint,
         Event,
@@ -225,7 +226,7 @@ def hsu_kernel_configure(kernel: KernelAPI) -> None:
 
 
 @_hookspec(firstresult=True)
-def hsu_kernel_address(kernel: KernelAPI, requested: str) -> str | None:
+def hsu_kernel_address(kernel: KernelAPI, requested: str) -> str | DataPlane | None:
     """Move the kernel's data plane off the address a plugin serves itself.
 
     For a data plane in front of the kernel's (``hsu_plugins.gateway.nginx``):
@@ -239,8 +240,10 @@ def hsu_kernel_address(kernel: KernelAPI, requested: str) -> str | None:
     :param requested: the address the deployment's ``kernel.address`` or
         ``--address`` asked for.
     :returns: where the kernel's gRPC server should listen instead
-        (``host:port`` or ``unix:PATH``), or ``None`` to leave it at
-        ``requested``.
+        (``host:port`` or ``unix:PATH``), or a :class:`hsu.ports.DataPlane`
+        that also says whether the plugin enforces auth on what it forwards
+        (a deployment with auth on starts only then), or ``None`` to leave it
+        at ``requested``.
 
     Called once, from the kernel's constructor, right after
     :func:`hsu_kernel_configure` (so plugin state registered there answers

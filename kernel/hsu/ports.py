@@ -33,6 +33,7 @@ __all__ = [
     "Changes",
     "CircuitBreaker",
     "ConfigSource",
+    "DataPlane",
     "Decision",
     "Deployment",
     "Endpoint",
@@ -272,6 +273,21 @@ class KernelRoutes(Protocol):
     def call_ended(self, ep: Endpoint) -> None: ...
 
 
+@attrs.frozen
+class DataPlane:
+    """Where ``hsu_kernel_address`` moves the kernel's data plane, and what the
+    plugin that serves the requested address in its place promises."""
+
+    #: where the kernel's gRPC data plane listens instead (``host:port`` or
+    #: ``unix:PATH``)
+    address: str
+    #: the plugin authenticates and authorizes every call it forwards to an
+    #: instance itself (:meth:`KernelAPI.check_call`) while auth is on; without
+    #: it, a deployment with auth on does not start (nothing would check the
+    #: calls the plugin forwards)
+    enforces_auth: bool = False
+
+
 @runtime_checkable
 class KernelAPI(Protocol):
     """What a plugin may ask of the kernel: every hook receives this.
@@ -361,6 +377,27 @@ class KernelAPI(Protocol):
         """Who made the call being served, as the kernel's auth verified it;
         for a handler of the kernel's servers (``hsu_kernel_handlers``). None
         when auth is off (docs/auth.md)."""
+        ...
+
+    def check_call(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]], peer: str
+    ) -> Identity | None:
+        """Authenticate and authorize a call to a unit's interface that a
+        plugin forwards by other means than the kernel's servers (the nginx
+        gateway asks for each call), as the kernel's own gateway would.
+
+        :param method: the full method, ``"/hsu.echo.v1.Echo/Echo"``
+        :param metadata: the call's metadata, keys lower case
+        :param peer: the caller, as gRPC names peers (``"ipv4:127.0.0.1:50312"``);
+            authentications are reused per peer and credential (``auth.cache_ttl``)
+        :returns: the caller's identity; ``None`` when auth is off
+        :raises hsu.errors.Unauthenticated: no or a bad credential
+        :raises hsu.errors.PermissionDenied: known, but not allowed
+        :raises hsu.errors.HsuError: an auth plugin failed (the call is refused)
+
+        Every message is fit for the caller: it names the method and a missing
+        role, never a secret. Call it on the kernel's event loop; it does no I/O.
+        """
         ...
 
     def forward_identity(self, identity: Identity, instance_id: str) -> str | None:

@@ -273,11 +273,27 @@ class AuthGate:
 
     def authenticate(self, context: Any, method: str, plane: str) -> Identity:
         """The caller's identity, or :class:`Refused`."""
-        chain = self._current()
-        metadata = tuple(context.invocation_metadata() or ())
         peer = context.peer()
-        transport = _transport(context)
-        creds = self.peers.get(peer) if plane == "control" else None
+        return self.authenticate_call(
+            method,
+            tuple(context.invocation_metadata() or ()),
+            peer,
+            plane,
+            _transport(context),
+            self.peers.get(peer) if plane == "control" else None,
+        )
+
+    def authenticate_call(
+        self,
+        method: str,
+        metadata: tuple[tuple[str, str | bytes], ...],
+        peer: str,
+        plane: str,
+        transport: Mapping[str, tuple[bytes, ...]],
+        creds: PeerCredentials | None = None,
+    ) -> Identity:
+        """The identity of a call described by its parts, or :class:`Refused`."""
+        chain = self._current()
         call = CallInfo(method, metadata, peer, plane, transport, creds)
         try:
             ident = self.instance.authenticate(call)
@@ -603,10 +619,11 @@ async def _replies(result: Any) -> AsyncIterator[Any]:
 def gate_for(kernel: Kernel) -> AuthGate | None:
     """The kernel's gate when the deployment turns auth on (else None); raises
     :class:`HsuError` when a plugin serves the data plane in the kernel's place
-    (it would not enforce auth) or the chain does not build."""
+    without saying it enforces auth (``DataPlane(enforces_auth=True)``), or
+    the chain does not build."""
     if not enabled(kernel):
         return None
-    if kernel.bind_address != kernel.requested_address:
+    if kernel.bind_address != kernel.requested_address and not kernel.moved_plane_enforces_auth:
         raise HsuError(
             f"auth: a plugin serves the data plane at {kernel.requested_address} (the nginx"
             " gateway?) and does not enforce auth; use the python gateway with auth"

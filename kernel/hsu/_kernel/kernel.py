@@ -12,10 +12,11 @@ import hmac
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import grpc
 from loguru import logger
 
 from hsu import validate
@@ -51,8 +52,17 @@ from hsu._kernel.supervision.supervisor import (
     settled,
 )
 from hsu._version import __version__
-from hsu.errors import ConfigError, HsuError, InvalidValue, NoSuchUnit, NotAllowed, OverLimit
-from hsu.ports import Changes, Identity, ProbeTarget, Registry, SourceContext
+from hsu.errors import (
+    ConfigError,
+    HsuError,
+    InvalidValue,
+    NoSuchUnit,
+    NotAllowed,
+    OverLimit,
+    PermissionDenied,
+    Unauthenticated,
+)
+from hsu.ports import Changes, DataPlane, Identity, ProbeTarget, Registry, SourceContext
 from hsu.process import PidfdHandle
 
 if TYPE_CHECKING:
@@ -161,9 +171,12 @@ class Kernel:
         self._own_plugins: list[str] = []
         plugins.configure(self)
         # after configure: the per-kernel plugin state registered there answers
-        self.bind_address = (
-            plugins.kernel_address(self, self.requested_address) or self.requested_address
-        )
+        moved = plugins.kernel_address(self, self.requested_address)
+        #: the plugin that moved the data plane checks what it forwards (auth)
+        self.moved_plane_enforces_auth = isinstance(moved, DataPlane) and moved.enforces_auth
+        if isinstance(moved, DataPlane):
+            moved = moved.address
+        self.bind_address = moved or self.requested_address
 
     @classmethod
     def from_deployment(
@@ -207,6 +220,25 @@ class Kernel:
     def caller_identity(self) -> Identity | None:
         """The verified identity of the call being served (docs/auth.md)."""
         return auth.CALLER.get()
+
+    def check_call(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]], peer: str
+    ) -> Identity | None:
+        """Authenticate and authorize a data-plane call a plugin forwards itself
+        (:meth:`hsu.ports.KernelAPI.check_call`)."""
+        gate = self._server.auth if self._server is not None else None
+        if gate is None:
+            return None
+        try:
+            ident = gate.authenticate_call(method, tuple(metadata), peer, "data", {})
+            gate.authorize(ident, method, gate.unit_of_interface(method[1:].partition("/")[0]))
+        except auth.Refused as refused:
+            if refused.code is grpc.StatusCode.UNAUTHENTICATED:
+                raise Unauthenticated(refused.message) from None
+            if refused.code is grpc.StatusCode.PERMISSION_DENIED:
+                raise PermissionDenied(refused.message) from None
+            raise HsuError(refused.message) from None
+        return ident
 
     def forward_identity(self, identity: Identity, instance_id: str) -> str | None:
         """``identity`` as the ``hsu-identity`` value for ``instance_id``, signed

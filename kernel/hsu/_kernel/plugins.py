@@ -433,9 +433,10 @@ class PluginManager:
     def configure(self, kernel: Any) -> None:
         self.pm.hook.hsu_kernel_configure.call_historic(kwargs={"kernel": kernel})
 
-    def kernel_address(self, kernel: Any, requested: str) -> str | None:
-        """Where a plugin serving ``requested`` itself moves the kernel (or ``None``)."""
-        address: str | None = self.pm.hook.hsu_kernel_address(kernel=kernel, requested=requested)
+    def kernel_address(self, kernel: Any, requested: str) -> Any:
+        """Where a plugin serving ``requested`` itself moves the kernel: an
+        address, a :class:`hsu.ports.DataPlane` or ``None``."""
+        address = self.pm.hook.hsu_kernel_address(kernel=kernel, requested=requested)
         return address
 
     def kernel_handlers(self, kernel: Any) -> list[Any]:

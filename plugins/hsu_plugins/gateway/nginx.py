@@ -83,8 +83,11 @@ from loguru import logger
 import hsu
 from hsu import validate
 from hsu.errors import HsuError
+from hsu.identity import METADATA as IDENTITY_METADATA
+from hsu.ports import DataPlane as MovedPlane
 from hsu.ports import Endpoint, InstanceView, KernelAPI, Registry, RegistryCompacted
 from hsu.process import PidfdHandle
+from hsu_plugins.gateway.nginx_auth import AuthEndpoint
 
 SECTION = "gateway_nginx"
 #: the name a kernel's :class:`DataPlane` is registered under: ``kernel.plugin(PLANE)``
@@ -169,16 +172,20 @@ class DataPlane:
         #: nginx started serving; the kernel's drains wait for it from then
         self._started = False
         self._stopping = False
+        #: with auth on: what nginx asks before it forwards a call (and its address)
+        self.auth: AuthEndpoint | None = None
+        self.auth_address = ""
 
     # -- hooks --------------------------------------------------------------------
 
     @hsu.hookimpl
-    def hsu_kernel_address(self, requested: str) -> str | None:
-        """nginx takes the kernel's address, unless it has one of its own."""
+    def hsu_kernel_address(self, requested: str) -> MovedPlane | None:
+        """nginx takes the kernel's address, unless it has one of its own; with
+        auth on it asks the kernel about every call it forwards (auth_request)."""
         if self.settings.address:
             return None
         self.requested = requested
-        return self.private_address()
+        return MovedPlane(self.private_address(), enforces_auth=True)
 
     @hsu.hookimpl
     def hsu_kernel_starting(self) -> None:
@@ -237,6 +244,10 @@ class DataPlane:
         registry = self._registry()
         endpoints, revision = await registry.snapshot()
         self.endpoints = {e.instance_id: e for e in endpoints if e.routable}
+        if self.kernel.settings("auth").enabled:
+            # root's workers cannot enter the 0700 state dir: loopback TCP then
+            self.auth = AuthEndpoint(self.kernel, self.dir, tcp=os.geteuid() == 0)
+            self.auth_address = await self.auth.start()
         await self._spawn(binary)
         self._started = True
         logger.info(
@@ -256,6 +267,13 @@ class DataPlane:
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
+        try:
+            await self._end_nginx()
+        finally:
+            if self.auth is not None:  # after nginx: its calls in flight asked first
+                await self.auth.stop()
+
+    async def _end_nginx(self) -> None:
         handle = self.handle
         if handle is None or handle.returncode is not None:
             return
@@ -500,6 +518,23 @@ class DataPlane:
             f"  client_body_timeout {stream};",
             f"  send_timeout {stream};",
         ]
+        # with auth on: nginx asks the kernel before it forwards to an instance
+        guard = ""
+        if self.auth_address:
+            lines += [
+                "  upstream hsu_auth {",
+                f"    server {quote(self.auth_address)};",
+                "    keepalive 8;",
+                "  }",
+            ]
+            guard = (
+                " auth_request /_hsu_auth; auth_request_set $hsu_reason"
+                " $upstream_http_x_hsu_reason;"
+                # the credential stays with the kernel; an identity header is
+                # the kernel's to set, never the caller's
+                ' grpc_set_header authorization "";'
+                f' grpc_set_header {IDENTITY_METADATA} "";'
+            )
         if kernel:
             lines += [
                 "  upstream hsu_kernel {",
@@ -544,7 +579,7 @@ class DataPlane:
                 prefix = quote(f"/{interface}/")
                 if "*" in r.idempotent:
                     locations.append(
-                        f"    location {prefix} {{ grpc_pass grpc://{name}; {retry} }}"
+                        f"    location {prefix} {{{guard} grpc_pass grpc://{name}; {retry} }}"
                     )
                     continue
                 for method in r.idempotent:
@@ -555,10 +590,10 @@ class DataPlane:
                         continue  # glob patterns are not mapped
                     exact = quote(f"/{interface}/{short}")
                     locations.append(
-                        f"    location = {exact} {{ grpc_pass grpc://{name}; {retry} }}"
+                        f"    location = {exact} {{{guard} grpc_pass grpc://{name}; {retry} }}"
                     )
                 # the rest: passed to another instance only if not sent yet
-                locations.append(f"    location {prefix} {{ grpc_pass grpc://{name}; }}")
+                locations.append(f"    location {prefix} {{{guard} grpc_pass grpc://{name}; }}")
         if kernel:
             # to the kernel's data plane: a unit's interface with no instance
             # here (its gateway starts one), health and reflection
@@ -576,6 +611,7 @@ class DataPlane:
             "    location @hsu_unavailable {",
             *_grpc_status(14, "instance unavailable"),
             "    }",
+            *(self._auth_locations() if self.auth_address else []),
             *locations,
             # everything else, the kernel's control API among it: never proxied
             "    location / {",
@@ -592,6 +628,34 @@ class DataPlane:
             "",
         ]
         return "\n".join(lines)
+
+    def _auth_locations(self) -> list[str]:
+        """The auth subrequest and what its refusals become: gRPC statuses in
+        trailers-only form, with the kernel's reason as their message."""
+        return [
+            "    error_page 401 = @hsu_unauthenticated;",
+            "    error_page 403 = @hsu_denied;",
+            "    error_page 500 = @hsu_auth_failed;",
+            "    location @hsu_unauthenticated {",
+            *_grpc_status(16, "$hsu_reason", variable=True),
+            "    }",
+            "    location @hsu_denied {",
+            *_grpc_status(7, "$hsu_reason", variable=True),
+            "    }",
+            "    location @hsu_auth_failed {",
+            *_grpc_status(14, "$hsu_reason", variable=True),
+            "    }",
+            "    location = /_hsu_auth {",
+            "      internal;",
+            "      proxy_pass http://hsu_auth;",
+            "      proxy_http_version 1.1;",
+            '      proxy_set_header Connection "";',
+            "      proxy_pass_request_body off;",
+            '      proxy_set_header Content-Length "";',
+            "      proxy_set_header X-Hsu-Method $request_uri;",
+            "      proxy_set_header X-Hsu-Peer $remote_addr:$remote_port;",
+            "    }",
+        ]
 
     def _unit_interfaces(self) -> set[str]:
         """The interfaces the units declare and the instances serve (well formed)."""
@@ -720,12 +784,13 @@ def quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _grpc_status(code: int, message: str) -> list[str]:
-    """A location body answering gRPC status ``code`` in trailers-only form."""
+def _grpc_status(code: int, message: str, *, variable: bool = False) -> list[str]:
+    """A location body answering gRPC status ``code`` in trailers-only form
+    (``message`` a variable of nginx's when ``variable``: already encoded)."""
     return [
         "      default_type application/grpc;",
         f"      add_header grpc-status {code} always;",
-        f"      add_header grpc-message {quote(message)} always;",
+        f"      add_header grpc-message {message if variable else quote(message)} always;",
         "      add_header content-length 0 always;",
         "      return 204;",
     ]
