@@ -61,7 +61,7 @@ from hsu_echo.v1 import echo_pb2_grpc
 HEADING = "## Auth"
 INTERFACE = "hsu.echo.v1.Echo"
 #: ``none2`` is ``none`` again: the spread between the two is this run's noise
-MODES = ("none", "none2", "token", "tls", "mtls")
+MODES = ("none", "none2", "token", "tls", "mtls", "nginx", "nginx-token")
 PATHS = ("gateway", "connect")
 CLIENT_ID = "spiffe://bench.local/hsu/client"
 MODE_DESC = {
@@ -70,6 +70,9 @@ MODE_DESC = {
     "token": "bearer token (`token` + `rbac`), plaintext",
     "tls": "TLS (server certificate), no auth",
     "mtls": "mTLS (client certificate, `mtls` + `rbac`)",
+    "nginx": "the nginx data plane (`hsu_plugins.gateway.nginx`), no auth",
+    "nginx-token": "the nginx data plane with `token` + `rbac`: nginx asks the kernel for"
+    " every call (`auth_request`); its *vs* column is against `nginx`",
 }
 
 
@@ -144,7 +147,7 @@ class Kernel:
         self.dir = Path(tempfile.mkdtemp(prefix=f"hb-auth-{mode}-"))
         self.data = f"127.0.0.1:{free_port()}"
         self.control = f"127.0.0.1:{free_port()}"
-        self.token = token if mode == "token" else None
+        self.token = token if mode in ("token", "nginx-token") else None
         self.tls: TLSConfig | None = None
         if mode == "tls":
             self.tls = TLSConfig(ca=str(pki.ca))
@@ -176,7 +179,10 @@ class Kernel:
             out["auth"] = {"authenticators": ["mtls"], "authorizers": ["rbac"]}
             grant = {"identity": CLIENT_ID, "roles": ["read", "route", "caller"]}
             out["rbac"] = {"roles": caller, "grants": [grant]}
-        if self.mode == "token":
+        if self.mode.startswith("nginx"):
+            out["plugins"] = ["hsu_plugins.gateway.nginx"]
+            out["gateway_nginx"] = {"binary": shutil.which("nginx") or "/usr/sbin/nginx"}
+        if self.mode in ("token", "nginx-token"):
             out["auth"] = {"authenticators": ["token"], "authorizers": ["rbac"]}
             entry = {"identity": "bench", "token": "${env:BENCH_TOKEN}"}
             out["token"] = {"tokens": [{**entry, "roles": ["read", "route", "caller"]}]}
@@ -311,20 +317,21 @@ def report(
         f"Echo calls through {len(MODES)} kernels running at once, each with one instance and",
         "a TCP control plane on loopback; rounds rotate the kernels' order. Calls per second are",
         f"the median of {args.rounds} windows of {args.seconds:g} s; latency over every call of",
-        "the windows. *vs none*: throughput against `none` on the same path and",
-        "concurrency, same run.",
+        "the windows. *vs none*: throughput against `none` (the nginx modes: against `nginx`)",
+        "on the same path and concurrency, same run.",
         "",
         "| mode | path | in flight | calls/s | vs none | p50 ms | p99 ms |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for path in PATHS:
         for n in ns:
-            base = median([w.rate for w in results[("none", path, n)]])
             for mode in MODES:
+                against = "nginx" if mode.startswith("nginx") else "none"
+                base = median([w.rate for w in results[(against, path, n)]])
                 windows = results[(mode, path, n)]
                 rate = median([w.rate for w in windows])
                 lat = [x for w in windows for x in w.latencies]
-                rel = "" if mode == "none" else f"{(rate / base - 1) * 100:+.1f} %"
+                rel = "" if mode == against else f"{(rate / base - 1) * 100:+.1f} %"
                 lines.append(
                     f"| {mode} | {path} | {n} | {rate:,.0f} | {rel} |"
                     f" {quantile(lat, 0.5) * 1e3:.2f} | {quantile(lat, 0.99) * 1e3:.2f} |"

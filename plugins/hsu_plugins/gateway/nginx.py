@@ -526,6 +526,10 @@ class DataPlane:
                 f"    server {quote(self.auth_address)};",
                 "    keepalive 8;",
                 "  }",
+                "  map $hsu_reason $hsu_auth_message {",
+                '    "" "hsu gateway_nginx: the kernel did not answer the auth check; refused";',
+                "    default $hsu_reason;",
+                "  }",
             ]
             guard = (
                 " auth_request /_hsu_auth; auth_request_set $hsu_reason"
@@ -643,10 +647,14 @@ class DataPlane:
             *_grpc_status(7, "$hsu_reason", variable=True),
             "    }",
             "    location @hsu_auth_failed {",
-            *_grpc_status(14, "$hsu_reason", variable=True),
+            *_grpc_status(14, "$hsu_auth_message", variable=True),
             "    }",
             "    location = /_hsu_auth {",
             "      internal;",
+            # Fail closed: an error_page of its own (for a status that never
+            # comes) keeps the server's from being inherited, which would turn
+            # the subrequest's 502 (the kernel not answering) into a 204: allow
+            "      error_page 599 = @hsu_auth_failed;",
             "      proxy_pass http://hsu_auth;",
             "      proxy_http_version 1.1;",
             '      proxy_set_header Connection "";',
