@@ -73,17 +73,24 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def under_load(address, seconds, delay_ms, meanwhile, options=()):
-    """8 tasks calling Echo for ``seconds`` (bounded) while ``meanwhile`` runs:
-    (calls that passed, failures, pids that answered)."""
+async def under_load(address, seconds, delay_ms, meanwhile, options=(), until=None):
+    """8 tasks calling Echo for ``seconds`` (bounded) while ``meanwhile`` runs,
+    and on until ``until(pids)`` holds (30 s more at most: a loaded machine
+    starts a replacement late): (calls that passed, failures, pids that answered)."""
     ok, failed, pids = 0, [], set()
     async with grpc.aio.insecure_channel(address, options=list(options)) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
         stop_at = time.monotonic() + seconds
 
+        def going() -> bool:
+            now = time.monotonic()
+            if now < stop_at:
+                return True
+            return until is not None and not until(pids) and now < stop_at + 30
+
         async def worker():
             nonlocal ok
-            while time.monotonic() < stop_at and ok < 20_000:
+            while going() and ok < 20_000:
                 try:
                     r = await echo.Echo(echo_pb2.EchoRequest(delay_ms=delay_ms), timeout=10)
                 except grpc.aio.AioRpcError as exc:
@@ -671,8 +678,10 @@ async def test_an_instance_killed_under_load_through_nginx_fails_no_idempotent_c
             await asyncio.sleep(1.0)
             os.kill(victim, signal.SIGKILL)
 
-        ok, failed, pids = await under_load(plane.address, 3.0, 10, kill(), options)
+        ok, failed, pids = await under_load(
+            plane.address, 3.0, 10, kill(), options, until=lambda pids: len(pids) >= 4
+        )
         assert failed == []
-        assert ok > 100 and victim in pids and len(pids) >= 4
+        assert ok > 50 and victim in pids and len(pids) >= 4
     finally:
         await kernel.stop()

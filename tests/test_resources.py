@@ -183,8 +183,10 @@ def test_cpu_percent_is_a_delta_between_samples() -> None:
     used = (c2 - c1) / (t2 - t1) * 100
     assert used > 1
     assert 0.5 * used < second.cpu_percent < 2 * used + 5
-    (line,) = breaches(ResourceLimits(cpu_percent=10), second)
-    assert line.startswith("cpu ") and line.endswith("% > limit 10%")
+    # a limit below what it used (a loaded machine may give it under 10 %)
+    limit = int(second.cpu_percent // 2)
+    (line,) = breaches(ResourceLimits(cpu_percent=limit), second)
+    assert line.startswith("cpu ") and line.endswith(f"% > limit {limit}%")
     assert breaches(ResourceLimits(cpu_percent=10_000), second) == []
 
 
