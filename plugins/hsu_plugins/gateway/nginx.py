@@ -82,6 +82,7 @@ from loguru import logger
 
 import hsu
 from hsu import validate
+from hsu.config import Seconds
 from hsu.errors import HsuError
 from hsu.ports import Endpoint, InstanceView, KernelAPI, Registry, RegistryCompacted
 from hsu.process import PidfdHandle
@@ -112,13 +113,13 @@ class Settings:
     binary: str = "nginx"
     workers: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     #: seconds to wait after a registry change before reloading, to batch changes
-    reload_delay: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
+    reload_delay: Seconds = attrs.field(default=0.05, validator=attrs.validators.ge(0))
     #: seconds nginx gets to start serving
-    start_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    start_timeout: Seconds = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     #: seconds a reload gets to take before it is reported as failed
-    reload_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    reload_timeout: Seconds = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     #: seconds of nginx's idle stream timeouts (long streams such as WatchEvents)
-    stream_timeout: float = attrs.field(default=86400.0, validator=attrs.validators.gt(0))
+    stream_timeout: Seconds = attrs.field(default=86400.0, validator=attrs.validators.gt(0))
     #: the user nginx's workers run as when the kernel runs as root (never
     #: root); its primary group goes with it. Empty: ``nobody``
     user: str = ""
