@@ -366,7 +366,7 @@ def test_wrong_types_are_refused():
         ConsecutiveFactory(),
         {"failures": "3", "cooldown": True, "trials": 1.5, "max_cooldown": float("inf")},
     ) == [
-        "cooldown: expected float, got True",
+        "cooldown: expected seconds or a duration (500ms, 5s, 2m), got True",
         "trials: expected int, got 1.5",
         "failures: expected int, got '3'",
         "max_cooldown: must be a finite number, got inf",

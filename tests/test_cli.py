@@ -69,7 +69,10 @@ def test_config_mistakes_are_listed_without_a_traceback(tmp_path):
         assert out.returncode == 1
         assert "Traceback" not in out.stderr
         assert f"{d}:3: units.echo.comand: unknown key; did you mean 'command'?" in out.stderr
-        assert f"{d}:4: units.echo.stop_grace: expected float, got 'three'" in out.stderr
+        assert (
+            f"{d}:4: units.echo.stop_grace: expected seconds or a duration"
+            f" (500ms, 5s, 2m), got 'three'" in out.stderr
+        )
         assert f"{d}:2: units.echo.command: required key missing" in out.stderr
 
 

@@ -34,7 +34,10 @@ def test_every_problem_is_reported_at_once_with_its_path_and_source():
     )
     assert "d.yaml: plugins: expected a list of strings, got 'oops'" in found
     assert "d.yaml: units.echo.command: expected a string or a list of strings, got 3" in found
-    assert "d.yaml: units.echo.startup_timeout: expected float, got 'soon'" in found
+    assert (
+        "d.yaml: units.echo.startup_timeout: expected seconds or a duration"
+        " (500ms, 5s, 2m), got 'soon'" in found
+    )
     assert "d.yaml: units.echo.interfcaes: unknown key; did you mean 'interfaces'?" in found
     assert "d.yaml: units.other.command: required key missing" in found
     assert len(found) == 5
@@ -51,7 +54,10 @@ def test_a_command_string_is_split_like_a_shell_and_python_means_this_interprete
 
 def test_strict_types_reject_bools_for_numbers_and_numbers_for_strings():
     found = problems({"units": {"e": {"command": ["x"], "stop_grace": True, "cwd": 5}}})
-    assert any("units.e.stop_grace: expected float, got True" in p for p in found)
+    assert any(
+        "units.e.stop_grace: expected seconds or a duration (500ms, 5s, 2m), got True" in p
+        for p in found
+    )
     assert any("units.e.cwd" in p for p in found)
 
 

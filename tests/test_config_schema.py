@@ -68,7 +68,10 @@ def test_field_types_map_to_json_types():
     assert "default" not in props["env"]  # a factory, not a plain value
     assert props["cwd"]["anyOf"] == [{"type": "string"}, {"type": "null"}]
     assert props["cwd"]["default"] is None
-    assert props["startup_timeout"]["type"] == "number"
+    # a number of seconds, or a duration string (hsu.config.Seconds)
+    timeout = props["startup_timeout"]["anyOf"]
+    assert timeout[0] == {"type": "number"} and timeout[1]["type"] == "string"
+    assert props["startup_timeout"]["exclusiveMinimum"] == 0
     command = props["command"]["anyOf"]
     assert {"type": "string", "minLength": 1} in command
     assert {"type": "array", "items": {"type": "string"}, "minItems": 1} in command

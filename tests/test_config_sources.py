@@ -51,7 +51,8 @@ def test_errors_carry_the_line_or_the_variable_that_set_the_value(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(tmp_path, env={"HSU_KERNEL__DRAIN_GRACE": "soon"})
     assert info.value.problems == [
-        "env HSU_KERNEL__DRAIN_GRACE: kernel.drain_grace: expected float, got 'soon'"
+        "env HSU_KERNEL__DRAIN_GRACE: kernel.drain_grace: expected seconds or a duration"
+        " (500ms, 5s, 2m), got 'soon'"
     ]
     with pytest.raises(ConfigError) as info:
         load(tmp_path, overrides=["units.echo.cwd=5"])
@@ -69,7 +70,8 @@ def test_toml_and_json_files_load_too(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(tmp_path, toml, name="d.toml")
     assert info.value.problems == [
-        f"{tmp_path / 'd.toml'}: units.echo.stop_grace: expected float, got 'x'"
+        f"{tmp_path / 'd.toml'}: units.echo.stop_grace: expected seconds or a duration"
+        f" (500ms, 5s, 2m), got 'x'"
     ]
     _, d, _ = load(tmp_path, json.dumps(as_dict, indent=1), name="d.json")
     assert d.units["echo"].stop_grace == 4

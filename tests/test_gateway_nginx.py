@@ -685,3 +685,67 @@ async def test_an_instance_killed_under_load_through_nginx_fails_no_idempotent_c
         assert ok > 50 and victim in pids and len(pids) >= 4
     finally:
         await kernel.stop()
+
+
+BIG = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
+@needs_nginx
+async def test_nginx_takes_what_the_python_gateway_takes(tmp_path):
+    """A 3 MiB message and an 8 MiB client stream pass through nginx, both to
+    the kernel (no instance yet) and straight to an instance (nginx's default
+    body limit was 1 MiB: HTTP 413, which clients saw as UNKNOWN)."""
+    kernel, plane = await start(tmp_path, {"echo": echo_unit()})
+    three = "m" * (3 * 2**20)
+    chunk = "c" * (2**20 - 16)
+    try:
+        async with grpc.aio.insecure_channel(plane.address, options=BIG) as channel:
+            echo = echo_pb2_grpc.EchoStub(channel)
+
+            async def parts():
+                for _ in range(8):
+                    yield echo_pb2.EchoRequest(message=chunk)
+
+            # no instance: nginx hands both to the kernel's data plane
+            reply = await echo.Echo(echo_pb2.EchoRequest(message=three), timeout=30)
+            assert reply.message == three
+            [inst] = ready(kernel)
+            await until(lambda: inst.instance_id in plane.endpoints, 10)
+            assert await plane._until_serving(plane.generation, 10)
+            through = dict(kernel.routing.through)
+            # now straight to the instance
+            reply = await echo.Echo(echo_pb2.EchoRequest(message=three), timeout=30)
+            assert reply.message == three and reply.pid == inst.pid
+            joined = await echo.Collect(parts(), timeout=30)
+            assert joined.message == " ".join([chunk] * 8) and joined.pid == inst.pid
+            assert kernel.routing.through == through  # nginx, not the kernel
+            # over the HSU's own 4 MiB per message: its status, not nginx's
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await echo.Echo(echo_pb2.EchoRequest(message="x" * (5 * 2**20)), timeout=30)
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await kernel.stop()
+
+
+@needs_nginx
+async def test_nginx_errors_are_grpc_statuses(tmp_path):
+    """A body over gateway_nginx.max_request_bytes is RESOURCE_EXHAUSTED with
+    a message naming the setting, not an HTTP 413 (UNKNOWN to a client); a
+    request that is not gRPC gets a gRPC status too."""
+    kernel, plane = await start(
+        tmp_path, {"echo": echo_unit(start="at-start")}, max_request_bytes=2**20
+    )
+    try:
+        conf = plane.conf.read_text()
+        assert "client_max_body_size 1048576;" in conf
+        for codes, _, _ in gateway_nginx.NGINX_ERRORS:
+            assert f"error_page {' '.join(map(str, codes))} " in conf
+        async with grpc.aio.insecure_channel(plane.address, options=BIG) as channel:
+            echo = echo_pb2_grpc.EchoStub(channel)
+            assert (await echo.Echo(echo_pb2.EchoRequest(message="s"), timeout=30)).message == "s"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await echo.Echo(echo_pb2.EchoRequest(message="x" * (2 * 2**20)), timeout=30)
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+            assert "max_request_bytes" in (info.value.details() or "")
+    finally:
+        await kernel.stop()

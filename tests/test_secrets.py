@@ -134,7 +134,10 @@ def test_reload_errors_never_quote_a_resolved_value(kernel_process, tmp_path):
     )
     out = run_hsu("reload", "--address", k.address, timeout=30)
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
-    assert f"{path}:6: units.w.stop_grace: expected float, got '***'" in out.stderr
+    assert (
+        f"{path}:6: units.w.stop_grace: expected seconds or a duration (500ms, 5s, 2m), got '***'"
+        in out.stderr
+    )
     assert ENV_SECRET not in out.stderr
     code, _, err = k.stop()
     assert code == 0, err

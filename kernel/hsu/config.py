@@ -13,6 +13,11 @@ may repeat at most :data:`MAX_ALIASED_NODES` values (a "billion laughs" file
 is refused as it is read, in milliseconds). Every such problem is a one-line
 :class:`~hsu.errors.ConfigError` saying where.
 
+Durations: :data:`Seconds`, the type of every setting that is a number of
+seconds, which a deployment may also write as ``500ms``, ``5s``, ``2m``,
+``1h`` or ``1m30s`` (:func:`parse_duration`); a plugin's settings class
+annotates its own such fields with it.
+
 Secrets: :class:`SecretStr` (what ``${env:..}``/``${file:..}`` resolve to),
 :func:`redact`, and :func:`child_env`, the part of the kernel's environment an
 HSU inherits (:data:`DEFAULT_PASS_ENV`).
@@ -25,7 +30,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
@@ -57,6 +62,39 @@ _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Duration:
+    """The marker of :data:`Seconds` (the converter and the JSON Schema look
+    for it)."""
+
+    def __repr__(self) -> str:
+        return "hsu.config.DURATION"
+
+
+DURATION = _Duration()
+#: a number of seconds: a number (``2.5``) or a duration (``500ms``, ``5s``,
+#: ``2m``, ``1h``, ``1m30s``); the field holds a float of seconds
+Seconds = Annotated[float, DURATION]
+#: one part of a duration: a number and its unit
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+#: what the JSON Schema accepts as a duration string
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h))+$"
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a duration string (``500ms``, ``5s``, ``2m``,
+    ``1h``, ``1m30s``). Raises ``ValueError`` with one line saying what is
+    accepted; ``true`` is not a number."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        parts = list(_DURATION_PART.finditer(text))
+        if parts and "".join(m[0] for m in parts) == text:
+            return sum(float(m[1]) * _UNIT_SECONDS[m[2]] for m in parts)
+    raise ValueError(f"expected seconds or a duration (500ms, 5s, 2m), got {value!r}")
 
 
 class SecretStr(str):

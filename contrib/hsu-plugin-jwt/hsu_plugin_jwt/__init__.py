@@ -49,6 +49,7 @@ import jwt
 from loguru import logger
 
 import hsu
+from hsu.config import Seconds
 from hsu.errors import Unauthenticated
 from hsu.ports import Authenticator, CallInfo, Identity, KernelAPI, Register
 
@@ -92,13 +93,13 @@ class JwtSettings:
     #: a dotted path reaches into objects (``realm_access.roles``)
     roles_claim: str = "roles"
     #: seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``
-    leeway: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    leeway: Seconds = attrs.field(default=30.0, validator=attrs.validators.ge(0))
     #: seconds between fetches of a URL's key set
-    refresh_interval: float = attrs.field(default=300.0, validator=_positive)
+    refresh_interval: Seconds = attrs.field(default=300.0, validator=_positive)
     #: at least this many seconds between two reads caused by an unknown ``kid``
-    refetch_cooldown: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+    refetch_cooldown: Seconds = attrs.field(default=10.0, validator=attrs.validators.ge(0))
     #: seconds a fetch of the URL may take
-    timeout: float = attrs.field(default=5.0, validator=_positive)
+    timeout: Seconds = attrs.field(default=5.0, validator=_positive)
 
     def problems(self) -> list[str]:
         """What an enabled ``jwt`` authenticator still needs, one line each."""

@@ -3,6 +3,7 @@ reflection) and the data plane plugins serve (the gateway)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,8 @@ from hsu._kernel import auth, peercred
 from hsu._kernel.config.model import TLSSettings
 from hsu._kernel.control import lock_socket, prepare_socket
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer, StreamLimit, timestamp
+from hsu._kernel.interface_health import InterfaceHealth
+from hsu._kernel.reflection import V1, V1ALPHA, Descriptors, ReflectionServicer
 from hsu._kernel.supervision.instances import TOKEN_METADATA, Instance
 from hsu._kernel.tls import ServerTLS
 from hsu.core.v1 import core_pb2_grpc
@@ -371,6 +374,10 @@ class KernelServer:
         self._internal_dir: Path | None = None
         self.data: grpc.aio.Server | None = None
         self.data_health: health.aio.HealthServicer | None = None
+        #: the data plane's reflection (the units' interfaces included) and
+        #: health of interface names; None without a data plane
+        self.descriptors: Descriptors | None = None
+        self.interface_health: InterfaceHealth | None = None
         handlers = kernel.plugins.kernel_handlers(kernel)
         if handlers:
             self.data = grpc.aio.server(
@@ -378,8 +385,11 @@ class KernelServer:
             )
             self.data_health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.data_health, self.data)
-            reflection.enable_server_reflection(
-                (HEALTH_SERVICE, reflection.SERVICE_NAME), self.data
+            self.interface_health = InterfaceHealth(kernel, self.data_health)
+            self.descriptors = Descriptors(kernel, (HEALTH_SERVICE, V1, V1ALPHA))
+            kernel.events.listeners += [self.interface_health.on_event, self.descriptors.on_event]
+            self.data.add_generic_rpc_handlers(
+                tuple(ReflectionServicer(self.descriptors).handlers())
             )
             # after health and reflection: a gateway (a plugin) takes the rest
             self.data.add_generic_rpc_handlers(tuple(handlers))
@@ -440,6 +450,8 @@ class KernelServer:
             await self.health.set(name, status)
         if self.data_health is not None:
             await self.data_health.set("", status)
+        if self.interface_health is not None:
+            await self.interface_health.refresh()
 
     async def drain(self) -> None:
         await self.health.enter_graceful_shutdown()
@@ -447,6 +459,11 @@ class KernelServer:
             await self.data_health.enter_graceful_shutdown()
 
     async def stop(self, grace: float) -> None:
+        for listener in (self.interface_health, self.descriptors):
+            if listener is not None:
+                with contextlib.suppress(ValueError):
+                    self.kernel.events.listeners.remove(listener.on_event)
+                await listener.close()
         if self.proxy is not None:
             self.proxy.stop_listening()  # calls in flight finish through it
         if self.data is not None:

@@ -82,6 +82,7 @@ from loguru import logger
 
 import hsu
 from hsu import validate
+from hsu.config import Seconds
 from hsu.errors import HsuError
 from hsu.identity import METADATA as IDENTITY_METADATA
 from hsu.ports import DataPlane as MovedPlane
@@ -115,16 +116,21 @@ class Settings:
     binary: str = "nginx"
     workers: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     #: seconds to wait after a registry change before reloading, to batch changes
-    reload_delay: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
+    reload_delay: Seconds = attrs.field(default=0.05, validator=attrs.validators.ge(0))
     #: seconds nginx gets to start serving
-    start_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    start_timeout: Seconds = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     #: seconds a reload gets to take before it is reported as failed
-    reload_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    reload_timeout: Seconds = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     #: seconds of nginx's idle stream timeouts (long streams such as WatchEvents)
-    stream_timeout: float = attrs.field(default=86400.0, validator=attrs.validators.gt(0))
+    stream_timeout: Seconds = attrs.field(default=86400.0, validator=attrs.validators.gt(0))
     #: the user nginx's workers run as when the kernel runs as root (never
     #: root); its primary group goes with it. Empty: ``nobody``
     user: str = ""
+    #: the most bytes one call's request body may carry (all its messages
+    #: together), nginx's ``client_max_body_size``; 0: no bound, as with the
+    #: Python gateway (each message stays bounded by the HSU's own limit,
+    #: 4 MiB by default in grpcio). Past it the call ends RESOURCE_EXHAUSTED
+    max_request_bytes: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 @hsu.hookimpl
@@ -513,6 +519,9 @@ class DataPlane:
             "http {",
             "  access_log off;",
             f"  client_body_temp_path {quote(f'{self.dir}/body')};",
+            # a client stream's total has no bound by default: the Python
+            # gateway has none, and each message is bounded by the HSU itself
+            f"  client_max_body_size {int(s.max_request_bytes)};",
             f"  grpc_read_timeout {stream};",
             f"  grpc_send_timeout {stream};",
             f"  client_body_timeout {stream};",
@@ -609,12 +618,12 @@ class DataPlane:
         lines += [
             "  server {",
             f"    listen {quote(self._listen or self.requested)} http2;",
-            # an instance that failed a call: a gRPC UNAVAILABLE in trailers-only
-            # form (not an HTTP 502), which a client's gRPC retry policy retries
-            "    error_page 502 503 504 = @hsu_unavailable;",
-            "    location @hsu_unavailable {",
-            *_grpc_status(14, "instance unavailable"),
-            "    }",
+            # every error nginx itself answers is a gRPC status in
+            # trailers-only form (a bare HTTP error reaches a client as
+            # UNKNOWN); an instance that failed a call is UNAVAILABLE, which a
+            # client's gRPC retry policy retries. With auth on, 401, 403 and
+            # 500 carry the kernel's answer to the auth subrequest instead
+            *_error_pages(AUTH_CODES if self.auth_address else frozenset()),
             *(self._auth_locations() if self.auth_address else []),
             *locations,
             # everything else, the kernel's control API among it: never proxied
@@ -802,6 +811,46 @@ def _grpc_status(code: int, message: str, *, variable: bool = False) -> list[str
         "      add_header content-length 0 always;",
         "      return 204;",
     ]
+
+
+#: what nginx's own HTTP errors mean in gRPC: (HTTP codes, gRPC code, message).
+#: gRPC's HTTP-to-status table (doc/http-grpc-status-mapping.md) where it
+#: has the code; the rest by what nginx means by it (413: the body is over
+#: ``max_request_bytes``; 408: the client sent nothing for ``stream_timeout``)
+NGINX_ERRORS: tuple[tuple[tuple[int, ...], int, str], ...] = (
+    ((400, 411), 13, "malformed request"),
+    ((401,), 16, "unauthenticated"),
+    ((403,), 7, "permission denied"),
+    ((404, 405), 12, "not served on this address"),
+    ((408,), 4, "the request body timed out"),
+    ((413,), 8, "request body larger than gateway_nginx.max_request_bytes"),
+    ((414, 431, 494), 8, "request headers too large"),
+    ((429,), 8, "too many requests"),
+    ((500, 501, 505, 507), 13, "internal error"),
+    ((502, 503, 504), 14, "instance unavailable"),
+)
+
+
+#: the HTTP codes the auth subrequest's answers take over (auth on)
+AUTH_CODES = frozenset({401, 403, 500})
+
+
+def _error_pages(but: frozenset[int] = frozenset()) -> list[str]:
+    """``error_page`` and a named location per :data:`NGINX_ERRORS` entry
+    (for its codes not in ``but``)."""
+    lines: list[str] = []
+    for all_codes, grpc_code, message in NGINX_ERRORS:
+        codes = tuple(c for c in all_codes if c not in but)
+        if not codes:
+            continue
+        name = f"@hsu_error_{codes[0]}"
+        lines += [
+            f"    error_page {' '.join(map(str, codes))} = {name};",
+            f"    location {name} {{",
+            *_grpc_status(grpc_code, f"hsu gateway_nginx: {message}"),
+            "    }",
+        ]
+    return lines
 
 
 def _header_variable(name: str) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 import attrs
 
 import hsu
+from hsu.config import Seconds
 from hsu.ports import Factory, Register
 
 CLOSED = "closed"
@@ -74,11 +75,13 @@ class BreakerOptions:
     """What the consecutive and ratio breakers share."""
 
     #: seconds an opening lasts
-    cooldown: float = attrs.field(
+    cooldown: Seconds = attrs.field(
         default=DEFAULT_COOLDOWN, validator=[_finite, attrs.validators.gt(0)]
     )
     #: each reopening doubles the cooldown, up to this; none: no growth
-    max_cooldown: float | None = attrs.field(default=None, validator=[_finite, _not_below_cooldown])
+    max_cooldown: Seconds | None = attrs.field(
+        default=None, validator=[_finite, _not_below_cooldown]
+    )
     #: calls let through at a time in half_open
     trials: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     #: successes in half_open that close the breaker

@@ -25,7 +25,7 @@ from cattrs.gen import make_dict_structure_fn, override
 
 from hsu._kernel.config.sources import MIN_SECRET_LENGTH, format_path, origin_of
 from hsu._kernel.supervision.resources import ResourceLimits
-from hsu.config import DEFAULT_PASS_ENV, redact
+from hsu.config import DEFAULT_PASS_ENV, Seconds, parse_duration, redact
 from hsu.errors import ConfigError
 from hsu.ports import Origin, PathT
 
@@ -95,11 +95,11 @@ class Backoff:
     an instance stays ready for ``reset_after`` seconds.
     """
 
-    initial: float = attrs.field(default=0.5, validator=_ge0)
+    initial: Seconds = attrs.field(default=0.5, validator=_ge0)
     multiplier: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
-    max: float = attrs.field(default=30.0, validator=_ge0)
+    max: Seconds = attrs.field(default=30.0, validator=_ge0)
     jitter: float = attrs.field(default=0.1, validator=[_ge0, attrs.validators.le(1)])
-    reset_after: float = attrs.field(default=10.0, validator=_ge0)
+    reset_after: Seconds = attrs.field(default=10.0, validator=_ge0)
 
 
 @attrs.frozen
@@ -107,9 +107,9 @@ class CrashLoop:
     """The breaker: ``max_failures`` within ``window`` seconds trips it."""
 
     max_failures: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-    window: float = attrs.field(default=60.0, validator=_gt0)
+    window: Seconds = attrs.field(default=60.0, validator=_gt0)
     action: BreakerAction = BreakerAction.FATAL
-    cooldown: float = attrs.field(default=30.0, validator=_ge0)
+    cooldown: Seconds = attrs.field(default=30.0, validator=_ge0)
 
 
 @attrs.frozen
@@ -124,14 +124,14 @@ class Health:
     """A health probe (a plugin, see ``hsu plugins``) run while an instance is up."""
 
     probe: str
-    interval: float = attrs.field(default=5.0, validator=_gt0)
-    timeout: float = attrs.field(default=1.0, validator=_gt0)
+    interval: Seconds = attrs.field(default=5.0, validator=_gt0)
+    timeout: Seconds = attrs.field(default=1.0, validator=_gt0)
     #: consecutive failures that make an instance unhealthy (it is replaced)
     failure_threshold: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     #: consecutive successes that make a starting instance ready
     success_threshold: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     #: seconds after start before the first probe
-    initial_delay: float = attrs.field(default=0.0, validator=_ge0)
+    initial_delay: Seconds = attrs.field(default=0.0, validator=_ge0)
     #: the probe's own options, checked by the probe
     options: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -148,9 +148,9 @@ class Autoscale:
 
     above: float | None = attrs.field(default=None)
     below: float = attrs.field(default=0.5, validator=_ge0)
-    cooldown: float = attrs.field(default=10.0, validator=_ge0)
+    cooldown: Seconds = attrs.field(default=10.0, validator=_ge0)
     #: seconds between looks at the load
-    interval: float = attrs.field(default=1.0, validator=_gt0)
+    interval: Seconds = attrs.field(default=1.0, validator=_gt0)
 
 
 @attrs.frozen
@@ -177,7 +177,7 @@ class Routing:
     retry_budget: float = attrs.field(default=0.2, validator=_ge0)
     retry_min_per_second: float = attrs.field(default=10.0, validator=_ge0)
     #: seconds a stopping instance gets to finish its calls in flight
-    drain_timeout: float = attrs.field(default=10.0, validator=_ge0)
+    drain_timeout: Seconds = attrs.field(default=10.0, validator=_ge0)
     autoscale: Autoscale = attrs.field(factory=Autoscale)
 
 
@@ -209,15 +209,15 @@ class UnitSpec:
     min_instances: int = attrs.field(default=0, validator=_ge0)
     max_instances: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     #: seconds an instance above ``min_instances`` may go unused before it stops
-    idle_timeout: float | None = attrs.field(default=None)
+    idle_timeout: Seconds | None = attrs.field(default=None)
     #: a launcher plugin; none: the default a plugin declared (built in, subprocess)
     launcher: str | None = None
     #: seconds from spawn to ready before the start counts as failed
-    startup_timeout: float = attrs.field(default=30.0, validator=_gt0)
+    startup_timeout: Seconds = attrs.field(default=30.0, validator=_gt0)
     #: sent when Core.Shutdown is not available (``managed`` units, or no answer)
     stop_signal: str = attrs.field(default="SIGTERM", converter=_signal_name)
     #: seconds an instance has to exit after being asked, before SIGKILL
-    stop_grace: float = attrs.field(default=10.0, validator=_ge0)
+    stop_grace: Seconds = attrs.field(default=10.0, validator=_ge0)
     restart: Restart = attrs.field(factory=Restart)
     health: Health | None = None
     limits: ResourceLimits = attrs.field(factory=ResourceLimits)
@@ -307,6 +307,8 @@ def make_converter() -> cattrs.Converter:
     # after str: a StrEnum is a str, and singledispatch takes the nearest class
     conv.register_structure_hook(enum.StrEnum, _strict_enum)
     conv.register_structure_hook(bool, _strict_bool)
+    # after float: a number of seconds may be written 500ms, 5s, 2m
+    conv.register_structure_hook_func(lambda t: t == Seconds, lambda v, _: parse_duration(v))
     conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _structure_mapping)
     conv.register_structure_hook(
         UnitSpec,
@@ -753,7 +755,7 @@ class KernelSettings:
     #: TLS (and mTLS) on the data plane and a TCP control plane: see ``TLSSettings``
     tls: TLSSettings | None = None
     #: seconds calls in flight get to finish when the kernel drains
-    drain_grace: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    drain_grace: Seconds = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     #: how many of the kernel's own log records StreamLogs can replay
     log_tail: int = attrs.field(default=2000, validator=attrs.validators.ge(0))
     #: where the kernel keeps its state file and the instances' log files;

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from hsu._kernel.config.model import CORE_KEYS, DEPLOYMENT_NAME, UNIT_NAME, Routing, UnitSpec
+from hsu.config import DURATION_PATTERN, Seconds
 
 _SCALARS: dict[Any, dict[str, Any]] = {
     str: {"type": "string"},
@@ -31,6 +32,14 @@ _OBJECTS = (dict, Mapping)
 _STRINGS = {"type": "array", "items": {"type": "string"}}
 _COMMAND = {"anyOf": [{"type": "string", "minLength": 1}, {**_STRINGS, "minItems": 1}]}
 _NO_DEFAULT = object()
+#: hsu.config.Seconds: a number, or a duration string (500ms, 5s, 2m)
+_SECONDS = {
+    "anyOf": [
+        {"type": "number"},
+        {"type": "string", "pattern": DURATION_PATTERN},
+    ],
+    "description": "seconds: a number, or a duration such as 500ms, 5s, 2m, 1h, 1m30s",
+}
 
 # attrs' validator classes, to read bounds from (their names are private)
 _AND: Any = type(attrs.validators.and_())
@@ -41,6 +50,10 @@ _BOUNDS = {">=": "minimum", ">": "exclusiveMinimum", "<=": "maximum", "<": "excl
 
 
 def _type_schema(tp: Any) -> dict[str, Any]:
+    if tp == Seconds:
+        return copy.deepcopy(_SECONDS)
+    if typing.get_origin(tp) is typing.Annotated:
+        return _type_schema(typing.get_args(tp)[0])
     if tp in _SCALARS:
         return dict(_SCALARS[tp])
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -111,7 +124,7 @@ def attrs_schema(cls: type) -> dict[str, Any]:
     if not attrs.has(cls):
         raise TypeError(f"{cls!r} is not an attrs class")
     try:
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
     except NameError:  # an annotation only importable under TYPE_CHECKING
         hints = {}
     properties: dict[str, Any] = {}

@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterable, Mapping
 import attrs
 import psutil
 
+from hsu.config import Seconds
 from hsu.process import RESOURCES, RLIM_MAX, UNLIMITED
 
 MIB = 1024 * 1024
@@ -46,7 +47,7 @@ class ResourceLimits:
     """
 
     #: seconds between two samples
-    interval: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    interval: Seconds = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     #: resident memory of the process and all its descendants, MiB
     rss_mb: float | None = attrs.field(default=None, validator=_optional_ge0)
     #: CPU of the process and its descendants, percent of one core over the interval
