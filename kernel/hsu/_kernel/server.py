@@ -100,9 +100,15 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def ListPlugins(
         self, request: kernel_pb2.ListPluginsRequest, context: Any
     ) -> kernel_pb2.ListPluginsResponse:
-        return kernel_pb2.ListPluginsResponse(
-            plugins=[kernel_pb2.Plugin(**i.to_dict()) for i in self.kernel.plugins.infos()]
-        )
+        plugins = []
+        for info in self.kernel.plugins.infos():
+            fields = info.to_dict()
+            provides = {
+                kind: kernel_pb2.PluginProvides(names=names)
+                for kind, names in fields.pop("provides").items()
+            }
+            plugins.append(kernel_pb2.Plugin(**fields, provides=provides))
+        return kernel_pb2.ListPluginsResponse(plugins=plugins)
 
     async def Status(
         self, request: kernel_pb2.StatusRequest, context: Any
