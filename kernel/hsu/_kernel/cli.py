@@ -91,7 +91,7 @@ def _kernel_address(args: argparse.Namespace) -> str:
     try:
         return control.resolve(args.control, kernel=args.kernel, deployment=args.deployment)
     except HsuError as exc:
-        if "no kernel" in str(exc) or "not running" in str(exc):
+        if str(exc).startswith("no running kernel"):
             raise KernelUnreachable(str(exc)) from None
         raise
 
@@ -163,10 +163,10 @@ def _kernel_plugins(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     else:
         try:
             address = _kernel_address(args)
-        except KernelUnreachable:
+        except HsuError:
             if named:
                 raise
-            return None
+            return None  # none running, or several and none named
     from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
     def go(channel: grpc.Channel, timeout: float) -> Any:
