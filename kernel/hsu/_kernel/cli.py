@@ -116,6 +116,10 @@ def _stamp(seconds: float) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hsu._kernel import init
+
+    if init.is_init():  # a container's PID 1: stay as its reaper, the kernel a child
+        return init.run(init.kernel_argv())
     from hsu._kernel.config import loader as config_loader
     from hsu._kernel.kernel import Kernel
 
