@@ -28,9 +28,10 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
         ("rbac", "default", "active"),
         ("registry_memory", "default", "active"),
         ("subprocess", "default", "active"),
+        ("systemd", "default", "active"),
         ("token", "default", "active"),
     ]
-    assert data[-2]["hooks"] == ["hsu_register_launchers"]
+    assert data[-3]["hooks"] == ["hsu_register_launchers"]
     assert data[0]["distribution"] == "hsu"
 
 
@@ -96,7 +97,7 @@ def test_status_and_ping_without_a_kernel_say_so(tmp_path):
     address = f"unix:{tmp_path / 'nobody.sock'}"
     for command in ("status", "ping"):
         out = run_hsu(command, "--address", address, "--timeout", "2")
-        assert out.returncode == 1
+        assert out.returncode == 5  # kernel unreachable (docs/cli.md)
         assert f"hsu: error: no kernel answers at {address}" in out.stderr
 
 

@@ -1,32 +1,51 @@
-"""The ``hsu`` command: run a kernel, inspect plugins, talk to a running kernel."""
+# PYTHON_ARGCOMPLETE_OK
+"""The ``hsu`` command: run a kernel, inspect plugins, talk to a running kernel.
+
+Imports are lazy: ``hsu ping`` and ``hsu status`` load grpc and the generated
+messages, never the kernel's machinery (config, plugins, supervision), so a
+call to a running kernel starts quickly (tests/test_cli_conventions.py checks
+the import set). Exit codes are in docs/cli.md (:data:`EXIT`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import contextlib
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-from google.protobuf import json_format
-from loguru import logger
-
-from hsu._kernel.config.model import load_deployment
-from hsu._kernel.plugins import PluginManager
+from hsu._kernel.table import Column, render
 from hsu._version import __version__
-from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.errors import HsuError
-from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+if TYPE_CHECKING:
+    import grpc
 
 LOG_FORMAT = (
     "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
     "<cyan>{extra[where]}</cyan>{message}"
 )
+
+#: the exit codes every command uses (docs/cli.md)
+EXIT = {
+    "ok": 0,  # done; for `hsu status`: the kernel runs and every instance is ready
+    "error": 1,  # bad input, a refusal, a failure the message names
+    "usage": 2,  # the command line itself is wrong (argparse)
+    "not_ready": 3,  # `hsu status`: the kernel or an instance is not ready (yet)
+    "fatal": 4,  # `hsu status`: an instance is fatal (its crash-loop breaker is open)
+    "unreachable": 5,  # no kernel answers at the address
+    "interrupted": 130,  # Ctrl-C
+    "broken_pipe": 141,  # the reader of stdout went away (`hsu status | head -1`)
+}
+
+
+class KernelUnreachable(HsuError):
+    """No kernel answers at the address (exit code 5)."""
 
 
 def _setup_logging(
@@ -38,6 +57,7 @@ def _setup_logging(
     that file: mode 0600 in a 0700 directory, rotated when it would pass
     ``max_bytes``, the ``backups`` newest rotated files kept
     (``kernel.<date>.log``)."""
+    from loguru import logger
 
     def where(record: Any) -> None:
         extra = record["extra"]
@@ -68,13 +88,38 @@ def _kernel_address(args: argparse.Namespace) -> str:
     FILE, $HSU_CONTROL, $HSU_KERNEL_ADDRESS, else the one running kernel."""
     from hsu._kernel import control
 
-    return control.resolve(args.control, kernel=args.kernel, deployment=args.deployment)
+    try:
+        return control.resolve(args.control, kernel=args.kernel, deployment=args.deployment)
+    except HsuError as exc:
+        if str(exc).startswith("no running kernel"):
+            raise KernelUnreachable(str(exc)) from None
+        raise
+
+
+def _print_json(data: Any, *, lines: bool = False) -> None:
+    import json
+
+    print(json.dumps(data) if lines else json.dumps(data, indent=2), flush=lines)
+
+
+def _to_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    return dict(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def _stamp(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(seconds))
 
 
 # -- commands ----------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hsu._kernel import init
+
+    if init.is_init():  # a container's PID 1: stay as its reaper, the kernel a child
+        return init.run(init.kernel_argv())
     from hsu._kernel.config import loader as config_loader
     from hsu._kernel.kernel import Kernel
 
@@ -90,58 +135,185 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_bytes=ks.log_max_bytes,
         backups=ks.log_backups,
     )
+    import asyncio
+
     asyncio.run(kernel.serve())
     return 0
 
 
-def cmd_plugins(args: argparse.Namespace) -> int:
+def _local_plugins(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from hsu._kernel.config.model import load_deployment
+    from hsu._kernel.plugins import PluginManager
+
     explicit = list(args.plugin)
     if args.deployment:
         explicit = [*load_deployment(args.deployment).plugins, *explicit]
-    pm = PluginManager.load(explicit)
-    infos = pm.infos()
+    return [i.to_dict() for i in PluginManager.load(explicit).infos()]
+
+
+def _kernel_plugins(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The plugins the running kernel loaded (None when no kernel answers and
+    none was named: ``hsu plugins`` then lists what this environment would load)."""
+    from hsu._kernel import control
+
+    named = args.control or args.kernel or os.environ.get("HSU_CONTROL")
+    if args.local or args.plugin:
+        return None
+    if args.deployment:
+        try:
+            address = control.control_of(args.deployment)
+        except HsuError:
+            return None
+    else:
+        try:
+            address = _kernel_address(args)
+        except HsuError:
+            if named:
+                raise
+            return None  # none running, or several and none named
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+    def go(channel: grpc.Channel, timeout: float) -> Any:
+        stub = kernel_pb2_grpc.KernelStub(channel)
+        return stub.ListPlugins(kernel_pb2.ListPluginsRequest(), timeout=timeout)
+
+    try:
+        reply = _call(address, go, args.timeout, args)
+    except KernelUnreachable:
+        if named:
+            raise
+        return None
+    out = []
+    for p in reply.plugins:
+        item = _to_dict(p)
+        item.setdefault("hooks", [])
+        item["provides"] = {kind: list(v.names) for kind, v in p.provides.items()}
+        out.append(item)
+    return out
+
+
+PLUGIN_COLUMNS = [
+    Column("NAME", lambda p: p["name"]),
+    Column("STATUS", lambda p: p.get("status")),
+    Column("SOURCE", lambda p: p.get("source")),
+    Column("DISTRIBUTION", lambda p: f"{p.get('distribution', '')} {p.get('version', '')}".strip()),
+]
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    infos = _kernel_plugins(args)
+    if infos is None:
+        infos = _local_plugins(args)
     if args.json:
-        print(json.dumps([i.to_dict() for i in infos], indent=2))
+        _print_json(infos)
         return 0
-    for i in infos:
-        dist = f"{i.distribution} {i.version}".strip() or "-"
-        print(f"{i.name:<20} {i.status:<8} {i.source:<10} {dist}")
-        for kind, names in i.provides.items():
-            print(f"{'':<20} {kind}: {', '.join(names)}")
-        if i.hooks:
-            print(f"{'':<20} hooks: {', '.join(i.hooks)}")
-        if i.error:
-            print(f"{'':<20} error: {i.error}")
+    table = render(infos, PLUGIN_COLUMNS, header=False)
+    for line, i in zip(table, infos, strict=True):
+        print(line)
+        for kind, names in sorted(i.get("provides", {}).items()):
+            print(f"    {kind}: {', '.join(names)}")
+        if i.get("hooks"):
+            print(f"    hooks: {', '.join(i['hooks'])}")
+        if i.get("error"):
+            print(f"    error: {i['error']}")
     return 0
 
 
 def _client_tls(args: argparse.Namespace) -> Any:
     """``--ca``/``--cert``/``--key`` (or ``HSU_TLS_*``) as a ``TLSConfig``; None without them."""
+    given = {f: getattr(args, f, None) for f in ("ca", "cert", "key")}
+    if not any(given.values()):
+        return None
     from hsu.tls import ENV, TLSConfig
 
-    given = {f: getattr(args, f, None) for f in ("ca", "cert", "key")}
     given["server_name"] = os.environ.get(ENV["server_name"]) or None
-    return TLSConfig(**given) if any(given.values()) else None
+    return TLSConfig(**given)
+
+
+def _channel(address: str, args: argparse.Namespace) -> Any:
+    """A blocking channel to the kernel, with the bearer token when one is given."""
+    import grpc
+
+    from hsu.client.credentials import BearerInterceptor, bearer
+
+    tls = _client_tls(args)
+    if tls is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        from hsu.tls import channel as tls_channel
+
+        channel = tls_channel(address, tls)
+    token = bearer(None, getattr(args, "token_file", None))
+    return grpc.intercept_channel(channel, BearerInterceptor(token)) if token else channel
+
+
+def _rpc_error(address: str, exc: Any) -> HsuError:
+    import grpc
+
+    code = exc.code()
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return KernelUnreachable(f"no kernel answers at {address}: is `hsu run` running?")
+    return HsuError(f"kernel at {address}: {code.name}: {exc.details()}")
 
 
 def _call(address: str, fn: Any, timeout: float, args: argparse.Namespace) -> Any:
-    from hsu.client.credentials import BearerInterceptor, bearer
-    from hsu.tls import channel as tls_channel
+    import grpc
 
     try:
-        with tls_channel(address, _client_tls(args)) as channel:
-            token = bearer(None, getattr(args, "token_file", None))
-            if token:
-                return fn(grpc.intercept_channel(channel, BearerInterceptor(token)), timeout)
+        with _channel(address, args) as channel:
             return fn(channel, timeout)
     except grpc.RpcError as exc:
-        code = exc.code()
-        if code is grpc.StatusCode.UNAVAILABLE:
-            raise HsuError(f"no kernel answers at {address}: is `hsu run` running?") from None
-        raise HsuError(f"kernel at {address}: {code.name}: {exc.details()}") from None
+        raise _rpc_error(address, exc) from None
+
+
+#: ``hsu status``'s instance table, and the one that start/stop/scale print
+#: (a column is a title and a function of a ``kernel_pb2.Instance``)
+INSTANCE_COLUMNS = [
+    Column("INSTANCE", lambda i: i.instance_id),
+    Column("STATE", lambda i: i.state),
+    Column("PID", lambda i: i.pid or None, ">"),
+    Column("ADDRESS", lambda i: i.address),
+    Column("RESTARTS", lambda i: i.restarts, ">"),
+    Column("INTERFACES", lambda i: ", ".join(i.interfaces)),
+    Column(
+        "LAST EXIT",
+        lambda i: (
+            i.last_exit.splitlines()[0]
+            if i.state in ("backoff", "fatal", "stopped") and i.last_exit
+            else None
+        ),
+    ),
+]
+
+#: instance states that count as not ready for ``hsu status``'s exit code
+#: (``fatal`` has its own code)
+NOT_READY = ("starting", "stopping", "backoff", "stopped")
+
+
+def _print_instances(instances: Sequence[Any], args: argparse.Namespace) -> None:
+    if getattr(args, "json", False):
+        _print_json({"instances": [_to_dict(i) for i in instances]})
+        return
+    if not instances:
+        print("no instances")
+        return
+    for line in render(instances, INSTANCE_COLUMNS):
+        print(line)
+
+
+def status_code(kernel_state: str, instances: Sequence[Any]) -> int:
+    """``hsu status``'s exit code: fatal wins over not ready, which wins over ready."""
+    states = {i.state for i in instances}
+    if "fatal" in states:
+        return EXIT["fatal"]
+    if kernel_state != "running" or states & set(NOT_READY):
+        return EXIT["not_ready"]
+    return EXIT["ok"]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
     address = _kernel_address(args)
 
     def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any]:
@@ -152,43 +324,36 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
 
     status, listing = _call(address, fetch, args.timeout, args)
+    code = status_code(status.state, listing.instances)
     if args.json:
-        out = {
-            "status": json_format.MessageToDict(status, preserving_proto_field_name=True),
-            "instances": [
-                json_format.MessageToDict(i, preserving_proto_field_name=True)
-                for i in listing.instances
-            ],
-        }
-        print(json.dumps(out, indent=2))
-        return 0
+        _print_json(
+            {
+                "status": _to_dict(status),
+                "instances": [_to_dict(i) for i in listing.instances],
+                "exit_code": code,
+            }
+        )
+        return code
     print(
         f"kernel {status.deployment}: {status.state} at {status.address}"
         f" (pid {status.pid}, hsu {status.version})"
     )
-    if not listing.instances:
-        print("no instances")
-    for i in listing.instances:
-        _print_instance(i)
-    return 0
+    _print_instances(listing.instances, args)
+    return code
 
 
-def _print_instance(i: Any) -> None:
-    extra = f" restarts {i.restarts}" if i.restarts else ""
-    if i.state in ("backoff", "fatal", "stopped") and i.last_exit:
-        extra += f"  ({i.last_exit.splitlines()[0]})"
-    print(
-        f"  {i.instance_id:<24} {i.state:<9} pid {i.pid or '-':<8} {i.address or '-':<22}"
-        f" {', '.join(i.interfaces)}{extra}"
-    )
+def _is_instance_id(name: str) -> bool:
+    # an instance id is "<unit>-<8 hex digits>"
+    head, _, tail = name.rpartition("-")
+    return bool(head) and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail)
 
 
-def _target(args: argparse.Namespace) -> kernel_pb2.TargetRequest:
+def _target(args: argparse.Namespace) -> Any:
+    from hsu.kernel.v1 import kernel_pb2
+
     if args.name in ("", None):
         raise HsuError("give a unit name or an instance id")
-    # an instance id is "<unit>-<8 hex digits>"
-    head, _, tail = args.name.rpartition("-")
-    is_instance = bool(head) and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail)
+    is_instance = _is_instance_id(args.name)
     return kernel_pb2.TargetRequest(
         unit="" if is_instance else args.name,
         instance_id=args.name if is_instance else "",
@@ -196,35 +361,102 @@ def _target(args: argparse.Namespace) -> kernel_pb2.TargetRequest:
     )
 
 
-def _action(method: str) -> Any:
+def _show_progress(args: argparse.Namespace) -> bool:
+    if args.progress is not None:
+        return bool(args.progress)
+    return sys.stderr.isatty() and not getattr(args, "json", False)
+
+
+def _event_line(ev: Any) -> str:
+    who = ev.instance_id or ev.kind
+    move = f"{ev.from_state} -> {ev.to_state}" if ev.to_state else ev.kind
+    reason = f"  ({ev.reason})" if ev.reason else ""
+    return f"{_stamp(ev.at.seconds)} #{ev.seq} {who}: {move}{reason}"
+
+
+@contextlib.contextmanager
+def _progress(channel: Any, unit: str, enabled: bool) -> Iterator[None]:
+    """While the body waits on the kernel, print the unit's events to stderr.
+
+    The watch replays the recent events and prints those from now on, so an
+    event the kernel publishes before the watch is set up is not missed.
+    """
+    if not enabled:
+        yield
+        return
+    import grpc
+
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+    since = time.time() - 0.5
+    stream = kernel_pb2_grpc.KernelStub(channel).WatchEvents(
+        kernel_pb2.WatchEventsRequest(unit=unit, replay=True)
+    )
+
+    def pump() -> None:
+        try:
+            for ev in stream:
+                if ev.lost or ev.at.seconds + ev.at.nanos / 1e9 < since:
+                    continue
+                print(_event_line(ev), file=sys.stderr, flush=True)
+        except grpc.RpcError:
+            pass  # cancelled below, or the kernel went away (the call says why)
+
+    thread = threading.Thread(target=pump, name="hsu-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        # the last events (the instance's "ready") may trail the reply a little
+        time.sleep(0.2)
+        stream.cancel()
+        thread.join(5)
+
+
+def _action(method: str) -> Callable[[argparse.Namespace], int]:
     def cmd(args: argparse.Namespace) -> int:
+        from hsu.kernel.v1 import kernel_pb2_grpc
+
         request = _target(args)
+        unit = request.unit or request.instance_id.rpartition("-")[0]
 
         def go(channel: grpc.Channel, timeout: float) -> Any:
             stub = kernel_pb2_grpc.KernelStub(channel)
-            return getattr(stub, method)(request, timeout=timeout)
+            with _progress(channel, unit, _show_progress(args)):
+                return getattr(stub, method)(request, timeout=timeout)
 
         reply = _call(_kernel_address(args), go, args.timeout, args)
-        for i in reply.instances:
-            _print_instance(i)
+        _print_instances(reply.instances, args)
         return 0
 
     return cmd
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
     def go(channel: grpc.Channel, timeout: float) -> Any:
         stub = kernel_pb2_grpc.KernelStub(channel)
         request = kernel_pb2.ScaleRequest(unit=args.unit, count=args.count)
-        return stub.Scale(request, timeout=timeout)
+        with _progress(channel, args.unit, _show_progress(args)):
+            return stub.Scale(request, timeout=timeout)
 
     reply = _call(_kernel_address(args), go, args.timeout, args)
-    for i in reply.instances:
-        _print_instance(i)
+    _print_instances(reply.instances, args)
     return 0
 
 
+ENDPOINT_COLUMNS = [
+    Column("INSTANCE", lambda e: e.instance_id),
+    Column("STATE", lambda e: e.state),
+    Column("ADDRESS", lambda e: e.address),
+    Column("WEIGHT", lambda e: e.weight, ">"),
+]
+
+
 def cmd_endpoints(args: argparse.Namespace) -> int:
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
     def go(channel: grpc.Channel, timeout: float) -> Any:
         request = kernel_pb2.ResolveRequest(interface=args.interface, ensure=args.ensure)
         return kernel_pb2_grpc.KernelStub(channel).Resolve(request, timeout=timeout)
@@ -232,9 +464,7 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
     reply = _call(_kernel_address(args), go, args.timeout, args)
     p = reply.policy
     if args.json:
-        print(
-            json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True), indent=2)
-        )
+        _print_json(_to_dict(reply))
         return 0
     print(
         f"{args.interface}: unit {p.unit}, balancer {p.balancer}, breaker {p.breaker},"
@@ -242,64 +472,128 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
     )
     if not reply.endpoints:
         print("  no instance (a call starts one; --ensure starts one now)")
-    for e in reply.endpoints:
-        print(f"  {e.instance_id:<24} {e.state:<10} {e.address:<24} weight {e.weight}")
+    for line in render(reply.endpoints, ENDPOINT_COLUMNS, indent="  "):
+        print(line)
     return 0
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
     def go(channel: grpc.Channel, timeout: float) -> Any:
         return kernel_pb2_grpc.KernelStub(channel).Reload(
             kernel_pb2.ReloadRequest(), timeout=timeout
         )
 
     reply = _call(_kernel_address(args), go, args.timeout, args)
-    print(f"reloaded: {reply.summary}")
+    if args.json:
+        _print_json(_to_dict(reply))
+    else:
+        print(f"reloaded: {reply.summary}")
     return 0
 
 
+def _log_unit(rec: Any) -> str:
+    extra = rec.extra
+    if extra.get("unit"):
+        return str(extra["unit"])
+    instance = extra.get("instance", "")
+    return instance.rpartition("-")[0] if _is_instance_id(instance) else "kernel"
+
+
+#: ``hsu logs``'s columns; UNIT only when the lines of every unit are shown
+LOG_COLUMNS = [
+    Column("TIME", lambda r: _stamp(r.time.seconds)),
+    Column("UNIT", _log_unit),
+    Column("WHERE", lambda r: f"[{' '.join(filter(None, [r.extra.get('instance'), r.stream]))}]"),
+    Column("MESSAGE", lambda r: r.message),
+]
+
+
+def _log_json(rec: Any) -> dict[str, Any]:
+    return {
+        "time": rec.time.ToJsonString(),
+        "unit": _log_unit(rec),
+        "instance": rec.extra.get("instance", ""),
+        "stream": rec.stream,
+        "level": rec.level,
+        "message": rec.message,
+    }
+
+
+def _check_log_target(channel: Any, name: str, timeout: float) -> tuple[str, str, list[str]]:
+    """(unit, instance_id, every unit's name) for ``hsu logs NAME``; an error
+    naming the known units when NAME is none of them."""
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+    stub = kernel_pb2_grpc.KernelStub(channel)
+    units = list(stub.Status(kernel_pb2.StatusRequest(), timeout=timeout).units)
+    if not name or name in units:
+        return name, "", units
+    head = name.rpartition("-")[0]
+    if _is_instance_id(name) and head in units:
+        return "", name, units  # a gone instance's past lines are still there
+    known = ", ".join(units) or "none"
+    raise HsuError(f"no unit or instance named {name!r} (units: {known})")
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
+    import grpc
+
+    from hsu.core.v1 import core_pb2, core_pb2_grpc
+
     address = _kernel_address(args)
-    target = _target(args)
-    request = core_pb2.StreamLogsRequest(
-        tail=args.tail,
-        follow=args.follow,
-        unit=target.unit,
-        instance_id=target.instance_id,
-    )
-
-    def follow(channel: grpc.Channel, timeout: float) -> None:
-        stub = core_pb2_grpc.CoreStub(channel)
-        for rec in stub.StreamLogs(request, timeout=None if args.follow else timeout):
-            where = rec.extra.get("instance", "")
-            stream = f" {rec.stream}" if rec.stream else ""
-            stamp = time.strftime("%H:%M:%S", time.localtime(rec.time.seconds))
-            print(f"{stamp} [{where}{stream}] {rec.message}", flush=True)
-
-    _call(address, follow, args.timeout, args)
+    columns = LOG_COLUMNS if not args.name else [c for c in LOG_COLUMNS if c.title != "UNIT"]
+    try:
+        with _channel(address, args) as channel:
+            unit, instance, units = _check_log_target(channel, args.name, args.timeout)
+            request = core_pb2.StreamLogsRequest(
+                tail=args.tail, follow=args.follow, unit=unit, instance_id=instance
+            )
+            stream = core_pb2_grpc.CoreStub(channel).StreamLogs(
+                request, timeout=None if args.follow else args.timeout
+            )
+            if args.json:
+                for rec in stream:
+                    _print_json(_log_json(rec), lines=True)
+            elif not args.follow:
+                for line in render(list(stream), columns, header=False):
+                    print(line)
+            else:
+                width = max(len(u) for u in [*units, "kernel"])
+                for rec in stream:
+                    unit_cell = f"{_log_unit(rec):<{width}}  " if not args.name else ""
+                    where = columns[-2].cell(rec)
+                    print(
+                        f"{_stamp(rec.time.seconds)}  {unit_cell}{where}  {rec.message}", flush=True
+                    )
+    except grpc.RpcError as exc:
+        raise _rpc_error(address, exc) from None
     return 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
     address = _kernel_address(args)
     request = kernel_pb2.WatchEventsRequest(unit=args.unit or "", replay=args.replay)
 
     def follow(channel: grpc.Channel, timeout: float) -> None:
         for ev in kernel_pb2_grpc.KernelStub(channel).WatchEvents(request):
-            if ev.lost:
+            if args.json:
+                _print_json(_to_dict(ev), lines=True)
+            elif ev.lost:
                 print(f"... {ev.lost} events lost (this reader fell behind)", flush=True)
-                continue
-            stamp = time.strftime("%H:%M:%S", time.localtime(ev.at.seconds))
-            who = ev.instance_id or ev.kind
-            move = f"{ev.from_state} -> {ev.to_state}" if ev.to_state else ev.kind
-            reason = f"  ({ev.reason})" if ev.reason else ""
-            print(f"{stamp} #{ev.seq} {who}: {move}{reason}", flush=True)
+            else:
+                print(_event_line(ev), flush=True)
 
     _call(address, follow, 0.0, args)
     return 0
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
+    from hsu.core.v1 import core_pb2, core_pb2_grpc
+
     address = _kernel_address(args)
 
     def ping(channel: grpc.Channel, timeout: float) -> float:
@@ -309,7 +603,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
         return time.perf_counter() - t0
 
     elapsed = _call(address, ping, args.timeout, args)
-    print(f"pong from {address} in {elapsed * 1000:.2f} ms")
+    if args.json:
+        _print_json({"address": address, "ms": round(elapsed * 1000, 3)})
+    else:
+        print(f"pong from {address} in {elapsed * 1000:.2f} ms")
     return 0
 
 
@@ -319,7 +616,10 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
     ctx = config_loader.context([args.deployment], args.set)
     deployment, _ = config_loader.validate(ctx, args.plugin)
-    print(f"{args.deployment}: ok ({len(deployment.units)} units)")
+    if args.json:
+        _print_json({"deployment": args.deployment, "ok": True, "units": sorted(deployment.units)})
+    else:
+        print(f"{args.deployment}: ok ({len(deployment.units)} units)")
     return 0
 
 
@@ -329,13 +629,17 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     ctx = config_loader.context([args.deployment] if args.deployment else [], args.set)
     deployment, settings = config_loader.validate(ctx, args.plugin)
     rows = config_loader.show(deployment, settings)
-    print(json.dumps(rows, indent=2) if args.json else config_loader.format_rows(rows))
+    if args.json:
+        _print_json(rows)
+    else:
+        print(config_loader.format_rows(rows))
     return 0
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
     from hsu._kernel.config import loader as config_loader
     from hsu._kernel.config.schema import deployment_schema, plugin_choices
+    from hsu._kernel.plugins import PluginManager
 
     explicit = list(args.plugin)
     if args.deployment:
@@ -343,8 +647,49 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
         explicit = [*deployment.plugins, *explicit]
     plugins = PluginManager.load(explicit)
     schema = deployment_schema(plugins.settings_classes(), **plugin_choices(plugins))
-    print(json.dumps(schema, indent=2))
+    _print_json(schema)
     return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    try:
+        from argcomplete.shell_integration import shellcode
+    except ImportError:
+        raise HsuError(
+            "shell completion needs argcomplete: pip install 'hsu[completion]'"
+        ) from None
+    print(shellcode(["hsu"], shell=args.shell))
+    return 0
+
+
+def complete_targets(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    """Unit names and instance ids of the running kernel (for argcomplete);
+    nothing when no kernel answers within a second."""
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+    try:
+        address = _kernel_address(parsed_args)
+        with _channel(address, parsed_args) as channel:
+            stub = kernel_pb2_grpc.KernelStub(channel)
+            units = list(stub.Status(kernel_pb2.StatusRequest(), timeout=1).units)
+            if getattr(parsed_args, "command", "") in ("scale", "events"):
+                names = units
+            else:
+                listing = stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=1)
+                names = [*units, *(i.instance_id for i in listing.instances)]
+    except Exception:  # completion never fails the shell
+        return []
+    return [n for n in names if n.startswith(prefix)]
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 # -- parser -----------------------------------------------------------------
@@ -417,6 +762,22 @@ def build_parser() -> argparse.ArgumentParser:
             help="mTLS: the key of --cert (env HSU_TLS_KEY)",
         )
 
+    def json_opt(p: argparse.ArgumentParser, what: str = "print JSON") -> None:
+        p.add_argument("--json", action="store_true", help=what)
+
+    def progress_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="print the unit's events to stderr while waiting (default: when stderr is"
+            " a terminal)",
+        )
+
+    def target(p: argparse.ArgumentParser, *args: str, **kwargs: Any) -> None:
+        action = p.add_argument(*args, **kwargs)
+        action.completer = complete_targets  # type: ignore[attr-defined]
+
     def set_opt(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--set",
@@ -440,10 +801,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("plugins", help="list plugins: name, distribution, hooks, status")
+    p = sub.add_parser(
+        "plugins",
+        help="list plugins: name, distribution, hooks, status (the running kernel's, when one"
+        " answers)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--deployment", help="also load this deployment's plugin list")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="list what this environment would load, not what the running kernel loaded",
+    )
     plugin_opt(p)
+    address_opt(p, "the kernel to ask")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("status", help="a running kernel's state and instances")
@@ -454,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ping", help="round trip to a running kernel's Core.Ping")
     address_opt(p, "the kernel to ping")
+    json_opt(p)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_ping)
 
@@ -463,7 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("restart", "Restart", "replace a unit's processes one at a time, or one instance's"),
     ):
         p = sub.add_parser(name, help=what)
-        p.add_argument("name", metavar="UNIT|INSTANCE")
+        target(p, "name", metavar="UNIT|INSTANCE")
+        json_opt(p, "print the instances as JSON")
+        progress_opt(p)
         if name == "stop":
             p.add_argument("--grace", type=float, default=0.0, help="seconds before SIGKILL")
         address_opt(p, "the kernel to ask")
@@ -471,8 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_action(method))
 
     p = sub.add_parser("scale", help="run exactly N instances of a unit")
-    p.add_argument("unit")
-    p.add_argument("count", type=int, metavar="N")
+    target(p, "unit")
+    p.add_argument("count", type=_non_negative, metavar="N")
+    json_opt(p, "print the instances as JSON")
+    progress_opt(p)
     address_opt(p, "the kernel to ask")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     p.set_defaults(func=cmd_scale)
@@ -486,12 +862,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_endpoints)
 
     p = sub.add_parser("reload", help="make a running kernel read its deployment again")
+    json_opt(p, "print what changed as JSON")
     address_opt(p, "the kernel to ask")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     p.set_defaults(func=cmd_reload)
 
-    p = sub.add_parser("logs", help="a unit's or an instance's output (and the kernel's about it)")
-    p.add_argument("name", metavar="UNIT|INSTANCE")
+    p = sub.add_parser(
+        "logs",
+        help="a unit's or an instance's output (and the kernel's about it); every unit's,"
+        " with a unit column, without a name",
+    )
+    target(p, "name", metavar="UNIT|INSTANCE", nargs="?", default="")
+    json_opt(p, "print JSON lines, one per record")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("-n", "--tail", type=int, default=100, help="past lines first (default 100)")
     address_opt(p, "the kernel to ask")
@@ -499,8 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("events", help="state transitions as they happen")
-    p.add_argument("unit", nargs="?", help="only this unit's")
+    target(p, "unit", nargs="?", help="only this unit's")
     p.add_argument("--replay", action="store_true", help="first the recent ones")
+    json_opt(p, "print JSON lines, one per event")
     address_opt(p, "the kernel to ask")
     p.set_defaults(func=cmd_events)
 
@@ -508,6 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     p = csub.add_parser("validate", help="check a deployment and its plugins; start nothing")
     p.add_argument("deployment", help="deployment file")
+    json_opt(p)
     plugin_opt(p)
     set_opt(p)
     p.set_defaults(func=cmd_config_validate)
@@ -521,22 +905,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("deployment", nargs="?", help="include the sections of this one's plugins")
     plugin_opt(p)
     p.set_defaults(func=cmd_config_schema)
+
+    p = sub.add_parser(
+        "completion", help="print the shell code that completes hsu's commands (argcomplete)"
+    )
+    p.add_argument("shell", choices=["bash", "zsh", "fish", "tcsh", "powershell"])
+    p.set_defaults(func=cmd_completion)
     return parser
+
+
+#: the commands that log (the others print, and never import loguru)
+LOGGING = {"run", "config", "plugins"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # only while the shell completes
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    if args.command in LOGGING:
+        _setup_logging(args.log_level)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
+    except KernelUnreachable as exc:
+        print(f"hsu: error: {exc}", file=sys.stderr)
+        return EXIT["unreachable"]
     except HsuError as exc:
         print(f"hsu: error: {exc}", file=sys.stderr)
         if exc.__cause__ is not None and os.environ.get("HSU_TRACEBACK"):
             raise
-        return 1
+        return EXIT["error"]
     except KeyboardInterrupt:
-        return 130
+        return EXIT["interrupted"]
+    except BrokenPipeError:
+        # the reader went away: say nothing more, and let Python's exit not
+        # flush into the closed pipe (docs.python.org, "Note on SIGPIPE")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT["broken_pipe"]
 
 
 __all__ = ["build_parser", "main"]

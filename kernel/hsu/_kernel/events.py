@@ -36,6 +36,8 @@ class EventBus:
         self._lock = threading.Lock()
         #: called synchronously for each event; must not raise
         self.listeners: list[Callable[[Event], None]] = []
+        #: bumped by :meth:`close`: a subscriber of an older one ends
+        self._generation = 0
 
     @property
     def recent(self) -> list[Event]:
@@ -61,6 +63,17 @@ class EventBus:
             listener(event)
         return event
 
+    def close(self) -> None:
+        """End every subscription open now, after the events already published
+        (a stopping kernel's watchers get its last transitions, then the end
+        of the stream, instead of holding its server open for the drain grace).
+        Later subscriptions work as before. On the subscribers' loop."""
+        with self._lock:
+            self._generation += 1
+            loop = self._loop if self._subscribers else None
+        if loop is not None:
+            self._notify()
+
     def _notify(self) -> None:
         with self._lock:
             self._scheduled = False
@@ -82,6 +95,7 @@ class EventBus:
                 self._wake = asyncio.Event()
                 self._scheduled = False
             self._subscribers += 1
+            generation = self._generation
             cursor = self._ring.next
             if replay:
                 cursor = max(self._ring.oldest, cursor - self._recent)
@@ -96,6 +110,8 @@ class EventBus:
                     if not unit or event.unit == unit:
                         yield event
                 if not batch:
+                    if self._generation != generation:
+                        return
                     await self._wake.wait()
         finally:
             with self._lock:

@@ -378,6 +378,10 @@ class Kernel:
                 statefile.remove(self.state_path)
             control.unpublish(self._control_entry, self.control_address)
             self._control_entry = None
+            # watchers and log followers get the end of their streams: a
+            # stream left open would hold the server's stop for the whole grace
+            self.events.close()
+            self.logs.end_followers()
             if self._server is not None:
                 grace = self._drain_grace
                 await self._server.stop(

@@ -123,6 +123,8 @@ class LogBuffer:
         self._ring: Ring[Record] = Ring(max(maxlen, RING_MIN))
         self._hubs: dict[asyncio.AbstractEventLoop, _Hub] = {}
         self._lock = threading.Lock()
+        #: bumped by :meth:`end_followers`: a follower of an older one ends
+        self._generation = 0
 
     def sink(self, message: Any) -> None:
         """A loguru sink: ``logger.add(buffer.sink)``."""
@@ -177,6 +179,19 @@ class LogBuffer:
             if event is not None:
                 event.set()
 
+    def end_followers(self) -> None:
+        """End every follow stream open now, once it has what was logged so
+        far (a stopping kernel's ``hsu logs -f`` ends instead of holding its
+        server open for the drain grace). On the followers' loop."""
+        with self._lock:
+            self._generation += 1
+            hub = self._hubs.get(asyncio.get_running_loop())
+            events = list(hub.events.values()) if hub is not None else []
+            if hub is not None:
+                hub.events.clear()
+        for event in events:
+            event.set()
+
     def tail(self, n: int) -> list[Record]:
         with self._lock:
             return self._last(n)
@@ -213,6 +228,7 @@ class LogBuffer:
         with self._lock:
             kept = self._last(self.maxlen) if tail > 0 else []
             cursor = self._ring.next
+            generation = self._generation
             if follow:
                 hub = self._hubs.get(loop)
                 if hub is None:
@@ -234,6 +250,8 @@ class LogBuffer:
                     continue
                 # nothing new: wait for the next batch (the check above and this
                 # wait are on the loop, where wake-ups run: none is missed)
+                if self._generation != generation:
+                    return
                 event = hub.events.get(key)
                 if event is None:
                     event = hub.events[key] = asyncio.Event()

@@ -103,9 +103,15 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def ListPlugins(
         self, request: kernel_pb2.ListPluginsRequest, context: Any
     ) -> kernel_pb2.ListPluginsResponse:
-        return kernel_pb2.ListPluginsResponse(
-            plugins=[kernel_pb2.Plugin(**i.to_dict()) for i in self.kernel.plugins.infos()]
-        )
+        plugins = []
+        for info in self.kernel.plugins.infos():
+            fields = info.to_dict()
+            provides = {
+                kind: kernel_pb2.PluginProvides(names=names)
+                for kind, names in fields.pop("provides").items()
+            }
+            plugins.append(kernel_pb2.Plugin(**fields, provides=provides))
+        return kernel_pb2.ListPluginsResponse(plugins=plugins)
 
     async def Status(
         self, request: kernel_pb2.StatusRequest, context: Any
@@ -485,6 +491,10 @@ async def _listen(
 ) -> str:
     """Bind and start ``server``: TLS with ``tls`` on a TCP address (a unix
     socket stays plaintext: its file mode guards it)."""
+    in_use = _in_use(address)
+    if in_use:
+        # before grpc tries: its C core would print its own line first
+        raise HsuError(f"kernel.{what}: cannot listen on {address}: {in_use}; is it in use?")
     try:
         if tls is not None and not address.startswith("unix:"):
             port = server.add_secure_port(address, ServerTLS(tls, base_dir).credentials())
@@ -497,3 +507,34 @@ async def _listen(
         return address
     host = address.rsplit(":", 1)[0]
     return f"{host}:{port}"
+
+
+def _in_use(address: str) -> str:
+    """Why a TCP ``host:port`` cannot be bound ("" if it can, or it is not a
+    fixed TCP port): each address the host resolves to is tried as grpc binds
+    it, with SO_REUSEADDR, so only a listening socket makes it fail."""
+    import socket
+
+    if address.startswith("unix:") or ":" not in address:
+        return ""
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (ValueError, OSError):
+        return ""  # grpc says what is wrong with it
+    if port == 0:
+        return ""
+    errors = []
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+            return ""  # grpc can bind at least this one
+        except OSError as exc:
+            errors.append(exc.strerror or str(exc))
+    return errors[0] if errors else ""

@@ -406,7 +406,9 @@ class UnitSupervisor:
         if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):
             ctl.wanted = False
             ctl.reason = f"{outcome.reason} (restart: {policy.value})"
-            log.info("{}; not restarting (restart: {})", outcome.reason, policy.value)
+            (log.error if outcome.failed else log.info)(
+                "{}; not restarting (restart: {})", outcome.reason, policy.value
+            )
             return False
         now = time.monotonic()
         breaker = self.breakers[inst.instance_id]
@@ -477,7 +479,7 @@ class UnitSupervisor:
             exhausted = _out_of_files(exc)
             if exhausted:
                 exc = LaunchError(f"{exc}; {open_files_note()}")
-            log.error("{}", exc)
+            # logged once, by the restart policy with what happens next
             inst.ready.set_exception(exc)
             return _Outcome(reason=str(exc), failed=True, exhausted=exhausted)
         exited = _exit_future(handle) if handle else _never()

@@ -269,6 +269,27 @@ Global___ListInstancesResponse: _TypeAlias = ListInstancesResponse  # noqa: Y015
 class Plugin(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ProvidesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___PluginProvides: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___PluginProvides | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     DISTRIBUTION_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
@@ -276,6 +297,7 @@ class Plugin(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PROVIDES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     distribution: _builtins.str
     """The distribution that provides it, e.g. "hsu-plugin-foo"; empty for a
@@ -292,6 +314,12 @@ class Plugin(_message.Message):
     def hooks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Hook names it implements."""
 
+    @_builtins.property
+    def provides(self) -> _containers.MessageMap[_builtins.str, Global___PluginProvides]:
+        """What it registered, by kind ("balancer" -> ["p2c", "round_robin*"]; "*"
+        marks the default of its kind).
+        """
+
     def __init__(
         self,
         *,
@@ -302,10 +330,11 @@ class Plugin(_message.Message):
         status: _builtins.str = ...,
         source: _builtins.str = ...,
         error: _builtins.str = ...,
+        provides: _abc.Mapping[_builtins.str, Global___PluginProvides] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "error", b"error", "hooks", b"hooks", "name", b"name", "source", b"source", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "error", b"error", "hooks", b"hooks", "name", b"name", "provides", b"provides", "source", b"source", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -890,3 +919,25 @@ class LoadReportAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LoadReportAck: _TypeAlias = LoadReportAck  # noqa: Y015
+
+@_typing.final
+class PluginProvides(_message.Message):
+    """The names a plugin registered of one kind (Plugin.provides)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginProvides: _TypeAlias = PluginProvides  # noqa: Y015
