@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import json_format
 from loguru import logger
 
+from hsu._kernel import cli_new
 from hsu._kernel.config.model import load_deployment
 from hsu._kernel.plugins import PluginManager
 from hsu._version import __version__
@@ -521,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("deployment", nargs="?", help="include the sections of this one's plugins")
     plugin_opt(p)
     p.set_defaults(func=cmd_config_schema)
+    cli_new.add_parser(sub)
     return parser
 
 
