@@ -7,6 +7,7 @@ Needs node and npm; HSU_REQUIRE_NODE=1 (CI) turns a skip into a failure.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -182,3 +183,33 @@ def test_the_lockfile_is_committed_and_node_modules_is_not():
     if not listed:  # not a git checkout (an sdist): nothing to check
         return
     assert "package-lock.json" in listed and "node_modules" not in listed
+
+
+async def test_the_node_hsu_proves_itself_with_its_token_and_a_wrong_one_is_refused(
+    hsu_kernel, node_echo, tmp_path
+):
+    # a unit whose instances the kernel starts: a process it did not start,
+    # claiming an instance with a made-up token, is refused and exits 1
+    k = await hsu_kernel({"name": "node-token", "units": {"echo-node": _unit(node_echo)}})
+    [inst] = await k.wait_ready("echo-node")
+    env = {k_: v for k_, v in os.environ.items() if not k_.startswith("HSU_")}
+    env.update(
+        HSU_KERNEL_ADDRESS=k.control_address,
+        HSU_UNIT="echo-node",
+        HSU_INSTANCE_ID=inst.instance_id,
+        HSU_INSTANCE_TOKEN="not-the-instance-token",
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["node", str(node_echo)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    assert "ERROR: kernel refused: PERMISSION_DENIED" in done.stderr, done.stderr
+    # the real instance is untouched, and no second one was listed
+    assert [i.instance_id for i in k.kernel.instances.values()] == [inst.instance_id]
+    assert inst.state is S.READY
