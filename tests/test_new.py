@@ -19,6 +19,9 @@ TEMPLATES = ROOT / "kernel" / "hsu" / "_kernel" / "templates"
 NODE_HSU = ROOT / "contrib" / "hsu-echo-node"
 
 pytestmark = pytest.mark.integration
+#: a generated package's install and test run, each bounded on its own
+#: (pip 120 s, its pytest or npm test 240 s), on a loaded machine
+SLOW = pytest.mark.timeout(420)
 
 
 def _new(*args: str) -> Path:
@@ -39,7 +42,7 @@ def _install_and_test(package: Path, site: Path) -> str:
             str(package),
         ],
         check=True,
-        timeout=180,
+        timeout=120,
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("HSU_")}
     env["HSU_RUNTIME_DIR"] = os.environ["HSU_RUNTIME_DIR"]
@@ -51,12 +54,13 @@ def _install_and_test(package: Path, site: Path) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=240,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     return done.stdout
 
 
+@SLOW
 def test_new_python_hsu_passes_its_tests(tmp_path):
     package = _new("hsu", "calc", "--dir", str(tmp_path))
     assert package == tmp_path / "calc"
@@ -68,6 +72,7 @@ def test_new_python_hsu_passes_its_tests(tmp_path):
     assert "4 passed" in out
 
 
+@SLOW
 def test_new_plugin_passes_its_tests(tmp_path):
     package = _new("plugin", "audit-log", "--dir", str(tmp_path))
     assert package == tmp_path / "hsu-plugin-audit-log"
@@ -77,6 +82,7 @@ def test_new_plugin_passes_its_tests(tmp_path):
     assert "3 passed" in out
 
 
+@SLOW
 def test_new_node_hsu_passes_its_tests(tmp_path):
     package = _new("hsu", "calc-node", "--lang", "node", "--dir", str(tmp_path))
     # Core's and the Kernel API's contracts come from the installed hsu
@@ -84,7 +90,7 @@ def test_new_node_hsu_passes_its_tests(tmp_path):
         assert (package / "proto" / rel).read_text() == (ROOT / "proto" / rel).read_text()
     node = require_node(package)
     done = subprocess.run(
-        [node.npm, "test"], cwd=package, capture_output=True, text=True, timeout=180
+        [node.npm, "test"], cwd=package, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "# pass 1" in done.stdout and "# fail 0" in done.stdout

@@ -90,6 +90,12 @@ async def test_the_node_hsu_starts_on_demand_is_replaced_after_sigkill_and_stops
             echo_pb2.EchoRequest(message="again"), timeout=30
         )
     assert again.message == "again" and again.pid == inst.pid
+    # any gRPC client, through the kernel's data plane (the gateway forwards it)
+    async with grpc.aio.insecure_channel(kernel.address) as data:
+        via_gateway = await echo_pb2_grpc.EchoStub(data).Echo(
+            echo_pb2.EchoRequest(message="gateway"), timeout=30
+        )
+    assert via_gateway.message == "gateway" and via_gateway.pid == inst.pid
 
     # a clean stop: the kernel asks over Core.Shutdown with the token, and the
     # process exits 0 on its own (no SIGTERM, no SIGKILL)
