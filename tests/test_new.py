@@ -100,6 +100,10 @@ def test_new_refuses_a_bad_name_and_an_existing_dir_and_leaves_nothing(tmp_path)
     bad = run_hsu("new", "hsu", "Calc!", "--dir", str(tmp_path))
     assert bad.returncode == 1
     assert "hsu: error: hsu new: NAME 'Calc!' must be lowercase letters" in bad.stderr
+    # a package named like an installed module would shadow it
+    shadow = run_hsu("new", "hsu", "grpc", "--dir", str(tmp_path))
+    assert shadow.returncode == 1
+    assert "NAME 'grpc' would shadow the module 'grpc'" in shadow.stderr
     (tmp_path / "calc").mkdir()
     taken = run_hsu("new", "hsu", "calc", "--dir", str(tmp_path))
     assert taken.returncode == 1

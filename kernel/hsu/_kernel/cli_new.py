@@ -32,15 +32,21 @@ DOTFILES = {"gitignore", "npmrc"}
 KERNEL_PROTOS = ("hsu/core/v1/core.proto", "hsu/kernel/v1/kernel.proto")
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, module: str) -> str:
+    """``name`` follows the grammar, and ``module`` (the Python package it
+    makes) would not shadow an installed or standard one."""
     if len(name) > MAX_NAME or not NAME.fullmatch(name):
         raise HsuError(
             f"hsu new: NAME {name!r} must be lowercase letters and digits, words joined by"
             f" '-' or '_', starting with a letter, at most {MAX_NAME} characters (e.g. calc,"
             " order-book)"
         )
-    if name.replace("-", "_") in {"hsu", "hsu_plugins", "test", "tests"}:
-        raise HsuError(f"hsu new: NAME {name!r} would shadow a module; pick another")
+    taken = module in {"test", "tests", "google"} or importlib.util.find_spec(module) is not None
+    if taken:
+        raise HsuError(
+            f"hsu new: NAME {name!r} would shadow the module {module!r} (installed or"
+            " standard); pick another"
+        )
     return name
 
 
@@ -103,7 +109,8 @@ def _kernel_protos(dest: Path) -> None:
 
 def new(kind: str, name: str, *, lang: str = "python", into: Path | None = None) -> Path:
     """Make the package; returns its directory."""
-    _check_name(name)
+    pkg = name.replace("-", "_")
+    _check_name(name, f"hsu_plugin_{pkg}" if kind == "plugin" else pkg)
     values = placeholders(name)
     base = Path.cwd() if into is None else into
     if kind == "plugin":
