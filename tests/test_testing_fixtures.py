@@ -142,3 +142,23 @@ async def test_hsu_kernel_records_events_and_waits_for_them(hsu_kernel):
     assert again.seq > ready.seq and again.pid != reply.pid
     with pytest.raises(AssertionError, match=r"no event matching \{'unit': 'nope'\} within 0.2 s"):
         await k.wait_for(unit="nope", timeout=0.2)
+
+
+def test_require_node_skips_without_node_and_fails_when_required(monkeypatch, tmp_path):
+    from hsu.testing import require_node
+
+    (tmp_path / "package-lock.json").write_text("{}")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("HSU_REQUIRE_NODE", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="node and npm are needed"):
+        require_node(tmp_path)
+    monkeypatch.setenv("HSU_REQUIRE_NODE", "1")
+    with pytest.raises(pytest.fail.Exception, match="HSU_REQUIRE_NODE is set"):
+        require_node(tmp_path)
+
+
+def test_require_node_names_a_package_without_a_lockfile(tmp_path):
+    from hsu.testing import require_node
+
+    with pytest.raises(FileNotFoundError, match=r"no package-lock\.json to install from"):
+        require_node(tmp_path)

@@ -128,13 +128,13 @@ def require_node(
     when ``node_modules`` is missing, under a file lock, so pytest-xdist
     workers install it once. Call it from a session-scoped fixture.
     """
+    root = Path(package).resolve()
+    if not (root / "package-lock.json").is_file():
+        raise FileNotFoundError(f"{root}: no package-lock.json to install from (npm ci needs one)")
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         _missing("node and npm are needed (apt-get install nodejs npm)")
     assert node is not None and npm is not None
-    root = Path(package).resolve()
-    if not (root / "package-lock.json").is_file():
-        raise FileNotFoundError(f"{root}: no package-lock.json to install from (npm ci needs one)")
     with (root / ".npm-ci.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / "node_modules").is_dir():
