@@ -4,6 +4,11 @@ package that ships them.
 Two trees: the kernel's contracts (proto/ -> kernel/, distribution ``hsu``)
 and the demo's Echo interface (contrib/hsu-echo/proto/ -> contrib/hsu-echo/,
 distribution ``hsu-echo``). Run through ``nox -s proto``.
+
+Each .proto is also copied next to the code made from it, so an installed
+package carries its contract (``hsu new hsu --lang node`` copies Core's and the
+Kernel API's from the installed ``hsu``), and into the Node.js HSU
+(contrib/hsu-echo-node/proto/), which loads them at run time.
 ``tests/test_generated_code.py`` runs this into a temporary folder and fails
 when the committed files differ, so the .proto files and the code made from
 them cannot drift apart.
@@ -36,6 +41,21 @@ TREES = (
 )
 
 
+#: the Node.js HSU loads these .proto files at run time (@grpc/proto-loader)
+NODE_PROTOS = Path("contrib/hsu-echo-node/proto")
+
+
+def copies() -> list[tuple[Path, Path]]:
+    """(source, destination) of every .proto copied, both relative to the root."""
+    found: list[tuple[Path, Path]] = []
+    for tree in TREES:
+        for proto in proto_files(tree):
+            rel = proto.relative_to(ROOT / tree.protos)
+            found.append((tree.protos / rel, tree.out / rel))
+            found.append((tree.protos / rel, NODE_PROTOS / rel))
+    return found
+
+
 def proto_files(tree: Tree) -> list[Path]:
     return sorted((ROOT / tree.protos).rglob("*.proto"))
 
@@ -47,6 +67,7 @@ def generated_files(out: Path) -> list[Path]:
         for proto in proto_files(tree):
             rel = proto.relative_to(ROOT / tree.protos).with_suffix("")
             found.extend(out / tree.out / rel.parent / f"{rel.name}{s}" for s in SUFFIXES)
+    found.extend(out / dest for _, dest in copies())
     return found
 
 
@@ -78,6 +99,9 @@ def generate(out: Path = ROOT) -> list[Path]:
             *(str(p.relative_to(proto_root)) for p in proto_files(tree)),
         ]
         subprocess.run(cmd, check=True, cwd=proto_root)
+    for source, dest in copies():
+        (out / dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / source, out / dest)
     return generated_files(out)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hsu._kernel import cli_new
 from hsu._kernel.table import Column, render
 from hsu._version import __version__
 from hsu.errors import HsuError
@@ -911,6 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("shell", choices=["bash", "zsh", "fish", "tcsh", "powershell"])
     p.set_defaults(func=cmd_completion)
+    cli_new.add_parser(sub)
     return parser
 
 
