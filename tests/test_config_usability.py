@@ -88,3 +88,101 @@ def test_the_json_schema_takes_durations(tmp_path):
     bad = {"units": {"e": {**ECHO, "stop_grace": "soon"}}}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
+
+
+def test_every_mistake_of_a_deployment_is_reported_in_one_pass(tmp_path):
+    """Before: a unit's error hid kernel.* and plugin-section errors (and an
+    unknown plugin name stopped everything with no hint)."""
+    out = validate(
+        tmp_path,
+        """\
+plugins: [gateway_nginx]
+kernel:
+  drain_grace: soon
+  address: ":99999"
+units:
+  echo:
+    command: [python, -m, hsu_echo]
+    stop_grase: 3
+    max_instances: 0
+    restart: {backoff: {jitter: 3}}
+  other:
+    command: [python, -m, hsu_echo]
+    launcher: nope
+gateway_nginx:
+  workers: 2
+""",
+    )
+    d = tmp_path / "d.yaml"
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[0] == f"hsu: error: invalid deployment {d}: 8 problem(s)"
+    expected = [
+        f"{d}:8: units.echo.stop_grase: unknown key; did you mean 'stop_grace'?",
+        f"{d}:9: units.echo.max_instances: must be >= 1, got 0",
+        f"{d}:10: units.echo.restart.backoff.jitter: must be <= 1, got 3.0",
+        f"{d}:1: plugins[0]: unknown plugin 'gateway_nginx'; did you mean"
+        " 'hsu_plugins.gateway.nginx'?",
+        f"{d}:14: gateway_nginx: no enabled plugin has a settings section of this name; is it"
+        " the section of plugin 'hsu_plugins.gateway.nginx'? enable it: plugins:"
+        " [hsu_plugins.gateway.nginx]",
+        f"{d}:3: kernel.drain_grace: expected seconds or a duration (500ms, 5s, 2m), got 'soon'",
+        f"{d}:4: kernel.address: port 99999 is out of range 0-65535",
+        f"{d}:13: units.other.launcher: no launcher named 'nope' (registered: subprocess)",
+    ]
+    for line in expected:
+        assert any(got.strip().startswith(line) for got in lines[1:]), (line, lines)
+    # the same from `hsu run`, which starts nothing
+    run = hsu("run", str(d))
+    assert run.returncode != 0 and "8 problem(s)" in run.stderr
+
+
+def test_a_misspelt_plugin_name_gets_a_hint(tmp_path):
+    for written in ("gateway_nginx", "hsu_plugins.gateway_nginx", "hsu-plugins.gateway.nginx"):
+        out = validate(tmp_path, f"plugins: [{written}]\n")
+        assert f"unknown plugin {written!r}; did you mean 'hsu_plugins.gateway.nginx'?" in (
+            out.stderr
+        ), out.stderr
+        assert "Traceback" not in out.stderr
+    # from -p, at once, with the hint too
+    (tmp_path / "e.yaml").write_text("units: {}\n")
+    out = hsu("config", "validate", str(tmp_path / "e.yaml"), "-p", "registry-memory")
+    assert "unknown plugin 'registry-memory'; did you mean 'registry_memory'?" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        (":99999", "port 99999 is out of range 0-65535"),
+        (":-5", "port '-5' is not a number 0-65535"),
+        ("localhost", "no port; write HOST:PORT (127.0.0.1:7420) or unix:/absolute/path"),
+        (":7420", "no host; write 127.0.0.1:7420 (this machine only)"),
+        ("unix:", "a unix socket needs an absolute path"),
+        ("unix:kernel.sock", "a unix socket needs an absolute path"),
+        ("::1:7420", "an IPv6 address needs brackets: [::1]:7420"),
+        ("bad host:1", "whitespace or a control character"),
+        (f"unix:/{'x' * 120}", "a unix path longer than 107 bytes"),
+    ],
+)
+def test_listen_addresses_are_checked(tmp_path, address, says):
+    """Before: ':99999' listened on 34463, ':-5' on 65531, 'localhost' on 443."""
+    for key in ("address", "control"):
+        out = validate(tmp_path, f'kernel:\n  {key}: "{address}"\n')
+        assert f"d.yaml:2: kernel.{key}: {says}" in out.stderr, out.stderr
+    out = validate(
+        tmp_path, f'plugins: [hsu_plugins.gateway.nginx]\ngateway_nginx: {{address: "{address}"}}\n'
+    )
+    assert f"gateway_nginx.address: {says}" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "[::1]:7420", "localhost:7420", "0.0.0.0:7420"])
+def test_good_listen_addresses_pass(tmp_path, address):
+    out = validate(tmp_path, f'kernel:\n  address: "{address}"\n  insecure: true\n')
+    assert out.returncode == 0, out.stderr
+
+
+def test_an_address_on_the_command_line_is_checked_too(tmp_path):
+    (tmp_path / "d.yaml").write_text("units: {}\n")
+    out = hsu("run", str(tmp_path / "d.yaml"), "--address", ":99999")
+    assert out.returncode != 0
+    assert "--address: port 99999 is out of range 0-65535" in out.stderr

@@ -15,6 +15,16 @@ class PluginError(HsuError):
     """A plugin could not be loaded, registered or validated."""
 
 
+class UnknownPlugin(PluginError):
+    """A plugin name that is neither an entry point nor an importable module;
+    ``name`` is the name, ``suggestion`` the closest known one ("" if none)."""
+
+    def __init__(self, message: str, name: str, suggestion: str = ""):
+        super().__init__(message)
+        self.name = name
+        self.suggestion = suggestion
+
+
 class PluginLoadError(PluginError):
     """A plugin the user asked for failed to import or register.
 

@@ -19,6 +19,14 @@ What is accepted:
     (``0.0.0.0``, ``[::]``: a bind address, not somewhere to call), link-local
     ones (``169.254.0.0/16``, ``fe80::/10``) and the cloud metadata services,
     multicast and broadcast.
+``listen_address``
+    where a server listens (``kernel.address``, ``kernel.control``, a
+    plugin's): ``host:port`` with the host given (an IP literal, ``[v6]``,
+    or a host name; ``0.0.0.0`` and ``[::]`` allowed) and a port 0-65535 (0:
+    any free port), or ``unix:/absolute/path`` (at most 107 bytes, no
+    whitespace or control characters). ``:7420``, ``localhost`` (no port),
+    ``:99999``, ``:-5`` and ``unix:sock`` (relative to whatever directory
+    the kernel was started in) are refused, each saying what to write.
 ``local_address``
     an ``address`` on this host: a loopback IP (``127.0.0.0/8``, ``[::1]``)
     or ``localhost``, or a unix socket inside given directories.
@@ -70,6 +78,7 @@ __all__ = [
     "instance_id",
     "interface_name",
     "labels",
+    "listen_address",
     "local_address",
     "shown",
     "text",
@@ -289,6 +298,53 @@ def address(value: str, *, field: str = "address") -> str:
         raise _fail(field, "a link-local address (where cloud metadata services listen)", value)
     if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
         raise _fail(field, "a multicast or broadcast address", value)
+    return value
+
+
+def listen_address(value: str, *, field: str = "address") -> str:
+    """Where a server listens; see the module's docstring. Raises
+    :class:`~hsu.errors.InvalidValue` saying what is wrong and what to write."""
+    value = _str(value, field)
+    example = "write HOST:PORT (127.0.0.1:7420) or unix:/absolute/path"
+    if not value:
+        raise InvalidValue(f"{field}: is required; {example}")
+    if len(value) > MAX_ADDRESS:
+        raise _fail(field, f"longer than {MAX_ADDRESS} characters", value)
+    if any(c.isspace() or unicodedata.category(c) in _NEVER for c in value):
+        raise _fail(field, "whitespace or a control character", value)
+    path = unix_path(value)
+    if path is not None:
+        if not path.startswith("/"):
+            raise _fail(
+                field,
+                "a unix socket needs an absolute path (a relative one would be taken from"
+                " the directory the kernel was started in): unix:/path/to/socket",
+                value,
+            )
+        if len(os.fsencode(path)) > MAX_UNIX_PATH:
+            raise _fail(field, f"a unix path longer than {MAX_UNIX_PATH} bytes", value)
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or (host and host.startswith("[") and not host.endswith("]")):
+        raise _fail(field, f"no port; {example}", value)
+    if not port.isdigit():
+        raise _fail(field, f"port {port!r} is not a number 0-65535; {example}", value)
+    if int(port) > 65535:
+        raise _fail(field, f"port {int(port)} is out of range 0-65535", value)
+    if not host:
+        raise _fail(
+            field,
+            f"no host; write 127.0.0.1:{port} (this machine only) or 0.0.0.0:{port}"
+            " (every interface)",
+            value,
+        )
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if _ip(bare) is not None:
+        if ":" in bare and bare == host:
+            raise _fail(field, f"an IPv6 address needs brackets: [{host}]:{port}", value)
+        return value
+    if not all(_HOSTNAME.fullmatch(p) for p in host.split(".")) or len(host) > 253:
+        raise _fail(field, "not an IP address or a host name (letters, digits, - and .)", value)
     return value
 
 

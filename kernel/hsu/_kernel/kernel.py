@@ -34,7 +34,7 @@ from hsu._kernel.config.model import (
 from hsu._kernel.events import EventBus
 from hsu._kernel.lifecycle import KERNEL_TRANSITIONS, KernelState, StateMachine, Transition
 from hsu._kernel.logbuffer import LogBuffer
-from hsu._kernel.plugins import PluginManager
+from hsu._kernel.plugins import PluginManager, plugin_names
 from hsu._kernel.routing import KernelRouting
 from hsu._kernel.server import KernelServer
 from hsu._kernel.supervision import resources, statefile
@@ -90,13 +90,37 @@ class Kernel:
     ):
         # the launchers, balancers, ... that units leave unnamed: the defaults
         # plugins declared (the kernel names none)
-        deployment = with_defaults(deployment, plugins)
-        self.deployment = deployment
         self.plugins = plugins
+        # every problem at once: those found reading the core keys, the
+        # defaults, the plugin sections and the checks across units
+        problems = list(deployment.problems)
+        try:
+            deployment = with_defaults(deployment, plugins)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        self.deployment = deployment
         #: how the deployment was read, to read it again on reload
         self.source_context = source_context
-        self._settings = structure_sections(deployment, plugins.settings_classes())
-        check_units(deployment, plugins.launcher_names(), self._probes(), **self._routing_plugins())
+        try:
+            self._settings = structure_sections(
+                deployment, plugins.settings_classes(), plugin_names
+            )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        try:
+            check_units(
+                deployment, plugins.launcher_names(), self._probes(), **self._routing_plugins()
+            )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        for flag, given in (("--address", address), ("--control", control_address)):
+            if given:
+                try:
+                    validate.listen_address(given, field=flag)
+                except InvalidValue as exc:
+                    problems.append(str(exc))
+        if problems:
+            raise ConfigError(problems, deployment.source)
         ks: KernelSettings = self._settings["kernel"]
         self.kernel_settings = ks
         #: the address the deployment (or ``--address``) asked for
@@ -1100,8 +1124,12 @@ class Kernel:
                 # parsing and merging off the event loop: a pathological file
                 # never stalls the Kernel API (the readers keep no shared state)
                 deployment = await asyncio.to_thread(self.read_config)
-            new = with_defaults(deployment, self.plugins)
-            settings = self._validate(new)
+            try:
+                new = with_defaults(deployment, self.plugins)
+                found: list[str] = []
+            except ConfigError as exc:
+                new, found = deployment, list(exc.problems)
+            settings = self._validate(new, found)
             old = self.deployment
             changes = diff(old, new)
             if changes.empty and settings == self._settings:
@@ -1134,15 +1162,15 @@ class Kernel:
             )
             return changes
 
-    def _validate(self, new: Deployment) -> dict[str, Any]:
-        problems: list[str] = []
+    def _validate(self, new: Deployment, found: list[str] | None = None) -> dict[str, Any]:
+        problems: list[str] = [*new.problems, *(found or ())]
         if tuple(new.plugins) != tuple(self.deployment.plugins):
             problems.append(
                 f"{new.source}: plugins: changed from {list(self.deployment.plugins)} to"
                 f" {list(new.plugins)}; plugins load when the kernel starts: restart it"
             )
         try:
-            settings = structure_sections(new, self.plugins.settings_classes())
+            settings = structure_sections(new, self.plugins.settings_classes(), plugin_names)
         except ConfigError as exc:
             problems.extend(exc.problems)
             settings = {}

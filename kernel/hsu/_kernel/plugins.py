@@ -39,7 +39,7 @@ from loguru import logger
 
 from hsu import hookspecs
 from hsu._kernel.aio import await_me_maybe
-from hsu.errors import ConflictError, PluginError, PluginLoadError
+from hsu.errors import ConflictError, PluginError, PluginLoadError, UnknownPlugin
 
 GROUP = "hsu"
 ESSENTIAL: tuple[str, ...] = ("kernel",)
@@ -130,6 +130,7 @@ class PluginManager:
         *,
         env: Mapping[str, str] | None = None,
         autoload: bool | None = None,
+        unknown: list[UnknownPlugin] | None = None,
     ) -> PluginManager:
         """Build a manager the way ``hsu run`` does.
 
@@ -137,6 +138,9 @@ class PluginManager:
             ``-p``); ``no:NAME`` blocks. ``HSU_PLUGINS`` from ``env`` comes
             first.
         :param autoload: ``None`` reads ``HSU_DISABLE_PLUGIN_AUTOLOAD``.
+        :param unknown: where names that are no plugin at all go, instead of
+            raising, so that the rest loads and every problem of a
+            deployment is reported at once (``hsu._kernel.config.loader``).
         :raises PluginLoadError: a plugin named explicitly failed to load.
         """
         env = os.environ if env is None else env
@@ -168,7 +172,12 @@ class PluginManager:
         for name in names:
             if name in blocked or self.pm.has_plugin(name):
                 continue
-            self._load_explicit(name, eps)
+            try:
+                self._load_explicit(name, eps)
+            except UnknownPlugin as exc:
+                if unknown is None:
+                    raise
+                unknown.append(exc)
         if autoload:
             for name, ep in eps.items():
                 if name in blocked or self.pm.has_plugin(name) or name in self._infos:
@@ -194,11 +203,18 @@ class PluginManager:
         try:
             module = importlib.import_module(name)
         except Exception as exc:
-            if isinstance(exc, ModuleNotFoundError) and exc.name == name.split(".")[0]:
+            missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+            # the module named, or a package it is in, does not exist (a
+            # module it imports missing is that module's failure to load)
+            if missing and (name == missing or name.startswith(f"{missing}.")):
                 known = ", ".join(sorted(eps)) or "none"
-                raise PluginError(
-                    f"unknown plugin {name!r}: no entry point of that name in group"
-                    f" {GROUP!r} (installed: {known}) and no module to import"
+                close = suggest_plugin(name, eps)
+                hint = f"; did you mean {close!r}?" if close else ""
+                raise UnknownPlugin(
+                    f"unknown plugin {name!r}{hint} (no entry point of that name in group"
+                    f" {GROUP!r} (installed: {known}) and no module to import)",
+                    name,
+                    close,
                 ) from exc
             raise PluginLoadError(name, dist, version, exc) from exc
         self._register_loaded(module, name, "explicit", dist, version)
@@ -537,6 +553,48 @@ def _builtin_names(eps: Mapping[str, md.EntryPoint]) -> list[str]:
     return [
         name for name, ep in eps.items() if ep.dist is not None and _dist_of(ep)[0] == BUILTIN_DIST
     ]
+
+
+#: the package of the built-in plugins (those not loaded by default, such
+#: as ``hsu_plugins.gateway.nginx``, are named by module)
+BUILTIN_PACKAGE = "hsu_plugins"
+
+
+def plugin_names(eps: Mapping[str, md.EntryPoint] | None = None) -> list[str]:
+    """Every name a deployment may list: entry points, and the modules of
+    the built-in plugins package (found without importing them)."""
+    import importlib.util
+    import pkgutil
+
+    eps = _entry_points() if eps is None else eps
+    names = set(eps)
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for info in pkgutil.walk_packages(
+            spec.submodule_search_locations, f"{BUILTIN_PACKAGE}.", onerror=lambda _: None
+        ):
+            if not info.name.rpartition(".")[2].startswith("_"):
+                names.add(info.name)
+    return sorted(names)
+
+
+def _plain(name: str) -> str:
+    """A name as a user may misremember it: ``hsu_plugins.gateway.nginx``
+    and ``gateway_nginx`` are the same."""
+    name = name.lower().replace("-", "_").removeprefix(f"{BUILTIN_PACKAGE}.")
+    return name.replace(".", "_")
+
+
+def suggest_plugin(name: str, eps: Mapping[str, md.EntryPoint] | None = None) -> str:
+    """The known plugin name closest to ``name`` ("" if none is close)."""
+    import difflib
+
+    known = plugin_names(eps)
+    by_plain: dict[str, str] = {}
+    for k in known:
+        by_plain.setdefault(_plain(k), k)
+    close = difflib.get_close_matches(_plain(name), list(by_plain), n=1, cutoff=0.75)
+    return by_plain[close[0]] if close else ""
 
 
 def _entry_points() -> dict[str, md.EntryPoint]:

@@ -83,7 +83,7 @@ from loguru import logger
 import hsu
 from hsu import validate
 from hsu.config import Seconds
-from hsu.errors import HsuError
+from hsu.errors import HsuError, InvalidValue
 from hsu.identity import METADATA as IDENTITY_METADATA
 from hsu.ports import DataPlane as MovedPlane
 from hsu.ports import Endpoint, InstanceView, KernelAPI, Registry, RegistryCompacted
@@ -107,11 +107,19 @@ KERNEL_SERVES = (
 METHOD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _listen_address(_: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value:
+        try:
+            validate.listen_address(value, field=attribute.name)
+        except InvalidValue as exc:
+            raise ValueError(str(exc).removeprefix(f"{attribute.name}: ")) from None
+
+
 @attrs.frozen
 class Settings:
     #: where nginx listens; empty: the kernel's own address (the kernel then
     #: listens on a private socket in its state directory)
-    address: str = ""
+    address: str = attrs.field(default="", validator=_listen_address)
     #: the nginx executable (a name on PATH or a path)
     binary: str = "nginx"
     workers: int = attrs.field(default=1, validator=attrs.validators.ge(1))

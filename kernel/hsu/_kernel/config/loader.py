@@ -16,11 +16,17 @@ from typing import Any
 
 import attrs
 
-from hsu._kernel.config.model import Deployment, converter, deployment_from_dict, structure_sections
+from hsu._kernel.config.model import (
+    Deployment,
+    converter,
+    deployment_from_dict,
+    describe,
+    structure_sections,
+)
 from hsu._kernel.config.sources import DEFAULT, format_path, gather, leaves, resolve_secrets
 from hsu._kernel.plugins import PluginManager
 from hsu.config import redact
-from hsu.errors import ConfigError
+from hsu.errors import ConfigError, UnknownPlugin
 from hsu.ports import PathT, SourceContext
 
 
@@ -61,6 +67,7 @@ def read_config(plugins: PluginManager, ctx: SourceContext) -> Deployment:
         raise ConfigError(found.problems, source)
     return deployment_from_dict(
         found.data,
+        defer=True,
         source=source,
         base_dir=str(base),
         default_name=first.stem if first else "hsu",
@@ -76,10 +83,25 @@ def load(ctx: SourceContext, cli_plugins: Sequence[str] = ()) -> tuple[Deploymen
     deployment = read_config(boot, ctx)
     if not deployment.plugins:
         return deployment, boot  # the same list: the same plugins, loaded once
-    plugins = PluginManager.load([*deployment.plugins, *cli_plugins], env=ctx.env)
+    unknown: list[UnknownPlugin] = []
+    plugins = PluginManager.load([*deployment.plugins, *cli_plugins], env=ctx.env, unknown=unknown)
     if set(plugins.config_sources()) != set(boot.config_sources()):
         deployment = read_config(plugins, ctx)
-    return deployment, plugins
+    return _with_unknown(deployment, unknown), plugins
+
+
+def _with_unknown(deployment: Deployment, unknown: list[UnknownPlugin]) -> Deployment:
+    """The deployment, its ``plugins:`` entries that name no plugin added to
+    its problems (one from ``-p`` or ``HSU_PLUGINS`` is an error at once)."""
+    problems = []
+    for exc in unknown:
+        if exc.name not in deployment.plugins:
+            raise exc
+        i = deployment.plugins.index(exc.name)
+        problems.append(describe(("plugins", i), str(exc), deployment.source, deployment.origins))
+    if not problems:
+        return deployment
+    return attrs.evolve(deployment, problems=(*deployment.problems, *problems))
 
 
 def effective(deployment: Deployment, settings: Mapping[str, Any]) -> dict[str, Any]:

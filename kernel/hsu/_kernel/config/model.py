@@ -14,7 +14,7 @@ import re
 import shlex
 import signal
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +26,7 @@ from cattrs.gen import make_dict_structure_fn, override
 from hsu._kernel.config.sources import MIN_SECRET_LENGTH, format_path, origin_of
 from hsu._kernel.supervision.resources import ResourceLimits
 from hsu.config import DEFAULT_PASS_ENV, Seconds, parse_duration, redact
-from hsu.errors import ConfigError
+from hsu.errors import ConfigError, InvalidValue
 from hsu.ports import Origin, PathT
 
 CORE_KEYS = ("name", "plugins", "units")
@@ -294,6 +294,10 @@ class Deployment:
     secrets: Secrets = attrs.field(factory=Secrets, repr=False, eq=False)
     #: path -> the string as written, for each value with a secret reference
     references: Mapping[PathT, str] = attrs.field(factory=dict, repr=False, eq=False)
+    #: problems found while reading it (``deployment_from_dict(defer=True)``),
+    #: reported together with those found once its plugins are loaded; a
+    #: kernel is never built from a deployment that has any
+    problems: tuple[str, ...] = attrs.field(default=(), repr=False, eq=False)
 
 
 def make_converter() -> cattrs.Converter:
@@ -385,8 +389,19 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _messages(exc: BaseException, path: PathT) -> list[tuple[PathT, str]]:
-    """Flatten a cattrs error into one (path, message) per problem."""
+def _suggest_plugin(section: str, names: Iterable[str]) -> str:
+    """``gateway_nginx`` -> enable ``hsu_plugins.gateway.nginx``: a plugin
+    not enabled whose name is the section's."""
+    plain = section.replace("-", "_").lower()
+    for name in names:
+        if name.removeprefix("hsu_plugins.").replace(".", "_").lower() == plain:
+            return f"; is it the section of plugin {name!r}? enable it: plugins: [{name}]"
+    return ""
+
+
+def _messages(exc: BaseException, path: PathT, raw: Any = None) -> list[tuple[PathT, str]]:
+    """Flatten a cattrs error into one (path, message) per problem; with the
+    ``raw`` data, a validator's refusal is put at its field."""
     out: list[tuple[PathT, str]] = []
     if isinstance(exc, ForbiddenExtraKeysError):
         valid = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
@@ -398,9 +413,23 @@ def _messages(exc: BaseException, path: PathT) -> list[tuple[PathT, str]]:
         for sub, note in with_notes:
             name = getattr(note, "name", None)
             part: Any = name if name is not None else getattr(note, "index", None)
-            out.extend(_messages(sub, (*path, part)))
+            inner = None
+            if isinstance(raw, Mapping) and name is not None:
+                inner = raw.get(name)
+            elif isinstance(raw, list | tuple) and isinstance(part, int) and part < len(raw):
+                inner = raw[part]
+            out.extend(_messages(sub, (*path, part), inner))
+        refused = [s for s in without_notes if not isinstance(s, ForbiddenExtraKeysError)]
+        placed: list[tuple[PathT, str]] = []
+        if isinstance(exc, ClassValidationError) and isinstance(raw, Mapping):
+            # every validator, not only the first to fail, nor none when a
+            # nested value failed first (attrs never ran them then)
+            seen = {p for p, _ in out}
+            placed = [(p, m) for p, m in _validator_problems(exc.cl, raw, path) if p not in seen]
+        out.extend(placed)
         for sub in without_notes:
-            out.extend(_messages(sub, path))
+            if not (placed and sub in refused):
+                out.extend(_messages(sub, path))
         return out
     if isinstance(exc, KeyError):
         return [(path, "required key missing")]
@@ -428,7 +457,8 @@ def structure(
     try:
         return converter.structure(data, cls)
     except Exception as exc:
-        problems = [describe(p, m, source, origins or {}) for p, m in _messages(exc, path)]
+        found = _messages(exc, path, data)
+        problems = [describe(p, m, source, origins or {}) for p, m in found]
         raise ConfigError(problems, source) from None
 
 
@@ -547,11 +577,16 @@ def deployment_from_dict(
     origins: Mapping[PathT, Origin] | None = None,
     secrets: Iterable[str] = (),
     references: Mapping[PathT, str] | None = None,
+    defer: bool = False,
 ) -> Deployment:
     """A typed :class:`Deployment` from plain data, or a :class:`ConfigError`
     listing every problem. ``secrets`` are the values references resolved
     to and ``references`` where they were (:func:`resolve_secrets`): no
-    message shows one, and none may be in a unit's command line."""
+    message shows one, and none may be in a unit's command line.
+
+    With ``defer``, problems do not raise: the deployment holds what was
+    valid and lists them in ``problems``, so that loading its plugins and
+    checking their sections can report theirs in the same error."""
     origins = origins or {}
     references = references or {}
     if not isinstance(raw, dict):
@@ -605,10 +640,13 @@ def deployment_from_dict(
     problems.extend(_unit_secret_problems(units, references, source, origins))
     values = {*secrets, *(u.token for u in units.values() if u.token)}
     kept = Secrets(v for v in values if len(v) >= MIN_SECRET_LENGTH)
-    if problems:
+    if problems and not defer:
         raise ConfigError([redact(p, kept) for p in problems], source)
     sections = {k: v for k, v in raw.items() if k not in CORE_KEYS}
+    if not isinstance(name, str) or not DEPLOYMENT_NAME.fullmatch(name):
+        name = "invalid"  # reported in problems: never used to run anything
     return Deployment(
+        problems=tuple(redact(p, kept) for p in problems),
         name=name,
         plugins=plugins,
         units=units,
@@ -676,18 +714,28 @@ def _unit_secret_problems(
     return problems
 
 
-def structure_sections(deployment: Deployment, classes: Mapping[str, type[Any]]) -> dict[str, Any]:
-    """Type every plugin section; sections no plugin registered are errors."""
+def structure_sections(
+    deployment: Deployment,
+    classes: Mapping[str, type[Any]],
+    plugin_names: Callable[[], Iterable[str]] | None = None,
+) -> dict[str, Any]:
+    """Type every plugin section; sections no plugin registered are errors,
+    with the closest registered section suggested, else a plugin not
+    enabled whose name matches (``plugin_names``: every plugin a deployment
+    may list)."""
     problems: list[str] = []
     settings: dict[str, Any] = {}
     valid = [*CORE_KEYS, *classes]
     origins = deployment.origins
     for key in deployment.sections:
         if key not in classes:
+            hint = _suggest(key, valid)
+            if not hint and plugin_names is not None:
+                hint = _suggest_plugin(key, plugin_names())
             problems.append(
                 describe(
                     (key,),
-                    f"no enabled plugin has a settings section of this name{_suggest(key, valid)}",
+                    f"no enabled plugin has a settings section of this name{hint}",
                     deployment.source,
                     origins,
                 )
@@ -737,6 +785,19 @@ class TLSSettings:
         return self.client_ca is not None
 
 
+def _listen_address(_: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    """:func:`hsu.validate.listen_address`, as a field's validator (its
+    message without the field: the path says where)."""
+    from hsu import validate
+
+    if value is None:
+        return
+    try:
+        validate.listen_address(value, field=attribute.name)
+    except InvalidValue as exc:
+        raise ValueError(str(exc).removeprefix(f"{attribute.name}: ")) from None
+
+
 @attrs.frozen
 class KernelSettings:
     """The ``kernel`` section of a deployment."""
@@ -744,11 +805,11 @@ class KernelSettings:
     #: the data plane: where clients call the units' interfaces (the gateway,
     #: with health and reflection): ``host:port`` (loopback by default) or
     #: ``unix:/path``
-    address: str = "127.0.0.1:7420"
+    address: str = attrs.field(default="127.0.0.1:7420", validator=_listen_address)
     #: the control plane: where the Kernel API and the kernel's Core listen;
     #: default a 0600 unix socket in the 0700 state dir (``control.sock``).
     #: A TCP address is opt-in; one off loopback needs ``insecure: true``
-    control: str | None = None
+    control: str | None = attrs.field(default=None, validator=_listen_address)
     #: allow a control or data address off loopback with nothing
     #: authenticating callers (logged as a warning at every start)
     insecure: bool = False
