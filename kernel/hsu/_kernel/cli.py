@@ -697,7 +697,12 @@ def _non_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hsu", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hsu",
+        description="Run a kernel, inspect plugins, talk to a running kernel.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 not ready, 4 fatal, 5 kernel"
+        " unreachable, 141 stdout closed (docs/cli.md).",
+    )
     parser.add_argument("--version", action="version", version=f"hsu {__version__}")
     parser.add_argument(
         "--log-level",
