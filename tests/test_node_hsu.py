@@ -219,3 +219,23 @@ async def test_the_node_hsu_proves_itself_with_its_token_and_a_wrong_one_is_refu
     # the real instance is untouched, and no second one was listed
     assert [i.instance_id for i in k.kernel.instances.values()] == [inst.instance_id]
     assert inst.state is S.READY
+
+
+async def test_the_node_hsu_reports_its_calls_in_flight_to_the_kernel(hsu_kernel, node_echo):
+    k = await hsu_kernel({"name": "node-load", "units": {"echo-node": _unit(node_echo)}})
+    [inst] = await k.wait_ready("echo-node")
+    reported = k.kernel.routing.reported
+    async with grpc.aio.insecure_channel(inst.address) as direct:
+        # straight to the instance: only its own report tells the kernel
+        slow = echo_pb2_grpc.EchoStub(direct).Echo(
+            echo_pb2.EchoRequest(message="slow", delay_ms=60_000), timeout=90
+        )
+        stream = echo_pb2_grpc.EchoStub(direct).EchoStream(
+            echo_pb2.EchoStreamRequest(message="s", count=2, interval_ms=60_000), timeout=90
+        )
+        await stream.read()  # the stream has begun
+        await until(lambda: reported.get(inst.instance_id) == 2, 30)
+        slow.cancel()
+        stream.cancel()
+        await until(lambda: reported.get(inst.instance_id) == 0, 30)
+    assert k.kernel.routing.load(inst.instance_id) == 0

@@ -7,8 +7,10 @@
 // metadata hsu-instance-token; and stops on Core.Shutdown (only from a caller
 // that sends the same token) or SIGTERM/SIGINT: health NOT_SERVING,
 // Deregister (best effort), calls in flight finish within the grace, exit 0.
-// Without HSU_KERNEL_ADDRESS it runs standalone. docs/sdk.md, "In another
-// language", is the contract this file follows.
+// Under a kernel it streams its calls in flight to Kernel.ReportLoad (at
+// most every 100 ms) for autoscaling and draining. Without
+// HSU_KERNEL_ADDRESS it runs standalone. docs/sdk.md, "In another language",
+// is the contract this file follows.
 'use strict';
 
 const fs = require('node:fs');
@@ -22,6 +24,7 @@ const TOKEN_METADATA = 'hsu-instance-token';
 const CORE_SERVICE = 'hsu.core.v1.Core';
 const HEALTH_SERVICE = 'grpc.health.v1.Health';
 const LOG_KEEP = 2000;
+const LOAD_REPORT_INTERVAL_MS = 100;
 const LEVELS = ['TRACE', 'DEBUG', 'INFO', 'SUCCESS', 'WARNING', 'ERROR', 'CRITICAL'];
 const RUNTIME = `hsu-node/0.1.0 (node ${process.version}, grpc-js ${grpcJsVersion()})`;
 
@@ -101,6 +104,42 @@ function kernelCredentials(target) {
   );
 }
 
+/** The handlers of `service`, each counting its call in flight from its
+ * start until it ends (`onChange(delta)` at both ends). */
+function counted(serviceDefinition, implementation, onChange) {
+  const out = {};
+  for (const [name, handler] of Object.entries(implementation)) {
+    const method = Object.values(serviceDefinition).find((m) => m.originalName === name)
+      || serviceDefinition[name];
+    if (typeof handler !== 'function' || !method) {
+      out[name] = handler;
+      continue;
+    }
+    out[name] = function countedHandler(call, callback) {
+      let open = true;
+      const end = () => {
+        if (open) {
+          open = false;
+          onChange(-1);
+        }
+      };
+      onChange(+1);
+      call.on('cancelled', end);
+      if (method.responseStream) {
+        call.on('finish', end);
+        call.on('close', end);
+        call.on('error', end);
+        return handler.call(this, call);
+      }
+      return handler.call(this, call, (err, reply, ...rest) => {
+        end();
+        callback(err, reply, ...rest);
+      });
+    };
+  }
+  return out;
+}
+
 /**
  * Serve until Core.Shutdown or a signal, then exit.
  *
@@ -137,8 +176,17 @@ async function serve(options) {
   const kernelDefinition = loadProtos(['hsu/kernel/v1/kernel.proto'], options.protoDirs);
   const interfaces = options.services.map((s) => s.name);
   const server = new grpc.Server();
+  let inflight = 0;
+  let loadChanged = () => {};
   for (const s of options.services) {
-    server.addService(serviceOf(packageDefinition, s.name).service, s.implementation);
+    const definition = serviceOf(packageDefinition, s.name).service;
+    const implementation = kernelAddress
+      ? counted(definition, s.implementation, (delta) => {
+          inflight += delta;
+          loadChanged();
+        })
+      : s.implementation;
+    server.addService(definition, implementation);
   }
 
   let address = '';
@@ -241,6 +289,41 @@ async function serve(options) {
     });
   }
 
+  // Kernel.ReportLoad: one stream, a message when the count moved (at most
+  // every LOAD_REPORT_INTERVAL_MS), opened again with backoff if it breaks
+  let reportStream = null;
+  let reported = -1;
+  let reportTimer = null;
+  let reportBackoffMs = 100;
+  function openReports() {
+    if (stopping || !Kernel) return;
+    const client = new Kernel(kernelAddress, kernelCredentials(kernelAddress));
+    const stream = client.ReportLoad(metadata(), (err) => {
+      client.close();
+      if (reportStream === stream) reportStream = null;
+      if (stopping) return;
+      if (err && err.code === grpc.status.PERMISSION_DENIED) {
+        logs.log('WARNING', `load reports refused: ${err.details}`);
+        return;
+      }
+      reported = -1;
+      setTimeout(openReports, reportBackoffMs).unref();
+      reportBackoffMs = Math.min(reportBackoffMs * 2, 5000);
+    });
+    reportStream = stream;
+    sendLoad();
+  }
+  function sendLoad() {
+    reportTimer = null;
+    if (!reportStream || inflight === reported) return;
+    reported = inflight;
+    reportStream.write({ instance_id: instanceId, inflight });
+    reportBackoffMs = 100;
+  }
+  loadChanged = () => {
+    if (!reportTimer) reportTimer = setTimeout(sendLoad, LOAD_REPORT_INTERVAL_MS);
+  };
+
   async function stop(graceMs, reason) {
     if (stopping) return stopping;
     stopping = (async () => {
@@ -249,6 +332,8 @@ async function serve(options) {
         health.setStatus(name, 'NOT_SERVING');
       }
       for (const done of streams) done();
+      if (reportTimer) clearTimeout(reportTimer);
+      if (reportStream) reportStream.end();
       if (Kernel && instanceId) {
         try {
           await callKernel('Deregister', { instance_id: instanceId }, 1000);
@@ -289,6 +374,7 @@ async function serve(options) {
       'INFO',
       `registered with kernel at ${kernelAddress} as ${instanceId}, serving ${interfaces.join(', ')} on ${address}`,
     );
+    openReports();
   } else {
     logs.log('INFO', `standalone: serving ${interfaces.join(', ')} on ${address}`);
   }
