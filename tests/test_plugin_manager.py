@@ -27,6 +27,7 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
         ("rbac", "default", "active", "hsu"),
         ("registry_memory", "default", "active", "hsu"),
         ("subprocess", "default", "active", "hsu"),
+        ("systemd", "default", "active", "hsu"),
         ("token", "default", "active", "hsu"),
     ]
     assert sorted(hsu_plugin_manager.config_sources()) == ["env", "file", "overrides"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -366,9 +367,13 @@ def test_cli_start_scale_restart_stop_logs_and_events(kernel_process, tmp_path):
         a = ["--address", k.address]
         out = run_hsu("start", "printer", *a)
         assert out.returncode == 0, out.stderr
-        assert [line.split()[1] for line in out.stdout.splitlines()] == ["ready"]
+        assert [
+            line.split()[1] for line in out.stdout.splitlines() if not line.startswith("INSTANCE")
+        ] == ["ready"]
         out = run_hsu("scale", "printer", "3", *a)
-        states = [line.split()[1] for line in out.stdout.splitlines()]
+        states = [
+            line.split()[1] for line in out.stdout.splitlines() if not line.startswith("INSTANCE")
+        ]
         assert out.returncode == 0 and states == ["ready"] * 3, out.stdout
         out = run_hsu("scale", "printer", "4", *a)
         assert out.returncode == 1
@@ -381,11 +386,14 @@ def test_cli_start_scale_restart_stop_logs_and_events(kernel_process, tmp_path):
         assert len(pids - new) == 1 and len(new) == 3
         out = run_hsu("logs", "printer", *a)
         assert out.returncode == 0, out.stderr
-        assert " stdout] hello out" in out.stdout and " stderr] hello err" in out.stdout
+        assert re.search(r" stdout\]\s+hello out", out.stdout), out.stdout
+        assert re.search(r" stderr\]\s+hello err", out.stdout), out.stdout
         log_dir = tmp_path / ".hsu" / "cli" / "logs" / "printer"
         assert (log_dir / f"{one}.stdout.log").read_text().count("hello out") >= 1
         out = run_hsu("stop", "printer", *a)
-        states = [line.split()[1] for line in out.stdout.splitlines()]
+        states = [
+            line.split()[1] for line in out.stdout.splitlines() if not line.startswith("INSTANCE")
+        ]
         assert out.returncode == 0 and states == ["stopped"] * 3, out.stdout
         assert not any(psutil.pid_exists(p) for p in new)
         out = run_hsu("stop", "nothing", *a)
