@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from hsu._kernel.config.model import Routing
+from hsu._kernel.pool import Grant, Pool
 from hsu._kernel.supervision.instances import Instance, InstanceState
 from hsu.client.route import Policy, Route
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.ports import (
     DRAINING,
+    LEASED,
     SERVING,
     UNHEALTHY,
     Endpoint,
@@ -54,18 +56,21 @@ def policy_of(unit: str, r: Routing) -> Policy:
         max_attempts=r.max_attempts,
         retry_budget=r.retry_budget,
         retry_min_per_second=r.retry_min_per_second,
+        max_inflight=r.max_inflight or 0,
     )
 
 
 # -- the kernel's side --------------------------------------------------------------
 
 
-def endpoint_of(inst: Instance) -> Endpoint | None:
+def endpoint_of(inst: Instance, leased: bool = False) -> Endpoint | None:
     """The registry entry for a kernel's instance, or None when it is not listed."""
     if not inst.address or not inst.interfaces:
         return None
     if inst.state is InstanceState.READY:
         state = {"draining": DRAINING, "unhealthy": UNHEALTHY}.get(inst.health, SERVING)
+        if leased and state == SERVING:
+            state = LEASED
     elif inst.state is InstanceState.STOPPING:
         state = DRAINING
     else:
@@ -108,6 +113,10 @@ class KernelRouting:
         self._load_changed: dict[str, asyncio.Event] = {}
         self._last_scaled: dict[str, float] = {}
         self._quiet_since: dict[str, float] = {}
+        #: instances held by a lease, listed as LEASED (no caller picks them)
+        self.leased: set[str] = set()
+        self.pool = Pool(self)
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -136,6 +145,10 @@ class KernelRouting:
                 self._tasks.append(asyncio.ensure_future(self._autoscale(name)))
 
     async def close(self) -> None:
+        self.pool.close()
+        for t in self._background:
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         # the last deletes reach the registry first (one shared by other kernels
         # must not keep listing instances that are gone)
         with contextlib.suppress(TimeoutError):
@@ -153,7 +166,7 @@ class KernelRouting:
         """The instance changed (state, health, address): update its entry."""
         if self._writes is None:
             return
-        ep = endpoint_of(inst)
+        ep = endpoint_of(inst, inst.instance_id in self.leased)
         old = self._published.get(inst.instance_id)
         if ep == old:
             return
@@ -244,6 +257,7 @@ class KernelRouting:
                 interface, self.policy(interface), self.kernel.plugins
             )
             route.replace(e for e in self._all.values() if interface in e.interfaces)
+            route.listeners.append(lambda: self.pool.poke(route.policy.unit))
         return route
 
     def reconfigure(self) -> None:
@@ -282,6 +296,55 @@ class KernelRouting:
         await self.flush()
         assert self.registry is not None
         return policy, await self.registry.lookup(interface)
+
+    # -- slots and leases (hsu._kernel.pool) ----------------------------------------
+
+    async def acquire(
+        self,
+        interface: str,
+        key: str | None = None,
+        exclude: str = "",
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> Grant:
+        return await self.pool.acquire(interface, key, exclude, priority, timeout)
+
+    def release(self, grant: Grant) -> None:
+        self.pool.release(grant)
+
+    def set_leased(self, instance_id: str, leased: bool) -> None:
+        """List a kernel's instance as LEASED (or SERVING again)."""
+        if leased:
+            self.leased.add(instance_id)
+        else:
+            self.leased.discard(instance_id)
+        inst = self.kernel.instances.get(instance_id)
+        if inst is not None:
+            if leased:
+                inst.last_used = time.monotonic()
+            self.update(inst)
+
+    def gone(self, ep: Endpoint) -> str:
+        """Why the leased instance at ``ep`` can serve its lease no more ("":
+        it still can)."""
+        now = self._all.get(ep.instance_id)
+        inst = self.kernel.instances.get(ep.instance_id)
+        if now is None or now.address != ep.address:
+            last = f" ({inst.last_exit})" if inst is not None and inst.last_exit else ""
+            return f"its instance {ep.instance_id} at {ep.address} died or stopped{last}"
+        if now.state not in (SERVING, LEASED):
+            return f"its instance {ep.instance_id} is {now.state}"
+        return ""
+
+    def touch(self, instance_id: str) -> None:
+        """A slot on the instance was taken: it is not idle."""
+        inst = self.kernel.instances.get(instance_id)
+        if inst is not None:
+            inst.last_used = time.monotonic()
+
+    def background(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- load -------------------------------------------------------------------
 

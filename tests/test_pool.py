@@ -1,0 +1,231 @@
+"""Worker-pool semantics end to end: ``routing.max_inflight`` per instance,
+the unit's queue (priority, FIFO, deadlines, bounds), through every caller
+(``hsu.connect``, ``hsu.connect_sync``, the gateway, ``kernel.connect()``),
+against real HSUs that count their concurrent calls."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+import hsu
+from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+ECHO = "hsu.echo.v1.Echo"
+COUNTING = str(Path(__file__).with_name("hsu_counting.py"))
+
+
+def unit(log: Path | None = None, **more: object) -> dict:
+    spec: dict = {
+        "command": [sys.executable, COUNTING],
+        "interfaces": [ECHO],
+        "startup_timeout": 20,
+        "stop_grace": 5,
+    }
+    if log is not None:
+        spec["env"] = {"HSU_COUNTING_LOG": str(log)}
+    spec.update(more)
+    return spec
+
+
+def ready(kernel) -> list:
+    return [i for i in kernel.instances.values() if i.state is hsu.InstanceState.READY]
+
+
+async def call(stub, message: str, delay_ms: int = 0, timeout: float = 30, **kw):
+    return await stub.Echo(
+        echo_pb2.EchoRequest(message=message, delay_ms=delay_ms), timeout=timeout, **kw
+    )
+
+
+async def test_max_inflight_1_on_2_instances_never_puts_two_calls_on_one(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "pool": unit(
+                    min_instances=2, max_instances=2, start="at-start", routing={"max_inflight": 1}
+                )
+            }
+        }
+    )
+    assert len(ready(kernel)) == 2
+    async with hsu.connect(kernel.control_address) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        # the HSU fails a call that finds another in flight: every call must pass
+        replies = await asyncio.gather(*(call(stub, f"c{i}", 100) for i in range(10)))
+    assert sorted(r.message for r in replies) == [f"c{i}" for i in range(10)]
+    assert len({r.instance_id for r in replies}) == 2  # both instances worked
+
+
+async def test_the_limit_is_shared_by_connect_connect_sync_and_the_kernel(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory(
+        {"units": {"pool": unit(min_instances=1, start="at-start", routing={"max_inflight": 1})}}
+    )
+    errors: list[BaseException] = []
+    done: list[str] = []
+
+    def blocking() -> None:
+        try:
+            with hsu.connect_sync(kernel.control_address) as ch:
+                stub = echo_pb2_grpc.EchoStub(ch)
+                for i in range(4):
+                    r = stub.Echo(echo_pb2.EchoRequest(message=f"s{i}", delay_ms=50), timeout=30)
+                    done.append(r.message)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=blocking)
+    thread.start()
+    async with hsu.connect(kernel.control_address) as remote, kernel.connect() as local:
+        stubs = [echo_pb2_grpc.EchoStub(remote), echo_pb2_grpc.EchoStub(local)]
+        replies = await asyncio.gather(*(call(stubs[i % 2], f"a{i}", 50) for i in range(8)))
+    await asyncio.to_thread(thread.join, 60)
+    assert not errors, errors
+    assert done == [f"s{i}" for i in range(4)]
+    assert sorted(r.message for r in replies) == sorted(f"a{i}" for i in range(8))
+
+
+async def test_queued_calls_go_by_priority_then_fifo(hsu_kernel_factory, tmp_path):
+    log = tmp_path / "order.log"
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "pool": unit(log, min_instances=1, start="at-start", routing={"max_inflight": 1})
+            }
+        }
+    )
+    pool = kernel.routing.pool
+    async with hsu.connect(kernel.control_address) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        first = asyncio.ensure_future(call(stub, "first", 500))
+        for _ in range(200):  # the first holds the only slot
+            if pool.held("pool") == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.held("pool") == 1
+        queued = []
+        for name, prio in [("low1", 0), ("low2", 0), ("high1", 5), ("low3", 0), ("high2", 5)]:
+            queued.append(
+                asyncio.ensure_future(call(stub, name, 0, metadata=(("hsu-priority", str(prio)),)))
+            )
+            for _ in range(200):  # each is queued before the next is sent
+                if pool.depth("pool") == len(queued):
+                    break
+                await asyncio.sleep(0.01)
+            assert pool.depth("pool") == len(queued)
+        await asyncio.gather(first, *queued)
+    order = log.read_text().split()
+    assert order == ["first", "high1", "high2", "low1", "low2", "low3"]
+
+
+async def test_a_call_whose_deadline_passes_in_the_queue_is_never_sent(
+    hsu_kernel_factory, tmp_path
+):
+    log = tmp_path / "order.log"
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "pool": unit(log, min_instances=1, start="at-start", routing={"max_inflight": 1})
+            }
+        }
+    )
+    async with hsu.connect(kernel.control_address) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        busy = asyncio.ensure_future(call(stub, "busy", 1500))
+        for _ in range(200):
+            if kernel.routing.pool.held("pool") == 1:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(stub, "late", 0, timeout=0.3)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        details = info.value.details() or ""
+        assert "'pool'" in details and "max_inflight 1" in details and "queue depth" in details
+        await busy
+        after = await call(stub, "after", 0)
+        assert after.message == "after"
+    assert log.read_text().split() == ["busy", "after"]  # "late" never reached it
+    assert kernel.routing.pool.depth("pool") == 0
+
+
+async def test_a_full_queue_is_resource_exhausted_naming_unit_limit_and_depth(
+    hsu_kernel_factory,
+):
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "pool": unit(
+                    min_instances=1,
+                    start="at-start",
+                    routing={"max_inflight": 1, "queue": {"max": 2}},
+                )
+            }
+        }
+    )
+    pool = kernel.routing.pool
+    async with hsu.connect(kernel.control_address) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        held = [asyncio.ensure_future(call(stub, "busy", 800))]
+        for name in ("q1", "q2"):
+            for _ in range(200):
+                if pool.held("pool") == 1 and pool.depth("pool") == len(held) - 1:
+                    break
+                await asyncio.sleep(0.01)
+            held.append(asyncio.ensure_future(call(stub, name, 0)))
+        for _ in range(200):
+            if pool.depth("pool") == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.depth("pool") == 2
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(stub, "over", 0)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = info.value.details() or ""
+        assert "'pool'" in details and "max_inflight 1" in details
+        assert "queue is full (2 waiting)" in details
+        assert [r.message for r in await asyncio.gather(*held)] == ["busy", "q1", "q2"]
+
+
+async def test_the_gateway_holds_the_same_limit_for_a_plain_grpc_client(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "pool": unit(
+                    min_instances=2, max_instances=2, start="at-start", routing={"max_inflight": 1}
+                )
+            }
+        }
+    )
+    async with grpc.aio.insecure_channel(kernel.address) as ch:
+        stub = echo_pb2_grpc.EchoStub(ch)
+        replies = await asyncio.gather(*(call(stub, f"g{i}", 100) for i in range(10)))
+        assert sorted(r.message for r in replies) == sorted(f"g{i}" for i in range(10))
+        # a queue deadline through the gateway: DEADLINE_EXCEEDED, naming the unit
+        busy = [asyncio.ensure_future(call(stub, f"b{i}", 1000)) for i in range(2)]
+        for _ in range(200):
+            if kernel.routing.pool.held("pool") == 2:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(stub, "late", 0, timeout=0.3)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "'pool'" in (info.value.details() or "")
+        await asyncio.gather(*busy)
+
+
+async def test_a_bad_priority_is_invalid_argument(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory(
+        {"units": {"pool": unit(min_instances=1, start="at-start", routing={"max_inflight": 1})}}
+    )
+    async with grpc.aio.insecure_channel(kernel.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(echo_pb2_grpc.EchoStub(ch), "x", metadata=(("hsu-priority", "high"),))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "hsu-priority" in (info.value.details() or "")
