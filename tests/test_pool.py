@@ -6,6 +6,9 @@ against real HSUs that count their concurrent calls."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -229,3 +232,48 @@ async def test_a_bad_priority_is_invalid_argument(hsu_kernel_factory):
             await call(echo_pb2_grpc.EchoStub(ch), "x", metadata=(("hsu-priority", "high"),))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "hsu-priority" in (info.value.details() or "")
+
+
+needs_nginx = pytest.mark.skipif(
+    shutil.which("nginx") is None and not os.environ.get("HSU_REQUIRE_NGINX"),
+    reason="nginx is not installed (apt-get install nginx-light)",
+)
+
+
+@needs_nginx
+async def test_through_nginx_a_limited_unit_goes_through_the_kernels_queue(tmp_path):
+    from hsu.testing import build_kernel
+    from hsu_plugins.gateway import nginx as gateway_nginx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    kernel = build_kernel(
+        {
+            "units": {
+                "pool": unit(
+                    min_instances=2, max_instances=2, start="at-start", routing={"max_inflight": 1}
+                )
+            },
+            "gateway_nginx": {"address": address},
+        },
+        names=["hsu_plugins.gateway.nginx"],
+        base_dir=str(tmp_path),
+    )
+    await kernel.start()
+    try:
+        plane = kernel.plugin(gateway_nginx.PLANE)
+        assert isinstance(plane, gateway_nginx.DataPlane)
+        for _ in range(100):  # nginx serves a configuration with both instances seen
+            if len(plane.endpoints) == 2 and await plane.serving_generation() == plane.generation:
+                break
+            await asyncio.sleep(0.05)
+        conf = plane.conf.read_text()
+        assert "hsu_unit_" not in conf  # no upstream of the unit's own: the kernel's queue
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = echo_pb2_grpc.EchoStub(ch)
+            replies = await asyncio.gather(*(call(stub, f"n{i}", 100) for i in range(10)))
+        assert sorted(r.message for r in replies) == sorted(f"n{i}" for i in range(10))
+        assert len({r.pid for r in replies}) == 2
+    finally:
+        await kernel.stop()
