@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -277,3 +278,111 @@ async def test_through_nginx_a_limited_unit_goes_through_the_kernels_queue(tmp_p
         assert len({r.pid for r in replies}) == 2
     finally:
         await kernel.stop()
+
+
+# -- leases ----------------------------------------------------------------------
+
+
+async def test_a_lease_holds_one_instance_for_its_holder_alone(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory(
+        {"units": {"pool": unit(min_instances=2, max_instances=2, start="at-start")}}
+    )
+    async with (
+        hsu.connect(kernel.control_address) as channel,
+        hsu.lease(channel, ECHO, ttl=10) as leased,
+    ):
+        mine = leased.instance_id
+        assert mine in kernel.instances
+        await kernel.routing.flush()
+        for _ in range(100):  # the other callers' routes see it leased
+            if mine not in {e.instance_id for e in kernel.routing.route(ECHO).available}:
+                break
+            await asyncio.sleep(0.02)
+        stub = echo_pb2_grpc.EchoStub(leased)
+        for i in range(3):  # every call through the lease: its one instance
+            assert (await call(stub, f"l{i}")).instance_id == mine
+        others = echo_pb2_grpc.EchoStub(channel)
+        routed = await asyncio.gather(*(call(others, f"r{i}") for i in range(10)))
+        assert mine not in {r.instance_id for r in routed}  # nobody else's calls go there
+        # a second lease gets the other instance; a third waits and times out
+        async with hsu.lease(channel, ECHO, ttl=10) as second:
+            assert second.instance_id not in (mine, "")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async with hsu.lease(channel, ECHO, ttl=10, timeout=0.3):
+                    pass
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "'pool'" in (info.value.details() or "")
+    # released: both instances take routed calls again
+    assert not kernel.routing.leased
+    assert not kernel.routing.pool.leases
+
+
+async def test_a_lease_not_renewed_expires(hsu_kernel_factory):
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+    kernel = await hsu_kernel_factory({"units": {"pool": unit(min_instances=1, start="at-start")}})
+    async with grpc.aio.insecure_channel(kernel.control_address) as ch:
+        api = kernel_pb2_grpc.KernelStub(ch)
+        reply = await api.Lease(kernel_pb2.LeaseRequest(interface=ECHO, ttl=0.3), timeout=10)
+        assert reply.endpoint.instance_id in kernel.routing.leased
+        await api.Renew(kernel_pb2.RenewRequest(lease_id=reply.lease_id), timeout=5)
+        for _ in range(100):  # no more renewals: it expires
+            if reply.lease_id not in kernel.routing.pool.leases:
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await api.Renew(kernel_pb2.RenewRequest(lease_id=reply.lease_id), timeout=5)
+        assert info.value.code() is grpc.StatusCode.NOT_FOUND
+        assert "expired" in (info.value.details() or "")
+        assert not kernel.routing.leased  # the instance is routable again
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await api.Lease(kernel_pb2.LeaseRequest(interface=ECHO, ttl=0), timeout=5)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_lease_whose_instance_is_killed_ends_with_an_error(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory({"units": {"pool": unit(min_instances=1, start="at-start")}})
+    async with hsu.lease(kernel.control_address, ECHO, ttl=10) as leased:
+        stub = echo_pb2_grpc.EchoStub(leased)
+        first = await call(stub, "before")
+        os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            for _ in range(50):  # until the call meets the dead process
+                await call(stub, "after", timeout=5)
+                await asyncio.sleep(0.05)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        details = info.value.details() or ""
+        assert "lease" in details and first.instance_id in details and "died" in details
+        assert leased.error is not None
+    # the kernel replaces the instance per its policy; a new lease gets it
+    async with hsu.lease(kernel.control_address, ECHO, ttl=10) as again:
+        assert (await call(echo_pb2_grpc.EchoStub(again), "new")).pid != first.pid
+
+
+def test_the_blocking_lease(tmp_path):
+    async def main() -> None:
+        from hsu.testing import build_kernel
+
+        kernel = build_kernel(
+            {"units": {"pool": unit(min_instances=1, start="at-start")}}, base_dir=str(tmp_path)
+        )
+        await kernel.start()
+        try:
+
+            def blocking() -> list[str]:
+                with (
+                    hsu.connect_sync(kernel.control_address) as ch,
+                    hsu.lease_sync(ch, ECHO, ttl=5) as leased,
+                ):
+                    stub = echo_pb2_grpc.EchoStub(leased)
+                    ids = [stub.Echo(echo_pb2.EchoRequest(message="x")).instance_id]
+                    ids.append(leased.instance_id)
+                    return ids
+
+            ids = await asyncio.to_thread(blocking)
+            assert ids[0] == ids[1] != ""
+            assert not kernel.routing.pool.leases
+        finally:
+            await kernel.stop()
+
+    asyncio.run(main())

@@ -237,11 +237,17 @@ class Pool:
         busy = q.busy
         leased = q.leased
 
+        load = self.routing.load
+
         def free(iid: str) -> bool:
             if iid in leased:
                 return False
             n = busy.get(iid, 0)
-            return n == 0 if lease else n < limit
+            if not lease:
+                return n < limit
+            # a lease waits for an idle instance: with no limit, calls are
+            # not counted here, but the kernel's load sees them
+            return n == 0 and (limit != math.inf or load(iid) == 0)
 
         ep = route.pick_free(busy, free, key, exclude)
         if ep is None:

@@ -361,6 +361,8 @@ class KernelRouting:
         self.reported[instance_id] = inflight
         if inflight:
             inst.last_used = time.monotonic()
+        else:
+            self.pool.poke(inst.unit)
         ev = self._load_changed.get(instance_id)
         if ev is not None:
             ev.set()
@@ -383,6 +385,7 @@ class KernelRouting:
         ev = self._load_changed.get(ep.instance_id)
         if ev is not None:
             ev.set()
+        self.pool.poke(ep.unit)  # a lease may wait for the instance to be idle
 
     async def drain(self, inst: Instance, timeout: float) -> int:
         """Wait until the (draining) instance has no call in flight, up to

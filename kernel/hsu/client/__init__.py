@@ -8,7 +8,18 @@ unit's instances, start one on demand and fail idempotent calls over.
 from __future__ import annotations
 
 from hsu.client.aio import RoutedChannel, connect
+from hsu.client.lease import AsyncLease, SyncLease, lease, lease_sync
 from hsu.client.sync import SyncRoutedChannel, connect_sync
 from hsu.tls import TLSConfig
 
-__all__ = ["RoutedChannel", "SyncRoutedChannel", "TLSConfig", "connect", "connect_sync"]
+__all__ = [
+    "AsyncLease",
+    "RoutedChannel",
+    "SyncLease",
+    "SyncRoutedChannel",
+    "TLSConfig",
+    "connect",
+    "connect_sync",
+    "lease",
+    "lease_sync",
+]

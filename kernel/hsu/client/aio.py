@@ -191,6 +191,17 @@ class RoutedChannel:
         for ch in channels.values():
             await ch.close()
 
+    def kernel_stub(self) -> tuple[Any, Any]:
+        """The Kernel API's stub this channel uses, and its credential
+        metadata (for :func:`hsu.lease`)."""
+        resolver = self._resolver
+        if not isinstance(resolver, _RemoteResolver):
+            raise HsuError(
+                "this channel routes inside the kernel's process and has no Kernel API"
+                " stub: lease through the kernel's control address instead"
+            )
+        return resolver._stub(), resolver.metadata
+
     # -- routing ------------------------------------------------------------
 
     def plugins(self) -> Factories:

@@ -294,6 +294,13 @@ class SyncRoutedChannel:
 
         ch.subscribe(changed, try_to_connect=True)
 
+    def kernel_stub(self) -> tuple[Any, Any]:
+        """The Kernel API's stub this channel uses, and its credential
+        metadata (for :func:`hsu.lease_sync`)."""
+        from hsu.kernel.v1 import kernel_pb2_grpc
+
+        return kernel_pb2_grpc.KernelStub(self._kernel_channel), self._metadata
+
     # -- slots (units with max_inflight) ----------------------------------------
 
     def _slots(self) -> queue.SimpleQueue[Any]:
