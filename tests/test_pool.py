@@ -386,3 +386,57 @@ def test_the_blocking_lease(tmp_path):
             await kernel.stop()
 
     asyncio.run(main())
+
+
+# -- autoscaling on the queue ------------------------------------------------------
+
+
+async def test_the_queue_scales_from_zero_up_to_max_instances_and_back_down(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "pool": unit(
+                    min_instances=0,
+                    max_instances=3,
+                    routing={
+                        "max_inflight": 1,
+                        "autoscale": {"cooldown": 0.5, "interval": 0.1},
+                    },
+                )
+            }
+        }
+    )
+    events: list = []
+    kernel.events.listeners.append(events.append)
+    assert not kernel.instances  # nothing runs before the first call
+    seen_max = 0
+
+    async def watch() -> None:
+        nonlocal seen_max
+        while True:
+            seen_max = max(seen_max, len(kernel.units["pool"].wanted))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async with hsu.connect(kernel.control_address) as channel:
+            stub = echo_pb2_grpc.EchoStub(channel)
+            first = await call(stub, "first", 0)  # scale from zero on the first queued call
+            assert first.message == "first"
+            replies = await asyncio.gather(*(call(stub, f"j{i}", 300) for i in range(12)))
+            assert len(replies) == 12
+            assert len({r.pid for r in replies}) == 3  # it grew to max_instances
+        for _ in range(200):  # quiet for the cooldown: back down to one
+            if len(kernel.units["pool"].wanted) == 1:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        watcher.cancel()
+    assert seen_max == 3  # never beyond max_instances
+    assert len(kernel.units["pool"].wanted) == 1
+    scale = [e.reason for e in events if e.kind == "scale"]
+    assert scale[0].startswith("up: from zero")
+    assert any(r.startswith("up: ") and "queued" in r and "-> 3" in r for r in scale), scale
+    assert any(r.startswith("down: ") for r in scale), scale
+    queue = [e.reason for e in events if e.kind == "queue"]
+    assert any(not r.startswith("depth 0") for r in queue) and queue[-1].startswith("depth 0")

@@ -160,7 +160,8 @@ class Event:
     (:func:`hsu.hookspecs.hsu_instance_event`) and ``Kernel.WatchEvents``."""
 
     seq: int
-    #: "instance", "kernel", "unit" or "reload"
+    #: "instance", "kernel", "unit", "reload", "scale" (an autoscaling
+    #: decision) or "queue" (a unit's queue depth)
     kind: str
     unit: str = ""
     instance_id: str = ""

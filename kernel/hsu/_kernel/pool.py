@@ -152,10 +152,15 @@ class Pool:
         q = self.queues.get(unit)
         return 0 if q is None else q.depth
 
-    def held(self, unit: str) -> int:
-        """Slots in use on ``unit``'s instances, a leased instance counting one."""
+    def leased(self, unit: str) -> int:
+        """Instances of ``unit`` held by a lease."""
         q = self.queues.get(unit)
-        return 0 if q is None else sum(q.busy.values()) + len(q.leased)
+        return 0 if q is None else len(q.leased)
+
+    def held(self, unit: str) -> int:
+        """Slots in use on ``unit``'s instances (leases not counted)."""
+        q = self.queues.get(unit)
+        return 0 if q is None else sum(q.busy.values())
 
     # -- slots ----------------------------------------------------------------------
 
