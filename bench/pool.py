@@ -199,15 +199,15 @@ async def jobs_floor(addresses: list[str], jobs: int, job_ms: int) -> float:
             await c.close()
 
 
-def bench_jobs(counts: list[int], jobs: int, job_ms: int) -> list[dict[str, Any]]:
+async def bench_jobs(counts: list[int], jobs: int, job_ms: int) -> list[dict[str, Any]]:
     rows = []
     for n in counts:
         k = KernelProc(f"j{n}", "{max_inflight: 1}", start="at-start", min_i=n, max_i=n)
         try:
             k.start()
-            ready = k.ready(n)
-            floor = asyncio.run(jobs_floor([i.address for i in ready], jobs, job_ms))
-            routed = asyncio.run(jobs_routed(k.control, jobs, job_ms))
+            ready = await asyncio.to_thread(k.ready, n)
+            floor = await jobs_floor([i.address for i in ready], jobs, job_ms)
+            routed = await jobs_routed(k.control, jobs, job_ms)
         finally:
             k.stop()
         ideal = jobs * job_ms / 1000 / n
@@ -223,7 +223,7 @@ def bench_jobs(counts: list[int], jobs: int, job_ms: int) -> list[dict[str, Any]
     )
     try:
         auto.start()
-        auto.ready(0)
+        await asyncio.to_thread(auto.ready, 0)
 
         async def from_zero() -> float:
             async with hsu.connect(auto.control) as ch:
@@ -233,8 +233,8 @@ def bench_jobs(counts: list[int], jobs: int, job_ms: int) -> list[dict[str, Any]
                 await asyncio.gather(*(stub.Echo(req, timeout=600) for _ in range(jobs)))
                 return time.perf_counter() - t
 
-        took = asyncio.run(from_zero())
-        peak = len(auto.ready(0))
+        took = await from_zero()
+        peak = len(await asyncio.to_thread(auto.ready, 0))
     finally:
         auto.stop()
     ideal = jobs * job_ms / 1000 / top
@@ -264,7 +264,7 @@ async def window(stub: Any, inflight: int, seconds: float) -> float:
     return done / (time.perf_counter() - t)
 
 
-def bench_overhead(inflight: int, rounds: int, seconds: float) -> dict[str, dict[str, float]]:
+async def bench_overhead(inflight: int, rounds: int, seconds: float) -> dict[str, dict[str, float]]:
     kernels = {
         "unset": KernelProc("free", "{}", start="at-start", min_i=1, max_i=1),
         "max_inflight 1000": KernelProc(
@@ -275,7 +275,7 @@ def bench_overhead(inflight: int, rounds: int, seconds: float) -> dict[str, dict
         for k in kernels.values():
             k.start()
         for k in kernels.values():
-            k.ready(1)
+            await asyncio.to_thread(k.ready, 1)
 
         async def run() -> dict[str, dict[str, list[float]]]:
             out: dict[str, dict[str, list[float]]] = {
@@ -302,7 +302,7 @@ def bench_overhead(inflight: int, rounds: int, seconds: float) -> dict[str, dict
                     await c.close()
             return out
 
-        raw = asyncio.run(run())
+        raw = await run()
     finally:
         for k in kernels.values():
             k.stop()
@@ -362,6 +362,14 @@ def report(jobs: list[dict[str, Any]], over: dict[str, dict[str, float]], args: 
     return "\n".join(lines)
 
 
+async def both(args: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """Both parts on one event loop (grpc.aio keeps state per loop)."""
+    jobs = await bench_jobs(args.instances, args.jobs, args.job_ms)
+    print(f"2. queue overhead, {args.inflight} in flight", flush=True)
+    over = await bench_overhead(args.inflight, args.rounds, args.seconds)
+    return jobs, over
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -380,9 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: BaseException | None = None
     try:
         print(f"1. {args.jobs} jobs of {args.job_ms} ms, instances {args.instances}", flush=True)
-        jobs = bench_jobs(args.instances, args.jobs, args.job_ms)
-        print(f"2. queue overhead, {args.inflight} in flight", flush=True)
-        over = bench_overhead(args.inflight, args.rounds, args.seconds)
+        jobs, over = asyncio.run(both(args))
     except BaseException as exc:
         failed = exc
         raise

@@ -179,14 +179,13 @@ class Pool:
         waiting in the unit's queue up to ``timeout`` (default
         ``routing.queue.timeout``). Raises ``NoSuchUnit``, ``QueueFull`` or
         ``QueueTimeout``."""
+        grant = self.try_acquire(interface, key, exclude, lease=lease)
+        if grant is not None:
+            return grant
         route = self.routing.route(interface)
         unit = route.policy.unit
         limit, qmax, _, default_timeout = self._settings(unit)
         q = self.queue(unit)
-        if not q.depth:
-            grant = self._place(route, q, limit, key, exclude, lease)
-            if grant is not None:
-                return grant
         if q.depth >= qmax:
             raise QueueFull(self._why(unit, q, limit, f"its queue is full ({qmax} waiting)"))
         loop = asyncio.get_running_loop()
@@ -210,6 +209,17 @@ class Pool:
                 self._why(unit, q, limit, f"the {what} waited {wait:.3g} s in its queue")
             )
         return w.future.result()
+
+    def try_acquire(
+        self, interface: str, key: str | None = None, exclude: str = "", *, lease: bool = False
+    ) -> Grant | None:
+        """A slot at once, when one is free and nobody waits; else None."""
+        route = self.routing.route(interface)
+        unit = route.policy.unit
+        q = self.queue(unit)
+        if q.depth:
+            return None
+        return self._place(route, q, self._settings(unit)[0], key, exclude, lease)
 
     def release(self, grant: Grant) -> None:
         """Give a slot back (once; again is a no-op); the next waiter takes it."""
