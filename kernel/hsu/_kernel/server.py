@@ -322,8 +322,8 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     # -- slots and leases (hsu._kernel.pool) -------------------------------------
 
     async def Slots(
-        self, request_iterator: AsyncIterator[kernel_pb2.SlotRequest], context: Any
-    ) -> AsyncIterator[kernel_pb2.SlotReply]:
+        self, request_iterator: AsyncIterator[kernel_pb2.SlotRequests], context: Any
+    ) -> AsyncIterator[kernel_pb2.SlotReplies]:
         """One caller's slots: a grant per request, in any order; every slot
         still held when the stream ends goes back."""
         import asyncio
@@ -361,50 +361,64 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
 
         async def read() -> None:
             try:
-                async for req in request_iterator:
-                    if req.release:
-                        task = pending.pop(req.id, None)
-                        if task is not None:
-                            task.cancel()
-                        grant = grants.pop(req.id, None)
-                        if grant is not None:
-                            pool.release(grant)
-                    elif req.id not in pending and req.id not in grants:
-                        if len(pending) + len(grants) >= MAX_SLOTS_PER_STREAM:
-                            replies.put_nowait(
-                                kernel_pb2.SlotReply(
-                                    id=req.id,
-                                    code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-                                    details=f"at most {MAX_SLOTS_PER_STREAM} slots per stream",
-                                )
-                            )
-                            continue
-                        try:  # a free slot, at once (no task, the common case)
-                            now = pool.try_acquire(
-                                req.interface,
-                                req.key or None,
-                                req.exclude[0] if req.exclude else "",
-                            )
-                        except HsuError:
-                            now = None  # the task below answers with the error
-                        if now is not None:
-                            grants[req.id] = now
-                            replies.put_nowait(
-                                kernel_pb2.SlotReply(
-                                    id=req.id,
-                                    endpoint=endpoint_pb(now.endpoint, kernel_pb2.Endpoint),
-                                )
-                            )
-                            continue
-                        pending[req.id] = asyncio.ensure_future(take(req))
+                async for batch in request_iterator:
+                    for req in batch.requests:
+                        handle(req)
             finally:
                 replies.put_nowait(None)
+
+        def handle(req: kernel_pb2.SlotRequest) -> None:
+            if req.release:
+                task = pending.pop(req.id, None)
+                if task is not None:
+                    task.cancel()
+                grant = grants.pop(req.id, None)
+                if grant is not None:
+                    pool.release(grant)
+                return
+            if req.id in pending or req.id in grants:
+                return
+            if len(pending) + len(grants) >= MAX_SLOTS_PER_STREAM:
+                replies.put_nowait(
+                    kernel_pb2.SlotReply(
+                        id=req.id,
+                        code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                        details=f"at most {MAX_SLOTS_PER_STREAM} slots per stream",
+                    )
+                )
+                return
+            try:  # a free slot, at once (no task: the common case)
+                now = pool.try_acquire(
+                    req.interface, req.key or None, req.exclude[0] if req.exclude else ""
+                )
+            except HsuError:
+                now = None  # the task below answers with the error
+            if now is not None:
+                grants[req.id] = now
+                replies.put_nowait(
+                    kernel_pb2.SlotReply(
+                        id=req.id, endpoint=endpoint_pb(now.endpoint, kernel_pb2.Endpoint)
+                    )
+                )
+                return
+            pending[req.id] = asyncio.ensure_future(take(req))
 
         async with self.slot_streams.hold(context):
             reader = asyncio.ensure_future(read())
             try:
                 while (reply := await replies.get()) is not None:
-                    yield reply
+                    # every reply ready now goes in one message
+                    batch = [reply]
+                    end = False
+                    while not replies.empty():
+                        more = replies.get_nowait()
+                        if more is None:
+                            end = True
+                            break
+                        batch.append(more)
+                    yield kernel_pb2.SlotReplies(replies=batch)
+                    if end:
+                        break
             finally:
                 reader.cancel()
                 tasks = list(pending.values())

@@ -428,8 +428,18 @@ class _RemoteResolver(_Resolver):
             self._slot_requests = requests
 
             async def send() -> AsyncIterator[Any]:
+                from hsu.kernel.v1 import kernel_pb2
+
+                # every request ready now goes in one message
                 while (req := await requests.get()) is not None:
-                    yield req
+                    batch = [req]
+                    while not requests.empty():
+                        more = requests.get_nowait()
+                        if more is None:
+                            yield kernel_pb2.SlotRequests(requests=batch)
+                            return
+                        batch.append(more)
+                    yield kernel_pb2.SlotRequests(requests=batch)
 
             call = self._stub().Slots(send(), metadata=self.metadata)
             self._slot_reader = asyncio.ensure_future(self._read_slots(call))
@@ -438,13 +448,14 @@ class _RemoteResolver(_Resolver):
     async def _read_slots(self, call: Any) -> None:
         error = "the kernel's Slots stream ended"
         try:
-            async for reply in call:
-                fut = self._slot_waits.pop(reply.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
-                elif reply.code == 0 and self._slot_requests is not None:
-                    # granted after the caller gave up: give it back
-                    self._slot_requests.put_nowait(self._release_pb(reply.id))
+            async for batch in call:
+                for reply in batch.replies:
+                    fut = self._slot_waits.pop(reply.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(reply)
+                    elif reply.code == 0 and self._slot_requests is not None:
+                        # granted after the caller gave up: give it back
+                        self._slot_requests.put_nowait(self._release_pb(reply.id))
         except grpc.aio.AioRpcError as exc:
             error = f"the kernel's Slots stream broke: {exc.code().name} {exc.details()}"
         finally:

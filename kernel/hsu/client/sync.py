@@ -315,8 +315,21 @@ class SyncRoutedChannel:
         self._slot_requests = requests
 
         def send() -> Iterator[Any]:
+            from hsu.kernel.v1 import kernel_pb2
+
+            # every request ready now goes in one message
             while (req := requests.get()) is not None:
-                yield req
+                batch = [req]
+                while True:
+                    try:
+                        more = requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        yield kernel_pb2.SlotRequests(requests=batch)
+                        return
+                    batch.append(more)
+                yield kernel_pb2.SlotRequests(requests=batch)
 
         stub = kernel_pb2_grpc.KernelStub(self._kernel_channel)
         replies = stub.Slots(send(), metadata=self._metadata)
@@ -328,14 +341,15 @@ class SyncRoutedChannel:
     def _read_slots(self, requests: queue.SimpleQueue[Any], replies: Any) -> None:
         error = "the kernel's Slots stream ended"
         try:
-            for reply in replies:
-                with self._slot_lock:
-                    wait = self._slot_waits.pop(reply.id, None)
-                if wait is not None:
-                    wait[1] = reply
-                    wait[0].set()
-                elif reply.code == 0:
-                    requests.put(_release_pb(reply.id))  # the caller gave up: give it back
+            for batch in replies:
+                for reply in batch.replies:
+                    with self._slot_lock:
+                        wait = self._slot_waits.pop(reply.id, None)
+                    if wait is not None:
+                        wait[1] = reply
+                        wait[0].set()
+                    elif reply.code == 0:
+                        requests.put(_release_pb(reply.id))  # the caller gave up: give it back
         except grpc.RpcError as exc:
             error = f"the kernel's Slots stream broke: {exc.code().name} {exc.details()}"
         finally:

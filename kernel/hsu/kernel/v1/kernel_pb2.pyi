@@ -978,6 +978,46 @@ class SlotReply(_message.Message):
 Global___SlotReply: _TypeAlias = SlotReply  # noqa: Y015
 
 @_typing.final
+class SlotRequests(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SlotRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotRequests: _TypeAlias = SlotRequests  # noqa: Y015
+
+@_typing.final
+class SlotReplies(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def replies(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotReply]: ...
+    def __init__(
+        self,
+        *,
+        replies: _abc.Iterable[Global___SlotReply] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replies", b"replies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotReplies: _TypeAlias = SlotReplies  # noqa: Y015
+
+@_typing.final
 class LeaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -106,8 +106,8 @@ class KernelStub:
                 _registered_method=True)
         self.Slots = channel.stream_stream(
                 '/hsu.kernel.v1.Kernel/Slots',
-                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotRequest.SerializeToString,
-                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotReply.FromString,
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotRequests.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotReplies.FromString,
                 _registered_method=True)
         self.Lease = channel.unary_unary(
                 '/hsu.kernel.v1.Kernel/Lease',
@@ -234,6 +234,7 @@ class KernelServicer:
         for one per call and gives it back when the call ends; calls that find
         every instance full wait in the unit's queue (by priority, FIFO within
         one, within their deadline). Slots held by a stream that ends go back.
+        Requests and replies travel in batches (all that are ready at once).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -337,8 +338,8 @@ def add_KernelServicer_to_server(servicer, server):
             ),
             'Slots': grpc.stream_stream_rpc_method_handler(
                     servicer.Slots,
-                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotRequest.FromString,
-                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotReply.SerializeToString,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotRequests.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotReplies.SerializeToString,
             ),
             'Lease': grpc.unary_unary_rpc_method_handler(
                     servicer.Lease,
@@ -759,8 +760,8 @@ class Kernel:
             request_iterator,
             target,
             '/hsu.kernel.v1.Kernel/Slots',
-            hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotRequest.SerializeToString,
-            hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotReply.FromString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotRequests.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotReplies.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,11 +65,12 @@ class KernelStub:
     """An HSU's calls in flight, sent when they change (at most every
     `interval`); drives autoscaling and draining.
     """
-    Slots: _grpc.StreamStreamMultiCallable[_kernel_pb2.SlotRequest, _kernel_pb2.SlotReply]
+    Slots: _grpc.StreamStreamMultiCallable[_kernel_pb2.SlotRequests, _kernel_pb2.SlotReplies]
     """Slots on instances of units with `routing.max_inflight`: the caller asks
     for one per call and gives it back when the call ends; calls that find
     every instance full wait in the unit's queue (by priority, FIFO within
     one, within their deadline). Slots held by a stream that ends go back.
+    Requests and replies travel in batches (all that are ready at once).
     """
     Lease: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.LeaseRequest, _kernel_pb2.LeaseReply]
     """Reserve one instance of an interface for the caller's exclusive use
@@ -119,11 +120,12 @@ class KernelAsyncStub(KernelStub):
     """An HSU's calls in flight, sent when they change (at most every
     `interval`); drives autoscaling and draining.
     """
-    Slots: _aio.StreamStreamMultiCallable[_kernel_pb2.SlotRequest, _kernel_pb2.SlotReply]  # type: ignore[assignment]
+    Slots: _aio.StreamStreamMultiCallable[_kernel_pb2.SlotRequests, _kernel_pb2.SlotReplies]  # type: ignore[assignment]
     """Slots on instances of units with `routing.max_inflight`: the caller asks
     for one per call and gives it back when the call ends; calls that find
     every instance full wait in the unit's queue (by priority, FIFO within
     one, within their deadline). Slots held by a stream that ends go back.
+    Requests and replies travel in batches (all that are ready at once).
     """
     Lease: _aio.UnaryUnaryMultiCallable[_kernel_pb2.LeaseRequest, _kernel_pb2.LeaseReply]  # type: ignore[assignment]
     """Reserve one instance of an interface for the caller's exclusive use
@@ -258,13 +260,14 @@ class KernelServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Slots(
         self,
-        request_iterator: _MaybeAsyncIterator[_kernel_pb2.SlotRequest],
+        request_iterator: _MaybeAsyncIterator[_kernel_pb2.SlotRequests],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_kernel_pb2.SlotReply], _abc.AsyncIterator[_kernel_pb2.SlotReply]]:
+    ) -> _typing.Union[_abc.Iterator[_kernel_pb2.SlotReplies], _abc.AsyncIterator[_kernel_pb2.SlotReplies]]:
         """Slots on instances of units with `routing.max_inflight`: the caller asks
         for one per call and gives it back when the call ends; calls that find
         every instance full wait in the unit's queue (by priority, FIFO within
         one, within their deadline). Slots held by a stream that ends go back.
+        Requests and replies travel in batches (all that are ready at once).
         """
 
     @_abc_1.abstractmethod
