@@ -440,3 +440,37 @@ async def test_the_queue_scales_from_zero_up_to_max_instances_and_back_down(hsu_
     assert any(r.startswith("down: ") for r in scale), scale
     queue = [e.reason for e in events if e.kind == "queue"]
     assert any(not r.startswith("depth 0") for r in queue) and queue[-1].startswith("depth 0")
+
+
+async def test_slots_of_a_caller_that_dies_go_back(hsu_kernel_factory, tmp_path):
+    kernel = await hsu_kernel_factory(
+        {"units": {"pool": unit(min_instances=1, start="at-start", routing={"max_inflight": 1})}}
+    )
+    script = tmp_path / "holder.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "import hsu\n"
+        "from hsu_echo.v1 import echo_pb2, echo_pb2_grpc\n"
+        "async def main():\n"
+        "    async with hsu.connect(sys.argv[1]) as ch:\n"
+        "        await echo_pb2_grpc.EchoStub(ch).Echo(\n"
+        "            echo_pb2.EchoRequest(message='hold', delay_ms=60000), timeout=120)\n"
+        "asyncio.run(main())\n"
+    )
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), kernel.control_address
+    )
+    try:
+        for _ in range(300):  # the holder's call took the only slot
+            if kernel.routing.pool.held("pool") == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert kernel.routing.pool.held("pool") == 1
+    finally:
+        holder.kill()
+        await holder.wait()
+    # its Slots stream ended with it: the slot went back, and the next call runs
+    async with hsu.connect(kernel.control_address) as channel:
+        reply = await call(echo_pb2_grpc.EchoStub(channel), "next", 0, timeout=30)
+    assert reply.message == "next"
+    assert kernel.routing.pool.held("pool") == 0
