@@ -46,7 +46,8 @@ def proto(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Supervision side by side with supervisor and circus, then routing against raw
     grpcio (bench/routing.py), then failover under kills (bench/failover.py), then
-    routed calls with no auth, a token, TLS and mTLS (bench/auth.py); each updates
+    routed calls with no auth, a token, TLS and mTLS (bench/auth.py), then jobs on
+    instances with max_inflight 1 and the queue's overhead (bench/pool.py); each updates
     its section of docs/benchmarks.md.
 
     Not in the default sessions. supervisor and circus are installed only here.
@@ -62,3 +63,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/routing.py", *routing_args)
     session.run("python", "bench/failover.py", *routing_args)
     session.run("python", "bench/auth.py", *routing_args)
+    session.run("python", "bench/pool.py", *routing_args)

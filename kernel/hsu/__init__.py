@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from hsu._kernel.plugins import PluginInfo, PluginManager
     from hsu._kernel.supervision.instances import Instance, InstanceState
     from hsu.client.aio import RoutedChannel, connect
+    from hsu.client.lease import AsyncLease, SyncLease, lease, lease_sync
     from hsu.client.sync import SyncRoutedChannel, connect_sync
     from hsu.ports import Launcher, LaunchSpec, ProcessHandle
 
@@ -48,6 +49,10 @@ _LAZY = {
     "connect": "hsu.client.aio",
     "SyncRoutedChannel": "hsu.client.sync",
     "connect_sync": "hsu.client.sync",
+    "AsyncLease": "hsu.client.lease",
+    "SyncLease": "hsu.client.lease",
+    "lease": "hsu.client.lease",
+    "lease_sync": "hsu.client.lease",
     "Deployment": "hsu._kernel.config.model",
     "KernelSettings": "hsu._kernel.config.model",
     "UnitSpec": "hsu._kernel.config.model",
@@ -81,6 +86,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AsyncLease",
     "ConfigError",
     "ConflictError",
     "Deployment",
@@ -102,6 +108,7 @@ __all__ = [
     "ProcessHandle",
     "RoutedChannel",
     "StateMachine",
+    "SyncLease",
     "SyncRoutedChannel",
     "Transition",
     "UnitSpec",
@@ -110,5 +117,7 @@ __all__ = [
     "connect_sync",
     "deployment_from_dict",
     "hookimpl",
+    "lease",
+    "lease_sync",
     "load_deployment",
 ]

@@ -89,3 +89,17 @@ class Unauthenticated(HsuError):
 class PermissionDenied(HsuError):
     """The caller is known but may not make this call (gRPC
     ``PERMISSION_DENIED``); the message names the method and a missing role."""
+
+
+class QueueFull(HsuError):
+    """A unit's instances are all at ``routing.max_inflight`` and its queue is
+    full (RESOURCE_EXHAUSTED)."""
+
+
+class QueueTimeout(HsuError):
+    """A call waited in its unit's queue until its deadline; it was never
+    sent (DEADLINE_EXCEEDED)."""
+
+
+class LeaseEnded(HsuError):
+    """A lease is over (expired, released, or its instance died)."""

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DRAINING",
+    "LEASED",
     "SERVING",
     "UNHEALTHY",
     "AuthSettings",
@@ -160,7 +161,8 @@ class Event:
     (:func:`hsu.hookspecs.hsu_instance_event`) and ``Kernel.WatchEvents``."""
 
     seq: int
-    #: "instance", "kernel", "unit" or "reload"
+    #: "instance", "kernel", "unit", "reload", "scale" (an autoscaling
+    #: decision) or "queue" (a unit's queue depth)
     kind: str
     unit: str = ""
     instance_id: str = ""
@@ -271,6 +273,26 @@ class KernelRoutes(Protocol):
         ...
 
     def call_ended(self, ep: Endpoint) -> None: ...
+
+    def acquire(
+        self,
+        interface: str,
+        key: str | None = None,
+        exclude: str = "",
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> Awaitable[Any]:
+        """A slot on an instance of ``interface``, whose unit has
+        ``routing.max_inflight``: at once when one is free, else after waiting
+        in the unit's queue (by ``priority``, within ``timeout`` seconds).
+        The slot (an opaque grant; ``.endpoint`` is the instance) goes back
+        with :meth:`release`. Raises :class:`hsu.errors.QueueFull` or
+        :class:`hsu.errors.QueueTimeout` (the call is then never sent)."""
+        ...
+
+    def release(self, grant: Any) -> None:
+        """Give back a slot :meth:`acquire` granted (again is a no-op)."""
+        ...
 
 
 @attrs.frozen
@@ -699,6 +721,8 @@ SERVING = "serving"
 DRAINING = "draining"
 #: a health probe failed; kept listed so it can come back
 UNHEALTHY = "unhealthy"
+#: reserved by a lease (``hsu.lease``): only its holder calls it
+LEASED = "leased"
 
 
 @attrs.frozen

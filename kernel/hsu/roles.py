@@ -29,7 +29,9 @@ ROLES: Mapping[str, tuple[str, ...]] = {
     ),
     "control": tuple(KERNEL + m for m in ("Scale", "Start", "Stop", "Restart", "Reload")),
     "register": tuple(KERNEL + m for m in ("Register", "Deregister", "ReportLoad")),
-    "route": tuple(KERNEL + m for m in ("Resolve", "WatchEndpoints")),
+    "route": tuple(
+        KERNEL + m for m in ("Resolve", "WatchEndpoints", "Slots", "Lease", "Renew", "Release")
+    ),
     "admin": (CORE + "Shutdown",),
 }
 

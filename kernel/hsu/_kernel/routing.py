@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from hsu._kernel.config.model import Routing
+from hsu._kernel.pool import Grant, Pool
 from hsu._kernel.supervision.instances import Instance, InstanceState
 from hsu.client.route import Policy, Route
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.ports import (
     DRAINING,
+    LEASED,
     SERVING,
     UNHEALTHY,
     Endpoint,
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 #: how long a stopping instance stays listed as draining after its calls
 #: ended, so callers that watch the registry see it before it goes
 DRAIN_SETTLE = 0.05
+#: a unit's queue depth is published as an event at most this often (s)
+QUEUE_EVENTS_EVERY = 0.25
 
 
 def policy_of(unit: str, r: Routing) -> Policy:
@@ -54,18 +59,21 @@ def policy_of(unit: str, r: Routing) -> Policy:
         max_attempts=r.max_attempts,
         retry_budget=r.retry_budget,
         retry_min_per_second=r.retry_min_per_second,
+        max_inflight=r.max_inflight or 0,
     )
 
 
 # -- the kernel's side --------------------------------------------------------------
 
 
-def endpoint_of(inst: Instance) -> Endpoint | None:
+def endpoint_of(inst: Instance, leased: bool = False) -> Endpoint | None:
     """The registry entry for a kernel's instance, or None when it is not listed."""
     if not inst.address or not inst.interfaces:
         return None
     if inst.state is InstanceState.READY:
         state = {"draining": DRAINING, "unhealthy": UNHEALTHY}.get(inst.health, SERVING)
+        if leased and state == SERVING:
+            state = LEASED
     elif inst.state is InstanceState.STOPPING:
         state = DRAINING
     else:
@@ -108,6 +116,15 @@ class KernelRouting:
         self._load_changed: dict[str, asyncio.Event] = {}
         self._last_scaled: dict[str, float] = {}
         self._quiet_since: dict[str, float] = {}
+        #: instances held by a lease, listed as LEASED (no caller picks them)
+        self.leased: set[str] = set()
+        self.pool = Pool(self)
+        self._background: set[asyncio.Task[None]] = set()
+        self._scale_wake: dict[str, asyncio.Event] = {}
+        self._queue_depth: dict[str, int] = {}
+        self._queue_published: dict[str, int] = {}
+        self._queue_timer: dict[str, asyncio.TimerHandle] = {}
+        self.pool.depth_changed.append(self.queue_changed)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -126,16 +143,14 @@ class KernelRouting:
         self._tasks.append(asyncio.ensure_future(self._follow()))
         self.start_autoscale()
 
-    def start_autoscale(self) -> None:
-        """(Re)start one autoscaler per unit that has ``routing.autoscale.above``."""
-        for t in self._tasks[2:]:
-            t.cancel()
-        del self._tasks[2:]
-        for name, spec in self.kernel.deployment.units.items():
-            if spec.routing.autoscale.above is not None:
-                self._tasks.append(asyncio.ensure_future(self._autoscale(name)))
-
     async def close(self) -> None:
+        for timer in self._queue_timer.values():
+            timer.cancel()
+        self._queue_timer.clear()
+        self.pool.close()
+        for t in self._background:
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         # the last deletes reach the registry first (one shared by other kernels
         # must not keep listing instances that are gone)
         with contextlib.suppress(TimeoutError):
@@ -153,7 +168,7 @@ class KernelRouting:
         """The instance changed (state, health, address): update its entry."""
         if self._writes is None:
             return
-        ep = endpoint_of(inst)
+        ep = endpoint_of(inst, inst.instance_id in self.leased)
         old = self._published.get(inst.instance_id)
         if ep == old:
             return
@@ -244,6 +259,7 @@ class KernelRouting:
                 interface, self.policy(interface), self.kernel.plugins
             )
             route.replace(e for e in self._all.values() if interface in e.interfaces)
+            route.listeners.append(lambda: self.pool.poke(route.policy.unit))
         return route
 
     def reconfigure(self) -> None:
@@ -262,6 +278,13 @@ class KernelRouting:
         route = self.route(interface)
         if route.routable:
             return route
+        sup = self.kernel.units.get(route.policy.unit)
+        if sup is not None and not sup.wanted:
+            self.kernel.events.publish(
+                "scale",
+                unit=route.policy.unit,
+                reason=f"up: from zero: a call for {interface} and no instance is up",
+            )
         inst = await self.kernel.instance_for(interface)
         self.update(inst)
         await self.flush()
@@ -283,6 +306,55 @@ class KernelRouting:
         assert self.registry is not None
         return policy, await self.registry.lookup(interface)
 
+    # -- slots and leases (hsu._kernel.pool) ----------------------------------------
+
+    async def acquire(
+        self,
+        interface: str,
+        key: str | None = None,
+        exclude: str = "",
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> Grant:
+        return await self.pool.acquire(interface, key, exclude, priority, timeout)
+
+    def release(self, grant: Grant) -> None:
+        self.pool.release(grant)
+
+    def set_leased(self, instance_id: str, leased: bool) -> None:
+        """List a kernel's instance as LEASED (or SERVING again)."""
+        if leased:
+            self.leased.add(instance_id)
+        else:
+            self.leased.discard(instance_id)
+        inst = self.kernel.instances.get(instance_id)
+        if inst is not None:
+            if leased:
+                inst.last_used = time.monotonic()
+            self.update(inst)
+
+    def gone(self, ep: Endpoint) -> str:
+        """Why the leased instance at ``ep`` can serve its lease no more ("":
+        it still can)."""
+        now = self._all.get(ep.instance_id)
+        inst = self.kernel.instances.get(ep.instance_id)
+        if now is None or now.address != ep.address:
+            last = f" ({inst.last_exit})" if inst is not None and inst.last_exit else ""
+            return f"its instance {ep.instance_id} at {ep.address} died or stopped{last}"
+        if now.state not in (SERVING, LEASED):
+            return f"its instance {ep.instance_id} is {now.state}"
+        return ""
+
+    def touch(self, instance_id: str) -> None:
+        """A slot on the instance was taken: it is not idle."""
+        inst = self.kernel.instances.get(instance_id)
+        if inst is not None:
+            inst.last_used = time.monotonic()
+
+    def background(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     # -- load -------------------------------------------------------------------
 
     def load(self, instance_id: str) -> int:
@@ -298,6 +370,8 @@ class KernelRouting:
         self.reported[instance_id] = inflight
         if inflight:
             inst.last_used = time.monotonic()
+        else:
+            self.pool.poke(inst.unit)
         ev = self._load_changed.get(instance_id)
         if ev is not None:
             ev.set()
@@ -320,6 +394,7 @@ class KernelRouting:
         ev = self._load_changed.get(ep.instance_id)
         if ev is not None:
             ev.set()
+        self.pool.poke(ep.unit)  # a lease may wait for the instance to be idle
 
     async def drain(self, inst: Instance, timeout: float) -> int:
         """Wait until the (draining) instance has no call in flight, up to
@@ -358,26 +433,101 @@ class KernelRouting:
 
     # -- autoscaling ----------------------------------------------------------------
 
+    def autoscaled(self, unit: str) -> bool:
+        """Whether ``unit`` is autoscaled: ``routing.autoscale.above`` is set, or
+        it has ``max_inflight`` and room to grow (``max_instances`` above its
+        floor), when it scales on its queue."""
+        spec = self.kernel.deployment.units.get(unit)
+        if spec is None:
+            return False
+        r = spec.routing
+        floor = max(spec.min_instances, 1)
+        return r.autoscale.above is not None or (
+            r.max_inflight is not None and spec.max_instances > floor
+        )
+
+    def start_autoscale(self) -> None:
+        """(Re)start one autoscaler per autoscaled unit."""
+        for t in self._tasks[2:]:
+            t.cancel()
+        del self._tasks[2:]
+        for name in self.kernel.deployment.units:
+            if self.autoscaled(name):
+                self._tasks.append(asyncio.ensure_future(self._autoscale(name)))
+
     async def _autoscale(self, unit: str) -> None:
-        while True:
-            spec = self.kernel.deployment.units.get(unit)
-            if spec is None or spec.routing.autoscale.above is None:
-                return
-            a = spec.routing.autoscale
-            await asyncio.sleep(a.interval)
-            try:
-                await self.autoscale_once(unit)
-            except HsuError as exc:
-                logger.bind(unit=unit).warning("autoscale: {}", exc)
+        wake = self._scale_wake.setdefault(unit, asyncio.Event())
+        try:
+            while True:
+                spec = self.kernel.deployment.units.get(unit)
+                if spec is None or not self.autoscaled(unit):
+                    return
+                # every interval, and at once when calls start to queue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), spec.routing.autoscale.interval)
+                wake.clear()
+                try:
+                    await self.autoscale_once(unit)
+                except HsuError as exc:
+                    logger.bind(unit=unit).warning("autoscale: {}", exc)
+        finally:
+            self._scale_wake.pop(unit, None)
+
+    def queue_changed(self, unit: str, depth: int) -> None:
+        """The pool's queue of ``unit`` changed: wake its autoscaler when calls
+        wait, and publish the depth as an event (at most every
+        :data:`QUEUE_EVENTS_EVERY` seconds, the last one always)."""
+        if depth:
+            wake = self._scale_wake.get(unit)
+            if wake is not None:
+                wake.set()
+        self._queue_depth[unit] = depth
+        if unit in self._queue_timer:
+            return
+        last = self._queue_published.get(unit)
+        if last == depth:
+            return
+        loop = asyncio.get_running_loop()
+        self._queue_timer[unit] = loop.call_later(
+            QUEUE_EVENTS_EVERY if last is not None else 0, self._publish_queue, unit
+        )
+
+    def _publish_queue(self, unit: str) -> None:
+        self._queue_timer.pop(unit, None)
+        depth = self._queue_depth.get(unit, 0)
+        if self._queue_published.get(unit) == depth:
+            return
+        self._queue_published[unit] = depth
+        pool = self.pool
+        self.kernel.events.publish(
+            "queue",
+            unit=unit,
+            reason=f"depth {depth}; {pool.held(unit)} slots held, {pool.leased(unit)} leased",
+        )
+        # a later change within the period is published at its end
+        self._queue_timer[unit] = asyncio.get_running_loop().call_later(
+            QUEUE_EVENTS_EVERY, self._publish_queue, unit
+        )
+
+    def demand(self, unit: str, ready: list[Instance]) -> tuple[float, str]:
+        """Calls per ready instance: in flight, queued and leased (a leased
+        instance counts as one full instance); and how it was counted."""
+        spec = self.kernel.deployment.units[unit]
+        full = spec.routing.max_inflight or 1
+        leased = sum(1 for i in ready if i.instance_id in self.leased)
+        inflight = sum(self.load(i.instance_id) for i in ready if i.instance_id not in self.leased)
+        queued = self.pool.depth(unit)
+        total = inflight + queued + leased * full
+        how = f"{inflight} in flight, {queued} queued, {leased} leased"
+        return total / max(1, len(ready)), how
 
     async def autoscale_once(self, unit: str, now: float | None = None) -> int:
-        """Look at the unit's load once; scale by one if it calls for it.
+        """Look at the unit's load once and scale if it calls for it.
 
-        Returns +1, -1 or 0.
+        Returns the change in instances (0: none).
         """
         spec = self.kernel.deployment.units[unit]
         a = spec.routing.autoscale
-        assert a.above is not None
         sup = self.kernel.units.get(unit)
         if sup is None:
             return 0
@@ -386,25 +536,41 @@ class KernelRouting:
         ready = [i for i in wanted if i.state is InstanceState.READY]
         if not ready or len(ready) < len(wanted):
             return 0  # starting or stopping: look again once settled
-        avg = sum(self.load(i.instance_id) for i in ready) / len(ready)
-        if now - self._last_scaled.get(unit, -1e9) < a.cooldown:
-            return 0
+        # the load per instance it aims at: `above`, else (a queue) full slots
+        target = a.above if a.above is not None else float(spec.routing.max_inflight or 1)
+        avg, how = self.demand(unit, ready)
+        queued = self.pool.depth(unit)
+        cooling = now - self._last_scaled.get(unit, -1e9) < a.cooldown
         log = logger.bind(unit=unit)
-        if avg >= a.above and len(wanted) < spec.max_instances:
+        if avg >= target and len(wanted) < spec.max_instances and (queued or not cooling):
+            # calls waiting do not wait for the cooldown; the unit grows to
+            # what the demand asks for at once (Ray Serve's way), else by one
+            want = math.ceil(avg * len(ready) / target) if queued else len(wanted) + 1
+            count = max(len(wanted) + 1, min(want, spec.max_instances))
             self._last_scaled[unit] = now
             self._quiet_since.pop(unit, None)
-            log.info("autoscale: {:.1f} calls in flight per instance; adding one", avg)
-            await sup.scale(len(wanted) + 1, reason="autoscaled up")
-            return 1
+            why = f"{avg:.1f} calls per instance ({how}); {len(wanted)} -> {count}"
+            log.info("autoscale: {}", why)
+            self.kernel.events.publish("scale", unit=unit, reason=f"up: {why}")
+            await sup.scale(count, reason="autoscaled up")
+            return count - len(wanted)
         floor = max(spec.min_instances, 1)
-        if avg <= a.below and len(wanted) > floor:
+        if avg <= a.below and len(wanted) > floor and not queued and not cooling:
             since = self._quiet_since.setdefault(unit, now)
             if now - since >= a.cooldown:
+                idle = [i for i in ready if i.instance_id not in self.leased]
+                if not idle:
+                    return 0
+                victim = min(idle, key=lambda i: (self.load(i.instance_id), -i.started_at))
                 self._last_scaled[unit] = now
                 self._quiet_since.pop(unit, None)
-                log.info("autoscale: {:.1f} calls in flight per instance; removing one", avg)
-                await sup.scale(len(wanted) - 1, reason="autoscaled down")
+                why = f"{avg:.1f} calls per instance ({how}); {len(wanted)} -> {len(wanted) - 1}"
+                log.info("autoscale: {}", why)
+                self.kernel.events.publish(
+                    "scale", unit=unit, instance_id=victim.instance_id, reason=f"down: {why}"
+                )
+                await sup.remove(victim, reason="autoscaled down")
                 return -1
-        else:
+        elif avg > a.below:
             self._quiet_since.pop(unit, None)
         return 0

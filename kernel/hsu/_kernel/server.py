@@ -60,6 +60,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         self.kernel = kernel
         self.event_streams = StreamLimit("WatchEvents")
         self.endpoint_streams = StreamLimit("WatchEndpoints")
+        self.slot_streams = StreamLimit("Slots")
         #: a reload reads files and may restart processes: 1 a second, 5 at once
         self._reloads = RateLimit(1.0, 5)
 
@@ -326,6 +327,167 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             if last:
                 self.kernel.routing.reported.pop(last, None)
         return kernel_pb2.LoadReportAck()
+
+    # -- slots and leases (hsu._kernel.pool) -------------------------------------
+
+    async def Slots(
+        self, request_iterator: AsyncIterator[kernel_pb2.SlotRequests], context: Any
+    ) -> AsyncIterator[kernel_pb2.SlotReplies]:
+        """One caller's slots: a grant per request, in any order; every slot
+        still held when the stream ends goes back."""
+        import asyncio
+
+        from hsu.client.route import endpoint_pb, slot_error_code
+
+        pool = self.kernel.routing.pool
+        grants: dict[int, Any] = {}
+        pending: dict[int, asyncio.Task[None]] = {}
+        replies: asyncio.Queue[kernel_pb2.SlotReply | None] = asyncio.Queue()
+
+        async def take(req: kernel_pb2.SlotRequest) -> None:
+            try:
+                grant = await pool.acquire(
+                    req.interface,
+                    req.key or None,
+                    req.exclude[0] if req.exclude else "",
+                    max(-1000, min(1000, req.priority)),
+                    min(req.timeout, MAX_WAIT) if req.timeout > 0 else None,
+                )
+            except HsuError as exc:
+                code = slot_error_code(exc)
+                replies.put_nowait(
+                    kernel_pb2.SlotReply(id=req.id, code=code.value[0], details=str(exc))
+                )
+            else:
+                grants[req.id] = grant
+                replies.put_nowait(
+                    kernel_pb2.SlotReply(
+                        id=req.id, endpoint=endpoint_pb(grant.endpoint, kernel_pb2.Endpoint)
+                    )
+                )
+            finally:
+                pending.pop(req.id, None)
+
+        async def read() -> None:
+            try:
+                async for batch in request_iterator:
+                    for req in batch.requests:
+                        handle(req)
+            finally:
+                replies.put_nowait(None)
+
+        def handle(req: kernel_pb2.SlotRequest) -> None:
+            if req.release:
+                task = pending.pop(req.id, None)
+                if task is not None:
+                    task.cancel()
+                grant = grants.pop(req.id, None)
+                if grant is not None:
+                    pool.release(grant)
+                return
+            if req.id in pending or req.id in grants:
+                return
+            if len(pending) + len(grants) >= MAX_SLOTS_PER_STREAM:
+                replies.put_nowait(
+                    kernel_pb2.SlotReply(
+                        id=req.id,
+                        code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                        details=f"at most {MAX_SLOTS_PER_STREAM} slots per stream",
+                    )
+                )
+                return
+            try:  # a free slot, at once (no task: the common case)
+                now = pool.try_acquire(
+                    req.interface, req.key or None, req.exclude[0] if req.exclude else ""
+                )
+            except HsuError:
+                now = None  # the task below answers with the error
+            if now is not None:
+                grants[req.id] = now
+                replies.put_nowait(
+                    kernel_pb2.SlotReply(
+                        id=req.id, endpoint=endpoint_pb(now.endpoint, kernel_pb2.Endpoint)
+                    )
+                )
+                return
+            pending[req.id] = asyncio.ensure_future(take(req))
+
+        async with self.slot_streams.hold(context):
+            reader = asyncio.ensure_future(read())
+            try:
+                while (reply := await replies.get()) is not None:
+                    # every reply ready now goes in one message
+                    batch = [reply]
+                    end = False
+                    while not replies.empty():
+                        more = replies.get_nowait()
+                        if more is None:
+                            end = True
+                            break
+                        batch.append(more)
+                    yield kernel_pb2.SlotReplies(replies=batch)
+                    if end:
+                        break
+            finally:
+                reader.cancel()
+                tasks = list(pending.values())
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(reader, *tasks, return_exceptions=True)
+                for grant in grants.values():
+                    pool.release(grant)
+                grants.clear()
+
+    async def Lease(self, request: kernel_pb2.LeaseRequest, context: Any) -> kernel_pb2.LeaseReply:
+        from hsu.client.route import endpoint_pb, slot_error_code
+
+        if not 0 < request.ttl <= MAX_LEASE_TTL:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Lease: ttl must be > 0 and <= {MAX_LEASE_TTL:g} s, got {request.ttl:g}",
+            )
+        try:
+            lease = await self.kernel.routing.pool.lease(
+                request.interface,
+                request.ttl,
+                min(request.timeout, MAX_WAIT) if request.timeout > 0 else None,
+                max(-1000, min(1000, request.priority)),
+            )
+        except HsuError as exc:
+            await context.abort(slot_error_code(exc), str(exc))
+        return kernel_pb2.LeaseReply(
+            lease_id=lease.lease_id,
+            endpoint=endpoint_pb(lease.grant.endpoint, kernel_pb2.Endpoint),
+            ttl=lease.ttl,
+        )
+
+    async def Renew(self, request: kernel_pb2.RenewRequest, context: Any) -> kernel_pb2.LeaseReply:
+        from hsu.client.route import endpoint_pb
+        from hsu.errors import LeaseEnded
+
+        try:
+            lease = self.kernel.routing.pool.renew(request.lease_id)
+        except LeaseEnded as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return kernel_pb2.LeaseReply(
+            lease_id=lease.lease_id,
+            endpoint=endpoint_pb(lease.grant.endpoint, kernel_pb2.Endpoint),
+            ttl=lease.ttl,
+        )
+
+    async def Release(
+        self, request: kernel_pb2.ReleaseRequest, context: Any
+    ) -> kernel_pb2.ReleaseReply:
+        self.kernel.routing.pool.release_lease(request.lease_id)
+        return kernel_pb2.ReleaseReply()
+
+
+#: seconds a slot or lease request may wait at most
+MAX_WAIT = 3600.0
+#: seconds a lease may last between renewals at most
+MAX_LEASE_TTL = 86400.0
+#: slots one Slots stream may hold or wait for at once
+MAX_SLOTS_PER_STREAM = 10000
 
 
 def _token(context: Any) -> str:

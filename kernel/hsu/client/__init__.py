@@ -15,12 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hsu.client.aio import RoutedChannel, connect
+    from hsu.client.lease import AsyncLease, SyncLease, lease, lease_sync
     from hsu.client.sync import SyncRoutedChannel, connect_sync
     from hsu.tls import TLSConfig
 
 _LAZY = {
     "RoutedChannel": "hsu.client.aio",
     "connect": "hsu.client.aio",
+    "AsyncLease": "hsu.client.lease",
+    "SyncLease": "hsu.client.lease",
+    "lease": "hsu.client.lease",
+    "lease_sync": "hsu.client.lease",
     "SyncRoutedChannel": "hsu.client.sync",
     "connect_sync": "hsu.client.sync",
     "TLSConfig": "hsu.tls",
@@ -40,4 +45,14 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-__all__ = ["RoutedChannel", "SyncRoutedChannel", "TLSConfig", "connect", "connect_sync"]
+__all__ = [
+    "AsyncLease",
+    "RoutedChannel",
+    "SyncLease",
+    "SyncRoutedChannel",
+    "TLSConfig",
+    "connect",
+    "connect_sync",
+    "lease",
+    "lease_sync",
+]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -108,6 +108,15 @@ class _Resolver:
     began: Callable[[Endpoint], None] | None = None
     ended: Callable[[Endpoint], None] | None = None
 
+    async def acquire(
+        self, route: Route, key: str | None, exclude: str, priority: int, timeout: float | None
+    ) -> tuple[Endpoint, Any]:
+        """A slot on an instance of a unit with ``max_inflight`` (the kernel's)."""
+        raise NotImplementedError
+
+    def release(self, grant: Any) -> None:
+        raise NotImplementedError
+
     async def route(self, interface: str, timeout: float | None) -> Route:
         raise NotImplementedError
 
@@ -136,6 +145,8 @@ class RoutedChannel:
             ended=resolver.ended,
             connected=lambda ep: connected(self._channels.get(ep.address)),
             watch=self._watch_ejected,
+            acquire=resolver.acquire,
+            release=resolver.release,
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._routes: dict[str, Route] = {}
@@ -179,6 +190,17 @@ class RoutedChannel:
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
+
+    def kernel_stub(self) -> tuple[Any, Any]:
+        """The Kernel API's stub this channel uses, and its credential
+        metadata (for :func:`hsu.lease`)."""
+        resolver = self._resolver
+        if not isinstance(resolver, _RemoteResolver):
+            raise HsuError(
+                "this channel routes inside the kernel's process and has no Kernel API"
+                " stub: lease through the kernel's control address instead"
+            )
+        return resolver._stub(), resolver.metadata
 
     # -- routing ------------------------------------------------------------
 
@@ -312,6 +334,11 @@ class _RemoteResolver(_Resolver):
         self.channel: RoutedChannel | None = None
         self._kernel_channel: grpc.aio.Channel | None = None
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        #: the Slots stream: requests to send, replies awaited by request id
+        self._slot_requests: asyncio.Queue[Any] | None = None
+        self._slot_reader: asyncio.Task[None] | None = None
+        self._slot_waits: dict[int, asyncio.Future[Any]] = {}
+        self._slot_ids = 0
 
     def _stub(self) -> Any:
         from hsu.kernel.v1 import kernel_pb2_grpc
@@ -391,7 +418,99 @@ class _RemoteResolver(_Resolver):
             for address in gone:
                 self.channel.forget_address(address)
 
+    # -- slots (units with max_inflight) ----------------------------------------
+
+    def _slots(self) -> asyncio.Queue[Any]:
+        """The Slots stream's request queue (the stream opened on first use,
+        again after it broke: the kernel gave back what the old one held)."""
+        if self._slot_requests is None or self._slot_reader is None or self._slot_reader.done():
+            requests: asyncio.Queue[Any] = asyncio.Queue()
+            self._slot_requests = requests
+
+            async def send() -> AsyncIterator[Any]:
+                from hsu.kernel.v1 import kernel_pb2
+
+                # every request ready now goes in one message
+                while (req := await requests.get()) is not None:
+                    batch = [req]
+                    while not requests.empty():
+                        more = requests.get_nowait()
+                        if more is None:
+                            yield kernel_pb2.SlotRequests(requests=batch)
+                            return
+                        batch.append(more)
+                    yield kernel_pb2.SlotRequests(requests=batch)
+
+            call = self._stub().Slots(send(), metadata=self.metadata)
+            self._slot_reader = asyncio.ensure_future(self._read_slots(call))
+        return self._slot_requests
+
+    async def _read_slots(self, call: Any) -> None:
+        error = "the kernel's Slots stream ended"
+        try:
+            async for batch in call:
+                for reply in batch.replies:
+                    fut = self._slot_waits.pop(reply.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(reply)
+                    elif reply.code == 0 and self._slot_requests is not None:
+                        # granted after the caller gave up: give it back
+                        self._slot_requests.put_nowait(self._release_pb(reply.id))
+        except grpc.aio.AioRpcError as exc:
+            error = f"the kernel's Slots stream broke: {exc.code().name} {exc.details()}"
+        finally:
+            waits, self._slot_waits = self._slot_waits, {}
+            for fut in waits.values():
+                if not fut.done():
+                    fut.set_exception(HsuError(error))
+
+    @staticmethod
+    def _release_pb(request_id: int) -> Any:
+        from hsu.kernel.v1 import kernel_pb2
+
+        return kernel_pb2.SlotRequest(id=request_id, release=True)
+
+    async def acquire(
+        self, route: Route, key: str | None, exclude: str, priority: int, timeout: float | None
+    ) -> tuple[Endpoint, Any]:
+        from hsu.client.route import slot_reply
+        from hsu.kernel.v1 import kernel_pb2
+
+        requests = self._slots()
+        self._slot_ids += 1
+        request_id = self._slot_ids
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._slot_waits[request_id] = fut
+        requests.put_nowait(
+            kernel_pb2.SlotRequest(
+                id=request_id,
+                interface=route.interface,
+                priority=priority,
+                timeout=timeout or 0.0,
+                exclude=[exclude] if exclude else [],
+                key=key or "",
+            )
+        )
+        try:
+            reply = await fut
+        except asyncio.CancelledError:
+            self._slot_waits.pop(request_id, None)
+            requests.put_nowait(self._release_pb(request_id))
+            raise
+        return slot_reply(reply), (requests, request_id)
+
+    def release(self, grant: Any) -> None:
+        requests: asyncio.Queue[Any]
+        requests, request_id = grant
+        if requests is self._slot_requests:  # else its stream broke: the kernel took it back
+            requests.put_nowait(self._release_pb(request_id))
+
     async def close(self) -> None:
+        if self._slot_requests is not None:
+            self._slot_requests.put_nowait(None)
+        if self._slot_reader is not None:
+            self._slot_reader.cancel()
+            await asyncio.gather(self._slot_reader, return_exceptions=True)
         for task in self._watchers.values():
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
@@ -414,6 +533,17 @@ class LocalRoutes(Protocol):
 
     def call_ended(self, ep: Endpoint) -> None: ...
 
+    def acquire(
+        self,
+        interface: str,
+        key: str | None = None,
+        exclude: str = "",
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> Awaitable[Any]: ...
+
+    def release(self, grant: Any) -> None: ...
+
 
 class _LocalResolver(_Resolver):
     """Routes from the kernel in this process (the gateway's own)."""
@@ -428,6 +558,15 @@ class _LocalResolver(_Resolver):
 
     async def ensure(self, route: Route, timeout: float | None) -> None:
         await self.routes.ensure(route.interface, timeout)
+
+    async def acquire(
+        self, route: Route, key: str | None, exclude: str, priority: int, timeout: float | None
+    ) -> tuple[Endpoint, Any]:
+        grant = await self.routes.acquire(route.interface, key, exclude, priority, timeout)
+        return grant.endpoint, grant
+
+    def release(self, grant: Any) -> None:
+        self.routes.release(grant)
 
 
 def local_channel(routes: LocalRoutes, plugins: Factories) -> RoutedChannel:

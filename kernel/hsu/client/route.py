@@ -44,7 +44,7 @@ import attrs
 import grpc
 from loguru import logger
 
-from hsu.errors import HsuError
+from hsu.errors import HsuError, NoSuchUnit, QueueFull, QueueTimeout
 from hsu.ports import SERVING, Balancer, CircuitBreaker, Endpoint, Factory
 
 T = TypeVar("T")
@@ -88,6 +88,11 @@ TRANSPORT_ERRORS = (
     "endpoint closing",
     "keepalive watchdog",
 )
+#: the metadata key of a call's priority in its unit's queue (an integer;
+#: higher goes first, default 0)
+PRIORITY_KEY = "hsu-priority"
+#: priorities are clamped to this range
+PRIORITY_RANGE = (-1000, 1000)
 #: tries of one call that could not reach their instance, on top of
 #: ``max_attempts``; they take nothing from the retry budget either (the
 #: instance is gone: trying elsewhere adds no load)
@@ -134,6 +139,9 @@ class Policy:
     max_attempts: int = 3
     retry_budget: float = 0.2
     retry_min_per_second: float = 10.0
+    #: calls at a time on one instance (0: unlimited); when set, a call takes
+    #: a slot from the kernel before it is sent (:attr:`Caller.acquire`)
+    max_inflight: int = 0
 
     def to_pb(self, pb: Any) -> Any:
         return pb(
@@ -147,6 +155,7 @@ class Policy:
             max_attempts=self.max_attempts,
             retry_budget=self.retry_budget,
             retry_min_per_second=self.retry_min_per_second,
+            max_inflight=self.max_inflight,
         )
 
     @classmethod
@@ -162,6 +171,7 @@ class Policy:
             max_attempts=max(1, msg.max_attempts),
             retry_budget=msg.retry_budget,
             retry_min_per_second=msg.retry_min_per_second,
+            max_inflight=msg.max_inflight,
         )
 
     def is_idempotent(self, method: str) -> bool:
@@ -451,6 +461,42 @@ class Route:
                 return ep
         return None
 
+    def pick_free(
+        self,
+        busy: Mapping[str, int],
+        free: Callable[[str], bool],
+        key: str | None = None,
+        exclude: str = "",
+    ) -> Endpoint | None:
+        """Like :meth:`pick`, among the endpoints ``free(instance_id)``
+        accepts (below their unit's ``max_inflight``), with ``busy`` (every
+        caller's calls in flight, the kernel's count) as the balancer's load.
+
+        A balancer that turns meets each endpoint within as many picks as
+        there are; one that does not (random, a hash) may not, so the least
+        busy free one is taken then."""
+        if (self._open and any(self.breakers[i].state != "open" for i in self._open)) or (
+            self.ejected and self._eject_ends <= time.monotonic()
+        ):
+            self._refresh()
+        available = self.available
+        candidates = [e for e in available if free(e.instance_id)]
+        if not candidates:
+            return None
+        if len(candidates) > 1 and exclude:
+            candidates = [e for e in candidates if e.instance_id != exclude]
+        ok = {e.instance_id for e in candidates}
+        for _ in range(len(available) + 1):
+            ep = self.balancer.pick(busy, key)
+            if ep is None:
+                break
+            if ep.instance_id in ok and self.breaker(ep.instance_id).allow():
+                return ep
+        for ep in sorted(candidates, key=lambda e: busy.get(e.instance_id, 0)):
+            if self.breaker(ep.instance_id).allow():
+                return ep
+        return None
+
     def wake_in(self) -> float:
         """Seconds until an instance refused now may take a call: the end of
         an ejection, or of a breaker's opening when the breaker tells it
@@ -563,7 +609,75 @@ class Caller:
     #: a blocking caller's wait for a change of the route: (route, the
     #: version seen, seconds at most); without it, :meth:`Tries.run` sleeps
     wait: Callable[[Route, int, float], None] | None = None
+    #: for a unit with ``max_inflight``: each try takes a slot (the kernel's
+    #: count, shared by every caller) before it is sent, and gives it back
+    #: with ``release`` when it ends; ``acquire`` for :meth:`Tries.call_async`
+    #: and :meth:`Tries.run_async`, ``acquire_sync`` for :meth:`Tries.run`
+    acquire: Acquire | None = None
+    acquire_sync: AcquireSync | None = None
+    release: Callable[[Any], None] | None = None
+    #: an error with a status code, raised like the caller's own (default:
+    #: :func:`rpc_error`)
+    error: Callable[[grpc.StatusCode, str], BaseException] | None = None
 
+
+def priority_of(metadata: Any) -> int:
+    """The call's ``hsu-priority`` (0 without one); raises :class:`HsuError`
+    for one that is not an integer."""
+    for k, v in metadata or ():
+        if k == PRIORITY_KEY:
+            text = v if isinstance(v, str) else bytes(v).decode("latin-1")
+            try:
+                n = int(text.strip())
+            except ValueError:
+                raise HsuError(
+                    f"metadata {PRIORITY_KEY}: {text[:40]!r} is not an integer"
+                ) from None
+            return max(PRIORITY_RANGE[0], min(PRIORITY_RANGE[1], n))
+    return 0
+
+
+def slot_reply(reply: Any) -> Endpoint:
+    """The instance a ``Kernel.Slots`` reply grants; raises its error as the
+    :class:`HsuError` the kernel raised."""
+    if reply.code == 0:
+        return endpoint_from_pb(reply.endpoint)
+    code = grpc.StatusCode.UNAVAILABLE
+    for c in grpc.StatusCode:
+        if c.value[0] == reply.code:
+            code = c
+    cls: type[HsuError] = {
+        grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFull,
+        grpc.StatusCode.DEADLINE_EXCEEDED: QueueTimeout,
+        grpc.StatusCode.UNIMPLEMENTED: NoSuchUnit,
+    }.get(code, HsuError)
+    raise cls(reply.details)
+
+
+def slot_error_code(exc: BaseException) -> grpc.StatusCode:
+    """The status code of an error from taking a slot."""
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, QueueTimeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, NoSuchUnit):
+        return grpc.StatusCode.UNIMPLEMENTED
+    return grpc.StatusCode.UNAVAILABLE
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> Exception:
+    """An error with ``code``, raised like one from the network (grpc.aio's)."""
+    error: Exception = grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
+    return error
+
+
+#: takes a slot for a try: (route, key, instance to avoid, priority, seconds
+#: or None) -> (the instance, the grant to give back); raises QueueFull,
+#: QueueTimeout, NoSuchUnit or another HsuError
+Acquire = Callable[[Route, str | None, str, int, float | None], Awaitable[tuple[Endpoint, Any]]]
+AcquireSync = Callable[[Route, str | None, str, int, float | None], tuple[Endpoint, Any]]
 
 #: makes sure an instance is routable: (route, seconds left) -> the route to pick from
 Ensure = Callable[[Route, float | None], Route]
@@ -596,6 +710,7 @@ class Tries:
         "_caller",
         "_ep",
         "_give_up",
+        "_grant",
         "_replayable",
         "_seen",
         "_unreachable",
@@ -605,6 +720,7 @@ class Tries:
         "exclude",
         "key",
         "method",
+        "priority",
         "replied",
         "retries",
         "route",
@@ -621,8 +737,12 @@ class Tries:
         deadline: float | None,
         retries: bool,
         replayable: Callable[[], Awaitable[bool]] | None = None,
+        priority: int = 0,
     ):
         self._caller = caller
+        #: in the unit's queue, when it has ``max_inflight`` (higher first)
+        self.priority = priority
+        self._grant: Any = None
         self.route = route
         self.method = method
         self.key = key
@@ -655,7 +775,10 @@ class Tries:
         The steps as in :meth:`__exit__`, spelled out: this is the path of
         most routed calls, and a context manager costs two calls more."""
         while True:
-            ep = self._pick() or await self._next_async(ensure)
+            if self.route.policy.max_inflight and self._caller.acquire is not None:
+                ep = await self._slot_async()
+            else:
+                ep = self._pick() or await self._next_async(ensure)
             try:
                 reply = await attempt(ep)
             except BaseException as exc:
@@ -671,7 +794,10 @@ class Tries:
     ) -> AsyncIterator[T]:
         """A call's replies, from the try that got through."""
         while True:
-            ep = self._pick() or await self._next_async(ensure)
+            if self.route.policy.max_inflight and self._caller.acquire is not None:
+                ep = await self._slot_async()
+            else:
+                ep = self._pick() or await self._next_async(ensure)
             async with self:
                 async for reply in attempt(ep):
                     self.replied = True
@@ -681,7 +807,10 @@ class Tries:
     def run(self, attempt: Callable[[Endpoint], Iterable[T]], ensure: Ensure) -> Iterator[T]:
         """The same, blocking: a unary call's one reply is a one-item iterable."""
         while True:
-            ep = self._pick() or self._next(ensure)
+            if self.route.policy.max_inflight and self._caller.acquire_sync is not None:
+                ep = self._slot()
+            else:
+                ep = self._pick() or self._next(ensure)
             with self:
                 for reply in attempt(ep):
                     self.replied = True
@@ -706,6 +835,54 @@ class Tries:
         self._ep = ep
         self.replied = False
         return ep
+
+    async def _slot_async(self) -> Endpoint:
+        """A slot from the kernel (waiting in the unit's queue), begun."""
+        acquire = self._caller.acquire
+        assert acquire is not None
+        try:
+            ep, grant = await acquire(
+                self.route, self.key, self.exclude, self.priority, self.left()
+            )
+        except HsuError as exc:
+            raise self._slot_error(exc) from None
+        return self._granted(ep, grant)
+
+    def _slot(self) -> Endpoint:
+        """The same, blocking."""
+        acquire = self._caller.acquire_sync
+        assert acquire is not None
+        try:
+            ep, grant = acquire(self.route, self.key, self.exclude, self.priority, self.left())
+        except HsuError as exc:
+            raise self._slot_error(exc) from None
+        return self._granted(ep, grant)
+
+    def _slot_error(self, exc: HsuError) -> BaseException:
+        return (self._caller.error or rpc_error)(slot_error_code(exc), f"hsu: {exc}")
+
+    def _granted(self, ep: Endpoint, grant: Any) -> Endpoint:
+        route = self.route
+        caller = self._caller
+        with caller.lock:
+            known = route.endpoints.get(ep.instance_id)
+            if known is not None and known.address == ep.address:
+                ep = known  # the caller's own (its channel, its breaker)
+            self._breaker = route.begin(ep)
+        self._grant = grant
+        if caller.began is not None:
+            caller.began(ep)
+        self._ep = ep
+        self.replied = False
+        return ep
+
+    def _give_back(self) -> None:
+        grant = self._grant
+        if grant is not None:
+            self._grant = None
+            release = self._caller.release
+            if release is not None:
+                release(grant)
 
     def _wait_for(self) -> float:
         """How long to wait for the route to change before picking again;
@@ -790,6 +967,8 @@ class Tries:
         caller = self._caller
         with caller.lock:
             self.route.end(ep, True, self._breaker)
+        if self._grant is not None:
+            self._give_back()
         if caller.ended is not None:
             caller.ended(ep)
 
@@ -826,6 +1005,8 @@ class Tries:
                 unreachable = math.inf if caller.watch is not None else time.monotonic() + EJECT_FOR
         with caller.lock:
             ejected = self.route.end(ep, not failed, self._breaker, unreachable)
+        if self._grant is not None:
+            self._give_back()
         if caller.ended is not None:
             caller.ended(ep)
         if ejected and caller.watch is not None:
@@ -957,7 +1138,22 @@ class RoutedMethod:
                     key = v if isinstance(v, str) else bytes(v).decode("latin-1")
                     break
         retries = self._kind in RETRIED
-        return Tries(self._caller, route, self._method, key, deadline=deadline, retries=retries)
+        priority = 0
+        if metadata and route.policy.max_inflight:
+            try:
+                priority = priority_of(metadata)
+            except HsuError as exc:
+                error = self._caller.error or rpc_error
+                raise error(grpc.StatusCode.INVALID_ARGUMENT, f"hsu: {exc}") from None
+        return Tries(
+            self._caller,
+            route,
+            self._method,
+            key,
+            deadline=deadline,
+            retries=retries,
+            priority=priority,
+        )
 
     def _callable(self, address: str) -> Any:
         channel = self._pool.channel(address)

@@ -23,6 +23,7 @@ call objects' extras (``with_call``, ``future``) are not offered.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -116,7 +117,16 @@ class SyncRoutedChannel:
             connected=lambda ep: connected(self._channels.get(ep.address)),
             watch=self._watch_ejected,
             wait=self._wait,
+            acquire_sync=self._acquire,
+            release=self._release,
+            error=NoInstance,
         )
+        #: the Slots stream (units with max_inflight): requests to send, and
+        #: the replies awaited, by request id
+        self._slot_lock = threading.Lock()
+        self._slot_requests: queue.SimpleQueue[Any] | None = None
+        self._slot_waits: dict[int, list[Any]] = {}
+        self._slot_ids = 0
         self._kernel_channel = tls_channel(kernel, tls, CHANNEL_OPTIONS)
         self._channels: dict[str, grpc.Channel] = {}
         self._routes: dict[str, Route] = {}
@@ -149,6 +159,10 @@ class SyncRoutedChannel:
 
     def close(self) -> None:
         self._closed = True
+        with self._slot_lock:
+            if self._slot_requests is not None:
+                self._slot_requests.put(None)  # ends the Slots stream
+                self._slot_requests = None
         for stream in self._watches:
             stream.cancel()
         with self._lock:
@@ -280,6 +294,110 @@ class SyncRoutedChannel:
 
         ch.subscribe(changed, try_to_connect=True)
 
+    def kernel_stub(self) -> tuple[Any, Any]:
+        """The Kernel API's stub this channel uses, and its credential
+        metadata (for :func:`hsu.lease_sync`)."""
+        from hsu.kernel.v1 import kernel_pb2_grpc
+
+        return kernel_pb2_grpc.KernelStub(self._kernel_channel), self._metadata
+
+    # -- slots (units with max_inflight) ----------------------------------------
+
+    def _slots(self) -> queue.SimpleQueue[Any]:
+        """The Slots stream's request queue (called under ``_slot_lock``):
+        opened on first use, and again after it broke (the kernel gave back
+        what the old one held)."""
+        if self._slot_requests is not None:
+            return self._slot_requests
+        from hsu.kernel.v1 import kernel_pb2_grpc
+
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._slot_requests = requests
+
+        def send() -> Iterator[Any]:
+            from hsu.kernel.v1 import kernel_pb2
+
+            # every request ready now goes in one message
+            while (req := requests.get()) is not None:
+                batch = [req]
+                while True:
+                    try:
+                        more = requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        yield kernel_pb2.SlotRequests(requests=batch)
+                        return
+                    batch.append(more)
+                yield kernel_pb2.SlotRequests(requests=batch)
+
+        stub = kernel_pb2_grpc.KernelStub(self._kernel_channel)
+        replies = stub.Slots(send(), metadata=self._metadata)
+        threading.Thread(
+            target=self._read_slots, args=(requests, replies), name="hsu-slots", daemon=True
+        ).start()
+        return requests
+
+    def _read_slots(self, requests: queue.SimpleQueue[Any], replies: Any) -> None:
+        error = "the kernel's Slots stream ended"
+        try:
+            for batch in replies:
+                for reply in batch.replies:
+                    with self._slot_lock:
+                        wait = self._slot_waits.pop(reply.id, None)
+                    if wait is not None:
+                        wait[1] = reply
+                        wait[0].set()
+                    elif reply.code == 0:
+                        requests.put(_release_pb(reply.id))  # the caller gave up: give it back
+        except grpc.RpcError as exc:
+            error = f"the kernel's Slots stream broke: {exc.code().name} {exc.details()}"
+        finally:
+            with self._slot_lock:
+                if self._slot_requests is requests:
+                    self._slot_requests = None
+                waits, self._slot_waits = self._slot_waits, {}
+            requests.put(None)
+            for wait in waits.values():
+                wait[1] = HsuError(error)
+                wait[0].set()
+
+    def _acquire(
+        self, route: Route, key: str | None, exclude: str, priority: int, timeout: float | None
+    ) -> tuple[Endpoint, Any]:
+        from hsu.client.route import slot_reply
+        from hsu.kernel.v1 import kernel_pb2
+
+        done = threading.Event()
+        wait: list[Any] = [done, None]
+        with self._slot_lock:
+            requests = self._slots()
+            self._slot_ids += 1
+            request_id = self._slot_ids
+            self._slot_waits[request_id] = wait
+        requests.put(
+            kernel_pb2.SlotRequest(
+                id=request_id,
+                interface=route.interface,
+                priority=priority,
+                timeout=timeout or 0.0,
+                exclude=[exclude] if exclude else [],
+                key=key or "",
+            )
+        )
+        done.wait()  # the kernel answers within the timeout it was given
+        reply = wait[1]
+        if isinstance(reply, BaseException):
+            raise reply
+        return slot_reply(reply), (requests, request_id)
+
+    def _release(self, grant: Any) -> None:
+        requests: queue.SimpleQueue[Any]
+        requests, request_id = grant
+        with self._slot_lock:
+            if requests is self._slot_requests:
+                requests.put(_release_pb(request_id))
+
     def ensure(self, route: Route, timeout: float | None) -> Route:
         """The route, once an instance was started on demand."""
         reply = self._resolve(route.interface, timeout)
@@ -288,6 +406,12 @@ class SyncRoutedChannel:
                 for msg in reply.endpoints:
                     route.put(endpoint_from_pb(msg))
         return route
+
+
+def _release_pb(request_id: int) -> Any:
+    from hsu.kernel.v1 import kernel_pb2
+
+    return kernel_pb2.SlotRequest(id=request_id, release=True)
 
 
 def _no_instance(route: Route) -> BaseException:

@@ -567,6 +567,12 @@ class DataPlane:
         routed: set[str] = set(NEVER_PROXIED) | set(KERNEL_SERVES)
         locations: list[str] = []
         for n, (unit, spec) in enumerate(sorted(self.kernel.deployment.units.items())):
+            if spec.routing.max_inflight is not None:
+                # through the kernel's queue (docs/routing.md): nginx's
+                # max_conns turns a call over the limit away at once (502;
+                # its upstream ``queue`` is not in open-source nginx) and
+                # counts only its own calls, not hsu.connect's
+                continue
             members = sorted(
                 (
                     (e, self._interfaces(e))

@@ -51,6 +51,7 @@ from hsu.client.route import (
     Tries,
     cannot_take,
     connected,
+    priority_of,
     unavailable,
     until_connected,
 )
@@ -68,6 +69,8 @@ def hsu_kernel_configure(kernel: KernelAPI) -> None:
         kernel.register_plugin(Gateway(kernel), PLANE)
 
 
+#: seconds before its deadline a queued call gives up (see ``Gateway._acquire``)
+QUEUE_MARGIN = 0.05
 #: requests kept for a retry; a longer request stream is not retried
 REPLAY_MESSAGES = 64
 REPLAY_BYTES = 4 * 2**20
@@ -112,6 +115,8 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             on_retry=_retrying,
             connected=lambda ep: connected(self._channels.get(ep.address)),
             watch=self._watch_ejected,
+            acquire=self._acquire,
+            release=routes.release,
         )
 
     # -- as a plugin of its kernel ------------------------------------------------
@@ -246,6 +251,19 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             )
         raise AssertionError("unreachable")
 
+    async def _acquire(
+        self, route: Route, key: str | None, exclude: str, priority: int, timeout: float | None
+    ) -> tuple[Endpoint, Any]:
+        """A slot for a unit with ``max_inflight``, from the kernel's queue.
+
+        A call that waits gives up a little before its deadline, so that its
+        client gets the queue's answer (unit, limit, depth), not its own
+        timer's bare DEADLINE_EXCEEDED."""
+        if timeout is not None:
+            timeout = max(0.0, timeout - min(QUEUE_MARGIN, timeout / 10))
+        grant = await self._routes.acquire(route.interface, key, exclude, priority, timeout)
+        return grant.endpoint, grant
+
     def _call_key(self, route: Route, context: Any) -> tuple[tuple[tuple[str, Any], ...], Any]:
         # what a caller says of its identity is dropped: the kernel's own
         # (signed) is added per instance; the credential is the kernel's alone
@@ -278,8 +296,21 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         metadata, key = self._call_key(route, context)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
+        priority = 0
+        if route.policy.max_inflight:
+            try:
+                priority = priority_of(metadata)
+            except HsuError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"hsu gateway: {exc}")
         tries = Tries(
-            self._caller, route, method, key, deadline=deadline, retries=True, replayable=replayable
+            self._caller,
+            route,
+            method,
+            key,
+            deadline=deadline,
+            retries=True,
+            replayable=replayable,
+            priority=priority,
         )
         return tries, metadata
 

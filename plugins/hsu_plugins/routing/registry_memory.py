@@ -39,6 +39,7 @@ from hsu import validate
 from hsu.errors import InvalidValue, OverLimit
 from hsu.ports import (
     DRAINING,
+    LEASED,
     SERVING,
     UNHEALTHY,
     Endpoint,
@@ -57,7 +58,7 @@ WATCH_QUEUE = 1_000
 MAX_ENDPOINTS = 16_384
 #: interfaces one endpoint may serve
 MAX_INTERFACES = 64
-STATES = frozenset({SERVING, DRAINING, UNHEALTHY})
+STATES = frozenset({SERVING, DRAINING, UNHEALTHY, LEASED})
 
 PUT = "put"
 DELETE = "delete"

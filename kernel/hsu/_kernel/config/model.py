@@ -154,6 +154,23 @@ class Autoscale:
 
 
 @attrs.frozen
+class Queue:
+    """The unit's queue of calls waiting for a slot (``routing.max_inflight``).
+
+    Calls wait by priority (metadata ``hsu-priority``, higher first), FIFO
+    within one; a call that has waited ``max_age`` seconds goes before any
+    younger one, whatever its priority, so the lowest is never starved.
+    """
+
+    #: calls (and leases) waiting at most; one more is RESOURCE_EXHAUSTED
+    max: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
+    #: seconds after which a waiting call goes first, whatever its priority
+    max_age: float = attrs.field(default=10.0, validator=_gt0)
+    #: seconds a call without a deadline waits at most
+    timeout: float = attrs.field(default=30.0, validator=_gt0)
+
+
+@attrs.frozen
 class Routing:
     """How calls to a unit's interfaces are routed (``docs/routing.md``)."""
 
@@ -179,6 +196,11 @@ class Routing:
     #: seconds a stopping instance gets to finish its calls in flight
     drain_timeout: Seconds = attrs.field(default=10.0, validator=_ge0)
     autoscale: Autoscale = attrs.field(factory=Autoscale)
+    #: calls at a time on one instance (none: unlimited); the rest queue
+    max_inflight: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
+    queue: Queue = attrs.field(factory=Queue)
 
 
 def _signal_name(value: str) -> str:

@@ -876,7 +876,14 @@ class UnitSupervisor:
             if len(wanted) <= self.spec.min_instances:
                 continue
             now = time.monotonic()
-            idle = [i for i in wanted if i.state is S.READY and now - i.last_used > timeout]
+            leased = self.kernel.routing.leased
+            idle = [
+                i
+                for i in wanted
+                if i.state is S.READY
+                and now - i.last_used > timeout
+                and i.instance_id not in leased
+            ]
             if idle:
                 victim = min(idle, key=lambda i: i.last_used)
                 self.log.info(

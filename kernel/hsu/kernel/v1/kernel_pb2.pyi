@@ -746,6 +746,7 @@ class RoutingPolicy(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     RETRY_BUDGET_FIELD_NUMBER: _builtins.int
     RETRY_MIN_PER_SECOND_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_FIELD_NUMBER: _builtins.int
     unit: _builtins.str
     balancer: _builtins.str
     """A balancer plugin's name and its options (a JSON object)."""
@@ -758,6 +759,10 @@ class RoutingPolicy(_message.Message):
     retry_budget: _builtins.float
     """Retries allowed, as a share of calls (plus `retry_min_per_second`)."""
     retry_min_per_second: _builtins.float
+    max_inflight: _builtins.int
+    """Calls at a time on one instance (0: unlimited); when set, callers take
+    slots from the kernel (Slots).
+    """
     @_builtins.property
     def idempotent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Methods retried on UNAVAILABLE ("Echo", or "*" for all)."""
@@ -775,10 +780,11 @@ class RoutingPolicy(_message.Message):
         max_attempts: _builtins.int = ...,
         retry_budget: _builtins.float = ...,
         retry_min_per_second: _builtins.float = ...,
+        max_inflight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balancer", b"balancer", "balancer_options_json", b"balancer_options_json", "breaker", b"breaker", "breaker_options_json", b"breaker_options_json", "hash_key", b"hash_key", "idempotent", b"idempotent", "max_attempts", b"max_attempts", "retry_budget", b"retry_budget", "retry_min_per_second", b"retry_min_per_second", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balancer", b"balancer", "balancer_options_json", b"balancer_options_json", "breaker", b"breaker", "breaker_options_json", b"breaker_options_json", "hash_key", b"hash_key", "idempotent", b"idempotent", "max_attempts", b"max_attempts", "max_inflight", b"max_inflight", "retry_budget", b"retry_budget", "retry_min_per_second", b"retry_min_per_second", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -941,3 +947,232 @@ class PluginProvides(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PluginProvides: _TypeAlias = PluginProvides  # noqa: Y015
+
+@_typing.final
+class SlotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    EXCLUDE_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The caller's number for this request (a grant or a give-back)."""
+    interface: _builtins.str
+    """To ask for a slot: the interface, and"""
+    priority: _builtins.int
+    """higher goes first (metadata `hsu-priority`);"""
+    timeout: _builtins.float
+    """seconds the caller waits at most (0: the kernel's default);"""
+    key: _builtins.str
+    """the call's hash key, for hashing balancers."""
+    release: _builtins.bool
+    """To give back the slot granted to request `id`."""
+    @_builtins.property
+    def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """instances not to use (the caller could not reach them);"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        interface: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        timeout: _builtins.float = ...,
+        exclude: _abc.Iterable[_builtins.str] | None = ...,
+        key: _builtins.str = ...,
+        release: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude", b"exclude", "id", b"id", "interface", b"interface", "key", b"key", "priority", b"priority", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotRequest: _TypeAlias = SlotRequest  # noqa: Y015
+
+@_typing.final
+class SlotReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    code: _builtins.int
+    """A gRPC status code (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
+    UNIMPLEMENTED, UNAVAILABLE) and why; 0 for a grant.
+    """
+    details: _builtins.str
+    @_builtins.property
+    def endpoint(self) -> Global___Endpoint:
+        """The instance whose slot is the caller's; unset with an error."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        endpoint: Global___Endpoint | None = ...,
+        code: _builtins.int = ...,
+        details: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "endpoint", b"endpoint", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotReply: _TypeAlias = SlotReply  # noqa: Y015
+
+@_typing.final
+class SlotRequests(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SlotRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotRequests: _TypeAlias = SlotRequests  # noqa: Y015
+
+@_typing.final
+class SlotReplies(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def replies(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotReply]: ...
+    def __init__(
+        self,
+        *,
+        replies: _abc.Iterable[Global___SlotReply] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replies", b"replies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotReplies: _TypeAlias = SlotReplies  # noqa: Y015
+
+@_typing.final
+class LeaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    interface: _builtins.str
+    ttl: _builtins.float
+    """Seconds the lease lasts without a Renew."""
+    timeout: _builtins.float
+    """Seconds to wait for an instance at most (0: the kernel's default)."""
+    priority: _builtins.int
+    def __init__(
+        self,
+        *,
+        interface: _builtins.str = ...,
+        ttl: _builtins.float = ...,
+        timeout: _builtins.float = ...,
+        priority: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interface", b"interface", "priority", b"priority", "timeout", b"timeout", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseRequest: _TypeAlias = LeaseRequest  # noqa: Y015
+
+@_typing.final
+class LeaseReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    ttl: _builtins.float
+    @_builtins.property
+    def endpoint(self) -> Global___Endpoint: ...
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        endpoint: Global___Endpoint | None = ...,
+        ttl: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "lease_id", b"lease_id", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseReply: _TypeAlias = LeaseReply  # noqa: Y015
+
+@_typing.final
+class RenewRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewRequest: _TypeAlias = RenewRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRequest: _TypeAlias = ReleaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseReply: _TypeAlias = ReleaseReply  # noqa: Y015

@@ -104,6 +104,26 @@ class KernelStub:
                 request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReport.SerializeToString,
                 response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReportAck.FromString,
                 _registered_method=True)
+        self.Slots = channel.stream_stream(
+                '/hsu.kernel.v1.Kernel/Slots',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotRequests.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotReplies.FromString,
+                _registered_method=True)
+        self.Lease = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/Lease',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LeaseReply.FromString,
+                _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/Renew',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.RenewRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LeaseReply.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/Release',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseReply.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -209,6 +229,40 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Slots(self, request_iterator, context):
+        """Slots on instances of units with `routing.max_inflight`: the caller asks
+        for one per call and gives it back when the call ends; calls that find
+        every instance full wait in the unit's queue (by priority, FIFO within
+        one, within their deadline). Slots held by a stream that ends go back.
+        Requests and replies travel in batches (all that are ready at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lease(self, request, context):
+        """Reserve one instance of an interface for the caller's exclusive use
+        until Release, or until `ttl` seconds pass without a Renew; waits in
+        the unit's queue like a call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """Extend a lease by its ttl. NOT_FOUND once it ended, with why (expired,
+        released, its instance died).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +335,26 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.ReportLoad,
                     request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReport.FromString,
                     response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReportAck.SerializeToString,
+            ),
+            'Slots': grpc.stream_stream_rpc_method_handler(
+                    servicer.Slots,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotRequests.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotReplies.SerializeToString,
+            ),
+            'Lease': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lease,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LeaseRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LeaseReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.RenewRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.LeaseReply.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -661,6 +735,114 @@ class Kernel:
             '/hsu.kernel.v1.Kernel/ReportLoad',
             hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReport.SerializeToString,
             hsu_dot_kernel_dot_v1_dot_kernel__pb2.LoadReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Slots(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hsu.kernel.v1.Kernel/Slots',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotRequests.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.SlotReplies.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/Lease',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.LeaseRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.LeaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/Renew',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.RenewRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.LeaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/Release',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,

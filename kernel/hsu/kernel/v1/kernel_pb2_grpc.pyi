@@ -65,6 +65,23 @@ class KernelStub:
     """An HSU's calls in flight, sent when they change (at most every
     `interval`); drives autoscaling and draining.
     """
+    Slots: _grpc.StreamStreamMultiCallable[_kernel_pb2.SlotRequests, _kernel_pb2.SlotReplies]
+    """Slots on instances of units with `routing.max_inflight`: the caller asks
+    for one per call and gives it back when the call ends; calls that find
+    every instance full wait in the unit's queue (by priority, FIFO within
+    one, within their deadline). Slots held by a stream that ends go back.
+    Requests and replies travel in batches (all that are ready at once).
+    """
+    Lease: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.LeaseRequest, _kernel_pb2.LeaseReply]
+    """Reserve one instance of an interface for the caller's exclusive use
+    until Release, or until `ttl` seconds pass without a Renew; waits in
+    the unit's queue like a call.
+    """
+    Renew: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.RenewRequest, _kernel_pb2.LeaseReply]
+    """Extend a lease by its ttl. NOT_FOUND once it ended, with why (expired,
+    released, its instance died).
+    """
+    Release: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ReleaseRequest, _kernel_pb2.ReleaseReply]
 
 @_typing.type_check_only
 class KernelAsyncStub(KernelStub):
@@ -103,6 +120,23 @@ class KernelAsyncStub(KernelStub):
     """An HSU's calls in flight, sent when they change (at most every
     `interval`); drives autoscaling and draining.
     """
+    Slots: _aio.StreamStreamMultiCallable[_kernel_pb2.SlotRequests, _kernel_pb2.SlotReplies]  # type: ignore[assignment]
+    """Slots on instances of units with `routing.max_inflight`: the caller asks
+    for one per call and gives it back when the call ends; calls that find
+    every instance full wait in the unit's queue (by priority, FIFO within
+    one, within their deadline). Slots held by a stream that ends go back.
+    Requests and replies travel in batches (all that are ready at once).
+    """
+    Lease: _aio.UnaryUnaryMultiCallable[_kernel_pb2.LeaseRequest, _kernel_pb2.LeaseReply]  # type: ignore[assignment]
+    """Reserve one instance of an interface for the caller's exclusive use
+    until Release, or until `ttl` seconds pass without a Renew; waits in
+    the unit's queue like a call.
+    """
+    Renew: _aio.UnaryUnaryMultiCallable[_kernel_pb2.RenewRequest, _kernel_pb2.LeaseReply]  # type: ignore[assignment]
+    """Extend a lease by its ttl. NOT_FOUND once it ended, with why (expired,
+    released, its instance died).
+    """
+    Release: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ReleaseRequest, _kernel_pb2.ReleaseReply]  # type: ignore[assignment]
 
 class KernelServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -222,5 +256,46 @@ class KernelServicer(metaclass=_abc_1.ABCMeta):
         """An HSU's calls in flight, sent when they change (at most every
         `interval`); drives autoscaling and draining.
         """
+
+    @_abc_1.abstractmethod
+    def Slots(
+        self,
+        request_iterator: _MaybeAsyncIterator[_kernel_pb2.SlotRequests],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_kernel_pb2.SlotReplies], _abc.AsyncIterator[_kernel_pb2.SlotReplies]]:
+        """Slots on instances of units with `routing.max_inflight`: the caller asks
+        for one per call and gives it back when the call ends; calls that find
+        every instance full wait in the unit's queue (by priority, FIFO within
+        one, within their deadline). Slots held by a stream that ends go back.
+        Requests and replies travel in batches (all that are ready at once).
+        """
+
+    @_abc_1.abstractmethod
+    def Lease(
+        self,
+        request: _kernel_pb2.LeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.LeaseReply, _abc.Awaitable[_kernel_pb2.LeaseReply]]:
+        """Reserve one instance of an interface for the caller's exclusive use
+        until Release, or until `ttl` seconds pass without a Renew; waits in
+        the unit's queue like a call.
+        """
+
+    @_abc_1.abstractmethod
+    def Renew(
+        self,
+        request: _kernel_pb2.RenewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.LeaseReply, _abc.Awaitable[_kernel_pb2.LeaseReply]]:
+        """Extend a lease by its ttl. NOT_FOUND once it ended, with why (expired,
+        released, its instance died).
+        """
+
+    @_abc_1.abstractmethod
+    def Release(
+        self,
+        request: _kernel_pb2.ReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.ReleaseReply, _abc.Awaitable[_kernel_pb2.ReleaseReply]]: ...
 
 def add_KernelServicer_to_server(servicer: KernelServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
