@@ -79,3 +79,15 @@ class Unauthenticated(HsuError):
 class PermissionDenied(HsuError):
     """The caller is known but may not make this call (gRPC
     ``PERMISSION_DENIED``); the message names the method and a missing role."""
+
+
+class StorageError(HsuError):
+    """A storage (:class:`hsu.ports.Storage`) could not do what was asked: a
+    full disk, a corrupt file, a refused write; the message names the store
+    (its file or address) and nothing was written."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage's server cannot be reached (gRPC ``UNAVAILABLE``); the
+    message names its address. Nothing asked for in the failed call happened,
+    unless the error says it may have."""

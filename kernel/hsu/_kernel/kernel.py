@@ -1116,6 +1116,7 @@ class Kernel:
             ks: KernelSettings = settings["kernel"]
             for key in (
                 "address", "control", "insecure", "state_dir", "reattach", "registry", "gateway",
+                "storage",
                 "tls",
             ):  # fmt: skip
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
