@@ -4,9 +4,11 @@ fan-out of changes to watchers that every storage in this repository uses.
 
 A third party's storage uses the same pieces, so every storage refuses the
 same keys and values with the same messages (docs/storage.md). The generated
-code of the ``hsu.storage.v1.Storage`` service is :mod:`hsu.storage.v1`.
+code of the ``hsu.storage.v1.Storage`` service is :mod:`hsu.storage.v1`;
+:class:`StorageClient` calls it (an HSU's is ``worker.storage``).
 """
 
+from hsu.storage._client import StorageClient
 from hsu.storage._kit import (
     MAX_TTL,
     WatchHub,
@@ -19,6 +21,7 @@ from hsu.storage._kit import (
 
 __all__ = [
     "MAX_TTL",
+    "StorageClient",
     "WatchHub",
     "check_key",
     "check_namespace",
