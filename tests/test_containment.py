@@ -295,7 +295,7 @@ def test_under_umask_000_the_state_dir_state_file_and_logs_are_private(tmp_path)
         wait_until(
             lambda: (
                 proc.poll() is not None
-                or ((state / "state.json").exists() and any(logs.glob("*.stdout.log")))
+                or ((state / "storage.sqlite3").exists() and any(logs.glob("*.stdout.log")))
             ),
             30,
         )
@@ -303,11 +303,12 @@ def test_under_umask_000_the_state_dir_state_file_and_logs_are_private(tmp_path)
         wait_until(lambda: "hi" in next(logs.glob("*.stdout.log")).read_text())
         modes = {
             str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
-            for p in [state, state / "state.json", state / "logs", logs, *logs.iterdir()]
+            for p in [state, *state.glob("storage.sqlite3*"), state / "logs", logs, *logs.iterdir()]
         }
         expected = {name: 0o700 if (tmp_path / name).is_dir() else 0o600 for name in modes}
         assert modes == expected
-        assert len(modes) == 6  # the two log files are there
+        # the two log files, and the storage with its WAL and shared memory
+        assert len(modes) == 8, modes
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

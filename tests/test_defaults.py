@@ -83,8 +83,9 @@ def test_the_built_in_defaults_are_the_hsu_distributions_entry_points() -> None:
 def test_each_default_plugin_that_provides_something_is_covered_here() -> None:
     # the auth plugins (docs/auth.md): a deployment names them, there is no default
     auth = {"auth", "token", "rbac", "mtls", "peercred"}
-    # systemd acts only under a service manager ($NOTIFY_SOCKET; docs/systemd.md)
-    others = {"file", "env", "overrides", "gateway", "systemd"}
+    # systemd acts only under a service manager ($NOTIFY_SOCKET; docs/systemd.md);
+    # the kernel runs without a storage (it then keeps no instance records)
+    others = {"file", "env", "overrides", "gateway", "systemd", "sqlite"}
     assert set(NEEDS) | others | auth == set(_builtin_defaults())
 
 
@@ -97,7 +98,7 @@ def test_a_deployment_that_needs_a_blocked_default_gets_one_line(blocked: str) -
 
 
 @pytest.mark.parametrize(
-    "blocked", [*sorted(set(NEEDS) - {"subprocess"}), "env", "overrides", "gateway"]
+    "blocked", [*sorted(set(NEEDS) - {"subprocess"}), "env", "overrides", "gateway", "sqlite"]
 )
 async def test_a_deployment_that_does_not_need_a_blocked_default_runs(
     blocked: str, tmp_path: Path
@@ -197,7 +198,8 @@ def test_hsu_plugins_lists_what_each_plugin_provides() -> None:
     provides = {p["name"]: p["provides"] for p in json.loads(out.stdout)}
     assert provides["subprocess"] == {"launcher": ["subprocess*"]}
     assert provides["registry_memory"] == {"registry": ["memory*"]}
+    assert provides["sqlite"] == {"settings section": ["sqlite"], "storage": ["sqlite*"]}
     assert "round_robin*" in provides["balancers"]["balancer"]
-    assert provides["kernel"] == {"settings section": ["kernel"]}
+    assert provides["kernel"] == {"settings section": ["kernel", "storage"]}
     text = run_hsu("plugins").stdout
     assert "launcher: subprocess*" in text

@@ -26,6 +26,7 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
         ("probes", "default", "active", "hsu"),
         ("rbac", "default", "active", "hsu"),
         ("registry_memory", "default", "active", "hsu"),
+        ("sqlite", "default", "active", "hsu"),
         ("subprocess", "default", "active", "hsu"),
         ("systemd", "default", "active", "hsu"),
         ("token", "default", "active", "hsu"),

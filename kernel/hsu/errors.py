@@ -103,3 +103,15 @@ class QueueTimeout(HsuError):
 
 class LeaseEnded(HsuError):
     """A lease is over (expired, released, or its instance died)."""
+
+
+class StorageError(HsuError):
+    """A storage (:class:`hsu.ports.Storage`) could not do what was asked: a
+    full disk, a corrupt file, a refused write; the message names the store
+    (its file or address) and nothing was written."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage's server cannot be reached (gRPC ``UNAVAILABLE``); the
+    message names its address. Nothing asked for in the failed call happened,
+    unless the error says it may have."""

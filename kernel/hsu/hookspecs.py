@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         Register,
         Registry,
         RpcHandler,
+        Storage,
     )
 
 PROJECT = "hsu"
@@ -203,6 +204,28 @@ def hsu_register_authorizers(
 
     Called once for each plugin, when it is registered; the factory as for
     :func:`hsu_register_authenticators`.
+    """
+
+
+@_hookspec
+def hsu_register_storages(
+    register: Register[Callable[[KernelAPI], Storage]],
+) -> None:
+    """Register a key-value storage, under a name the deployment refers to.
+
+    :param register: ``register(name, factory)``; ``factory(kernel)`` returns
+        a :class:`hsu.ports.Storage` (reading its own settings section with
+        ``kernel.settings(NAME)``, and ``kernel.settings("storage")`` for the
+        value size cap). The deployment picks one with ``kernel.storage:
+        NAME`` (default: the one registered with ``default=True``, built in
+        ``sqlite``). The kernel keeps its instance records there and serves it
+        to HSUs as ``hsu.storage.v1.Storage`` (docs/storage.md). A clashing
+        name is an error naming both plugins.
+
+    Called once for each plugin, when it is registered; the factory is called
+    once, when the kernel starts (a factory that raises
+    :class:`hsu.errors.HsuError` is logged and the kernel runs without
+    storage: no re-attach, and the Storage service answers UNAVAILABLE).
     """
 
 

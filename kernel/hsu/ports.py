@@ -9,6 +9,7 @@ the concrete class, which stays private (``hsu._kernel``).
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "InstanceView",
     "KernelAPI",
     "KernelRoutes",
+    "KeyValue",
     "LaunchSpec",
     "Launcher",
     "Layer",
@@ -60,6 +62,10 @@ __all__ = [
     "RegistryEvent",
     "RpcHandler",
     "SourceContext",
+    "Storage",
+    "StorageCompacted",
+    "StorageEvent",
+    "StorageSettings",
     "UnitSpec",
 ]
 
@@ -880,4 +886,173 @@ class Factory(Protocol):
     def create(self, options: Any) -> Any:
         """A new balancer (or breaker) configured by ``options``, an instance
         of :attr:`options`."""
+        ...
+
+
+# -- storage --------------------------------------------------------------------
+#
+# A key-value store with namespaces, shaped like etcd's KV API so an etcd
+# plugin is a thin adapter: one revision counter for the whole store, a
+# key's create and mod revisions and version, compare-and-set on a key's mod
+# revision (etcd's ``Txn`` with a ``mod_revision`` compare), TTLs (a lease
+# per key), and watch of a prefix from a revision. The kernel keeps its own
+# records there and serves it to HSUs (``hsu.storage.v1.Storage``). See
+# docs/storage.md.
+
+#: the largest key a storage must accept, in UTF-8 bytes
+MAX_KEY_BYTES = 1024
+#: the longest namespace, in characters (``[A-Za-z0-9_.-]``)
+MAX_NAMESPACE = 128
+
+
+@attrs.frozen
+class KeyValue:
+    """One key as a storage holds it (etcd's ``mvccpb.KeyValue``)."""
+
+    key: str
+    value: bytes = attrs.field(repr=False)
+    #: the store's revision when the key was created (since its last delete)
+    create_revision: int
+    #: the store's revision of the key's last change: what compare-and-set compares
+    mod_revision: int
+    #: puts since the key was created (1 after the first)
+    version: int
+    #: when it expires (``time.time()`` seconds), or 0 when it does not
+    expires_at: float = 0.0
+
+
+@attrs.frozen
+class StorageEvent:
+    """One change under a watched prefix."""
+
+    #: ``"put"`` or ``"delete"`` (a delete, or a TTL that ran out)
+    kind: str
+    #: the key after a put; for a delete, the key with an empty value and the
+    #: delete's revision as its ``mod_revision``
+    kv: KeyValue
+    #: the store's revision of this change; revisions only grow
+    revision: int
+
+
+class StorageCompacted(Exception):
+    """A watcher asked for changes older than the storage still keeps.
+
+    The watcher lists the prefix again (:meth:`Storage.list` gives the
+    revision to watch from) and watches from there, as etcd's clients do.
+    """
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        #: the oldest revision the storage can still watch from
+        self.compact_revision = compact_revision
+
+
+def _namespaces(instance: Any, attribute: Any, value: Mapping[str, str]) -> None:
+    for unit, ns in value.items():
+        if not NAMESPACE.fullmatch(ns) or len(ns) > MAX_NAMESPACE:
+            raise ValueError(
+                f"unit {unit!r}: namespace {ns!r} is not [A-Za-z0-9_.-]{{1,{MAX_NAMESPACE}}}"
+            )
+        if ns.startswith(RESERVED_NAMESPACE_PREFIX):
+            raise ValueError(f"unit {unit!r}: namespace {ns!r}: 'hsu.' is the kernel's own")
+
+
+#: what a namespace may be
+NAMESPACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: namespaces the kernel keeps for itself (``hsu.kernel``: its instance records)
+RESERVED_NAMESPACE_PREFIX = "hsu."
+
+
+@attrs.frozen
+class StorageSettings:
+    """The deployment's ``storage`` section (docs/storage.md); the plugin
+    is chosen by ``kernel.storage``."""
+
+    #: the largest value a put accepts, in bytes (a larger one is INVALID_ARGUMENT)
+    max_value_bytes: int = attrs.field(
+        default=1024 * 1024,
+        validator=[attrs.validators.ge(1), attrs.validators.le(64 * 1024 * 1024)],
+    )
+    #: a unit's namespace when it is not the unit's name: two units given the
+    #: same one share it (``{orders: shop, billing: shop}``)
+    namespaces: Mapping[str, str] = attrs.field(factory=dict, validator=_namespaces)
+
+    def namespace_of(self, unit: str) -> str:
+        return self.namespaces.get(unit, unit)
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A durable key-value store, per namespace (docs/storage.md).
+
+    ``namespace`` isolates keys: one per unit, ``hsu.kernel`` for the
+    kernel's own records. Keys are strings of at most :data:`MAX_KEY_BYTES`;
+    values are bytes of at most :attr:`max_value_bytes`, and a larger one
+    raises :class:`hsu.errors.InvalidValue` before anything is written. A
+    method that returns has made its change durable (on disk, or acknowledged
+    by the server); one that raises :class:`hsu.errors.StorageError` (or
+    :class:`hsu.errors.StorageUnavailable`) made none. Revisions are the
+    store's: one counter that every change moves on.
+    """
+
+    @property
+    def max_value_bytes(self) -> int:
+        """The largest value a put accepts."""
+        ...
+
+    @property
+    def describe(self) -> str:
+        """Where it keeps its data, for messages: a file, ``redis://host:port``."""
+        ...
+
+    async def get(self, namespace: str, key: str) -> KeyValue | None:
+        """The key, or None when it is not there (or its TTL ran out)."""
+        ...
+
+    async def put(
+        self, namespace: str, key: str, value: bytes, *, ttl: float | None = None
+    ) -> KeyValue:
+        """Create or replace the key; with ``ttl`` (seconds) it is deleted
+        that long after this put (another put sets a new TTL, or none).
+        Returns the key as stored (its new ``mod_revision``)."""
+        ...
+
+    async def delete(self, namespace: str, key: str) -> int:
+        """Remove the key; the delete's revision, or 0 when it was not there."""
+        ...
+
+    async def list(
+        self, namespace: str, prefix: str = "", *, limit: int = 0
+    ) -> tuple[list[KeyValue], int]:
+        """The keys that start with ``prefix``, in key order (at most
+        ``limit`` of them, 0: all), and the store's revision they are as of."""
+        ...
+
+    async def compare_and_set(
+        self,
+        namespace: str,
+        key: str,
+        value: bytes | None,
+        revision: int,
+        *,
+        ttl: float | None = None,
+    ) -> tuple[bool, KeyValue | None]:
+        """Put ``value`` (or, when it is None, delete) only if the key's
+        ``mod_revision`` is ``revision`` now; ``revision`` 0 means "only if the
+        key does not exist". Returns whether it was done, and the key as it is
+        afterwards (None when it does not exist): on a refusal, the current
+        one, so the caller can retry against it."""
+        ...
+
+    def watch(
+        self, namespace: str, prefix: str = "", *, after: int = 0
+    ) -> AsyncIterator[StorageEvent]:
+        """Every change to keys under ``prefix`` with a revision above
+        ``after``, in revision order, as they happen, until the caller stops
+        iterating (``after`` 0: from now on). Raises :class:`StorageCompacted`
+        when ``after`` is older than the storage keeps."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the storage holds (connections, threads). Idempotent."""
         ...

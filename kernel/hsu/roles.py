@@ -14,12 +14,14 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 
-__all__ = ["CORE", "KERNEL", "ROLES", "RoleTable"]
+__all__ = ["CORE", "KERNEL", "ROLES", "STORAGE", "RoleTable"]
 
 #: the Kernel API's methods start with this (without the leading slash)
 KERNEL = "hsu.kernel.v1.Kernel/"
 #: the kernel's (and every HSU's) Core
 CORE = "hsu.core.v1.Core/"
+#: the Storage service's methods' prefix
+STORAGE = "hsu.storage.v1.Storage/"
 
 #: the shipped roles: name -> method globs
 ROLES: Mapping[str, tuple[str, ...]] = {
@@ -33,6 +35,8 @@ ROLES: Mapping[str, tuple[str, ...]] = {
         KERNEL + m for m in ("Resolve", "WatchEndpoints", "Slots", "Lease", "Renew", "Release")
     ),
     "admin": (CORE + "Shutdown",),
+    # a namespace's keys (docs/storage.md); an HSU needs none for its own
+    "storage": (STORAGE + "*",),
 }
 
 

@@ -26,6 +26,7 @@ ReportLoad, and accepts Core.Shutdown only from a caller that sends it back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import importlib
 import inspect
@@ -48,6 +49,7 @@ from hsu.core.v1 import core_pb2_grpc
 from hsu.errors import HsuError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 from hsu.ports import Identity
+from hsu.storage import StorageClient
 from hsu.tls import TLSConfig, aio_channel
 
 ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
@@ -287,6 +289,15 @@ class Worker:
             logger.info("standalone: serving {} on {}", ", ".join(self.interfaces), self.address)
         return self.address
 
+    @functools.cached_property
+    def storage(self) -> StorageClient:
+        """The kernel's storage, this unit's namespace (docs/storage.md):
+        ``await worker.storage.get("", "key")``; ``""`` is the unit's own
+        namespace, the only one an HSU may use."""
+        if not self.kernel_address:
+            raise HsuError("worker.storage: no kernel address (HSU_KERNEL_ADDRESS is not set)")
+        return StorageClient(self.kernel_address, token=self.token, tls=self.tls)
+
     async def _register(self) -> None:
         request = kernel_pb2.RegisterRequest(
             instance_id=self.instance_id,
@@ -319,6 +330,8 @@ class Worker:
         if self._reporter is not None:
             self._reporter.cancel()
             await asyncio.gather(self._reporter, return_exceptions=True)
+        if "storage" in self.__dict__:
+            await self.storage.close()
 
     # -- load reports ------------------------------------------------------------
 

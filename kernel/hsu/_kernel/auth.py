@@ -59,6 +59,9 @@ IDENTIFIED_PREFIXES = ("/grpc.reflection.",)
 INSTANCE_METHODS = frozenset(
     f"/hsu.kernel.v1.Kernel/{m}" for m in ("Register", "Deregister", "ReportLoad")
 )
+#: what an instance identity may call whatever the authorizers say: the
+#: storage servicer keeps it to its unit's namespace (hsu._kernel.storage_service)
+INSTANCE_PREFIXES = ("/hsu.storage.v1.Storage/",)
 #: roles the kernel's ``instance`` authenticator vouches for
 INSTANCE_ROLES = ("register", "route")
 #: at most this many cached authentications
@@ -344,7 +347,9 @@ class AuthGate:
         A decision is reused while the identity (the object the authentication
         cache hands out) and the chain (the settings in force) are the same:
         a gateway's calls of one connection pay one dictionary lookup."""
-        if identity.kind == "instance" and method in INSTANCE_METHODS:
+        if identity.kind == "instance" and (
+            method in INSTANCE_METHODS or method.startswith(INSTANCE_PREFIXES)
+        ):
             return
         if method.startswith(IDENTIFIED_PREFIXES):
             return
@@ -429,6 +434,11 @@ class AuthGate:
         unit = getattr(request, "unit", "")
         if isinstance(unit, str) and unit:
             return unit
+        namespace = getattr(request, "namespace", "")
+        if isinstance(namespace, str) and namespace:
+            from hsu._kernel.storage_service import namespace_unit
+
+            return namespace_unit(self.kernel, namespace)
         instance_id = getattr(request, "instance_id", "")
         if isinstance(instance_id, str) and instance_id:
             inst = self.kernel.instances.get(instance_id)

@@ -41,6 +41,7 @@ from hsu._kernel.supervision import resources, statefile
 from hsu._kernel.supervision.containment import Containment
 from hsu._kernel.supervision.instances import Instance, InstanceState, new_instance_id
 from hsu._kernel.supervision.logfiles import LogFiles
+from hsu._kernel.supervision.records import InstanceRecords
 from hsu._kernel.supervision.resources import Sampler
 from hsu._kernel.supervision.supervisor import (
     ENV_INSTANCE_ID,
@@ -62,7 +63,7 @@ from hsu.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from hsu.ports import Changes, DataPlane, Identity, ProbeTarget, Registry, SourceContext
+from hsu.ports import Changes, DataPlane, Identity, ProbeTarget, Registry, SourceContext, Storage
 from hsu.process import PidfdHandle
 
 if TYPE_CHECKING:
@@ -183,6 +184,9 @@ class Kernel:
         self._background: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self._save_pending = False
+        #: the storage plugin's store (``kernel.storage``), opened as the kernel starts
+        self.storage: Storage | None = None
+        self.records = InstanceRecords(None, state_dir, self.state_path)
         self._create_time = statefile.create_time(os.getpid()) or 0.0
         self._server: KernelServer | None = None
         self._stop_requested: asyncio.Event | None = None
@@ -314,6 +318,7 @@ class Kernel:
                 self.address or "(none: no plugin serves one)",
             )
             await self.routing.start()
+            self._open_storage()
             found = await self._reattach()
             self._background.append(asyncio.ensure_future(self.logfiles.run()))
             for name, spec in self.deployment.units.items():
@@ -323,6 +328,10 @@ class Kernel:
             for wave in start_order(self.deployment.units):
                 await asyncio.gather(*(self._bring_up(n) for n in wave))
             self.save_state()
+            # recorded (durably) before the kernel says SERVING: a kernel
+            # SIGKILLed once it served re-attaches to what it started
+            await asyncio.sleep(0)
+            await self.records.flush()
             if self.kernel_settings.watch_config:
                 self._background.append(asyncio.ensure_future(self._watch_config()))
             self.machine.move(KernelState.RUNNING)
@@ -398,8 +407,7 @@ class Kernel:
             await asyncio.gather(*self._background, return_exceptions=True)
             for inst in list(self.instances.values()):
                 self.logfiles.unfollow(inst.instance_id)
-            if self.state_path is not None:
-                statefile.remove(self.state_path)
+            await self.records.forget()
             control.unpublish(self._control_entry, self.control_address)
             self._control_entry = None
             # watchers and log followers get the end of their streams: a
@@ -413,6 +421,7 @@ class Kernel:
                 )
         finally:
             self.containment.close()
+            await self._close_storage()
             self.machine.move(final, reason if final is KernelState.FAILED else "")
             await self.plugins.call_each("hsu_kernel_stopped", stop_on_error=False, kernel=self)
             self._unregister_own_plugins()
@@ -683,20 +692,40 @@ class Kernel:
                     inst.token,
                 )
             )
-        try:
-            statefile.save(
-                self.state_path,
-                statefile.SavedState(
-                    os.getpid(), self._create_time, self.deployment.name, tuple(saved)
-                ),
+        self.records.save(
+            statefile.SavedState(os.getpid(), self._create_time, self.deployment.name, tuple(saved))
+        )
+
+    def _open_storage(self) -> None:
+        """The deployment's storage (``kernel.storage``, else the default one);
+        none when no plugin provides one or it cannot be made: the kernel runs,
+        keeping no records (logged)."""
+        name = self.kernel_settings.storage or self.plugins.default("storage")
+        if name is None:
+            logger.warning(
+                "no storage: {}; the kernel keeps no instance records (no re-attach after"
+                " a restart) and HSUs get no Storage service",
+                self.plugins.missing("storage"),
             )
-        except OSError as exc:
-            logger.error("cannot write the state file {}: {}", self.state_path, exc)
+            return
+        try:
+            self.storage = self.plugins.storage(name)(self)
+        except HsuError as exc:
+            logger.error("kernel.storage: {}: {}; running without storage", name, exc)
+            return
+        self.records = InstanceRecords(self.storage, self.state_dir, self.state_path)
+
+    async def _close_storage(self) -> None:
+        storage, self.storage = self.storage, None
+        if storage is not None:
+            try:
+                await storage.close()
+            except Exception as exc:
+                logger.error("closing the storage {}: {!r}", storage.describe, exc)
 
     async def _reattach(self) -> dict[str, list[statefile.SavedInstance]]:
         """Instances a kernel that died left running, by unit; end the orphans."""
-        assert self.state_path is not None
-        saved = statefile.load(self.state_path)
+        saved = await self.records.load()
         if saved is None:
             return {}
         if saved.kernel_pid != os.getpid() and statefile.is_running(
@@ -704,7 +733,7 @@ class Kernel:
         ):
             raise HsuError(
                 f"another kernel (pid {saved.kernel_pid}) runs deployment {saved.deployment!r}"
-                f" with state in {self.state_path.parent}; stop it first"
+                f" with state in {self.records.where}; stop it first"
             )
         found: dict[str, list[statefile.SavedInstance]] = {}
         for si in saved.instances:
@@ -1184,6 +1213,7 @@ class Kernel:
             ks: KernelSettings = settings["kernel"]
             for key in (
                 "address", "control", "insecure", "state_dir", "reattach", "registry", "gateway",
+                "storage",
                 "tls",
             ):  # fmt: skip
                 if getattr(ks, key) != getattr(self.kernel_settings, key):

@@ -62,9 +62,10 @@ KINDS: Mapping[str, str] = {
     "registry": "hsu_register_registries",
     "authenticator": "hsu_register_authenticators",
     "authorizer": "hsu_register_authorizers",
+    "storage": "hsu_register_storages",
 }
 #: kinds that have a default (a settings section or a config source has none)
-DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry")
+DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry", "storage")
 
 
 @attrs.define
@@ -438,6 +439,10 @@ class PluginManager:
 
     def registry_names(self) -> list[str]:
         return self.names("registry")
+
+    def storage(self, name: str | None) -> Any:
+        """The storage factory registered as ``name``: ``factory(kernel) -> Storage``."""
+        return self.get("storage", name)
 
     def infos(self) -> list[PluginInfo]:
         order = {"essential": 0, "default": 1, "explicit": 2, "code": 3, "entrypoint": 4}

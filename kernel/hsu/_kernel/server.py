@@ -19,11 +19,14 @@ from hsu._kernel.control import lock_socket, prepare_socket
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer, StreamLimit, timestamp
 from hsu._kernel.interface_health import InterfaceHealth
 from hsu._kernel.reflection import V1, V1ALPHA, Descriptors, ReflectionServicer
+from hsu._kernel.storage_service import SERVICE as STORAGE_SERVICE
+from hsu._kernel.storage_service import StorageServicer
 from hsu._kernel.supervision.instances import TOKEN_METADATA, Instance
 from hsu._kernel.tls import ServerTLS
 from hsu.core.v1 import core_pb2_grpc
 from hsu.errors import ConfigError, HsuError, InvalidValue, NoSuchUnit, NotAllowed, OverLimit
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+from hsu.storage.v1 import storage_pb2_grpc
 from hsu.validate import RateLimit
 
 if TYPE_CHECKING:
@@ -532,7 +535,8 @@ class KernelServer:
             CoreServicer(kernel.core_info, kernel.shutdown_from_rpc, kernel.logs), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.services = (KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE)
+        storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(kernel), self.server)
+        self.services = (KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE, STORAGE_SERVICE)
         reflection.enable_server_reflection((*self.services, reflection.SERVICE_NAME), self.server)
         #: the control socket's front when the kernel reads who connects
         #: (auth on, a unix control socket): hsu._kernel.peercred

@@ -860,6 +860,10 @@ class KernelSettings:
     #: serve every unit's interfaces on the kernel's own address, forwarding each
     #: call to an instance (``docs/routing.md``)
     gateway: bool = True
+    #: the storage plugin (``hsu plugins``): where the kernel keeps its instance
+    #: records and what HSUs get over ``hsu.storage.v1.Storage``; ``sqlite``
+    #: (the default) is one file in the state dir (docs/storage.md)
+    storage: str | None = None
 
 
 def check_units(

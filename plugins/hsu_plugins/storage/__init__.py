@@ -1,0 +1,1 @@
+"""Built-in storages (:class:`hsu.ports.Storage`): ``sqlite``, the default."""

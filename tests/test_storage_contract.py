@@ -1,0 +1,242 @@
+"""The contract every storage (hsu.ports.Storage) keeps: the same tests,
+parametrized over each storage this repository ships (sqlite built in; redis
+from contrib/hsu-plugin-redis, against a real redis-server). A third party's
+storage can run them too: ``storages`` below is the table to extend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hsu.errors import InvalidValue
+from hsu.ports import Storage, StorageEvent
+from hsu_plugins.storage.sqlite import SqliteStorage
+
+MAX_VALUE = 4096
+
+
+def _sqlite(tmp_path: Path) -> contextlib.AbstractAsyncContextManager[Storage]:
+    @contextlib.asynccontextmanager
+    async def make() -> AsyncIterator[Storage]:
+        s = SqliteStorage(tmp_path / "contract.sqlite3", max_value_bytes=MAX_VALUE)
+        try:
+            yield s
+        finally:
+            await s.close()
+
+    return make()
+
+
+storages: dict[str, Callable[[Path], contextlib.AbstractAsyncContextManager[Storage]]] = {
+    "sqlite": _sqlite,
+}
+
+
+@pytest.fixture(params=sorted(storages))
+async def store(request: Any, tmp_path: Path) -> AsyncIterator[Storage]:
+    async with storages[request.param](tmp_path) as s:
+        yield s
+
+
+async def test_put_then_get_with_revisions_and_versions(store):
+    assert await store.get("a", "k") is None
+    first = await store.put("a", "k", b"one")
+    assert (first.key, first.value, first.version) == ("k", b"one", 1)
+    assert first.create_revision == first.mod_revision > 0
+    second = await store.put("a", "k", b"two")
+    assert second.mod_revision > first.mod_revision
+    assert second.create_revision == first.create_revision
+    assert second.version == 2
+    got = await store.get("a", "k")
+    assert got is not None
+    assert (got.value, got.mod_revision, got.version) == (b"two", second.mod_revision, 2)
+
+
+async def test_delete_and_recreate(store):
+    assert await store.delete("a", "gone") == 0
+    kv = await store.put("a", "k", b"v")
+    rev = await store.delete("a", "k")
+    assert rev > kv.mod_revision
+    assert await store.get("a", "k") is None
+    again = await store.put("a", "k", b"w")
+    assert again.version == 1 and again.create_revision > rev
+
+
+async def test_namespaces_are_apart(store):
+    await store.put("a", "k", b"in a")
+    await store.put("b", "k", b"in b")
+    a, b = await store.get("a", "k"), await store.get("b", "k")
+    assert a is not None and b is not None and (a.value, b.value) == (b"in a", b"in b")
+    await store.delete("a", "k")
+    assert await store.get("b", "k") is not None
+    items, _ = await store.list("b")
+    assert [kv.key for kv in items] == ["k"]
+
+
+async def test_list_by_prefix_in_key_order(store):
+    for key in ["x/2", "x/1", "x0", "y", "x/3", "x", "x/\u00e9"]:
+        await store.put("ns", key, key.encode())
+    await store.put("other", "x/9", b"")
+    items, rev = await store.list("ns", "x/")
+    assert [kv.key for kv in items] == ["x/1", "x/2", "x/3", "x/\u00e9"]
+    assert rev >= max(kv.mod_revision for kv in items)
+    items, _ = await store.list("ns", "x/", limit=2)
+    assert [kv.key for kv in items] == ["x/1", "x/2"]
+    everything, _ = await store.list("ns")
+    assert len(everything) == 7
+
+
+async def test_compare_and_set(store):
+    ok, kv = await store.compare_and_set("ns", "lock", b"mine", 0)
+    assert ok and kv is not None and kv.value == b"mine"
+    # revision 0: only when absent
+    ok, now = await store.compare_and_set("ns", "lock", b"theirs", 0)
+    assert not ok and now is not None and now.value == b"mine"
+    # a stale revision is refused and shows the current one
+    await store.put("ns", "lock", b"moved")
+    ok, now = await store.compare_and_set("ns", "lock", b"late", kv.mod_revision)
+    assert not ok and now is not None and now.value == b"moved"
+    ok, done = await store.compare_and_set("ns", "lock", b"next", now.mod_revision)
+    assert ok and done is not None and done.value == b"next" and done.version == now.version + 1
+    # None deletes, on the revision too
+    ok, _ = await store.compare_and_set("ns", "lock", None, now.mod_revision)
+    assert not ok
+    ok, gone = await store.compare_and_set("ns", "lock", None, done.mod_revision)
+    assert ok and gone is None and await store.get("ns", "lock") is None
+    ok, _ = await store.compare_and_set("ns", "lock", None, 0)
+    assert not ok  # nothing to delete
+
+
+async def test_compare_and_set_lets_exactly_one_of_many_win(store):
+    results = await asyncio.gather(
+        *(store.compare_and_set("ns", "leader", str(i).encode(), 0) for i in range(8))
+    )
+    winners = [kv for ok, kv in results if ok]
+    assert len(winners) == 1
+    got = await store.get("ns", "leader")
+    assert got is not None and winners[0] is not None and got.value == winners[0].value
+
+
+async def test_ttl_expires_the_key(store):
+    await store.put("ns", "short", b"v", ttl=0.5)
+    await store.put("ns", "long", b"v")
+    kv = await store.get("ns", "short")
+    assert kv is not None and kv.expires_at > time.time()
+    for _ in range(100):  # at most 10 s
+        if await store.get("ns", "short") is None:
+            break
+        await asyncio.sleep(0.1)
+    assert await store.get("ns", "short") is None
+    items, _ = await store.list("ns")
+    assert [i.key for i in items] == ["long"]
+    # a put without ttl clears it
+    await store.put("ns", "k", b"v", ttl=0.3)
+    await store.put("ns", "k", b"w")
+    await asyncio.sleep(0.6)
+    got = await store.get("ns", "k")
+    assert got is not None and got.expires_at == 0
+
+
+async def test_bad_input_is_refused_and_nothing_is_written(store):
+    with pytest.raises(InvalidValue, match=f"over storage.max_value_bytes \\({MAX_VALUE}\\)"):
+        await store.put("ns", "big", b"x" * (MAX_VALUE + 1))
+    with pytest.raises(InvalidValue, match="max_value_bytes"):
+        await store.compare_and_set("ns", "big", b"x" * (MAX_VALUE + 1), 0)
+    assert await store.get("ns", "big") is None
+    await store.put("ns", "edge", b"x" * MAX_VALUE)  # the cap itself is fine
+    with pytest.raises(InvalidValue, match="key: must not be empty"):
+        await store.put("ns", "", b"v")
+    with pytest.raises(InvalidValue, match="key: 1025 bytes"):
+        await store.put("ns", "k" * 1025, b"v")
+    with pytest.raises(InvalidValue, match="namespace"):
+        await store.put("../etc", "k", b"v")
+    with pytest.raises(InvalidValue, match="ttl"):
+        await store.put("ns", "k", b"v", ttl=-1)
+    items, _ = await store.list("ns")
+    assert [kv.key for kv in items] == ["edge"]
+
+
+async def _take(events: AsyncIterator[StorageEvent], n: int) -> list[StorageEvent]:
+    got = []
+    async with asyncio.timeout(10):
+        async for ev in events:
+            got.append(ev)
+            if len(got) == n:
+                break
+    return got
+
+
+async def test_watch_a_prefix_from_now(store):
+    _, rev = await store.list("ns")
+    watch = store.watch("ns", "jobs/")
+    taking = asyncio.ensure_future(_take(watch, 3))
+    await asyncio.sleep(0.3)  # the watch is subscribed (a late one replays from rev below)
+    await store.put("ns", "jobs/1", b"a")
+    await store.put("ns", "other", b"-")
+    await store.put("other", "jobs/1", b"-")
+    await store.put("ns", "jobs/2", b"b")
+    await store.delete("ns", "jobs/1")
+    events = await taking
+    await watch.aclose()
+    assert [(e.kind, e.kv.key, e.kv.value) for e in events] == [
+        ("put", "jobs/1", b"a"),
+        ("put", "jobs/2", b"b"),
+        ("delete", "jobs/1", b""),
+    ]
+    revs = [e.revision for e in events]
+    assert revs == sorted(revs) and revs[0] > rev
+
+
+async def test_watch_from_a_revision_replays_then_follows(store):
+    start = await store.put("ns", "p/0", b"0")
+    await store.put("ns", "p/1", b"1")
+    await store.put("ns", "p/2", b"2")
+    watch = store.watch("ns", "p/", after=start.mod_revision)
+    taking = asyncio.ensure_future(_take(watch, 3))
+    await asyncio.sleep(0.3)
+    await store.put("ns", "p/3", b"3")
+    events = await taking
+    await watch.aclose()
+    assert [e.kv.key for e in events] == ["p/1", "p/2", "p/3"]
+
+
+async def test_watch_sees_a_ttl_run_out(store):
+    kv = await store.put("ns", "lease/a", b"v", ttl=0.5)
+    watch = store.watch("ns", "lease/", after=kv.mod_revision)
+    events = await _take(watch, 1)
+    await watch.aclose()
+    assert [(e.kind, e.kv.key) for e in events] == [("delete", "lease/a")]
+
+
+def test_a_plugin_adds_a_storage_but_cannot_take_sqlite(tmp_path):
+    import hsu
+    from hsu._kernel.plugins import PluginManager
+    from hsu.errors import ConflictError
+    from hsu_plugins.storage import sqlite
+
+    pm = PluginManager.load(env={}, autoload=False)
+    made: list[object] = []
+
+    class Mine:
+        @hsu.hookimpl
+        def hsu_register_storages(self, register):
+            register("mine", lambda kernel: made.append(kernel) or SqliteStorage(tmp_path / "m"))
+
+    class Clash:
+        @hsu.hookimpl
+        def hsu_register_storages(self, register):
+            register("sqlite", lambda kernel: SqliteStorage(tmp_path / "c"))
+
+    pm.register(Mine(), "mine")
+    assert isinstance(pm.storage("mine")("k"), SqliteStorage)
+    assert made == ["k"]
+    assert pm.default("storage") == "sqlite"
+    with pytest.raises(ConflictError, match="storage 'sqlite' is registered by plugin 'sqlite'"):
+        pm.register(Clash(), "clash")
+    assert pm.storage(None) is sqlite.create
