@@ -27,11 +27,12 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
         ("probes", "default", "active"),
         ("rbac", "default", "active"),
         ("registry_memory", "default", "active"),
+        ("sqlite", "default", "active"),
         ("subprocess", "default", "active"),
         ("systemd", "default", "active"),
         ("token", "default", "active"),
     ]
-    assert data[-3]["hooks"] == ["hsu_register_launchers"]
+    assert data[-3]["hooks"] == ["hsu_register_launchers"]  # subprocess
     assert data[0]["distribution"] == "hsu"
 
 
