@@ -83,7 +83,11 @@ def test_the_built_in_defaults_are_the_hsu_distributions_entry_points() -> None:
 def test_each_default_plugin_that_provides_something_is_covered_here() -> None:
     # the auth plugins (docs/auth.md): a deployment names them, there is no default
     auth = {"auth", "token", "rbac", "mtls", "peercred"}
-    assert set(NEEDS) | {"file", "env", "overrides", "gateway"} | auth == set(_builtin_defaults())
+    # exporters (docs/observability.md): a deployment names them, no default
+    exporters = {"prometheus"}
+    assert set(NEEDS) | {"file", "env", "overrides", "gateway"} | auth | exporters == set(
+        _builtin_defaults()
+    )
 
 
 @pytest.mark.parametrize("blocked", sorted(NEEDS))

@@ -33,6 +33,7 @@ from hsu._kernel.config.model import (
 from hsu._kernel.events import EventBus
 from hsu._kernel.lifecycle import KERNEL_TRANSITIONS, KernelState, StateMachine, Transition
 from hsu._kernel.logbuffer import LogBuffer
+from hsu._kernel.metrics import KernelMetrics, check_exporters
 from hsu._kernel.plugins import PluginManager
 from hsu._kernel.routing import KernelRouting
 from hsu._kernel.server import KernelServer
@@ -52,6 +53,9 @@ from hsu._kernel.supervision.supervisor import (
 )
 from hsu._version import __version__
 from hsu.errors import ConfigError, HsuError, InvalidValue, NoSuchUnit, NotAllowed, OverLimit
+from hsu.metrics import CallMetrics
+from hsu.metrics import Registry as MetricsRegistry
+from hsu.metrics import enabled as metrics_enabled
 from hsu.ports import Changes, Identity, ProbeTarget, Registry, SourceContext
 from hsu.process import PidfdHandle
 
@@ -146,6 +150,9 @@ class Kernel:
         self.child_nofile: int | None = None
         self.containment = Containment(lambda: [i.pid for i in self.instances.values() if i.pid])
         self.routing = KernelRouting(self)
+        check_exporters(ks.exporters, plugins.names("exporter"))
+        #: its metrics (``kernel.metrics``), before plugins configure
+        self.metrics_hub = KernelMetrics(self, ks.metrics and metrics_enabled())
         self._background: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self._save_pending = False
@@ -188,6 +195,14 @@ class Kernel:
     @property
     def routes(self) -> KernelRouting:
         return self.routing
+
+    @property
+    def metrics(self) -> MetricsRegistry:
+        return self.metrics_hub.registry
+
+    @property
+    def calls(self) -> CallMetrics | None:
+        return self.metrics_hub.calls
 
     def register_plugin(self, plugin: object, name: str) -> str:
         """Per-kernel plugin state: registered now, unregistered when the kernel
@@ -258,6 +273,7 @@ class Kernel:
                 self.address or "(none: no plugin serves one)",
             )
             await self.routing.start()
+            await self.metrics_hub.start_exporters(self.kernel_settings.exporters)
             found = await self._reattach()
             self._background.append(asyncio.ensure_future(self.logfiles.run()))
             for name, spec in self.deployment.units.items():
@@ -337,6 +353,7 @@ class Kernel:
             await self.plugins.call_each("hsu_kernel_stopping", stop_on_error=False, kernel=self)
             await self.stop_all_instances()
             await self.routing.close()
+            await self.metrics_hub.stop_exporters()
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)

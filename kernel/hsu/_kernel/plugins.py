@@ -62,6 +62,7 @@ KINDS: Mapping[str, str] = {
     "registry": "hsu_register_registries",
     "authenticator": "hsu_register_authenticators",
     "authorizer": "hsu_register_authorizers",
+    "exporter": "hsu_register_exporters",
 }
 #: kinds that have a default (a settings section or a config source has none)
 DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry")

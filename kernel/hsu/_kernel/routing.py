@@ -262,6 +262,13 @@ class KernelRouting:
         route = self.route(interface)
         if route.routable:
             return route
+        began = time.monotonic()
+        try:
+            return await self._ensure(route, interface, timeout)
+        finally:
+            self.kernel.metrics_hub.cold_start(route.policy.unit, began)
+
+    async def _ensure(self, route: Route, interface: str, timeout: float | None) -> Route:
         inst = await self.kernel.instance_for(interface)
         self.update(inst)
         await self.flush()
@@ -282,6 +289,10 @@ class KernelRouting:
         await self.flush()
         assert self.registry is not None
         return policy, await self.registry.lookup(interface)
+
+    def endpoint_count(self) -> int:
+        """Endpoints the registry lists (this kernel's and others')."""
+        return len(self._all)
 
     # -- load -------------------------------------------------------------------
 

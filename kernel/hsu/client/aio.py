@@ -57,6 +57,7 @@ from hsu.client.route import (
     until_connected,
 )
 from hsu.errors import HsuError
+from hsu.metrics import client_observer
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig, aio_channel
 
@@ -136,6 +137,7 @@ class RoutedChannel:
             ended=resolver.ended,
             connected=lambda ep: connected(self._channels.get(ep.address)),
             watch=self._watch_ejected,
+            observe=client_observer(),
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._routes: dict[str, Route] = {}

@@ -563,6 +563,10 @@ class Caller:
     #: a blocking caller's wait for a change of the route: (route, the
     #: version seen, seconds at most); without it, :meth:`Tries.run` sleeps
     wait: Callable[[Route, int, float], None] | None = None
+    #: told as each call (all its tries) ends: (grpc kind, method, the unit
+    #: of the last try's instance or "", what the call raised or None, when
+    #: it began on :func:`time.perf_counter`'s clock): ``CallMetrics.observe``
+    observe: Callable[[str, str, str, BaseException | None, float], None] | None = None
 
 
 #: makes sure an instance is routable: (route, seconds left) -> the route to pick from
@@ -598,12 +602,14 @@ class Tries:
         "_give_up",
         "_replayable",
         "_seen",
+        "_t0",
         "_unreachable",
         "attempts",
         "deadline",
         "error",
         "exclude",
         "key",
+        "kind",
         "method",
         "replied",
         "retries",
@@ -621,8 +627,12 @@ class Tries:
         deadline: float | None,
         retries: bool,
         replayable: Callable[[], Awaitable[bool]] | None = None,
+        kind: str = "unary_unary",
     ):
         self._caller = caller
+        #: grpc's kind of the method (``unary_unary``, ``stream_stream``...)
+        self.kind = kind
+        self._t0 = time.perf_counter() if caller.observe is not None else 0.0
         self.route = route
         self.method = method
         self.key = key
@@ -654,39 +664,63 @@ class Tries:
 
         The steps as in :meth:`__exit__`, spelled out: this is the path of
         most routed calls, and a context manager costs two calls more."""
-        while True:
-            ep = self._pick() or await self._next_async(ensure)
-            try:
-                reply = await attempt(ep)
-            except BaseException as exc:
-                if self._failed(exc) and self._retry(exc):
-                    continue
-                self._raise_error(exc)
-                raise
-            self._succeeded(ep)
-            return reply
+        try:
+            while True:
+                ep = self._pick() or await self._next_async(ensure)
+                try:
+                    reply = await attempt(ep)
+                except BaseException as exc:
+                    if self._failed(exc) and self._retry(exc):
+                        continue
+                    self._raise_error(exc)
+                    raise
+                self._succeeded(ep)
+                self._ended(None)
+                return reply
+        except BaseException as exc:
+            self._ended(exc)
+            raise
 
     async def run_async(
         self, attempt: Callable[[Endpoint], AsyncIterable[T]], ensure: AsyncEnsure
     ) -> AsyncIterator[T]:
         """A call's replies, from the try that got through."""
-        while True:
-            ep = self._pick() or await self._next_async(ensure)
-            async with self:
-                async for reply in attempt(ep):
-                    self.replied = True
-                    yield reply
-                return
+        try:
+            while True:
+                ep = self._pick() or await self._next_async(ensure)
+                async with self:
+                    async for reply in attempt(ep):
+                        self.replied = True
+                        yield reply
+                    self._ended(None)
+                    return
+        except BaseException as exc:
+            self._ended(exc)
+            raise
 
     def run(self, attempt: Callable[[Endpoint], Iterable[T]], ensure: Ensure) -> Iterator[T]:
         """The same, blocking: a unary call's one reply is a one-item iterable."""
-        while True:
-            ep = self._pick() or self._next(ensure)
-            with self:
-                for reply in attempt(ep):
-                    self.replied = True
-                    yield reply
-                return
+        try:
+            while True:
+                ep = self._pick() or self._next(ensure)
+                with self:
+                    for reply in attempt(ep):
+                        self.replied = True
+                        yield reply
+                    self._ended(None)
+                    return
+        except BaseException as exc:
+            self._ended(exc)
+            raise
+
+    def _ended(self, exc: BaseException | None) -> None:
+        """The call ended (``exc``: what it raised): tell the caller's
+        ``observe``, once."""
+        observe = self._caller.observe
+        if observe is not None and self._t0:
+            ep = self._ep
+            observe(self.kind, self.method, ep.unit if ep is not None else "", exc, self._t0)
+            self._t0 = 0.0
 
     # -- the steps ------------------------------------------------------------------
 
@@ -957,7 +991,15 @@ class RoutedMethod:
                     key = v if isinstance(v, str) else bytes(v).decode("latin-1")
                     break
         retries = self._kind in RETRIED
-        return Tries(self._caller, route, self._method, key, deadline=deadline, retries=retries)
+        return Tries(
+            self._caller,
+            route,
+            self._method,
+            key,
+            deadline=deadline,
+            retries=retries,
+            kind=self._kind,
+        )
 
     def _callable(self, address: str) -> Any:
         channel = self._pool.channel(address)

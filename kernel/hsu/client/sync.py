@@ -48,6 +48,7 @@ from hsu.client.route import (
     load_plugins,
 )
 from hsu.errors import HsuError
+from hsu.metrics import client_observer
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig
 from hsu.tls import channel as tls_channel
@@ -116,6 +117,7 @@ class SyncRoutedChannel:
             connected=lambda ep: connected(self._channels.get(ep.address)),
             watch=self._watch_ejected,
             wait=self._wait,
+            observe=client_observer(),
         )
         self._kernel_channel = tls_channel(kernel, tls, CHANNEL_OPTIONS)
         self._channels: dict[str, grpc.Channel] = {}

@@ -78,6 +78,14 @@ HOP_KEYS = frozenset({"user-agent", "te", "content-type", "grpc-timeout", "grpc-
 HOP_KEYS_AUTH = HOP_KEYS | {"authorization"}
 #: metadata only the kernel sets: a caller's is dropped (``hsu.identity``)
 IDENTITY_PREFIX = IDENTITY_METADATA
+#: grpc's name of a method's kind, by (request streaming, response streaming);
+#: a method whose kind is not known yet goes as a stream, and is counted so
+KINDS = {
+    (False, False): "unary_unary",
+    (False, True): "unary_stream",
+    (True, False): "stream_unary",
+    (True, True): "stream_stream",
+}
 #: a proxy does not limit message sizes: the two ends do
 CHANNEL_OPTIONS = (
     *LOCAL_CHANNEL_OPTIONS,
@@ -105,6 +113,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._closing: set[asyncio.Task[None]] = set()
         self._watches: set[asyncio.Task[None]] = set()
         routes = self._routes
+        calls = kernel.calls
         self._caller = Caller(
             _failing,
             began=routes.call_began,
@@ -112,7 +121,21 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             on_retry=_retrying,
             connected=lambda ep: connected(self._channels.get(ep.address)),
             watch=self._watch_ejected,
+            observe=None if calls is None else self._observer(calls.observe),
         )
+
+    def _observer(self, observe: Callable[..., None]) -> Callable[..., None]:
+        """Count a call under its method's kind as reflection told it (the
+        first calls of a method go as a stream before the gateway knows)."""
+        kinds = self.kinds
+
+        def observed(
+            kind: str, method: str, unit: str, exc: BaseException | None, t0: float
+        ) -> None:
+            known = kinds.get(method)
+            observe(kind if known is None else KINDS[known], method, unit, exc, t0)
+
+        return observed
 
     # -- as a plugin of its kernel ------------------------------------------------
 
@@ -279,7 +302,14 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         tries = Tries(
-            self._caller, route, method, key, deadline=deadline, retries=True, replayable=replayable
+            self._caller,
+            route,
+            method,
+            key,
+            deadline=deadline,
+            retries=True,
+            replayable=replayable,
+            kind="stream_stream",
         )
         return tries, metadata
 

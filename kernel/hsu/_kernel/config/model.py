@@ -775,6 +775,12 @@ class KernelSettings:
     #: serve every unit's interfaces on the kernel's own address, forwarding each
     #: call to an instance (``docs/routing.md``)
     gateway: bool = True
+    #: count routed calls and their latency (``docs/observability.md``);
+    #: values the kernel keeps anyway are read when an exporter collects
+    metrics: bool = True
+    #: metrics exporters to start, by the name their plugin registered
+    #: (``hsu_register_exporters``; built in: ``prometheus``)
+    exporters: tuple[str, ...] = ()
 
 
 def check_units(
