@@ -53,15 +53,20 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _sample(page: str, name: str, **labels: str) -> float | None:
-    """The value of the first line of ``name`` whose labels include ``labels``."""
+def _sample(page: str, name: str, *, gateway: bool = False, **labels: str) -> float | None:
+    """The sum of the lines of ``name`` whose labels include ``labels`` (None:
+    no such line); ``gateway``: only the kernel's own series (no
+    ``hsu_instance`` label: not collected from an HSU)."""
+    found = None
     for line in page.splitlines():
         if not line.startswith(name + "{") and not line.startswith(name + " "):
             continue
         head, _, value = line.rpartition(" ")
+        if gateway and "hsu_instance=" in head:
+            continue
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            return float(value)
-    return None
+            found = (found or 0.0) + float(value)
+    return found
 
 
 # -- the collector port ----------------------------------------------------------
@@ -156,10 +161,24 @@ async def test_kernel_metrics_on_the_prometheus_page(hsu_kernel_factory: Any) ->
             grpc_method="Echo",
             grpc_code="OK",
             hsu_unit="echo",
+            gateway=True,
         )
         == 3.0
     )
-    assert _sample(page, "grpc_server_handling_seconds_count", grpc_method="Echo") == 3.0
+    assert (
+        _sample(page, "grpc_server_handling_seconds_count", grpc_method="Echo", gateway=True) == 3.0
+    )
+    # the echo HSU counted the same calls itself (collected over Core.Metrics)
+    assert (
+        _sample(page, "grpc_server_handled_total", grpc_method="Echo", hsu_instance="echo-") is None
+    )
+    (inst,) = kernel.instances.values()
+    assert (
+        _sample(
+            page, "grpc_server_handled_total", grpc_method="Echo", hsu_instance=inst.instance_id
+        )
+        == 3.0
+    )
     assert _sample(page, "hsu_instances", hsu_unit="echo", state="ready") == 1.0
     assert _sample(page, "hsu_instance_start_seconds_count", hsu_unit="echo") == 1.0
     assert (_sample(page, "hsu_instance_resident_memory_bytes", hsu_unit="echo") or 0) > 0
@@ -222,7 +241,8 @@ async def test_metrics_false_counts_no_calls(hsu_kernel_factory: Any) -> None:
     async with grpc.aio.insecure_channel(kernel.address) as channel:
         await echo_pb2_grpc.EchoStub(channel).Echo(echo_pb2.EchoRequest(message="a"), timeout=20)
     page = await _page(kernel)
-    assert "grpc_server_handled_total" not in page
+    # the gateway counted nothing (the HSU counts its own: HSU_METRICS=0 in its env stops it)
+    assert _sample(page, "grpc_server_handled_total", gateway=True) is None
     assert _sample(page, "hsu_instances", hsu_unit="echo", state="ready") == 1.0
 
 
@@ -333,8 +353,15 @@ async def test_a_real_prometheus_scrapes_calls_and_instance_states(
             stub = echo_pb2_grpc.EchoStub(channel)
             for i in range(5):
                 await stub.Echo(echo_pb2.EchoRequest(message=f"m{i}"), timeout=20)
+        # the gateway's series (no hsu_instance label) ...
         got = await prom.until(
-            'grpc_server_handled_total{grpc_method="Echo"}', lambda r: _value(r) == 5.0
+            'grpc_server_handled_total{grpc_method="Echo",hsu_instance=""}',
+            lambda r: _value(r) == 5.0,
+        )
+        # ... and the HSU's own count of the same calls, from Core.Metrics
+        await prom.until(
+            'grpc_server_handled_total{grpc_method="Echo",hsu_instance!=""}',
+            lambda r: _value(r) == 5.0,
         )
         for series in got:
             labels = series["metric"]
@@ -387,3 +414,59 @@ async def test_a_plugins_exporter_starts_and_stops_with_the_kernel_and_collects(
     assert {"mine_total", "hsu_instances", "grpc_server_handled_total"} <= names
     await kernel.stop()
     assert seen[-1] == ("stop", None)
+
+
+# -- HSU metrics, collected over Core ------------------------------------------------
+
+METERED = str(Path(__file__).with_name("hsu_metered.py"))
+
+
+@pytest.mark.integration
+async def test_the_kernel_collects_each_hsus_own_metrics_over_core(
+    hsu_kernel_factory: Any,
+) -> None:
+    kernel = await hsu_kernel_factory(
+        {
+            "kernel": {"exporters": ["prometheus"]},
+            "prometheus": {"address": "127.0.0.1:0"},
+            "units": {"metered": {**UNIT, "command": ["python", METERED]}},
+        }
+    )
+    async with grpc.aio.insecure_channel(kernel.address) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        for m in ("a", "b", "a longer one"):
+            await stub.Echo(echo_pb2.EchoRequest(message=m), timeout=20)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Echo(echo_pb2.EchoRequest(message="fail"), timeout=20)
+        assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    (inst,) = kernel.instances.values()
+    page = await _page(kernel)
+    # the author's own metric, labelled with the instance it came from
+    mine = dict(hsu_unit="metered", hsu_instance=inst.instance_id)
+    assert _sample(page, "echo_messages_total", size="short", **mine) == 2.0
+    assert _sample(page, "echo_messages_total", size="long", **mine) == 1.0
+    # the SDK's count of the calls it served, beside the gateway's
+    assert (
+        _sample(page, "grpc_server_handled_total", grpc_code="OK", grpc_method="Echo", **mine)
+        == 3.0
+    )
+    assert (
+        _sample(
+            page,
+            "grpc_server_handled_total",
+            grpc_code="FAILED_PRECONDITION",
+            grpc_method="Echo",
+            **mine,
+        )
+        == 1.0
+    )
+    # one family per name: the gateway's series and the HSU's under one TYPE line
+    assert page.count("# TYPE grpc_server_handled_total counter") == 1
+    # the kernel's Core.Metrics answers the same, over the control plane
+    from hsu._kernel.core_service import families_from_pb
+    from hsu.core.v1 import core_pb2, core_pb2_grpc
+
+    async with grpc.aio.insecure_channel(kernel.control_address) as control:
+        reply = await core_pb2_grpc.CoreStub(control).Metrics(core_pb2.MetricsRequest(), timeout=10)
+    names = {f.name for f in families_from_pb(reply)}
+    assert {"echo_messages_total", "hsu_instances", "grpc_server_handled_total"} <= names

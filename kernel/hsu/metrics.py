@@ -25,7 +25,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import attrs
@@ -339,6 +339,7 @@ class Registry:
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
         self._collectors: list[tuple[str, Collector]] = []
+        self._sources: list[tuple[str, Callable[[], Awaitable[list[Family]]]]] = []
         self._lock = threading.Lock()
         #: label sets refused because a metric had :data:`MAX_SERIES` already
         self.dropped_series = 0
@@ -380,6 +381,36 @@ class Registry:
         is in an error (a collector that raises is logged and skipped)."""
         with self._lock:
             self._collectors.append((name, collector))
+
+    def add_source(self, name: str, source: Callable[[], Awaitable[list[Family]]]) -> None:
+        """Await ``source()`` at every :meth:`gather` (values another process
+        holds: the kernel's HSUs over Core.Metrics); it should bound its own time."""
+        with self._lock:
+            self._sources.append((name, source))
+
+    async def gather(self) -> list[Family]:
+        """:meth:`collect` plus every source's families, one family per name
+        (series of the same name from several sources are merged; one whose
+        kind differs from the first is left out). What exporters call."""
+        import asyncio
+
+        with self._lock:
+            sources = list(self._sources)
+        results = await asyncio.gather(*(s() for _, s in sources), return_exceptions=True)
+        merged: dict[str, Family] = {f.name: f for f in self.collect()}
+        for (name, _), result in zip(sources, results, strict=True):
+            if isinstance(result, BaseException):
+                from loguru import logger
+
+                logger.warning("metrics source {} failed: {!r}", name, result)
+                continue
+            for fam in result:
+                known = merged.get(fam.name)
+                if known is None:
+                    merged[fam.name] = fam
+                elif known.kind == fam.kind:
+                    merged[fam.name] = attrs.evolve(known, points=known.points + fam.points)
+        return list(merged.values())
 
     def remove_collector(self, name: str) -> None:
         with self._lock:

@@ -148,19 +148,23 @@ class InfluxExporter:
                 await self._task
             self._task = None
         # one last collection and write, bounded by the timeout
-        self.collect_once()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.flush(), self.settings.timeout + 1)
+            await asyncio.wait_for(self._last(), self.settings.timeout + 3)
+
+    async def _last(self) -> None:
+        await self.collect_once()
+        await self.flush()
 
     async def _run(self) -> None:
         while True:
-            self.collect_once()
+            await self.collect_once()
             await self.flush()
             await asyncio.sleep(self.settings.interval)
 
-    def collect_once(self) -> None:
+    async def collect_once(self) -> None:
         """Collect now (on the kernel's loop) into the buffer."""
-        new = lines(self._kernel.metrics.collect(), time.time_ns(), self.settings.tags)
+        families = await self._kernel.metrics.gather()
+        new = lines(families, time.time_ns(), self.settings.tags)
         self._buffer.extend(new)
         over = len(self._buffer) - self.settings.max_lines
         if over > 0:

@@ -172,9 +172,10 @@ async def test_points_of_routed_calls_reach_a_real_influxdb(
             for i in range(4):
                 await stub.Echo(echo_pb2.EchoRequest(message=f"m{i}"), timeout=20)
         # the latest point of each series: the last write's values
+        # the gateway's series (the HSU's own count has an hsu_instance tag)
         q = (
             'SELECT last("value") FROM "grpc_server_handled_total"'
-            " WHERE \"grpc_method\" = 'Echo' GROUP BY *"
+            " WHERE \"grpc_method\" = 'Echo' AND \"hsu_instance\" = '' GROUP BY *"
         )
         series = await _until_rows(
             influx, q, "hsu", lambda s: sum(r["values"][0][1] for r in s) == 4.0
@@ -190,7 +191,8 @@ async def test_points_of_routed_calls_reach_a_real_influxdb(
         assert states[0]["tags"]["hsu_unit"] == "echo"
         hist = await _until_rows(
             influx,
-            'SELECT last("count") FROM "grpc_server_handling_seconds" GROUP BY *',
+            'SELECT last("count") FROM "grpc_server_handling_seconds"'
+            " WHERE \"hsu_instance\" = '' GROUP BY *",
             "hsu",
             lambda s: sum(r["values"][0][1] for r in s) == 4,
         )

@@ -10,6 +10,7 @@ readings are over its own interval).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 #: seconds: starting a process and waiting for it to be ready
 START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: seconds the kernel waits for an HSU's Core.Metrics at a collection
+HSU_TIMEOUT = 2.0
 STATES = ("stopped", "starting", "ready", "stopping", "backoff", "fatal")
 
 
@@ -50,6 +53,11 @@ class KernelMetrics:
             START_BUCKETS,
         )
         self.registry.add_collector("kernel", self.collect)
+        self.registry.add_source("hsus", self.from_hsus)
+        #: Core channels to instances, by address; instances that do not
+        #: serve Core.Metrics (another language's SDK), by (id, pid)
+        self._channels: dict[str, Any] = {}
+        self._unimplemented: set[tuple[str, int]] = set()
         self._sampler = Sampler()
         self._sampled: set[int] = set()
         self._exporters: list[tuple[str, Exporter]] = []
@@ -169,6 +177,49 @@ class KernelMetrics:
             (Point((), k.created_at),),
         )
 
+    async def from_hsus(self) -> list[Family]:
+        """Every ready instance's Core.Metrics, each series labelled with its
+        ``hsu_unit`` and ``hsu_instance`` (asked at once, within
+        :data:`HSU_TIMEOUT`; one that does not answer in time is left out)."""
+        import grpc
+
+        from hsu._kernel.core_service import families_from_pb
+        from hsu.core.v1 import core_pb2, core_pb2_grpc
+
+        ready = [
+            i
+            for i in list(self.kernel.instances.values())
+            if i.state.value == "ready"
+            and i.address
+            and (i.instance_id, i.pid) not in self._unimplemented
+        ]
+        live = {i.address for i in ready}
+        for address in [a for a in self._channels if a not in live]:
+            await self._channels.pop(address).close()
+
+        async def ask(inst: Instance) -> list[Family]:
+            ch = self._channels.get(inst.address)
+            if ch is None:
+                ch = self._channels[inst.address] = grpc.aio.insecure_channel(inst.address)
+            try:
+                reply = await core_pb2_grpc.CoreStub(ch).Metrics(
+                    core_pb2.MetricsRequest(), timeout=HSU_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    self._unimplemented.add((inst.instance_id, inst.pid))
+                return []
+            extra = {"hsu_unit": inst.unit, "hsu_instance": inst.instance_id}
+            return [f.with_labels(extra) for f in families_from_pb(reply)]
+
+        answers = await asyncio.gather(*(ask(i) for i in ready))
+        return [f for fams in answers for f in fams]
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for ch in channels.values():
+            await ch.close()
+
     # -- exporters -------------------------------------------------------------------
 
     async def start_exporters(self, names: Iterable[str]) -> None:
@@ -182,6 +233,7 @@ class KernelMetrics:
             logger.debug("metrics exporter {} started", name)
 
     async def stop_exporters(self) -> None:
+        await self.close()
         exporters, self._exporters = self._exporters, []
         for name, exporter in reversed(exporters):
             try:

@@ -33,7 +33,6 @@ import attrs
 import hsu
 from hsu.errors import PluginError
 from hsu.metrics import Family
-from hsu.metrics import Registry as MetricsRegistry
 from hsu.ports import KernelAPI
 
 SECTION = "prometheus"
@@ -92,6 +91,7 @@ class PrometheusExporter:
         self._kernel = kernel
         self._server: asyncio.Server | None = None
         self._registry: Any = None
+        self._bridge = _Bridge()
         self.address = ""
 
     async def start(self) -> None:
@@ -118,7 +118,8 @@ class PrometheusExporter:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
-        registry.register(_Bridge(self._kernel.metrics))
+        self._bridge = _Bridge()
+        registry.register(self._bridge)
         self._registry = registry
         try:
             self._server = await asyncio.start_server(self._serve, host, port)
@@ -138,11 +139,15 @@ class PrometheusExporter:
                 await self._server.wait_closed()
             self._server = None
 
-    def render(self) -> bytes:
+    async def render(self) -> bytes:
         """The page, as a scrape gets it."""
         from prometheus_client import generate_latest
 
-        page: bytes = generate_latest(self._registry)
+        self._bridge.families = await self._kernel.metrics.gather()
+        try:
+            page: bytes = generate_latest(self._registry)
+        finally:
+            self._bridge.families = []
         return page
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -169,7 +174,7 @@ class PrometheusExporter:
                 return
             from prometheus_client import CONTENT_TYPE_LATEST
 
-            page = self.render()
+            page = await self.render()
             await _reply(writer, 200, page, CONTENT_TYPE_LATEST, head_only=method == "HEAD")
         except (ConnectionError, OSError):
             pass
@@ -205,14 +210,15 @@ async def _reply(
 class _Bridge:
     """hsu's families as prometheus-client's metrics (a custom collector)."""
 
-    def __init__(self, registry: MetricsRegistry):
-        self._registry = registry
+    def __init__(self) -> None:
+        #: what the scrape being answered gathered
+        self.families: list[Family] = []
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.metrics_core import Metric
         from prometheus_client.utils import floatToGoString
 
-        for fam in self._registry.collect():
+        for fam in self.families:
             yield _metric(Metric, floatToGoString, fam)
 
 
