@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import json_format
 from loguru import logger
 
+from hsu._kernel import cli_live as live
 from hsu._kernel.config.model import load_deployment
 from hsu._kernel.plugins import PluginManager
 from hsu._version import __version__
@@ -144,14 +145,16 @@ def _call(address: str, fn: Any, timeout: float, args: argparse.Namespace) -> An
 def cmd_status(args: argparse.Namespace) -> int:
     address = _kernel_address(args)
 
-    def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any]:
+    def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any, Any]:
         stub = kernel_pb2_grpc.KernelStub(channel)
         return (
             stub.Status(kernel_pb2.StatusRequest(), timeout=timeout),
             stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
+            live.fetch_metrics(channel, timeout),
         )
 
-    status, listing = _call(address, fetch, args.timeout, args)
+    status, listing, families = _call(address, fetch, args.timeout, args)
+    used = live.usage(families)
     if args.json:
         out = {
             "status": json_format.MessageToDict(status, preserving_proto_field_name=True),
@@ -159,6 +162,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 json_format.MessageToDict(i, preserving_proto_field_name=True)
                 for i in listing.instances
             ],
+            "usage": used,
         }
         print(json.dumps(out, indent=2))
         return 0
@@ -168,8 +172,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     if not listing.instances:
         print("no instances")
-    for i in listing.instances:
-        _print_instance(i)
+    else:
+        print("\n".join(live.instance_rows(listing.instances, used)))
     return 0
 
 
@@ -181,6 +185,21 @@ def _print_instance(i: Any) -> None:
         f"  {i.instance_id:<24} {i.state:<9} pid {i.pid or '-':<8} {i.address or '-':<22}"
         f" {', '.join(i.interfaces)}{extra}"
     )
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    address = _kernel_address(args)
+
+    def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any, Any]:
+        stub = kernel_pb2_grpc.KernelStub(channel)
+        return (
+            stub.Status(kernel_pb2.StatusRequest(), timeout=timeout),
+            stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
+            live.fetch_metrics(channel, timeout),
+        )
+
+    live.run_top(lambda: _call(address, fetch, args.timeout, args), args.interval, args.iterations)
+    return 0
 
 
 def _target(args: argparse.Namespace) -> kernel_pb2.TargetRequest:
@@ -451,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("top", help="a running kernel's units and instances, refreshed")
+    address_opt(p, "the kernel to ask")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("-n", "--iterations", type=int, default=None, help="refresh N times, then exit")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("ping", help="round trip to a running kernel's Core.Ping")
     address_opt(p, "the kernel to ping")
