@@ -25,6 +25,7 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
         ("overrides", "default", "active"),
         ("peercred", "default", "active"),
         ("probes", "default", "active"),
+        ("prometheus", "default", "active"),
         ("rbac", "default", "active"),
         ("registry_memory", "default", "active"),
         ("sqlite", "default", "active"),

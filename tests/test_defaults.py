@@ -84,8 +84,9 @@ def test_each_default_plugin_that_provides_something_is_covered_here() -> None:
     # the auth plugins (docs/auth.md): a deployment names them, there is no default
     auth = {"auth", "token", "rbac", "mtls", "peercred"}
     # systemd acts only under a service manager ($NOTIFY_SOCKET; docs/systemd.md);
-    # the kernel runs without a storage (it then keeps no instance records)
-    others = {"file", "env", "overrides", "gateway", "systemd", "sqlite"}
+    # the kernel runs without a storage (it then keeps no instance records);
+    # exporters (docs/observability.md): a deployment names them, no default
+    others = {"file", "env", "overrides", "gateway", "systemd", "sqlite", "prometheus"}
     assert set(NEEDS) | others | auth == set(_builtin_defaults())
 
 

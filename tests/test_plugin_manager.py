@@ -24,6 +24,7 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
         ("overrides", "default", "active", "hsu"),
         ("peercred", "default", "active", "hsu"),
         ("probes", "default", "active", "hsu"),
+        ("prometheus", "default", "active", "hsu"),
         ("rbac", "default", "active", "hsu"),
         ("registry_memory", "default", "active", "hsu"),
         ("sqlite", "default", "active", "hsu"),

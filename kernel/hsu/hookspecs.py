@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         Deployment,
         Endpoint,
         Event,
+        Exporter,
         Factory,
         InstanceView,
         KernelAPI,
@@ -226,6 +227,26 @@ def hsu_register_storages(
     once, when the kernel starts (a factory that raises
     :class:`hsu.errors.HsuError` is logged and the kernel runs without
     storage: no re-attach, and the Storage service answers UNAVAILABLE).
+    """
+
+
+@_hookspec
+def hsu_register_exporters(
+    register: Register[Callable[[KernelAPI], Exporter]],
+) -> None:
+    """Register a metrics exporter, under a name the deployment refers to.
+
+    :param register: ``register(name, factory)``; ``factory(kernel)`` returns
+        a :class:`hsu.metrics.Exporter` (``start()`` and ``stop()``, both
+        awaitables); it may read its own settings section with
+        ``kernel.settings(NAME)``. Between the two, the exporter reads
+        ``kernel.metrics.collect()`` when it wants values (a scrape, its own
+        timer). The deployment starts exporters with ``kernel.exporters:
+        [NAME, ...]`` (built in: ``prometheus``). A clashing name is an error
+        naming both plugins.
+
+    Called once for each plugin, when it is registered; the factory is called
+    once per kernel start, after its servers listen and before its units start.
     """
 
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from hsu._kernel.config.model import Deployment, UnitSpec
     from hsu.client.aio import RoutedChannel
     from hsu.client.route import Route
+    from hsu.metrics import CallMetrics
+    from hsu.metrics import Registry as MetricsRegistry
 
 __all__ = [
     "DRAINING",
@@ -40,6 +42,7 @@ __all__ = [
     "Deployment",
     "Endpoint",
     "Event",
+    "Exporter",
     "Factory",
     "Identity",
     "InstanceView",
@@ -317,6 +320,19 @@ class DataPlane:
 
 
 @runtime_checkable
+class Exporter(Protocol):
+    """A metrics exporter, as ``hsu_register_exporters``'s ``factory(kernel)``
+    returns it. ``start`` is awaited once the kernel listens, ``stop`` as it
+    stops; between them the exporter reads ``kernel.metrics.collect()``
+    (:mod:`hsu.metrics`) whenever it wants values (on a scrape, on its own
+    timer). Neither may block the event loop."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@runtime_checkable
 class KernelAPI(Protocol):
     """What a plugin may ask of the kernel: every hook receives this.
 
@@ -370,6 +386,19 @@ class KernelAPI(Protocol):
     @property
     def routes(self) -> KernelRoutes:
         """The kernel's own routes, for a gateway in its process."""
+        ...
+
+    @property
+    def metrics(self) -> MetricsRegistry:
+        """The kernel's metrics (``hsu.metrics``): what exporters collect, and
+        where a plugin adds its own metrics or collectors."""
+        ...
+
+    @property
+    def calls(self) -> CallMetrics | None:
+        """Where a routed caller in the kernel's process (a gateway) counts
+        its calls (``Caller(observe=kernel.calls.observe)``); ``None`` with
+        ``kernel.metrics: false``."""
         ...
 
     def settings(self, section: str) -> Any:

@@ -27,7 +27,7 @@ STORAGE = "hsu.storage.v1.Storage/"
 ROLES: Mapping[str, tuple[str, ...]] = {
     "read": (
         *(KERNEL + m for m in ("Status", "ListInstances", "WatchEvents", "ListPlugins")),
-        *(CORE + m for m in ("StreamLogs", "Ping", "Info")),
+        *(CORE + m for m in ("StreamLogs", "Ping", "Info", "Metrics")),
     ),
     "control": tuple(KERNEL + m for m in ("Scale", "Start", "Stop", "Restart", "Reload")),
     "register": tuple(KERNEL + m for m in ("Register", "Deregister", "ReportLoad")),

@@ -43,8 +43,10 @@ from grpc_reflection.v1alpha import reflection
 from loguru import logger
 
 from hsu import identity as forwarded
+from hsu import metrics
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer
 from hsu._kernel.logbuffer import LogBuffer
+from hsu._kernel.served import CallCounter
 from hsu.core.v1 import core_pb2_grpc
 from hsu.errors import HsuError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
@@ -224,6 +226,11 @@ class Worker:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self.load = LoadCounter(self._load_changed)
+        #: the process's metrics (``hsu.metrics.REGISTRY``), which Core.Metrics
+        #: answers with: its served calls, counted here, and the author's own
+        #: (``worker.metrics.counter(...)``; docs/observability.md)
+        self.metrics = metrics.REGISTRY
+        self.calls = metrics.CallMetrics(self.metrics, "server") if metrics.enabled() else None
         self._reports: asyncio.Queue[int] | None = None
         self._report_pending = False
         self._reported = 0
@@ -258,6 +265,8 @@ class Worker:
         interceptors: list[Any] = [ShutdownGuard(self.token)] if self.token else []
         if self.kernel_address:
             interceptors.append(self.load)
+        if self.calls is not None:
+            interceptors.append(CallCounter(self.calls, self.unit))
         server = grpc.aio.server(interceptors=interceptors)
         for service in self.services:
             service.add_to_server(service.servicer, server)

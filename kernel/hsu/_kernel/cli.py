@@ -313,24 +313,28 @@ def status_code(kernel_state: str, instances: Sequence[Any]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from hsu._kernel import cli_live as live
     from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
     address = _kernel_address(args)
 
-    def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any]:
+    def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any, Any]:
         stub = kernel_pb2_grpc.KernelStub(channel)
         return (
             stub.Status(kernel_pb2.StatusRequest(), timeout=timeout),
             stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
+            live.fetch_metrics(channel, timeout),
         )
 
-    status, listing = _call(address, fetch, args.timeout, args)
+    status, listing, families = _call(address, fetch, args.timeout, args)
     code = status_code(status.state, listing.instances)
+    used = live.usage(families)
     if args.json:
         _print_json(
             {
                 "status": _to_dict(status),
                 "instances": [_to_dict(i) for i in listing.instances],
+                "usage": used,
                 "exit_code": code,
             }
         )
@@ -339,7 +343,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"kernel {status.deployment}: {status.state} at {status.address}"
         f" (pid {status.pid}, hsu {status.version})"
     )
-    _print_instances(listing.instances, args)
+    if not listing.instances:
+        print("no instances")
+    else:
+        print("\n".join(live.instance_rows(listing.instances, used)))
     return code
 
 
@@ -347,6 +354,24 @@ def _is_instance_id(name: str) -> bool:
     # an instance id is "<unit>-<8 hex digits>"
     head, _, tail = name.rpartition("-")
     return bool(head) and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from hsu._kernel import cli_live as live
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+    address = _kernel_address(args)
+
+    def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any, Any]:
+        stub = kernel_pb2_grpc.KernelStub(channel)
+        return (
+            stub.Status(kernel_pb2.StatusRequest(), timeout=timeout),
+            stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
+            live.fetch_metrics(channel, timeout),
+        )
+
+    live.run_top(lambda: _call(address, fetch, args.timeout, args), args.interval, args.iterations)
+    return 0
 
 
 def _target(args: argparse.Namespace) -> Any:
@@ -828,6 +853,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("top", help="a running kernel's units and instances, refreshed")
+    address_opt(p, "the kernel to ask")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("-n", "--iterations", type=int, default=None, help="refresh N times, then exit")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("ping", help="round trip to a running kernel's Core.Ping")
     address_opt(p, "the kernel to ping")

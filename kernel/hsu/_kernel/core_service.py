@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -14,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hsu._kernel.logbuffer import LEVELS, LogBuffer, Record
 from hsu._version import __version__
 from hsu.core.v1 import core_pb2, core_pb2_grpc
+from hsu.metrics import Family
 
 CORE_SERVICE = "hsu.core.v1.Core"
 RUNTIME = f"hsu-python/{__version__}"
@@ -79,7 +81,10 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
         shutdown: Callable[[float, str], None],
         logs: LogBuffer,
         default_grace: float = 5.0,
+        metrics: Callable[[], Awaitable[list[Family]]] | None = None,
     ):
+        #: what Metrics answers (default: this process's ``hsu.metrics.REGISTRY``)
+        self._metrics = metrics
         self._info = info
         self._shutdown = shutdown
         self._logs = logs
@@ -129,3 +134,60 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
         async with self.followers.hold(context) if request.follow else contextlib.nullcontext():
             async for record in records:
                 yield log_record_pb(record)
+
+    async def Metrics(
+        self, request: core_pb2.MetricsRequest, context: Any
+    ) -> core_pb2.MetricsResponse:
+        if self._metrics is not None:
+            families = await self._metrics()
+        else:
+            from hsu.metrics import REGISTRY
+
+            families = REGISTRY.collect()
+        return families_pb(families)
+
+
+def families_pb(families: list[Family]) -> core_pb2.MetricsResponse:
+    """Collected families as Core.Metrics answers them."""
+    out = core_pb2.MetricsResponse()
+    for fam in families:
+        f = out.families.add(name=fam.name, kind=fam.kind, help=fam.help)
+        for p in fam.points:
+            point = f.points.add(value=p.value, count=p.count)
+            for k, v in p.labels:
+                point.labels.add(name=k, value=v)
+            for bound, n in p.buckets:
+                point.buckets.add(upper_bound=bound, count=n)
+    return out
+
+
+#: a family's kinds, as Core.Metrics may name them
+KINDS = ("counter", "gauge", "histogram")
+
+
+def families_from_pb(msg: core_pb2.MetricsResponse) -> list[Family]:
+    """Core.Metrics's answer as families; a family of an unknown kind, or a
+    bad name, is skipped (it came from another process)."""
+    from hsu.metrics import Point
+
+    out: list[Family] = []
+    for f in msg.families[:MAX_FAMILIES]:
+        if f.kind not in KINDS or not _NAME.fullmatch(f.name):
+            continue
+        points = tuple(
+            Point(
+                tuple((lb.name, lb.value) for lb in p.labels if _NAME.fullmatch(lb.name)),
+                p.value,
+                tuple((b.upper_bound, b.count) for b in p.buckets),
+                p.count,
+            )
+            for p in f.points[:MAX_POINTS]
+        )
+        out.append(Family(f.name, f.kind, f.help[:500], points))  # type: ignore[arg-type]
+    return out
+
+
+#: what the kernel takes of one HSU's Core.Metrics
+MAX_FAMILIES = 500
+MAX_POINTS = 2000
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}")

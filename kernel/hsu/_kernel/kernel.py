@@ -34,6 +34,7 @@ from hsu._kernel.config.model import (
 from hsu._kernel.events import EventBus
 from hsu._kernel.lifecycle import KERNEL_TRANSITIONS, KernelState, StateMachine, Transition
 from hsu._kernel.logbuffer import LogBuffer
+from hsu._kernel.metrics import KernelMetrics, check_exporters
 from hsu._kernel.plugins import PluginManager, plugin_names
 from hsu._kernel.routing import KernelRouting
 from hsu._kernel.server import KernelServer
@@ -63,6 +64,9 @@ from hsu.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from hsu.metrics import CallMetrics
+from hsu.metrics import Registry as MetricsRegistry
+from hsu.metrics import enabled as metrics_enabled
 from hsu.ports import Changes, DataPlane, Identity, ProbeTarget, Registry, SourceContext, Storage
 from hsu.process import PidfdHandle
 
@@ -181,6 +185,9 @@ class Kernel:
         self.child_nofile: int | None = None
         self.containment = Containment(lambda: [i.pid for i in self.instances.values() if i.pid])
         self.routing = KernelRouting(self)
+        check_exporters(ks.exporters, plugins.names("exporter"))
+        #: its metrics (``kernel.metrics``), before plugins configure
+        self.metrics_hub = KernelMetrics(self, ks.metrics and metrics_enabled())
         self._background: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self._save_pending = False
@@ -229,6 +236,14 @@ class Kernel:
     @property
     def routes(self) -> KernelRouting:
         return self.routing
+
+    @property
+    def metrics(self) -> MetricsRegistry:
+        return self.metrics_hub.registry
+
+    @property
+    def calls(self) -> CallMetrics | None:
+        return self.metrics_hub.calls
 
     def register_plugin(self, plugin: object, name: str) -> str:
         """Per-kernel plugin state: registered now, unregistered when the kernel
@@ -319,6 +334,7 @@ class Kernel:
             )
             await self.routing.start()
             self._open_storage()
+            await self.metrics_hub.start_exporters(self.kernel_settings.exporters)
             found = await self._reattach()
             self._background.append(asyncio.ensure_future(self.logfiles.run()))
             for name, spec in self.deployment.units.items():
@@ -402,6 +418,7 @@ class Kernel:
             await self.plugins.call_each("hsu_kernel_stopping", stop_on_error=False, kernel=self)
             await self.stop_all_instances()
             await self.routing.close()
+            await self.metrics_hub.stop_exporters()
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)

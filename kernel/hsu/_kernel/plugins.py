@@ -63,6 +63,7 @@ KINDS: Mapping[str, str] = {
     "authenticator": "hsu_register_authenticators",
     "authorizer": "hsu_register_authorizers",
     "storage": "hsu_register_storages",
+    "exporter": "hsu_register_exporters",
 }
 #: kinds that have a default (a settings section or a config source has none)
 DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry", "storage")

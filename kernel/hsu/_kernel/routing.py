@@ -285,6 +285,13 @@ class KernelRouting:
                 unit=route.policy.unit,
                 reason=f"up: from zero: a call for {interface} and no instance is up",
             )
+        began = time.monotonic()
+        try:
+            return await self._ensure(route, interface, timeout)
+        finally:
+            self.kernel.metrics_hub.cold_start(route.policy.unit, began)
+
+    async def _ensure(self, route: Route, interface: str, timeout: float | None) -> Route:
         inst = await self.kernel.instance_for(interface)
         self.update(inst)
         await self.flush()
@@ -305,6 +312,10 @@ class KernelRouting:
         await self.flush()
         assert self.registry is not None
         return policy, await self.registry.lookup(interface)
+
+    def endpoint_count(self) -> int:
+        """Endpoints the registry lists (this kernel's and others')."""
+        return len(self._all)
 
     # -- slots and leases (hsu._kernel.pool) ----------------------------------------
 

@@ -532,7 +532,13 @@ class KernelServer:
         self.health = health.aio.HealthServicer()
         kernel_pb2_grpc.add_KernelServicer_to_server(KernelServicer(kernel), self.server)
         core_pb2_grpc.add_CoreServicer_to_server(
-            CoreServicer(kernel.core_info, kernel.shutdown_from_rpc, kernel.logs), self.server
+            CoreServicer(
+                kernel.core_info,
+                kernel.shutdown_from_rpc,
+                kernel.logs,
+                metrics=kernel.metrics.gather,
+            ),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(kernel), self.server)

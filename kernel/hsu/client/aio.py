@@ -57,6 +57,7 @@ from hsu.client.route import (
     until_connected,
 )
 from hsu.errors import HsuError
+from hsu.metrics import client_observer
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig, aio_channel
 
@@ -147,6 +148,7 @@ class RoutedChannel:
             watch=self._watch_ejected,
             acquire=resolver.acquire,
             release=resolver.release,
+            observe=client_observer(),
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._routes: dict[str, Route] = {}

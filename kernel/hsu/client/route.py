@@ -619,6 +619,10 @@ class Caller:
     #: an error with a status code, raised like the caller's own (default:
     #: :func:`rpc_error`)
     error: Callable[[grpc.StatusCode, str], BaseException] | None = None
+    #: told as each call (all its tries) ends: (grpc kind, method, the unit
+    #: of the last try's instance or "", what the call raised or None, when
+    #: it began on :func:`time.perf_counter`'s clock): ``CallMetrics.observe``
+    observe: Callable[[str, str, str, BaseException | None, float], None] | None = None
 
 
 def priority_of(metadata: Any) -> int:
@@ -713,12 +717,14 @@ class Tries:
         "_grant",
         "_replayable",
         "_seen",
+        "_t0",
         "_unreachable",
         "attempts",
         "deadline",
         "error",
         "exclude",
         "key",
+        "kind",
         "method",
         "priority",
         "replied",
@@ -738,11 +744,15 @@ class Tries:
         retries: bool,
         replayable: Callable[[], Awaitable[bool]] | None = None,
         priority: int = 0,
+        kind: str = "unary_unary",
     ):
         self._caller = caller
         #: in the unit's queue, when it has ``max_inflight`` (higher first)
         self.priority = priority
         self._grant: Any = None
+        #: grpc's kind of the method (``unary_unary``, ``stream_stream``...)
+        self.kind = kind
+        self._t0 = time.perf_counter() if caller.observe is not None else 0.0
         self.route = route
         self.method = method
         self.key = key
@@ -774,48 +784,72 @@ class Tries:
 
         The steps as in :meth:`__exit__`, spelled out: this is the path of
         most routed calls, and a context manager costs two calls more."""
-        while True:
-            if self.route.policy.max_inflight and self._caller.acquire is not None:
-                ep = await self._slot_async()
-            else:
-                ep = self._pick() or await self._next_async(ensure)
-            try:
-                reply = await attempt(ep)
-            except BaseException as exc:
-                if self._failed(exc) and self._retry(exc):
-                    continue
-                self._raise_error(exc)
-                raise
-            self._succeeded(ep)
-            return reply
+        try:
+            while True:
+                if self.route.policy.max_inflight and self._caller.acquire is not None:
+                    ep = await self._slot_async()
+                else:
+                    ep = self._pick() or await self._next_async(ensure)
+                try:
+                    reply = await attempt(ep)
+                except BaseException as exc:
+                    if self._failed(exc) and self._retry(exc):
+                        continue
+                    self._raise_error(exc)
+                    raise
+                self._succeeded(ep)
+                self._ended(None)
+                return reply
+        except BaseException as exc:
+            self._ended(exc)
+            raise
 
     async def run_async(
         self, attempt: Callable[[Endpoint], AsyncIterable[T]], ensure: AsyncEnsure
     ) -> AsyncIterator[T]:
         """A call's replies, from the try that got through."""
-        while True:
-            if self.route.policy.max_inflight and self._caller.acquire is not None:
-                ep = await self._slot_async()
-            else:
-                ep = self._pick() or await self._next_async(ensure)
-            async with self:
-                async for reply in attempt(ep):
-                    self.replied = True
-                    yield reply
-                return
+        try:
+            while True:
+                if self.route.policy.max_inflight and self._caller.acquire is not None:
+                    ep = await self._slot_async()
+                else:
+                    ep = self._pick() or await self._next_async(ensure)
+                async with self:
+                    async for reply in attempt(ep):
+                        self.replied = True
+                        yield reply
+                    self._ended(None)
+                    return
+        except BaseException as exc:
+            self._ended(exc)
+            raise
 
     def run(self, attempt: Callable[[Endpoint], Iterable[T]], ensure: Ensure) -> Iterator[T]:
         """The same, blocking: a unary call's one reply is a one-item iterable."""
-        while True:
-            if self.route.policy.max_inflight and self._caller.acquire_sync is not None:
-                ep = self._slot()
-            else:
-                ep = self._pick() or self._next(ensure)
-            with self:
-                for reply in attempt(ep):
-                    self.replied = True
-                    yield reply
-                return
+        try:
+            while True:
+                if self.route.policy.max_inflight and self._caller.acquire_sync is not None:
+                    ep = self._slot()
+                else:
+                    ep = self._pick() or self._next(ensure)
+                with self:
+                    for reply in attempt(ep):
+                        self.replied = True
+                        yield reply
+                    self._ended(None)
+                    return
+        except BaseException as exc:
+            self._ended(exc)
+            raise
+
+    def _ended(self, exc: BaseException | None) -> None:
+        """The call ended (``exc``: what it raised): tell the caller's
+        ``observe``, once."""
+        observe = self._caller.observe
+        if observe is not None and self._t0:
+            ep = self._ep
+            observe(self.kind, self.method, ep.unit if ep is not None else "", exc, self._t0)
+            self._t0 = 0.0
 
     # -- the steps ------------------------------------------------------------------
 
@@ -1153,6 +1187,7 @@ class RoutedMethod:
             deadline=deadline,
             retries=retries,
             priority=priority,
+            kind=self._kind,
         )
 
     def _callable(self, address: str) -> Any:

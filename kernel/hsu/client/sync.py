@@ -49,6 +49,7 @@ from hsu.client.route import (
     load_plugins,
 )
 from hsu.errors import HsuError
+from hsu.metrics import client_observer
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig
 from hsu.tls import channel as tls_channel
@@ -120,6 +121,7 @@ class SyncRoutedChannel:
             acquire_sync=self._acquire,
             release=self._release,
             error=NoInstance,
+            observe=client_observer(),
         )
         #: the Slots stream (units with max_inflight): requests to send, and
         #: the replies awaited, by request id

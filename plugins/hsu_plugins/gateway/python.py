@@ -81,6 +81,14 @@ HOP_KEYS = frozenset({"user-agent", "te", "content-type", "grpc-timeout", "grpc-
 HOP_KEYS_AUTH = HOP_KEYS | {"authorization"}
 #: metadata only the kernel sets: a caller's is dropped (``hsu.identity``)
 IDENTITY_PREFIX = IDENTITY_METADATA
+#: grpc's name of a method's kind, by (request streaming, response streaming);
+#: a method whose kind is not known yet goes as a stream, and is counted so
+KINDS = {
+    (False, False): "unary_unary",
+    (False, True): "unary_stream",
+    (True, False): "stream_unary",
+    (True, True): "stream_stream",
+}
 #: a proxy does not limit message sizes: the two ends do
 CHANNEL_OPTIONS = (
     *LOCAL_CHANNEL_OPTIONS,
@@ -108,6 +116,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._closing: set[asyncio.Task[None]] = set()
         self._watches: set[asyncio.Task[None]] = set()
         routes = self._routes
+        calls = kernel.calls
         self._caller = Caller(
             _failing,
             began=routes.call_began,
@@ -117,7 +126,21 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             watch=self._watch_ejected,
             acquire=self._acquire,
             release=routes.release,
+            observe=None if calls is None else self._observer(calls.observe),
         )
+
+    def _observer(self, observe: Callable[..., None]) -> Callable[..., None]:
+        """Count a call under its method's kind as reflection told it (the
+        first calls of a method go as a stream before the gateway knows)."""
+        kinds = self.kinds
+
+        def observed(
+            kind: str, method: str, unit: str, exc: BaseException | None, t0: float
+        ) -> None:
+            known = kinds.get(method)
+            observe(kind if known is None else KINDS[known], method, unit, exc, t0)
+
+        return observed
 
     # -- as a plugin of its kernel ------------------------------------------------
 
@@ -311,6 +334,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             retries=True,
             replayable=replayable,
             priority=priority,
+            kind="stream_stream",
         )
         return tries, metadata
 

@@ -864,6 +864,12 @@ class KernelSettings:
     #: records and what HSUs get over ``hsu.storage.v1.Storage``; ``sqlite``
     #: (the default) is one file in the state dir (docs/storage.md)
     storage: str | None = None
+    #: count routed calls and their latency (``docs/observability.md``);
+    #: values the kernel keeps anyway are read when an exporter collects
+    metrics: bool = True
+    #: metrics exporters to start, by the name their plugin registered
+    #: (``hsu_register_exporters``; built in: ``prometheus``)
+    exporters: tuple[str, ...] = ()
 
 
 def check_units(

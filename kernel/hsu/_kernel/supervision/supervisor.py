@@ -709,6 +709,7 @@ class UnitSupervisor:
 
     def _now_ready(self, inst: Instance) -> None:
         inst.ready_at = time.time()
+        self.kernel.metrics_hub.instance_ready(inst)
         inst.machine.move(S.READY, "ready")
         inst.ready.set_result(None)
         self.kernel.save_state()

@@ -54,6 +54,11 @@ class CoreStub:
                 request_serializer=hsu_dot_core_dot_v1_dot_core__pb2.StreamLogsRequest.SerializeToString,
                 response_deserializer=hsu_dot_core_dot_v1_dot_core__pb2.LogRecord.FromString,
                 _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/hsu.core.v1.Core/Metrics',
+                request_serializer=hsu_dot_core_dot_v1_dot_core__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=hsu_dot_core_dot_v1_dot_core__pb2.MetricsResponse.FromString,
+                _registered_method=True)
 
 
 class CoreServicer:
@@ -89,6 +94,15 @@ class CoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """The process's metrics as of now (hsu.metrics): its served calls under
+        go-grpc-prometheus's names and its author's own. The kernel's answer
+        also holds what it collected from its HSUs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_CoreServicer_to_server(servicer, server):
                     servicer.StreamLogs,
                     request_deserializer=hsu_dot_core_dot_v1_dot_core__pb2.StreamLogsRequest.FromString,
                     response_serializer=hsu_dot_core_dot_v1_dot_core__pb2.LogRecord.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=hsu_dot_core_dot_v1_dot_core__pb2.MetricsRequest.FromString,
+                    response_serializer=hsu_dot_core_dot_v1_dot_core__pb2.MetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +240,33 @@ class Core:
             '/hsu.core.v1.Core/StreamLogs',
             hsu_dot_core_dot_v1_dot_core__pb2.StreamLogsRequest.SerializeToString,
             hsu_dot_core_dot_v1_dot_core__pb2.LogRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.core.v1.Core/Metrics',
+            hsu_dot_core_dot_v1_dot_core__pb2.MetricsRequest.SerializeToString,
+            hsu_dot_core_dot_v1_dot_core__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

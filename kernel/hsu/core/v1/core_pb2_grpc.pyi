@@ -48,6 +48,11 @@ class CoreStub:
     """The process's own log records: the last `tail` records, then, with
     `follow`, new ones as they are written.
     """
+    Metrics: _grpc.UnaryUnaryMultiCallable[_core_pb2.MetricsRequest, _core_pb2.MetricsResponse]
+    """The process's metrics as of now (hsu.metrics): its served calls under
+    go-grpc-prometheus's names and its author's own. The kernel's answer
+    also holds what it collected from its HSUs.
+    """
 
 @_typing.type_check_only
 class CoreAsyncStub(CoreStub):
@@ -63,6 +68,11 @@ class CoreAsyncStub(CoreStub):
     StreamLogs: _aio.UnaryStreamMultiCallable[_core_pb2.StreamLogsRequest, _core_pb2.LogRecord]  # type: ignore[assignment]
     """The process's own log records: the last `tail` records, then, with
     `follow`, new ones as they are written.
+    """
+    Metrics: _aio.UnaryUnaryMultiCallable[_core_pb2.MetricsRequest, _core_pb2.MetricsResponse]  # type: ignore[assignment]
+    """The process's metrics as of now (hsu.metrics): its served calls under
+    go-grpc-prometheus's names and its author's own. The kernel's answer
+    also holds what it collected from its HSUs.
     """
 
 class CoreServicer(metaclass=_abc_1.ABCMeta):
@@ -100,6 +110,17 @@ class CoreServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_core_pb2.LogRecord], _abc.AsyncIterator[_core_pb2.LogRecord]]:
         """The process's own log records: the last `tail` records, then, with
         `follow`, new ones as they are written.
+        """
+
+    @_abc_1.abstractmethod
+    def Metrics(
+        self,
+        request: _core_pb2.MetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.MetricsResponse, _abc.Awaitable[_core_pb2.MetricsResponse]]:
+        """The process's metrics as of now (hsu.metrics): its served calls under
+        go-grpc-prometheus's names and its author's own. The kernel's answer
+        also holds what it collected from its HSUs.
         """
 
 def add_CoreServicer_to_server(servicer: CoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,253 @@
+"""The kernel's metrics: its registry, the values it reads when an exporter
+collects, the supervision histograms, and the exporters' lifecycle.
+
+What the kernel already keeps (instances and their states, restarts, circuit
+breakers, the registry's size, calls in flight) is read by :meth:`collect`,
+at collection time: nothing is pushed on a state change. RSS and CPU are
+sampled then too, with a sampler of their own (the resource-limit loop's
+readings are over its own interval).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from hsu.errors import PluginError
+from hsu.metrics import CallMetrics, Exporter, Family, Point, Registry
+
+if TYPE_CHECKING:
+    from hsu._kernel.kernel import Kernel
+    from hsu._kernel.supervision.instances import Instance
+
+#: seconds: starting a process and waiting for it to be ready
+START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: seconds the kernel waits for an HSU's Core.Metrics at a collection
+HSU_TIMEOUT = 2.0
+STATES = ("stopped", "starting", "ready", "stopping", "backoff", "fatal")
+
+
+class KernelMetrics:
+    """One kernel's metrics (``kernel.metrics``, ``kernel.calls``)."""
+
+    def __init__(self, kernel: Kernel, calls: bool) -> None:
+        from hsu._kernel.supervision.resources import Sampler
+
+        self.kernel = kernel
+        self.registry = Registry()
+        self.calls = CallMetrics(self.registry, "server") if calls else None
+        self.started = self.registry.histogram(
+            "hsu_instance_start_seconds",
+            "seconds from spawning an instance's process to the instance being ready",
+            ("hsu_unit",),
+            START_BUCKETS,
+        )
+        self.cold = self.registry.histogram(
+            "hsu_cold_start_seconds",
+            "seconds a routed call waited for an instance to be started for it",
+            ("hsu_unit",),
+            START_BUCKETS,
+        )
+        self.registry.add_collector("kernel", self.collect)
+        self.registry.add_source("hsus", self.from_hsus)
+        #: Core channels to instances, by address; instances that do not
+        #: serve Core.Metrics (another language's SDK), by (id, pid)
+        self._channels: dict[str, Any] = {}
+        self._unimplemented: set[tuple[str, int]] = set()
+        self._sampler = Sampler()
+        self._sampled: set[int] = set()
+        self._exporters: list[tuple[str, Exporter]] = []
+
+    # -- supervision -----------------------------------------------------------------
+
+    def instance_ready(self, inst: Instance) -> None:
+        """The instance's process became ready (spawn-to-ready)."""
+        if inst.ready_at is not None and not inst.reattached:
+            took = max(0.0, inst.ready_at - inst.started_at)
+            self.started.labels(inst.unit).observe(took)
+
+    def cold_start(self, unit: str, began: float) -> None:
+        """A routed call waited for an instance of ``unit`` since ``began``
+        (:func:`time.monotonic`)."""
+        self.cold.labels(unit).observe(max(0.0, time.monotonic() - began))
+
+    # -- collection ------------------------------------------------------------------
+
+    def collect(self) -> Iterable[Family]:
+        k = self.kernel
+        instances = list(k.instances.values())
+        units = list(k.deployment.units)
+        by_state: dict[tuple[str, str], int] = {(u, s): 0 for u in units for s in STATES}
+        restarts: list[Point] = []
+        rss: list[Point] = []
+        cpu: list[Point] = []
+        inflight: list[Point] = []
+        up: list[Point] = []
+        now = time.time()
+        alive: set[int] = set()
+        for inst in instances:
+            state = inst.state.value
+            by_state[inst.unit, state] = by_state.get((inst.unit, state), 0) + 1
+            labels = (("hsu_unit", inst.unit), ("hsu_instance", inst.instance_id))
+            restarts.append(Point(labels, float(inst.restarts)))
+            inflight.append(Point(labels, float(k.routing.load(inst.instance_id))))
+            if inst.ready_at is not None and state == "ready":
+                up.append(Point(labels, max(0.0, now - inst.ready_at)))
+            if inst.pid and state in ("ready", "starting", "stopping"):
+                alive.add(inst.pid)
+                usage = self._sampler.sample(inst.pid, k.containment.members(inst.instance_id))
+                if usage is not None:
+                    rss.append(Point(labels, float(usage.rss)))
+                    cpu.append(Point(labels, usage.cpu_percent))
+        for pid in [p for p in self._sampled if p not in alive]:
+            self._sampler.forget(pid)
+        self._sampled = alive
+        yield Family(
+            "hsu_instances",
+            "gauge",
+            "instances by unit and state",
+            tuple(
+                Point((("hsu_unit", u), ("state", s)), float(n))
+                for (u, s), n in sorted(by_state.items())
+            ),
+        )
+        yield Family(
+            "hsu_instance_restarts_total",
+            "counter",
+            "processes started in an instance's slot after the first",
+            tuple(restarts),
+        )
+        yield Family(
+            "hsu_instance_inflight",
+            "gauge",
+            "calls in flight on an instance (its own report, else the kernel's count)",
+            tuple(inflight),
+        )
+        yield Family(
+            "hsu_instance_uptime_seconds",
+            "gauge",
+            "seconds since the instance's current process became ready",
+            tuple(up),
+        )
+        yield Family(
+            "hsu_instance_resident_memory_bytes",
+            "gauge",
+            "resident memory of an instance's process tree",
+            tuple(rss),
+        )
+        yield Family(
+            "hsu_instance_cpu_percent",
+            "gauge",
+            "CPU of an instance's process tree since the previous collection, % of one core",
+            tuple(cpu),
+        )
+        breakers: list[Point] = []
+        for interface, route in list(k.routing.routes.items()):
+            for instance_id, breaker in list(route.breakers.items()):
+                ep = route.endpoints.get(instance_id)
+                unit = ep.unit if ep is not None else ""
+                for s in ("closed", "open", "half_open"):
+                    blabels = (
+                        ("grpc_service", interface),
+                        ("hsu_unit", unit),
+                        ("hsu_instance", instance_id),
+                        ("state", s),
+                    )
+                    breakers.append(Point(blabels, 1.0 if breaker.state == s else 0.0))
+        yield Family(
+            "hsu_breaker_state",
+            "gauge",
+            "1 for the state each instance's circuit breaker is in (kernel's routes)",
+            tuple(breakers),
+        )
+        yield Family(
+            "hsu_registry_endpoints",
+            "gauge",
+            "endpoints the service registry lists (this kernel's and others')",
+            (Point((), float(k.routing.endpoint_count())),),
+        )
+        yield Family(
+            "hsu_kernel_start_time_seconds",
+            "gauge",
+            "when the kernel started, seconds since the epoch",
+            (Point((), k.created_at),),
+        )
+
+    async def from_hsus(self) -> list[Family]:
+        """Every ready instance's Core.Metrics, each series labelled with its
+        ``hsu_unit`` and ``hsu_instance`` (asked at once, within
+        :data:`HSU_TIMEOUT`; one that does not answer in time is left out)."""
+        import grpc
+
+        from hsu._kernel.core_service import families_from_pb
+        from hsu.core.v1 import core_pb2, core_pb2_grpc
+
+        ready = [
+            i
+            for i in list(self.kernel.instances.values())
+            if i.state.value == "ready"
+            and i.address
+            and (i.instance_id, i.pid) not in self._unimplemented
+        ]
+        live = {i.address for i in ready}
+        for address in [a for a in self._channels if a not in live]:
+            await self._channels.pop(address).close()
+
+        async def ask(inst: Instance) -> list[Family]:
+            ch = self._channels.get(inst.address)
+            if ch is None:
+                ch = self._channels[inst.address] = grpc.aio.insecure_channel(inst.address)
+            try:
+                reply = await core_pb2_grpc.CoreStub(ch).Metrics(
+                    core_pb2.MetricsRequest(), timeout=HSU_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    self._unimplemented.add((inst.instance_id, inst.pid))
+                return []
+            extra = {"hsu_unit": inst.unit, "hsu_instance": inst.instance_id}
+            return [f.with_labels(extra) for f in families_from_pb(reply)]
+
+        answers = await asyncio.gather(*(ask(i) for i in ready))
+        return [f for fams in answers for f in fams]
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for ch in channels.values():
+            await ch.close()
+
+    # -- exporters -------------------------------------------------------------------
+
+    async def start_exporters(self, names: Iterable[str]) -> None:
+        """Start each exporter ``kernel.exporters`` names; one that is not
+        registered is an error listing the registered ones."""
+        for name in names:
+            factory: Any = self.kernel.plugins.get("exporter", name)
+            exporter = factory(self.kernel)
+            await exporter.start()
+            self._exporters.append((name, exporter))
+            logger.debug("metrics exporter {} started", name)
+
+    async def stop_exporters(self) -> None:
+        await self.close()
+        exporters, self._exporters = self._exporters, []
+        for name, exporter in reversed(exporters):
+            try:
+                await exporter.stop()
+            except Exception as exc:
+                logger.opt(exception=exc).warning("metrics exporter {} failed to stop", name)
+
+
+def check_exporters(names: Iterable[str], registered: list[str]) -> None:
+    """``kernel.exporters`` names registered exporters (an error says which not)."""
+    missing = [n for n in names if n not in registered]
+    if missing:
+        known = ", ".join(registered) or "none"
+        raise PluginError(
+            f"kernel.exporters: no exporter named {', '.join(map(repr, missing))}"
+            f" (registered: {known}); is its plugin enabled?"
+        )
