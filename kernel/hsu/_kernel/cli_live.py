@@ -89,31 +89,30 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int])
 
 
 def instance_rows(instances: Iterable[Any], used: dict[str, dict[str, float]]) -> list[str]:
-    """``hsu status``'s instance table (Kernel.ListInstances plus usage)."""
-    header = ("INSTANCE", "STATE", "PID", "ADDRESS", "UPTIME", "RESTARTS", "RSS", "CPU%",
-              "INFLIGHT", "INTERFACES")  # fmt: skip
-    rows = []
-    notes = []
-    for i in instances:
-        u = used.get(i.instance_id, {})
-        cpu = u.get("cpu")
-        rows.append(
-            (
-                i.instance_id,
-                i.state,
-                str(i.pid or "-"),
-                i.address or "-",
-                duration(u.get("uptime")),
-                str(i.restarts),
-                size(u.get("rss")),
-                "-" if cpu is None else f"{cpu:.1f}",
-                str(int(u["inflight"])) if "inflight" in u else "-",
-                ", ".join(i.interfaces),
-            )
-        )
-        if i.state in ("backoff", "fatal", "stopped") and i.last_exit:
-            notes.append(f"  {i.instance_id}: {i.last_exit.splitlines()[0]}")
-    return ["  " + line for line in table(header, rows, {2, 4, 5, 6, 7, 8})] + notes
+    """``hsu status``'s instance table (Kernel.ListInstances plus usage): the
+    CLI's columns (``cli.INSTANCE_COLUMNS``) with the usage ones after ADDRESS."""
+    from hsu._kernel.cli import INSTANCE_COLUMNS
+    from hsu._kernel.table import Column, render
+
+    def of(i: Any) -> dict[str, float]:
+        return used.get(i.instance_id, {})
+
+    def cpu(i: Any) -> str | None:
+        value = of(i).get("cpu")
+        return None if value is None else f"{value:.1f}"
+
+    def inflight(i: Any) -> str | None:
+        value = of(i).get("inflight")
+        return None if value is None else str(int(value))
+
+    usage = [
+        Column("UPTIME", lambda i: duration(of(i).get("uptime")), ">"),
+        Column("RSS", lambda i: size(of(i).get("rss")), ">"),
+        Column("CPU%", cpu, ">"),
+        Column("INFLIGHT", inflight, ">"),
+    ]
+    at = [c.title for c in INSTANCE_COLUMNS].index("ADDRESS") + 1
+    return render(instances, [*INSTANCE_COLUMNS[:at], *usage, *INSTANCE_COLUMNS[at:]])
 
 
 # -- hsu top ---------------------------------------------------------------------------
