@@ -28,7 +28,7 @@ ROLES: Mapping[str, tuple[str, ...]] = {
         *(CORE + m for m in ("StreamLogs", "Ping", "Info")),
     ),
     "control": tuple(KERNEL + m for m in ("Scale", "Start", "Stop", "Restart", "Reload")),
-    "register": tuple(KERNEL + m for m in ("Register", "Deregister", "ReportLoad")),
+    "register": tuple(KERNEL + m for m in ("Register", "Deregister", "ReportLoad", "PublishEvent")),
     "route": tuple(KERNEL + m for m in ("Resolve", "WatchEndpoints")),
     "admin": (CORE + "Shutdown",),
 }

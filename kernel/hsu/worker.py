@@ -227,6 +227,7 @@ class Worker:
         self._reported = 0
         self._last_report = 0.0
         self._reporter: asyncio.Task[None] | None = None
+        self._events: grpc.aio.Channel | None = None
 
     @property
     def interfaces(self) -> list[str]:
@@ -310,6 +311,42 @@ class Worker:
             self.address,
         )
 
+    async def publish(
+        self,
+        topic: str,
+        data: dict[str, str] | None = None,
+        *,
+        reason: str = "",
+        timeout: float = 5.0,
+    ) -> int:
+        """Publish an event on the kernel's bus (``Kernel.PublishEvent``,
+        docs/tracing.md, "Events"); returns its sequence number.
+
+        ``topic`` is this HSU's own (``orders.shipped``; the kernel refuses
+        ``kernel.``, ``instance.``, ``worker.``, ``service.``, ``config.``);
+        ``data`` at most 32 string pairs. At most 100 a second (a burst of
+        200): more are refused with RESOURCE_EXHAUSTED.
+
+        :raises hsu.errors.HsuError: not registered with a kernel, or the
+            kernel refused the event (its reason in the message)
+        """
+        if not (self.kernel_address and self.instance_id):
+            raise HsuError(f"publish {topic!r}: this HSU is not registered with a kernel")
+        if self._events is None:
+            self._events = aio_channel(self.kernel_address, self.tls)
+        stub = kernel_pb2_grpc.KernelStub(self._events)
+        request = kernel_pb2.PublishEventRequest(
+            instance_id=self.instance_id, topic=topic, data=data or {}, reason=reason
+        )
+        try:
+            reply = await stub.PublishEvent(request, timeout=timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise HsuError(
+                f"publish {topic!r}: the kernel at {self.kernel_address} refused:"
+                f" {exc.code().name}: {exc.details()}"
+            ) from None
+        return int(reply.seq)
+
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
         if self.kernel_address and self.instance_id and self.address:
@@ -319,6 +356,9 @@ class Worker:
         if self._reporter is not None:
             self._reporter.cancel()
             await asyncio.gather(self._reporter, return_exceptions=True)
+        if self._events is not None:
+            await self._events.close()
+            self._events = None
 
     # -- load reports ------------------------------------------------------------
 

@@ -57,7 +57,7 @@ IDENTIFIED_PREFIXES = ("/grpc.reflection.",)
 #: what the kernel itself allows an instance identity (the handshake; the
 #: servicer then checks the token belongs to the instance the call names)
 INSTANCE_METHODS = frozenset(
-    f"/hsu.kernel.v1.Kernel/{m}" for m in ("Register", "Deregister", "ReportLoad")
+    f"/hsu.kernel.v1.Kernel/{m}" for m in ("Register", "Deregister", "ReportLoad", "PublishEvent")
 )
 #: roles the kernel's ``instance`` authenticator vouches for
 INSTANCE_ROLES = ("register", "route")

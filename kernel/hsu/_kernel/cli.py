@@ -280,20 +280,30 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _event_dict(ev: kernel_pb2.Event) -> dict[str, Any]:
+    return json_format.MessageToDict(ev, preserving_proto_field_name=True)
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     address = _kernel_address(args)
-    request = kernel_pb2.WatchEventsRequest(unit=args.unit or "", replay=args.replay)
+    request = kernel_pb2.WatchEventsRequest(
+        unit=args.unit or "", replay=args.replay, topics=args.topic or ()
+    )
 
     def follow(channel: grpc.Channel, timeout: float) -> None:
         for ev in kernel_pb2_grpc.KernelStub(channel).WatchEvents(request):
             if ev.lost:
                 print(f"... {ev.lost} events lost (this reader fell behind)", flush=True)
                 continue
+            if args.json:
+                print(json.dumps(_event_dict(ev)), flush=True)
+                continue
             stamp = time.strftime("%H:%M:%S", time.localtime(ev.at.seconds))
             who = ev.instance_id or ev.kind
-            move = f"{ev.from_state} -> {ev.to_state}" if ev.to_state else ev.kind
+            move = f"  {ev.from_state} -> {ev.to_state}" if ev.to_state else ""
+            data = "".join(f" {k}={v!r}" for k, v in sorted(ev.data.items()))
             reason = f"  ({ev.reason})" if ev.reason else ""
-            print(f"{stamp} #{ev.seq} {who}: {move}{reason}", flush=True)
+            print(f"{stamp} #{ev.seq} {ev.topic} {who}:{move}{data}{reason}", flush=True)
 
     _call(address, follow, 0.0, args)
     return 0
@@ -498,9 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("events", help="state transitions as they happen")
+    p = sub.add_parser("events", help="state transitions and published events as they happen")
     p.add_argument("unit", nargs="?", help="only this unit's")
     p.add_argument("--replay", action="store_true", help="first the recent ones")
+    p.add_argument(
+        "--topic",
+        action="append",
+        metavar="TOPIC",
+        help="only events on this topic (a name or a glob: 'worker.*'); repeatable",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
     address_opt(p, "the kernel to ask")
     p.set_defaults(func=cmd_events)
 

@@ -802,7 +802,16 @@ class UnitSupervisor:
             if failures >= health.failure_threshold:
                 inst.health = "unhealthy"
                 self.kernel.routing.update(inst)
-                return f"{failures} {health.probe} probes failed; last: {result.detail}"
+                why = f"{failures} {health.probe} probes failed; last: {result.detail}"
+                self.kernel.events.publish(
+                    "worker",
+                    topic="worker.unhealthy",
+                    unit=self.name,
+                    instance_id=inst.instance_id,
+                    pid=inst.pid,
+                    reason=why,
+                )
+                return why
 
     async def _terminate(
         self,

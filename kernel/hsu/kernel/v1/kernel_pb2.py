@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahsu/kernel/v1/kernel.proto\x12\rhsu.kernel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x01\n\x0fRegisterRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\ninterfaces\x18\x04 \x03(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\x12>\n\x08metadata\x18\x07 \x03(\x0b\x32,.hsu.kernel.v1.RegisterRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x10RegisterResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"(\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\xa6\x03\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x12\n\ninterfaces\x18\x06 \x03(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x08metadata\x18\n \x03(\x0b\x32%.hsu.kernel.v1.Instance.MetadataEntry\x12\x0f\n\x07managed\x18\x0b \x01(\x08\x12\x10\n\x08restarts\x18\x0c \x01(\r\x12\x11\n\tlast_exit\x18\r \x01(\t\x12\x0e\n\x06health\x18\x0e \x01(\t\x12\x12\n\nreattached\x18\x0f \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x14ListInstancesRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\"C\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.hsu.kernel.v1.Instance\"{\n\x06Plugin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05hooks\x18\x04 \x03(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x14\n\x12ListPluginsRequest\"=\n\x13ListPluginsResponse\x12&\n\x07plugins\x18\x01 \x03(\x0b\x32\x15.hsu.kernel.v1.Plugin\"\x0f\n\rStatusRequest\"j\n\nTransition\x12\x12\n\nfrom_state\x18\x01 \x01(\t\x12\x10\n\x08to_state\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xe0\x01\n\x0eStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07history\x18\x06 \x03(\x0b\x32\x19.hsu.kernel.v1.Transition\x12\x12\n\ndeployment\x18\x07 \x01(\t\x12\r\n\x05units\x18\x08 \x03(\t\x12\x11\n\tinstances\x18\t \x01(\r\"2\n\x12WatchEventsRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x0e\n\x06replay\x18\x02 \x01(\x08\"\xbe\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x12\n\nfrom_state\x18\x05 \x01(\t\x12\x10\n\x08to_state\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04lost\x18\n \x01(\x04\"A\n\rTargetRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05grace\x18\x03 \x01(\x01\"<\n\x0eTargetResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.hsu.kernel.v1.Instance\"+\n\x0cScaleRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x0f\n\rReloadRequest\"w\n\x0eReloadResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x03(\t\x12\x11\n\trestarted\x18\x04 \x03(\t\x12\x10\n\x08sections\x18\x05 \x03(\t\x12\x0f\n\x07summary\x18\x06 \x01(\t\"\xdb\x01\n\x08\x45ndpoint\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\ninterfaces\x18\x04 \x03(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\r\x12\x37\n\x08metadata\x18\x07 \x03(\x0b\x32%.hsu.kernel.v1.Endpoint.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x01\n\rRoutingPolicy\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61lancer\x18\x02 \x01(\t\x12\x1d\n\x15\x62\x61lancer_options_json\x18\x03 \x01(\t\x12\x0f\n\x07\x62reaker\x18\x04 \x01(\t\x12\x1c\n\x14\x62reaker_options_json\x18\x05 \x01(\t\x12\x10\n\x08hash_key\x18\x06 \x01(\t\x12\x12\n\nidempotent\x18\x07 \x03(\t\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12\x14\n\x0cretry_budget\x18\t \x01(\x01\x12\x1c\n\x14retry_min_per_second\x18\n \x01(\x01\"3\n\x0eResolveRequest\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0e\n\x06\x65nsure\x18\x02 \x01(\x08\"k\n\x0fResolveResponse\x12,\n\x06policy\x18\x01 \x01(\x0b\x32\x1c.hsu.kernel.v1.RoutingPolicy\x12*\n\tendpoints\x18\x02 \x03(\x0b\x32\x17.hsu.kernel.v1.Endpoint\"*\n\x15WatchEndpointsRequest\x12\x11\n\tinterface\x18\x01 \x01(\t\"n\n\x0e\x45ndpointUpdate\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12*\n\tendpoints\x18\x02 \x03(\x0b\x32\x17.hsu.kernel.v1.Endpoint\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x04\"3\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08inflight\x18\x02 \x01(\r\"\x0f\n\rLoadReportAck2\xb6\x08\n\x06Kernel\x12K\n\x08Register\x12\x1e.hsu.kernel.v1.RegisterRequest\x1a\x1f.hsu.kernel.v1.RegisterResponse\x12Q\n\nDeregister\x12 .hsu.kernel.v1.DeregisterRequest\x1a!.hsu.kernel.v1.DeregisterResponse\x12Z\n\rListInstances\x12#.hsu.kernel.v1.ListInstancesRequest\x1a$.hsu.kernel.v1.ListInstancesResponse\x12T\n\x0bListPlugins\x12!.hsu.kernel.v1.ListPluginsRequest\x1a\".hsu.kernel.v1.ListPluginsResponse\x12\x45\n\x06Status\x12\x1c.hsu.kernel.v1.StatusRequest\x1a\x1d.hsu.kernel.v1.StatusResponse\x12H\n\x0bWatchEvents\x12!.hsu.kernel.v1.WatchEventsRequest\x1a\x14.hsu.kernel.v1.Event0\x01\x12\x44\n\x05Start\x12\x1c.hsu.kernel.v1.TargetRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x43\n\x04Stop\x12\x1c.hsu.kernel.v1.TargetRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x46\n\x07Restart\x12\x1c.hsu.kernel.v1.TargetRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x43\n\x05Scale\x12\x1b.hsu.kernel.v1.ScaleRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x45\n\x06Reload\x12\x1c.hsu.kernel.v1.ReloadRequest\x1a\x1d.hsu.kernel.v1.ReloadResponse\x12H\n\x07Resolve\x12\x1d.hsu.kernel.v1.ResolveRequest\x1a\x1e.hsu.kernel.v1.ResolveResponse\x12W\n\x0eWatchEndpoints\x12$.hsu.kernel.v1.WatchEndpointsRequest\x1a\x1d.hsu.kernel.v1.EndpointUpdate0\x01\x12G\n\nReportLoad\x12\x19.hsu.kernel.v1.LoadReport\x1a\x1c.hsu.kernel.v1.LoadReportAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahsu/kernel/v1/kernel.proto\x12\rhsu.kernel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x01\n\x0fRegisterRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\ninterfaces\x18\x04 \x03(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\x12>\n\x08metadata\x18\x07 \x03(\x0b\x32,.hsu.kernel.v1.RegisterRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x10RegisterResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"(\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\xa6\x03\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x12\n\ninterfaces\x18\x06 \x03(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x08metadata\x18\n \x03(\x0b\x32%.hsu.kernel.v1.Instance.MetadataEntry\x12\x0f\n\x07managed\x18\x0b \x01(\x08\x12\x10\n\x08restarts\x18\x0c \x01(\r\x12\x11\n\tlast_exit\x18\r \x01(\t\x12\x0e\n\x06health\x18\x0e \x01(\t\x12\x12\n\nreattached\x18\x0f \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x14ListInstancesRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\"C\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.hsu.kernel.v1.Instance\"{\n\x06Plugin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05hooks\x18\x04 \x03(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x14\n\x12ListPluginsRequest\"=\n\x13ListPluginsResponse\x12&\n\x07plugins\x18\x01 \x03(\x0b\x32\x15.hsu.kernel.v1.Plugin\"\x0f\n\rStatusRequest\"j\n\nTransition\x12\x12\n\nfrom_state\x18\x01 \x01(\t\x12\x10\n\x08to_state\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xe0\x01\n\x0eStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07history\x18\x06 \x03(\x0b\x32\x19.hsu.kernel.v1.Transition\x12\x12\n\ndeployment\x18\x07 \x01(\t\x12\r\n\x05units\x18\x08 \x03(\t\x12\x11\n\tinstances\x18\t \x01(\r\"B\n\x12WatchEventsRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x0e\n\x06replay\x18\x02 \x01(\x08\x12\x0e\n\x06topics\x18\x03 \x03(\t\"\xa8\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x12\n\nfrom_state\x18\x05 \x01(\t\x12\x10\n\x08to_state\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04lost\x18\n \x01(\x04\x12\r\n\x05topic\x18\x0b \x01(\t\x12,\n\x04\x64\x61ta\x18\x0c \x03(\x0b\x32\x1e.hsu.kernel.v1.Event.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\rTargetRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05grace\x18\x03 \x01(\x01\"<\n\x0eTargetResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.hsu.kernel.v1.Instance\"+\n\x0cScaleRequest\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x0f\n\rReloadRequest\"w\n\x0eReloadResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x03(\t\x12\x11\n\trestarted\x18\x04 \x03(\t\x12\x10\n\x08sections\x18\x05 \x03(\t\x12\x0f\n\x07summary\x18\x06 \x01(\t\"\xdb\x01\n\x08\x45ndpoint\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\ninterfaces\x18\x04 \x03(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\r\x12\x37\n\x08metadata\x18\x07 \x03(\x0b\x32%.hsu.kernel.v1.Endpoint.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x01\n\rRoutingPolicy\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61lancer\x18\x02 \x01(\t\x12\x1d\n\x15\x62\x61lancer_options_json\x18\x03 \x01(\t\x12\x0f\n\x07\x62reaker\x18\x04 \x01(\t\x12\x1c\n\x14\x62reaker_options_json\x18\x05 \x01(\t\x12\x10\n\x08hash_key\x18\x06 \x01(\t\x12\x12\n\nidempotent\x18\x07 \x03(\t\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12\x14\n\x0cretry_budget\x18\t \x01(\x01\x12\x1c\n\x14retry_min_per_second\x18\n \x01(\x01\"3\n\x0eResolveRequest\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0e\n\x06\x65nsure\x18\x02 \x01(\x08\"k\n\x0fResolveResponse\x12,\n\x06policy\x18\x01 \x01(\x0b\x32\x1c.hsu.kernel.v1.RoutingPolicy\x12*\n\tendpoints\x18\x02 \x03(\x0b\x32\x17.hsu.kernel.v1.Endpoint\"*\n\x15WatchEndpointsRequest\x12\x11\n\tinterface\x18\x01 \x01(\t\"n\n\x0e\x45ndpointUpdate\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12*\n\tendpoints\x18\x02 \x03(\x0b\x32\x17.hsu.kernel.v1.Endpoint\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x04\"3\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08inflight\x18\x02 \x01(\r\"\x0f\n\rLoadReportAck\"\xb2\x01\n\x13PublishEventRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12:\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32,.hsu.kernel.v1.PublishEventRequest.DataEntry\x12\x0e\n\x06reason\x18\x04 \x01(\t\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x14PublishEventResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x32\x8f\t\n\x06Kernel\x12K\n\x08Register\x12\x1e.hsu.kernel.v1.RegisterRequest\x1a\x1f.hsu.kernel.v1.RegisterResponse\x12Q\n\nDeregister\x12 .hsu.kernel.v1.DeregisterRequest\x1a!.hsu.kernel.v1.DeregisterResponse\x12Z\n\rListInstances\x12#.hsu.kernel.v1.ListInstancesRequest\x1a$.hsu.kernel.v1.ListInstancesResponse\x12T\n\x0bListPlugins\x12!.hsu.kernel.v1.ListPluginsRequest\x1a\".hsu.kernel.v1.ListPluginsResponse\x12\x45\n\x06Status\x12\x1c.hsu.kernel.v1.StatusRequest\x1a\x1d.hsu.kernel.v1.StatusResponse\x12H\n\x0bWatchEvents\x12!.hsu.kernel.v1.WatchEventsRequest\x1a\x14.hsu.kernel.v1.Event0\x01\x12\x44\n\x05Start\x12\x1c.hsu.kernel.v1.TargetRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x43\n\x04Stop\x12\x1c.hsu.kernel.v1.TargetRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x46\n\x07Restart\x12\x1c.hsu.kernel.v1.TargetRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x43\n\x05Scale\x12\x1b.hsu.kernel.v1.ScaleRequest\x1a\x1d.hsu.kernel.v1.TargetResponse\x12\x45\n\x06Reload\x12\x1c.hsu.kernel.v1.ReloadRequest\x1a\x1d.hsu.kernel.v1.ReloadResponse\x12H\n\x07Resolve\x12\x1d.hsu.kernel.v1.ResolveRequest\x1a\x1e.hsu.kernel.v1.ResolveResponse\x12W\n\x0eWatchEndpoints\x12$.hsu.kernel.v1.WatchEndpointsRequest\x1a\x1d.hsu.kernel.v1.EndpointUpdate0\x01\x12G\n\nReportLoad\x12\x19.hsu.kernel.v1.LoadReport\x1a\x1c.hsu.kernel.v1.LoadReportAck(\x01\x12W\n\x0cPublishEvent\x12\".hsu.kernel.v1.PublishEventRequest\x1a#.hsu.kernel.v1.PublishEventResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_INSTANCE_METADATAENTRY']._loaded_options = None
   _globals['_INSTANCE_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_EVENT_DATAENTRY']._loaded_options = None
+  _globals['_EVENT_DATAENTRY']._serialized_options = b'8\001'
   _globals['_ENDPOINT_METADATAENTRY']._loaded_options = None
   _globals['_ENDPOINT_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_PUBLISHEVENTREQUEST_DATAENTRY']._loaded_options = None
+  _globals['_PUBLISHEVENTREQUEST_DATAENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERREQUEST']._serialized_start=79
   _globals['_REGISTERREQUEST']._serialized_end=311
   _globals['_REGISTERREQUEST_METADATAENTRY']._serialized_start=264
@@ -69,37 +73,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSRESPONSE']._serialized_start=1286
   _globals['_STATUSRESPONSE']._serialized_end=1510
   _globals['_WATCHEVENTSREQUEST']._serialized_start=1512
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1562
-  _globals['_EVENT']._serialized_start=1565
-  _globals['_EVENT']._serialized_end=1755
-  _globals['_TARGETREQUEST']._serialized_start=1757
-  _globals['_TARGETREQUEST']._serialized_end=1822
-  _globals['_TARGETRESPONSE']._serialized_start=1824
-  _globals['_TARGETRESPONSE']._serialized_end=1884
-  _globals['_SCALEREQUEST']._serialized_start=1886
-  _globals['_SCALEREQUEST']._serialized_end=1929
-  _globals['_RELOADREQUEST']._serialized_start=1931
-  _globals['_RELOADREQUEST']._serialized_end=1946
-  _globals['_RELOADRESPONSE']._serialized_start=1948
-  _globals['_RELOADRESPONSE']._serialized_end=2067
-  _globals['_ENDPOINT']._serialized_start=2070
-  _globals['_ENDPOINT']._serialized_end=2289
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1578
+  _globals['_EVENT']._serialized_start=1581
+  _globals['_EVENT']._serialized_end=1877
+  _globals['_EVENT_DATAENTRY']._serialized_start=1834
+  _globals['_EVENT_DATAENTRY']._serialized_end=1877
+  _globals['_TARGETREQUEST']._serialized_start=1879
+  _globals['_TARGETREQUEST']._serialized_end=1944
+  _globals['_TARGETRESPONSE']._serialized_start=1946
+  _globals['_TARGETRESPONSE']._serialized_end=2006
+  _globals['_SCALEREQUEST']._serialized_start=2008
+  _globals['_SCALEREQUEST']._serialized_end=2051
+  _globals['_RELOADREQUEST']._serialized_start=2053
+  _globals['_RELOADREQUEST']._serialized_end=2068
+  _globals['_RELOADRESPONSE']._serialized_start=2070
+  _globals['_RELOADRESPONSE']._serialized_end=2189
+  _globals['_ENDPOINT']._serialized_start=2192
+  _globals['_ENDPOINT']._serialized_end=2411
   _globals['_ENDPOINT_METADATAENTRY']._serialized_start=264
   _globals['_ENDPOINT_METADATAENTRY']._serialized_end=311
-  _globals['_ROUTINGPOLICY']._serialized_start=2292
-  _globals['_ROUTINGPOLICY']._serialized_end=2529
-  _globals['_RESOLVEREQUEST']._serialized_start=2531
-  _globals['_RESOLVEREQUEST']._serialized_end=2582
-  _globals['_RESOLVERESPONSE']._serialized_start=2584
-  _globals['_RESOLVERESPONSE']._serialized_end=2691
-  _globals['_WATCHENDPOINTSREQUEST']._serialized_start=2693
-  _globals['_WATCHENDPOINTSREQUEST']._serialized_end=2735
-  _globals['_ENDPOINTUPDATE']._serialized_start=2737
-  _globals['_ENDPOINTUPDATE']._serialized_end=2847
-  _globals['_LOADREPORT']._serialized_start=2849
-  _globals['_LOADREPORT']._serialized_end=2900
-  _globals['_LOADREPORTACK']._serialized_start=2902
-  _globals['_LOADREPORTACK']._serialized_end=2917
-  _globals['_KERNEL']._serialized_start=2920
-  _globals['_KERNEL']._serialized_end=3998
+  _globals['_ROUTINGPOLICY']._serialized_start=2414
+  _globals['_ROUTINGPOLICY']._serialized_end=2651
+  _globals['_RESOLVEREQUEST']._serialized_start=2653
+  _globals['_RESOLVEREQUEST']._serialized_end=2704
+  _globals['_RESOLVERESPONSE']._serialized_start=2706
+  _globals['_RESOLVERESPONSE']._serialized_end=2813
+  _globals['_WATCHENDPOINTSREQUEST']._serialized_start=2815
+  _globals['_WATCHENDPOINTSREQUEST']._serialized_end=2857
+  _globals['_ENDPOINTUPDATE']._serialized_start=2859
+  _globals['_ENDPOINTUPDATE']._serialized_end=2969
+  _globals['_LOADREPORT']._serialized_start=2971
+  _globals['_LOADREPORT']._serialized_end=3022
+  _globals['_LOADREPORTACK']._serialized_start=3024
+  _globals['_LOADREPORTACK']._serialized_end=3039
+  _globals['_PUBLISHEVENTREQUEST']._serialized_start=3042
+  _globals['_PUBLISHEVENTREQUEST']._serialized_end=3220
+  _globals['_PUBLISHEVENTREQUEST_DATAENTRY']._serialized_start=1834
+  _globals['_PUBLISHEVENTREQUEST_DATAENTRY']._serialized_end=1877
+  _globals['_PUBLISHEVENTRESPONSE']._serialized_start=3222
+  _globals['_PUBLISHEVENTRESPONSE']._serialized_end=3257
+  _globals['_KERNEL']._serialized_start=3260
+  _globals['_KERNEL']._serialized_end=4427
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,10 @@ class KernelStub:
     """An HSU's calls in flight, sent when they change (at most every
     `interval`); drives autoscaling and draining.
     """
+    PublishEvent: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.PublishEventRequest, _kernel_pb2.PublishEventResponse]
+    """An HSU publishes an event on the bus (its own topics: not kernel., instance.,
+    worker., service. or config.); every WatchEvents subscriber of the topic sees it.
+    """
 
 @_typing.type_check_only
 class KernelAsyncStub(KernelStub):
@@ -102,6 +106,10 @@ class KernelAsyncStub(KernelStub):
     ReportLoad: _aio.StreamUnaryMultiCallable[_kernel_pb2.LoadReport, _kernel_pb2.LoadReportAck]  # type: ignore[assignment]
     """An HSU's calls in flight, sent when they change (at most every
     `interval`); drives autoscaling and draining.
+    """
+    PublishEvent: _aio.UnaryUnaryMultiCallable[_kernel_pb2.PublishEventRequest, _kernel_pb2.PublishEventResponse]  # type: ignore[assignment]
+    """An HSU publishes an event on the bus (its own topics: not kernel., instance.,
+    worker., service. or config.); every WatchEvents subscriber of the topic sees it.
     """
 
 class KernelServicer(metaclass=_abc_1.ABCMeta):
@@ -221,6 +229,16 @@ class KernelServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kernel_pb2.LoadReportAck, _abc.Awaitable[_kernel_pb2.LoadReportAck]]:
         """An HSU's calls in flight, sent when they change (at most every
         `interval`); drives autoscaling and draining.
+        """
+
+    @_abc_1.abstractmethod
+    def PublishEvent(
+        self,
+        request: _kernel_pb2.PublishEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.PublishEventResponse, _abc.Awaitable[_kernel_pb2.PublishEventResponse]]:
+        """An HSU publishes an event on the bus (its own topics: not kernel., instance.,
+        worker., service. or config.); every WatchEvents subscriber of the topic sees it.
         """
 
 def add_KernelServicer_to_server(servicer: KernelServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
