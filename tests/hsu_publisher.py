@@ -1,7 +1,7 @@
 """A test HSU serving hsu.echo.v1.Echo that publishes on the kernel's bus.
 
 ``Echo(message)`` publishes an event on the topic ``message`` (with
-``data={"from": "publisher"}``) through :meth:`hsu.worker.Worker.publish` and
+``data={"from": "publisher"}``), logging that it does, through :meth:`hsu.worker.Worker.publish` and
 answers ``seq N``, or ``refused: ...`` with the kernel's reason.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+from loguru import logger
 
 from hsu import worker
 from hsu.errors import HsuError
@@ -21,6 +23,7 @@ class Publisher(echo_pb2_grpc.EchoServicer):
 
     async def Echo(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoResponse:
         assert self.worker is not None
+        logger.info("publishing {!r}", request.message)
         try:
             seq = await self.worker.publish(
                 request.message, {"from": "publisher"}, reason="asked by a test"
@@ -31,6 +34,7 @@ class Publisher(echo_pb2_grpc.EchoServicer):
 
 
 async def main() -> None:
+    worker.configure_logging()
     servicer = Publisher()
     servicer.worker = worker.Worker(servicer, version="1")
     await servicer.worker.serve()

@@ -32,7 +32,7 @@ import inspect
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -42,6 +42,8 @@ from grpc_reflection.v1alpha import reflection
 from loguru import logger
 
 from hsu import identity as forwarded
+from hsu import tracecontext
+from hsu._kernel import logsetup
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer
 from hsu._kernel.logbuffer import LogBuffer
 from hsu.core.v1 import core_pb2_grpc
@@ -162,6 +164,57 @@ class LoadCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return counted
 
 
+class TraceContext(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Each call's span (:mod:`hsu.tracecontext`): a child of the caller's
+    ``traceparent`` (the kernel's attempt), current while the handler runs,
+    so its log records carry ``trace_id`` and ``span_id``. A call without a
+    valid ``traceparent`` has none (the SDK starts no trace of its own)."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        parent = tracecontext.from_metadata(details.invocation_metadata)
+        if parent is None:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_unary_in(parent, handler.unary_unary))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=_unary_in(parent, handler.stream_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_streaming_in(parent, handler.unary_stream))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_streaming_in(parent, handler.stream_stream))
+        return handler
+
+
+def _unary_in(parent: tracecontext.SpanContext, behavior: Any) -> Any:
+    async def traced(request: Any, context: Any) -> Any:
+        with tracecontext.use(parent.child()):
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+    return traced
+
+
+def _streaming_in(parent: tracecontext.SpanContext, behavior: Any) -> Any:
+    async def traced(request: Any, context: Any) -> Any:
+        with tracecontext.use(parent.child()):
+            result = behavior(request, context)
+            if hasattr(result, "__aiter__"):
+                async for reply in result:
+                    yield reply
+            elif inspect.isawaitable(result):
+                await result
+            elif result is not None:
+                for reply in result:
+                    yield reply
+
+    return traced
+
+
 class ShutdownGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Core.Shutdown only from a caller sending ``hsu-instance-token`` equal to
     ``token`` (the kernel); any other caller gets PERMISSION_DENIED."""
@@ -198,6 +251,8 @@ class Worker:
         instance_id: str | None = None,
         grace: float = 5.0,
         token: str | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        options: Sequence[tuple[str, Any]] = (),
     ):
         if not servicers:
             raise HsuError("an HSU serves at least one interface: pass a servicer")
@@ -215,6 +270,11 @@ class Worker:
         #: (``HSU_TLS_CA``/``_CERT``/``_KEY``, see :mod:`hsu.tls`)
         self.tls = TLSConfig.from_env()
         self.grace = grace
+        #: the caller's server interceptors, outside the SDK's own (so an
+        #: OpenTelemetry server interceptor's span encloses the handler), and
+        #: grpc server options (``grpc.max_receive_message_length``, ...)
+        self.interceptors = list(interceptors)
+        self.options = list(options)
         self.address = ""
         self.logs = LogBuffer()
         self._stop = asyncio.Event()
@@ -254,10 +314,12 @@ class Worker:
         return ((TOKEN_METADATA, self.token),) if self.token else None
 
     async def start(self) -> str:
-        interceptors: list[Any] = [ShutdownGuard(self.token)] if self.token else []
+        interceptors: list[Any] = [*self.interceptors, TraceContext()]
+        if self.token:
+            interceptors.append(ShutdownGuard(self.token))
         if self.kernel_address:
             interceptors.append(self.load)
-        server = grpc.aio.server(interceptors=interceptors)
+        server = grpc.aio.server(interceptors=interceptors, options=self.options)
         for service in self.services:
             service.add_to_server(service.servicer, server)
         core = CoreServicer(self.info, self.request_stop, self.logs, self.grace)
@@ -455,16 +517,38 @@ def identity(context: Any, *, token: str | None = None) -> Identity | None:
     return forwarded.verify(sent, key, os.environ.get(ENV_INSTANCE_ID) or None)
 
 
+def configure_logging(level: str = "INFO") -> None:
+    """Log as the kernel expects of an HSU it started (:func:`run` calls it;
+    call it yourself when you drive :class:`Worker` from your own ``main``).
+
+    Under a kernel, records go to stderr as ``LEVEL: message`` (the kernel
+    timestamps and tags each line it captures) or, with ``HSU_LOG_FORMAT=json``
+    (the kernel's ``--log-format json``), one JSON object a line carrying
+    ``unit``, ``instance``, ``pid`` and, inside a call, ``trace_id`` and
+    ``span_id`` (docs/tracing.md). Standalone without ``HSU_LOG_FORMAT``,
+    loguru's default stays.
+    """
+    fmt = os.environ.get(logsetup.ENV_LOG_FORMAT, "")
+    if not (os.environ.get(ENV_KERNEL_ADDRESS) or fmt == "json"):
+        return
+    logger.remove()
+    logger.configure(
+        patcher=logsetup.fields,
+        extra={
+            "unit": os.environ.get(ENV_UNIT, ""),
+            "instance": os.environ.get(ENV_INSTANCE_ID, ""),
+        },
+    )
+    logger.add(sys.stderr, level=level, **logsetup.sink_options(fmt, "{level}: {message}"))
+
+
 def run(*servicers: Any, **kwargs: Any) -> None:
     """Serve until told to stop; see :class:`Worker` for the arguments.
 
     Exits with status 1 and one clear line when it cannot start (for example
     the kernel refused the registration).
     """
-    if os.environ.get(ENV_KERNEL_ADDRESS):
-        # The kernel timestamps and tags each line it captures; say only the rest.
-        logger.remove()
-        logger.add(sys.stderr, format="{level}: {message}", level="INFO")
+    configure_logging()
     bound = {"unit": os.environ.get(ENV_UNIT, ""), "instance": os.environ.get(ENV_INSTANCE_ID, "")}
     with logger.contextualize(**{k: v for k, v in bound.items() if v}):
         try:

@@ -30,23 +30,29 @@ LOG_FORMAT = (
 
 
 def _setup_logging(
-    level: str, kernel_log: Path | None = None, *, max_bytes: int = 10 * 2**20, backups: int = 3
+    level: str,
+    kernel_log: Path | None = None,
+    *,
+    max_bytes: int = 10 * 2**20,
+    backups: int = 3,
+    fmt: str = "text",
 ) -> None:
     """Log to stderr at ``level`` (whoever reads it, a terminal or a service
     manager, keeps or rotates it). With ``kernel_log`` (``hsu run``), also the
     kernel's own records, not its HSUs' lines (those have their own files), to
     that file: mode 0600 in a 0700 directory, rotated when it would pass
     ``max_bytes``, the ``backups`` newest rotated files kept
-    (``kernel.<date>.log``)."""
-
-    def where(record: Any) -> None:
-        extra = record["extra"]
-        parts = [str(extra[k]) for k in ("instance", "stream") if k in extra]
-        extra["where"] = f"[{' '.join(parts)}] " if parts else ""
+    (``kernel.<date>.log``). ``fmt`` ``json``: one JSON object a line, in
+    both (:mod:`hsu._kernel.logsetup`)."""
+    from hsu._kernel import logsetup
 
     logger.remove()
-    logger.configure(patcher=where)
-    logger.add(sys.stderr, level=level.upper(), format=LOG_FORMAT, colorize=None)
+    logger.configure(patcher=logsetup.fields)
+    logger.add(
+        sys.stderr,
+        level=level.upper(),
+        **{"colorize": None, **logsetup.sink_options(fmt, LOG_FORMAT)},
+    )
     if kernel_log is not None:
         from hsu._kernel.control import secure_dir
 
@@ -54,8 +60,12 @@ def _setup_logging(
         logger.add(
             str(kernel_log),
             level=level.upper(),
-            format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[where]}{message}",
-            colorize=False,
+            **{
+                "colorize": False,
+                **logsetup.sink_options(
+                    fmt, "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[where]}{message}"
+                ),
+            },
             filter=lambda record: "stream" not in record["extra"],
             rotation=max_bytes,
             retention=backups,
@@ -84,11 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         deployment, plugins, address=args.address, control_address=args.control, source_context=ctx
     )
     ks = kernel.kernel_settings
+    kernel.log_format = args.log_format or ks.log_format.value
     _setup_logging(
         args.log_level,
         kernel.state_dir / "kernel.log",
         max_bytes=ks.log_max_bytes,
         backups=ks.log_backups,
+        fmt=kernel.log_format,
     )
     asyncio.run(kernel.serve())
     return 0
@@ -368,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("HSU_LOG_LEVEL", "INFO"),
         help="TRACE, DEBUG, INFO, WARNING or ERROR (env HSU_LOG_LEVEL; default INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("HSU_LOG_FORMAT") or None,
+        help="text, or json: one JSON object a line with unit, instance, pid and, inside a"
+        " call, trace_id and span_id (env HSU_LOG_FORMAT; default: the deployment's"
+        " kernel.log_format, else text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def plugin_opt(p: argparse.ArgumentParser) -> None:
@@ -447,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--control",
         help="serve the control plane here instead of kernel.control (default: a unix"
         " socket in the state dir)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=argparse.SUPPRESS,
+        help="as hsu --log-format, for the kernel and its HSUs (overrides kernel.log_format)",
     )
     p.set_defaults(func=cmd_run)
 
@@ -544,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, fmt=args.log_format or "text")
     try:
         return int(args.func(args))
     except HsuError as exc:

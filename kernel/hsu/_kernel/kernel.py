@@ -120,6 +120,9 @@ class Kernel:
         #: Core), once it does; HSUs are given this
         self.control_address = ""
         self.version = __version__
+        #: ``text`` or ``json``: the kernel's log records and its HSUs'
+        #: (``HSU_LOG_FORMAT``); ``hsu run --log-format`` sets it
+        self.log_format = ks.log_format.value
         self.pid = os.getpid()
         self.created_at = time.time()
         self.machine: StateMachine[KernelState] = StateMachine(
@@ -1269,7 +1272,7 @@ class Kernel:
             ks: KernelSettings = settings["kernel"]
             for key in (
                 "address", "control", "insecure", "state_dir", "reattach", "registry", "gateway",
-                "tls",
+                "tls", "log_format",
             ):  # fmt: skip
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
                     problems.append(

@@ -36,6 +36,7 @@ from hsu._kernel.config.model import (
     UnitSpec,
     structure_options,
 )
+from hsu._kernel.logsetup import ENV_LOG_FORMAT
 from hsu._kernel.supervision.containment import ENV_INSTANCE_ID as ENV_INSTANCE_ID
 from hsu._kernel.supervision.instances import (
     ENV_INSTANCE_TOKEN,
@@ -628,6 +629,7 @@ class UnitSupervisor:
             ENV_KERNEL_ADDRESS: kernel.control_address,
             ENV_UNIT: self.name,
             ENV_INSTANCE_ID: inst.instance_id,
+            ENV_LOG_FORMAT: kernel.log_format,
             # what this process proves itself with (Register, Deregister,
             # ReportLoad) and expects on Core.Shutdown; new for every spawn
             ENV_INSTANCE_TOKEN: inst.new_token(),
