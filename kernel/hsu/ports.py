@@ -166,12 +166,17 @@ class Register(Protocol[T_contra]):
 
 @attrs.frozen
 class Event:
-    """One transition of the kernel or an instance, as published to plugins
-    (:func:`hsu.hookspecs.hsu_instance_event`) and ``Kernel.WatchEvents``."""
+    """One event on the kernel's bus: a transition of the kernel or an
+    instance, or what the kernel, a plugin or an HSU published on a topic; as
+    delivered to plugins (:meth:`KernelAPI.subscribe`,
+    :func:`hsu.hookspecs.hsu_instance_event`) and ``Kernel.WatchEvents``
+    (docs/tracing.md, "Events")."""
 
     seq: int
-    #: "instance", "kernel", "unit", "reload", "scale" (an autoscaling
-    #: decision) or "queue" (a unit's queue depth)
+    #: who published: "instance", "kernel", "unit", "reload", "limits" (the
+    #: kernel's transitions and checks), "scale" (an autoscaling decision),
+    #: "queue" (a unit's queue depth), "worker", "service" (the kernel's
+    #: topics), "plugin" or "hsu"
     kind: str
     unit: str = ""
     instance_id: str = ""
@@ -180,6 +185,10 @@ class Event:
     reason: str = ""
     pid: int = 0
     at: float = attrs.field(factory=time.time)
+    #: dot-separated words: "instance.ready", "worker.started", "config.changed"
+    topic: str = ""
+    #: what the publisher attached
+    data: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -428,6 +437,37 @@ class KernelAPI(Protocol):
 
     def request_stop(self, reason: str) -> None:
         """Ask the kernel to drain and stop."""
+        ...
+
+    def publish(
+        self,
+        topic: str,
+        *,
+        data: Mapping[str, str] | None = None,
+        reason: str = "",
+        unit: str = "",
+        instance_id: str = "",
+    ) -> Event:
+        """Publish an event (kind ``plugin``) on ``topic`` to every subscriber
+        of it (docs/tracing.md, "Events"). Call it on the kernel's event loop.
+
+        :param topic: dot-separated words of ``a-z0-9_-``, at most 128
+            characters; ``kernel``, ``instance``, ``worker``, ``service``,
+            ``config``, ``reload`` and ``limits`` are the kernel's own
+        :param data: at most 32 string pairs (keys of letters, digits and
+            ``_./-``, values of at most 256 printable characters)
+        :raises hsu.errors.InvalidValue: a bad topic, data or reason
+        """
+        ...
+
+    def subscribe(
+        self, *topics: str, replay: bool = False, unit: str = ""
+    ) -> AsyncIterator[Event | int]:
+        """The events on ``topics`` (names or ``fnmatch`` globs such as
+        ``worker.*``; none for all), of ``unit`` if given, as they happen
+        (after the recent ones if ``replay``). Iterate it on the kernel's
+        event loop. A subscriber that falls more than 4096 events behind
+        loses the oldest and receives an ``int`` instead: how many it lost."""
         ...
 
     def caller_identity(self) -> Identity | None:

@@ -30,7 +30,7 @@ ROLES: Mapping[str, tuple[str, ...]] = {
         *(CORE + m for m in ("StreamLogs", "Ping", "Info", "Metrics")),
     ),
     "control": tuple(KERNEL + m for m in ("Scale", "Start", "Stop", "Restart", "Reload")),
-    "register": tuple(KERNEL + m for m in ("Register", "Deregister", "ReportLoad")),
+    "register": tuple(KERNEL + m for m in ("Register", "Deregister", "ReportLoad", "PublishEvent")),
     "route": tuple(
         KERNEL + m for m in ("Resolve", "WatchEndpoints", "Slots", "Lease", "Renew", "Release")
     ),

@@ -70,6 +70,8 @@ __all__ = [
     "MAX_LABEL_VALUE",
     "MAX_NAME",
     "MAX_TEXT",
+    "MAX_TOPIC",
+    "MAX_TOPIC_PATTERNS",
     "MAX_UNIT",
     "MAX_VERSION",
     "MAX_WEIGHT",
@@ -82,6 +84,8 @@ __all__ = [
     "local_address",
     "shown",
     "text",
+    "topic",
+    "topic_patterns",
     "unit_name",
     "unix_path",
     "version",
@@ -104,6 +108,10 @@ MAX_VERSION = 64
 MAX_LABELS = 32
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
+#: the longest event topic
+MAX_TOPIC = 128
+#: at most this many topic patterns in one subscription
+MAX_TOPIC_PATTERNS = 32
 #: the largest routing weight
 MAX_WEIGHT = 100
 #: a unix socket's path fits in sun_path (108 bytes with its NUL)
@@ -112,6 +120,8 @@ MAX_UNIX_PATH = 107
 _INTERFACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 _UNIT = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_TOPIC = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+_TOPIC_PATTERN = re.compile(r"[a-z0-9_*?-]+(?:\.[a-z0-9_*?-]+)*")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_./-]*[A-Za-z0-9])?")
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _UNIX_PATH = re.compile(r"/[A-Za-z0-9._/+@=,~-]*")
@@ -189,6 +199,24 @@ def unit_name(value: str, *, field: str = "unit") -> str:
 def instance_id(value: str, *, field: str = "instance_id") -> str:
     """An instance id (``<unit>-<hex>`` when the kernel makes it)."""
     return _name(value, field, _ID, MAX_ID, "an id of letters, digits, '_', '.' and '-'")
+
+
+def topic(value: str, *, field: str = "topic") -> str:
+    """An event topic: dot-separated words of ``a-z0-9_-`` (``worker.started``)."""
+    return _name(
+        value, field, _TOPIC, MAX_TOPIC, "a topic of dot-separated words of a-z, 0-9, '_' and '-'"
+    )
+
+
+def topic_patterns(values: Iterable[str], *, field: str = "topics") -> tuple[str, ...]:
+    """Topic names or globs (``worker.*``, ``*``): a bounded count, each a
+    topic whose words may hold ``*`` and ``?``."""
+    found = tuple(values)
+    if len(found) > MAX_TOPIC_PATTERNS:
+        raise InvalidValue(f"{field}: {len(found)} patterns; at most {MAX_TOPIC_PATTERNS}")
+    for i, value in enumerate(found):
+        _name(value, f"{field}[{i}]", _TOPIC_PATTERN, MAX_TOPIC, "a topic or a glob of one")
+    return found
 
 
 def labels(

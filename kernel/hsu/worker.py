@@ -33,7 +33,7 @@ import inspect
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -43,7 +43,8 @@ from grpc_reflection.v1alpha import reflection
 from loguru import logger
 
 from hsu import identity as forwarded
-from hsu import metrics
+from hsu import metrics, tracecontext
+from hsu._kernel import logsetup
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer
 from hsu._kernel.logbuffer import LogBuffer
 from hsu._kernel.served import CallCounter
@@ -166,6 +167,57 @@ class LoadCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return counted
 
 
+class TraceContext(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Each call's span (:mod:`hsu.tracecontext`): a child of the caller's
+    ``traceparent`` (the kernel's attempt), current while the handler runs,
+    so its log records carry ``trace_id`` and ``span_id``. A call without a
+    valid ``traceparent`` has none (the SDK starts no trace of its own)."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        parent = tracecontext.from_metadata(details.invocation_metadata)
+        if parent is None:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_unary_in(parent, handler.unary_unary))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=_unary_in(parent, handler.stream_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_streaming_in(parent, handler.unary_stream))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_streaming_in(parent, handler.stream_stream))
+        return handler
+
+
+def _unary_in(parent: tracecontext.SpanContext, behavior: Any) -> Any:
+    async def traced(request: Any, context: Any) -> Any:
+        with tracecontext.use(parent.child()):
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+    return traced
+
+
+def _streaming_in(parent: tracecontext.SpanContext, behavior: Any) -> Any:
+    async def traced(request: Any, context: Any) -> Any:
+        with tracecontext.use(parent.child()):
+            result = behavior(request, context)
+            if hasattr(result, "__aiter__"):
+                async for reply in result:
+                    yield reply
+            elif inspect.isawaitable(result):
+                await result
+            elif result is not None:
+                for reply in result:
+                    yield reply
+
+    return traced
+
+
 class ShutdownGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Core.Shutdown only from a caller sending ``hsu-instance-token`` equal to
     ``token`` (the kernel); any other caller gets PERMISSION_DENIED."""
@@ -202,6 +254,8 @@ class Worker:
         instance_id: str | None = None,
         grace: float = 5.0,
         token: str | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        options: Sequence[tuple[str, Any]] = (),
     ):
         if not servicers:
             raise HsuError("an HSU serves at least one interface: pass a servicer")
@@ -219,6 +273,11 @@ class Worker:
         #: (``HSU_TLS_CA``/``_CERT``/``_KEY``, see :mod:`hsu.tls`)
         self.tls = TLSConfig.from_env()
         self.grace = grace
+        #: the caller's server interceptors, outside the SDK's own (so an
+        #: OpenTelemetry server interceptor's span encloses the handler), and
+        #: grpc server options (``grpc.max_receive_message_length``, ...)
+        self.interceptors = list(interceptors)
+        self.options = list(options)
         self.address = ""
         self.logs = LogBuffer()
         self._stop = asyncio.Event()
@@ -236,6 +295,7 @@ class Worker:
         self._reported = 0
         self._last_report = 0.0
         self._reporter: asyncio.Task[None] | None = None
+        self._events: grpc.aio.Channel | None = None
 
     @property
     def interfaces(self) -> list[str]:
@@ -262,12 +322,14 @@ class Worker:
         return ((TOKEN_METADATA, self.token),) if self.token else None
 
     async def start(self) -> str:
-        interceptors: list[Any] = [ShutdownGuard(self.token)] if self.token else []
+        interceptors: list[Any] = [*self.interceptors, TraceContext()]
+        if self.token:
+            interceptors.append(ShutdownGuard(self.token))
         if self.kernel_address:
             interceptors.append(self.load)
         if self.calls is not None:
             interceptors.append(CallCounter(self.calls, self.unit))
-        server = grpc.aio.server(interceptors=interceptors)
+        server = grpc.aio.server(interceptors=interceptors, options=self.options)
         for service in self.services:
             service.add_to_server(service.servicer, server)
         core = CoreServicer(self.info, self.request_stop, self.logs, self.grace)
@@ -330,6 +392,42 @@ class Worker:
             self.address,
         )
 
+    async def publish(
+        self,
+        topic: str,
+        data: dict[str, str] | None = None,
+        *,
+        reason: str = "",
+        timeout: float = 5.0,
+    ) -> int:
+        """Publish an event on the kernel's bus (``Kernel.PublishEvent``,
+        docs/tracing.md, "Events"); returns its sequence number.
+
+        ``topic`` is this HSU's own (``orders.shipped``; the kernel refuses
+        ``kernel.``, ``instance.``, ``worker.``, ``service.``, ``config.``);
+        ``data`` at most 32 string pairs. At most 100 a second (a burst of
+        200): more are refused with RESOURCE_EXHAUSTED.
+
+        :raises hsu.errors.HsuError: not registered with a kernel, or the
+            kernel refused the event (its reason in the message)
+        """
+        if not (self.kernel_address and self.instance_id):
+            raise HsuError(f"publish {topic!r}: this HSU is not registered with a kernel")
+        if self._events is None:
+            self._events = aio_channel(self.kernel_address, self.tls)
+        stub = kernel_pb2_grpc.KernelStub(self._events)
+        request = kernel_pb2.PublishEventRequest(
+            instance_id=self.instance_id, topic=topic, data=data or {}, reason=reason
+        )
+        try:
+            reply = await stub.PublishEvent(request, timeout=timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise HsuError(
+                f"publish {topic!r}: the kernel at {self.kernel_address} refused:"
+                f" {exc.code().name}: {exc.details()}"
+            ) from None
+        return int(reply.seq)
+
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
         if self.kernel_address and self.instance_id and self.address:
@@ -341,6 +439,9 @@ class Worker:
             await asyncio.gather(self._reporter, return_exceptions=True)
         if "storage" in self.__dict__:
             await self.storage.close()
+        if self._events is not None:
+            await self._events.close()
+            self._events = None
 
     # -- load reports ------------------------------------------------------------
 
@@ -437,16 +538,38 @@ def identity(context: Any, *, token: str | None = None) -> Identity | None:
     return forwarded.verify(sent, key, os.environ.get(ENV_INSTANCE_ID) or None)
 
 
+def configure_logging(level: str = "INFO") -> None:
+    """Log as the kernel expects of an HSU it started (:func:`run` calls it;
+    call it yourself when you drive :class:`Worker` from your own ``main``).
+
+    Under a kernel, records go to stderr as ``LEVEL: message`` (the kernel
+    timestamps and tags each line it captures) or, with ``HSU_LOG_FORMAT=json``
+    (the kernel's ``--log-format json``), one JSON object a line carrying
+    ``unit``, ``instance``, ``pid`` and, inside a call, ``trace_id`` and
+    ``span_id`` (docs/tracing.md). Standalone without ``HSU_LOG_FORMAT``,
+    loguru's default stays.
+    """
+    fmt = os.environ.get(logsetup.ENV_LOG_FORMAT, "")
+    if not (os.environ.get(ENV_KERNEL_ADDRESS) or fmt == "json"):
+        return
+    logger.remove()
+    logger.configure(
+        patcher=logsetup.fields,
+        extra={
+            "unit": os.environ.get(ENV_UNIT, ""),
+            "instance": os.environ.get(ENV_INSTANCE_ID, ""),
+        },
+    )
+    logger.add(sys.stderr, level=level, **logsetup.sink_options(fmt, "{level}: {message}"))
+
+
 def run(*servicers: Any, **kwargs: Any) -> None:
     """Serve until told to stop; see :class:`Worker` for the arguments.
 
     Exits with status 1 and one clear line when it cannot start (for example
     the kernel refused the registration).
     """
-    if os.environ.get(ENV_KERNEL_ADDRESS):
-        # The kernel timestamps and tags each line it captures; say only the rest.
-        logger.remove()
-        logger.add(sys.stderr, format="{level}: {message}", level="INFO")
+    configure_logging()
     bound = {"unit": os.environ.get(ENV_UNIT, ""), "instance": os.environ.get(ENV_INSTANCE_ID, "")}
     with logger.contextualize(**{k: v for k, v in bound.items() if v}):
         try:

@@ -57,7 +57,7 @@ IDENTIFIED_PREFIXES = ("/grpc.reflection.",)
 #: what the kernel itself allows an instance identity (the handshake; the
 #: servicer then checks the token belongs to the instance the call names)
 INSTANCE_METHODS = frozenset(
-    f"/hsu.kernel.v1.Kernel/{m}" for m in ("Register", "Deregister", "ReportLoad")
+    f"/hsu.kernel.v1.Kernel/{m}" for m in ("Register", "Deregister", "ReportLoad", "PublishEvent")
 )
 #: what an instance identity may call whatever the authorizers say: the
 #: storage servicer keeps it to its unit's namespace (hsu._kernel.storage_service)

@@ -50,24 +50,31 @@ class KernelUnreachable(HsuError):
 
 
 def _setup_logging(
-    level: str, kernel_log: Path | None = None, *, max_bytes: int = 10 * 2**20, backups: int = 3
+    level: str,
+    kernel_log: Path | None = None,
+    *,
+    max_bytes: int = 10 * 2**20,
+    backups: int = 3,
+    fmt: str = "text",
 ) -> None:
     """Log to stderr at ``level`` (whoever reads it, a terminal or a service
     manager, keeps or rotates it). With ``kernel_log`` (``hsu run``), also the
     kernel's own records, not its HSUs' lines (those have their own files), to
     that file: mode 0600 in a 0700 directory, rotated when it would pass
     ``max_bytes``, the ``backups`` newest rotated files kept
-    (``kernel.<date>.log``)."""
+    (``kernel.<date>.log``). ``fmt`` ``json``: one JSON object a line, in
+    both (:mod:`hsu._kernel.logsetup`)."""
     from loguru import logger
 
-    def where(record: Any) -> None:
-        extra = record["extra"]
-        parts = [str(extra[k]) for k in ("instance", "stream") if k in extra]
-        extra["where"] = f"[{' '.join(parts)}] " if parts else ""
+    from hsu._kernel import logsetup
 
     logger.remove()
-    logger.configure(patcher=where)
-    logger.add(sys.stderr, level=level.upper(), format=LOG_FORMAT, colorize=None)
+    logger.configure(patcher=logsetup.fields)
+    logger.add(
+        sys.stderr,
+        level=level.upper(),
+        **{"colorize": None, **logsetup.sink_options(fmt, LOG_FORMAT)},
+    )
     if kernel_log is not None:
         from hsu._kernel.control import secure_dir
 
@@ -75,8 +82,12 @@ def _setup_logging(
         logger.add(
             str(kernel_log),
             level=level.upper(),
-            format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[where]}{message}",
-            colorize=False,
+            **{
+                "colorize": False,
+                **logsetup.sink_options(
+                    fmt, "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[where]}{message}"
+                ),
+            },
             filter=lambda record: "stream" not in record["extra"],
             rotation=max_bytes,
             retention=backups,
@@ -130,11 +141,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         deployment, plugins, address=args.address, control_address=args.control, source_context=ctx
     )
     ks = kernel.kernel_settings
+    kernel.log_format = args.log_format or ks.log_format.value
     _setup_logging(
         args.log_level,
         kernel.state_dir / "kernel.log",
         max_bytes=ks.log_max_bytes,
         backups=ks.log_backups,
+        fmt=kernel.log_format,
     )
     import asyncio
 
@@ -394,10 +407,12 @@ def _show_progress(args: argparse.Namespace) -> bool:
 
 
 def _event_line(ev: Any) -> str:
-    who = ev.instance_id or ev.kind
+    who = ev.instance_id or ev.unit or ev.kind
     move = f"{ev.from_state} -> {ev.to_state}" if ev.to_state else ev.kind
+    topic = f" {ev.topic}" if ev.topic else ""
+    data = "".join(f" {k}={v!r}" for k, v in sorted(ev.data.items()))
     reason = f"  ({ev.reason})" if ev.reason else ""
-    return f"{_stamp(ev.at.seconds)} #{ev.seq} {who}: {move}{reason}"
+    return f"{_stamp(ev.at.seconds)} #{ev.seq}{topic} {who}: {move}{data}{reason}"
 
 
 @contextlib.contextmanager
@@ -602,7 +617,9 @@ def cmd_events(args: argparse.Namespace) -> int:
     from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
     address = _kernel_address(args)
-    request = kernel_pb2.WatchEventsRequest(unit=args.unit or "", replay=args.replay)
+    request = kernel_pb2.WatchEventsRequest(
+        unit=args.unit or "", replay=args.replay, topics=args.topic or ()
+    )
 
     def follow(channel: grpc.Channel, timeout: float) -> None:
         for ev in kernel_pb2_grpc.KernelStub(channel).WatchEvents(request):
@@ -734,6 +751,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("HSU_LOG_LEVEL", "INFO"),
         help="TRACE, DEBUG, INFO, WARNING or ERROR (env HSU_LOG_LEVEL; default INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("HSU_LOG_FORMAT") or None,
+        help="text, or json: one JSON object a line with unit, instance, pid and, inside a"
+        " call, trace_id and span_id (env HSU_LOG_FORMAT; default: the deployment's"
+        " kernel.log_format, else text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def plugin_opt(p: argparse.ArgumentParser) -> None:
@@ -830,6 +855,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the control plane here instead of kernel.control (default: a unix"
         " socket in the state dir)",
     )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=argparse.SUPPRESS,
+        help="as hsu --log-format, for the kernel and its HSUs (overrides kernel.log_format)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -922,6 +953,12 @@ def build_parser() -> argparse.ArgumentParser:
     target(p, "unit", nargs="?", help="only this unit's")
     p.add_argument("--replay", action="store_true", help="first the recent ones")
     json_opt(p, "print JSON lines, one per event")
+    p.add_argument(
+        "--topic",
+        action="append",
+        metavar="TOPIC",
+        help="only events on this topic (a name or a glob: 'worker.*'); repeatable",
+    )
     address_opt(p, "the kernel to ask")
     p.set_defaults(func=cmd_events)
 
@@ -965,7 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     if args.command in LOGGING:
-        _setup_logging(args.log_level)
+        _setup_logging(args.log_level, fmt=args.log_format or "text")
     try:
         code = int(args.func(args))
         sys.stdout.flush()

@@ -1,6 +1,11 @@
-"""Events: every state transition of the kernel and its instances, in order.
+"""Events: every state transition of the kernel and its instances, and what
+the kernel, plugins and HSUs publish on named topics, in order.
 
-The kernel publishes; ``Kernel.WatchEvents`` subscribers and plugins (the
+Every event has a topic (``instance.ready``, ``worker.started``,
+``config.changed``, a plugin's or an HSU's own); a subscriber names the
+topics it wants (names or globs). The kernel, plugins
+(``KernelAPI.publish``) and HSUs (``Kernel.PublishEvent``) publish;
+``Kernel.WatchEvents`` subscribers, plugins (``KernelAPI.subscribe``, the
 ``hsu_instance_event`` hook) receive. Events go into one ring (``BACKLOG``
 of them) and a subscriber is a cursor into it, so publishing costs the same
 whatever the number of subscribers: they wait on one shared
@@ -13,14 +18,54 @@ slow reader never holds back the kernel.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import re
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 from hsu._kernel.logbuffer import Ring
 from hsu.ports import Event
 
 RECENT = 1000  # replayed to a subscriber that asks for them
 BACKLOG = 4096  # how far behind a subscriber may fall before it loses events
+#: topics only the kernel publishes: a plugin or an HSU cannot pass for it
+RESERVED = ("kernel", "instance", "worker", "service", "config", "reload", "limits")
+
+
+def topic_of(kind: str, to_state: str) -> str:
+    """The topic of a transition or a check: ``instance.ready``, ``limits``."""
+    return f"{kind}.{to_state}" if to_state else kind
+
+
+#: an instance's states in which its process runs
+_RUNNING = frozenset({"starting", "ready", "stopping"})
+_ENDED = frozenset({"stopped", "backoff", "fatal"})
+
+
+def worker_topic(source: str, target: str) -> str:
+    """The ``worker.*`` topic an instance's transition also publishes, or "":
+    ``worker.started`` when it became ready, ``worker.stopped`` when its
+    process ended (stopped, or exited into backoff or fatal)."""
+    if target == "ready":
+        return "worker.started"
+    if target in _ENDED and source in _RUNNING:
+        return "worker.stopped"
+    return ""
+
+
+def reserved(topic: str) -> bool:
+    """Whether ``topic`` is one of the kernel's own."""
+    return topic.split(".", 1)[0] in RESERVED
+
+
+def matcher(patterns: Iterable[str]) -> Callable[[str], bool] | None:
+    """A test for topics matching any of ``patterns`` (names or ``fnmatch``
+    globs: ``worker.*``); None (everything) without patterns."""
+    found = tuple(patterns)
+    if not found or "*" in found:
+        return None
+    match = re.compile("|".join(fnmatch.translate(p) for p in found)).match
+    return lambda topic: match(topic) is not None
 
 
 class EventBus:
@@ -44,9 +89,13 @@ class EventBus:
         """The last ``recent`` events, oldest first."""
         return self._ring.since(self._ring.next - self._recent)[1]
 
-    def publish(self, kind: str, **fields: object) -> Event:
+    def publish(
+        self, kind: str, *, topic: str = "", data: Mapping[str, str] | None = None, **fields: object
+    ) -> Event:
+        """Append one event; ``topic`` defaults to ``kind.to_state`` (or ``kind``)."""
         self._seq += 1
-        event = Event(self._seq, kind, **fields)  # type: ignore[arg-type]
+        topic = topic or topic_of(kind, str(fields.get("to_state", "")))
+        event = Event(self._seq, kind, **fields, topic=topic, data=dict(data or {}))  # type: ignore[arg-type]
         with self._lock:
             self._ring.append(event)
             loop = self._loop if self._subscribers and not self._scheduled else None
@@ -81,12 +130,14 @@ class EventBus:
         wake.set()
 
     async def subscribe(
-        self, *, replay: bool = False, unit: str = ""
+        self, *, replay: bool = False, unit: str = "", topics: Iterable[str] = ()
     ) -> AsyncIterator[Event | int]:
-        """Events as they happen (after the recent ones if ``replay``).
+        """Events as they happen (after the recent ones if ``replay``), of
+        ``unit`` and matching ``topics`` (names or globs) when given.
 
         Yields an ``int`` (how many were lost) when this subscriber fell behind.
         """
+        wanted = matcher(topics)
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._loop is not loop:
@@ -107,7 +158,7 @@ class EventBus:
                 if lost:
                     yield lost
                 for event in batch:
-                    if not unit or event.unit == unit:
+                    if (not unit or event.unit == unit) and (wanted is None or wanted(event.topic)):
                         yield event
                 if not batch:
                     if self._generation != generation:

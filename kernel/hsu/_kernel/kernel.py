@@ -12,7 +12,7 @@ import hmac
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,6 +21,7 @@ from loguru import logger
 
 from hsu import validate
 from hsu._kernel import auth, control
+from hsu._kernel import events as events_mod
 from hsu._kernel.config.defaults import with_defaults
 from hsu._kernel.config.model import (
     Deployment,
@@ -67,7 +68,16 @@ from hsu.errors import (
 from hsu.metrics import CallMetrics
 from hsu.metrics import Registry as MetricsRegistry
 from hsu.metrics import enabled as metrics_enabled
-from hsu.ports import Changes, DataPlane, Identity, ProbeTarget, Registry, SourceContext, Storage
+from hsu.ports import (
+    Changes,
+    DataPlane,
+    Event,
+    Identity,
+    ProbeTarget,
+    Registry,
+    SourceContext,
+    Storage,
+)
 from hsu.process import PidfdHandle
 
 if TYPE_CHECKING:
@@ -140,6 +150,9 @@ class Kernel:
         #: Core), once it does; HSUs are given this
         self.control_address = ""
         self.version = __version__
+        #: ``text`` or ``json``: the kernel's log records and its HSUs'
+        #: (``HSU_LOG_FORMAT``); ``hsu run --log-format`` sets it
+        self.log_format = ks.log_format.value
         self.pid = os.getpid()
         self.created_at = time.time()
         self.machine: StateMachine[KernelState] = StateMachine(
@@ -156,6 +169,8 @@ class Kernel:
         self.instances: dict[str, Instance] = {}
         self.units: dict[str, UnitSupervisor] = {}
         self.events = EventBus()
+        #: each instance's PublishEvent budget
+        self._publish_rates: dict[str, validate.RateLimit] = {}
 
         def publish(t: Transition[KernelState]) -> None:
             self.events.publish(
@@ -259,6 +274,35 @@ class Kernel:
 
     def plugin(self, name: str) -> object | None:
         return self.plugins.pm.get_plugin(name)
+
+    def publish(
+        self,
+        topic: str,
+        *,
+        data: Mapping[str, str] | None = None,
+        reason: str = "",
+        unit: str = "",
+        instance_id: str = "",
+    ) -> Event:
+        """A plugin's event on ``topic`` (:meth:`hsu.ports.KernelAPI.publish`)."""
+        validate.topic(topic)
+        if events_mod.reserved(topic):
+            raise InvalidValue(f"topic {topic!r}: {topic.split('.', 1)[0]}.* is the kernel's own")
+        return self.events.publish(
+            "plugin",
+            topic=topic,
+            data=validate.labels(data or {}, field="data"),
+            reason=validate.text(reason, field="reason"),
+            unit=unit,
+            instance_id=instance_id,
+        )
+
+    def subscribe(
+        self, *topics: str, replay: bool = False, unit: str = ""
+    ) -> AsyncIterator[Event | int]:
+        """Events on ``topics`` (:meth:`hsu.ports.KernelAPI.subscribe`)."""
+        validate.topic_patterns(topics)
+        return self.events.subscribe(replay=replay, unit=unit, topics=topics)
 
     def caller_identity(self) -> Identity | None:
         """The verified identity of the call being served (docs/auth.md)."""
@@ -662,9 +706,22 @@ class Kernel:
         )
         self.routing.update(inst)
         self.plugins.pm.hook.hsu_instance_event(kernel=self, instance=inst, event=event)
+        worker = events_mod.worker_topic(t.source.value, t.target.value)
+        if worker:
+            self.events.publish(
+                "worker",
+                topic=worker,
+                unit=inst.unit,
+                instance_id=inst.instance_id,
+                from_state=t.source.value,
+                to_state=t.target.value,
+                reason=t.reason,
+                pid=inst.pid,
+            )
 
     def forget(self, inst: Instance) -> None:
         self.instances.pop(inst.instance_id, None)
+        self._publish_rates.pop(inst.instance_id, None)
         self.logfiles.unfollow(inst.instance_id)
         self.save_state()
 
@@ -867,6 +924,14 @@ class Kernel:
             task = asyncio.ensure_future(self._watch_registered(inst))
             self._background.append(task)
             task.add_done_callback(self._task_done)
+        self.events.publish(
+            "service",
+            topic="service.registered",
+            unit=inst.unit,
+            instance_id=inst.instance_id,
+            pid=inst.pid,
+            data={"address": address, "interfaces": ",".join(interfaces), "version": version},
+        )
         await self.plugins.call_each(
             "hsu_instance_registered", stop_on_error=False, kernel=self, instance=inst
         )
@@ -1128,6 +1193,47 @@ class Kernel:
             inst.health = "draining"
             self.routing.update(inst)
 
+    #: events one HSU may publish: per second, burst
+    PUBLISH_RATE = (100.0, 200)
+
+    def publish_from(
+        self,
+        instance_id: str,
+        token: str,
+        topic: str,
+        data: Mapping[str, str],
+        reason: str,
+    ) -> Event:
+        """One ``PublishEvent``: an event from the instance itself (its
+        ``hsu-instance-token``), on a topic of its own, within its rate."""
+        inst = self.instances.get(instance_id)
+        if inst is None or not self._proves(inst, token):
+            self._unproven.check("PublishEvent")
+            raise NotAllowed(
+                f"PublishEvent: instance {validate.shown(instance_id)}: the caller's"
+                " hsu-instance-token is missing or wrong"
+            )
+        validate.topic(topic)
+        if events_mod.reserved(topic):
+            raise NotAllowed(
+                f"PublishEvent: topic {topic!r}: {topic.split('.', 1)[0]}.* is the kernel's own"
+            )
+        fields = validate.labels(data, field="data")
+        reason = validate.text(reason, field="reason")
+        rate = self._publish_rates.get(instance_id)
+        if rate is None:
+            rate = self._publish_rates[instance_id] = validate.RateLimit(*self.PUBLISH_RATE)
+        rate.check(f"PublishEvent from {instance_id}")
+        return self.events.publish(
+            "hsu",
+            topic=topic,
+            unit=inst.unit,
+            instance_id=instance_id,
+            pid=inst.pid,
+            reason=reason,
+            data=fields,
+        )
+
     def report_load(self, instance_id: str, token: str, inflight: int) -> None:
         """One ``ReportLoad`` message: the instance's calls in flight, from the
         instance itself (its ``hsu-instance-token``)."""
@@ -1180,7 +1286,7 @@ class Kernel:
             changes = diff(old, new)
             if changes.empty and settings == self._settings:
                 logger.info("reload: nothing changed")
-                self.events.publish("reload", reason="nothing changed")
+                self.events.publish("reload", topic="config.unchanged", reason="nothing changed")
                 return changes
             logger.info("reload: {}", changes.summary())
             self.deployment = new
@@ -1202,7 +1308,22 @@ class Kernel:
                     *(self.units[n].scale(new.units[n].initial_instances) for n in added)
                 )
             self.routing.reconfigure()
-            self.events.publish("reload", reason=changes.summary())
+            self.events.publish(
+                "reload",
+                topic="config.changed",
+                reason=changes.summary(),
+                data={
+                    what: ",".join(names)
+                    for what, names in (
+                        ("added", changes.added),
+                        ("removed", changes.removed),
+                        ("changed", changes.changed),
+                        ("restarted", changes.restarted),
+                        ("sections", changes.sections),
+                    )
+                    if names
+                },
+            )
             await self.plugins.call_each(
                 "hsu_config_reloaded", stop_on_error=False, kernel=self, old=old, changes=changes
             )
@@ -1230,8 +1351,7 @@ class Kernel:
             ks: KernelSettings = settings["kernel"]
             for key in (
                 "address", "control", "insecure", "state_dir", "reattach", "registry", "gateway",
-                "storage",
-                "tls",
+                "storage", "tls", "log_format",
             ):  # fmt: skip
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
                     problems.append(
@@ -1288,7 +1408,7 @@ class Kernel:
             await self.reload()
         except ConfigError as exc:
             logger.error("reload rejected; the running deployment is unchanged:\n{}", exc)
-            self.events.publish("reload", reason=f"rejected: {exc}")
+            self.events.publish("reload", topic="config.rejected", reason=f"rejected: {exc}")
         except HsuError as exc:
             logger.error("reload failed: {}", exc)
 

@@ -144,7 +144,13 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def WatchEvents(
         self, request: kernel_pb2.WatchEventsRequest, context: Any
     ) -> AsyncIterator[kernel_pb2.Event]:
-        events = self.kernel.events.subscribe(replay=request.replay, unit=request.unit)
+        try:
+            topics = validate.topic_patterns(request.topics)
+        except InvalidValue as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"WatchEvents: {exc}")
+        events = self.kernel.events.subscribe(
+            replay=request.replay, unit=request.unit, topics=topics
+        )
         async with self.event_streams.hold(context):
             async for item in events:
                 if isinstance(item, int):
@@ -160,6 +166,8 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                     reason=item.reason,
                     pid=item.pid,
                     at=timestamp(item.at),
+                    topic=item.topic,
+                    data=item.data,
                 )
 
     async def _target(
@@ -330,6 +338,21 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
             if last:
                 self.kernel.routing.reported.pop(last, None)
         return kernel_pb2.LoadReportAck()
+
+    async def PublishEvent(
+        self, request: kernel_pb2.PublishEventRequest, context: Any
+    ) -> kernel_pb2.PublishEventResponse:
+        try:
+            event = self.kernel.publish_from(
+                request.instance_id,
+                _token(context),
+                request.topic,
+                dict(request.data),
+                request.reason,
+            )
+        except HsuError as exc:
+            await context.abort(_refusal(exc, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+        return kernel_pb2.PublishEventResponse(seq=event.seq)
 
     # -- slots and leases (hsu._kernel.pool) -------------------------------------
 

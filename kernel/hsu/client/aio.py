@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import grpc
 from loguru import logger
 
+from hsu import tracecontext
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
     CHANNEL_OPTIONS,
@@ -283,6 +284,7 @@ class _Unary(_Call):
         **kwargs: Any,
     ) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
+        metadata = tracecontext.outgoing(metadata)
         ch = self._ch  # the route's lookup without a coroutine, once it is known:
         route = ch._routes.get(self._interface) or await ch.route(self._interface, timeout)
         tries = self._tries(route, deadline, metadata, key)
@@ -312,6 +314,7 @@ class _Streaming(_Call):
         self, request: Any, timeout: float | None, metadata: Any, key: str | None, kwargs: Any
     ) -> AsyncIterator[Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        metadata = tracecontext.outgoing(metadata)
         tries = self._tries(await self._ch.route(self._interface, timeout), deadline, metadata, key)
 
         def attempt(ep: Endpoint) -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from loguru import logger
 
+from hsu import tracecontext
 from hsu.client.aio import START_TIMEOUT, control_address
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
@@ -435,6 +436,7 @@ class _Call(RoutedMethod):
         **kwargs: Any,
     ) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
+        metadata = tracecontext.outgoing(metadata)
         replies = self._replies(request, deadline, metadata, key, kwargs)
         if self._kind.endswith("_stream"):
             return replies

@@ -44,6 +44,7 @@ import grpc
 from loguru import logger
 
 import hsu
+from hsu import tracecontext
 from hsu.client.route import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
 from hsu.client.route import (
     Caller,
@@ -79,6 +80,8 @@ HOP_KEYS = frozenset({"user-agent", "te", "content-type", "grpc-timeout", "grpc-
                       "grpc-accept-encoding", "grpc-message-type"})  # fmt: skip
 #: with auth on, the caller's credential stays with the kernel
 HOP_KEYS_AUTH = HOP_KEYS | {"authorization"}
+#: the caller's trace context: replaced by the kernel's span
+TRACE_KEYS = frozenset({tracecontext.TRACEPARENT, tracecontext.TRACESTATE})
 #: metadata only the kernel sets: a caller's is dropped (``hsu.identity``)
 IDENTITY_PREFIX = IDENTITY_METADATA
 #: grpc's name of a method's kind, by (request streaming, response streaming);
@@ -291,11 +294,18 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         # what a caller says of its identity is dropped: the kernel's own
         # (signed) is added per instance; the credential is the kernel's alone
         drop = HOP_KEYS if self._kernel.caller_identity() is None else HOP_KEYS_AUTH
+        sent = context.invocation_metadata() or ()
         metadata = tuple(
-            (k, v)
-            for k, v in (context.invocation_metadata() or ())
-            if k not in drop and not k.startswith((":", IDENTITY_PREFIX))
+            (k, v) for k, v in sent if k not in drop and not k.startswith((":", IDENTITY_PREFIX))
         )
+        # the caller's trace goes on through the kernel's span of this call:
+        # current while the call is served (its log records carry it), and
+        # the parent the instance is told of
+        parent = tracecontext.from_metadata(sent)
+        if parent is not None:
+            span = parent.child()
+            tracecontext.CURRENT.set(span)
+            metadata = (*(kv for kv in metadata if kv[0] not in TRACE_KEYS), *span.metadata())
         hk = route.policy.hash_key
         key = next((v for k, v in metadata if k == hk), None)
         if isinstance(key, bytes):

@@ -38,6 +38,12 @@ DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 TOKEN = re.compile(r"[!-~]{16,}")
 
 
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    #: one JSON object a line (loguru's serializer)
+    JSON = "json"
+
+
 class StartMode(enum.StrEnum):
     ON_DEMAND = "on-demand"
     AT_START = "at-start"
@@ -839,6 +845,9 @@ class KernelSettings:
     tls: TLSSettings | None = None
     #: seconds calls in flight get to finish when the kernel drains
     drain_grace: Seconds = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    #: ``text``, or ``json``: one JSON object a line (loguru's serializer) for
+    #: the kernel and the HSUs it starts (``--log-format`` overrides it)
+    log_format: LogFormat = LogFormat.TEXT
     #: how many of the kernel's own log records StreamLogs can replay
     log_tail: int = attrs.field(default=2000, validator=attrs.validators.ge(0))
     #: where the kernel keeps its state file and the instances' log files;

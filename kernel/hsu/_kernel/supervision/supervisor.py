@@ -36,6 +36,7 @@ from hsu._kernel.config.model import (
     UnitSpec,
     structure_options,
 )
+from hsu._kernel.logsetup import ENV_LOG_FORMAT
 from hsu._kernel.supervision.containment import ENV_INSTANCE_ID as ENV_INSTANCE_ID
 from hsu._kernel.supervision.instances import (
     ENV_INSTANCE_TOKEN,
@@ -630,6 +631,7 @@ class UnitSupervisor:
             ENV_KERNEL_ADDRESS: kernel.control_address,
             ENV_UNIT: self.name,
             ENV_INSTANCE_ID: inst.instance_id,
+            ENV_LOG_FORMAT: kernel.log_format,
             # what this process proves itself with (Register, Deregister,
             # ReportLoad) and expects on Core.Shutdown; new for every spawn
             ENV_INSTANCE_TOKEN: inst.new_token(),
@@ -805,7 +807,16 @@ class UnitSupervisor:
             if failures >= health.failure_threshold:
                 inst.health = "unhealthy"
                 self.kernel.routing.update(inst)
-                return f"{failures} {health.probe} probes failed; last: {result.detail}"
+                why = f"{failures} {health.probe} probes failed; last: {result.detail}"
+                self.kernel.events.publish(
+                    "worker",
+                    topic="worker.unhealthy",
+                    unit=self.name,
+                    instance_id=inst.instance_id,
+                    pid=inst.pid,
+                    reason=why,
+                )
+                return why
 
     async def _terminate(
         self,

@@ -124,6 +124,11 @@ class KernelStub:
                 request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseReply.FromString,
                 _registered_method=True)
+        self.PublishEvent = channel.unary_unary(
+                '/hsu.kernel.v1.Kernel/PublishEvent',
+                request_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.PublishEventRequest.SerializeToString,
+                response_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.PublishEventResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -263,6 +268,14 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishEvent(self, request, context):
+        """An HSU publishes an event on the bus (its own topics: not kernel., instance.,
+        worker., service. or config.); every WatchEvents subscriber of the topic sees it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +368,11 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseRequest.FromString,
                     response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseReply.SerializeToString,
+            ),
+            'PublishEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishEvent,
+                    request_deserializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.PublishEventRequest.FromString,
+                    response_serializer=hsu_dot_kernel_dot_v1_dot_kernel__pb2.PublishEventResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -843,6 +861,33 @@ class Kernel:
             '/hsu.kernel.v1.Kernel/Release',
             hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
             hsu_dot_kernel_dot_v1_dot_kernel__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsu.kernel.v1.Kernel/PublishEvent',
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.PublishEventRequest.SerializeToString,
+            hsu_dot_kernel_dot_v1_dot_kernel__pb2.PublishEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,10 @@ class KernelStub:
     released, its instance died).
     """
     Release: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ReleaseRequest, _kernel_pb2.ReleaseReply]
+    PublishEvent: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.PublishEventRequest, _kernel_pb2.PublishEventResponse]
+    """An HSU publishes an event on the bus (its own topics: not kernel., instance.,
+    worker., service. or config.); every WatchEvents subscriber of the topic sees it.
+    """
 
 @_typing.type_check_only
 class KernelAsyncStub(KernelStub):
@@ -137,6 +141,10 @@ class KernelAsyncStub(KernelStub):
     released, its instance died).
     """
     Release: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ReleaseRequest, _kernel_pb2.ReleaseReply]  # type: ignore[assignment]
+    PublishEvent: _aio.UnaryUnaryMultiCallable[_kernel_pb2.PublishEventRequest, _kernel_pb2.PublishEventResponse]  # type: ignore[assignment]
+    """An HSU publishes an event on the bus (its own topics: not kernel., instance.,
+    worker., service. or config.); every WatchEvents subscriber of the topic sees it.
+    """
 
 class KernelServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -297,5 +305,15 @@ class KernelServicer(metaclass=_abc_1.ABCMeta):
         request: _kernel_pb2.ReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kernel_pb2.ReleaseReply, _abc.Awaitable[_kernel_pb2.ReleaseReply]]: ...
+
+    @_abc_1.abstractmethod
+    def PublishEvent(
+        self,
+        request: _kernel_pb2.PublishEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.PublishEventResponse, _abc.Awaitable[_kernel_pb2.PublishEventResponse]]:
+        """An HSU publishes an event on the bus (its own topics: not kernel., instance.,
+        worker., service. or config.); every WatchEvents subscriber of the topic sees it.
+        """
 
 def add_KernelServicer_to_server(servicer: KernelServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
