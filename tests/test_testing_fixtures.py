@@ -129,7 +129,7 @@ async def test_hsu_kernel_records_events_and_waits_for_them(hsu_kernel):
     k = await hsu_kernel({"name": "harness", "units": {"echo": _unit()}})
     await k.wait_for(kind="kernel", to_state="running")
     [inst] = await k.wait_ready("echo")  # on demand: started by the wait
-    ready = await k.wait_for(unit="echo", to_state="ready")
+    ready = await k.wait_for(unit="echo", topic="instance.ready")
     assert ready.instance_id == inst.instance_id
     async with k.connect() as channel:
         reply = await echo_pb2_grpc.EchoStub(channel).Echo(
@@ -138,7 +138,8 @@ async def test_hsu_kernel_records_events_and_waits_for_them(hsu_kernel):
     assert reply.pid == inst.pid
     os.kill(inst.pid, signal.SIGKILL)
     # the second "ready" of that instance: its replacement
-    again = await k.wait_for(instance_id=inst.instance_id, to_state="ready", count=2)
+    # (by topic: the bus also says worker.started for each, docs/tracing.md)
+    again = await k.wait_for(instance_id=inst.instance_id, topic="instance.ready", count=2)
     assert again.seq > ready.seq and again.pid != reply.pid
     with pytest.raises(AssertionError, match=r"no event matching \{'unit': 'nope'\} within 0.2 s"):
         await k.wait_for(unit="nope", timeout=0.2)

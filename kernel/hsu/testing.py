@@ -193,12 +193,14 @@ class KernelHarness:
         from_state: str | None = None,
         to_state: str | None = None,
         reason: str | None = None,
+        topic: str | None = None,
         after: int = 0,
     ) -> list[Event]:
         """The events seen so far that match every given field (``reason``: a
         substring), with ``seq`` greater than ``after``."""
         wanted = {
             "kind": kind,
+            "topic": topic,
             "unit": unit,
             "instance_id": instance_id,
             "from_state": from_state,
@@ -214,7 +216,9 @@ class KernelHarness:
 
     async def wait_for(self, *, timeout: float = 30.0, count: int = 1, **match: Any) -> Event:
         """The ``count``-th event matching ``match`` (see :meth:`matching`),
-        once it happened; ``AssertionError`` naming what was seen after
+        once it happened (an instance's becoming ready is two events, topics
+        ``instance.ready`` and ``worker.started``: match ``topic`` to count
+        one of them); ``AssertionError`` naming what was seen after
         ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
