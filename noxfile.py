@@ -8,7 +8,12 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
 
-LOCAL = ["-e", ".", "-e", "contrib/hsu-echo", "-e", "contrib/hsu-plugin-jwt"]
+LOCAL = [
+    "-e", ".",
+    "-e", "contrib/hsu-echo",
+    "-e", "contrib/hsu-plugin-jwt",
+    "-e", "contrib/hsu-plugin-etcd",
+]  # fmt: skip
 
 
 @nox.session

@@ -1,0 +1,45 @@
+"""The ``etcd`` section of a deployment."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import attrs
+
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_PREFIX = re.compile(r"(/[A-Za-z0-9_.-]+)+")
+
+
+def _node(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value and not _NODE.fullmatch(value):
+        raise ValueError(
+            f"etcd.node: {value!r} is not a node name (letters, digits, '_', '.', '-'; at most 63)"
+        )
+
+
+def _prefix(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not _PREFIX.fullmatch(value):
+        raise ValueError(
+            f"etcd.prefix: {value!r} is not a key prefix like /hsu/v1 (segments of"
+            " letters, digits, '_', '.', '-')"
+        )
+
+
+@attrs.frozen
+class EtcdSettings:
+    """The ``etcd`` section. Every field has a default."""
+
+    #: the cluster's client endpoints, host:port (several: IP addresses)
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    #: where hsu's keys live
+    prefix: str = attrs.field(default="/hsu/v1", validator=_prefix)
+    #: this kernel's name in keys; unique per kernel (default: the host name)
+    node: str = attrs.field(default="", validator=_node)
+    #: seconds: the kernel's lease; its entries outlive a dead kernel this long
+    ttl: int = attrs.field(default=10, validator=attrs.validators.ge(2))
+    #: seconds one request to etcd may take
+    timeout: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
+
+    def node_name(self) -> str:
+        return self.node or socket.gethostname().split(".")[0]
