@@ -11,7 +11,6 @@ from typing import Any
 
 import hsu
 from hsu.ports import KernelAPI, Register, Registry
-from hsu_plugin_etcd.client import target
 from hsu_plugin_etcd.settings import EtcdSettings
 
 SECTION = "etcd"
@@ -35,9 +34,3 @@ def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
 @hsu.hookimpl
 def hsu_register_registries(register: Register[Callable[..., Registry]]) -> None:
     register("etcd", create_registry)
-
-
-@hsu.hookimpl
-def hsu_kernel_configure(kernel: KernelAPI) -> None:
-    # a bad endpoint list is a config error before anything starts
-    target(kernel.settings(SECTION).endpoints)

@@ -18,8 +18,6 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
-from hsu.errors import ConfigError
-
 #: how often the channel pings an idle connection (etcd refuses pings more
 #: often than every 5 s: --grpc-keepalive-min-time)
 KEEPALIVE_MS = 5_000
@@ -35,30 +33,30 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
-def target(endpoints: Sequence[str], where: str = "etcd.endpoints") -> str:
+def target(endpoints: Sequence[str], where: str = "endpoints") -> str:
     """One gRPC target naming every member.
 
     Several members must be IP addresses (``ipv4:a:p,b:p``); one may be a
     host name (``dns:``), which may resolve to each member.
     """
     if not endpoints:
-        raise ConfigError(f"{where}: no etcd endpoint given (host:port, e.g. 127.0.0.1:2379)")
+        raise ValueError(f"{where}: no etcd endpoint given (host:port, e.g. 127.0.0.1:2379)")
     families = set()
     for i, ep in enumerate(endpoints):
         host, sep, port = ep.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-            raise ConfigError(f"{where}[{i}]: {ep!r} is not host:port")
+            raise ValueError(f"{where}[{i}]: {ep!r} is not host:port")
         try:
             families.add(ipaddress.ip_address(host.strip("[]")).version)
         except ValueError:
             if len(endpoints) > 1:
-                raise ConfigError(
+                raise ValueError(
                     f"{where}[{i}]: {ep!r}: several endpoints must be IP addresses;"
                     " for host names give one name that resolves to every member"
                 ) from None
             return f"dns:///{ep}"
     if len(families) > 1:
-        raise ConfigError(f"{where}: mixes IPv4 and IPv6 addresses; use one family")
+        raise ValueError(f"{where}: mixes IPv4 and IPv6 addresses; use one family")
     scheme = "ipv6" if families == {6} else "ipv4"
     return f"{scheme}:{','.join(endpoints)}"
 

@@ -14,16 +14,22 @@ _PREFIX = re.compile(r"(/[A-Za-z0-9_.-]+)+")
 def _node(_: object, attribute: attrs.Attribute[str], value: str) -> None:
     if value and not _NODE.fullmatch(value):
         raise ValueError(
-            f"etcd.node: {value!r} is not a node name (letters, digits, '_', '.', '-'; at most 63)"
+            f"node: {value!r} is not a node name (letters, digits, '_', '.', '-'; at most 63)"
         )
 
 
 def _prefix(_: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not _PREFIX.fullmatch(value):
         raise ValueError(
-            f"etcd.prefix: {value!r} is not a key prefix like /hsu/v1 (segments of"
+            f"prefix: {value!r} is not a key prefix like /hsu/v1 (segments of"
             " letters, digits, '_', '.', '-')"
         )
+
+
+def _endpoints(_: object, attribute: attrs.Attribute[str], value: tuple[str, ...]) -> None:
+    from hsu_plugin_etcd.client import target
+
+    target(value)
 
 
 @attrs.frozen
@@ -31,7 +37,7 @@ class EtcdSettings:
     """The ``etcd`` section. Every field has a default."""
 
     #: the cluster's client endpoints, host:port (several: IP addresses)
-    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    endpoints: tuple[str, ...] = attrs.field(default=("127.0.0.1:2379",), validator=_endpoints)
     #: where hsu's keys live
     prefix: str = attrs.field(default="/hsu/v1", validator=_prefix)
     #: this kernel's name in keys; unique per kernel (default: the host name)
