@@ -24,6 +24,7 @@ from hsu._kernel.config.defaults import with_defaults
 from hsu._kernel.config.model import (
     Deployment,
     KernelSettings,
+    Placement,
     UnitKind,
     UnitSpec,
     check_units,
@@ -464,6 +465,11 @@ class Kernel:
             units = self.units_serving(interface)
             if not units:
                 raise NoSuchUnit(f"no unit serves interface {interface!r}")
+            if self.deployment.units[units[0]].placement is Placement.SINGLETON:
+                raise HsuError(
+                    f"unit {units[0]!r} is a singleton (placement: singleton): it runs only"
+                    " where a leadership plugin scales it up, and this kernel runs none now"
+                )
             inst = await self.units[units[0]].acquire()
         inst.last_used = time.monotonic()
         return inst

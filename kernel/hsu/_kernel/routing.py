@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from hsu._kernel.config.model import Routing
+from hsu._kernel.config.model import Placement, Routing
 from hsu._kernel.supervision.instances import Instance, InstanceState
 from hsu.client.route import Policy, Route
 from hsu.errors import HsuError, NoSuchUnit
@@ -262,9 +262,12 @@ class KernelRouting:
         route = self.route(interface)
         if route.routable:
             return route
-        inst = await self.kernel.instance_for(interface)
-        self.update(inst)
-        await self.flush()
+        spec = self.kernel.deployment.units[route.policy.unit]
+        if spec.placement is not Placement.SINGLETON:
+            inst = await self.kernel.instance_for(interface)
+            self.update(inst)
+            await self.flush()
+        # a singleton is never started here: wait for its leader's instance
 
         async def listed() -> None:
             while not route.routable:
