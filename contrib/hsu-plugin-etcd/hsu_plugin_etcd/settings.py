@@ -32,6 +32,17 @@ def _endpoints(_: object, attribute: attrs.Attribute[str], value: tuple[str, ...
     target(value)
 
 
+def _patroni(settings: EtcdSettings, attribute: attrs.Attribute[float], value: float) -> None:
+    total = settings.loop_wait + 2 * value
+    if total > settings.leader_ttl:
+        raise ValueError(
+            f"loop_wait ({settings.loop_wait:g}) + 2 x retry_timeout ({value:g}) = {total:g} s"
+            f" is more than leader_ttl ({settings.leader_ttl}): a leader cut off from etcd could"
+            " still run its singleton when its lease expires and another kernel takes over"
+            " (Patroni's rule: loop_wait + 2 x retry_timeout <= ttl)"
+        )
+
+
 @attrs.frozen
 class EtcdSettings:
     """The ``etcd`` section. Every field has a default."""
@@ -46,6 +57,13 @@ class EtcdSettings:
     ttl: int = attrs.field(default=10, validator=attrs.validators.ge(2))
     #: seconds one request to etcd may take
     timeout: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
+    #: leadership (``placement: singleton``), Patroni's three settings:
+    #: seconds of the leadership lease ...
+    leader_ttl: int = attrs.field(default=10, validator=attrs.validators.ge(2))
+    #: ... seconds between two renewals and campaigns ...
+    loop_wait: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    #: ... and seconds one renewal (or a singleton's stop) may take
+    retry_timeout: float = attrs.field(default=3.0, validator=[attrs.validators.gt(0), _patroni])
 
     def node_name(self) -> str:
         return self.node or socket.gethostname().split(".")[0]
