@@ -12,7 +12,7 @@ from typing import Any
 
 import hsu
 from hsu.errors import ConfigError
-from hsu.ports import KernelAPI, Register, Registry
+from hsu.ports import ConfigSource, KernelAPI, Register, Registry
 from hsu_plugin_etcd.settings import EtcdSettings
 
 SECTION = "etcd"
@@ -31,6 +31,13 @@ def create_registry(kernel: KernelAPI) -> Registry:
 @hsu.hookimpl
 def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
     register(SECTION, EtcdSettings)
+
+
+@hsu.hookimpl
+def hsu_register_config_sources(register: Callable[[str, ConfigSource], None]) -> None:
+    from hsu_plugin_etcd.config_source import EtcdConfigSource
+
+    register("etcd", EtcdConfigSource())
 
 
 @hsu.hookimpl

@@ -46,27 +46,42 @@ def single_unit() -> dict[str, Any]:
 class Kernel:
     """``hsu run`` in a subprocess, its control and data planes on unix sockets."""
 
-    def __init__(self, name: str, cluster: LocalCluster, tmp: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        cluster: LocalCluster,
+        tmp: Path,
+        *,
+        env: dict[str, str] | None = None,
+        units: dict[str, Any] | None = None,
+        watch_config: bool = False,
+    ) -> None:
         self.name = name
         deployment = {
             "name": name,
             "plugins": ["etcd"],
-            "kernel": {"registry": "etcd", "drain_grace": 1},
+            "kernel": {"registry": "etcd", "drain_grace": 1, "watch_config": watch_config},
             "etcd": {"endpoints": cluster.endpoints, "node": name, **FAST},
-            "units": {"single": single_unit()},
+            "units": {"single": single_unit()} if units is None else units,
         }
         path = tmp / f"{name}.yaml"
         path.write_text(json.dumps(deployment))
         self.control = f"unix:{tmp / name}.sock"
+        env_extra = env
         env = {k: v for k, v in os.environ.items() if not k.startswith("HSU_")}
         env["HSU_RUNTIME_DIR"] = os.environ.get("HSU_RUNTIME_DIR", str(tmp))
         env["HSU_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+        env.update(env_extra or {})
+        self.log_path = tmp / f"{name}.log"
         self.log = (tmp / f"{name}.log").open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hsu", "run", str(path), "--control", self.control,
              "--address", f"unix:{tmp / name}.data.sock"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp,
         )  # fmt: skip
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

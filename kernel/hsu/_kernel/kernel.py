@@ -1074,11 +1074,12 @@ class Kernel:
             settings = self._validate(new)
             old = self.deployment
             changes = diff(old, new)
+            versions = self._source_versions()
             if changes.empty and settings == self._settings:
-                logger.info("reload: nothing changed")
-                self.events.publish("reload", reason="nothing changed")
+                logger.info("reload: nothing changed{}", versions)
+                self.events.publish("reload", reason=f"nothing changed{versions}")
                 return changes
-            logger.info("reload: {}", changes.summary())
+            logger.info("reload: {}{}", changes.summary(), versions)
             self.deployment = new
             self._settings = settings
             self.kernel_settings = settings["kernel"]
@@ -1098,11 +1099,20 @@ class Kernel:
                     *(self.units[n].scale(new.units[n].initial_instances) for n in added)
                 )
             self.routing.reconfigure()
-            self.events.publish("reload", reason=changes.summary())
+            self.events.publish("reload", reason=f"{changes.summary()}{versions}")
             await self.plugins.call_each(
                 "hsu_config_reloaded", stop_on_error=False, kernel=self, old=old, changes=changes
             )
             return changes
+
+    def _source_versions(self) -> str:
+        """``" (etcd revision 42)"``: what each config source that says so loaded."""
+        found = []
+        for name, source in self.plugins.config_sources().items():
+            version = getattr(source, "version", None)
+            if version:
+                found.append(f"{name}: {version}")
+        return f" ({'; '.join(found)})" if found else ""
 
     def _validate(self, new: Deployment) -> dict[str, Any]:
         problems: list[str] = []
