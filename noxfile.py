@@ -67,3 +67,6 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/routing.py", *routing_args)
     session.run("python", "bench/failover.py", *routing_args)
     session.run("python", "bench/auth.py", *routing_args)
+    # etcd: Debian's etcd-server; the plugin installed like hsu
+    session.install("./contrib/hsu-plugin-etcd")
+    session.run("python", "bench/etcd.py", *routing_args)
