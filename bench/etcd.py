@@ -112,7 +112,14 @@ async def registrations(cluster: LocalCluster, n: int) -> list[float]:
 
 
 class Kernel:
-    def __init__(self, name: str, cluster: LocalCluster, tmp: Path, units: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        name: str,
+        cluster: LocalCluster,
+        tmp: Path,
+        units: dict[str, Any],
+        prefix: str = "/hsu/v1",
+    ) -> None:
         self.name = name
         path = tmp / f"{name}.yaml"
         path.write_text(
@@ -121,7 +128,12 @@ class Kernel:
                     "name": name,
                     "plugins": ["etcd"],
                     "kernel": {"registry": "etcd", "drain_grace": 1},
-                    "etcd": {"endpoints": cluster.endpoints, "node": name, **FAST},
+                    "etcd": {
+                        "endpoints": cluster.endpoints,
+                        "node": name,
+                        "prefix": prefix,
+                        **FAST,
+                    },
                     "units": units,
                 }
             )
@@ -230,41 +242,44 @@ async def calls_per_second(address: str, seconds: float, inflight: int) -> float
         return done / (time.monotonic() - began)
 
 
-def routed(cluster: LocalCluster, tmp: Path, seconds: float, inflight: int) -> dict[str, float]:
+def routed(
+    cluster: LocalCluster, tmp: Path, seconds: float, inflight: int, rounds: int
+) -> dict[str, list[float]]:
+    """Three kernels up at once: ``r-local`` runs its own instance (alone under
+    its own key prefix); ``r-a`` runs none and routes to the one ``r-b`` runs.
+    Calls through each gateway alternate, ``rounds`` times, so both see the
+    same background load."""
     echo = {"command": ["python", "-m", "hsu_echo"], "interfaces": [ECHO]}
-    out = {}
-
-    def local(name: str) -> float:
-        # a runs the instance itself
-        a = Kernel(name, cluster, tmp, {"echo": {**echo, "start": "at-start"}})
-        try:
-            a.wait_ready()
-            return asyncio.run(calls_per_second(a.data, seconds, inflight))
-        finally:
-            a.stop()
-
-    out["local"] = local("r-local")
-    # only b runs it; a routes there through the etcd registry
-    b = Kernel("r-b", cluster, tmp, {"echo": {**echo, "start": "at-start"}})
+    at_start = {"echo": {**echo, "start": "at-start"}}
+    local = Kernel("r-local", cluster, tmp, at_start, prefix="/hsu/bench-local")
+    b = Kernel("r-b", cluster, tmp, at_start)
     a = Kernel("r-a", cluster, tmp, {"echo": echo})
+    out: dict[str, list[float]] = {"local": [], "remote": []}
     try:
-        b.wait_ready()
-        a.wait_ready()
+        for k in (local, b, a):
+            k.wait_ready()
         time.sleep(0.5)
-        out["remote"] = asyncio.run(calls_per_second(a.data, seconds, inflight))
-        served_by_a = [p for p in processes_of("echo") if p[1] == a.proc.pid]
-        if served_by_a:
+        for _ in range(rounds):
+            for name, k in (("local", local), ("remote", a)):
+                out[name].append(asyncio.run(calls_per_second(k.data, seconds, inflight)))
+        if [p for p in processes_of("echo") if p[1] == a.proc.pid]:
             raise RuntimeError("kernel r-a started its own instance: not a remote route")
     finally:
-        a.stop()
-        b.stop()
-    # the same as the first, again: how far two runs of one thing differ here
-    out["local2"] = local("r-local2")
+        for k in (a, b, local):
+            k.stop()
     return out
 
 
+def med(xs: list[float]) -> float:
+    return quantile(xs, 0.5)
+
+
+def spread(xs: list[float]) -> str:
+    return ", ".join(f"{x:,.0f}" for x in xs)
+
+
 def report(
-    reg: list[float], fo: list[float], calls: dict[str, float], args: Any, took: float
+    reg: list[float], fo: list[float], calls: dict[str, list[float]], args: Any, took: float
 ) -> str:
     v = versions("hsu", "grpcio", "aetcd")
     exe = etcd_executable() or "etcd"
@@ -292,15 +307,16 @@ def report(
         + "".join(f" {x:.2f} s ({x - ttl:+.2f} s vs TTL);" for x in fo).rstrip(";")
         + ".",
         "",
-        f"**Routed calls** through kernel a's gateway ({args.inflight} in flight,"
-        f" {args.seconds:g} s each, plain grpc.aio stub): to a's own instance"
-        f" {calls['local']:,.0f} calls/s; to the instance only kernel b runs (listed through"
-        f" etcd) {calls['remote']:,.0f} calls/s: **{calls['remote'] / calls['local']:.2f}x**."
-        f" The first measurement again: {calls['local2']:,.0f} calls/s"
-        f" ({calls['local2'] / calls['local'] - 1:+.0%}), the run's own noise on a shared"
-        " machine. Both kernels are on this machine (loopback): this is the cost of routing"
-        " to another kernel's instance, not of a network between hosts (the comparison over"
-        " a veth between network namespaces is not measured yet: docs/multihost.md).",
+        f"**Routed calls** ({len(calls['local'])} rounds of {args.seconds:g} s each, alternating;"
+        f" {args.inflight} in flight, plain grpc.aio stub to a kernel's gateway): through a"
+        f" kernel to its own instance {med(calls['local']):,.0f} calls/s (median; rounds"
+        f" {spread(calls['local'])}); through a kernel to the instance only another kernel"
+        f" runs, listed through etcd, {med(calls['remote']):,.0f} calls/s (rounds"
+        f" {spread(calls['remote'])}): **{med(calls['remote']) / med(calls['local']):.2f}x**."
+        " The three kernels run at once on this machine (loopback), so both see the same"
+        " load: this is the cost of routing to another kernel's instance, not of a network"
+        " between hosts (over a veth between network namespaces: not measured yet,"
+        " docs/multihost.md).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -309,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--registrations", type=int, default=200)
     ap.add_argument("--failovers", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--inflight", type=int, default=16)
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
     args = ap.parse_args(argv)
@@ -328,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("singleton failover ...", flush=True)
                 fo = failovers(cluster, tmp, args.failovers)
                 print("routed calls ...", flush=True)
-                calls = routed(cluster, tmp, args.seconds, args.inflight)
+                calls = routed(cluster, tmp, args.seconds, args.inflight, args.rounds)
             finally:
                 cluster.stop()
     except BaseException as exc:
