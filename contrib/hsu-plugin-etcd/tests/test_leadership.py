@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class Kernel:
         env: dict[str, str] | None = None,
         units: dict[str, Any] | None = None,
         watch_config: bool = False,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         self.name = name
         deployment = {
@@ -74,9 +75,10 @@ class Kernel:
         env.update(env_extra or {})
         self.log_path = tmp / f"{name}.log"
         self.log = (tmp / f"{name}.log").open("w")
+        argv = [sys.executable, "-m", "hsu", "run", str(path), "--control", self.control,
+                "--address", f"unix:{tmp / name}.data.sock"]  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hsu", "run", str(path), "--control", self.control,
-             "--address", f"unix:{tmp / name}.data.sock"],
+            wrap(argv) if wrap else argv,
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp,
         )  # fmt: skip
 
