@@ -113,3 +113,54 @@ def test_a_partitioned_leader_stops_first_and_rejoins_without_duplicates(
         for k in kernels:
             k.stop()
     assert watch.most == 1, f"two at once: {watch.seen}"
+
+
+def resolve(kernel: Kernel) -> set[str]:
+    """The instances of the plain unit's interface in ``kernel``'s registry, as
+    it answers Kernel.Resolve."""
+    import grpc
+
+    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+    with grpc.insecure_channel(kernel.control) as channel:
+        reply = kernel_pb2_grpc.KernelStub(channel).Resolve(
+            kernel_pb2.ResolveRequest(interface="hsu.echo.v1.Echo"), timeout=5
+        )
+    return {e.instance_id for e in reply.endpoints}
+
+
+def test_a_killed_hosts_entries_leave_every_other_hosts_registry(
+    hosts: netns.Hosts, bridge_etcd: LocalCluster, tmp_path: Path
+) -> None:
+    import signal
+
+    import psutil
+
+    units = {"plain": {**ECHO, "start": "at-start"}}
+    kernels = [
+        Kernel(n, bridge_etcd, tmp_path, units=units, wrap=lambda a, i=i: hosts.argv(i, a))
+        for i, n in enumerate(("a", "b", "c"))
+    ]
+    try:
+        for k in kernels:
+            k.wait_ready()
+        until(lambda: len(resolve(kernels[0])) == 3, "3 instances in a's registry")
+        everyone = resolve(kernels[0])
+        assert all(resolve(k) == everyone for k in kernels)
+        b = kernels[1]
+        [b_hsu] = psutil.Process(b.proc.pid).children()
+        b_instance = b_hsu.environ()["HSU_INSTANCE_ID"]
+        assert b_instance in everyone
+        # SIGKILL b's kernel and its HSU: nothing revokes b's lease; it expires
+        os.kill(b.proc.pid, signal.SIGKILL)
+        os.kill(b_hsu.pid, signal.SIGKILL)
+        b.proc.wait(10)
+        for k in (kernels[0], kernels[2]):
+            until(
+                lambda k=k: resolve(k) == everyone - {b_instance},
+                f"b's instance gone from {k.name}'s registry",
+            )
+        assert not any(f"/b/{b_instance}" in str(x["key"]) for x in svc_keys(bridge_etcd))
+    finally:
+        for k in kernels:
+            k.stop()
