@@ -9,15 +9,12 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
 
 LOCAL = [
-    "-e",
-    ".",
-    "-e",
-    "contrib/hsu-echo",
-    "-e",
-    "contrib/hsu-plugin-jwt",
-    "-e",
-    "contrib/hsu-plugin-influxdb",
-]
+    "-e", ".",
+    "-e", "contrib/hsu-echo",
+    "-e", "contrib/hsu-plugin-jwt",
+    "-e", "contrib/hsu-plugin-influxdb",
+    "-e", "contrib/hsu-plugin-etcd",
+]  # fmt: skip
 
 
 @nox.session
@@ -73,3 +70,6 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/failover.py", *routing_args)
     session.run("python", "bench/auth.py", *routing_args)
     session.run("python", "bench/pool.py", *routing_args)
+    # etcd: Debian's etcd-server; the plugin installed like hsu
+    session.install("./contrib/hsu-plugin-etcd")
+    session.run("python", "bench/etcd.py", *routing_args)

@@ -172,6 +172,29 @@ def read_file(path: Path) -> Layer:
     return Layer(data, {(): Origin(source, 1)} | origins)
 
 
+def read_document(text: str, source: str) -> Layer:
+    """A YAML (or JSON) document that is not a file, as a layer: for config
+    sources that read a store (hsu-plugin-etcd). ``source`` names it in every
+    error and origin (``etcd /hsu/v1/config/prod@42``); the same bounds and
+    errors as :func:`read_file`."""
+    if len(text.encode()) > MAX_FILE_BYTES:
+        raise ConfigError([f"{source}: larger than {MAX_FILE_BYTES} bytes"], source)
+    try:
+        data, origins = _load_yaml(text, source)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError([f"{where}: not valid YAML: {problem}"], source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"{source}: expected a mapping at the top, got {type(data).__name__}"], source
+        )
+    return Layer(data, {(): Origin(source, 1)} | origins)
+
+
 def _read_text(path: Path, source: str) -> str:
     try:
         with path.open("rb") as f:

@@ -13,7 +13,7 @@ implementation takes only the arguments it needs.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -367,6 +367,24 @@ def hsu_instance_registered(kernel: KernelAPI, instance: InstanceView) -> Awaita
     :param instance: the instance (:class:`hsu.ports.InstanceView`), now ``ready``, with its
         ``address`` and ``interfaces`` set.
     :returns: ``None`` or an awaitable.
+    """
+
+
+@_hookspec
+def hsu_instance_env(kernel: KernelAPI, unit: str, instance_id: str) -> Mapping[str, str] | None:
+    """Extra environment for a process the kernel is about to launch.
+
+    For what only a plugin knows at launch: a leadership plugin passes the
+    fencing token of the term the instance runs in (hsu-plugin-etcd's
+    ``HSU_FENCING_TOKEN``).
+
+    :param kernel: the kernel.
+    :param unit: the unit's name.
+    :param instance_id: the instance being launched.
+    :returns: variables to add, or ``None``. Every plugin's are added, after
+        the unit's ``env`` and before the kernel's own ``HSU_*`` variables,
+        which a plugin cannot replace. Called synchronously, for every launch
+        (restarts included); an exception fails that launch.
     """
 
 

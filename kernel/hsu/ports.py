@@ -134,6 +134,10 @@ class ConfigSource(Protocol):
     #: higher wins; file 10, environment 20, overrides 30
     priority: int
 
+    # Optional: a ``version`` attribute (str or None), what the source last
+    # loaded (hsu-plugin-etcd: ``"etcd revision 42"``); a reload's event
+    # names it, so a change can be traced to the store's revision.
+
     def load(self, ctx: SourceContext) -> list[Layer]:
         """Read the source; raise :class:`ConfigError` naming what and where."""
         ...

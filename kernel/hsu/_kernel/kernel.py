@@ -26,6 +26,7 @@ from hsu._kernel.config.defaults import with_defaults
 from hsu._kernel.config.model import (
     Deployment,
     KernelSettings,
+    Placement,
     UnitKind,
     UnitSpec,
     check_units,
@@ -594,6 +595,11 @@ class Kernel:
             units = self.units_serving(interface)
             if not units:
                 raise NoSuchUnit(f"no unit serves interface {interface!r}")
+            if self.deployment.units[units[0]].placement is Placement.SINGLETON:
+                raise HsuError(
+                    f"unit {units[0]!r} is a singleton (placement: singleton): it runs only"
+                    " where a leadership plugin scales it up, and this kernel runs none now"
+                )
             inst = await self.units[units[0]].acquire()
         inst.last_used = time.monotonic()
         return inst
@@ -1284,11 +1290,14 @@ class Kernel:
             settings = self._validate(new, found)
             old = self.deployment
             changes = diff(old, new)
+            versions = self._source_versions()
             if changes.empty and settings == self._settings:
-                logger.info("reload: nothing changed")
-                self.events.publish("reload", topic="config.unchanged", reason="nothing changed")
+                logger.info("reload: nothing changed{}", versions)
+                self.events.publish(
+                    "reload", topic="config.unchanged", reason=f"nothing changed{versions}"
+                )
                 return changes
-            logger.info("reload: {}", changes.summary())
+            logger.info("reload: {}{}", changes.summary(), versions)
             self.deployment = new
             self._settings = settings
             self.kernel_settings = settings["kernel"]
@@ -1311,7 +1320,7 @@ class Kernel:
             self.events.publish(
                 "reload",
                 topic="config.changed",
-                reason=changes.summary(),
+                reason=f"{changes.summary()}{versions}",
                 data={
                     what: ",".join(names)
                     for what, names in (
@@ -1328,6 +1337,15 @@ class Kernel:
                 "hsu_config_reloaded", stop_on_error=False, kernel=self, old=old, changes=changes
             )
             return changes
+
+    def _source_versions(self) -> str:
+        """``" (etcd revision 42)"``: what each config source that says so loaded."""
+        found = []
+        for name, source in self.plugins.config_sources().items():
+            version = getattr(source, "version", None)
+            if version:
+                found.append(f"{name}: {version}")
+        return f" ({'; '.join(found)})" if found else ""
 
     def _validate(self, new: Deployment, found: list[str] | None = None) -> dict[str, Any]:
         problems: list[str] = [*new.problems, *(found or ())]

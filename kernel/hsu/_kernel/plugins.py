@@ -468,6 +468,16 @@ class PluginManager:
             found.extend(handlers or ())
         return found
 
+    def instance_env(self, kernel: Any, unit: str, instance_id: str) -> dict[str, str]:
+        """Every plugin's extra environment for one launch (hsu_instance_env)."""
+        env: dict[str, str] = {}
+        for extra in reversed(
+            self.pm.hook.hsu_instance_env(kernel=kernel, unit=unit, instance_id=instance_id)
+        ):
+            if extra:
+                env.update({str(k): str(v) for k, v in extra.items()})
+        return env
+
     def endpoint_removed(self, kernel: Any, endpoint: Any) -> None:
         """Tell plugins that nothing listens at ``endpoint.address`` any more;
         one that raises is logged, the others are still told."""

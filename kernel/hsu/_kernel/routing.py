@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from hsu._kernel.config.model import Routing
+from hsu._kernel.config.model import Placement, Routing
 from hsu._kernel.pool import Grant, Pool
 from hsu._kernel.supervision.instances import Instance, InstanceState
 from hsu.client.route import Policy, Route
@@ -279,7 +279,7 @@ class KernelRouting:
         if route.routable:
             return route
         sup = self.kernel.units.get(route.policy.unit)
-        if sup is not None and not sup.wanted:
+        if sup is not None and not sup.wanted and sup.spec.placement is not Placement.SINGLETON:
             self.kernel.events.publish(
                 "scale",
                 unit=route.policy.unit,
@@ -292,9 +292,12 @@ class KernelRouting:
             self.kernel.metrics_hub.cold_start(route.policy.unit, began)
 
     async def _ensure(self, route: Route, interface: str, timeout: float | None) -> Route:
-        inst = await self.kernel.instance_for(interface)
-        self.update(inst)
-        await self.flush()
+        spec = self.kernel.deployment.units[route.policy.unit]
+        if spec.placement is not Placement.SINGLETON:
+            inst = await self.kernel.instance_for(interface)
+            self.update(inst)
+            await self.flush()
+        # a singleton is never started here: wait for its leader's instance
 
         async def listed() -> None:
             while not route.routable:

@@ -49,6 +49,14 @@ class StartMode(enum.StrEnum):
     AT_START = "at-start"
 
 
+class Placement(enum.StrEnum):
+    #: any kernel runs instances of it, at start or on demand
+    ANY = "any"
+    #: one instance in the whole cluster: it runs only where a plugin (such as
+    #: hsu-plugin-etcd's leadership) scales it up; never at start or on demand
+    SINGLETON = "singleton"
+
+
 class UnitKind(enum.StrEnum):
     #: any executable; ready once running (or once its health probe passes)
     MANAGED = "managed"
@@ -233,6 +241,8 @@ class UnitSpec:
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
     start: StartMode = StartMode.ON_DEMAND
+    #: ``singleton``: one instance cluster-wide, started by a leadership plugin
+    placement: Placement = Placement.ANY
     #: instances kept running at all times (at least 1 for ``start: at-start``)
     min_instances: int = attrs.field(default=0, validator=_ge0)
     max_instances: int = attrs.field(default=1, validator=attrs.validators.ge(1))
@@ -278,6 +288,8 @@ class UnitSpec:
     @property
     def initial_instances(self) -> int:
         """How many instances run once the kernel is up."""
+        if self.placement is Placement.SINGLETON:
+            return 0  # the leadership plugin starts it where it leads
         if self.start is StartMode.AT_START:
             return max(1, self.min_instances)
         return self.min_instances
@@ -929,6 +941,20 @@ def check_units(
                 ("min_instances",),
                 f"{spec.min_instances} is more than max_instances ({spec.max_instances})",
             )
+        if spec.placement is Placement.SINGLETON:
+            for field, bad, why in (
+                ("start", spec.start is StartMode.AT_START, "on-demand (where it leads)"),
+                ("min_instances", spec.min_instances != 0, "0"),
+                ("max_instances", spec.max_instances != 1, "1"),
+                ("idle_timeout", spec.idle_timeout is not None, "unset (it never idles out)"),
+                ("routing.autoscale.above", spec.routing.autoscale.above is not None, "unset"),
+            ):
+                if bad:
+                    problem(
+                        name,
+                        tuple(field.split(".")),
+                        f"a 'placement: singleton' unit needs {field} {why}",
+                    )
         if spec.idle_timeout is not None and spec.idle_timeout <= 0:
             problem(name, ("idle_timeout",), f"must be > 0, got {spec.idle_timeout!r}")
         for dep in spec.depends_on:

@@ -628,6 +628,7 @@ class UnitSupervisor:
             # the kernel's environment only as far as the unit lets it through
             **child_env(spec.pass_env, os.environ),
             **spec.env,
+            **kernel.plugins.instance_env(kernel, self.name, inst.instance_id),
             ENV_KERNEL_ADDRESS: kernel.control_address,
             ENV_UNIT: self.name,
             ENV_INSTANCE_ID: inst.instance_id,
