@@ -29,7 +29,7 @@ def _prefix(_: object, attribute: attrs.Attribute[str], value: str) -> None:
 def _endpoints(_: object, attribute: attrs.Attribute[str], value: tuple[str, ...]) -> None:
     from hsu_plugin_etcd.client import target
 
-    target(value)
+    target(value, where="")  # the kernel's error names etcd.endpoints
 
 
 def _patroni(settings: EtcdSettings, attribute: attrs.Attribute[float], value: float) -> None:

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from hsu_plugin_etcd.cluster import LocalCluster
 from hsu_plugin_etcd.config_source import EtcdConfigSource
-from test_leadership import Kernel, until
 
 from hsu.errors import ConfigError
 from hsu.ports import SourceContext
+
+from .test_leadership import Kernel, until
 
 ECHO = {"command": ["python", "-m", "hsu_echo"], "interfaces": ["hsu.echo.v1.Echo"]}
 PREFIX = "/hsu/test/config"

@@ -82,4 +82,4 @@ def test_bad_endpoints_are_a_config_error_naming_the_field(endpoints: list[str],
             {"kernel": {"registry": "etcd"}, "etcd": {"endpoints": endpoints}},
             plugins=[hsu_plugin_etcd],
         )
-    assert "etcd: endpoints" in str(info.value) and why in str(info.value)
+    assert "etcd.endpoints: " in str(info.value) and why in str(info.value)

@@ -212,7 +212,10 @@ def test_settings_that_break_patronis_rule_are_a_config_error() -> None:
             plugins=[hsu_plugin_etcd],
         )
     text = str(info.value)
-    assert "etcd: loop_wait (2) + 2 x retry_timeout (2) = 6 s is more than leader_ttl (5)" in text
+    assert (
+        "etcd.retry_timeout: loop_wait (2) + 2 x retry_timeout (2) = 6 s"
+        " is more than leader_ttl (5)" in text
+    )
     assert "Patroni" in text
 
 

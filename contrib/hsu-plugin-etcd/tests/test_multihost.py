@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from hsu_plugin_etcd import netns
 from hsu_plugin_etcd.cluster import LocalCluster
-from test_leadership import Kernel, Watch, single_unit, singletons, until
 
-from conftest import need_etcd
+from .conftest import need_etcd
+from .test_leadership import Kernel, Watch, single_unit, singletons, until
 
 ECHO = {"command": ["python", "-m", "hsu_echo"], "interfaces": ["hsu.echo.v1.Echo"]}
 
