@@ -41,27 +41,40 @@ NEEDS: dict[str, tuple[dict[str, Any], str]] = {
     "subprocess": (
         SLEEPER,
         "units.work.launcher: unit 'work' needs a launcher: no enabled plugin registers a"
-        " default launcher (blocked: no:subprocess)",
+        " default launcher (blocked: no:subprocess); name one or enable its plugin",
     ),
     "balancers": (
         ROUTED,
         "units.echo.routing: unit 'echo' serves 'x.v1.X' and needs a balancer: no enabled"
-        " plugin registers a default balancer (blocked: no:balancers)",
+        " plugin registers a default balancer (blocked: no:balancers); name one or enable"
+        " its plugin",
     ),
     "breakers": (
         ROUTED,
         "units.echo.routing: unit 'echo' serves 'x.v1.X' and needs a breaker: no enabled"
-        " plugin registers a default breaker (blocked: no:breakers)",
+        " plugin registers a default breaker (blocked: no:breakers); name one or enable its plugin",
     ),
     "registry_memory": (
         ROUTED,
         "kernel.registry: routing to the units' interfaces needs a registry: no enabled"
-        " plugin registers a default registry (blocked: no:registry_memory)",
+        " plugin registers a default registry (blocked: no:registry_memory); name one or"
+        " enable its plugin",
+    ),
+    "idle": (
+        {"units": {"work": {**SLEEPER["units"]["work"], "idle_timeout": 5}}},
+        "units.work.idle_timeout: unit 'work' sets idle_timeout, which needs a watcher: no"
+        " enabled plugin registers a watcher for it (blocked: no:idle); enable its plugin",
+    ),
+    "limits": (
+        {"units": {"work": {**SLEEPER["units"]["work"], "limits": {"rss_mb": 100}}}},
+        "units.work.limits: unit 'work' sets limits, which needs a watcher: no enabled"
+        " plugin registers a watcher for it (blocked: no:limits); enable its plugin",
     ),
     "probes": (
         {"units": {"far": {"kind": "unmanaged", "address": "127.0.0.1:1"}}},
         "units.far.health: unit 'far' (found by address, with no health probe) needs a"
-        " probe: no enabled plugin registers a default probe (blocked: no:probes)",
+        " probe: no enabled plugin registers a default probe (blocked: no:probes); name one or"
+        " enable its plugin",
     ),
 }
 
@@ -95,7 +108,7 @@ def test_a_deployment_that_needs_a_blocked_default_gets_one_line(blocked: str) -
     raw, line = NEEDS[blocked]
     with pytest.raises(ConfigError) as info:
         build_kernel(raw, names=[f"no:{blocked}"])
-    assert info.value.problems == [f"<test>: {line}; name one or enable its plugin"]
+    assert info.value.problems == [f"<test>: {line}"]
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,7 @@ async def test_plugins_publish_and_subscribe_and_the_kernel_publishes_its_topics
     assert sent.kind == "plugin"
     with pytest.raises(InvalidValue, match="the kernel's own"):
         kernel.publish("worker.started")
+    assert kernel.publish("limits", reason="a plugin's").kind == "plugin"
     with pytest.raises(InvalidValue, match="topic"):
         kernel.publish("Bad Topic")
     with pytest.raises(InvalidValue, match="longer than 128"):
@@ -221,6 +222,9 @@ async def test_an_hsu_publishes_its_own_topics_and_watchers_filter_them(
             assert first.startswith("seq ")
             own = await publish("worker.started")
             assert "PERMISSION_DENIED" in own and "the kernel's own" in own
+            # the built-in limits watcher's topic: a plugin may, an HSU may not
+            limits = await publish("limits")
+            assert "PERMISSION_DENIED" in limits
             bad = await publish("orders shipped")
             assert "INVALID_ARGUMENT" in bad and "topic" in bad
             long = await publish("o" * 200)

@@ -325,7 +325,7 @@ async def test_graceful_stop_escalates_to_sigkill_of_the_whole_group(hsu_kernel_
     inst = await kernel.instance_for("hsu.echo.v1.Echo")
     [grandchild] = psutil.Process(inst.pid).children()
     t0 = time.monotonic()
-    await kernel.stop_instance(inst)
+    await kernel.remove_instance(inst)
     assert time.monotonic() - t0 >= 0.5
     assert inst.returncode == -signal.SIGKILL and inst.state is hsu.InstanceState.STOPPED
     # its child, which also ignored SIGTERM, died with it: same process group

@@ -99,7 +99,7 @@ async def test_the_node_hsu_starts_on_demand_is_replaced_after_sigkill_and_stops
 
     # a clean stop: the kernel asks over Core.Shutdown with the token, and the
     # process exits 0 on its own (no SIGTERM, no SIGKILL)
-    await kernel.stop_instance(inst)
+    await kernel.remove_instance(inst)
     assert inst.state is S.STOPPED
     assert inst.returncode == 0, inst.last_exit
 

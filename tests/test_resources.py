@@ -25,13 +25,12 @@ from hsu._kernel.supervision.resources import (
     LimitAction,
     ResourceLimits,
     Sampler,
-    Usage,
-    breaches,
     check_rlimits,
 )
-from hsu.ports import LaunchSpec
+from hsu.ports import LaunchSpec, Usage
 from hsu.process import RESOURCES, rlimits_argv
 from hsu_plugins.launch.subprocess import SubprocessLauncher
+from hsu_plugins.watch.limits import breaches
 
 #: the child says "ready" once it holds what the test measures, then waits on stdin
 HOLD = "print('ready', flush=True)\nsys.stdin.read()\n"

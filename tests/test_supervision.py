@@ -203,6 +203,75 @@ async def test_resource_limits_restart_an_instance_over_its_memory(hsu_kernel_fa
     assert inst.machine.history[-3].reason.startswith("resource limits: rss ")
 
 
+async def test_the_limits_watcher_publishes_each_breach_as_a_plugin_event(hsu_kernel_factory):
+    hog = ["python", "-c", "import time; b = bytearray(80 * 2**20); time.sleep(600)"]
+    unit = managed(hog, start="at-start", limits={"rss_mb": 40, "interval": 0.3})
+    kernel = await hsu_kernel_factory({"units": {"hog": unit}})
+    [inst] = kernel.instances.values()
+    seen = []
+
+    async def collect() -> None:
+        async for ev in kernel.subscribe("limits", replay=True):
+            if not isinstance(ev, int):
+                seen.append(ev)
+                return
+
+    await asyncio.wait_for(collect(), 30)
+    [ev] = seen
+    assert ev.kind == "plugin" and ev.unit == "hog" and ev.instance_id == inst.instance_id
+    assert ev.reason.startswith("rss ") and "> limit 40 MiB" in ev.reason
+    assert inst.restarts == 0  # action: log (the default) only tells
+
+
+async def test_a_third_party_watcher_acts_through_the_public_api(hsu_kernel_factory):
+    """A watcher from another plugin: started for the units it wants, it
+    samples an instance and stops it, as the built-in idle and limits do."""
+    done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    class Stopper:
+        settings: tuple[str, ...] = ()
+
+        def wants(self, unit: str, spec) -> bool:
+            return unit == "victim"
+
+        async def watch(self, kernel, unit: str) -> None:
+            [inst] = await _ready_of(kernel, unit)
+            usage = kernel.usage(inst.instance_id)
+            await kernel.stop_instance(inst.instance_id, "stopped by the watcher")
+            done.set_result((unit, usage))
+
+    class Plugin:
+        @staticmethod
+        @hsu.hookimpl
+        def hsu_register_watchers(register) -> None:
+            register("stopper", Stopper())
+
+    kernel = await hsu_kernel_factory(
+        {
+            "units": {
+                "victim": managed(SLEEP, start="at-start"),
+                "other": managed(SLEEP, start="at-start"),
+            }
+        },
+        plugins=[Plugin],
+    )
+    unit, usage = await asyncio.wait_for(done, 30)
+    assert unit == "victim" and usage is not None and usage.rss > 0
+    states = {i.unit: i.state.value for i in kernel.instances.values()}
+    assert states == {"victim": "stopped", "other": "ready"}
+    [victim] = [i for i in kernel.instances.values() if i.unit == "victim"]
+    assert any(t.reason == "stopped by the watcher" for t in victim.machine.history)
+
+
+async def _ready_of(kernel, unit: str) -> list:
+    for _ in range(600):
+        ready = [i for i in kernel.instances.values() if i.unit == unit and i.state == "ready"]
+        if ready:
+            return ready
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no ready instance of {unit}")
+
+
 async def test_dependencies_start_first_and_stop_last(hsu_kernel_factory):
     events = Events()
     kernel = await hsu_kernel_factory(

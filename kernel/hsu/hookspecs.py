@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         Registry,
         RpcHandler,
         Storage,
+        Watcher,
     )
 
 PROJECT = "hsu"
@@ -227,6 +228,25 @@ def hsu_register_storages(
     once, when the kernel starts (a factory that raises
     :class:`hsu.errors.HsuError` is logged and the kernel runs without
     storage: no re-attach, and the Storage service answers UNAVAILABLE).
+    """
+
+
+@_hookspec
+def hsu_register_watchers(register: Register[Watcher]) -> None:
+    """Register a watcher of units' instances (idle instances, resource use),
+    under a name.
+
+    :param register: ``register(name, watcher)`` with a
+        :class:`hsu.ports.Watcher`. For each unit whose spec it ``wants``,
+        the kernel runs ``watcher.watch(kernel, unit)`` while the unit runs,
+        and again after a reload that changed the unit. ``watcher.settings``
+        names the unit settings it acts on: a unit that sets one no enabled
+        watcher claims is a config error naming the field and the blocked
+        plugins (built in: ``idle`` claims ``idle_timeout``, ``limits`` the
+        thresholds of ``limits``). A clashing name is an error naming both
+        plugins.
+
+    Called once for each plugin, when it is registered.
     """
 
 

@@ -70,6 +70,8 @@ __all__ = [
     "StorageEvent",
     "StorageSettings",
     "UnitSpec",
+    "Usage",
+    "Watcher",
 ]
 
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -177,8 +179,8 @@ class Event:
     (docs/tracing.md, "Events")."""
 
     seq: int
-    #: who published: "instance", "kernel", "unit", "reload", "limits" (the
-    #: kernel's transitions and checks), "scale" (an autoscaling decision),
+    #: who published: "instance", "kernel", "unit", "reload" (the kernel's
+    #: transitions and checks), "scale" (an autoscaling decision),
     #: "queue" (a unit's queue depth), "worker", "service" (the kernel's
     #: topics), "plugin" or "hsu"
     kind: str
@@ -269,6 +271,57 @@ class InstanceView(Protocol):
 
     @property
     def last_exit(self) -> str: ...
+
+    @property
+    def last_used(self) -> float:
+        """When a call or a slot last went to it (``time.monotonic()``)."""
+        ...
+
+    @property
+    def leased(self) -> bool:
+        """Held by a lease (``hsu.lease``): busy however long no call comes."""
+        ...
+
+
+@attrs.frozen
+class Usage:
+    """One sample of an instance's process tree (:meth:`KernelAPI.usage`)."""
+
+    pid: int
+    #: resident bytes of the process and its descendants (shared pages counted per process)
+    rss: int
+    #: percent of one core since the previous sample, process and descendants
+    cpu_percent: float
+    #: file descriptors of the main process
+    open_files: int
+    #: threads of the process and its descendants
+    threads: int
+    #: live (non-zombie) descendant processes
+    children: int
+
+
+class Watcher(Protocol):
+    """Watches one unit's instances while the unit runs and acts on them
+    through the kernel (the built-in ``idle`` and ``limits`` plugins:
+    ``idle_timeout`` and a unit's ``limits``), registered with
+    :func:`hsu.hookspecs.hsu_register_watchers`."""
+
+    #: the unit settings it acts on (``("idle_timeout",)``): a unit that sets
+    #: one that no enabled watcher claims is a config error naming the field
+    settings: tuple[str, ...]
+
+    def wants(self, unit: str, spec: UnitSpec) -> bool:
+        """Whether the unit named ``unit``, as ``spec`` says, needs this
+        watcher (a task runs only for those)."""
+        ...
+
+    def watch(self, kernel: KernelAPI, unit: str) -> Awaitable[None]:
+        """Run until cancelled: the kernel starts it when the unit starts,
+        cancels it when the unit stops, and starts it again after a reload
+        that changed the unit (read the spec of the moment from
+        ``kernel.deployment.units[unit]``). An exception ends it with an error
+        in the kernel's log; the unit runs on unwatched."""
+        ...
 
 
 #: a ``grpc.GenericRpcHandler`` (grpc ships no types), as
@@ -430,6 +483,29 @@ class KernelAPI(Protocol):
         """Run exactly ``count`` instances of ``unit``."""
         ...
 
+    def usage(self, instance_id: str) -> Usage | None:
+        """A sample of the instance's process and its descendants (its
+        cgroup's processes where the kernel contains instances in cgroups);
+        None when it has no process or it cannot be read. CPU is measured
+        since the previous sample of the same instance."""
+        ...
+
+    def restart_instance(self, instance_id: str, reason: str) -> Awaitable[None]:
+        """Replace the instance's process (not counted as a crash); awaits
+        the new one's start. :class:`hsu.errors.NoSuchUnit` for an unknown id."""
+        ...
+
+    def stop_instance(self, instance_id: str, reason: str) -> Awaitable[None]:
+        """Stop the instance's process; its slot stays, ``stopped``, until
+        started or scaled again (``hsu stop INSTANCE``)."""
+        ...
+
+    def retire(self, instance_id: str, reason: str) -> Awaitable[bool]:
+        """Stop the instance and drop its slot, so the unit runs one fewer,
+        unless that would take the unit below its ``min_instances``: then
+        nothing happens and the result is False."""
+        ...
+
     def register_plugin(self, plugin: object, name: str) -> str:
         """Register per-kernel plugin state (an object with ``@hsu.hookimpl``
         methods) for this kernel's life; see docs/plugins.md."""
@@ -457,7 +533,7 @@ class KernelAPI(Protocol):
 
         :param topic: dot-separated words of ``a-z0-9_-``, at most 128
             characters; ``kernel``, ``instance``, ``worker``, ``service``,
-            ``config``, ``reload`` and ``limits`` are the kernel's own
+            ``config`` and ``reload`` are the kernel's own
         :param data: at most 32 string pairs (keys of letters, digits and
             ``_./-``, values of at most 256 printable characters)
         :raises hsu.errors.InvalidValue: a bad topic, data or reason

@@ -29,7 +29,10 @@ from hsu.ports import Event
 RECENT = 1000  # replayed to a subscriber that asks for them
 BACKLOG = 4096  # how far behind a subscriber may fall before it loses events
 #: topics only the kernel publishes: a plugin or an HSU cannot pass for it
-RESERVED = ("kernel", "instance", "worker", "service", "config", "reload", "limits")
+RESERVED = ("kernel", "instance", "worker", "service", "config", "reload")
+#: topics of the kernel's plugins (the built-in ``limits`` watcher's): a
+#: plugin may publish them, an HSU cannot pass for one
+PLUGINS_OWN = ("limits",)
 
 
 def topic_of(kind: str, to_state: str) -> str:
@@ -53,9 +56,11 @@ def worker_topic(source: str, target: str) -> str:
     return ""
 
 
-def reserved(topic: str) -> bool:
-    """Whether ``topic`` is one of the kernel's own."""
-    return topic.split(".", 1)[0] in RESERVED
+def reserved(topic: str, *, by_hsu: bool = False) -> bool:
+    """Whether ``topic`` is one of the kernel's own (for an HSU: or one of
+    its plugins')."""
+    head = topic.split(".", 1)[0]
+    return head in RESERVED or (by_hsu and head in PLUGINS_OWN)
 
 
 def matcher(patterns: Iterable[str]) -> Callable[[str], bool] | None:

@@ -78,6 +78,7 @@ from hsu.ports import (
     Registry,
     SourceContext,
     Storage,
+    Usage,
 )
 from hsu.process import PidfdHandle
 
@@ -618,7 +619,7 @@ class Kernel:
         if self.state not in (KernelState.STARTING, KernelState.RUNNING):
             raise HsuError(f"kernel is {self.state.value}; not starting unit {unit!r}")
 
-    async def stop_instance(
+    async def remove_instance(
         self, inst: Instance, *, grace: float | None = None, reason: str = "requested"
     ) -> None:
         """Stop one instance and drop it; SIGKILL its process group after the grace."""
@@ -664,9 +665,36 @@ class Kernel:
         for inst in list(sup.slots.values()):
             await sup.restart(inst, "restarted by request")
 
-    async def restart_instance(self, instance_id: str) -> None:
+    async def restart_instance(
+        self, instance_id: str, reason: str = "restarted by request"
+    ) -> None:
+        """Replace the instance's process (:meth:`hsu.ports.KernelAPI.restart_instance`)."""
         inst = self._instance(instance_id)
-        await self.units[inst.unit].restart(inst, "restarted by request")
+        await self.units[inst.unit].restart(inst, reason)
+
+    async def stop_instance(self, instance_id: str, reason: str = "stopped by request") -> None:
+        """Stop the instance's process; its slot stays
+        (:meth:`hsu.ports.KernelAPI.stop_instance`)."""
+        inst = self._instance(instance_id)
+        await self.units[inst.unit].stop(inst, reason=reason)
+
+    async def retire(self, instance_id: str, reason: str) -> bool:
+        """Stop the instance and drop its slot unless the unit would go below
+        its floor (:meth:`hsu.ports.KernelAPI.retire`)."""
+        inst = self._instance(instance_id)
+        sup = self.units[inst.unit]
+        wanted = sup.wanted
+        if inst not in wanted or len(wanted) <= sup.spec.min_instances:
+            return False
+        await sup.remove(inst, reason=reason)
+        return True
+
+    def usage(self, instance_id: str) -> Usage | None:
+        """A sample of the instance's processes (:meth:`hsu.ports.KernelAPI.usage`)."""
+        inst = self.instances.get(instance_id)
+        if inst is None or not inst.pid:
+            return None
+        return self.sampler.sample(inst.pid, self.containment.members(instance_id))
 
     async def start_one(self, instance_id: str) -> None:
         inst = self._instance(instance_id)
@@ -1220,7 +1248,7 @@ class Kernel:
                 " hsu-instance-token is missing or wrong"
             )
         validate.topic(topic)
-        if events_mod.reserved(topic):
+        if events_mod.reserved(topic, by_hsu=True):
             raise NotAllowed(
                 f"PublishEvent: topic {topic!r}: {topic.split('.', 1)[0]}.* is the kernel's own"
             )

@@ -64,6 +64,7 @@ KINDS: Mapping[str, str] = {
     "authorizer": "hsu_register_authorizers",
     "storage": "hsu_register_storages",
     "exporter": "hsu_register_exporters",
+    "watcher": "hsu_register_watchers",
 }
 #: kinds that have a default (a settings section or a config source has none)
 DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry", "storage")

@@ -343,6 +343,7 @@ class KernelRouting:
             self.leased.discard(instance_id)
         inst = self.kernel.instances.get(instance_id)
         if inst is not None:
+            inst.leased = leased
             if leased:
                 inst.last_used = time.monotonic()
             self.update(inst)

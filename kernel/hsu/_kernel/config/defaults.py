@@ -8,6 +8,7 @@ that needs the capability gets one line per unit saying what it needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -17,6 +18,23 @@ from hsu.errors import ConfigError
 
 if TYPE_CHECKING:
     from hsu._kernel.plugins import PluginManager
+
+
+#: unit settings only a watcher acts on (``hsu_register_watchers``), and
+#: whether a spec sets each
+WATCHED: dict[str, Callable[[UnitSpec], bool]] = {
+    "idle_timeout": lambda spec: bool(spec.idle_timeout),
+    "limits": lambda spec: any(
+        v is not None
+        for v in (
+            spec.limits.rss_mb,
+            spec.limits.cpu_percent,
+            spec.limits.open_files,
+            spec.limits.threads,
+            spec.limits.children,
+        )
+    ),
+}
 
 
 def with_defaults(deployment: Deployment, plugins: PluginManager) -> Deployment:
@@ -37,11 +55,29 @@ def with_defaults(deployment: Deployment, plugins: PluginManager) -> Deployment:
             )
         return name
 
+    claimed = {
+        setting
+        for watcher in plugins.all("watcher").values()
+        for setting in getattr(watcher, "settings", ())
+    }
     units: dict[str, UnitSpec] = {}
     for unit_name, spec in deployment.units.items():
         changes: dict[str, Any] = {}
         where = ("units", unit_name)
         who = f"unit {unit_name!r}"
+        for setting, is_set in WATCHED.items():
+            if setting not in claimed and is_set(spec):
+                why = "no enabled plugin registers a watcher for it"
+                if plugins.blocked:
+                    why += f" (blocked: {', '.join(f'no:{n}' for n in sorted(plugins.blocked))})"
+                problems.append(
+                    describe(
+                        (*where, setting),
+                        f"{who} sets {setting}, which needs a watcher: {why}; enable its plugin",
+                        deployment.source,
+                        deployment.origins,
+                    )
+                )
         if spec.launcher is None and spec.kind is not UnitKind.UNMANAGED:
             changes["launcher"] = need((*where, "launcher"), "launcher", who)
         routing = spec.routing

@@ -91,6 +91,8 @@ class Instance:
     health: str = "unknown"
     #: when a routed call last picked it (for ``idle_timeout``)
     last_used: float = attrs.field(factory=time.monotonic)
+    #: held by a lease (``hsu.lease``)
+    leased: bool = False
     #: adopted from a kernel that ran before (re-attached, not spawned)
     reattached: bool = False
     handle: ProcessHandle | None = attrs.field(default=None, repr=False)

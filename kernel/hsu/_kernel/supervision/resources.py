@@ -21,6 +21,7 @@ import attrs
 import psutil
 
 from hsu.config import Seconds
+from hsu.ports import Usage
 from hsu.process import RESOURCES, RLIM_MAX, UNLIMITED
 
 MIB = 1024 * 1024
@@ -125,23 +126,6 @@ def check_rlimits(rlimits: Mapping[str, int], *, privileged: bool | None = None)
         elif ceiling is not None and _above(value, ceiling):
             problems.append(f"{where}: {shown} exceeds the system maximum {ceiling} ({_NR_OPEN})")
     return problems
-
-
-@attrs.frozen
-class Usage:
-    """One sample of a process tree."""
-
-    pid: int
-    #: resident bytes of the process and its descendants (shared pages counted per process)
-    rss: int
-    #: percent of one core since the previous sample, process and descendants
-    cpu_percent: float
-    #: file descriptors of the main process
-    open_files: int
-    #: threads of the process and its descendants
-    threads: int
-    #: live (non-zombie) descendant processes
-    children: int
 
 
 @attrs.define

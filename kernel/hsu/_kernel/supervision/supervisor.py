@@ -45,7 +45,7 @@ from hsu._kernel.supervision.instances import (
     InstanceState,
     new_instance_id,
 )
-from hsu._kernel.supervision.resources import breaches, open_files_note
+from hsu._kernel.supervision.resources import open_files_note
 from hsu._kernel.supervision.statefile import SavedInstance
 from hsu.config import child_env
 from hsu.core.v1 import core_pb2, core_pb2_grpc
@@ -222,18 +222,32 @@ class UnitSupervisor:
         return [i for i in self.slots.values() if self._controls[i.instance_id].wanted]
 
     def start_aux(self) -> None:
-        """Start the unit's idle and limits watchers (again, after a reload)."""
+        """Start the watchers (``hsu_register_watchers``) that want this unit:
+        idle instances, resource limits; again after a reload."""
         for task in self._aux:
             task.cancel()
         self._aux = []
-        if self.spec.idle_timeout:
-            self._aux.append(asyncio.ensure_future(self._idle_loop()))
-        lim = self.spec.limits
-        if any(
-            v is not None
-            for v in (lim.rss_mb, lim.cpu_percent, lim.open_files, lim.threads, lim.children)
-        ):
-            self._aux.append(asyncio.ensure_future(self._limits_loop()))
+        for name, watcher in self.kernel.plugins.all("watcher").items():
+            try:
+                wanted = watcher.wants(self.name, self.spec)
+            except Exception as exc:
+                self.log.error("watcher {!r}: wants() failed: {!r}", name, exc)
+                continue
+            if wanted:
+                self._aux.append(asyncio.ensure_future(self._run_watcher(name, watcher)))
+
+    async def _run_watcher(self, name: str, watcher: Any) -> None:
+        try:
+            await watcher.watch(self.kernel, self.name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.opt(exception=exc).error(
+                "watcher {!r} of unit {!r} failed: {!r}; the unit runs on unwatched",
+                name,
+                self.name,
+                exc,
+            )
 
     def add_slot(self, saved: SavedInstance | None = None) -> Instance:
         inst = Instance(saved.instance_id if saved else new_instance_id(self.name), self.name, True)
@@ -878,60 +892,6 @@ class UnitSupervisor:
                 "Core.Shutdown failed ({}); sending {}", exc.code().name, self.spec.stop_signal
             )
             return False
-
-    # -- watchers ----------------------------------------------------------
-
-    async def _idle_loop(self) -> None:
-        timeout = self.spec.idle_timeout or 0.0
-        while True:
-            await asyncio.sleep(min(max(timeout / 4, 0.1), 5.0))
-            wanted = self.wanted
-            if len(wanted) <= self.spec.min_instances:
-                continue
-            now = time.monotonic()
-            leased = self.kernel.routing.leased
-            idle = [
-                i
-                for i in wanted
-                if i.state is S.READY
-                and now - i.last_used > timeout
-                and i.instance_id not in leased
-            ]
-            if idle:
-                victim = min(idle, key=lambda i: i.last_used)
-                self.log.info(
-                    "instance {} idle for {:g}s; stopping it", victim.instance_id, timeout
-                )
-                await self.remove(victim, reason=f"idle for {timeout:g}s")
-
-    async def _limits_loop(self) -> None:
-        sampler = self.kernel.sampler
-        while True:
-            limits = self.spec.limits
-            await asyncio.sleep(limits.interval)
-            for inst in list(self.wanted):
-                if inst.state is not S.READY or not inst.pid:
-                    continue
-                usage = sampler.sample(inst.pid, self.kernel.containment.members(inst.instance_id))
-                if usage is None:
-                    continue
-                found = breaches(limits, usage)
-                if not found:
-                    continue
-                what = "; ".join(found)
-                log: Any = _InstanceLog(self.log, inst.instance_id)
-                log.warning("resource limits exceeded: {} (action: {})", what, limits.action.value)
-                self.kernel.events.publish(
-                    "limits",
-                    unit=self.name,
-                    instance_id=inst.instance_id,
-                    reason=what,
-                    pid=inst.pid,
-                )
-                if limits.action.value == "restart":
-                    self.restart(inst, f"resource limits: {what}")
-                elif limits.action.value == "stop":
-                    await self.stop(inst, reason=f"resource limits: {what}")
 
 
 def _status(code: int | None) -> str:
