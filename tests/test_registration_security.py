@@ -344,6 +344,9 @@ async def test_caps_on_registered_instances_refuse_with_resource_exhausted(
 
 async def test_unproven_calls_are_rate_limited_and_proven_ones_are_not(hsu_kernel_factory):
     kernel = await hsu_kernel_factory(deployment(echo=echo_unit()))
+    # a slow refill, so a loaded machine's slow calls cannot keep up with it
+    kernel.UNPROVEN_RATE = (2.0, 30.0)
+    kernel.__dict__.pop("_unproven", None)
     rate, burst = kernel.UNPROVEN_RATE
     request = register(unit="echo", address="127.0.0.1:1")
     async with grpc.aio.insecure_channel(kernel.control_address) as ch:
