@@ -1,18 +1,29 @@
 """The contract every storage (hsu.ports.Storage) keeps: the same tests,
 parametrized over each storage this repository ships (sqlite built in; redis
-from contrib/hsu-plugin-redis, against a real redis-server). A third party's
-storage can run them too: ``storages`` below is the table to extend."""
+from contrib/hsu-plugin-redis, against a real redis-server each test starts
+on a loopback port and stops by pid). A third party's storage can run them
+too: ``storages`` below is the table to extend.
+
+The second half runs a kernel on each storage: every acknowledged put
+survives a SIGKILL (of the kernel, and of redis-server with appendfsync
+always), a unit cannot reach another unit's namespace through the service,
+and a redis-server killed mid-run fails storage calls UNAVAILABLE naming its
+address while the kernel stays SERVING."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hsu_plugin_redis.server import LocalRedis, redis_executable
+from hsu_plugin_redis.settings import RedisSettings
+from hsu_plugin_redis.storage import RedisStorage
 
 from hsu.errors import InvalidValue
 from hsu.ports import Storage, StorageEvent
@@ -33,8 +44,33 @@ def _sqlite(tmp_path: Path) -> contextlib.AbstractAsyncContextManager[Storage]:
     return make()
 
 
+def need_redis() -> None:
+    """Skip without redis-server, or fail when HSU_REQUIRE_REDIS is 1."""
+    if redis_executable() is None:
+        if os.environ.get("HSU_REQUIRE_REDIS") == "1":
+            pytest.fail("HSU_REQUIRE_REDIS=1 but there is no redis-server (Debian: redis-server)")
+        pytest.skip("redis-server is not installed (Debian: redis-server)")
+
+
+def _redis(tmp_path: Path) -> contextlib.AbstractAsyncContextManager[Storage]:
+    @contextlib.asynccontextmanager
+    async def make() -> AsyncIterator[Storage]:
+        need_redis()
+        server = LocalRedis(tmp_path / "redis")
+        server.start()
+        s = RedisStorage(RedisSettings(address=server.address), max_value_bytes=MAX_VALUE)
+        try:
+            yield s
+        finally:
+            await s.close()
+            server.stop()
+
+    return make()
+
+
 storages: dict[str, Callable[[Path], contextlib.AbstractAsyncContextManager[Storage]]] = {
     "sqlite": _sqlite,
+    "redis": _redis,
 }
 
 
