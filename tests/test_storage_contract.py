@@ -16,17 +16,23 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hsu_plugin_redis.server import LocalRedis, redis_executable
 from hsu_plugin_redis.settings import RedisSettings
 from hsu_plugin_redis.storage import RedisStorage
 
+from conftest import write_deployment
 from hsu.errors import InvalidValue
 from hsu.ports import Storage, StorageEvent
+from hsu.storage import StorageClient
+from hsu.storage.v1 import storage_pb2, storage_pb2_grpc
 from hsu_plugins.storage.sqlite import SqliteStorage
 
 MAX_VALUE = 4096
@@ -276,3 +282,165 @@ def test_a_plugin_adds_a_storage_but_cannot_take_sqlite(tmp_path):
     with pytest.raises(ConflictError, match="storage 'sqlite' is registered by plugin 'sqlite'"):
         pm.register(Clash(), "clash")
     assert pm.storage(None) is sqlite.create
+
+
+# -- a kernel on each storage -------------------------------------------------------
+
+
+@attrs.frozen
+class Backend:
+    """A storage for a kernel: its deployment lines, and its server (redis)."""
+
+    name: str
+    yaml: str
+    raw: dict[str, Any]
+    server: LocalRedis | None = None
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: Any, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend("sqlite", "", {})
+        return
+    need_redis()
+    # appendfsync always: an acknowledged write is on disk when redis-server dies
+    server = LocalRedis(tmp_path / "redis", durable=True)
+    server.start()
+    try:
+        yield Backend(
+            "redis",
+            "plugins: [hsu_plugin_redis]\nkernel: {storage: redis}\n"
+            f"redis: {{address: '{server.address}', timeout: 3}}\n",
+            {
+                "plugins": ["hsu_plugin_redis"],
+                "kernel": {"storage": "redis"},
+                "redis": {"address": server.address},
+            },
+            server,
+        )
+    finally:
+        server.stop()
+        assert server.proc is None
+
+
+async def test_every_acknowledged_put_survives_sigkill(tmp_path, kernel_process, backend):
+    """A burst of puts over the service; SIGKILL the kernel (and redis-server)
+    in the middle; after a restart every put that was acknowledged is there."""
+    path = write_deployment(tmp_path / "d.yaml", f"name: burst\nunits: {{}}\n{backend.yaml}")
+    k = kernel_process(path)
+    await asyncio.to_thread(k.wait_ready)
+    acked = -1
+    async with grpc.aio.insecure_channel(k.address) as ch:
+        stub = storage_pb2_grpc.StorageStub(ch)
+
+        async def burst() -> None:
+            nonlocal acked
+            for i in range(100_000):
+                await stub.Put(
+                    storage_pb2.PutRequest(namespace="b", key=f"k{i:06d}", value=b"v"), timeout=10
+                )
+                acked = i
+
+        writer = asyncio.ensure_future(burst())
+        for _ in range(600):  # at most 60 s
+            if acked >= 300 or writer.done():
+                break
+            await asyncio.sleep(0.1)
+        k.proc.kill()
+        if backend.server is not None:
+            backend.server.kill()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await writer
+    await asyncio.to_thread(k.proc.wait)
+    assert acked >= 300
+    if backend.server is not None:
+        backend.server.start()  # the same port and files: it replays its append-only file
+    again = kernel_process(path)
+    await asyncio.to_thread(again.wait_ready)
+    client = StorageClient(again.address)
+    try:
+        items, _ = await client.list("b")
+    finally:
+        await client.close()
+    keys = {kv.key for kv in items}
+    missing = [i for i in range(acked + 1) if f"k{i:06d}" not in keys]
+    assert missing == []
+
+
+async def test_a_unit_cannot_read_another_units_namespace(hsu_kernel_factory, backend) -> None:
+    from test_storage_service import run, units
+
+    kernel = await hsu_kernel_factory({"name": "ns", "units": units(), **backend.raw})
+    assert kernel.storage is not None
+    assert type(kernel.storage).__name__.lower().startswith(backend.name)
+    assert isinstance((await run(kernel, "a", op="put", key="k", value="of a"))["result"], int)
+    assert await run(kernel, "b", op="get", key="k") == {"result": None}
+    stolen = await run(kernel, "b", op="get", ns="a", key="k")
+    assert stolen["error"] == "NotAllowed"
+    assert (await run(kernel, "b", op="list", ns="a"))["error"] == "NotAllowed"
+    assert (await run(kernel, "b", op="put", ns="a", key="k", value="b"))["error"] == "NotAllowed"
+    assert (await run(kernel, "b", op="list", ns="hsu.kernel"))["error"] == "NotAllowed"
+    assert await run(kernel, "a", op="get", key="k") == {"result": "of a"}
+
+
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_redis_killed_mid_run_fails_calls_cleanly(tmp_path, kernel_process) -> None:
+    """redis-server dies: every storage call is UNAVAILABLE naming its address,
+    a put that failed is not there afterwards, the kernel stays SERVING; when
+    the server is back, so is the storage."""
+    need_redis()
+    server = LocalRedis(tmp_path / "redis", durable=True)
+    server.start()
+    try:
+        path = write_deployment(
+            tmp_path / "d.yaml",
+            "name: down\nunits: {}\nplugins: [hsu_plugin_redis]\nkernel: {storage: redis}\n"
+            f"redis: {{address: '{server.address}', connect_timeout: 1, timeout: 2}}\n",
+        )
+        k = kernel_process(path)
+        await asyncio.to_thread(k.wait_ready)
+        async with grpc.aio.insecure_channel(k.address) as ch:
+            stub = storage_pb2_grpc.StorageStub(ch)
+            put = await stub.Put(storage_pb2.PutRequest(namespace="a", key="k", value=b"1"))
+            assert put.kv.mod_revision > 0
+            server.kill()
+            calls = {
+                "Put": stub.Put(storage_pb2.PutRequest(namespace="a", key="lost", value=b"x")),
+                "Get": stub.Get(storage_pb2.GetRequest(namespace="a", key="k")),
+                "List": stub.List(storage_pb2.ListRequest(namespace="a")),
+                "Delete": stub.Delete(storage_pb2.DeleteRequest(namespace="a", key="k")),
+                "CompareAndSet": stub.CompareAndSet(
+                    storage_pb2.CompareAndSetRequest(
+                        namespace="a", key="k", value=b"2", revision=put.kv.mod_revision
+                    )
+                ),
+            }
+            for method, call in calls.items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() is grpc.StatusCode.UNAVAILABLE, method
+                assert f"redis at redis://{server.address}/0" in err.value.details(), method
+                assert "nothing was written" in err.value.details() or method in ("Get", "List")
+            watch = stub.Watch(storage_pb2.WatchRequest(namespace="a"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in watch:
+                    pass
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert await asyncio.to_thread(_serving, k.address)
+            assert k.proc.poll() is None
+            # back again: what was acknowledged is there, what failed is not
+            server.start()
+            got = await stub.Get(storage_pb2.GetRequest(namespace="a", key="k"))
+            assert got.found and got.kv.value == b"1"
+            lost = await stub.Get(storage_pb2.GetRequest(namespace="a", key="lost"))
+            assert not lost.found
+            again = await stub.Put(storage_pb2.PutRequest(namespace="a", key="k", value=b"3"))
+            assert again.kv.mod_revision > put.kv.mod_revision
+        assert await asyncio.to_thread(_serving, k.address)
+    finally:
+        server.stop()

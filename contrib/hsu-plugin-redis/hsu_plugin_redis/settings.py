@@ -136,4 +136,14 @@ class RedisSettings:
             kw["unix_socket_path"] = where
         else:
             kw["host"], kw["port"] = where
+            # with maintenance notifications on (redis-py's "auto"), the pool
+            # skips its check that a pooled connection is still open, and a put
+            # on a connection the server closed fails as "may have been made"
+            # instead of "nothing was written"
+            try:
+                from redis.maint_notifications import MaintNotificationsConfig
+            except ImportError:  # an older redis-py: it has no such notifications
+                pass
+            else:
+                kw["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
         return kw
