@@ -17,31 +17,30 @@ _PREFIX = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
 
 def parse_address(value: str) -> tuple[str, int] | str:
     """``(host, port)`` for ``host:port`` (``[v6]:port``), or the socket's path
-    for ``unix:/path``. Raises ValueError saying what a good one looks like."""
+    for ``unix:/path``. Raises ValueError saying what a good one looks like
+    (the kernel's error puts ``redis.address`` before it)."""
     if not isinstance(value, str) or not value:
-        raise ValueError("address: empty; give host:port (127.0.0.1:6379) or unix:/path")
+        raise ValueError("empty; give host:port (127.0.0.1:6379) or unix:/path")
     if value.startswith("unix:"):
         path = value[len("unix:") :]
         if not path.startswith("/"):
-            raise ValueError(f"address: {value!r}: a unix socket's path must be absolute")
+            raise ValueError(f"{value!r}: a unix socket's path must be absolute")
         if len(path.encode()) > 107:
-            raise ValueError(f"address: {value!r}: over the 107 bytes a unix socket path may have")
+            raise ValueError(f"{value!r}: over the 107 bytes a unix socket path may have")
         return path
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(
-            f"address: {value!r} is not host:port (127.0.0.1:6379, [::1]:6379) or unix:/path"
-        )
+        raise ValueError(f"{value!r} is not host:port (127.0.0.1:6379, [::1]:6379) or unix:/path")
     if host.startswith("["):
         if not host.endswith("]"):
-            raise ValueError(f"address: {value!r}: an IPv6 host goes in brackets, [::1]:6379")
+            raise ValueError(f"{value!r}: an IPv6 host goes in brackets, [::1]:6379")
         host = host[1:-1]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"address: {value!r}: {host!r} is not an IPv6 address") from None
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
     elif ":" in host:
-        raise ValueError(f"address: {value!r}: put an IPv6 host in brackets, [::1]:6379")
+        raise ValueError(f"{value!r}: put an IPv6 host in brackets, [::1]:6379")
     return host, int(port)
 
 
@@ -51,14 +50,12 @@ def _address(_: object, attribute: attrs.Attribute[str], value: str) -> None:
 
 def _prefix(_: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not _PREFIX.fullmatch(value):
-        raise ValueError(
-            f"prefix: {value!r} is not 1 to 64 of letters, digits and '_.:{{}}-' (like hsu:)"
-        )
+        raise ValueError(f"{value!r} is not 1 to 64 of letters, digits and '_.:{{}}-' (like hsu:)")
 
 
 def _password_file(_: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
     if value is not None and not os.path.isabs(value):
-        raise ValueError(f"password_file: {value!r} must be an absolute path")
+        raise ValueError(f"{value!r} must be an absolute path")
 
 
 @attrs.frozen
