@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,9 @@ import attrs
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hsu_plugin_etcd.cluster import LocalCluster, etcd_executable
+from hsu_plugin_etcd.settings import EtcdSettings
+from hsu_plugin_etcd.storage import EtcdStorage
 from hsu_plugin_redis.server import LocalRedis, redis_executable
 from hsu_plugin_redis.settings import RedisSettings
 from hsu_plugin_redis.storage import RedisStorage
@@ -58,6 +62,14 @@ def need_redis() -> None:
         pytest.skip("redis-server is not installed (Debian: redis-server)")
 
 
+def need_etcd() -> None:
+    """Skip without etcd, or fail when HSU_REQUIRE_ETCD is 1."""
+    if etcd_executable() is None:
+        if os.environ.get("HSU_REQUIRE_ETCD") == "1":
+            pytest.fail("HSU_REQUIRE_ETCD=1 but there is no etcd (Debian: etcd-server)")
+        pytest.skip("etcd is not installed (Debian: etcd-server)")
+
+
 def _redis(tmp_path: Path) -> contextlib.AbstractAsyncContextManager[Storage]:
     @contextlib.asynccontextmanager
     async def make() -> AsyncIterator[Storage]:
@@ -74,9 +86,32 @@ def _redis(tmp_path: Path) -> contextlib.AbstractAsyncContextManager[Storage]:
     return make()
 
 
+def _etcd(tmp_path: Path) -> contextlib.AbstractAsyncContextManager[Storage]:
+    @contextlib.asynccontextmanager
+    async def make() -> AsyncIterator[Storage]:
+        need_etcd()
+        # one member for speed; the 3-member cluster is contrib/hsu-plugin-etcd's tests
+        cluster = LocalCluster(tmp_path / "etcd", 1)
+        try:
+            await asyncio.to_thread(cluster.start)
+            s = EtcdStorage(
+                EtcdSettings(endpoints=tuple(cluster.endpoints), prefix="/contract"),
+                max_value_bytes=MAX_VALUE,
+            )
+            try:
+                yield s
+            finally:
+                await s.close()
+        finally:
+            cluster.stop()
+
+    return make()
+
+
 storages: dict[str, Callable[[Path], contextlib.AbstractAsyncContextManager[Storage]]] = {
     "sqlite": _sqlite,
     "redis": _redis,
+    "etcd": _etcd,
 }
 
 
@@ -295,12 +330,47 @@ class Backend:
     yaml: str
     raw: dict[str, Any]
     server: LocalRedis | None = None
+    cluster: LocalCluster | None = None
+
+    def crash(self) -> None:
+        """SIGKILL the storage's server (if it has one)."""
+        if self.server is not None:
+            self.server.kill()
+        if self.cluster is not None:
+            for m in self.cluster.members:
+                self.cluster.stop_member(m, signal.SIGKILL)
+
+    def restart(self) -> None:
+        if self.server is not None:
+            self.server.start()  # the same port and files: it replays its append-only file
+        if self.cluster is not None:
+            self.cluster.start()  # the same data dirs
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "etcd"])
 def backend(request: Any, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         yield Backend("sqlite", "", {})
+        return
+    if request.param == "etcd":
+        need_etcd()
+        cluster = LocalCluster(tmp_path / "etcd", 1)
+        try:
+            cluster.start()
+            (endpoint,) = cluster.endpoints
+            yield Backend(
+                "etcd",
+                "plugins: [hsu_plugin_etcd]\nkernel: {storage: etcd}\n"
+                f"etcd: {{endpoints: ['{endpoint}']}}\n",
+                {
+                    "plugins": ["hsu_plugin_etcd"],
+                    "kernel": {"storage": "etcd"},
+                    "etcd": {"endpoints": [endpoint]},
+                },
+                cluster=cluster,
+            )
+        finally:
+            cluster.stop()
         return
     need_redis()
     # appendfsync always: an acknowledged write is on disk when redis-server dies
@@ -324,7 +394,7 @@ def backend(request: Any, tmp_path: Path) -> Iterator[Backend]:
 
 
 async def test_every_acknowledged_put_survives_sigkill(tmp_path, kernel_process, backend):
-    """A burst of puts over the service; SIGKILL the kernel (and redis-server)
+    """A burst of puts over the service; SIGKILL the kernel (and redis-server, etcd)
     in the middle; after a restart every put that was acknowledged is there."""
     path = write_deployment(tmp_path / "d.yaml", f"name: burst\nunits: {{}}\n{backend.yaml}")
     k = kernel_process(path)
@@ -347,14 +417,12 @@ async def test_every_acknowledged_put_survives_sigkill(tmp_path, kernel_process,
                 break
             await asyncio.sleep(0.1)
         k.proc.kill()
-        if backend.server is not None:
-            backend.server.kill()
+        backend.crash()
         with pytest.raises(grpc.aio.AioRpcError):
             await writer
     await asyncio.to_thread(k.proc.wait)
     assert acked >= 300
-    if backend.server is not None:
-        backend.server.start()  # the same port and files: it replays its append-only file
+    backend.restart()
     again = kernel_process(path)
     await asyncio.to_thread(again.wait_ready)
     client = StorageClient(again.address)
