@@ -14,6 +14,7 @@ from hsu_plugin_redis.settings import RedisSettings
 from hsu_plugin_redis.storage import RedisStorage
 
 from hsu.errors import ConfigError, StorageUnavailable
+from hsu.ports import StorageCompacted
 from hsu.testing import build_kernel
 
 
@@ -79,6 +80,32 @@ async def test_on_a_unix_socket_and_down(tmp_path: Path) -> None:
             await store.put("ns", "k2", b"v")
         assert f"redis at redis+unix:{server.socket}?db=2" in str(info.value)
         assert "nothing was written" in str(info.value)
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_a_watch_from_a_trimmed_revision_is_compacted(tmp_path: Path) -> None:
+    """The streams keep the last ``history`` revisions: a watch from before
+    them raises StorageCompacted with the oldest one kept; from within, it
+    replays."""
+    need_redis()
+    server = LocalRedis(tmp_path / "r")
+    server.start()
+    store = RedisStorage(RedisSettings(address=server.address, history=3))
+    try:
+        revs = [(await store.put("ns", f"k{i}", b"v")).mod_revision for i in range(10)]
+        with pytest.raises(StorageCompacted) as info:
+            async for _ in store.watch("ns", after=revs[1]):
+                break
+        assert info.value.compact_revision == revs[-1] - 3
+        got = []
+        async with asyncio.timeout(10):
+            async for ev in store.watch("ns", after=info.value.compact_revision):
+                got.append(ev.revision)
+                if ev.revision == revs[-1]:
+                    break
+        assert got == [r for r in revs if r > info.value.compact_revision]
     finally:
         await store.close()
         server.stop()
