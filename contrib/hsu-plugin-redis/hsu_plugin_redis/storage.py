@@ -48,6 +48,8 @@ from hsu.storage import check_key, check_namespace, check_ttl, check_value, key_
 from hsu_plugin_redis.settings import RedisSettings
 
 T = TypeVar("T")
+#: a script's or a pipeline's reply (``list`` is a method's name in the class)
+_Reply = list[Any]
 
 #: sweeps for keys whose TTL ran out this often (seconds)
 SWEEP_EVERY = 1.0
@@ -269,12 +271,12 @@ class RedisStorage:
         r = self._redis()
         row = await self._call(
             f"get {ns}/{key!r:.80}",
-            lambda: r.hmget(self._k("kv", ns, raw), [b"v", b"c", b"m", b"ver", b"exp"]),  # type: ignore[arg-type]
+            lambda: r.hmget(self._k("kv", ns, raw), [b"v", b"c", b"m", b"ver", b"exp"]),
             write=False,
         )
         if row[0] is None:
             return None
-        kv = _kv(raw, *row)
+        kv = _kv(raw, *row)  # type: ignore[arg-type]
         if kv.expires_at and kv.expires_at <= time.time():
             return None
         return kv
@@ -304,12 +306,12 @@ class RedisStorage:
     async def _write(
         self, what: str, ns: str, raw: bytes, op: str, expect: int | None, value: bytes,
         ttl: float | None,
-    ) -> tuple[list[Any], float]:  # fmt: skip
+    ) -> tuple[_Reply, float]:  # fmt: skip
         """The write script's reply, and the key's expiry it set (0: none)."""
         now = time.time()
         expires = now + ttl if ttl else 0.0
         self._redis()
-        reply: list[Any] = await self._call(
+        reply: _Reply = await self._call(
             what,
             lambda: self._scripts["write"](
                 keys=[
@@ -343,7 +345,7 @@ class RedisStorage:
         return self._stored(raw, data, *reply)
 
     @staticmethod
-    def _stored(raw: bytes, data: bytes, reply: list[Any], expires: float) -> KeyValue:
+    def _stored(raw: bytes, data: bytes, reply: _Reply, expires: float) -> KeyValue:
         _, rev, create, version = reply
         return KeyValue(_text(raw), data, int(create), int(rev), int(version), expires)
 
@@ -419,11 +421,11 @@ class RedisStorage:
         cursor = f"{after}-{MAX_SEQ}".encode()
         history = self.settings.history
 
-        async def poll() -> list[Any]:
+        async def poll() -> _Reply:
             async with r.pipeline(transaction=True) as pipe:
                 pipe.get(self._p + b"rev")
                 pipe.xread({stream: cursor}, count=WATCH_BATCH)
-                out: list[Any] = await pipe.execute()
+                out: _Reply = await pipe.execute()
                 return out
 
         while True:
