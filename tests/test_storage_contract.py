@@ -512,3 +512,32 @@ async def test_redis_killed_mid_run_fails_calls_cleanly(tmp_path, kernel_process
         assert await asyncio.to_thread(_serving, k.address)
     finally:
         server.stop()
+
+
+async def test_a_kernel_starts_with_redis_down_and_uses_it_once_up(tmp_path, kernel_process):
+    need_redis()
+    server = LocalRedis(tmp_path / "redis")  # its port chosen, nothing listening yet
+    try:
+        path = write_deployment(
+            tmp_path / "d.yaml",
+            "name: late\nunits: {}\nplugins: [hsu_plugin_redis]\nkernel: {storage: redis}\n"
+            f"redis: {{address: '{server.address}', connect_timeout: 1}}\n",
+        )
+        k = kernel_process(path)
+        await asyncio.to_thread(k.wait_ready)
+        async with grpc.aio.insecure_channel(k.address) as ch:
+            stub = storage_pb2_grpc.StorageStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Put(storage_pb2.PutRequest(namespace="a", key="k", value=b"1"))
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert f"redis at redis://{server.address}/0 is unavailable" in err.value.details()
+            assert "nothing was written" in err.value.details()
+            await asyncio.to_thread(server.start)
+            put = await stub.Put(storage_pb2.PutRequest(namespace="a", key="k", value=b"1"))
+            got = await stub.Get(storage_pb2.GetRequest(namespace="a", key="k"))
+            assert got.found and got.kv.mod_revision == put.kv.mod_revision
+        assert await asyncio.to_thread(_serving, k.address)
+        _, err_text = k.output()
+        assert f"redis at redis://{server.address}/0" in err_text  # the records' error, logged
+    finally:
+        server.stop()

@@ -295,7 +295,9 @@ class EtcdStorage:
             await stop.wait()
 
         where = f"watch {ns}/{prefix!r:.80}"
-        call = etcd.watch.Watch(requests(), wait_for_ready=True)
+        # not wait_for_ready: with no member reachable the watch fails (UNAVAILABLE)
+        # rather than wait for the cluster without end
+        call = etcd.watch.Watch(requests())
         try:
             while True:
                 try:
