@@ -541,3 +541,46 @@ async def test_a_kernel_starts_with_redis_down_and_uses_it_once_up(tmp_path, ker
         assert f"redis at redis://{server.address}/0" in err_text  # the records' error, logged
     finally:
         server.stop()
+
+
+async def test_etcd_down_mid_run_fails_calls_cleanly(tmp_path, kernel_process) -> None:
+    """The etcd storage's cluster stops: calls fail UNAVAILABLE naming its
+    endpoints within etcd.timeout, the kernel stays SERVING, and once the
+    cluster is back what was acknowledged is there."""
+    need_etcd()
+    cluster = LocalCluster(tmp_path / "etcd", 1)
+    try:
+        await asyncio.to_thread(cluster.start)
+        (endpoint,) = cluster.endpoints
+        path = write_deployment(
+            tmp_path / "d.yaml",
+            "name: edown\nunits: {}\nplugins: [hsu_plugin_etcd]\nkernel: {storage: etcd}\n"
+            f"etcd: {{endpoints: ['{endpoint}'], timeout: 1.0}}\n",
+        )
+        k = kernel_process(path)
+        await asyncio.to_thread(k.wait_ready)
+        async with grpc.aio.insecure_channel(k.address) as ch:
+            stub = storage_pb2_grpc.StorageStub(ch)
+            put = await stub.Put(storage_pb2.PutRequest(namespace="a", key="k", value=b"1"))
+            await asyncio.to_thread(cluster.stop_member, cluster.members[0], signal.SIGKILL)
+            for call in (
+                stub.Put(storage_pb2.PutRequest(namespace="a", key="k2", value=b"x")),
+                stub.Get(storage_pb2.GetRequest(namespace="a", key="k")),
+                stub.List(storage_pb2.ListRequest(namespace="a")),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert f"etcd at {endpoint} is unavailable" in err.value.details()
+            assert await asyncio.to_thread(_serving, k.address)
+            await asyncio.to_thread(cluster.start)
+            got = None
+            for _ in range(100):  # the kernel's channel reconnects (bounded: 10 s or so)
+                try:
+                    got = await stub.Get(storage_pb2.GetRequest(namespace="a", key="k"))
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+            assert got is not None and got.found and got.kv.mod_revision == put.kv.mod_revision
+    finally:
+        cluster.stop()
