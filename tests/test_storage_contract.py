@@ -1,14 +1,16 @@
 """The contract every storage (hsu.ports.Storage) keeps: the same tests,
 parametrized over each storage this repository ships (sqlite built in; redis
 from contrib/hsu-plugin-redis, against a real redis-server each test starts
-on a loopback port and stops by pid). A third party's storage can run them
+on a loopback port and stops by pid; etcd from contrib/hsu-plugin-etcd, on a
+one-member etcd cluster each test starts the same way). A third party's storage can run them
 too: ``storages`` below is the table to extend.
 
 The second half runs a kernel on each storage: every acknowledged put
 survives a SIGKILL (of the kernel, and of redis-server with appendfsync
 always), a unit cannot reach another unit's namespace through the service,
 and a redis-server killed mid-run fails storage calls UNAVAILABLE naming its
-address while the kernel stays SERVING."""
+address while the kernel stays SERVING (and so does an etcd cluster that
+stops)."""
 
 from __future__ import annotations
 
