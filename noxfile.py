@@ -14,6 +14,7 @@ LOCAL = [
     "-e", "contrib/hsu-plugin-jwt",
     "-e", "contrib/hsu-plugin-influxdb",
     "-e", "contrib/hsu-plugin-etcd",
+    "-e", "contrib/hsu-plugin-redis",
 ]  # fmt: skip
 
 
@@ -53,7 +54,9 @@ def bench(session: nox.Session) -> None:
     """Supervision side by side with supervisor and circus, then routing against raw
     grpcio (bench/routing.py), then failover under kills (bench/failover.py), then
     routed calls with no auth, a token, TLS and mTLS (bench/auth.py), then jobs on
-    instances with max_inflight 1 and the queue's overhead (bench/pool.py); each updates
+    instances with max_inflight 1 and the queue's overhead (bench/pool.py), then etcd
+    (bench/etcd.py), then storage get/put against sqlite3 and redis-py straight to the
+    store (bench/storage.py); each updates
     its section of docs/benchmarks.md.
 
     Not in the default sessions. supervisor and circus are installed only here.
@@ -73,3 +76,7 @@ def bench(session: nox.Session) -> None:
     # etcd: Debian's etcd-server; the plugin installed like hsu
     session.install("./contrib/hsu-plugin-etcd")
     session.run("python", "bench/etcd.py", *routing_args)
+    # storage: sqlite and redis over the Storage service against sqlite3 and
+    # redis-py straight to the store; Debian's redis-server
+    session.install("./contrib/hsu-plugin-redis")
+    session.run("python", "bench/storage.py", *routing_args)

@@ -1,8 +1,8 @@
 """hsu-plugin-etcd: kernels on several hosts share one etcd cluster.
 
-Provides the ``etcd`` registry (``kernel.registry: etcd``), leadership for
-``placement: singleton`` units, and the ``etcd`` settings section. See
-README.md.
+Provides the ``etcd`` registry (``kernel.registry: etcd``), the ``etcd``
+storage (``kernel.storage: etcd``), leadership for ``placement: singleton``
+units, and the ``etcd`` settings section. See README.md.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 
 import hsu
 from hsu.errors import ConfigError
-from hsu.ports import ConfigSource, KernelAPI, Register, Registry
+from hsu.ports import ConfigSource, KernelAPI, Register, Registry, Storage, StorageSettings
 from hsu_plugin_etcd.settings import EtcdSettings
 
 SECTION = "etcd"
 
-__all__ = ["SECTION", "EtcdSettings", "create_registry"]
+__all__ = ["SECTION", "EtcdSettings", "create_registry", "create_storage"]
 
 
 def create_registry(kernel: KernelAPI) -> Registry:
@@ -26,6 +26,20 @@ def create_registry(kernel: KernelAPI) -> Registry:
 
     settings: EtcdSettings = kernel.settings(SECTION)
     return EtcdRegistry(settings, settings.node_name())
+
+
+def create_storage(kernel: KernelAPI) -> Storage:
+    """The storage factory: keys under ``etcd.prefix``/kv/ (docs/storage.md, "etcd")."""
+    from hsu_plugin_etcd.storage import EtcdStorage
+
+    settings: EtcdSettings = kernel.settings(SECTION)
+    common: StorageSettings = kernel.settings("storage")
+    return EtcdStorage(settings, max_value_bytes=common.max_value_bytes)
+
+
+@hsu.hookimpl
+def hsu_register_storages(register: Register[Callable[[KernelAPI], Storage]]) -> None:
+    register("etcd", create_storage)
 
 
 @hsu.hookimpl
