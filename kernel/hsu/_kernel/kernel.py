@@ -36,6 +36,7 @@ from hsu._kernel.config.model import (
 from hsu._kernel.events import EventBus
 from hsu._kernel.lifecycle import KERNEL_TRANSITIONS, KernelState, StateMachine, Transition
 from hsu._kernel.logbuffer import LogBuffer
+from hsu._kernel.caches import layer_names, open_caches
 from hsu._kernel.metrics import KernelMetrics, check_exporters
 from hsu._kernel.plugins import PluginManager, plugin_names
 from hsu._kernel.routing import KernelRouting
@@ -66,6 +67,7 @@ from hsu.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from hsu.cache import Layers
 from hsu.metrics import CallMetrics
 from hsu.metrics import Registry as MetricsRegistry
 from hsu.metrics import enabled as metrics_enabled
@@ -202,6 +204,7 @@ class Kernel:
         self.containment = Containment(lambda: [i.pid for i in self.instances.values() if i.pid])
         self.routing = KernelRouting(self)
         check_exporters(ks.exporters, plugins.names("exporter"))
+        layer_names(ks.caches, plugins)
         #: its metrics (``kernel.metrics``), before plugins configure
         self.metrics_hub = KernelMetrics(self, ks.metrics and metrics_enabled())
         self._background: list[asyncio.Task[None]] = []
@@ -209,6 +212,8 @@ class Kernel:
         self._save_pending = False
         #: the storage plugin's store (``kernel.storage``), opened as the kernel starts
         self.storage: Storage | None = None
+        #: the cache layers (``kernel.caches``), opened as the kernel starts
+        self.cache_layers: Layers | None = None
         self.records = InstanceRecords(None, state_dir, self.state_path)
         self._create_time = statefile.create_time(os.getpid()) or 0.0
         self._server: KernelServer | None = None
@@ -260,6 +265,10 @@ class Kernel:
     @property
     def calls(self) -> CallMetrics | None:
         return self.metrics_hub.calls
+
+    @property
+    def cache(self) -> Layers | None:
+        return self.cache_layers
 
     def register_plugin(self, plugin: object, name: str) -> str:
         """Per-kernel plugin state: registered now, unregistered when the kernel
@@ -379,6 +388,7 @@ class Kernel:
             )
             await self.routing.start()
             self._open_storage()
+            self.cache_layers = open_caches(self)
             await self.metrics_hub.start_exporters(self.kernel_settings.exporters)
             found = await self._reattach()
             self._background.append(asyncio.ensure_future(self.logfiles.run()))
@@ -484,6 +494,7 @@ class Kernel:
         finally:
             self.containment.close()
             await self._close_storage()
+            await self._close_caches()
             self.machine.move(final, reason if final is KernelState.FAILED else "")
             await self.plugins.call_each("hsu_kernel_stopped", stop_on_error=False, kernel=self)
             self._unregister_own_plugins()
@@ -794,6 +805,12 @@ class Kernel:
             logger.error("kernel.storage: {}: {}; running without storage", name, exc)
             return
         self.records = InstanceRecords(self.storage, self.state_dir, self.state_path)
+
+    async def _close_caches(self) -> None:
+        caches, self.cache_layers = self.cache_layers, None
+        if caches is not None:
+            self.metrics.remove_collector("cache")
+            await caches.close()
 
     async def _close_storage(self) -> None:
         storage, self.storage = self.storage, None
@@ -1369,7 +1386,7 @@ class Kernel:
             ks: KernelSettings = settings["kernel"]
             for key in (
                 "address", "control", "insecure", "state_dir", "reattach", "registry", "gateway",
-                "storage", "tls", "log_format",
+                "storage", "caches", "tls", "log_format",
             ):  # fmt: skip
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
                     problems.append(
