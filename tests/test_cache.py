@@ -6,6 +6,7 @@ Real kernels, real HSU processes, real gRPC on loopback."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ METHOD = f"/{ECHO}/Echo"
 HSU = str(Path(__file__).with_name("hsu_cached.py"))
 
 
-def deployment(log: Path, cache: dict[str, Any] | None, **more: Any) -> dict[str, Any]:
+def deployment(log: Path, routing_cache: dict[str, Any] | None, **more: Any) -> dict[str, Any]:
     unit: dict[str, Any] = {
         "command": [sys.executable, HSU],
         "interfaces": [ECHO],
@@ -35,8 +36,8 @@ def deployment(log: Path, cache: dict[str, Any] | None, **more: Any) -> dict[str
         "start": "at-start",
         "stop_grace": 5,
     }
-    if cache is not None:
-        unit["routing"] = {"cache": cache}
+    if routing_cache is not None:
+        unit["routing"] = {"cache": routing_cache}
     return {"name": "cache", "units": {"lookup": unit}, **more}
 
 
@@ -222,7 +223,7 @@ async def test_hsu_connect_keeps_its_own_reply_cache(
             log,
             {"methods": ["hsu.echo.v1.Echo/Echo"], "key_metadata": ["tenant"]},
             kernel={"caches": []},
-        )  # fmt: skip
+        )
     )
     async with hsu.connect(kernel.control_address) as channel:
         stub = echo_pb2_grpc.EchoStub(channel)
@@ -284,3 +285,114 @@ def test_kernel_caches_names_registered_layers(tmp_path: Path) -> None:
     ):
         build_kernel(deployment(tmp_path / "log", None, kernel={"caches": ["memory", "nope"]}),
                      base_dir=str(tmp_path))  # fmt: skip
+
+
+# -- the Cache service ----------------------------------------------------------------
+
+OPS = str(Path(__file__).with_name("hsu_cache_ops.py"))
+
+
+async def run(kernel: Any, unit: str, **cmd: Any) -> dict[str, Any]:
+    """Have an instance of ``unit`` run one cache call through worker.cache."""
+    (inst,) = [i for i in kernel.instances.values() if i.unit == unit]
+    async with grpc.aio.insecure_channel(inst.address) as ch:
+        reply = await echo_pb2_grpc.EchoStub(ch).Echo(
+            echo_pb2.EchoRequest(message=json.dumps(cmd)), timeout=20
+        )
+    out: dict[str, Any] = json.loads(reply.message)
+    return out
+
+
+async def test_the_cache_service_keeps_each_unit_to_its_namespace(
+    hsu_kernel_factory: Any,
+) -> None:
+    unit = {"command": [sys.executable, OPS], "interfaces": [ECHO], "start": "at-start",
+            "stop_grace": 5}  # fmt: skip
+    kernel = await hsu_kernel_factory(
+        {
+            "name": "cs",
+            "units": {"a": unit, "b": dict(unit)},
+            "cache": {"max_value_bytes": 1000},
+        }
+    )
+    assert await run(kernel, "a", op="set", key="k", value="from a", ttl=60) == {"result": True}
+    assert await run(kernel, "a", op="get", key="k") == {"result": "from a"}
+    assert await run(kernel, "b", op="get", key="k") == {"result": None}  # b's own is empty
+    # the attack: b names a's namespace, or the kernel's replies
+    stolen = await run(kernel, "b", op="get", ns="a", key="k")
+    assert stolen["error"] == "NotAllowed"
+    assert "unit 'b' may use its own namespace 'b' only, not 'a'" in stolen["message"]
+    assert (await run(kernel, "b", op="set", ns="a", key="k", value="b's"))["error"] == "NotAllowed"
+    assert (await run(kernel, "b", op="delete", ns="a", key="k"))["error"] == "NotAllowed"
+    assert (await run(kernel, "b", op="get", ns="hsu.reply", key="x"))["error"] == "NotAllowed"
+    assert await run(kernel, "a", op="get", key="k") == {"result": "from a"}
+    # oversized: INVALID_ARGUMENT, nothing kept
+    big = await run(kernel, "a", op="set", key="big", value="x", repeat=1001)
+    assert big["error"] == "InvalidValue"
+    assert "1001 bytes, over cache.max_value_bytes (1000)" in big["message"]
+    assert await run(kernel, "a", op="get", key="big") == {"result": None}
+    # the unit's key is in the kernel's layers under its namespace
+    hit = await kernel.cache.get("a/k")
+    assert hit is not None and hit.value == b"from a"
+    # an operator on the control plane names the namespace, never the kernel's
+    from hsu.cache import CacheClient
+    from hsu.errors import NotAllowed
+
+    op = CacheClient(kernel.control_address, namespace="a")
+    try:
+        got = await op.get("k")
+        assert got is not None and got.value == b"from a" and got.ttl is not None
+        assert await op.delete("k") is True
+        assert await run(kernel, "a", op="get", key="k") == {"result": None}
+    finally:
+        await op.close()
+    kernels = CacheClient(kernel.control_address, namespace="hsu.reply")
+    try:
+        with pytest.raises(NotAllowed, match=r"'hsu\.reply' is the kernel's own"):
+            await kernels.get("x")
+    finally:
+        await kernels.close()
+
+
+# -- a layer from a plugin, and one that fails ------------------------------------------
+
+
+class GoneLayer:
+    """A plugin whose layer is the Cache service of a kernel that is not
+    there (a unix socket nobody listens on): every call fails."""
+
+    def __init__(self, socket: Path):
+        self.socket = socket
+
+    @hsu.hookimpl
+    def hsu_register_caches(self, register: Any) -> None:
+        from hsu.cache import CacheClient
+
+        register("gone", lambda kernel: CacheClient(f"unix:{self.socket}", namespace="x"))
+
+
+async def test_a_failing_layer_is_skipped_and_counted_never_failing_the_call(
+    hsu_kernel_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "calls"
+    kernel = await hsu_kernel_factory(
+        deployment(
+            log,
+            {"methods": ["Echo"]},
+            kernel={"caches": ["gone", "memory"]},
+            cache={"retry_after": 0},
+        ),
+        plugins=[GoneLayer(tmp_path / "nobody.sock")],
+    )
+    assert [name for name, _ in kernel.cache.layers] == ["gone", "memory"]
+    async with grpc.aio.insecure_channel(kernel.address) as ch:
+        stub = echo_pb2_grpc.EchoStub(ch)
+        await gateway_ready(kernel, stub)
+        replies = [await stub.Echo(echo_pb2.EchoRequest(message="q"), timeout=20) for _ in range(4)]
+    assert len(set(map(bytes, (r.SerializeToString() for r in replies)))) == 1
+    assert reached(log).count("q") == 1  # the memory layer answered the rest
+    stats = dict(kernel.cache.layer_stats())
+    assert stats["gone"].errors >= 4 and stats["memory"].hits == 3
+    families = {f.name: f for f in kernel.metrics.collect()}
+    errors = {p.labels: p.value for p in families["hsu_cache_errors_total"].points}
+    assert errors[(("layer", "gone"),)] >= 4

@@ -21,6 +21,7 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
         ("env", "default", "active"),
         ("file", "default", "active"),
         ("gateway", "default", "active"),
+        ("memory_cache", "default", "active"),
         ("mtls", "default", "active"),
         ("overrides", "default", "active"),
         ("peercred", "default", "active"),

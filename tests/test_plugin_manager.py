@@ -20,6 +20,7 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
         ("env", "default", "active", "hsu"),
         ("file", "default", "active", "hsu"),
         ("gateway", "default", "active", "hsu"),
+        ("memory_cache", "default", "active", "hsu"),
         ("mtls", "default", "active", "hsu"),
         ("overrides", "default", "active", "hsu"),
         ("peercred", "default", "active", "hsu"),

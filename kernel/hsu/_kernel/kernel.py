@@ -22,6 +22,7 @@ from loguru import logger
 from hsu import validate
 from hsu._kernel import auth, control
 from hsu._kernel import events as events_mod
+from hsu._kernel.caches import layer_names, open_caches
 from hsu._kernel.config.defaults import with_defaults
 from hsu._kernel.config.model import (
     Deployment,
@@ -36,7 +37,6 @@ from hsu._kernel.config.model import (
 from hsu._kernel.events import EventBus
 from hsu._kernel.lifecycle import KERNEL_TRANSITIONS, KernelState, StateMachine, Transition
 from hsu._kernel.logbuffer import LogBuffer
-from hsu._kernel.caches import layer_names, open_caches
 from hsu._kernel.metrics import KernelMetrics, check_exporters
 from hsu._kernel.plugins import PluginManager, plugin_names
 from hsu._kernel.routing import KernelRouting
@@ -57,6 +57,7 @@ from hsu._kernel.supervision.supervisor import (
     settled,
 )
 from hsu._version import __version__
+from hsu.cache import Layers
 from hsu.errors import (
     ConfigError,
     HsuError,
@@ -67,7 +68,6 @@ from hsu.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from hsu.cache import Layers
 from hsu.metrics import CallMetrics
 from hsu.metrics import Registry as MetricsRegistry
 from hsu.metrics import enabled as metrics_enabled

@@ -134,8 +134,10 @@ class Layers:
                 st = layer.stats()
             except Exception:
                 st = CacheStats()
-            out.append((name, CacheStats(st.hits, st.misses, st.evictions,
-                                         st.errors + self._errors[i], st.entries, st.bytes)))  # fmt: skip
+            errors = st.errors + self._errors[i]
+            out.append(
+                (name, CacheStats(st.hits, st.misses, st.evictions, errors, st.entries, st.bytes))
+            )
         return out
 
     async def close(self) -> None:

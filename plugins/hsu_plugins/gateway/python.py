@@ -45,6 +45,7 @@ from loguru import logger
 
 import hsu
 from hsu import tracecontext
+from hsu.cache import reply_key
 from hsu.client.route import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
 from hsu.client.route import (
     Caller,
@@ -56,7 +57,6 @@ from hsu.client.route import (
     unavailable,
     until_connected,
 )
-from hsu.cache import reply_key
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.identity import METADATA as IDENTITY_METADATA
 from hsu.ports import Cache, Endpoint, KernelAPI, RpcHandler
