@@ -41,6 +41,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ class KernelProc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HSU_")}
         env["HSU_BENCH_RUN"] = RUN_MARK
         out = open(self.dir / "kernel.out", "wb")  # noqa: SIM115 - the child keeps it
+        self.hsu_pid = 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hsu", "run", "deployment.yaml"],
             cwd=self.dir,
@@ -118,7 +120,9 @@ class KernelProc:
                         kernel_pb2.ListInstancesRequest(unit=UNIT), timeout=2
                     ).instances
                     TRACKER.add(i.pid for i in insts if i.pid)
-                    if any(i.state == "ready" for i in insts):
+                    ready = [i for i in insts if i.state == "ready"]
+                    if ready:
+                        self.hsu_pid = ready[0].pid
                         return
                 if time.monotonic() > deadline:
                     raise RuntimeError("the kernel's instance was not ready in time")
@@ -151,8 +155,17 @@ async def run_round(stub: Any, hit: bool, calls: int, inflight: int, seq: Any) -
     return latencies
 
 
-async def measure(kernel: KernelProc, rounds: int, calls: int, inflight: int) -> dict[str, Any]:
-    seq = itertools.count()
+def cpu(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+async def measure(
+    kernel: KernelProc, rounds: int, calls: int, inflight: int, seq: Iterator[int]
+) -> dict[str, Any]:
+    """``seq`` numbers the misses' requests: one counter for the whole run, so
+    no miss repeats an earlier request (the cache keeps them for 5 minutes)."""
+    pids = (kernel.proc.pid, kernel.hsu_pid)
     results: dict[str, dict[str, Any]] = {}
     async with (
         grpc.aio.insecure_channel(kernel.address, options=PLAIN) as gw_channel,
@@ -173,13 +186,19 @@ async def measure(kernel: KernelProc, rounds: int, calls: int, inflight: int) ->
             order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
             for path, hit in order:
                 key = f"{path} {'hit' if hit else 'miss'}"
+                cpu0 = [cpu(p) for p in pids]
                 t0 = time.perf_counter()
                 lat = await run_round(stubs[path], hit, calls, inflight, seq)
                 wall = time.perf_counter() - t0
-                entry = results.setdefault(key, {"lat": [], "wall": 0.0, "n": 0})
+                cpu1 = [cpu(p) for p in pids]
+                entry = results.setdefault(
+                    key, {"lat": [], "wall": 0.0, "n": 0, "kcpu": 0.0, "hcpu": 0.0}
+                )
                 entry["lat"].extend(lat)
                 entry["wall"] += wall
                 entry["n"] += len(lat)
+                entry["kcpu"] += cpu1[0] - cpu0[0]
+                entry["hcpu"] += cpu1[1] - cpu0[1]
     out = {}
     for key, e in results.items():
         lat = sorted(e["lat"])
@@ -187,11 +206,15 @@ async def measure(kernel: KernelProc, rounds: int, calls: int, inflight: int) ->
             "calls_s": e["n"] / e["wall"],
             "p50_ms": statistics.median(lat) * 1e3,
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+            "kernel_us": e["kcpu"] / e["n"] * 1e6,
+            "hsu_us": e["hcpu"] / e["n"] * 1e6,
         }
     return out
 
 
-def report(results: dict[int, dict[str, Any]], args: argparse.Namespace) -> str:
+def report(
+    results: dict[int, dict[str, Any]], args: argparse.Namespace, load: tuple[float, float]
+) -> str:
     v = versions("hsu", "grpcio")
     lines = [
         HEADING,
@@ -200,9 +223,11 @@ def report(results: dict[int, dict[str, Any]], args: argparse.Namespace) -> str:
         f" --inflight {' '.join(map(str, args.inflight))}` (in `nox -s bench`),"
         f" {datetime.date.today().isoformat()}, {platform.machine()} with"
         f" {psutil.cpu_count()} CPUs, Python {platform.python_version()}, grpcio"
-        f" {v['grpcio']}. The machine is shared with other work: compare the rows"
-        " with each other (measured side by side in rotating rounds), not with"
-        " other runs.",
+        f" {v['grpcio']}. The machine is shared with other work (1-minute load"
+        f" average {load[0]:.1f} before the run, {load[1]:.1f} after): compare the"
+        " rows with each other (measured side by side in rotating rounds), not"
+        " with other runs; with more runnable processes than CPUs the ratios"
+        " move from run to run.",
         "",
         "One `python -m hsu_echo` instance behind one kernel whose unit caches"
         " `Echo` (`routing.cache: {methods: [Echo], ttl: 5m}`, the kernel's"
@@ -210,15 +235,19 @@ def report(results: dict[int, dict[str, Any]], args: argparse.Namespace) -> str:
         " the cache (the gateway's layers; `hsu.connect`'s own cache, in this"
         " process) without reaching the HSU. **miss**: a new request every"
         " call, forwarded to the HSU and its reply kept: the uncached call plus"
-        " the cache's cost on a miss.",
+        " the cache's cost on a miss. CPU per call is the kernel's and the"
+        " HSU's process (user + system) over the rounds; this client's own is"
+        " not counted. `hsu.connect` calls resolve in the kernel once, then go"
+        " straight to the instance: the kernel spends nothing on them.",
         "",
     ]
     for inflight, res in results.items():
         lines += [
             f"{inflight} call(s) in flight:",
             "",
-            "| path | calls/s | p50 ms | p99 ms | hit/miss calls/s |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| path | calls/s | p50 ms | p99 ms | kernel CPU µs/call | HSU CPU µs/call |"
+            " hit/miss calls/s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for path in ("gateway", "hsu.connect"):
             hit, miss = res[f"{path} hit"], res[f"{path} miss"]
@@ -226,7 +255,8 @@ def report(results: dict[int, dict[str, Any]], args: argparse.Namespace) -> str:
             for kind, r in (("hit", hit), ("miss", miss)):
                 lines.append(
                     f"| {path} {kind} | {r['calls_s']:,.0f} | {r['p50_ms']:.3f} |"
-                    f" {r['p99_ms']:.3f} | {f'{ratio:.1f}x' if kind == 'hit' else ''} |"
+                    f" {r['p99_ms']:.3f} | {r['kernel_us']:,.0f} | {r['hsu_us']:,.0f} |"
+                    f" {f'{ratio:.1f}x' if kind == 'hit' else ''} |"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -240,11 +270,13 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, interrupted)
+    load_before = os.getloadavg()[0]
     kernel = KernelProc()
     try:
         kernel.ready()
+        seq = itertools.count()
         results = {
-            n: asyncio.run(measure(kernel, args.rounds, args.calls, n)) for n in args.inflight
+            n: asyncio.run(measure(kernel, args.rounds, args.calls, n, seq)) for n in args.inflight
         }
     finally:
         kernel.stop()
@@ -254,7 +286,7 @@ def main() -> None:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         raise SystemExit(f"processes left behind: {[p.pid for p in left]}")
-    text = report(results, args)
+    text = report(results, args, (load_before, os.getloadavg()[0]))
     print(text)
     if not args.no_write:
         write_section(text, HEADING, DOC)

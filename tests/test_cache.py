@@ -396,3 +396,36 @@ async def test_a_failing_layer_is_skipped_and_counted_never_failing_the_call(
     families = {f.name: f for f in kernel.metrics.collect()}
     errors = {p.labels: p.value for p in families["hsu_cache_errors_total"].points}
     assert errors[(("layer", "gone"),)] >= 4
+
+
+def test_hsu_connect_sync_keeps_its_own_reply_cache(kernel_process: Any, tmp_path: Path) -> None:
+    """The blocking channel, with threads sharing its cache, against a kernel process."""
+    import concurrent.futures
+
+    import yaml
+
+    log = tmp_path / "calls"
+    path = tmp_path / "d.yaml"
+    raw = deployment(log, {"methods": ["Echo"], "key_metadata": ["tenant"]}, kernel={"caches": []})
+    path.write_text(yaml.safe_dump(raw))
+    k = kernel_process(path)
+    k.wait_ready()
+    with hsu.connect_sync(k.address) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        first = stub.Echo(echo_pb2.EchoRequest(message="q"), timeout=20)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            again = list(
+                pool.map(lambda _: stub.Echo(echo_pb2.EchoRequest(message="q"), timeout=20),
+                         range(8))
+            )  # fmt: skip
+        assert all(r == first for r in again)
+        assert reached(log).count("q") == 1
+        a = stub.Echo(echo_pb2.EchoRequest(message="t"), metadata=(("tenant", "a"),), timeout=20)
+        b = stub.Echo(echo_pb2.EchoRequest(message="t"), metadata=(("tenant", "b"),), timeout=20)
+        assert (a.instance_id, b.instance_id) == ("a", "b")
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Echo(echo_pb2.EchoRequest(message="fail"), timeout=20)
+            assert info.value.code() is grpc.StatusCode.NOT_FOUND
+        assert reached(log).count("fail") == 2
+        assert channel.reply_cache().stats().hits == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 
@@ -19,7 +20,8 @@ class MemoryCache:
     not kept. A value past its TTL is a miss and is dropped when met.
 
     Every method also has a synchronous twin (``get_now``, ``set_now``,
-    ``delete_now``) for a blocking caller; none does I/O.
+    ``delete_now``) for a blocking caller; none does I/O, and each holds a
+    lock, so threads may share one (``hsu.connect_sync``'s channel).
     """
 
     def __init__(self, max_bytes: int = 64 * 2**20, max_entry_bytes: int | None = None):
@@ -30,6 +32,7 @@ class MemoryCache:
         #: key -> (value, expires at on the monotonic clock, or 0 for never)
         self._items: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -43,6 +46,10 @@ class MemoryCache:
         return len(key) + len(value) + ENTRY_OVERHEAD
 
     def get_now(self, key: str) -> Cached | None:
+        with self._lock:
+            return self._get(key)
+
+    def _get(self, key: str) -> Cached | None:
         item = self._items.get(key)
         if item is not None:
             value, expires = item
@@ -60,7 +67,10 @@ class MemoryCache:
         return None
 
     def set_now(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
-        value = bytes(value)
+        with self._lock:
+            self._set(key, bytes(value), ttl)
+
+    def _set(self, key: str, value: bytes, ttl: float | None) -> None:
         size = self._size(key, value)
         if key in self._items:
             self._drop(key)
@@ -72,10 +82,11 @@ class MemoryCache:
         self._bytes += size
 
     def delete_now(self, key: str) -> bool:
-        if key not in self._items:
-            return False
-        self._drop(key)
-        return True
+        with self._lock:
+            if key not in self._items:
+                return False
+            self._drop(key)
+            return True
 
     def _drop(self, key: str) -> None:
         value, _ = self._items.pop(key)
@@ -102,8 +113,9 @@ class MemoryCache:
         return self.delete_now(key)
 
     def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
 
     def stats(self) -> CacheStats:
         return CacheStats(

@@ -316,9 +316,9 @@ class _Unary(_Call):
         route = ch._routes.get(self._interface) or await ch.route(self._interface, timeout)
         kept = None
         if self._kind == "unary_unary" and route.policy.cache_methods:
-            kept = self._cached(route, request, metadata)
-            if kept is not None and kept[2] is not None:
-                return kept[2]
+            kept = self.cached(ch.reply_cache(), route, request, metadata)
+            if kept is not None and kept[1] is not None:
+                return kept[1]
         metadata = tracecontext.outgoing(metadata)
         tries = self._tries(route, deadline, metadata, key)
 
@@ -328,36 +328,8 @@ class _Unary(_Call):
 
         reply = await tries.call_async(attempt, ch.ensure)
         if kept is not None:
-            self._keep(kept[0], kept[1], reply, route)
+            self.keep(ch.reply_cache(), kept[0], reply, route)
         return reply
-
-    def _cached(self, route: Route, request: Any, metadata: Any) -> tuple[Any, str, Any] | None:
-        """The channel's reply cache, the call's key and the cached reply
-        (None: a miss), when the unit caches this method (``routing.cache``)."""
-        cache = self._ch.reply_cache()
-        if cache is None or route.policy.cache_ttl_for(self._method) is None:
-            return None
-        from hsu.cache import reply_key
-
-        try:
-            raw = self._ser(request) if self._ser is not None else bytes(request)
-        except Exception:  # the call itself reports a request it cannot send
-            return None
-        ckey = reply_key(self._method, raw, metadata, route.policy.cache_key_metadata)
-        hit = cache.get_now(ckey)
-        if hit is None:
-            return cache, ckey, None
-        return cache, ckey, self._de(hit.value) if self._de is not None else hit.value
-
-    def _keep(self, cache: Any, ckey: str, reply: Any, route: Route) -> None:
-        """Keep an OK reply (as its bytes) for the unit's ``cache_ttl``."""
-        ttl = route.policy.cache_ttl_for(self._method)
-        try:
-            raw = reply if isinstance(reply, bytes) else reply.SerializeToString()
-        except Exception:  # a reply that is no protobuf message is not kept
-            return
-        if ttl is not None:
-            cache.set_now(ckey, raw, ttl=ttl)
 
 
 class _Streaming(_Call):

@@ -1216,6 +1216,36 @@ class RoutedMethod:
             kind=self._kind,
         )
 
+    def cached(
+        self, cache: Any, route: Route, request: Any, metadata: Any
+    ) -> tuple[str, Any] | None:
+        """The call's key in ``cache`` (a :class:`hsu.cache.MemoryCache`) and
+        the cached reply (None: a miss), when the unit caches this method
+        (``routing.cache``); None when it does not, or there is no cache."""
+        if cache is None or route.policy.cache_ttl_for(self._method) is None:
+            return None
+        from hsu.cache import reply_key
+
+        try:
+            raw = self._ser(request) if self._ser is not None else bytes(request)
+        except Exception:  # the call itself reports a request it cannot send
+            return None
+        ckey = reply_key(self._method, raw, metadata, route.policy.cache_key_metadata)
+        hit = cache.get_now(ckey)
+        if hit is None:
+            return ckey, None
+        return ckey, self._de(hit.value) if self._de is not None else hit.value
+
+    def keep(self, cache: Any, ckey: str, reply: Any, route: Route) -> None:
+        """Keep an OK reply (as its bytes) for the unit's ``cache_ttl``."""
+        ttl = route.policy.cache_ttl_for(self._method)
+        try:
+            raw = reply if isinstance(reply, bytes) else reply.SerializeToString()
+        except Exception:  # a reply that is no protobuf message is not kept
+            return
+        if ttl is not None and cache is not None:
+            cache.set_now(ckey, raw, ttl=ttl)
+
     def _callable(self, address: str) -> Any:
         channel = self._pool.channel(address)
         made = self._calls.get(address)
