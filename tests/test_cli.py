@@ -23,6 +23,7 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
         ("gateway", "default", "active"),
         ("idle", "default", "active"),
         ("limits", "default", "active"),
+        ("memory_cache", "default", "active"),
         ("mtls", "default", "active"),
         ("overrides", "default", "active"),
         ("peercred", "default", "active"),

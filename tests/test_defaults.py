@@ -98,8 +98,10 @@ def test_each_default_plugin_that_provides_something_is_covered_here() -> None:
     auth = {"auth", "token", "rbac", "mtls", "peercred"}
     # systemd acts only under a service manager ($NOTIFY_SOCKET; docs/systemd.md);
     # the kernel runs without a storage (it then keeps no instance records);
-    # exporters (docs/observability.md): a deployment names them, no default
-    others = {"file", "env", "overrides", "gateway", "systemd", "sqlite", "prometheus"}
+    # exporters (docs/observability.md): a deployment names them, no default;
+    # the kernel runs without a cache (it then keeps no replies; docs/cache.md)
+    others = {"file", "env", "overrides", "gateway", "systemd", "sqlite", "prometheus",
+              "memory_cache"}  # fmt: skip
     assert set(NEEDS) | others | auth == set(_builtin_defaults())
 
 
@@ -112,7 +114,8 @@ def test_a_deployment_that_needs_a_blocked_default_gets_one_line(blocked: str) -
 
 
 @pytest.mark.parametrize(
-    "blocked", [*sorted(set(NEEDS) - {"subprocess"}), "env", "overrides", "gateway", "sqlite"]
+    "blocked",
+    [*sorted(set(NEEDS) - {"subprocess"}), "env", "overrides", "gateway", "sqlite", "memory_cache"],
 )
 async def test_a_deployment_that_does_not_need_a_blocked_default_runs(
     blocked: str, tmp_path: Path
@@ -213,7 +216,8 @@ def test_hsu_plugins_lists_what_each_plugin_provides() -> None:
     assert provides["subprocess"] == {"launcher": ["subprocess*"]}
     assert provides["registry_memory"] == {"registry": ["memory*"]}
     assert provides["sqlite"] == {"settings section": ["sqlite"], "storage": ["sqlite*"]}
+    assert provides["memory_cache"] == {"settings section": ["memory_cache"], "cache": ["memory*"]}
     assert "round_robin*" in provides["balancers"]["balancer"]
-    assert provides["kernel"] == {"settings section": ["kernel", "storage"]}
+    assert provides["kernel"] == {"settings section": ["cache", "kernel", "storage"]}
     text = run_hsu("plugins").stdout
     assert "launcher: subprocess*" in text

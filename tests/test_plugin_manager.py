@@ -22,6 +22,7 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
         ("gateway", "default", "active", "hsu"),
         ("idle", "default", "active", "hsu"),
         ("limits", "default", "active", "hsu"),
+        ("memory_cache", "default", "active", "hsu"),
         ("mtls", "default", "active", "hsu"),
         ("overrides", "default", "active", "hsu"),
         ("peercred", "default", "active", "hsu"),

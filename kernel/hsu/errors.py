@@ -115,3 +115,9 @@ class StorageUnavailable(StorageError):
     """The storage's server cannot be reached (gRPC ``UNAVAILABLE``); the
     message names its address. Nothing asked for in the failed call happened,
     unless the error says it may have."""
+
+
+class CacheError(HsuError):
+    """A cache (:class:`hsu.ports.Cache`) could not do what was asked (its
+    server cannot be reached, it refused the value); the message names it. A
+    layered cache skips the layer; no routed call fails because of it."""

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from hsu.ports import (
         Authenticator,
         Authorizer,
+        Cache,
         Changes,
         ConfigSource,
         DataPlane,
@@ -267,6 +268,27 @@ def hsu_register_exporters(
 
     Called once for each plugin, when it is registered; the factory is called
     once per kernel start, after its servers listen and before its units start.
+    """
+
+
+@_hookspec
+def hsu_register_caches(
+    register: Register[Callable[[KernelAPI], Cache]],
+) -> None:
+    """Register a cache layer, under a name the deployment refers to.
+
+    :param register: ``register(name, factory)``; ``factory(kernel)`` returns
+        a :class:`hsu.ports.Cache` (reading its own settings section with
+        ``kernel.settings(NAME)``). The deployment stacks layers in order with
+        ``kernel.caches: [memory, redis]`` (default: the one registered with
+        ``default=True``, built in ``memory``); the kernel caches routed
+        replies there (``routing.cache``) and serves the layers to HSUs as
+        ``hsu.cache.v1.Cache`` (docs/cache.md). A clashing name is an error
+        naming both plugins.
+
+    Called once for each plugin, when it is registered; the factory is called
+    once, when the kernel starts (a factory that raises is logged and the
+    kernel runs without that layer).
     """
 
 

@@ -33,6 +33,9 @@ __all__ = [
     "Authenticator",
     "Authorizer",
     "Balancer",
+    "Cache",
+    "CacheStats",
+    "Cached",
     "CallInfo",
     "Changes",
     "CircuitBreaker",
@@ -469,6 +472,14 @@ class KernelAPI(Protocol):
 
     def settings(self, section: str) -> Any:
         """The typed settings of a section (the attrs class its plugin registered)."""
+        ...
+
+    @property
+    def cache(self) -> Cache | None:
+        """The deployment's cache layers (``kernel.caches``) stacked into one
+        :class:`Cache` (``hsu.cache.Layers``): what the gateway caches routed
+        replies in and HSUs reach over ``hsu.cache.v1.Cache``. ``None`` before
+        the kernel started, or with ``kernel.caches: []``."""
         ...
 
     def connect(self) -> RoutedChannel:
@@ -1204,4 +1215,78 @@ class Storage(Protocol):
 
     async def close(self) -> None:
         """Release what the storage holds (connections, threads). Idempotent."""
+        ...
+
+
+# -- cache ----------------------------------------------------------------------
+#
+# A cache: values that may vanish at any time (evicted, expired, a server
+# down), in layers the deployment stacks (``kernel.caches: [memory, redis]``).
+# The kernel caches routed replies there (``routing.cache``) and serves it to
+# HSUs (``hsu.cache.v1.Cache``). See docs/cache.md.
+
+#: the longest cache key, in UTF-8 bytes
+MAX_CACHE_KEY_BYTES = 1024
+
+
+@attrs.frozen
+class Cached:
+    """A value found in a cache."""
+
+    value: bytes = attrs.field(repr=False)
+    #: seconds it has left, or None when it has no TTL: a layer filled from
+    #: a lower one gives it no longer than this
+    ttl: float | None = None
+
+
+@attrs.frozen
+class CacheStats:
+    """A cache's counts since it was made (and what it holds now, where it knows)."""
+
+    hits: int = 0
+    misses: int = 0
+    #: values dropped to make room (a TTL that ran out is no eviction)
+    evictions: int = 0
+    #: calls that failed (a layer skipped by ``hsu.cache.Layers``)
+    errors: int = 0
+    #: values and their bytes held now (-1: not known, a shared server's)
+    entries: int = -1
+    bytes: int = -1
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """A cache of bytes by key, with TTLs (docs/cache.md).
+
+    A value may be gone at any time; a caller falls back to the source of
+    truth. A method raises :class:`hsu.errors.CacheError` (or any exception:
+    a server gone) when it could not do its work; ``hsu.cache.Layers`` skips
+    such a layer for the call and counts it, so a cache failure never fails
+    the call it serves.
+    """
+
+    @property
+    def describe(self) -> str:
+        """What it is, for messages: ``memory (64 MiB)``, ``redis://host:port``."""
+        ...
+
+    async def get(self, key: str) -> Cached | None:
+        """The value, or None when it is not there (or its TTL ran out)."""
+        ...
+
+    async def set(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
+        """Keep ``value`` under ``key`` for ``ttl`` seconds (None: until it is
+        evicted). A cache may decline a value larger than it holds."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove the key; whether it was there."""
+        ...
+
+    def stats(self) -> CacheStats:
+        """Hits, misses, evictions and errors counted by this process."""
+        ...
+
+    async def close(self) -> None:
+        """Release what it holds (connections). Idempotent."""
         ...

@@ -14,7 +14,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 
-__all__ = ["CORE", "KERNEL", "ROLES", "STORAGE", "RoleTable"]
+__all__ = ["CACHE", "CORE", "KERNEL", "ROLES", "STORAGE", "RoleTable"]
 
 #: the Kernel API's methods start with this (without the leading slash)
 KERNEL = "hsu.kernel.v1.Kernel/"
@@ -22,6 +22,8 @@ KERNEL = "hsu.kernel.v1.Kernel/"
 CORE = "hsu.core.v1.Core/"
 #: the Storage service's methods' prefix
 STORAGE = "hsu.storage.v1.Storage/"
+#: the Cache service's methods' prefix
+CACHE = "hsu.cache.v1.Cache/"
 
 #: the shipped roles: name -> method globs
 ROLES: Mapping[str, tuple[str, ...]] = {
@@ -37,6 +39,8 @@ ROLES: Mapping[str, tuple[str, ...]] = {
     "admin": (CORE + "Shutdown",),
     # a namespace's keys (docs/storage.md); an HSU needs none for its own
     "storage": (STORAGE + "*",),
+    # a namespace's cached values (docs/cache.md); an HSU needs none for its own
+    "cache": (CACHE + "*",),
 }
 
 

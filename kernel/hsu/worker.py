@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import grpc
@@ -53,6 +53,9 @@ from hsu.errors import HsuError
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 from hsu.ports import Identity
 from hsu.storage import StorageClient
+
+if TYPE_CHECKING:
+    from hsu.cache import CacheClient
 from hsu.tls import TLSConfig, aio_channel
 
 ENV_KERNEL_ADDRESS = "HSU_KERNEL_ADDRESS"
@@ -369,6 +372,17 @@ class Worker:
             raise HsuError("worker.storage: no kernel address (HSU_KERNEL_ADDRESS is not set)")
         return StorageClient(self.kernel_address, token=self.token, tls=self.tls)
 
+    @functools.cached_property
+    def cache(self) -> CacheClient:
+        """The kernel's cache layers, this unit's namespace (docs/cache.md):
+        ``await worker.cache.set("key", b"v", ttl=30)``; a value may be gone
+        at any time (evicted, expired, a layer down)."""
+        if not self.kernel_address:
+            raise HsuError("worker.cache: no kernel address (HSU_KERNEL_ADDRESS is not set)")
+        from hsu.cache import CacheClient
+
+        return CacheClient(self.kernel_address, token=self.token, tls=self.tls)
+
     async def _register(self) -> None:
         request = kernel_pb2.RegisterRequest(
             instance_id=self.instance_id,
@@ -439,6 +453,8 @@ class Worker:
             await asyncio.gather(self._reporter, return_exceptions=True)
         if "storage" in self.__dict__:
             await self.storage.close()
+        if "cache" in self.__dict__:
+            await self.cache.close()
         if self._events is not None:
             await self._events.close()
             self._events = None

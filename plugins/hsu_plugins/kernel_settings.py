@@ -1,4 +1,4 @@
-"""Essential: registers the ``kernel`` and ``storage`` sections of a deployment."""
+"""Essential: registers the ``kernel``, ``storage`` and ``cache`` sections of a deployment."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import hsu
+from hsu.cache import CacheSettings
 from hsu.ports import StorageSettings
 
 
@@ -13,3 +14,4 @@ from hsu.ports import StorageSettings
 def hsu_register_settings(register: Callable[[str, type[Any]], None]) -> None:
     register("kernel", hsu.KernelSettings)
     register("storage", StorageSettings)
+    register("cache", CacheSettings)

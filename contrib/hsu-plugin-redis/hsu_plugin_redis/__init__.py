@@ -2,8 +2,10 @@
 
 Provides the ``redis`` storage (``kernel.storage: redis``) and the ``redis``
 settings section (the server's address or unix socket, db, key prefix,
-timeouts). ``hsu_plugin_redis.server.LocalRedis`` starts a redis-server for
-tests and benchmarks. See README.md and docs/storage.md.
+timeouts); ``hsu_plugin_redis.cache`` is the ``redis`` cache layer (its own
+plugin, entry point ``redis_cache``; docs/cache.md).
+``hsu_plugin_redis.server.LocalRedis`` starts a redis-server for tests and
+benchmarks. See README.md and docs/storage.md.
 """
 
 from __future__ import annotations

@@ -60,8 +60,9 @@ INSTANCE_METHODS = frozenset(
     f"/hsu.kernel.v1.Kernel/{m}" for m in ("Register", "Deregister", "ReportLoad", "PublishEvent")
 )
 #: what an instance identity may call whatever the authorizers say: the
-#: storage servicer keeps it to its unit's namespace (hsu._kernel.storage_service)
-INSTANCE_PREFIXES = ("/hsu.storage.v1.Storage/",)
+#: storage and cache servicers keep it to its unit's namespace
+#: (hsu._kernel.storage_service, hsu._kernel.cache_service)
+INSTANCE_PREFIXES = ("/hsu.storage.v1.Storage/", "/hsu.cache.v1.Cache/")
 #: roles the kernel's ``instance`` authenticator vouches for
 INSTANCE_ROLES = ("register", "route")
 #: at most this many cached authentications
@@ -436,6 +437,10 @@ class AuthGate:
             return unit
         namespace = getattr(request, "namespace", "")
         if isinstance(namespace, str) and namespace:
+            if type(request).DESCRIPTOR.full_name.startswith("hsu.cache."):
+                from hsu._kernel import cache_service
+
+                return cache_service.namespace_unit(self.kernel, namespace)
             from hsu._kernel.storage_service import namespace_unit
 
             return namespace_unit(self.kernel, namespace)

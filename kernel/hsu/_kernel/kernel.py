@@ -22,6 +22,7 @@ from loguru import logger
 from hsu import validate
 from hsu._kernel import auth, control
 from hsu._kernel import events as events_mod
+from hsu._kernel.caches import layer_names, open_caches
 from hsu._kernel.config.defaults import with_defaults
 from hsu._kernel.config.model import (
     Deployment,
@@ -56,6 +57,7 @@ from hsu._kernel.supervision.supervisor import (
     settled,
 )
 from hsu._version import __version__
+from hsu.cache import Layers
 from hsu.errors import (
     ConfigError,
     HsuError,
@@ -203,6 +205,7 @@ class Kernel:
         self.containment = Containment(lambda: [i.pid for i in self.instances.values() if i.pid])
         self.routing = KernelRouting(self)
         check_exporters(ks.exporters, plugins.names("exporter"))
+        layer_names(ks.caches, plugins)
         #: its metrics (``kernel.metrics``), before plugins configure
         self.metrics_hub = KernelMetrics(self, ks.metrics and metrics_enabled())
         self._background: list[asyncio.Task[None]] = []
@@ -210,6 +213,8 @@ class Kernel:
         self._save_pending = False
         #: the storage plugin's store (``kernel.storage``), opened as the kernel starts
         self.storage: Storage | None = None
+        #: the cache layers (``kernel.caches``), opened as the kernel starts
+        self.cache_layers: Layers | None = None
         self.records = InstanceRecords(None, state_dir, self.state_path)
         self._create_time = statefile.create_time(os.getpid()) or 0.0
         self._server: KernelServer | None = None
@@ -261,6 +266,10 @@ class Kernel:
     @property
     def calls(self) -> CallMetrics | None:
         return self.metrics_hub.calls
+
+    @property
+    def cache(self) -> Layers | None:
+        return self.cache_layers
 
     def register_plugin(self, plugin: object, name: str) -> str:
         """Per-kernel plugin state: registered now, unregistered when the kernel
@@ -380,6 +389,7 @@ class Kernel:
             )
             await self.routing.start()
             self._open_storage()
+            self.cache_layers = open_caches(self)
             await self.metrics_hub.start_exporters(self.kernel_settings.exporters)
             found = await self._reattach()
             self._background.append(asyncio.ensure_future(self.logfiles.run()))
@@ -485,6 +495,7 @@ class Kernel:
         finally:
             self.containment.close()
             await self._close_storage()
+            await self._close_caches()
             self.machine.move(final, reason if final is KernelState.FAILED else "")
             await self.plugins.call_each("hsu_kernel_stopped", stop_on_error=False, kernel=self)
             self._unregister_own_plugins()
@@ -822,6 +833,12 @@ class Kernel:
             logger.error("kernel.storage: {}: {}; running without storage", name, exc)
             return
         self.records = InstanceRecords(self.storage, self.state_dir, self.state_path)
+
+    async def _close_caches(self) -> None:
+        caches, self.cache_layers = self.cache_layers, None
+        if caches is not None:
+            self.metrics.remove_collector("cache")
+            await caches.close()
 
     async def _close_storage(self) -> None:
         storage, self.storage = self.storage, None
@@ -1397,7 +1414,7 @@ class Kernel:
             ks: KernelSettings = settings["kernel"]
             for key in (
                 "address", "control", "insecure", "state_dir", "reattach", "registry", "gateway",
-                "storage", "tls", "log_format",
+                "storage", "caches", "tls", "log_format",
             ):  # fmt: skip
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
                     problems.append(

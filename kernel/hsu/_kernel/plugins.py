@@ -63,11 +63,12 @@ KINDS: Mapping[str, str] = {
     "authenticator": "hsu_register_authenticators",
     "authorizer": "hsu_register_authorizers",
     "storage": "hsu_register_storages",
+    "cache": "hsu_register_caches",
     "exporter": "hsu_register_exporters",
     "watcher": "hsu_register_watchers",
 }
 #: kinds that have a default (a settings section or a config source has none)
-DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry", "storage")
+DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry", "storage", "cache")
 
 
 @attrs.define
@@ -445,6 +446,10 @@ class PluginManager:
     def storage(self, name: str | None) -> Any:
         """The storage factory registered as ``name``: ``factory(kernel) -> Storage``."""
         return self.get("storage", name)
+
+    def cache(self, name: str | None) -> Any:
+        """The cache factory registered as ``name``: ``factory(kernel) -> Cache``."""
+        return self.get("cache", name)
 
     def infos(self) -> list[PluginInfo]:
         order = {"essential": 0, "default": 1, "explicit": 2, "code": 3, "entrypoint": 4}

@@ -60,6 +60,9 @@ def policy_of(unit: str, r: Routing) -> Policy:
         retry_budget=r.retry_budget,
         retry_min_per_second=r.retry_min_per_second,
         max_inflight=r.max_inflight or 0,
+        cache_methods=r.cache.methods if r.cache is not None else (),
+        cache_ttl=r.cache.ttl if r.cache is not None else 0.0,
+        cache_key_metadata=r.cache.key_metadata if r.cache is not None else (),
     )
 
 

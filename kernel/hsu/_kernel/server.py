@@ -14,6 +14,8 @@ from grpc_reflection.v1alpha import reflection
 
 from hsu import validate
 from hsu._kernel import auth, peercred
+from hsu._kernel.cache_service import SERVICE as CACHE_SERVICE
+from hsu._kernel.cache_service import CacheServicer
 from hsu._kernel.config.model import TLSSettings
 from hsu._kernel.control import lock_socket, prepare_socket
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer, StreamLimit, timestamp
@@ -23,6 +25,7 @@ from hsu._kernel.storage_service import SERVICE as STORAGE_SERVICE
 from hsu._kernel.storage_service import StorageServicer
 from hsu._kernel.supervision.instances import TOKEN_METADATA, Instance
 from hsu._kernel.tls import ServerTLS
+from hsu.cache.v1 import cache_pb2_grpc
 from hsu.core.v1 import core_pb2_grpc
 from hsu.errors import ConfigError, HsuError, InvalidValue, NoSuchUnit, NotAllowed, OverLimit
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
@@ -565,7 +568,10 @@ class KernelServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(kernel), self.server)
-        self.services = (KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE, STORAGE_SERVICE)
+        cache_pb2_grpc.add_CacheServicer_to_server(CacheServicer(kernel), self.server)
+        self.services = (
+            KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE, STORAGE_SERVICE, CACHE_SERVICE,
+        )  # fmt: skip
         reflection.enable_server_reflection((*self.services, reflection.SERVICE_NAME), self.server)
         #: the control socket's front when the kernel reads who connects
         #: (auth on, a unix control socket): hsu._kernel.peercred

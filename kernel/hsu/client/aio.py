@@ -34,7 +34,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from loguru import logger
@@ -62,6 +62,9 @@ from hsu.metrics import client_observer
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig, aio_channel
 
+if TYPE_CHECKING:
+    from hsu.cache import MemoryCache
+
 
 def control_address(kernel: str | None = None) -> str:
     """``kernel``, else ``$HSU_CONTROL`` or ``$HSU_KERNEL_ADDRESS`` (what a
@@ -77,6 +80,10 @@ def control_address(kernel: str | None = None) -> str:
 START_TIMEOUT = 30.0
 
 
+#: bytes of replies a routed channel keeps for units with ``routing.cache``
+CACHE_BYTES = 16 * 2**20
+
+
 def connect(
     kernel: str | None = None,
     *,
@@ -84,6 +91,7 @@ def connect(
     tls: TLSConfig | None = None,
     token: str | None = None,
     token_file: str | os.PathLike[str] | None = None,
+    cache_bytes: int = CACHE_BYTES,
 ) -> RoutedChannel:
     """A routed channel through the kernel at ``kernel`` (default:
     its control address: ``$HSU_CONTROL``,
@@ -95,12 +103,14 @@ def connect(
     when set, see :mod:`hsu.tls`). ``token``: a bearer token for a kernel
     with auth on, sent with each call to it (default: the first line of
     ``token_file``, else of ``$HSU_TOKEN_FILE`` when set; docs/auth.md).
-    Use it as ``async with`` or ``await ch.close()``.
+    ``cache_bytes``: the channel's own reply cache for units that declare
+    ``routing.cache`` (an LRU in this process, bounded in bytes; 0: none;
+    docs/cache.md). Use it as ``async with`` or ``await ch.close()``.
     """
     address = control_address(kernel)
     tls = TLSConfig.from_env() if tls is None else tls
     metadata = bearer(token, token_file)
-    return RoutedChannel(_RemoteResolver(address, tls, metadata), plugins)
+    return RoutedChannel(_RemoteResolver(address, tls, metadata), plugins, cache_bytes)
 
 
 class _Resolver:
@@ -136,9 +146,16 @@ def _no_instance(route: Route) -> BaseException:
 class RoutedChannel:
     """Duck-types ``grpc.aio.Channel`` for generated stubs; see the module docstring."""
 
-    def __init__(self, resolver: _Resolver, plugins: Factories | None = None):
+    def __init__(
+        self,
+        resolver: _Resolver,
+        plugins: Factories | None = None,
+        cache_bytes: int = CACHE_BYTES,
+    ):
         self._resolver = resolver
         self._plugins = plugins
+        self._cache_bytes = cache_bytes
+        self._reply_cache: Any = None
         if isinstance(resolver, _RemoteResolver):
             resolver.channel = self
         self._caller = Caller(
@@ -204,6 +221,17 @@ class RoutedChannel:
                 " stub: lease through the kernel's control address instead"
             )
         return resolver._stub(), resolver.metadata
+
+    def reply_cache(self) -> MemoryCache | None:
+        """This channel's own cache of replies (``routing.cache``), made on
+        first use: in the caller's process, shared with no one (the kernel's
+        layers serve the gateway); None with ``cache_bytes=0``."""
+        if self._reply_cache is None and self._cache_bytes > 0:
+            from hsu.cache import MemoryCache
+
+            self._reply_cache = MemoryCache(self._cache_bytes)
+        cache: MemoryCache | None = self._reply_cache
+        return cache
 
     # -- routing ------------------------------------------------------------
 
@@ -284,16 +312,24 @@ class _Unary(_Call):
         **kwargs: Any,
     ) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
-        metadata = tracecontext.outgoing(metadata)
         ch = self._ch  # the route's lookup without a coroutine, once it is known:
         route = ch._routes.get(self._interface) or await ch.route(self._interface, timeout)
+        kept = None
+        if self._kind == "unary_unary" and route.policy.cache_methods:
+            kept = self.cached(ch.reply_cache(), route, request, metadata)
+            if kept is not None and kept[1] is not None:
+                return kept[1]
+        metadata = tracecontext.outgoing(metadata)
         tries = self._tries(route, deadline, metadata, key)
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
             return call(request, timeout=tries.left(), metadata=metadata, **kwargs)
 
-        return await tries.call_async(attempt, ch.ensure)
+        reply = await tries.call_async(attempt, ch.ensure)
+        if kept is not None:
+            self.keep(ch.reply_cache(), kept[0], reply, route)
+        return reply
 
 
 class _Streaming(_Call):

@@ -142,6 +142,11 @@ class Policy:
     #: calls at a time on one instance (0: unlimited); when set, a call takes
     #: a slot from the kernel before it is sent (:attr:`Caller.acquire`)
     max_inflight: int = 0
+    #: unary methods whose OK replies are kept ``cache_ttl`` seconds, keyed
+    #: by method, request bytes and ``cache_key_metadata`` (``routing.cache``)
+    cache_methods: tuple[str, ...] = ()
+    cache_ttl: float = 0.0
+    cache_key_metadata: tuple[str, ...] = ()
 
     def to_pb(self, pb: Any) -> Any:
         return pb(
@@ -156,6 +161,9 @@ class Policy:
             retry_budget=self.retry_budget,
             retry_min_per_second=self.retry_min_per_second,
             max_inflight=self.max_inflight,
+            cache_methods=list(self.cache_methods),
+            cache_ttl=self.cache_ttl,
+            cache_key_metadata=list(self.cache_key_metadata),
         )
 
     @classmethod
@@ -172,16 +180,34 @@ class Policy:
             retry_budget=msg.retry_budget,
             retry_min_per_second=msg.retry_min_per_second,
             max_inflight=msg.max_inflight,
+            cache_methods=tuple(msg.cache_methods),
+            cache_ttl=msg.cache_ttl,
+            cache_key_metadata=tuple(msg.cache_key_metadata),
         )
 
     def is_idempotent(self, method: str) -> bool:
         """``method`` is the full path, ``/pkg.Service/Method``."""
-        service_method = method.lstrip("/")
-        short = service_method.rpartition("/")[2]
-        return any(
-            pat == "*" or pat in (short, service_method) or fnmatch.fnmatchcase(service_method, pat)
-            for pat in self.idempotent
-        )
+        return method_matches(self.idempotent, method)
+
+    def cache_ttl_for(self, method: str) -> float | None:
+        """Seconds a reply of ``method`` (the full path) is kept, or None
+        when the unit does not cache it."""
+        if self.cache_ttl > 0 and method_matches(self.cache_methods, method):
+            return self.cache_ttl
+        return None
+
+
+def method_matches(patterns: tuple[str, ...], method: str) -> bool:
+    """``method`` (``/pkg.Service/Method``) is one of ``patterns``: ``Method``,
+    ``pkg.Service/Method``, a glob of the latter, or ``"*"``."""
+    if not patterns:
+        return False
+    service_method = method.lstrip("/")
+    short = service_method.rpartition("/")[2]
+    return any(
+        pat == "*" or pat in (short, service_method) or fnmatch.fnmatchcase(service_method, pat)
+        for pat in patterns
+    )
 
 
 def installed(policy: Policy, plugins: Factories) -> Policy:
@@ -1189,6 +1215,36 @@ class RoutedMethod:
             priority=priority,
             kind=self._kind,
         )
+
+    def cached(
+        self, cache: Any, route: Route, request: Any, metadata: Any
+    ) -> tuple[str, Any] | None:
+        """The call's key in ``cache`` (a :class:`hsu.cache.MemoryCache`) and
+        the cached reply (None: a miss), when the unit caches this method
+        (``routing.cache``); None when it does not, or there is no cache."""
+        if cache is None or route.policy.cache_ttl_for(self._method) is None:
+            return None
+        from hsu.cache import reply_key
+
+        try:
+            raw = self._ser(request) if self._ser is not None else bytes(request)
+        except Exception:  # the call itself reports a request it cannot send
+            return None
+        ckey = reply_key(self._method, raw, metadata, route.policy.cache_key_metadata)
+        hit = cache.get_now(ckey)
+        if hit is None:
+            return ckey, None
+        return ckey, self._de(hit.value) if self._de is not None else hit.value
+
+    def keep(self, cache: Any, ckey: str, reply: Any, route: Route) -> None:
+        """Keep an OK reply (as its bytes) for the unit's ``cache_ttl``."""
+        ttl = route.policy.cache_ttl_for(self._method)
+        try:
+            raw = reply if isinstance(reply, bytes) else reply.SerializeToString()
+        except Exception:  # a reply that is no protobuf message is not kept
+            return
+        if ttl is not None and cache is not None:
+            cache.set_now(ckey, raw, ttl=ttl)
 
     def _callable(self, address: str) -> Any:
         channel = self._pool.channel(address)

@@ -33,7 +33,7 @@ import grpc
 from loguru import logger
 
 from hsu import tracecontext
-from hsu.client.aio import START_TIMEOUT, control_address
+from hsu.client.aio import CACHE_BYTES, START_TIMEOUT, control_address
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
     CHANNEL_OPTIONS,
@@ -63,18 +63,20 @@ def connect_sync(
     tls: TLSConfig | None = None,
     token: str | None = None,
     token_file: str | os.PathLike[str] | None = None,
+    cache_bytes: int = CACHE_BYTES,
 ) -> SyncRoutedChannel:
     """A blocking routed channel through the kernel at ``kernel`` (default:
     its control address: ``$HSU_CONTROL``,
     ``$HSU_KERNEL_ADDRESS``, else the one kernel running as this user). ``tls``,
-    ``token`` and ``token_file`` as for :func:`hsu.connect`. Use it as ``with`` or
-    call :meth:`SyncRoutedChannel.close`."""
+    ``token``, ``token_file`` and ``cache_bytes`` as for :func:`hsu.connect`.
+    Use it as ``with`` or call :meth:`SyncRoutedChannel.close`."""
     address = control_address(kernel)
     return SyncRoutedChannel(
         address,
         plugins,
         tls=TLSConfig.from_env() if tls is None else tls,
         metadata=bearer(token, token_file),
+        cache_bytes=cache_bytes,
     )
 
 
@@ -104,8 +106,11 @@ class SyncRoutedChannel:
         *,
         tls: TLSConfig | None = None,
         metadata: Metadata = (),
+        cache_bytes: int = CACHE_BYTES,
     ):
         self.kernel = kernel
+        self._cache_bytes = cache_bytes
+        self._reply_cache: Any = None
         #: the caller's credential, sent with each call to the kernel
         self._metadata = metadata or None
         self._plugins = plugins
@@ -135,6 +140,18 @@ class SyncRoutedChannel:
         self._routes: dict[str, Route] = {}
         self._watches: list[Any] = []
         self._closed = False
+
+    def reply_cache(self) -> Any:
+        """This channel's own cache of replies (``routing.cache``), made on
+        first use; shared by its threads, with no one else (docs/cache.md).
+        None with ``cache_bytes=0``."""
+        if self._reply_cache is None and self._cache_bytes > 0:
+            from hsu.cache import MemoryCache
+
+            with self._lock:
+                if self._reply_cache is None:
+                    self._reply_cache = MemoryCache(self._cache_bytes)
+        return self._reply_cache
 
     # -- grpc.Channel's stub-facing half -------------------------------------
 
@@ -436,11 +453,24 @@ class _Call(RoutedMethod):
         **kwargs: Any,
     ) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
+        kept: tuple[str, Any] | None = None
+        route: Route | None = None
+        if self._kind == "unary_unary":
+            route = self._ch._routes.get(self._interface)
+            if route is None:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                route = self._ch.route(self._interface, left)
+            if route.policy.cache_methods:
+                kept = self.cached(self._ch.reply_cache(), route, request, metadata)
+                if kept is not None and kept[1] is not None:
+                    return kept[1]
         metadata = tracecontext.outgoing(metadata)
         replies = self._replies(request, deadline, metadata, key, kwargs)
         if self._kind.endswith("_stream"):
             return replies
         [reply] = replies
+        if kept is not None and route is not None:
+            self.keep(self._ch.reply_cache(), kept[0], reply, route)
         return reply
 
     def _replies(

@@ -45,6 +45,7 @@ from loguru import logger
 
 import hsu
 from hsu import tracecontext
+from hsu.cache import reply_key
 from hsu.client.route import CHANNEL_OPTIONS as LOCAL_CHANNEL_OPTIONS
 from hsu.client.route import (
     Caller,
@@ -58,7 +59,7 @@ from hsu.client.route import (
 )
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.identity import METADATA as IDENTITY_METADATA
-from hsu.ports import Endpoint, KernelAPI, RpcHandler
+from hsu.ports import Cache, Endpoint, KernelAPI, RpcHandler
 
 #: the name a kernel's gateway is registered under (``kernel.plugin(PLANE)``)
 PLANE = "gateway.python"
@@ -361,8 +362,45 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         signed = self._kernel.forward_identity(caller, ep.instance_id)
         return metadata if signed is None else (*metadata, (IDENTITY_METADATA, signed))
 
+    def _reply_key(
+        self, method: str, interface: str, request: bytes, context: Any
+    ) -> tuple[Cache, str, float] | None:
+        """Where a reply to this call is cached, under which key and for how
+        long, when its unit caches the method (``routing.cache``)."""
+        cache = self._kernel.cache
+        if cache is None:
+            return None
+        try:
+            policy = self._routes.route(interface).policy
+        except HsuError:
+            return None
+        ttl = policy.cache_ttl_for(method)
+        if ttl is None:
+            return None
+        sent = context.invocation_metadata() or ()
+        return cache, reply_key(method, request, sent, policy.cache_key_metadata), ttl
+
+    async def _keep(self, cache: Cache, key: str, reply: bytes, ttl: float) -> None:
+        """Cache an OK reply; a failure is the cache's (logged and counted by
+        its layers), never the call's."""
+        try:
+            if len(reply) <= self._kernel.settings("cache").max_value_bytes:
+                await cache.set(key, reply, ttl=ttl)
+        except Exception as exc:
+            logger.debug("gateway: caching a reply failed: {!r}", exc)
+
     async def _unary(self, method: str, interface: str, request: bytes, context: Any) -> bytes:
-        """A unary call: the request is one message, so any try can replay it."""
+        """A unary call: the request is one message, so any try can replay it.
+        A method its unit caches is answered from the cache when it can be."""
+        cached = self._reply_key(method, interface, request, context)
+        if cached is not None:
+            try:
+                hit = await cached[0].get(cached[1])
+            except Exception as exc:
+                logger.debug("gateway: reading the reply cache failed: {!r}", exc)
+                hit = None
+            if hit is not None:
+                return hit.value
         tries, metadata = await self._tries(method, interface, context)
 
         async def attempt(ep: Endpoint) -> bytes:
@@ -380,9 +418,12 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             return reply
 
         try:
-            return await tries.call_async(attempt, self._ensure(context))
+            reply = await tries.call_async(attempt, self._ensure(context))
         except grpc.aio.AioRpcError as exc:
             await _fail(exc, context)
+        if cached is not None:
+            await self._keep(cached[0], cached[1], reply, cached[2])
+        return reply
 
     async def _streaming(
         self, method: str, interface: str, request: bytes | _Requests, context: Any

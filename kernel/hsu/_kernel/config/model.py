@@ -184,6 +184,40 @@ class Queue:
     timeout: float = attrs.field(default=30.0, validator=_gt0)
 
 
+_METADATA_KEY = re.compile(r"[a-z0-9_.-]+")
+
+
+def _method_patterns(instance: Any, attribute: Any, value: tuple[str, ...]) -> None:
+    if not value:
+        raise ValueError("must name at least one method (Method, pkg.Service/Method or a glob)")
+    for m in value:
+        if not m or len(m) > 256 or m.startswith("/") or any(c.isspace() for c in m):
+            raise ValueError(f"{m!r}: a method is Method, pkg.Service/Method or a glob")
+
+
+def _metadata_keys(instance: Any, attribute: Any, value: tuple[str, ...]) -> None:
+    for k in value:
+        if not _METADATA_KEY.fullmatch(k) or len(k) > 128:
+            raise ValueError(f"{k!r}: a metadata key is lower case [a-z0-9_.-], at most 128")
+        if k.startswith(("grpc-", "hsu-identity")) or k in ("authorization",):
+            raise ValueError(f"{k!r}: the transport's or the kernel's own, not a caller's")
+
+
+@attrs.frozen
+class ResponseCache:
+    """Replies of a unit's unary methods kept for ``ttl`` (docs/cache.md):
+    a repeated call (same method, request bytes and ``key_metadata`` values)
+    is answered from the cache without reaching an instance. Only OK replies
+    are kept."""
+
+    #: ``Method``, ``pkg.Service/Method`` or a glob; only unary ones are cached
+    methods: tuple[str, ...] = attrs.field(validator=_method_patterns)
+    #: how long a reply is served from the cache
+    ttl: Seconds = attrs.field(default=30.0, validator=[_gt0, attrs.validators.le(86400 * 7)])
+    #: metadata whose values are part of the key (a reply per tenant)
+    key_metadata: tuple[str, ...] = attrs.field(default=(), validator=_metadata_keys)
+
+
 @attrs.frozen
 class Routing:
     """How calls to a unit's interfaces are routed (``docs/routing.md``)."""
@@ -215,6 +249,8 @@ class Routing:
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
     )
     queue: Queue = attrs.field(factory=Queue)
+    #: replies kept in the kernel's cache (and a caller's ``hsu.connect``)
+    cache: ResponseCache | None = None
 
 
 def _signal_name(value: str) -> str:
@@ -885,6 +921,11 @@ class KernelSettings:
     #: records and what HSUs get over ``hsu.storage.v1.Storage``; ``sqlite``
     #: (the default) is one file in the state dir (docs/storage.md)
     storage: str | None = None
+    #: the cache plugins' layers, first asked first (``[memory, redis]``):
+    #: where the gateway keeps replies (``routing.cache``) and what HSUs get
+    #: over ``hsu.cache.v1.Cache``; none: the default (``memory``), ``[]``: no
+    #: cache (docs/cache.md)
+    caches: tuple[str, ...] | None = None
     #: count routed calls and their latency (``docs/observability.md``);
     #: values the kernel keeps anyway are read when an exporter collects
     metrics: bool = True

@@ -785,6 +785,9 @@ class RoutingPolicy(_message.Message):
     RETRY_BUDGET_FIELD_NUMBER: _builtins.int
     RETRY_MIN_PER_SECOND_FIELD_NUMBER: _builtins.int
     MAX_INFLIGHT_FIELD_NUMBER: _builtins.int
+    CACHE_METHODS_FIELD_NUMBER: _builtins.int
+    CACHE_TTL_FIELD_NUMBER: _builtins.int
+    CACHE_KEY_METADATA_FIELD_NUMBER: _builtins.int
     unit: _builtins.str
     balancer: _builtins.str
     """A balancer plugin's name and its options (a JSON object)."""
@@ -801,10 +804,20 @@ class RoutingPolicy(_message.Message):
     """Calls at a time on one instance (0: unlimited); when set, callers take
     slots from the kernel (Slots).
     """
+    cache_ttl: _builtins.float
     @_builtins.property
     def idempotent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Methods retried on UNAVAILABLE ("Echo", or "*" for all)."""
 
+    @_builtins.property
+    def cache_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Unary methods whose OK replies a caller may keep for `cache_ttl` seconds,
+        keyed by method, request bytes and the values of `cache_key_metadata`
+        (the unit's `routing.cache`; no methods: none).
+        """
+
+    @_builtins.property
+    def cache_key_metadata(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -819,10 +832,13 @@ class RoutingPolicy(_message.Message):
         retry_budget: _builtins.float = ...,
         retry_min_per_second: _builtins.float = ...,
         max_inflight: _builtins.int = ...,
+        cache_methods: _abc.Iterable[_builtins.str] | None = ...,
+        cache_ttl: _builtins.float = ...,
+        cache_key_metadata: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balancer", b"balancer", "balancer_options_json", b"balancer_options_json", "breaker", b"breaker", "breaker_options_json", b"breaker_options_json", "hash_key", b"hash_key", "idempotent", b"idempotent", "max_attempts", b"max_attempts", "max_inflight", b"max_inflight", "retry_budget", b"retry_budget", "retry_min_per_second", b"retry_min_per_second", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balancer", b"balancer", "balancer_options_json", b"balancer_options_json", "breaker", b"breaker", "breaker_options_json", b"breaker_options_json", "cache_key_metadata", b"cache_key_metadata", "cache_methods", b"cache_methods", "cache_ttl", b"cache_ttl", "hash_key", b"hash_key", "idempotent", b"idempotent", "max_attempts", b"max_attempts", "max_inflight", b"max_inflight", "retry_budget", b"retry_budget", "retry_min_per_second", b"retry_min_per_second", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

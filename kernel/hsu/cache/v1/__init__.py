@@ -1,0 +1,1 @@
+"""Generated from proto/hsu/cache/v1 by `nox -s proto`."""

@@ -1,0 +1,1 @@
+"""Built-in cache layers (``hsu_register_caches``)."""
