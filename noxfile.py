@@ -53,8 +53,9 @@ def bench(session: nox.Session) -> None:
     """Supervision side by side with supervisor and circus, then routing against raw
     grpcio (bench/routing.py), then failover under kills (bench/failover.py), then
     routed calls with no auth, a token, TLS and mTLS (bench/auth.py), then jobs on
-    instances with max_inflight 1 and the queue's overhead (bench/pool.py); each updates
-    its section of docs/benchmarks.md.
+    instances with max_inflight 1 and the queue's overhead (bench/pool.py), then memory,
+    idle CPU, launch and CLI times at 1 and 1000 programs (bench/footprint.py); each
+    updates its section of docs/benchmarks.md.
 
     Not in the default sessions. supervisor and circus are installed only here.
     """
@@ -70,6 +71,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/failover.py", *routing_args)
     session.run("python", "bench/auth.py", *routing_args)
     session.run("python", "bench/pool.py", *routing_args)
+    session.run("python", "bench/footprint.py", *routing_args)
     # etcd: Debian's etcd-server; the plugin installed like hsu
     session.install("./contrib/hsu-plugin-etcd")
     session.run("python", "bench/etcd.py", *routing_args)
