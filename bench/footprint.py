@@ -31,9 +31,7 @@ import signal
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -337,27 +335,32 @@ def report(args: argparse.Namespace, r: dict[str, Any], took: float) -> str:
     def met(ok: bool) -> str:
         return "**met**" if ok else "**not met**"
 
+    pb, pbs = per(big, "hsu"), per(big, "supervisor")
+    pm, pms = per(many, "hsu"), per(many, "supervisor")
+    c1, c1s = one["hsu"][1] * 1000, one["supervisor"][1] * 1000
+    cn, cns = big["idle"]["hsu"][1] * 1000, big["idle"]["supervisor"][1] * 1000
+    launch_n = big["launch"]["hsu"]
+    if n >= 1000:
+        thousand = f" {met(launch_n <= 1.5)} ({msec(launch_n)} at {n})"
+    else:
+        thousand = f" not measured at 1,000 ({msec(launch_n)} at {n})"
+    reads = " / ".join(msec(x) for x in big["reads"]["hsu"])
     lines += [
-        f"- kernel RSS with 1 instance <= dependency floor + 4 MiB: {met(hsu1 <= floor_rss + 4 * 2**20)}"
-        f" ({mib(hsu1)} vs {mib(floor_rss)} + 4 MiB).",
-        f"- RSS per instance <= supervisor's, one unit of N: {met(per(big, 'hsu') <= per(big, 'supervisor'))}"
-        f" ({kib(per(big, 'hsu'))} vs {kib(per(big, 'supervisor'))}); N units of one:"
-        f" {met(per(many, 'hsu') <= per(many, 'supervisor'))} ({kib(per(many, 'hsu'))} vs"
-        f" {kib(per(many, 'supervisor'))}).",
-        f"- idle CPU with 1 instance <= supervisor's: {met(one['hsu'][1] <= one['supervisor'][1])}"
-        f" ({one['hsu'][1] * 1000:.1f} vs {one['supervisor'][1] * 1000:.1f} ms per {w:g} s); at"
-        f" {n}: {big['idle']['hsu'][1] * 1000:.1f} ms (supervisor {big['idle']['supervisor'][1] * 1000:.1f}).",
-        f"- launch -> 10 running <= 1.25x the floor row: {met(cold_m['hsu'] <= 1.25 * cold_m['floor'])}"
+        f"- kernel RSS with 1 instance <= dependency floor + 4 MiB:"
+        f" {met(hsu1 <= floor_rss + 4 * 2**20)} ({mib(hsu1)} vs {mib(floor_rss)} + 4 MiB).",
+        f"- RSS per instance <= supervisor's, one unit of N: {met(pb <= pbs)} ({kib(pb)} vs"
+        f" {kib(pbs)}); N units of one: {met(pm <= pms)} ({kib(pm)} vs {kib(pms)}).",
+        f"- idle CPU with 1 instance <= supervisor's: {met(c1 <= c1s)} ({c1:.1f} vs"
+        f" {c1s:.1f} ms per {w:g} s); at {n}: {cn:.1f} ms (supervisor {cns:.1f}).",
+        f"- launch -> 10 running <= 1.25x the floor row:"
+        f" {met(cold_m['hsu'] <= 1.25 * cold_m['floor'])}"
         f" ({cold_m['hsu'] / cold_m['floor']:.2f}x); launch -> 1,000 running <= 1.5 s:"
-        + (
-            f" {met(big['launch']['hsu'] <= 1.5)} ({msec(big['launch']['hsu'])} at {n})"
-            if n >= 1000
-            else f" not measured at 1,000 ({msec(big['launch']['hsu'])} at {n})"
-        ),
+        + thousand
+        + ".",
         f"- `hsu ping` / `hsu status` <= 100 ms wall: {met(max(big['reads']['hsu']) <= 0.1)}"
-        f" ({' / '.join(msec(x) for x in big['reads']['hsu'])}).",
+        f" ({reads}).",
         f"- {n} units of one within 2x of one unit of {n}: launch"
-        f" {many['launch']['hsu'] / big['launch']['hsu']:.2f}x, status"
+        f" {many['launch']['hsu'] / launch_n:.2f}x, status"
         f" {many['reads']['hsu'][1] / big['reads']['hsu'][1]:.2f}x, stop"
         f" {many['stop']['hsu'] / big['stop']['hsu']:.2f}x.",
     ]

@@ -462,6 +462,7 @@ class LogFiles:
         self._loop: asyncio.AbstractEventLoop | None = None  # while run() runs
         self._rotator: _Rotator | None = None  # while run() runs
         self._said: set[str] = set()
+        self._secured: set[str] = set()  # units whose directory secure_dir() checked
 
     def paths(self, unit: str, instance_id: str) -> tuple[Path, Path]:
         d = self.directory / unit
@@ -472,11 +473,22 @@ class LogFiles:
         their fds for ``Popen(stdout=, stderr=)``; the caller closes them after
         spawning."""
         out_path, err_path = self.paths(unit, instance_id)
-        # 0700 directories and 0600 files, whatever the umask
-        secure_dir(self.directory)
-        secure_dir(out_path.parent)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        out = os.open(out_path, flags, 0o600)
+        # 0700 directories and 0600 files, whatever the umask; a directory is
+        # checked at its first file (and again if it vanished since), not at
+        # each of a thousand spawns
+        if unit not in self._secured:
+            secure_dir(self.directory)
+            secure_dir(out_path.parent)
+            self._secured.add(unit)
+        try:
+            out = os.open(out_path, flags, 0o600)
+        except FileNotFoundError:
+            self._secured.discard(unit)
+            secure_dir(self.directory)
+            secure_dir(out_path.parent)
+            self._secured.add(unit)
+            out = os.open(out_path, flags, 0o600)
         try:
             err = os.open(err_path, flags, 0o600)
         except BaseException:
