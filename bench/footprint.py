@@ -271,7 +271,7 @@ def report(args: argparse.Namespace, r: dict[str, Any], took: float) -> str:
         HEADING,
         "",
         f"Measured {when} by `python bench/footprint.py --programs {n} --window {w:g}"
-        f" --cold {args.cold}` (in `nox -s bench`, {took:.0f} s). Machine:"
+        f" --cold {args.cold} --reads {args.reads}` (in `nox -s bench`, {took:.0f} s). Machine:"
         f" {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, Python"
         f" {platform.python_version()}. Versions: "
         + ", ".join(f"{k} {x}" for k, x in v.items())
