@@ -171,7 +171,7 @@ def timed(argv: list[str]) -> float:
 def scale_run(n: int, units: int, window: float, reads: int) -> dict[str, Any]:
     """Launch each daemon alone with ``n`` programs in ``units`` units, keep
     it up; then the read commands, then one idle window for all three."""
-    daemons = [kind(n, f"n{units}", units=units) for kind in KINDS]  # type: ignore[call-arg]
+    daemons: list[Any] = [kind(n, f"n{units}", units=units) for kind in KINDS]  # type: ignore[call-arg]
     out: dict[str, Any] = {"launch": {}, "reads": {}, "idle": {}}
     try:
         for d in daemons:
@@ -264,7 +264,7 @@ def report(args: argparse.Namespace, r: dict[str, Any], took: float) -> str:
         return f"| {label} | " + " | ".join(cell(t) for t in tools) + " |"
 
     def per(shape: dict[str, Any], t: str) -> float:
-        return (shape["idle"][t][0] - one[t][0]) / (n - 1)
+        return float(shape["idle"][t][0] - one[t][0]) / (n - 1)
 
     cold_m = {k: statistics.median(x) for k, x in r["cold"].items()}
     lines = [

@@ -481,7 +481,7 @@ class SqliteStorage:
         nxt = conn.execute("SELECT MIN(expires) FROM kv WHERE expires > 0").fetchone()[0]
         return None if nxt is None else float(nxt)
 
-    def _delete_due(self, conn: sqlite3.Connection, due: list[Any]) -> None:
+    def _delete_due(self, conn: sqlite3.Connection, due: Sequence[Any]) -> None:
 
         def body(conn: sqlite3.Connection, rev: int) -> None:
             # one revision for the sweep, as etcd revokes a lease's keys at once
