@@ -57,8 +57,8 @@ def bench(session: nox.Session) -> None:
     instances with max_inflight 1 and the queue's overhead (bench/pool.py), then etcd
     (bench/etcd.py), then storage get/put against sqlite3 and redis-py straight to the
     store (bench/storage.py), then cached routed calls against uncached ones
-    (bench/cache.py); each updates
-    its section of docs/benchmarks.md.
+    (bench/cache.py), then memory, idle CPU, launch and CLI times at 1 and 1000
+    programs (bench/footprint.py); each updates its section of docs/benchmarks.md.
 
     Not in the default sessions. supervisor and circus are installed only here.
     """
@@ -75,6 +75,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/auth.py", *routing_args)
     session.run("python", "bench/pool.py", *routing_args)
     session.run("python", "bench/cache.py", *routing_args)
+    session.run("python", "bench/footprint.py", *routing_args)
     # etcd: Debian's etcd-server; the plugin installed like hsu
     session.install("./contrib/hsu-plugin-etcd")
     session.run("python", "bench/etcd.py", *routing_args)

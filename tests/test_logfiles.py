@@ -326,8 +326,10 @@ def test_a_vanished_file_is_dropped_with_one_warning_and_the_loop_goes_on(tmp_pa
     out, err = lf.open_for_child("u", "u-v")
     lf.follow("u", "u-v", 1, from_start=True)
     stdout, _ = lf.paths("u", "u-v")
-    stdout.unlink()
     os.write(out, b"last words\n")
+    lf.poll()
+    stdout.unlink()
+    os.write(out, b"into the deleted file\n")  # not read: no fd is held between reads
     for _ in range(3):
         lf.poll()
     os.write(out, b"not read\n")

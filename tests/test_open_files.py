@@ -4,10 +4,12 @@ an EMFILE that says what to change instead of a retry storm (issue 20)."""
 from __future__ import annotations
 
 import collections
+import os
 import re
 import resource
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -65,7 +67,9 @@ def limited(tmp_path: Path):
     started: list[LimitedKernel] = []
 
     def start(n: int, soft: int, hard: int) -> LimitedKernel:
-        k = LimitedKernel(write_deployment(tmp_path / "d.yaml", sleepers(n)), tmp_path, soft, hard)
+        d = tmp_path / f"k{len(started)}"
+        d.mkdir()
+        k = LimitedKernel(write_deployment(d / "d.yaml", sleepers(n)), d, soft, hard)
         started.append(k)
         return k
 
@@ -124,3 +128,46 @@ def test_out_of_file_descriptors_is_a_clear_error_with_backoff_not_a_storm(limit
     k.end()
     assert k.proc.returncode == 0, err[-2000:]
     assert not [p for p in running if psutil.pid_exists(p)]
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settled_fds(k: LimitedKernel, n: int) -> int:
+    """The kernel's open fds once its ``n`` instances run and the count holds
+    still (a spawn opens the instance's log files for a moment)."""
+    wait_until(lambda: len(k.children()) == n, 60)
+    counts = [open_fds(k.proc.pid)]
+    for _ in range(100):  # bounded: 100 x 0.2 s
+        time.sleep(0.2)
+        counts.append(open_fds(k.proc.pid))
+        if len(counts) >= 3 and counts[-1] == counts[-2] == counts[-3]:
+            return counts[-1]
+    raise AssertionError(f"the kernel's open fds never held still: {counts[-10:]}")
+
+
+@needs_prlimit
+def test_an_idle_instance_holds_at_most_2_fds_of_the_kernel(limited):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    one, many = limited(1, soft=1024, hard=hard), limited(101, soft=1024, hard=hard)
+    per_instance = (settled_fds(many, 101) - settled_fds(one, 1)) / 100
+    # a pidfd; the stdout and stderr files are opened only to be read
+    assert per_instance <= 2, per_instance
+    for k in (one, many):
+        k.end()
+        assert k.proc.returncode == 0, k.output()[1][-2000:]
+
+
+@needs_prlimit
+def test_a_hard_limit_of_512_runs_200_instances(limited):
+    # Nothing to raise to: 200 instances must fit in 512 fds with the
+    # kernel's own (3 fds each, as before, would be over 600).
+    k = limited(200, soft=512, hard=512)
+    fds = settled_fds(k, 200)
+    assert fds <= 512 - 50, fds  # room left for the calls the kernel serves
+    pids = [c.pid for c in k.children()]
+    k.end()
+    assert k.proc.returncode == 0, k.output()[1][-2000:]
+    assert not [p for p in pids if psutil.pid_exists(p)]
+    assert "Too many open files" not in k.output()[1]

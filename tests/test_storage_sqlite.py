@@ -149,3 +149,31 @@ async def test_a_watch_from_a_compacted_revision_is_told_so(tmp_path):
         assert info.value.compact_revision > first.mod_revision
     finally:
         await s.close()
+
+
+async def test_without_a_ttl_the_sweeper_does_not_wake_and_a_new_ttl_still_runs_out(
+    tmp_path, monkeypatch
+):
+    store = SqliteStorage(tmp_path / "s.db")
+    sweeps: list[float | None] = []
+    expire = store._expire
+
+    def counted(conn):
+        sweeps.append(expire(conn))
+        return sweeps[-1]
+
+    monkeypatch.setattr(store, "_expire", counted)
+    try:
+        await store.put("ns", "k", b"v")  # starts the sweeper: one look, no TTL anywhere
+        await asyncio.sleep(2.5)  # the sweep was every 1 s: 2 more by now
+        assert sweeps == [None]
+        await store.put("ns", "short", b"v", ttl=0.3)
+        for _ in range(100):  # bounded: 5 s
+            if await store.get("ns", "short") is None and sweeps[-1] is None and len(sweeps) > 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.get("ns", "short") is None
+        assert sweeps[-1] is None  # the sweep deleted it: nothing left to wait for
+        assert [kv.key for kv in (await store.list("ns"))[0]] == ["k"]
+    finally:
+        await store.close()

@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS events (
 INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0), ('format', 1);
 """
 
-#: sweeps for keys whose TTL ran out this often (seconds)
+#: sweeps for keys whose TTL ran out at most this often (seconds); with no
+#: key that has a TTL it does not sweep at all (an idle kernel is not woken)
 SWEEP_EVERY = 1.0
 
 
@@ -121,6 +122,8 @@ class SqliteStorage:
         self._hub = WatchHub()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: set by a put with a TTL: the sweeper looks at the next expiry again
+        self._expiry_changed: asyncio.Event | None = None
         self._closed = False
         #: changes of the transaction in progress (storage thread only)
         self._pending: _Changes = []
@@ -141,6 +144,7 @@ class SqliteStorage:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
+            self._expiry_changed = asyncio.Event()
             self._sweeper = loop.create_task(self._sweep())
         return await loop.run_in_executor(self._pool, self._call, fn)
 
@@ -355,9 +359,15 @@ class SqliteStorage:
         data, ttl = check_value(value, self._max_value), check_ttl(ttl)
         now = time.time()
         expires = now + ttl if ttl else 0.0
-        return await self._run(
-            self._transact(lambda conn, rev: self._put_row(conn, ns, raw, data, rev, expires, now))
-        )
+        try:
+            return await self._run(
+                self._transact(
+                    lambda conn, rev: self._put_row(conn, ns, raw, data, rev, expires, now)
+                )
+            )
+        finally:
+            if expires:
+                self._expiry_set()
 
     async def delete(self, namespace: str, key: str) -> int:
         ns, raw = check_namespace(namespace), check_key(key)
@@ -429,24 +439,49 @@ class SqliteStorage:
                 conn.rollback()
                 return False, refused.kv
 
-        return await self._run(run)
+        try:
+            return await self._run(run)
+        finally:
+            if ttl and data is not None:
+                self._expiry_set()
 
     # -- TTLs -------------------------------------------------------------------
 
-    async def _sweep(self) -> None:
-        """Delete the keys whose TTL ran out (watchers see a delete)."""
-        while not self._closed:
-            await asyncio.sleep(SWEEP_EVERY)
-            with contextlib.suppress(StorageError):
-                await self._run(self._expire)
+    def _expiry_set(self) -> None:
+        if self._expiry_changed is not None:
+            self._expiry_changed.set()
 
-    def _expire(self, conn: sqlite3.Connection) -> None:
+    async def _sweep(self) -> None:
+        """Delete the keys whose TTL ran out (watchers see a delete): when the
+        next one runs out (at most every ``SWEEP_EVERY``), and not at all while
+        no key has a TTL, until a put gives one a TTL."""
+        changed = self._expiry_changed
+        assert changed is not None
+        while not self._closed:
+            changed.clear()
+            try:
+                due: float | None = await self._run(self._expire)
+            except StorageError:
+                due = time.time() + SWEEP_EVERY
+            wait = None if due is None else max(due - time.time(), SWEEP_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), wait)
+            if due is not None and changed.is_set():
+                # a new TTL: it may run out sooner; not sooner than SWEEP_EVERY
+                await asyncio.sleep(SWEEP_EVERY)
+
+    def _expire(self, conn: sqlite3.Connection) -> float | None:
+        """Delete what has run out; when the next key runs out (None: no TTL)."""
         now = time.time()
         due = conn.execute(
             "SELECT ns, key FROM kv WHERE expires > 0 AND expires <= ? LIMIT 1000", (now,)
         ).fetchall()
-        if not due:
-            return
+        if due:
+            self._delete_due(conn, due)
+        nxt = conn.execute("SELECT MIN(expires) FROM kv WHERE expires > 0").fetchone()[0]
+        return None if nxt is None else float(nxt)
+
+    def _delete_due(self, conn: sqlite3.Connection, due: Sequence[Any]) -> None:
 
         def body(conn: sqlite3.Connection, rev: int) -> None:
             # one revision for the sweep, as etcd revokes a lease's keys at once

@@ -309,8 +309,8 @@ _raised = False
 def raise_open_files() -> int | None:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit, once per process.
 
-    A kernel holds a pidfd per instance, the log files it follows and a
-    socket per connection: the common soft limit of 1024 would stop it at a
+    A kernel holds a pidfd per instance (its log files only while it reads
+    them) and a socket per connection: the common soft limit of 1024 would stop it at a
     few hundred instances although the hard limit (what the administrator
     allows) is far above. Returns the soft limit it started with, which the
     kernel's children get back (:attr:`hsu.ports.LaunchSpec.nofile_soft`: a
