@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from hsu.client.route import Route
     from hsu.metrics import CallMetrics
     from hsu.metrics import Registry as MetricsRegistry
+    from hsu.peer import PeerSigner
 
 __all__ = [
     "DRAINING",
@@ -507,6 +508,14 @@ class KernelAPI(Protocol):
         instance's secret, so a caller cannot forge it. None when auth is off
         or the instance has no secret. A gateway adds it to each call it
         forwards, and drops every ``hsu-identity`` the caller sent."""
+        ...
+
+    @property
+    def peer_signer(self) -> PeerSigner | None:
+        """What proves a call to an instance comes from the cluster
+        (``kernel.cluster_key``, :mod:`hsu.peer`): a gateway adds
+        ``peer_signer.header(endpoint.address, method)`` to each call it
+        forwards. None without a cluster key."""
         ...
 
 

@@ -69,6 +69,8 @@ from hsu.errors import (
 from hsu.metrics import CallMetrics
 from hsu.metrics import Registry as MetricsRegistry
 from hsu.metrics import enabled as metrics_enabled
+from hsu.peer import ENV_KEY as ENV_CLUSTER_KEY
+from hsu.peer import PeerSigner
 from hsu.ports import (
     Changes,
     DataPlane,
@@ -334,6 +336,36 @@ class Kernel:
         gate = self._server.auth if self._server is not None else None
         return gate.sign_for(identity, instance_id) if gate is not None else None
 
+    # -- calls across hosts (kernel.advertise, kernel.cluster_key) ----------
+
+    @property
+    def peer_signer(self) -> PeerSigner | None:
+        """What signs calls to instances with the cluster key (:mod:`hsu.peer`),
+        or None without ``kernel.cluster_key``."""
+        key = self.kernel_settings.cluster_key
+        if not key:
+            return None
+        made = self.__dict__.get("_peer_signer")
+        if made is None or made[0] != key:
+            made = self.__dict__["_peer_signer"] = (key, PeerSigner(key))
+        signer: PeerSigner = made[1]
+        return signer
+
+    def peer_env(self, unit_env: Mapping[str, str]) -> dict[str, str]:
+        """What an instance is given for calls across hosts: where to listen
+        (the advertised host, unless its unit sets ``HSU_LISTEN``) and the
+        cluster key its server checks calls with."""
+        ks = self.kernel_settings
+        env = {}
+        if ks.advertise and "HSU_LISTEN" not in unit_env:
+            host = ks.advertise
+            if ":" in host and not host.startswith("["):
+                host = f"[{host}]"
+            env["HSU_LISTEN"] = f"{host}:0"
+        if ks.cluster_key:
+            env[ENV_CLUSTER_KEY] = ks.cluster_key
+        return env
+
     # -- settings ----------------------------------------------------------
 
     def settings(self, section: str) -> Any:
@@ -414,6 +446,13 @@ class Kernel:
         (``auth.authenticators``) it may."""
         insecure = self.kernel_settings.insecure
         authenticated = auth.enabled(self)
+        if self.kernel_settings.cluster_key and self.bind_address != self.requested_address:
+            raise HsuError(
+                f"kernel.cluster_key: a plugin serves the data plane at {self.requested_address}"
+                " (the nginx gateway?) and cannot sign its calls to instances with the"
+                " cluster key (hsu-peer), so every call would be refused; use the python"
+                " gateway (docs/multihost.md)"
+            )
         for what, address in (("control", self.control_bind), ("address", self.bind_address)):
             if authenticated and not control.is_loopback(address) and not self.kernel_settings.tls:
                 logger.warning(
@@ -574,7 +613,7 @@ class Kernel:
         (no round trip to itself); see :func:`hsu.connect`."""
         from hsu.client.aio import local_channel
 
-        return local_channel(self.routing, self.plugins)
+        return local_channel(self.routing, self.plugins, self.peer_signer)
 
     def units_serving(self, interface: str) -> list[str]:
         return [n for n, s in self.deployment.units.items() if interface in s.interfaces]
@@ -1083,6 +1122,12 @@ class Kernel:
         loopback, a unix socket in ``dirs``, or one of ``also`` (declared)."""
         # the control server's own socket behind the peercred proxy, too
         internal = self._server.internal if self._server is not None else ""
+        advertise = self.kernel_settings.advertise
+        if advertise and not address.startswith("unix:"):
+            host = address.rsplit(":", 1)[0]
+            if host.strip("[]").lower() == advertise.strip("[]").lower():
+                # on the advertised host (kernel.advertise): also ours
+                also = (*also, address)
         try:
             validate.local_address(
                 address,

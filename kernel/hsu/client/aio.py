@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import grpc
 from loguru import logger
 
-from hsu import tracecontext
+from hsu import peer, tracecontext
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
     CHANNEL_OPTIONS,
@@ -59,6 +59,7 @@ from hsu.client.route import (
 )
 from hsu.errors import HsuError
 from hsu.metrics import client_observer
+from hsu.peer import PeerSigner
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig, aio_channel
 
@@ -84,6 +85,7 @@ def connect(
     tls: TLSConfig | None = None,
     token: str | None = None,
     token_file: str | os.PathLike[str] | None = None,
+    cluster_key: str | None = None,
 ) -> RoutedChannel:
     """A routed channel through the kernel at ``kernel`` (default:
     its control address: ``$HSU_CONTROL``,
@@ -95,12 +97,18 @@ def connect(
     when set, see :mod:`hsu.tls`). ``token``: a bearer token for a kernel
     with auth on, sent with each call to it (default: the first line of
     ``token_file``, else of ``$HSU_TOKEN_FILE`` when set; docs/auth.md).
+    ``cluster_key``: the kernels' ``kernel.cluster_key``, which every call to
+    an instance is signed with (:mod:`hsu.peer`; default
+    ``$HSU_CLUSTER_KEY``, which the kernel gives the HSUs it starts): needed
+    for instances that require it (``kernel.advertise``, docs/multihost.md).
     Use it as ``async with`` or ``await ch.close()``.
     """
     address = control_address(kernel)
     tls = TLSConfig.from_env() if tls is None else tls
     metadata = bearer(token, token_file)
-    return RoutedChannel(_RemoteResolver(address, tls, metadata), plugins)
+    return RoutedChannel(
+        _RemoteResolver(address, tls, metadata), plugins, signer=peer.signer(cluster_key)
+    )
 
 
 class _Resolver:
@@ -136,9 +144,17 @@ def _no_instance(route: Route) -> BaseException:
 class RoutedChannel:
     """Duck-types ``grpc.aio.Channel`` for generated stubs; see the module docstring."""
 
-    def __init__(self, resolver: _Resolver, plugins: Factories | None = None):
+    def __init__(
+        self,
+        resolver: _Resolver,
+        plugins: Factories | None = None,
+        *,
+        signer: PeerSigner | None = None,
+    ):
         self._resolver = resolver
         self._plugins = plugins
+        #: signs every call to an instance with the cluster key (:mod:`hsu.peer`)
+        self.signer = signer
         if isinstance(resolver, _RemoteResolver):
             resolver.channel = self
         self._caller = Caller(
@@ -291,7 +307,9 @@ class _Unary(_Call):
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
-            return call(request, timeout=tries.left(), metadata=metadata, **kwargs)
+            return call(
+                request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
+            )
 
         return await tries.call_async(attempt, ch.ensure)
 
@@ -319,7 +337,9 @@ class _Streaming(_Call):
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
-            return call(request, timeout=tries.left(), metadata=metadata, **kwargs)
+            return call(
+                request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
+            )
 
         async for reply in tries.run_async(attempt, self._ch.ensure):
             yield reply
@@ -574,6 +594,8 @@ class _LocalResolver(_Resolver):
         self.routes.release(grant)
 
 
-def local_channel(routes: LocalRoutes, plugins: Factories) -> RoutedChannel:
+def local_channel(
+    routes: LocalRoutes, plugins: Factories, signer: PeerSigner | None = None
+) -> RoutedChannel:
     """A routed channel over the kernel's own routes, in its process."""
-    return RoutedChannel(_LocalResolver(routes), plugins)
+    return RoutedChannel(_LocalResolver(routes), plugins, signer=signer)

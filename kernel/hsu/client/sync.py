@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 from loguru import logger
 
-from hsu import tracecontext
+from hsu import peer, tracecontext
 from hsu.client.aio import START_TIMEOUT, control_address
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
@@ -51,6 +51,7 @@ from hsu.client.route import (
 )
 from hsu.errors import HsuError
 from hsu.metrics import client_observer
+from hsu.peer import PeerSigner
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig
 from hsu.tls import channel as tls_channel
@@ -63,18 +64,20 @@ def connect_sync(
     tls: TLSConfig | None = None,
     token: str | None = None,
     token_file: str | os.PathLike[str] | None = None,
+    cluster_key: str | None = None,
 ) -> SyncRoutedChannel:
     """A blocking routed channel through the kernel at ``kernel`` (default:
     its control address: ``$HSU_CONTROL``,
     ``$HSU_KERNEL_ADDRESS``, else the one kernel running as this user). ``tls``,
-    ``token`` and ``token_file`` as for :func:`hsu.connect`. Use it as ``with`` or
-    call :meth:`SyncRoutedChannel.close`."""
+    ``token``, ``token_file`` and ``cluster_key`` as for :func:`hsu.connect`. Use
+    it as ``with`` or call :meth:`SyncRoutedChannel.close`."""
     address = control_address(kernel)
     return SyncRoutedChannel(
         address,
         plugins,
         tls=TLSConfig.from_env() if tls is None else tls,
         metadata=bearer(token, token_file),
+        signer=peer.signer(cluster_key),
     )
 
 
@@ -104,8 +107,11 @@ class SyncRoutedChannel:
         *,
         tls: TLSConfig | None = None,
         metadata: Metadata = (),
+        signer: PeerSigner | None = None,
     ):
         self.kernel = kernel
+        #: signs every call to an instance with the cluster key (:mod:`hsu.peer`)
+        self.signer = signer
         #: the caller's credential, sent with each call to the kernel
         self._metadata = metadata or None
         self._plugins = plugins
@@ -452,7 +458,9 @@ class _Call(RoutedMethod):
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
-            replies = call(request, timeout=tries.left(), metadata=metadata, **kwargs)
+            replies = call(
+                request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
+            )
             return replies if streaming else (replies,)
 
         yield from tries.run(attempt, self._ch.ensure)

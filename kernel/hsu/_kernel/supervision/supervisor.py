@@ -636,6 +636,7 @@ class UnitSupervisor:
             # what this process proves itself with (Register, Deregister,
             # ReportLoad) and expects on Core.Shutdown; new for every spawn
             ENV_INSTANCE_TOKEN: inst.new_token(),
+            **kernel.peer_env(spec.env),
         }
         base = kernel.deployment.base_dir
         cwd = str(Path(base, spec.cwd)) if spec.cwd else base
