@@ -286,8 +286,8 @@ def _denied(handler: Any, method: str) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         yield  # pragma: no cover - abort raises
 
-    if handler is None:
-        return None
+    if handler is None:  # no such method: still no answer but the refusal
+        return grpc.unary_unary_rpc_method_handler(deny)
     if handler.response_streaming:
         make = (
             grpc.stream_stream_rpc_method_handler

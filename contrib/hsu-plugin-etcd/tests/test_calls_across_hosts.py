@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from hsu_plugin_etcd.cluster import LocalCluster
 
 import hsu
 from hsu import peer
-from hsu.errors import ConfigError
+from hsu.errors import ConfigError, HsuError
 from hsu.testing import build_kernel
 from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
@@ -228,3 +229,27 @@ async def test_advertise_on_loopback_needs_no_key_and_instances_listen_there(
     )
     [inst] = [i for i in k.instances.values() if i.state.value == "ready"]
     assert inst.address.startswith("127.0.0.2:")
+
+
+async def test_with_a_cluster_key_an_hsu_that_takes_unsigned_calls_is_not_made_ready(
+    hsu_kernel_factory: Any,
+) -> None:
+    unsigned = echo_unit("on-demand")
+    # the same HSU, but its server never hears of the key: it takes any call
+    unsigned["command"] = ["env", "-u", peer.ENV_KEY, sys.executable, "-m", "hsu_echo"]
+    k = await hsu_kernel_factory(
+        {
+            "name": "guard",
+            "kernel": {"advertise": "127.0.0.2", "cluster_key": KEY},
+            "units": {"echo": echo_unit("at-start"), "open": {**unsigned, "interfaces": []}},
+        }
+    )
+    # the SDK's HSU checks the proof: it is ready, and the kernel's own calls are signed
+    [inst] = [i for i in k.instances.values() if i.state.value == "ready"]
+    async with k.connect() as channel:
+        reply = await echo_pb2_grpc.EchoStub(channel).Echo(echo_pb2.EchoRequest(message="in"))
+    assert reply.instance_id == inst.instance_id
+    # one that does not check is stopped before it is ready, saying why
+    with pytest.raises(HsuError) as info:
+        await k.start_instance("open")
+    assert "without the cluster's proof" in str(info.value)

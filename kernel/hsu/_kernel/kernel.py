@@ -1414,7 +1414,7 @@ class Kernel:
             ks: KernelSettings = settings["kernel"]
             for key in (
                 "address", "control", "insecure", "state_dir", "reattach", "registry", "gateway",
-                "storage", "tls", "log_format",
+                "storage", "tls", "log_format", "advertise", "cluster_key",
             ):  # fmt: skip
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
                     problems.append(
