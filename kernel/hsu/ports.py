@@ -37,6 +37,7 @@ __all__ = [
     "CallInfo",
     "Changes",
     "CircuitBreaker",
+    "Cluster",
     "ConfigSource",
     "DataPlane",
     "Decision",
@@ -53,9 +54,11 @@ __all__ = [
     "LaunchSpec",
     "Launcher",
     "Layer",
+    "Node",
     "Origin",
     "PathT",
     "PeerCredentials",
+    "Placement",
     "Probe",
     "ProbeResult",
     "ProbeTarget",
@@ -894,6 +897,56 @@ class Registry(Protocol):
 
     async def close(self) -> None:
         """Release what the registry holds (connections, tasks). Idempotent."""
+        ...
+
+
+@attrs.frozen
+class Node:
+    """One kernel of a cluster, as a registry shared by several kernels
+    lists it (:class:`Cluster`), for a :class:`Placement` to choose from."""
+
+    #: the kernel's name in the registry (hsu-plugin-etcd: ``etcd.node``)
+    name: str
+    #: the units it can start on demand (declared there, not singletons)
+    units: tuple[str, ...] = ()
+    #: the instances the registry lists for it, of every unit
+    instances: int = 0
+    #: calls in flight on those instances, as far as the registry knows
+    load: int = 0
+    #: it is the kernel asking
+    local: bool = False
+
+
+@runtime_checkable
+class Cluster(Protocol):
+    """What a registry shared by several kernels may offer besides
+    :class:`Registry`: the kernels, and a start on one of them. The kernel
+    uses it for on-demand starts (``kernel.placement``) when its registry
+    has both methods."""
+
+    async def nodes(self) -> list[Node]:
+        """Every live kernel, this one (``local=True``) included."""
+        ...
+
+    async def request_start(self, node: str, unit: str, interface: str) -> None:
+        """Ask kernel ``node`` to start an instance of ``unit`` (for a call
+        to ``interface``); it returns once asked, not once started (the
+        instance is listed in the registry when it is ready)."""
+        ...
+
+
+@runtime_checkable
+class Placement(Protocol):
+    """Picks the kernel that starts an instance on demand, when no instance
+    of the unit is listed anywhere (``kernel.placement``; built in:
+    ``local-first``, the default, and ``least-loaded``)."""
+
+    def pick(self, unit: str, nodes: Sequence[Node]) -> str:
+        """The name of the node to start ``unit`` on.
+
+        :param nodes: the kernels that can start ``unit`` (never empty; the
+            local one among them), in name order.
+        """
         ...
 
 

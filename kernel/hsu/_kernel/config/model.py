@@ -931,6 +931,10 @@ class KernelSettings:
     #: with a proof made with it (:mod:`hsu.peer`); needed with an
     #: ``advertise`` off loopback
     cluster_key: str | None = attrs.field(default=None, validator=_cluster_key, repr=False)
+    #: how an on-demand start picks the kernel to start on, with a registry
+    #: shared by several (``hsu plugins``; built in: ``local-first``, the
+    #: default, and ``least-loaded``; docs/multihost.md)
+    placement: str | None = None
     #: count routed calls and their latency (``docs/observability.md``);
     #: values the kernel keeps anyway are read when an exporter collects
     metrics: bool = True
