@@ -911,8 +911,6 @@ class Node:
     units: tuple[str, ...] = ()
     #: the instances the registry lists for it, of every unit
     instances: int = 0
-    #: calls in flight on those instances, as far as the registry knows
-    load: int = 0
     #: it is the kernel asking
     local: bool = False
 

@@ -25,7 +25,13 @@ def create_registry(kernel: KernelAPI) -> Registry:
     from hsu_plugin_etcd.registry import EtcdRegistry
 
     settings: EtcdSettings = kernel.settings(SECTION)
-    return EtcdRegistry(settings, settings.node_name())
+    # the units this kernel can start for another kernel's call (placement)
+    units = [
+        name
+        for name, u in kernel.deployment.units.items()
+        if u.placement != "singleton" and u.interfaces
+    ]
+    return EtcdRegistry(settings, settings.node_name(), kernel, units)
 
 
 @hsu.hookimpl

@@ -3,9 +3,9 @@ instance on demand, when a call finds no instance of its unit on any host.
 
 - ``local-first`` (the default): the kernel the call came to; what a kernel
   does alone, and what keeps a call's first instance next to its caller.
-- ``least-loaded``: the kernel with the fewest calls in flight on its
-  instances, then the fewest instances, as the shared registry lists them;
-  a tie goes to the kernel asking, then by name.
+- ``least-loaded``: the kernel with the fewest instances (of every unit) as
+  the shared registry lists them; a tie goes to the kernel asking, then by
+  name.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class LocalFirst:
 
 class LeastLoaded:
     def pick(self, unit: str, nodes: Sequence[Node]) -> str:
-        return min(nodes, key=lambda n: (n.load, n.instances, not n.local, n.name)).name
+        return min(nodes, key=lambda n: (n.instances, not n.local, n.name)).name
 
 
 @hsu.hookimpl
