@@ -85,8 +85,9 @@ def test_each_default_plugin_that_provides_something_is_covered_here() -> None:
     auth = {"auth", "token", "rbac", "mtls", "peercred"}
     # systemd acts only under a service manager ($NOTIFY_SOCKET; docs/systemd.md);
     # the kernel runs without a storage (it then keeps no instance records);
-    # exporters (docs/observability.md): a deployment names them, no default
-    others = {"file", "env", "overrides", "gateway", "systemd", "sqlite", "prometheus"}
+    # exporters (docs/observability.md): a deployment names them, no default;
+    # without a placement every on-demand start is on the kernel asked
+    others = {"file", "env", "overrides", "gateway", "systemd", "sqlite", "prometheus", "placement"}
     assert set(NEEDS) | others | auth == set(_builtin_defaults())
 
 
@@ -99,7 +100,8 @@ def test_a_deployment_that_needs_a_blocked_default_gets_one_line(blocked: str) -
 
 
 @pytest.mark.parametrize(
-    "blocked", [*sorted(set(NEEDS) - {"subprocess"}), "env", "overrides", "gateway", "sqlite"]
+    "blocked",
+    [*sorted(set(NEEDS) - {"subprocess"}), "env", "overrides", "gateway", "sqlite", "placement"],
 )
 async def test_a_deployment_that_does_not_need_a_blocked_default_runs(
     blocked: str, tmp_path: Path

@@ -45,9 +45,7 @@ class ThirdParty:
 
 
 async def test_a_third_partys_placement_is_chosen_by_name() -> None:
-    k = build_kernel(
-        {"kernel": {"placement": "last-by-name"}, "units": {}}, plugins=[ThirdParty()]
-    )
+    k = build_kernel({"kernel": {"placement": "last-by-name"}, "units": {}}, plugins=[ThirdParty()])
     assert k.plugins.default("placement") == "local-first"
     placement = k.plugins.placement("last-by-name")
     assert isinstance(placement, Placement)
