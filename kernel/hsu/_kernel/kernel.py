@@ -446,13 +446,6 @@ class Kernel:
         (``auth.authenticators``) it may."""
         insecure = self.kernel_settings.insecure
         authenticated = auth.enabled(self)
-        if self.kernel_settings.cluster_key and self.bind_address != self.requested_address:
-            raise HsuError(
-                f"kernel.cluster_key: a plugin serves the data plane at {self.requested_address}"
-                " (the nginx gateway?) and cannot sign its calls to instances with the"
-                " cluster key (hsu-peer), so every call would be refused; use the python"
-                " gateway (docs/multihost.md)"
-            )
         for what, address in (("control", self.control_bind), ("address", self.bind_address)):
             if authenticated and not control.is_loopback(address) and not self.kernel_settings.tls:
                 logger.warning(
