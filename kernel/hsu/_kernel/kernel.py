@@ -1031,7 +1031,9 @@ class Kernel:
         base = self.deployment.base_dir
         cwd = Path(base, spec.cwd) if spec.cwd else Path(base)
         listen = spec.env.get("HSU_LISTEN")
-        self._check_address(address, dirs=(self.state_dir, cwd), also=(listen,) if listen else ())
+        self._check_address(
+            address, dirs=(self.state_dir, cwd), also=(listen,) if listen else (), advertised=True
+        )
         return inst
 
     def _register_new(
@@ -1109,14 +1111,21 @@ class Kernel:
         return inst
 
     def _check_address(
-        self, address: str, *, dirs: tuple[str | Path, ...], also: tuple[str, ...]
+        self,
+        address: str,
+        *,
+        dirs: tuple[str | Path, ...],
+        also: tuple[str, ...],
+        advertised: bool = False,
     ) -> None:
         """A registered address is on this host and is not the kernel's own:
-        loopback, a unix socket in ``dirs``, or one of ``also`` (declared)."""
+        loopback, a unix socket in ``dirs``, or one of ``also`` (declared);
+        with ``advertised`` (an instance the kernel started, its server
+        checked for the cluster's proof) also on ``kernel.advertise``."""
         # the control server's own socket behind the peercred proxy, too
         internal = self._server.internal if self._server is not None else ""
         advertise = self.kernel_settings.advertise
-        if advertise and not address.startswith("unix:"):
+        if advertised and advertise and not address.startswith("unix:"):
             host = address.rsplit(":", 1)[0]
             if host.strip("[]").lower() == advertise.strip("[]").lower():
                 # on the advertised host (kernel.advertise): also ours
