@@ -362,7 +362,8 @@ def report(
     lines = [
         HEADING,
         "",
-        f"Measured {when} by `python bench/etcd.py` ({took:.0f} s). Machine: {os.cpu_count()}"
+        f"Measured {when} by `python bench/etcd.py` ({took:.0f} s; as root, for the network"
+        f" namespaces of the cross-host figure). Machine: {os.cpu_count()}"
         f" CPUs, {platform.machine()}, Python {platform.python_version()}. Versions: hsu"
         f" {v['hsu']}, grpcio {v['grpcio']}, aetcd {v['aetcd']}, {etcd_version}; a 3-member"
         " cluster on loopback.",
