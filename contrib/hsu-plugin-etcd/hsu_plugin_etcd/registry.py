@@ -226,6 +226,13 @@ class EtcdRegistry:
         await self._lease_ok.wait()
         await self.cluster.request_start(node, unit, interface)
 
+    async def announce(self) -> None:
+        """This kernel's node entry again (its units changed), on the lease."""
+        if self.cluster is not None:
+            async with self._write:
+                await self._lease_ok.wait()
+                await self.cluster.announce()
+
     def instances_by_node(self) -> dict[str, int]:
         """How many instances the local copy lists for each node."""
         seen: dict[str, set[str]] = {}

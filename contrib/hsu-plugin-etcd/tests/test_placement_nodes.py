@@ -80,3 +80,17 @@ async def test_an_on_demand_start_goes_where_the_placement_picks(
     assert echo.instance_id in kernels[starts_on].instances
     assert (reply.instance_id, reply.pid) == (echo.instance_id, echo.pid)
     assert b.registry.cluster.taken == (1 if starts_on == "b" else 0)
+
+
+async def test_a_reload_announces_the_units_a_kernel_can_start_now(
+    etcd_cluster: LocalCluster, hsu_kernel_factory: Any, tmp_path: Path
+) -> None:
+    import hsu
+
+    raw = deployment("b", etcd_cluster, tmp_path)
+    del raw["units"]["busy"]
+    b = await hsu_kernel_factory(raw, plugins=[hsu_plugin_etcd])
+    assert [n.units for n in await b.registry.nodes()] == [("echo",)]
+    raw["units"]["echo2"] = {**raw["units"]["echo"], "interfaces": ["hsu.echo.v1.Other"]}
+    await b.reload(hsu.deployment_from_dict(raw, source="<test>", base_dir=str(tmp_path)))
+    assert [n.units for n in await b.registry.nodes()] == [("echo", "echo2")]
