@@ -222,6 +222,8 @@ class Kernel:
         self._log_sink: int | None = None
         #: plugins registered through register_plugin, unregistered at the end
         self._own_plugins: list[str] = []
+        #: the cluster key and its signer (``peer_signer``)
+        self._peer_signer: tuple[str, PeerSigner] | None = None
         plugins.configure(self)
         # after configure: the per-kernel plugin state registered there answers
         moved = plugins.kernel_address(self, self.requested_address)
@@ -345,11 +347,9 @@ class Kernel:
         key = self.kernel_settings.cluster_key
         if not key:
             return None
-        made = self.__dict__.get("_peer_signer")
-        if made is None or made[0] != key:
-            made = self.__dict__["_peer_signer"] = (key, PeerSigner(key))
-        signer: PeerSigner = made[1]
-        return signer
+        if self._peer_signer is None or self._peer_signer[0] != key:
+            self._peer_signer = (key, PeerSigner(key))
+        return self._peer_signer[1]
 
     def peer_env(self, unit_env: Mapping[str, str]) -> dict[str, str]:
         """What an instance is given for calls across hosts: where to listen
