@@ -14,7 +14,12 @@ etcd cluster on loopback ports in a temporary directory and measures:
   grpc.aio stub, ``--inflight`` at a time, for ``--seconds``), first to an
   instance a runs itself, then to one only kernel b runs (a's registry lists
   it through etcd). Both kernels are on this machine: the ratio shows what
-  routing to another kernel's instance costs, not a network between hosts.
+  routing to another kernel's instance costs, not a network between hosts;
+- **routed calls across hosts** (root, ``ip``): three network namespaces
+  joined by a bridge, etcd on the bridge, every kernel with
+  ``kernel.advertise`` and ``kernel.cluster_key``: calls through kernel
+  x-a to the instance only x-b runs on another host, against calls through
+  x-l to its own instance on its host, alternating.
 
 It replaces the ``## etcd`` section of ``docs/benchmarks.md`` unless
 ``--no-write``. Every process it starts is stopped by pid; the run fails if
@@ -119,6 +124,8 @@ class Kernel:
         tmp: Path,
         units: dict[str, Any],
         prefix: str = "/hsu/v1",
+        kernel: dict[str, Any] | None = None,
+        wrap: Any = None,
     ) -> None:
         self.name = name
         path = tmp / f"{name}.yaml"
@@ -127,7 +134,7 @@ class Kernel:
                 {
                     "name": name,
                     "plugins": ["etcd"],
-                    "kernel": {"registry": "etcd", "drain_grace": 1},
+                    "kernel": {"registry": "etcd", "drain_grace": 1, **(kernel or {})},
                     "etcd": {
                         "endpoints": cluster.endpoints,
                         "node": name,
@@ -144,9 +151,10 @@ class Kernel:
         env |= {"HSU_DISABLE_PLUGIN_AUTOLOAD": "1", "HSU_BENCH_RUN": RUN_MARK}
         env["HSU_RUNTIME_DIR"] = str(tmp)
         self.log = (tmp / f"{name}.log").open("w")
+        argv = [sys.executable, "-m", "hsu", "run", str(path), "--control", self.control,
+                "--address", self.data]  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hsu", "run", str(path), "--control", self.control,
-             "--address", self.data],
+            wrap(argv) if wrap else argv,
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp,
         )  # fmt: skip
         TRACKER.add([self.proc.pid])
@@ -270,6 +278,64 @@ def routed(
     return out
 
 
+def across_hosts(
+    tmp: Path, seconds: float, inflight: int, rounds: int
+) -> dict[str, list[float]] | str:
+    """Three hosts (network namespaces joined by a bridge, veth pairs; an etcd
+    cluster on the bridge), every kernel with ``kernel.advertise`` (its
+    host's address) and the same ``kernel.cluster_key``: ``x-a`` on host 0
+    runs no instance and routes to the one ``x-b`` runs on host 1 (over the
+    veth pairs and the bridge); ``x-l`` on host 2 runs its own instance
+    (alone under its own key prefix), called on its own host. Calls through
+    each gateway alternate, ``rounds`` times. A string: why it could not run."""
+    from hsu_plugin_etcd import netns
+
+    why = netns.available()
+    if why is not None:
+        return why
+    hosts = netns.Hosts(3)
+    cluster: LocalCluster | None = None
+    kernels: list[Kernel] = []
+    out: dict[str, list[float]] = {"one host": [], "across hosts": []}
+    try:
+        hosts.create()
+        cluster = LocalCluster(tmp / "etcd-bridge", 3, hosts=[hosts.gateway] * 3)
+        cluster.start()
+        TRACKER.add([m.proc.pid for m in cluster.members if m.proc])
+        key = tmp / "cluster.key"
+        key.write_text(os.urandom(24).hex())
+        key.chmod(0o600)
+        echo = {"command": ["python", "-m", "hsu_echo"], "interfaces": [ECHO]}
+        at_start = {"echo": {**echo, "start": "at-start"}}
+        for name, i, units, prefix in (
+            ("x-l", 2, at_start, "/hsu/bench-one-host"),
+            ("x-b", 1, at_start, "/hsu/v1"),
+            ("x-a", 0, {"echo": echo}, "/hsu/v1"),
+        ):
+            settings = {"advertise": hosts.addresses[i], "cluster_key": "${file:cluster.key}"}
+            kernels.append(
+                Kernel(name, cluster, tmp, units, prefix, settings, lambda a, i=i: hosts.argv(i, a))
+            )
+        for k in kernels:
+            k.wait_ready()
+        local, _, a = kernels
+        time.sleep(0.5)
+        for _ in range(rounds):
+            for name, k in (("one host", local), ("across hosts", a)):
+                out[name].append(asyncio.run(calls_per_second(k.data, seconds, inflight)))
+        if [p for p in processes_of("echo") if p[1] == a.proc.pid]:
+            raise RuntimeError("kernel x-a started its own instance: not a call across hosts")
+    finally:
+        for k in reversed(kernels):
+            k.stop()
+        if cluster is not None:
+            cluster.stop()
+        left = hosts.remove()
+        if left or hosts.exists():
+            raise RuntimeError(f"network namespaces or links left: {left}")
+    return out
+
+
 def med(xs: list[float]) -> float:
     return quantile(xs, 0.5)
 
@@ -279,7 +345,12 @@ def spread(xs: list[float]) -> str:
 
 
 def report(
-    reg: list[float], fo: list[float], calls: dict[str, list[float]], args: Any, took: float
+    reg: list[float],
+    fo: list[float],
+    calls: dict[str, list[float]],
+    hosts: dict[str, list[float]] | str,
+    args: Any,
+    took: float,
 ) -> str:
     v = versions("hsu", "grpcio", "aetcd")
     exe = etcd_executable() or "etcd"
@@ -291,7 +362,8 @@ def report(
     lines = [
         HEADING,
         "",
-        f"Measured {when} by `python bench/etcd.py` ({took:.0f} s). Machine: {os.cpu_count()}"
+        f"Measured {when} by `python bench/etcd.py` ({took:.0f} s; as root, for the network"
+        f" namespaces of the cross-host figure). Machine: {os.cpu_count()}"
         f" CPUs, {platform.machine()}, Python {platform.python_version()}. Versions: hsu"
         f" {v['hsu']}, grpcio {v['grpcio']}, aetcd {v['aetcd']}, {etcd_version}; a 3-member"
         " cluster on loopback.",
@@ -315,8 +387,29 @@ def report(
         f" {spread(calls['remote'])}): **{med(calls['remote']) / med(calls['local']):.2f}x**."
         " The three kernels run at once on this machine (loopback), so both see the same"
         " load: this is the cost of routing to another kernel's instance, not of a network"
-        " between hosts (over a veth between network namespaces: not measured yet,"
-        " docs/multihost.md).",
+        " between hosts (that is the next figure).",
+        "",
+    ]
+    if isinstance(hosts, str):
+        lines.append(f"**Routed calls across hosts**: not measured ({hosts}).")
+    else:
+        one, across = med(hosts["one host"]), med(hosts["across hosts"])
+        lines.append(
+            f"**Routed calls across hosts** (three network namespaces joined by a bridge,"
+            f" veth pairs; etcd on the bridge; every kernel with `kernel.advertise` and"
+            f" `kernel.cluster_key`, so every call carries and is checked for its"
+            f" `hsu-peer` proof; {len(hosts['one host'])} rounds of {args.seconds:g} s"
+            f" each, alternating; {args.inflight} in flight): through a kernel to the"
+            f" instance on its own host {one:,.0f} calls/s (median; rounds"
+            f" {spread(hosts['one host'])}); through a kernel to the instance only a"
+            f" kernel on another host runs {across:,.0f} calls/s (rounds"
+            f" {spread(hosts['across hosts'])}): **{across / one:.2f}x** (target >= 0.9x;"
+            " the veth pairs and the bridge are the only difference)."
+        )
+    lines += [
+        "",
+        "The machine is shared with other jobs: figures vary between runs; each ratio"
+        " compares rounds that alternated in the same run.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -348,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                 calls = routed(cluster, tmp, args.seconds, args.inflight, args.rounds)
             finally:
                 cluster.stop()
+            print("routed calls across hosts ...", flush=True)
+            hosts = across_hosts(tmp, args.seconds, args.inflight, args.rounds)
     except BaseException as exc:
         failed = exc
         raise
@@ -361,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr)
             if failed is None:
                 raise SystemExit(msg)
-    text = report(reg, fo, calls, args, time.monotonic() - started)
+    text = report(reg, fo, calls, hosts, args, time.monotonic() - started)
     print()
     print(text)
     if not args.no_write:

@@ -27,6 +27,7 @@ def test_plugins_json_lists_builtins_with_distribution_and_hooks():
         ("mtls", "default", "active"),
         ("overrides", "default", "active"),
         ("peercred", "default", "active"),
+        ("placement", "default", "active"),
         ("probes", "default", "active"),
         ("prometheus", "default", "active"),
         ("rbac", "default", "active"),

@@ -99,9 +99,10 @@ def test_each_default_plugin_that_provides_something_is_covered_here() -> None:
     # systemd acts only under a service manager ($NOTIFY_SOCKET; docs/systemd.md);
     # the kernel runs without a storage (it then keeps no instance records);
     # exporters (docs/observability.md): a deployment names them, no default;
-    # the kernel runs without a cache (it then keeps no replies; docs/cache.md)
+    # the kernel runs without a cache (it then keeps no replies; docs/cache.md);
+    # without a placement every on-demand start is on the kernel asked
     others = {"file", "env", "overrides", "gateway", "systemd", "sqlite", "prometheus",
-              "memory_cache"}  # fmt: skip
+              "memory_cache", "placement"}  # fmt: skip
     assert set(NEEDS) | others | auth == set(_builtin_defaults())
 
 
@@ -115,7 +116,15 @@ def test_a_deployment_that_needs_a_blocked_default_gets_one_line(blocked: str) -
 
 @pytest.mark.parametrize(
     "blocked",
-    [*sorted(set(NEEDS) - {"subprocess"}), "env", "overrides", "gateway", "sqlite", "memory_cache"],
+    [
+        *sorted(set(NEEDS) - {"subprocess"}),
+        "env",
+        "overrides",
+        "gateway",
+        "sqlite",
+        "memory_cache",
+        "placement",
+    ],
 )
 async def test_a_deployment_that_does_not_need_a_blocked_default_runs(
     blocked: str, tmp_path: Path

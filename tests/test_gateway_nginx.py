@@ -749,3 +749,23 @@ async def test_nginx_errors_are_grpc_statuses(tmp_path):
             assert "max_request_bytes" in (info.value.details() or "")
     finally:
         await kernel.stop()
+
+
+@needs_nginx
+@pytest.mark.parametrize("own", [{}, {"address": "127.0.0.1:0"}], ids=["kernels", "own"])
+async def test_a_cluster_key_refuses_the_nginx_gateway_which_cannot_sign(tmp_path, own):
+    """With kernel.cluster_key every instance refuses a call without the
+    cluster's proof (hsu-peer, docs/multihost.md), and nginx cannot make one:
+    on the kernel's address, or on its own beside the kernel's gateway."""
+    kernel = build_kernel(
+        {
+            "kernel": {"cluster_key": "a-cluster-key-for-the-tests-0123"},
+            "units": {"echo": echo_unit()},
+            "gateway_nginx": own,
+        },
+        names=[PLUGIN],
+        base_dir=str(tmp_path),
+    )
+    with pytest.raises(HsuError, match=r"gateway_nginx: kernel\.cluster_key is set, and nginx"):
+        await kernel.start()
+    assert kernel.state is hsu.KernelState.FAILED

@@ -26,6 +26,7 @@ def test_builtins_load_in_order_and_are_active(hsu_plugin_manager):
         ("mtls", "default", "active", "hsu"),
         ("overrides", "default", "active", "hsu"),
         ("peercred", "default", "active", "hsu"),
+        ("placement", "default", "active", "hsu"),
         ("probes", "default", "active", "hsu"),
         ("prometheus", "default", "active", "hsu"),
         ("rbac", "default", "active", "hsu"),

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         InstanceView,
         KernelAPI,
         Launcher,
+        Placement,
         Probe,
         Register,
         Registry,
@@ -165,6 +166,24 @@ def hsu_register_registries(
 
     Called once for each plugin, when it is registered; the factory is called
     once, when the kernel starts.
+    """
+
+
+@_hookspec
+def hsu_register_placements(register: Register[Placement]) -> None:
+    """Register a placement: how a kernel picks the kernel (node) that
+    starts an instance on demand, when no instance of the unit is listed on
+    any host.
+
+    :param register: ``register(name, placement)``; ``placement`` satisfies
+        :class:`hsu.ports.Placement` (``pick(unit, nodes) -> node name``). The
+        deployment picks one with ``kernel.placement: NAME`` (default: the one
+        registered with ``default=True``, built in ``local-first``). A
+        clashing name is an error naming both plugins.
+
+    Called once for each plugin, when it is registered. The placement is asked
+    only when the kernel's registry is shared (it offers
+    :class:`hsu.ports.Cluster`) and another kernel can start the unit too.
     """
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from hsu.client.route import Route
     from hsu.metrics import CallMetrics
     from hsu.metrics import Registry as MetricsRegistry
+    from hsu.peer import PeerSigner
 
 __all__ = [
     "DRAINING",
@@ -39,6 +40,7 @@ __all__ = [
     "CallInfo",
     "Changes",
     "CircuitBreaker",
+    "Cluster",
     "ConfigSource",
     "DataPlane",
     "Decision",
@@ -55,9 +57,11 @@ __all__ = [
     "LaunchSpec",
     "Launcher",
     "Layer",
+    "Node",
     "Origin",
     "PathT",
     "PeerCredentials",
+    "Placement",
     "Probe",
     "ProbeResult",
     "ProbeTarget",
@@ -596,6 +600,14 @@ class KernelAPI(Protocol):
         forwards, and drops every ``hsu-identity`` the caller sent."""
         ...
 
+    @property
+    def peer_signer(self) -> PeerSigner | None:
+        """What proves a call to an instance comes from the cluster
+        (``kernel.cluster_key``, :mod:`hsu.peer`): a gateway adds
+        ``peer_signer.header(endpoint.address, method)`` to each call it
+        forwards. None without a cluster key."""
+        ...
+
 
 # -- auth ---------------------------------------------------------------------
 #
@@ -972,6 +984,54 @@ class Registry(Protocol):
 
     async def close(self) -> None:
         """Release what the registry holds (connections, tasks). Idempotent."""
+        ...
+
+
+@attrs.frozen
+class Node:
+    """One kernel of a cluster, as a registry shared by several kernels
+    lists it (:class:`Cluster`), for a :class:`Placement` to choose from."""
+
+    #: the kernel's name in the registry (hsu-plugin-etcd: ``etcd.node``)
+    name: str
+    #: the units it can start on demand (declared there, not singletons)
+    units: tuple[str, ...] = ()
+    #: the instances the registry lists for it, of every unit
+    instances: int = 0
+    #: it is the kernel asking
+    local: bool = False
+
+
+@runtime_checkable
+class Cluster(Protocol):
+    """What a registry shared by several kernels may offer besides
+    :class:`Registry`: the kernels, and a start on one of them. The kernel
+    uses it for on-demand starts (``kernel.placement``) when its registry
+    has both methods."""
+
+    async def nodes(self) -> list[Node]:
+        """Every live kernel, this one (``local=True``) included."""
+        ...
+
+    async def request_start(self, node: str, unit: str, interface: str) -> None:
+        """Ask kernel ``node`` to start an instance of ``unit`` (for a call
+        to ``interface``); it returns once asked, not once started (the
+        instance is listed in the registry when it is ready)."""
+        ...
+
+
+@runtime_checkable
+class Placement(Protocol):
+    """Picks the kernel that starts an instance on demand, when no instance
+    of the unit is listed anywhere (``kernel.placement``; built in:
+    ``local-first``, the default, and ``least-loaded``)."""
+
+    def pick(self, unit: str, nodes: Sequence[Node]) -> str:
+        """The name of the node to start ``unit`` on.
+
+        :param nodes: the kernels that can start ``unit`` (never empty; the
+            local one among them), in name order.
+        """
         ...
 
 

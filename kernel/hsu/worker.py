@@ -43,7 +43,7 @@ from grpc_reflection.v1alpha import reflection
 from loguru import logger
 
 from hsu import identity as forwarded
-from hsu import metrics, tracecontext
+from hsu import metrics, peer, tracecontext
 from hsu._kernel import logsetup
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer
 from hsu._kernel.logbuffer import LogBuffer
@@ -237,6 +237,83 @@ class ShutdownGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return grpc.unary_unary_rpc_method_handler(_deny_shutdown)
 
 
+#: what a caller without the cluster key may still call on an instance that
+#: requires it: health (probes, load balancers) and Core's read-only facts
+#: the kernel reads (Shutdown has its own guard)
+PEER_OPEN = (
+    "/grpc.health.v1.Health/",
+    "/hsu.core.v1.Core/Ping",
+    "/hsu.core.v1.Core/Info",
+    "/hsu.core.v1.Core/Metrics",
+)
+
+
+class PeerGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """With a cluster key (``HSU_CLUSTER_KEY``, :mod:`hsu.peer`): every call
+    but :data:`PEER_OPEN` carries a valid ``hsu-peer`` proof for this
+    instance's address and the method, or the instance's own token (its
+    kernel); any other gets UNAUTHENTICATED."""
+
+    def __init__(self, verifier: peer.PeerVerifier, token: str):
+        self.verifier = verifier
+        self._token = token.encode()
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        method = details.method
+        if method.startswith(PEER_OPEN):
+            return await continuation(details)
+        for k, v in details.invocation_metadata or ():
+            if k == peer.METADATA and self.verifier.verify(v, method):
+                return await continuation(details)
+            if (
+                k == TOKEN_METADATA
+                and self._token
+                and isinstance(v, str)
+                and hmac.compare_digest(v.encode(), self._token)
+            ):
+                return await continuation(details)
+        handler = await continuation(details)
+        return _denied(handler, method)
+
+
+def _denied(handler: Any, method: str) -> Any:
+    why = (
+        f"{method}: this instance takes calls only with a valid {peer.METADATA} proof"
+        " (the cluster key: kernel.cluster_key, hsu.connect(cluster_key=...))"
+    )
+
+    async def deny(request: Any, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+    async def deny_stream(request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        yield  # pragma: no cover - abort raises
+
+    if handler is None:  # no such method: still no answer but the refusal
+        return grpc.unary_unary_rpc_method_handler(deny)
+    if handler.response_streaming:
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return make(
+            deny_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    make = (
+        grpc.stream_unary_rpc_method_handler
+        if handler.request_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
+    return make(
+        deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 async def _deny_shutdown(request: Any, context: Any) -> None:
     await context.abort(
         grpc.StatusCode.PERMISSION_DENIED,
@@ -275,6 +352,10 @@ class Worker:
         #: how to reach a kernel serving TLS on a TCP control address
         #: (``HSU_TLS_CA``/``_CERT``/``_KEY``, see :mod:`hsu.tls`)
         self.tls = TLSConfig.from_env()
+        #: with the cluster key (the kernel's ``kernel.cluster_key``), calls need
+        #: an ``hsu-peer`` proof (:mod:`hsu.peer`, docs/multihost.md)
+        key = env.get(peer.ENV_KEY, "")
+        self.peer = peer.PeerVerifier(key) if key else None
         self.grace = grace
         #: the caller's server interceptors, outside the SDK's own (so an
         #: OpenTelemetry server interceptor's span encloses the handler), and
@@ -326,6 +407,8 @@ class Worker:
 
     async def start(self) -> str:
         interceptors: list[Any] = [*self.interceptors, TraceContext()]
+        if self.peer is not None:
+            interceptors.insert(0, PeerGuard(self.peer, self.token))
         if self.token:
             interceptors.append(ShutdownGuard(self.token))
         if self.kernel_address:
@@ -353,6 +436,8 @@ class Worker:
             # listening on every interface: the kernel calls it on loopback
             host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
             self.address = f"{host}:{port}"
+        if self.peer is not None:
+            self.peer.address = self.address
         for name in ("", *names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.kernel_address:

@@ -25,7 +25,30 @@ def create_registry(kernel: KernelAPI) -> Registry:
     from hsu_plugin_etcd.registry import EtcdRegistry
 
     settings: EtcdSettings = kernel.settings(SECTION)
-    return EtcdRegistry(settings, settings.node_name())
+    return EtcdRegistry(settings, settings.node_name(), kernel, startable(kernel))
+
+
+def startable(kernel: KernelAPI) -> list[str]:
+    """The units this kernel can start for another kernel's call (placement)."""
+    return [
+        name
+        for name, u in kernel.deployment.units.items()
+        if u.placement != "singleton" and u.interfaces
+    ]
+
+
+@hsu.hookimpl
+async def hsu_config_reloaded(kernel: KernelAPI, old: Any, changes: Any) -> None:
+    """The kernel announces the units it can start now (a unit added or removed)."""
+    from hsu_plugin_etcd.registry import EtcdRegistry
+
+    registry = kernel.registry
+    if not isinstance(registry, EtcdRegistry) or registry.cluster is None:
+        return
+    units = tuple(startable(kernel))
+    if units != registry.cluster.units:
+        registry.cluster.units = units
+        await registry.announce()
 
 
 def create_storage(kernel: KernelAPI) -> Storage:

@@ -28,7 +28,7 @@ import collections
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -37,8 +37,9 @@ from loguru import logger
 
 from hsu import validate
 from hsu.errors import HsuError, InvalidValue
-from hsu.ports import Endpoint, RegistryCompacted, RegistryEvent
+from hsu.ports import Endpoint, KernelAPI, Node, RegistryCompacted, RegistryEvent
 from hsu_plugin_etcd.client import Etcd, delete_op, prefix_end, put_op
+from hsu_plugin_etcd.nodes import Nodes
 from hsu_plugin_etcd.settings import EtcdSettings
 
 #: events the local copy keeps for watchers that resume
@@ -94,7 +95,13 @@ def decode(key: bytes, value: bytes) -> Endpoint:
 class EtcdRegistry:
     """A :class:`hsu.ports.Registry` shared by every kernel on one etcd cluster."""
 
-    def __init__(self, settings: EtcdSettings, node: str) -> None:
+    def __init__(
+        self,
+        settings: EtcdSettings,
+        node: str,
+        kernel: KernelAPI | None = None,
+        units: Sequence[str] = (),
+    ) -> None:
         self.settings = settings
         self.node = node
         self.etcd = Etcd(settings.endpoints, settings.timeout)
@@ -123,6 +130,12 @@ class EtcdRegistry:
             asyncio.ensure_future(self._keep()),
             asyncio.ensure_future(self._sync()),
         ]
+        #: the kernels and on-demand starts on them (``hsu.ports.Cluster``),
+        #: with a kernel to start instances in
+        self.cluster: Nodes | None = None
+        if kernel is not None:
+            self.cluster = Nodes(self, kernel, units)
+            self._tasks.append(asyncio.ensure_future(self.cluster.follow()))
 
     # -- keys ---------------------------------------------------------------------
 
@@ -200,6 +213,35 @@ class EtcdRegistry:
     def watch(self, after: int) -> AsyncIterator[RegistryEvent]:
         return _LocalWatch(self, after)
 
+    # -- Cluster (hsu.ports.Cluster; hsu_plugin_etcd.nodes) -------------------------
+
+    async def nodes(self) -> list[Node]:
+        if self.cluster is None:
+            raise HsuError("this etcd registry was made without a kernel: it knows no nodes")
+        return await self.cluster.nodes()
+
+    async def request_start(self, node: str, unit: str, interface: str) -> None:
+        if self.cluster is None:
+            raise HsuError("this etcd registry was made without a kernel: it starts nothing")
+        await self._lease_ok.wait()
+        await self.cluster.request_start(node, unit, interface)
+
+    async def announce(self) -> None:
+        """This kernel's node entry again (its units changed), on the lease."""
+        if self.cluster is not None:
+            async with self._write:
+                await self._lease_ok.wait()
+                await self.cluster.announce()
+
+    def instances_by_node(self) -> dict[str, int]:
+        """How many instances the local copy lists for each node."""
+        seen: dict[str, set[str]] = {}
+        for key in self._kv:
+            parts = self._split(key)
+            if parts is not None:
+                seen.setdefault(parts[1], set()).add(parts[2])
+        return {node: len(instances) for node, instances in seen.items()}
+
     async def close(self) -> None:
         """Stop following etcd; revoke the lease (this kernel's entries go at once)."""
         if self._closed:
@@ -208,6 +250,8 @@ class EtcdRegistry:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.lease:
             try:
                 await self.etcd.revoke(self.lease)
@@ -274,6 +318,8 @@ class EtcdRegistry:
             for inst in list(self._own):
                 await self._put(self._own[inst], None)
             self._dirty.clear()
+            if self.cluster is not None:
+                await self.cluster.announce()
             self._lease_ok.set()
             logger.info("etcd registry: node {} holds lease {:x}", self.node, lease)
         if old:

@@ -56,12 +56,18 @@ class Kernel:
         units: dict[str, Any] | None = None,
         watch_config: bool = False,
         wrap: Callable[[list[str]], list[str]] | None = None,
+        kernel: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         deployment = {
             "name": name,
             "plugins": ["etcd"],
-            "kernel": {"registry": "etcd", "drain_grace": 1, "watch_config": watch_config},
+            "kernel": {
+                "registry": "etcd",
+                "drain_grace": 1,
+                "watch_config": watch_config,
+                **(kernel or {}),
+            },
             "etcd": {"endpoints": cluster.endpoints, "node": name, **FAST},
             "units": {"single": single_unit()} if units is None else units,
         }

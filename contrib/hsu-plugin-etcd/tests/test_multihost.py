@@ -10,45 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from hsu_plugin_etcd import netns
 from hsu_plugin_etcd.cluster import LocalCluster
 
-from .conftest import need_etcd
 from .test_leadership import Kernel, Watch, single_unit, singletons, until
 
 ECHO = {"command": ["python", "-m", "hsu_echo"], "interfaces": ["hsu.echo.v1.Echo"]}
-
-
-@pytest.fixture
-def hosts() -> Iterator[netns.Hosts]:
-    why = netns.available()
-    if why is not None:
-        if os.environ.get("HSU_REQUIRE_NETNS"):
-            pytest.fail(f"HSU_REQUIRE_NETNS is set but {why}")
-        pytest.skip(why)
-    made = netns.Hosts(3)
-    try:
-        made.create()
-        yield made
-    finally:
-        left = made.remove()
-        assert not left, left
-        assert not made.exists(), f"namespaces or links tagged {made.tag} are left"
-
-
-@pytest.fixture
-def bridge_etcd(hosts: netns.Hosts, tmp_path: Path) -> Iterator[LocalCluster]:
-    need_etcd()
-    cluster = LocalCluster(tmp_path / "etcd", 3, hosts=[hosts.gateway] * 3)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def svc_keys(cluster: LocalCluster) -> list[dict[str, object]]:

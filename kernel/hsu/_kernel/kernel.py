@@ -71,6 +71,8 @@ from hsu.errors import (
 from hsu.metrics import CallMetrics
 from hsu.metrics import Registry as MetricsRegistry
 from hsu.metrics import enabled as metrics_enabled
+from hsu.peer import ENV_KEY as ENV_CLUSTER_KEY
+from hsu.peer import PeerSigner
 from hsu.ports import (
     Changes,
     DataPlane,
@@ -226,6 +228,8 @@ class Kernel:
         self._log_sink: int | None = None
         #: plugins registered through register_plugin, unregistered at the end
         self._own_plugins: list[str] = []
+        #: the cluster key and its signer (``peer_signer``)
+        self._peer_signer: tuple[str, PeerSigner] | None = None
         plugins.configure(self)
         # after configure: the per-kernel plugin state registered there answers
         moved = plugins.kernel_address(self, self.requested_address)
@@ -343,6 +347,34 @@ class Kernel:
         with that instance's secret (None without auth, or when it has none)."""
         gate = self._server.auth if self._server is not None else None
         return gate.sign_for(identity, instance_id) if gate is not None else None
+
+    # -- calls across hosts (kernel.advertise, kernel.cluster_key) ----------
+
+    @property
+    def peer_signer(self) -> PeerSigner | None:
+        """What signs calls to instances with the cluster key (:mod:`hsu.peer`),
+        or None without ``kernel.cluster_key``."""
+        key = self.kernel_settings.cluster_key
+        if not key:
+            return None
+        if self._peer_signer is None or self._peer_signer[0] != key:
+            self._peer_signer = (key, PeerSigner(key))
+        return self._peer_signer[1]
+
+    def peer_env(self, unit_env: Mapping[str, str]) -> dict[str, str]:
+        """What an instance is given for calls across hosts: where to listen
+        (the advertised host, unless its unit sets ``HSU_LISTEN``) and the
+        cluster key its server checks calls with."""
+        ks = self.kernel_settings
+        env = {}
+        if ks.advertise and "HSU_LISTEN" not in unit_env:
+            host = ks.advertise
+            if ":" in host and not host.startswith("["):
+                host = f"[{host}]"
+            env["HSU_LISTEN"] = f"{host}:0"
+        if ks.cluster_key:
+            env[ENV_CLUSTER_KEY] = ks.cluster_key
+        return env
 
     # -- settings ----------------------------------------------------------
 
@@ -586,7 +618,7 @@ class Kernel:
         (no round trip to itself); see :func:`hsu.connect`."""
         from hsu.client.aio import local_channel
 
-        return local_channel(self.routing, self.plugins)
+        return local_channel(self.routing, self.plugins, self.peer_signer)
 
     def units_serving(self, interface: str) -> list[str]:
         return [n for n, s in self.deployment.units.items() if interface in s.interfaces]
@@ -1044,7 +1076,9 @@ class Kernel:
         base = self.deployment.base_dir
         cwd = Path(base, spec.cwd) if spec.cwd else Path(base)
         listen = spec.env.get("HSU_LISTEN")
-        self._check_address(address, dirs=(self.state_dir, cwd), also=(listen,) if listen else ())
+        self._check_address(
+            address, dirs=(self.state_dir, cwd), also=(listen,) if listen else (), advertised=True
+        )
         return inst
 
     def _register_new(
@@ -1122,12 +1156,25 @@ class Kernel:
         return inst
 
     def _check_address(
-        self, address: str, *, dirs: tuple[str | Path, ...], also: tuple[str, ...]
+        self,
+        address: str,
+        *,
+        dirs: tuple[str | Path, ...],
+        also: tuple[str, ...],
+        advertised: bool = False,
     ) -> None:
         """A registered address is on this host and is not the kernel's own:
-        loopback, a unix socket in ``dirs``, or one of ``also`` (declared)."""
+        loopback, a unix socket in ``dirs``, or one of ``also`` (declared);
+        with ``advertised`` (an instance the kernel started, its server
+        checked for the cluster's proof) also on ``kernel.advertise``."""
         # the control server's own socket behind the peercred proxy, too
         internal = self._server.internal if self._server is not None else ""
+        advertise = self.kernel_settings.advertise
+        if advertised and advertise and not address.startswith("unix:"):
+            host = address.rsplit(":", 1)[0]
+            if host.strip("[]").lower() == advertise.strip("[]").lower():
+                # on the advertised host (kernel.advertise): also ours
+                also = (*also, address)
         try:
             validate.local_address(
                 address,
@@ -1414,7 +1461,7 @@ class Kernel:
             ks: KernelSettings = settings["kernel"]
             for key in (
                 "address", "control", "insecure", "state_dir", "reattach", "registry", "gateway",
-                "storage", "caches", "tls", "log_format",
+                "storage", "caches", "tls", "log_format", "advertise", "cluster_key",
             ):  # fmt: skip
                 if getattr(ks, key) != getattr(self.kernel_settings, key):
                     problems.append(

@@ -60,6 +60,7 @@ KINDS: Mapping[str, str] = {
     "balancer": "hsu_register_balancers",
     "breaker": "hsu_register_breakers",
     "registry": "hsu_register_registries",
+    "placement": "hsu_register_placements",
     "authenticator": "hsu_register_authenticators",
     "authorizer": "hsu_register_authorizers",
     "storage": "hsu_register_storages",
@@ -68,7 +69,16 @@ KINDS: Mapping[str, str] = {
     "watcher": "hsu_register_watchers",
 }
 #: kinds that have a default (a settings section or a config source has none)
-DEFAULTABLE = ("launcher", "probe", "balancer", "breaker", "registry", "storage", "cache")
+DEFAULTABLE = (
+    "launcher",
+    "probe",
+    "balancer",
+    "breaker",
+    "registry",
+    "storage",
+    "cache",
+    "placement",
+)
 
 
 @attrs.define
@@ -442,6 +452,10 @@ class PluginManager:
 
     def registry_names(self) -> list[str]:
         return self.names("registry")
+
+    def placement(self, name: str | None) -> Any:
+        """The placement registered as ``name`` (:class:`hsu.ports.Placement`)."""
+        return self.get("placement", name)
 
     def storage(self, name: str | None) -> Any:
         """The storage factory registered as ``name``: ``factory(kernel) -> Storage``."""

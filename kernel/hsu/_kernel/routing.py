@@ -29,11 +29,13 @@ from hsu.ports import (
     LEASED,
     SERVING,
     UNHEALTHY,
+    Cluster,
     Endpoint,
     Registry,
     RegistryCompacted,
     RegistryEvent,
 )
+from hsu.ports import Placement as PlacementPort
 
 if TYPE_CHECKING:
     from hsu._kernel.kernel import Kernel
@@ -102,6 +104,8 @@ class KernelRouting:
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
         self.registry: Registry | None = None
+        #: picks the kernel an on-demand start goes to (``kernel.placement``)
+        self.placement: PlacementPort | None = None
         #: the kernel's own routes (the gateway, in-process callers)
         self.routes: dict[str, Route] = {}
         #: calls in flight each HSU reported (ReportLoad), by instance_id
@@ -139,6 +143,9 @@ class KernelRouting:
             logger.info("no registry: routing is off (no unit serves an interface)")
             return
         self.registry = self.kernel.plugins.registry(name)(self.kernel)
+        placement = self.kernel.kernel_settings.placement
+        if placement is not None or self.kernel.plugins.default("placement") is not None:
+            self.placement = self.kernel.plugins.placement(placement)
         self._writes = asyncio.Queue()
         self._flushed = asyncio.Event()
         self._flushed.set()
@@ -297,9 +304,17 @@ class KernelRouting:
     async def _ensure(self, route: Route, interface: str, timeout: float | None) -> Route:
         spec = self.kernel.deployment.units[route.policy.unit]
         if spec.placement is not Placement.SINGLETON:
-            inst = await self.kernel.instance_for(interface)
-            self.update(inst)
-            await self.flush()
+            node = await self._place(route.policy.unit)
+            if node is None:
+                inst = await self.kernel.instance_for(interface)
+                self.update(inst)
+                await self.flush()
+            else:
+                assert isinstance(self.registry, Cluster)
+                logger.bind(unit=route.policy.unit).info(
+                    "on demand: {} starts an instance (placement)", node
+                )
+                await self.registry.request_start(node, route.policy.unit, interface)
         # a singleton is never started here: wait for its leader's instance
 
         async def listed() -> None:
@@ -310,6 +325,31 @@ class KernelRouting:
             timeout = self.kernel.deployment.units[route.policy.unit].startup_timeout
         await asyncio.wait_for(listed(), timeout)
         return route
+
+    async def _place(self, unit: str) -> str | None:
+        """The other kernel that starts ``unit`` on demand, as the placement
+        picks it among the kernels that can (None: this one)."""
+        registry = self.registry
+        if self.placement is None or not isinstance(registry, Cluster):
+            return None
+        try:
+            nodes = sorted(
+                (n for n in await registry.nodes() if unit in n.units or n.local),
+                key=lambda n: n.name,
+            )
+        except Exception as exc:
+            logger.bind(unit=unit).warning("placement: the kernels unknown ({!r}); here", exc)
+            return None
+        if len(nodes) < 2:
+            return None
+        name = self.placement.pick(unit, nodes)
+        chosen = next((n for n in nodes if n.name == name), None)
+        if chosen is None:
+            raise HsuError(
+                f"placement {self.kernel.kernel_settings.placement or 'default'!r} picked"
+                f" {name!r} for unit {unit!r}, not one of {', '.join(n.name for n in nodes)}"
+            )
+        return None if chosen.local else chosen.name
 
     async def lookup(self, interface: str, ensure: bool) -> tuple[Policy, list[Endpoint]]:
         policy = self.policy(interface)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 from loguru import logger
 
-from hsu import tracecontext
+from hsu import peer, tracecontext
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
     CHANNEL_OPTIONS,
@@ -59,6 +59,7 @@ from hsu.client.route import (
 )
 from hsu.errors import HsuError
 from hsu.metrics import client_observer
+from hsu.peer import PeerSigner
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig, aio_channel
 
@@ -92,6 +93,7 @@ def connect(
     token: str | None = None,
     token_file: str | os.PathLike[str] | None = None,
     cache_bytes: int = CACHE_BYTES,
+    cluster_key: str | None = None,
 ) -> RoutedChannel:
     """A routed channel through the kernel at ``kernel`` (default:
     its control address: ``$HSU_CONTROL``,
@@ -105,12 +107,22 @@ def connect(
     ``token_file``, else of ``$HSU_TOKEN_FILE`` when set; docs/auth.md).
     ``cache_bytes``: the channel's own reply cache for units that declare
     ``routing.cache`` (an LRU in this process, bounded in bytes; 0: none;
-    docs/cache.md). Use it as ``async with`` or ``await ch.close()``.
+    docs/cache.md).
+    ``cluster_key``: the kernels' ``kernel.cluster_key``, which every call to
+    an instance is signed with (:mod:`hsu.peer`; default
+    ``$HSU_CLUSTER_KEY``, which the kernel gives the HSUs it starts): needed
+    for instances that require it (``kernel.advertise``, docs/multihost.md).
+    Use it as ``async with`` or ``await ch.close()``.
     """
     address = control_address(kernel)
     tls = TLSConfig.from_env() if tls is None else tls
     metadata = bearer(token, token_file)
-    return RoutedChannel(_RemoteResolver(address, tls, metadata), plugins, cache_bytes)
+    return RoutedChannel(
+        _RemoteResolver(address, tls, metadata),
+        plugins,
+        cache_bytes,
+        signer=peer.signer(cluster_key),
+    )
 
 
 class _Resolver:
@@ -151,11 +163,15 @@ class RoutedChannel:
         resolver: _Resolver,
         plugins: Factories | None = None,
         cache_bytes: int = CACHE_BYTES,
+        *,
+        signer: PeerSigner | None = None,
     ):
         self._resolver = resolver
         self._plugins = plugins
         self._cache_bytes = cache_bytes
         self._reply_cache: Any = None
+        #: signs every call to an instance with the cluster key (:mod:`hsu.peer`)
+        self.signer = signer
         if isinstance(resolver, _RemoteResolver):
             resolver.channel = self
         self._caller = Caller(
@@ -324,7 +340,9 @@ class _Unary(_Call):
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
-            return call(request, timeout=tries.left(), metadata=metadata, **kwargs)
+            return call(
+                request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
+            )
 
         reply = await tries.call_async(attempt, ch.ensure)
         if kept is not None:
@@ -355,7 +373,9 @@ class _Streaming(_Call):
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
-            return call(request, timeout=tries.left(), metadata=metadata, **kwargs)
+            return call(
+                request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
+            )
 
         async for reply in tries.run_async(attempt, self._ch.ensure):
             yield reply
@@ -610,6 +630,8 @@ class _LocalResolver(_Resolver):
         self.routes.release(grant)
 
 
-def local_channel(routes: LocalRoutes, plugins: Factories) -> RoutedChannel:
+def local_channel(
+    routes: LocalRoutes, plugins: Factories, signer: PeerSigner | None = None
+) -> RoutedChannel:
     """A routed channel over the kernel's own routes, in its process."""
-    return RoutedChannel(_LocalResolver(routes), plugins)
+    return RoutedChannel(_LocalResolver(routes), plugins, signer=signer)

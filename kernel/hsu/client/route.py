@@ -45,6 +45,7 @@ import grpc
 from loguru import logger
 
 from hsu.errors import HsuError, NoSuchUnit, QueueFull, QueueTimeout
+from hsu.peer import PeerSigner
 from hsu.ports import SERVING, Balancer, CircuitBreaker, Endpoint, Factory
 
 T = TypeVar("T")
@@ -1187,6 +1188,14 @@ class RoutedMethod:
         self._kind = kind
         #: the per-instance multicallable and the channel it is on, by address
         self._calls: dict[str, tuple[Any, Any]] = {}
+        #: signs each try with the cluster key (``hsu-peer``, :mod:`hsu.peer`)
+        self._signer: PeerSigner | None = getattr(pool, "signer", None)
+
+    def _signed(self, ep: Endpoint, metadata: Any) -> Any:
+        """A try's metadata: the caller's, and the cluster's proof for ``ep``."""
+        if self._signer is None:
+            return metadata
+        return self._signer.add(metadata, ep.address, self._method)
 
     def _tries(self, route: Route, deadline: float | None, metadata: Any, key: str | None) -> Tries:
         """A call's tries; its key is ``key``, else the policy's hash key's

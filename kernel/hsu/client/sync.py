@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 from loguru import logger
 
-from hsu import tracecontext
+from hsu import peer, tracecontext
 from hsu.client.aio import CACHE_BYTES, START_TIMEOUT, control_address
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
@@ -51,6 +51,7 @@ from hsu.client.route import (
 )
 from hsu.errors import HsuError
 from hsu.metrics import client_observer
+from hsu.peer import PeerSigner
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig
 from hsu.tls import channel as tls_channel
@@ -64,12 +65,13 @@ def connect_sync(
     token: str | None = None,
     token_file: str | os.PathLike[str] | None = None,
     cache_bytes: int = CACHE_BYTES,
+    cluster_key: str | None = None,
 ) -> SyncRoutedChannel:
     """A blocking routed channel through the kernel at ``kernel`` (default:
     its control address: ``$HSU_CONTROL``,
     ``$HSU_KERNEL_ADDRESS``, else the one kernel running as this user). ``tls``,
-    ``token``, ``token_file`` and ``cache_bytes`` as for :func:`hsu.connect`.
-    Use it as ``with`` or call :meth:`SyncRoutedChannel.close`."""
+    ``token``, ``token_file``, ``cache_bytes`` and ``cluster_key`` as for
+    :func:`hsu.connect`. Use it as ``with`` or call :meth:`SyncRoutedChannel.close`."""
     address = control_address(kernel)
     return SyncRoutedChannel(
         address,
@@ -77,6 +79,7 @@ def connect_sync(
         tls=TLSConfig.from_env() if tls is None else tls,
         metadata=bearer(token, token_file),
         cache_bytes=cache_bytes,
+        signer=peer.signer(cluster_key),
     )
 
 
@@ -107,10 +110,13 @@ class SyncRoutedChannel:
         tls: TLSConfig | None = None,
         metadata: Metadata = (),
         cache_bytes: int = CACHE_BYTES,
+        signer: PeerSigner | None = None,
     ):
         self.kernel = kernel
         self._cache_bytes = cache_bytes
         self._reply_cache: Any = None
+        #: signs every call to an instance with the cluster key (:mod:`hsu.peer`)
+        self.signer = signer
         #: the caller's credential, sent with each call to the kernel
         self._metadata = metadata or None
         self._plugins = plugins
@@ -482,7 +488,9 @@ class _Call(RoutedMethod):
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
-            replies = call(request, timeout=tries.left(), metadata=metadata, **kwargs)
+            replies = call(
+                request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
+            )
             return replies if streaming else (replies,)
 
         yield from tries.run(attempt, self._ch.ensure)

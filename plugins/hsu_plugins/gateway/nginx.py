@@ -241,6 +241,13 @@ class DataPlane:
 
     def bind(self) -> None:
         """Take nginx's sockets (before the kernel listens: a clash fails the start)."""
+        if self.kernel.peer_signer is not None:
+            # every instance refuses a call without the cluster's proof
+            raise HsuError(
+                f"{SECTION}: kernel.cluster_key is set, and nginx cannot sign its calls to"
+                " instances with the cluster key (hsu-peer), so every call would be"
+                " refused; use the python gateway (docs/multihost.md)"
+            )
         self.worker = worker_user(self.settings.user) if os.geteuid() == 0 else None
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._end_leftover()

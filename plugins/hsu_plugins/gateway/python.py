@@ -77,8 +77,18 @@ QUEUE_MARGIN = 0.05
 REPLAY_MESSAGES = 64
 REPLAY_BYTES = 4 * 2**20
 #: metadata a proxy must not copy: HTTP/2 and gRPC's own
-HOP_KEYS = frozenset({"user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding",
-                      "grpc-accept-encoding", "grpc-message-type"})  # fmt: skip
+HOP_KEYS = frozenset(
+    {
+        "user-agent",
+        "te",
+        "content-type",
+        "grpc-timeout",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        "grpc-message-type",
+        "hsu-peer",
+    }
+)  # fmt: skip (hsu-peer: the kernel adds its own)
 #: with auth on, the caller's credential stays with the kernel
 HOP_KEYS_AUTH = HOP_KEYS | {"authorization"}
 #: the caller's trace context: replaced by the kernel's span
@@ -209,7 +219,12 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         try:
             stub = reflection_pb2_grpc.ServerReflectionStub(self.channel(address))
             request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=interface)
-            async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5):
+            signer = self._kernel.peer_signer
+            method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+            metadata = None if signer is None else (signer.header(address, method),)
+            async for reply in stub.ServerReflectionInfo(
+                iter([request]), timeout=5, metadata=metadata
+            ):
                 for raw in reply.file_descriptor_response.file_descriptor_proto:
                     fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
                     for svc in fd.service:
@@ -353,9 +368,13 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         return lambda route, _left: self._route(route.interface, context)
 
     def _for(
-        self, ep: Endpoint, metadata: tuple[tuple[str, Any], ...]
+        self, ep: Endpoint, method: str, metadata: tuple[tuple[str, Any], ...]
     ) -> tuple[tuple[str, Any], ...]:
-        """The metadata for a try at ``ep``: the caller's identity, signed for it."""
+        """The metadata for a try at ``ep``: the caller's identity, signed for
+        it, and the cluster's proof (``hsu-peer``, :mod:`hsu.peer`)."""
+        signer = self._kernel.peer_signer
+        if signer is not None:
+            metadata = (*metadata, signer.header(ep.address, method))
         caller = self._kernel.caller_identity()
         if caller is None:
             return metadata
@@ -409,7 +428,9 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                 mc = self._unary_calls[ep.address, method] = self.channel(ep.address).unary_unary(
                     method
                 )
-            call = mc(request, timeout=context.time_remaining(), metadata=self._for(ep, metadata))
+            call = mc(
+                request, timeout=context.time_remaining(), metadata=self._for(ep, method, metadata)
+            )
             reply: bytes = await call
             initial = await call.initial_metadata()
             if initial:
@@ -438,7 +459,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         def attempt(ep: Endpoint) -> AsyncIterator[bytes]:
             channel = self.channel(ep.address)
             timeout = context.time_remaining()
-            metadata_ep = self._for(ep, metadata)
+            metadata_ep = self._for(ep, method, metadata)
             if reqs is None:
                 call = channel.unary_stream(method)(request, timeout=timeout, metadata=metadata_ep)
             else:

@@ -874,6 +874,44 @@ def _listen_address(_: Any, attribute: attrs.Attribute[Any], value: str | None) 
         raise ValueError(str(exc).removeprefix(f"{attribute.name}: ")) from None
 
 
+def _advertise(settings: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    """A host (an IP address or a DNS name, no port); off loopback only with
+    the cluster key, which is what keeps other hosts' callers out."""
+    import ipaddress
+
+    if value is None:
+        return
+    host = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", host) or host.endswith("."):
+            raise ValueError(
+                f"{value!r} is not a host: write the IP address or DNS name other hosts"
+                " reach this host on, without a port (e.g. 10.0.0.5)"
+            ) from None
+    if ip is not None and ip.is_unspecified:
+        raise ValueError(
+            f"{value!r} is not an address other hosts can reach: write this host's own"
+            " address on the network the other kernels share (e.g. 10.0.0.5)"
+        )
+    loopback = host.lower() == "localhost" or (ip is not None and ip.is_loopback)
+    if not loopback and not settings.cluster_key:
+        raise ValueError(
+            f"{value} is off loopback: this kernel's instances would take calls from"
+            " other hosts, and nothing would check who calls them. Set kernel.cluster_key"
+            " (a secret of at least 16 characters, the same on every kernel, e.g."
+            " ${file:cluster.key}): instances then take calls only from kernels and"
+            " clients that hold it (docs/multihost.md)"
+        )
+
+
+def _cluster_key(_: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and len(value) < 16:
+        raise ValueError(f"a cluster key has at least 16 characters, not {len(value)}")
+
+
 @attrs.frozen
 class KernelSettings:
     """The ``kernel`` section of a deployment."""
@@ -926,6 +964,18 @@ class KernelSettings:
     #: over ``hsu.cache.v1.Cache``; none: the default (``memory``), ``[]``: no
     #: cache (docs/cache.md)
     caches: tuple[str, ...] | None = None
+    #: the host other hosts reach this kernel's instances on (docs/multihost.md):
+    #: instances listen on ``ADVERTISE:0`` (unless a unit sets ``HSU_LISTEN``)
+    #: and the registry lists that address; default: loopback only
+    advertise: str | None = attrs.field(default=None, validator=_advertise)
+    #: the secret every kernel of a cluster shares: instances take calls only
+    #: with a proof made with it (:mod:`hsu.peer`); needed with an
+    #: ``advertise`` off loopback
+    cluster_key: str | None = attrs.field(default=None, validator=_cluster_key, repr=False)
+    #: how an on-demand start picks the kernel to start on, with a registry
+    #: shared by several (``hsu plugins``; built in: ``local-first``, the
+    #: default, and ``least-loaded``; docs/multihost.md)
+    placement: str | None = None
     #: count routed calls and their latency (``docs/observability.md``);
     #: values the kernel keeps anyway are read when an exporter collects
     metrics: bool = True

@@ -650,6 +650,7 @@ class UnitSupervisor:
             # what this process proves itself with (Register, Deregister,
             # ReportLoad) and expects on Core.Shutdown; new for every spawn
             ENV_INSTANCE_TOKEN: inst.new_token(),
+            **kernel.peer_env(spec.env),
         }
         base = kernel.deployment.base_dir
         cwd = str(Path(base, spec.cwd)) if spec.cwd else base
@@ -737,6 +738,8 @@ class UnitSupervisor:
             return
         if spec.kind is UnitKind.INTEGRATED and saved is None:
             await inst.registered
+            if self.kernel.kernel_settings.cluster_key:
+                await self._check_guarded(inst)
         health = spec.health
         if health is None:
             # the default probe (a plugin declares it) checks a re-attached HSU
@@ -760,6 +763,27 @@ class UnitSupervisor:
             health.success_threshold,
             health.options,
         )
+
+    async def _check_guarded(self, inst: Instance) -> None:
+        """With a cluster key, an instance must refuse a call without the
+        cluster's proof (``hsu-peer``, docs/multihost.md): the kernel makes
+        one unsigned call to a method no one serves; UNAUTHENTICATED is the
+        answer of a server that checks, anything else (UNIMPLEMENTED) of one
+        that takes every caller, which is not made ready."""
+        method = "/hsu.peer.v1.Check/Unsigned"
+        try:
+            async with grpc.aio.insecure_channel(inst.address) as channel:
+                await channel.unary_unary(method)(b"", timeout=5.0)
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        if code is not grpc.StatusCode.UNAUTHENTICATED:
+            raise LaunchError(
+                f"it answers calls without the cluster's proof (an unsigned call got"
+                f" {code.name}, not UNAUTHENTICATED) at {inst.address}: with"
+                " kernel.cluster_key an HSU must check hsu-peer (hsu.worker does;"
+                " docs/multihost.md)"
+            )
 
     async def _probe_until_ok(
         self,
