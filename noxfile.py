@@ -53,7 +53,8 @@ def bench(session: nox.Session) -> None:
     """Supervision side by side with supervisor and circus, then routing against raw
     grpcio (bench/routing.py), then failover under kills (bench/failover.py), then
     routed calls with no auth, a token, TLS and mTLS (bench/auth.py), then jobs on
-    instances with max_inflight 1 and the queue's overhead (bench/pool.py); each updates
+    instances with max_inflight 1 and the queue's overhead (bench/pool.py), then what
+    metrics and trace context cost (bench/metrics.py); each updates
     its section of docs/benchmarks.md.
 
     Not in the default sessions. supervisor and circus are installed only here.
@@ -70,6 +71,9 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/failover.py", *routing_args)
     session.run("python", "bench/auth.py", *routing_args)
     session.run("python", "bench/pool.py", *routing_args)
+    # metrics on against off, a scrape of 1,000 instances, the exporter's RSS
+    session.install("prometheus-client>=0.20")
+    session.run("python", "bench/metrics.py", *routing_args)
     # etcd: Debian's etcd-server; the plugin installed like hsu
     session.install("./contrib/hsu-plugin-etcd")
     session.run("python", "bench/etcd.py", *routing_args)
