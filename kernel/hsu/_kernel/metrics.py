@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from hsu import tracecontext
 from hsu.errors import PluginError
-from hsu.metrics import CallMetrics, Exporter, Family, Point, Registry
+from hsu.metrics import GRPC_TYPES, CallMetrics, Exporter, Family, Point, Registry, code_of
+from hsu.ports import CallObserver, RoutedCall
 
 if TYPE_CHECKING:
     from hsu._kernel.kernel import Kernel
@@ -61,6 +63,40 @@ class KernelMetrics:
         self._sampler = Sampler()
         self._sampled: set[int] = set()
         self._exporters: list[tuple[str, Exporter]] = []
+
+    # -- routed calls ----------------------------------------------------------------
+
+    def observer(self) -> CallObserver | None:
+        """``kernel.call_observer``: count the call, and tell the plugins that
+        implement ``hsu_routed_call`` (looked up per call, so a plugin
+        registered later is told too; none: no record is built)."""
+        plugins = self.kernel.plugins
+        count = None if self.calls is None else self.calls.observe
+        if count is None and not plugins.routed_call_impls():
+            return None
+        kernel = self.kernel
+
+        def observe(
+            kind: str, method: str, unit: str, exc: BaseException | None, t0: float
+        ) -> None:
+            if count is not None:
+                count(kind, method, unit, exc, t0)
+            impls = plugins.routed_call_impls()
+            if impls:
+                end = time.time_ns()
+                took = int((time.perf_counter() - t0) * 1e9)
+                call = RoutedCall(
+                    kind=GRPC_TYPES.get(kind, kind),
+                    method=method,
+                    unit=unit,
+                    code=code_of(exc),
+                    start_ns=end - max(0, took),
+                    end_ns=end,
+                    span=tracecontext.CURRENT.get(),
+                )
+                plugins.routed_call(impls, kernel, call)
+
+        return observe
 
     # -- supervision -----------------------------------------------------------------
 
