@@ -14,6 +14,7 @@ LOCAL = [
     "-e", "contrib/hsu-plugin-jwt",
     "-e", "contrib/hsu-plugin-influxdb",
     "-e", "contrib/hsu-plugin-etcd",
+    "-e", "contrib/hsu-plugin-otel",
 ]  # fmt: skip
 
 
