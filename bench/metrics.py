@@ -112,12 +112,22 @@ def sleep_unit(count: int) -> str:
 class KernelProc:
     """``python -m hsu run`` on a deployment of one unit, in a temp dir."""
 
-    def __init__(self, tag: str, unit: str, *, metrics: bool = True, prometheus: bool = False):
+    def __init__(
+        self,
+        tag: str,
+        unit: str,
+        *,
+        metrics: bool = True,
+        prometheus: bool = False,
+        otel: str = "",
+    ):
         self.dir = Path(tempfile.mkdtemp(prefix=f"hb-metrics-{tag}-"))
         self.address = f"127.0.0.1:{free_port()}"
         self.control = f"unix:{self.dir}/control.sock"
         self.metrics_address = f"127.0.0.1:{free_port()}" if prometheus else ""
-        exporters = "[prometheus]" if prometheus else "[]"
+        names = [n for n, on in (("prometheus", prometheus), ("otel", bool(otel))) if on]
+        exporters = "[" + ", ".join(names) + "]"
+        self.children: list[psutil.Process] = []
         self.text = (
             textwrap.dedent(f"""\
             name: bench-metrics
@@ -129,6 +139,7 @@ class KernelProc:
               exporters: {exporters}
             """)
             + (f"prometheus:\n  address: {self.metrics_address}\n" if prometheus else "")
+            + (f"plugins: [otel]\notel:\n  endpoint: {otel}\n" if otel else "")
             + "units:\n"
             + textwrap.indent(unit, "  ")
             + "\n"
@@ -180,6 +191,21 @@ class KernelProc:
                 raise RuntimeError(f"{count} instances not ready in {timeout:g}s:\n{self.tail()}")
             time.sleep(0.1)
 
+    def watch_children(self) -> None:
+        """Remember the kernel's children (its HSUs) for :meth:`cpu`."""
+        assert self.proc is not None
+        self.children = psutil.Process(self.proc.pid).children(recursive=True)
+
+    def cpu(self) -> float:
+        """CPU seconds the kernel and its remembered children used so far."""
+        assert self.proc is not None
+        total = 0.0
+        for p in [psutil.Process(self.proc.pid), *self.children]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
     def rss(self) -> int:
         assert self.proc is not None
         return int(psutil.Process(self.proc.pid).memory_info().rss)
@@ -213,9 +239,75 @@ class KernelProc:
 
 # -- 1. throughput ------------------------------------------------------------------
 
+#: a discarding OTLP/gRPC receiver, in a process of its own; prints its port,
+#: then on SIGTERM the number of spans it was sent
+RECEIVER = """
+import signal, sys
+from concurrent import futures
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as m
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as mg
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as t
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tg
+spans = 0
+class Traces(tg.TraceServiceServicer):
+    def Export(self, request, context):
+        global spans
+        spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+        return t.ExportTraceServiceResponse()
+class Metrics(mg.MetricsServiceServicer):
+    def Export(self, request, context):
+        return m.ExportMetricsServiceResponse()
+server = grpc.server(futures.ThreadPoolExecutor(2))
+tg.add_TraceServiceServicer_to_server(Traces(), server)
+mg.add_MetricsServiceServicer_to_server(Metrics(), server)
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+def done(*_):
+    print(spans, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, done)
+server.wait_for_termination()
+"""
 
-async def window(stub: Any, inflight: int, seconds: float, traced: bool) -> float:
-    """Calls per second with ``inflight`` callers for ``seconds``; ``traced``:
+
+class ReceiverProc:
+    """:data:`RECEIVER` as a child process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RECEIVER],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+        )
+        TRACKER.add([self.proc.pid])
+        assert self.proc.stdout is not None
+        self.endpoint = f"http://127.0.0.1:{int(self.proc.stdout.readline())}"
+
+    def stop(self) -> int:
+        """Stop it; the spans it received."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=20)
+        return int(out.strip() or 0)
+
+
+def has_otel() -> bool:
+    try:
+        from importlib.metadata import version
+
+        version("hsu-plugin-otel")
+    except Exception:
+        return False
+    return True
+
+
+async def window(
+    stub: Any, kernel: KernelProc, inflight: int, seconds: float, traced: bool
+) -> tuple[float, float]:
+    """Calls per second with ``inflight`` callers for ``seconds``, and the
+    CPU seconds per call the kernel and its HSU used meanwhile; ``traced``:
     each call carries a sampled ``traceparent`` (one trace per caller)."""
     req = echo_pb2.EchoRequest(message="x")
     done = 0
@@ -228,26 +320,47 @@ async def window(stub: Any, inflight: int, seconds: float, traced: bool) -> floa
             await stub.Echo(req, timeout=30, metadata=md)
             done += 1
 
+    cpu = kernel.cpu()
     t = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(inflight)))
-    return done / (time.perf_counter() - t)
+    took = time.perf_counter() - t
+    return done / took, (kernel.cpu() - cpu) / max(done, 1)
 
 
-VARIANTS = ("off", "on", "on + traceparent")
+#: (variant, the kernel it runs on, calls carry a traceparent)
+VARIANTS = [
+    ("off", "off", False),
+    ("on", "on", False),
+    ("on + traceparent", "on", True),
+]
+OTEL_VARIANT = ("on + traceparent + otel", "otel", True)
 
 
 async def bench_throughput(
     inflight: int, rounds: int, seconds: float
-) -> dict[str, dict[str, float]]:
+) -> tuple[dict[str, dict[str, dict[str, float]]], int | None]:
+    """Per path, per variant: the median rate, CPU per call, and ratios to
+    *off*; and the spans the OTLP receiver got (None: no otel variant)."""
+    variants = list(VARIANTS)
+    receiver = None
     kernels = {
         "on": KernelProc("on", echo_unit("echo", metrics=True), metrics=True),
         "off": KernelProc("off", echo_unit("echo", metrics=False), metrics=False),
     }
+    if has_otel():
+        receiver = ReceiverProc()
+        kernels["otel"] = KernelProc(
+            "otel", echo_unit("echo", metrics=True), otel=receiver.endpoint
+        )
+        variants.append(OTEL_VARIANT)
+    raw: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    spans = None
     try:
         for k in kernels.values():
             k.start()
         for k in kernels.values():
             await asyncio.to_thread(k.ready, 1)
+            k.watch_children()
         opened: list[Any] = []
         stubs: dict[tuple[str, str], Any] = {}
         try:
@@ -263,44 +376,95 @@ async def bench_throughput(
                 opened += [routed, plain]
                 stubs["hsu.connect", name] = echo_pb2_grpc.EchoStub(routed)
                 stubs["gateway", name] = echo_pb2_grpc.EchoStub(plain)
-            cases = [(path, variant) for path in ("gateway", "hsu.connect") for variant in VARIANTS]
-            raw: dict[tuple[str, str], list[float]] = {c: [] for c in cases}
-
-            def stub_of(path: str, variant: str) -> Any:
-                return stubs[path, "off" if variant == "off" else "on"]
-
-            for path, variant in cases:  # warm up
-                await window(stub_of(path, variant), inflight, 0.3, "traceparent" in variant)
+            for path in ("gateway", "hsu.connect"):
+                for _, kname, traced in variants:  # warm up
+                    await window(stubs[path, kname], kernels[kname], inflight, 0.3, traced)
             for r in range(rounds):
                 for path in ("gateway", "hsu.connect"):
-                    order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
-                    for variant in order:
-                        rate = await window(
-                            stub_of(path, variant), inflight, seconds, "traceparent" in variant
+                    at = r % len(variants)
+                    for variant, kname, traced in variants[at:] + variants[:at]:
+                        got = await window(
+                            stubs[path, kname], kernels[kname], inflight, seconds, traced
                         )
-                        raw[path, variant].append(rate)
+                        raw.setdefault((path, variant), []).append(got)
         finally:
             for c in opened:
                 await c.close()
     finally:
         for k in kernels.values():
             k.stop()
-    # each round's ratios (its three windows ran back to back, so a change
-    # in the machine's load between rounds cancels out), then their median
-    result: dict[str, dict[str, float]] = {}
+        if receiver is not None:
+            spans = receiver.stop()
+    # each round's ratios (its windows ran back to back, so a change in the
+    # machine's load between rounds cancels out), then their median
+    result: dict[str, dict[str, dict[str, float]]] = {}
     for path in ("gateway", "hsu.connect"):
         off = raw[path, "off"]
-        d = result[path] = {v: statistics.median(raw[path, v]) for v in VARIANTS}
-        d["on/off"] = statistics.median(a / b for a, b in zip(raw[path, "on"], off, strict=True))
-        d["traced/off"] = statistics.median(
-            a / b for a, b in zip(raw[path, "on + traceparent"], off, strict=True)
-        )
+        out = result[path] = {}
+        for variant, _, _ in variants:
+            xs = raw[path, variant]
+            out[variant] = {
+                "rate": statistics.median(r for r, _ in xs),
+                "cpu": statistics.median(c for _, c in xs),
+                "rate/off": statistics.median(a[0] / b[0] for a, b in zip(xs, off, strict=True)),
+                "cpu/off": statistics.median(a[1] / b[1] for a, b in zip(xs, off, strict=True)),
+            }
         print(
             f"  {path}: "
-            + ", ".join(f"{v} {d[v]:.0f}/s" for v in VARIANTS)
-            + f"; on/off {d['on/off']:.3f}, traced/off {d['traced/off']:.3f}"
+            + "; ".join(
+                f"{v} {d['rate']:.0f}/s ({d['rate/off']:.3f}x), {d['cpu'] * 1e6:.0f} us CPU/call"
+                f" ({d['cpu/off']:.3f}x)"
+                for v, d in out.items()
+            )
         )
-    return result
+    return result, spans
+
+
+def microcosts(number: int = 20_000) -> dict[str, float]:
+    """Seconds per call of what metrics and tracing add to a routed call, in
+    this process (best of 5 runs of ``number``; contention moves the best
+    run little): counting it (``CallMetrics.observe``, done by the gateway
+    and again by the HSU), the kernel's span (read the caller's
+    ``traceparent``, make the child, write it out), and building the span
+    record the otel exporter hands to its batch."""
+    import timeit
+
+    from hsu.metrics import CallMetrics, Registry
+    from hsu.tracecontext import from_metadata
+
+    calls = CallMetrics(Registry(), "server")
+    t0 = time.perf_counter()
+    md = SpanContext.new().metadata()
+
+    def count() -> None:
+        calls.observe("unary_unary", "/hsu.echo.v1.Echo/Echo", "echo", None, t0)
+
+    def trace() -> None:
+        parent = from_metadata(md)
+        assert parent is not None
+        parent.child().metadata()
+
+    def best(fn: Any) -> float:
+        return min(timeit.repeat(fn, number=number, repeat=5)) / number
+
+    out = {"count": best(count), "trace": best(trace)}
+    if has_otel():
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        from hsu_plugin_otel import span_of
+
+        span = SpanContext.new().child()
+        resource = Resource.create({"service.name": "bench"})
+        scope = InstrumentationScope("bench")
+
+        def otel() -> None:
+            span_of(span, "/hsu.echo.v1.Echo/Echo", "OK", 1, 2, {"hsu.unit": "echo"},
+                    resource, scope)  # fmt: skip
+
+        out["otel"] = best(otel)
+    print("  per call: " + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in out.items()))
+    return out
 
 
 # -- 2. a scrape with many instances -----------------------------------------------
@@ -370,23 +534,27 @@ async def bench_rss(scrapes: int, calls: int) -> dict[str, int]:
 
 
 def report(
-    thr: dict[str, dict[str, float]],
+    thr: tuple[dict[str, dict[str, dict[str, float]]], int | None],
     scrape: dict[str, Any],
     rss: dict[str, int],
     args: Any,
     argv: list[str],
     took: float,
 ) -> str:
-    v = versions("hsu", "grpcio", "prometheus-client")
+    v = versions("hsu", "grpcio", "prometheus-client", "opentelemetry-sdk")
     cmd = " ".join(["python bench/metrics.py", *argv])
+    rates, spans, costs = thr
     lines = [
         HEADING,
         "",
-        f"`{cmd}`, {datetime.date.today().isoformat()},"
+        f"`{cmd}` (or `nox -s bench`), {datetime.date.today().isoformat()},"
         f" {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
         f" hsu {v['hsu']}, grpcio {v['grpcio']}, prometheus-client"
-        f" {v['prometheus-client']}; {took:.0f} s. The machine is shared: other work ran"
-        " beside it, so single figures move by several per cent from run to run.",
+        f" {v['prometheus-client']}, opentelemetry-sdk {v['opentelemetry-sdk']};"
+        f" {took:.0f} s. The machine is shared (other agents' builds and tests ran"
+        " beside it, load average 5-8 on 2 cores), so a window's rate moves by tens of"
+        " per cent from one to the next; the CPU per call, which contention moves"
+        " less, is the steadier figure.",
         "",
         f"**Throughput, metrics on against off.** `Echo` with no delay, {args.inflight}"
         " calls in flight, one echo instance per kernel. *off*: `kernel.metrics: false`"
@@ -394,20 +562,60 @@ def report(
         " defaults (the gateway, the HSU and `hsu.connect` each count every call under"
         " go-grpc-prometheus's names); *on + traceparent*: the same kernel, every call"
         " carrying a sampled W3C `traceparent` (the kernel's span and the HSU's child"
-        " span are made and propagated; no exporter sends them anywhere). Each round"
-        f" runs the three back to back (rotating which goes first) for {args.seconds:g} s"
-        f" each; {args.rounds} rounds per path. The rates are medians over the rounds,"
-        " the ratios medians of each round's ratio.",
+        " span are made and propagated, not exported)",
+    ]
+    if spans is not None:
+        lines[-1] += (
+            "; *on + traceparent + otel*: a third kernel with `kernel.exporters: [otel]`"
+            " (contrib/hsu-plugin-otel) sending the kernel's span of every call over"
+            " OTLP/gRPC to a discarding receiver in a process of its own"
+            f" ({spans} spans received; the echo HSU exports none of its own)"
+        )
+    lines[-1] += (
+        ". Each round runs the variants back to back (rotating which goes first),"
+        f" {args.seconds:g} s each; {args.rounds} rounds per path. *CPU/call*: CPU time"
+        " of the kernel and its HSU over the window, per call. Rates and CPU are medians"
+        " over the rounds; the ratios are medians of each round's ratio to *off*."
+    )
+    lines += [
         "",
-        "| path | off | on | on / off | on + traceparent | traced / off |",
+        "| path | variant | calls/s | vs off | CPU/call (kernel + HSU) | vs off |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for path, d in thr.items():
-        off, on, tr = d["off"], d["on"], d["on + traceparent"]
+    for path, by_variant in rates.items():
+        for variant, d in by_variant.items():
+            vs_rate = "-" if variant == "off" else f"{d['rate/off']:.3f}x"
+            vs_cpu = "-" if variant == "off" else f"{d['cpu/off']:.3f}x"
+            lines.append(
+                f"| {path} | {variant} | {d['rate']:.0f} | {vs_rate}"
+                f" | {d['cpu'] * 1e6:.0f} us | {vs_cpu} |"
+            )
+    base = rates["gateway"]["off"]["cpu"]
+    lines += [
+        "",
+        "**What they add per call, measured alone.** The throughput windows above"
+        " cannot resolve a few per cent on this machine, so the pieces were also timed"
+        " alone in one process (best of 5 runs of 20,000), and compared with the CPU a"
+        f" routed call costs the kernel and its HSU without metrics ({base * 1e6:.0f} us,"
+        " *gateway, off* above):",
+        "",
+        "| piece | per call | share of a routed call's CPU |",
+        "| --- | --- | --- |",
+        f"| counting (`CallMetrics.observe`), x2: gateway and HSU | {2 * costs['count'] * 1e6:.2f}"
+        f" us | {2 * costs['count'] / base * 100:.2f} % |",
+        f"| the kernel's span from the caller's `traceparent` | {costs['trace'] * 1e6:.2f} us"
+        f" | {costs['trace'] / base * 100:.2f} % |",
+    ]
+    if "otel" in costs:
         lines.append(
-            f"| {path} | {off:.0f} calls/s | {on:.0f} calls/s | {d['on/off']:.3f}x"
-            f" | {tr:.0f} calls/s | {d['traced/off']:.3f}x |"
+            f"| the otel exporter's span record (`span_of`) | {costs['otel'] * 1e6:.2f} us"
+            f" | {costs['otel'] / base * 100:.2f} % |"
         )
+    lines += [
+        "",
+        "The HSU's counting interceptor adds a coroutine frame per call beside"
+        " `observe`; the SDK's batch export runs on its own thread.",
+    ]
     lines += [
         "",
         f"**A scrape with {scrape['instances']} instances.** One kernel with"
@@ -438,10 +646,11 @@ def report(
     return "\n".join(lines)
 
 
-async def parts(args: Any) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, int]]:
+async def parts(args: Any) -> tuple[Any, dict[str, Any], dict[str, int]]:
     """All parts on one event loop (grpc.aio keeps state per loop)."""
     print(f"1. throughput, {args.inflight} in flight, metrics on against off", flush=True)
     thr = await bench_throughput(args.inflight, args.rounds, args.seconds)
+    thr = (*thr, microcosts())
     print(f"2. a scrape with {args.instances} instances", flush=True)
     scrape = await asyncio.to_thread(bench_scrape, args.instances, args.scrapes)
     print("3. kernel RSS with the prometheus exporter against without", flush=True)
