@@ -61,6 +61,8 @@ from hsu.tracecontext import SpanContext
 from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
 
 HEADING = "## Observability"
+#: the machine's 1-minute load average as the run starts and ends
+LOAD: list[float] = []
 INTERFACE = "hsu.echo.v1.Echo"
 PLAIN = (("grpc.enable_http_proxy", 0),)
 
@@ -551,10 +553,10 @@ def report(
         f" {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
         f" hsu {v['hsu']}, grpcio {v['grpcio']}, prometheus-client"
         f" {v['prometheus-client']}, opentelemetry-sdk {v['opentelemetry-sdk']};"
-        f" {took:.0f} s. The machine is shared (other agents' builds and tests ran"
-        " beside it, load average 5-8 on 2 cores), so a window's rate moves by tens of"
-        " per cent from one to the next; the CPU per call, which contention moves"
-        " less, is the steadier figure.",
+        f" {took:.0f} s. The machine is shared: other agents' builds and tests ran"
+        f" beside it (1-minute load average {LOAD[0]:.1f} at the start, {LOAD[-1]:.1f} at"
+        " the end, on 2 cores), so a window's rate moves by tens of per cent from one"
+        " to the next, and every figure here is an upper bound of the cost.",
         "",
         f"**Throughput, metrics on against off.** `Echo` with no delay, {args.inflight}"
         " calls in flight, one echo instance per kernel. *off*: `kernel.metrics: false`"
@@ -675,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--seconds must be > 0")
     signal.signal(signal.SIGTERM, interrupted)
     started = time.monotonic()
+    LOAD.append(os.getloadavg()[0])
     failed: BaseException | None = None
     try:
         thr, scrape, rss = asyncio.run(parts(args))
@@ -691,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr)
             if failed is None:
                 raise SystemExit(msg)
+    LOAD.append(os.getloadavg()[0])
     body = report(thr, scrape, rss, args, argv, time.monotonic() - started)
     print()
     print(body)
