@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import math
 import time
@@ -182,6 +183,18 @@ def _status_number(code: str) -> int:
         return 2  # UNKNOWN
 
 
+@functools.cache
+def _span_types() -> tuple[Any, Any, Any, Any]:
+    """The SDK's span classes, imported on first use (not at the plugin's
+    import; once, not per span: on the call's path, an import statement
+    costs more than the span)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace.status import Status, StatusCode
+
+    return trace, ReadableSpan, Status, StatusCode
+
+
 def span_of(
     span: SpanContext,
     name: str,
@@ -196,10 +209,7 @@ def span_of(
     when set), as the SDK's ``ReadableSpan``; gRPC's semantic attributes
     (``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``)
     beside ``attributes``; status ERROR for a code other than OK."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import ReadableSpan
-    from opentelemetry.trace.status import Status, StatusCode
-
+    trace, ReadableSpan, Status, StatusCode = _span_types()
     trace_id = int(span.trace_id, 16)
     flags = trace.TraceFlags(span.flags & 0xFF)
     context = trace.SpanContext(trace_id, int(span.span_id, 16), False, flags)
