@@ -73,7 +73,8 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/auth.py", *routing_args)
     session.run("python", "bench/pool.py", *routing_args)
     # metrics on against off, a scrape of 1,000 instances, the exporter's RSS
-    session.install("prometheus-client>=0.20")
+    # (with hsu-plugin-otel installed it adds a kernel exporting spans over OTLP)
+    session.install("prometheus-client>=0.20", "./contrib/hsu-plugin-otel")
     session.run("python", "bench/metrics.py", *routing_args)
     # etcd: Debian's etcd-server; the plugin installed like hsu
     session.install("./contrib/hsu-plugin-etcd")
