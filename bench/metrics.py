@@ -556,7 +556,8 @@ def report(
         f" {took:.0f} s. The machine is shared: other agents' builds and tests ran"
         f" beside it (1-minute load average {LOAD[0]:.1f} at the start, {LOAD[-1]:.1f} at"
         " the end, on 2 cores), so a window's rate moves by tens of per cent from one"
-        " to the next, and every figure here is an upper bound of the cost.",
+        " to the next, in either direction; the per-call pieces timed alone below are"
+        " the steadier figures.",
         "",
         f"**Throughput, metrics on against off.** `Echo` with no delay, {args.inflight}"
         " calls in flight, one echo instance per kernel. *off*: `kernel.metrics: false`"
