@@ -19,8 +19,7 @@ import pytest
 from hsu.errors import PluginError
 from hsu.tracecontext import SpanContext
 from hsu_echo.v1 import echo_pb2, echo_pb2_grpc
-
-from .receiver import Receiver
+from otel_receiver import Receiver
 
 ECHO = "hsu.echo.v1.Echo"
 TRACED = str(Path(__file__).with_name("hsu_traced.py"))
