@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -480,9 +481,25 @@ def bench_scrape(instances: int, scrapes: int) -> dict[str, Any]:
         k.ready(instances, timeout=max(120.0, instances * 0.5))
         started = time.monotonic() - t
         k.scrape()  # the first: the sampler's first reading of every process
-        times, sizes = [], []
+        times, sizes, answers = [], [], []
         for _ in range(scrapes):
-            took, size = k.scrape()
+            # meanwhile, how long the kernel takes to answer Kernel.Status:
+            # what a scrape costs everyone else on its event loop
+            done = threading.Event()
+
+            def ask(done: threading.Event = done) -> None:
+                while not done.is_set():
+                    t = time.perf_counter()
+                    k.stub.Status(kernel_pb2.StatusRequest(), timeout=30)
+                    answers.append(time.perf_counter() - t)
+
+            asker = threading.Thread(target=ask)
+            asker.start()
+            try:
+                took, size = k.scrape()
+            finally:
+                done.set()
+                asker.join()
             times.append(took)
             sizes.append(size)
         rss = k.rss()
@@ -495,10 +512,14 @@ def bench_scrape(instances: int, scrapes: int) -> dict[str, Any]:
         "max": max(times),
         "size": statistics.median(sizes),
         "rss": rss,
+        "status_max": max(answers),
+        "status_median": statistics.median(answers),
     }
     print(
         f"  {instances} instances: scrape median {out['median'] * 1000:.0f} ms"
-        f" (max {out['max'] * 1000:.0f} ms), {out['size'] / 1024:.0f} KiB"
+        f" (max {out['max'] * 1000:.0f} ms), {out['size'] / 1024:.0f} KiB; Kernel.Status"
+        f" meanwhile: median {out['status_median'] * 1000:.1f} ms, max"
+        f" {out['status_max'] * 1000:.0f} ms"
     )
     return out
 
@@ -634,13 +655,18 @@ def report(
         " process each, no gRPC, so no HSU is asked for its own metrics) and"
         " `kernel.exporters: [prometheus]`; each scrape reads every instance's state,"
         " restarts, uptime, RSS and CPU (from /proc) and renders the page."
-        f" {args.scrapes} scrapes after a first one.",
+        f" {args.scrapes} scrapes after a first one. RSS and CPU are read on a worker"
+        " thread; *Kernel.Status during the scrapes*: another thread asked the kernel's"
+        " control plane for its status over and over while each scrape ran, and timed"
+        " each answer (what a scrape costs everything else on the kernel's event loop).",
         "",
-        "| instances | scrape, median | scrape, max | page size | kernel RSS |",
-        "| --- | --- | --- | --- | --- |",
+        "| instances | scrape, median | scrape, max | page size | kernel RSS"
+        " | Kernel.Status during the scrapes, median / max |",
+        "| --- | --- | --- | --- | --- | --- |",
         f"| {scrape['instances']} | {scrape['median'] * 1000:.0f} ms"
         f" | {scrape['max'] * 1000:.0f} ms | {scrape['size'] / 1024:.0f} KiB"
-        f" | {scrape['rss'] / 2**20:.1f} MiB |",
+        f" | {scrape['rss'] / 2**20:.1f} MiB | {scrape['status_median'] * 1000:.1f} ms"
+        f" / {scrape['status_max'] * 1000:.0f} ms |",
         "",
         "**Kernel RSS with the prometheus exporter against without.** Two kernels with"
         f" one echo instance each, {args.calls} calls through each gateway; the one with"
