@@ -15,6 +15,7 @@ LOCAL = [
     "-e", "contrib/hsu-plugin-influxdb",
     "-e", "contrib/hsu-plugin-etcd",
     "-e", "contrib/hsu-plugin-redis",
+    "-e", "contrib/hsu-plugin-otel",
 ]  # fmt: skip
 
 
@@ -58,7 +59,8 @@ def bench(session: nox.Session) -> None:
     (bench/etcd.py), then storage get/put against sqlite3 and redis-py straight to the
     store (bench/storage.py), then cached routed calls against uncached ones
     (bench/cache.py), then memory, idle CPU, launch and CLI times at 1 and 1000
-    programs (bench/footprint.py); each updates its section of docs/benchmarks.md.
+    programs (bench/footprint.py), then what metrics and trace context cost
+    (bench/metrics.py); each updates its section of docs/benchmarks.md.
 
     Not in the default sessions. supervisor and circus are installed only here.
     """
@@ -76,6 +78,10 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/pool.py", *routing_args)
     session.run("python", "bench/cache.py", *routing_args)
     session.run("python", "bench/footprint.py", *routing_args)
+    # metrics on against off, a scrape of 1,000 instances, the exporter's RSS
+    # (with hsu-plugin-otel installed it adds a kernel exporting spans over OTLP)
+    session.install("prometheus-client>=0.20", "./contrib/hsu-plugin-otel")
+    session.run("python", "bench/metrics.py", *routing_args)
     # etcd: Debian's etcd-server; the plugin installed like hsu
     session.install("./contrib/hsu-plugin-etcd")
     session.run("python", "bench/etcd.py", *routing_args)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         Probe,
         Register,
         Registry,
+        RoutedCall,
         RpcHandler,
         Storage,
         Watcher,
@@ -498,6 +499,23 @@ def hsu_endpoint_removed(kernel: KernelAPI, endpoint: Endpoint) -> None:
     :param kernel: the kernel.
     :param endpoint: the :class:`hsu.ports.Endpoint` that left the registry,
         the last one at its address.
+    """
+
+
+@_hookspec
+def hsu_routed_call(kernel: KernelAPI, call: RoutedCall) -> None:
+    """A call the kernel's gateway routed ended (all its tries).
+
+    For tracing and access logs: ``call.span`` is the kernel's span of the
+    call when the caller sent a ``traceparent`` (its ``parent_id`` the
+    caller's span; the instance's server span is its child). Called
+    synchronously in the kernel's event loop, on the call's path, only when
+    a plugin implements it: keep it to microseconds (queue the record and
+    export it elsewhere) and do not raise; one that raises is logged.
+
+    :param kernel: the kernel.
+    :param call: the :class:`hsu.ports.RoutedCall`: ``kind``, ``method``,
+        ``unit``, ``code``, ``start_ns``, ``end_ns`` and ``span``.
     """
 
 

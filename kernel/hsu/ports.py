@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from hsu.metrics import CallMetrics
     from hsu.metrics import Registry as MetricsRegistry
     from hsu.peer import PeerSigner
+    from hsu.tracecontext import SpanContext
 
 __all__ = [
     "DRAINING",
@@ -38,6 +39,7 @@ __all__ = [
     "CacheStats",
     "Cached",
     "CallInfo",
+    "CallObserver",
     "Changes",
     "CircuitBreaker",
     "Cluster",
@@ -70,6 +72,7 @@ __all__ = [
     "Registry",
     "RegistryCompacted",
     "RegistryEvent",
+    "RoutedCall",
     "RpcHandler",
     "SourceContext",
     "Storage",
@@ -405,6 +408,34 @@ class Exporter(Protocol):
     async def stop(self) -> None: ...
 
 
+@attrs.frozen
+class RoutedCall:
+    """A call the kernel routed, as ``hsu_routed_call`` is told of it once it
+    ended (all its tries)."""
+
+    #: ``unary``, ``client_stream``, ``server_stream`` or ``bidi_stream``
+    kind: str
+    #: ``/package.Service/Method``
+    method: str
+    #: the unit of the last try's instance ("" when no instance took it)
+    unit: str
+    #: the status code's name the call ended with (``OK``, ``UNAVAILABLE``...)
+    code: str
+    #: when it began and ended, nanoseconds since the epoch
+    start_ns: int
+    end_ns: int
+    #: the kernel's span of the call (a child of the caller's ``traceparent``,
+    #: and the parent the instance was told of; ``span.parent_id`` is the
+    #: caller's span); None when the caller sent no trace context
+    span: SpanContext | None = None
+
+
+#: what a gateway calls as each routed call ends: (grpc kind as grpc names it,
+#: ``unary_unary``..., method, unit, what the call raised or None, when it
+#: began on :func:`time.perf_counter`'s clock)
+CallObserver = Callable[[str, str, str, BaseException | None, float], None]
+
+
 @runtime_checkable
 class KernelAPI(Protocol):
     """What a plugin may ask of the kernel: every hook receives this.
@@ -472,6 +503,16 @@ class KernelAPI(Protocol):
         """Where a routed caller in the kernel's process (a gateway) counts
         its calls (``Caller(observe=kernel.calls.observe)``); ``None`` with
         ``kernel.metrics: false``."""
+        ...
+
+    @property
+    def call_observer(self) -> CallObserver | None:
+        """What a gateway in the kernel's process tells as each call it
+        routed ends (``Caller(observe=kernel.call_observer)``): it counts the
+        call (``kernel.calls``) and tells plugins implementing
+        ``hsu_routed_call``, reading the call's span from
+        :mod:`hsu.tracecontext` (the gateway makes it current). ``None`` when
+        there is nothing to do: ``kernel.metrics: false`` and no such plugin."""
         ...
 
     def settings(self, section: str) -> Any:

@@ -51,6 +51,9 @@ class SpanContext:
     #: bit 0: sampled
     flags: int = 1
     state: str = ""
+    #: the span this one is a child of (:meth:`child` sets it; a span read
+    #: from a ``traceparent`` has "": its parent is not carried)
+    parent_id: str = ""
 
     @classmethod
     def new(cls, sampled: bool = True) -> SpanContext:
@@ -59,7 +62,10 @@ class SpanContext:
 
     def child(self) -> SpanContext:
         """A new span of the same trace (its parent is this one)."""
-        return attrs.evolve(self, span_id=secrets.token_hex(8))
+        # the constructor, not attrs.evolve: this is on every traced call's path
+        return SpanContext(
+            self.trace_id, secrets.token_hex(8), self.flags, self.state, self.span_id
+        )
 
     @property
     def sampled(self) -> bool:

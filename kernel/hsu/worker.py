@@ -174,7 +174,10 @@ class TraceContext(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Each call's span (:mod:`hsu.tracecontext`): a child of the caller's
     ``traceparent`` (the kernel's attempt), current while the handler runs,
     so its log records carry ``trace_id`` and ``span_id``. A call without a
-    valid ``traceparent`` has none (the SDK starts no trace of its own)."""
+    valid ``traceparent`` has none (the SDK starts no trace of its own). An
+    interceptor in front (``Worker(interceptors=)``) that made the call's
+    span already (a child of the same parent, current when the call reaches
+    this one) keeps it: the span it exports is the one the logs name."""
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
@@ -194,9 +197,18 @@ class TraceContext(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
 
+def _served_span(parent: tracecontext.SpanContext) -> tracecontext.SpanContext:
+    """The call's span: the current one when an interceptor in front made it
+    as a child of ``parent``, else a new child."""
+    made = tracecontext.CURRENT.get()
+    if made is not None and made.parent_id == parent.span_id and made.trace_id == parent.trace_id:
+        return made
+    return parent.child()
+
+
 def _unary_in(parent: tracecontext.SpanContext, behavior: Any) -> Any:
     async def traced(request: Any, context: Any) -> Any:
-        with tracecontext.use(parent.child()):
+        with tracecontext.use(_served_span(parent)):
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result
@@ -207,7 +219,7 @@ def _unary_in(parent: tracecontext.SpanContext, behavior: Any) -> Any:
 
 def _streaming_in(parent: tracecontext.SpanContext, behavior: Any) -> Any:
     async def traced(request: Any, context: Any) -> Any:
-        with tracecontext.use(parent.child()):
+        with tracecontext.use(_served_span(parent)):
             result = behavior(request, context)
             if hasattr(result, "__aiter__"):
                 async for reply in result:

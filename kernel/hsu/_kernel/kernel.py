@@ -88,7 +88,7 @@ from hsu.process import PidfdHandle
 
 if TYPE_CHECKING:
     from hsu.client.aio import RoutedChannel
-    from hsu.ports import InstanceView, KernelAPI
+    from hsu.ports import CallObserver, InstanceView, KernelAPI
 
 __all__ = ["ENV_INSTANCE_ID", "ENV_KERNEL_ADDRESS", "ENV_UNIT", "SHUTDOWN_SHARE", "Kernel"]
 
@@ -274,6 +274,10 @@ class Kernel:
     @property
     def cache(self) -> Layers | None:
         return self.cache_layers
+
+    @property
+    def call_observer(self) -> CallObserver | None:
+        return self.metrics_hub.observer()
 
     def register_plugin(self, plugin: object, name: str) -> str:
         """Per-kernel plugin state: registered now, unregistered when the kernel

@@ -4,21 +4,24 @@ collects, the supervision histograms, and the exporters' lifecycle.
 What the kernel already keeps (instances and their states, restarts, circuit
 breakers, the registry's size, calls in flight) is read by :meth:`collect`,
 at collection time: nothing is pushed on a state change. RSS and CPU are
-sampled then too, with a sampler of their own (the resource-limit loop's
-readings are over its own interval).
+sampled then too (:meth:`usage`, a source of ``gather``, on a worker thread),
+with a sampler of their own (the resource-limit loop's readings are over its
+own interval).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from hsu import tracecontext
 from hsu.errors import PluginError
-from hsu.metrics import CallMetrics, Exporter, Family, Point, Registry
+from hsu.metrics import GRPC_TYPES, CallMetrics, Exporter, Family, Point, Registry, code_of
+from hsu.ports import CallObserver, RoutedCall
 
 if TYPE_CHECKING:
     from hsu._kernel.kernel import Kernel
@@ -53,6 +56,7 @@ class KernelMetrics:
             START_BUCKETS,
         )
         self.registry.add_collector("kernel", self.collect)
+        self.registry.add_source("usage", self.usage)
         self.registry.add_source("hsus", self.from_hsus)
         #: Core channels to instances, by address; instances that do not
         #: serve Core.Metrics (another language's SDK), by (id, pid)
@@ -60,7 +64,43 @@ class KernelMetrics:
         self._unimplemented: set[tuple[str, int]] = set()
         self._sampler = Sampler()
         self._sampled: set[int] = set()
+        #: one sampling at a time (the sampler keeps CPU deltas per process)
+        self._sampling = asyncio.Lock()
         self._exporters: list[tuple[str, Exporter]] = []
+
+    # -- routed calls ----------------------------------------------------------------
+
+    def observer(self) -> CallObserver | None:
+        """``kernel.call_observer``: count the call, and tell the plugins that
+        implement ``hsu_routed_call`` (looked up per call, so a plugin
+        registered later is told too; none: no record is built)."""
+        plugins = self.kernel.plugins
+        count = None if self.calls is None else self.calls.observe
+        if count is None and not plugins.routed_call_impls():
+            return None
+        kernel = self.kernel
+
+        def observe(
+            kind: str, method: str, unit: str, exc: BaseException | None, t0: float
+        ) -> None:
+            if count is not None:
+                count(kind, method, unit, exc, t0)
+            impls = plugins.routed_call_impls()
+            if impls:
+                end = time.time_ns()
+                took = int((time.perf_counter() - t0) * 1e9)
+                call = RoutedCall(
+                    kind=GRPC_TYPES.get(kind, kind),
+                    method=method,
+                    unit=unit,
+                    code=code_of(exc),
+                    start_ns=end - max(0, took),
+                    end_ns=end,
+                    span=tracecontext.CURRENT.get(),
+                )
+                plugins.routed_call(impls, kernel, call)
+
+        return observe
 
     # -- supervision -----------------------------------------------------------------
 
@@ -83,12 +123,9 @@ class KernelMetrics:
         units = list(k.deployment.units)
         by_state: dict[tuple[str, str], int] = {(u, s): 0 for u in units for s in STATES}
         restarts: list[Point] = []
-        rss: list[Point] = []
-        cpu: list[Point] = []
         inflight: list[Point] = []
         up: list[Point] = []
         now = time.time()
-        alive: set[int] = set()
         for inst in instances:
             state = inst.state.value
             by_state[inst.unit, state] = by_state.get((inst.unit, state), 0) + 1
@@ -97,15 +134,6 @@ class KernelMetrics:
             inflight.append(Point(labels, float(k.routing.load(inst.instance_id))))
             if inst.ready_at is not None and state == "ready":
                 up.append(Point(labels, max(0.0, now - inst.ready_at)))
-            if inst.pid and state in ("ready", "starting", "stopping"):
-                alive.add(inst.pid)
-                usage = self._sampler.sample(inst.pid, k.containment.members(inst.instance_id))
-                if usage is not None:
-                    rss.append(Point(labels, float(usage.rss)))
-                    cpu.append(Point(labels, usage.cpu_percent))
-        for pid in [p for p in self._sampled if p not in alive]:
-            self._sampler.forget(pid)
-        self._sampled = alive
         yield Family(
             "hsu_instances",
             "gauge",
@@ -132,18 +160,6 @@ class KernelMetrics:
             "gauge",
             "seconds since the instance's current process became ready",
             tuple(up),
-        )
-        yield Family(
-            "hsu_instance_resident_memory_bytes",
-            "gauge",
-            "resident memory of an instance's process tree",
-            tuple(rss),
-        )
-        yield Family(
-            "hsu_instance_cpu_percent",
-            "gauge",
-            "CPU of an instance's process tree since the previous collection, % of one core",
-            tuple(cpu),
         )
         breakers: list[Point] = []
         for interface, route in list(k.routing.routes.items()):
@@ -176,6 +192,51 @@ class KernelMetrics:
             "when the kernel started, seconds since the epoch",
             (Point((), k.created_at),),
         )
+
+    async def usage(self) -> list[Family]:
+        """Every live instance's RSS and CPU, read from /proc on a worker
+        thread: with many instances that takes long enough (1.5 s for 1,000
+        on a loaded 2-core machine, docs/benchmarks.md) that the event loop
+        must not wait for it."""
+        targets = [
+            ((("hsu_unit", i.unit), ("hsu_instance", i.instance_id)), i.pid, i.instance_id)
+            for i in list(self.kernel.instances.values())
+            if i.pid and i.state.value in ("ready", "starting", "stopping")
+        ]
+        async with self._sampling:
+            rss, cpu = await asyncio.to_thread(self._sample, targets)
+        return [
+            Family(
+                "hsu_instance_resident_memory_bytes",
+                "gauge",
+                "resident memory of an instance's process tree",
+                tuple(rss),
+            ),
+            Family(
+                "hsu_instance_cpu_percent",
+                "gauge",
+                "CPU of an instance's process tree since the previous collection, % of one core",
+                tuple(cpu),
+            ),
+        ]
+
+    def _sample(
+        self, targets: Sequence[tuple[tuple[tuple[str, str], ...], int, str]]
+    ) -> tuple[list[Point], list[Point]]:
+        members = self.kernel.containment.members
+        rss: list[Point] = []
+        cpu: list[Point] = []
+        alive: set[int] = set()
+        for labels, pid, instance_id in targets:
+            alive.add(pid)
+            usage = self._sampler.sample(pid, members(instance_id))
+            if usage is not None:
+                rss.append(Point(labels, float(usage.rss)))
+                cpu.append(Point(labels, usage.cpu_percent))
+        for pid in [p for p in self._sampled if p not in alive]:
+            self._sampler.forget(pid)
+        self._sampled = alive
+        return rss, cpu
 
     async def from_hsus(self) -> list[Family]:
         """Every ready instance's Core.Metrics, each series labelled with its

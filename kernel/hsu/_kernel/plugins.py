@@ -508,6 +508,22 @@ class PluginManager:
             except Exception:
                 logger.exception("hook hsu_endpoint_removed of {!r} failed", impl.plugin_name)
 
+    def routed_call_impls(self) -> list[Any]:
+        """The plugins' ``hsu_routed_call`` implementations (none: the kernel
+        builds no record)."""
+        impls: list[Any] = self.pm.hook.hsu_routed_call.get_hookimpls()
+        return impls
+
+    def routed_call(self, impls: list[Any], kernel: Any, call: Any) -> None:
+        """Tell ``impls`` of a routed call that ended; one that raises is
+        logged, the others are still told."""
+        given = {"kernel": kernel, "call": call}
+        for impl in reversed(impls):
+            try:
+                impl.function(**{k: v for k, v in given.items() if k in impl.argnames})
+            except Exception:
+                logger.exception("hook hsu_routed_call of {!r} failed", impl.plugin_name)
+
     async def call_each(
         self,
         hook_name: str,

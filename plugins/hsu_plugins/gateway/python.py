@@ -130,7 +130,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._closing: set[asyncio.Task[None]] = set()
         self._watches: set[asyncio.Task[None]] = set()
         routes = self._routes
-        calls = kernel.calls
+        observe = kernel.call_observer
         self._caller = Caller(
             _failing,
             began=routes.call_began,
@@ -140,7 +140,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             watch=self._watch_ejected,
             acquire=self._acquire,
             release=routes.release,
-            observe=None if calls is None else self._observer(calls.observe),
+            observe=None if observe is None else self._observer(observe),
         )
 
     def _observer(self, observe: Callable[..., None]) -> Callable[..., None]:
