@@ -5,8 +5,8 @@ and trailing metadata ``x-trailer``. ``Echo`` with message ``fail`` aborts
 with FAILED_PRECONDITION; with ``delay_ms`` it waits that long first; with
 message ``cancelled?`` it answers how many calls were cancelled while in
 flight (seen by this process), so a test sees a client's cancel reach the
-server, and with ``busy?`` how many are waiting now. ``EchoStream`` streams like the plain Echo HSU, with the same
-metadata.
+server, and with ``busy?`` how many are waiting now. ``EchoStream``
+streams like the plain Echo HSU, with the same metadata.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ failover through them the same as through plain calls."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from pathlib import Path
 
@@ -236,7 +237,7 @@ async def test_call_objects_fail_over_like_plain_calls(hsu_kernel_factory):
         name = f"ghost-{next(ghosts)}"
         for old in [i for i in route.endpoints if i.startswith("ghost")]:
             await registry.delete(old)
-        with __import__("socket").socket() as s:
+        with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         await registry.put(Endpoint(name, "calls", f"127.0.0.1:{port}", (ECHO,)))
@@ -253,8 +254,11 @@ async def test_call_objects_fail_over_like_plain_calls(hsu_kernel_factory):
             call = echo.Echo(request, metadata=md, timeout=10)
             reply = await call
             outcomes.add(
-                (reply.pid, await call.code(), ("x-seen", "failover") in tuple(
-                    await call.initial_metadata()))  # fmt: skip
+                (
+                    reply.pid,
+                    await call.code(),
+                    ("x-seen", "failover") in tuple(await call.initial_metadata()),
+                )
             )
         seen["connect"] = (outcomes, set(route.ejected) == {ghost})
 
@@ -273,8 +277,11 @@ async def test_call_objects_fail_over_like_plain_calls(hsu_kernel_factory):
                     call = echo.Echo.future(request, metadata=md, timeout=10)
                     reply = call.result()
                 outcomes.add(
-                    (reply.pid, call.code(), ("x-seen", "failover") in tuple(
-                        call.initial_metadata()))  # fmt: skip
+                    (
+                        reply.pid,
+                        call.code(),
+                        ("x-seen", "failover") in tuple(call.initial_metadata()),
+                    )
                 )
             out[form] = (outcomes, set(route.ejected) == {ghost})
         return out
