@@ -368,9 +368,12 @@ class SyncCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         call was cancelled meanwhile. Raises FutureCancelledError if it was
         cancelled before."""
         with self._lock:
-            if self._cancelled:
-                raise grpc.FutureCancelledError()
-            self.attempt = future
+            cancelled = self._cancelled
+            if not cancelled:
+                self.attempt = future
+        if cancelled:  # between the try's start and now: it goes too
+            future.cancel()
+            raise grpc.FutureCancelledError()
 
     def check(self) -> None:
         """Before a try: raise FutureCancelledError if the call was cancelled."""
