@@ -216,6 +216,58 @@ async def test_blocking_stubs_offer_with_call_and_future(hsu_kernel_factory):
     }
 
 
+async def test_a_blocking_stream_is_an_iterator_and_a_grpc_call(hsu_kernel_factory):
+    kernel = await hsu_kernel_factory({"units": {"calls": calls_unit()}})
+
+    def calls(channel):
+        echo = echo_pb2_grpc.EchoStub(channel)
+        out = {}
+        stream = echo.EchoStream(
+            echo_pb2.EchoStreamRequest(message="s", count=3),
+            metadata=(("x-echo", "sync stream"),),
+            timeout=30,
+        )
+        ended = []
+        stream.add_callback(lambda: ended.append(True))
+        seen = ("x-seen", "sync stream") in tuple(stream.initial_metadata())  # reads ahead
+        replies = [r.message for r in stream]
+        out["stream"] = (
+            isinstance(stream, grpc.Call),
+            seen,
+            replies,
+            stream.code(),
+            ("x-trailer", "done") in tuple(stream.trailing_metadata()),
+            stream.is_active(),
+            ended,
+        )
+        slow = echo.EchoStream(
+            echo_pb2.EchoStreamRequest(message="s", count=100, interval_ms=60_000), timeout=90
+        )
+        first = next(slow).message  # the HSU now waits to send the next
+        try:
+            assert slow.cancel()
+            next(slow)
+        except grpc.RpcError as exc:
+            out["cancelled"] = (first, exc.code(), slow.code())
+        for _ in range(200):  # bounded: until the HSU saw the cancel
+            if _count_sync(echo, "cancelled?") == 1:
+                break
+        out["seen by the HSU"] = _count_sync(echo, "cancelled?")
+        return out
+
+    channel = hsu.connect_sync(kernel.control_address)
+    try:
+        out = await asyncio.to_thread(calls, channel)
+    finally:
+        await asyncio.to_thread(channel.close)
+    cancelled = grpc.StatusCode.CANCELLED
+    assert out == {
+        "stream": (True, True, ["s 0", "s 1", "s 2"], grpc.StatusCode.OK, True, False, [True]),
+        "cancelled": ("s 0", cancelled, cancelled),
+        "seen by the HSU": 1,
+    }
+
+
 # -- failover through the call objects ------------------------------------------------
 
 

@@ -507,3 +507,135 @@ def _safely(fn: Callable[[], None]) -> None:
         fn()
     except Exception:
         logger.exception("hsu: a routed call's callback failed")
+
+
+class SyncStreamCall(grpc.Call):  # type: ignore[misc]
+    """A blocking routed call with a stream of replies: an iterator of them
+    and a ``grpc.Call``, as grpc's own. The status methods read the first
+    reply ahead (kept for the next ``next()``) when none was read yet, since
+    until then a try may still be retried on another instance; ``cancel()``
+    cancels the try in flight, and the reader then gets grpc's CANCELLED
+    error."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.attempt: Any = None
+        self._deadline = deadline
+        self._replies: Iterator[Any] = iter(())
+        self._ahead: list[Any] = []
+        self._reading = threading.Lock()  # one reader of the tries at a time
+        self._lock = threading.Lock()
+        self._ended = False
+        self._replied = False
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def start(self, replies: Iterator[Any]) -> SyncStreamCall:
+        self._replies = replies
+        return self
+
+    def set_attempt(self, call: Any) -> None:
+        """A try began (``call``: its grpc call); cancelled at once if this
+        call was cancelled meanwhile."""
+        with self._lock:
+            self.attempt = call
+            cancelled = self._cancelled
+        if cancelled:
+            call.cancel()
+
+    def __iter__(self) -> SyncStreamCall:
+        return self
+
+    def __next__(self) -> Any:
+        with self._reading:
+            if self._ahead:
+                return self._ahead.pop()
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                raise StopIteration
+            try:
+                reply = next(self._replies)
+            except StopIteration:
+                self._end(None)
+                raise
+            except BaseException as exc:
+                self._end(exc)
+                raise
+            self._replied = True
+            return reply
+
+    def _settle(self) -> None:
+        """Until a reply came or the call ended: the try is then the final one."""
+        with self._reading:
+            if self._replied or self._ended or self._ahead:
+                return
+        try:
+            reply = next(self)
+        except StopIteration:
+            return
+        except BaseException:
+            if not self._ended:
+                raise
+            return
+        with self._reading:
+            self._ahead.append(reply)
+
+    def _end(self, error: BaseException | None) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended, self._error = True, error
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            _safely(callback)
+
+    def cancel(self) -> bool:
+        with self._lock:
+            if self._ended:
+                return False
+            self._cancelled = True
+            attempt = self.attempt
+        if attempt is not None:
+            attempt.cancel()
+        return True
+
+    def is_active(self) -> bool:
+        return not self._ended
+
+    def time_remaining(self) -> float | None:
+        return _remaining(self._deadline)
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._ended:
+                return False
+            self._callbacks.append(callback)
+            return True
+
+    def _from(self, name: str) -> Any:
+        self._settle()
+        error = self._error
+        if isinstance(error, grpc.RpcError) and hasattr(error, name):
+            return getattr(error, name)()
+        if self.attempt is not None:
+            return getattr(self.attempt, name)()
+        return None
+
+    def initial_metadata(self) -> Any:
+        return self._from("initial_metadata") or ()
+
+    def trailing_metadata(self) -> Any:
+        return self._from("trailing_metadata") or ()
+
+    def code(self) -> grpc.StatusCode:
+        code = self._from("code")
+        if code is None:
+            return grpc.StatusCode.OK if self._error is None else grpc.StatusCode.UNKNOWN
+        return code
+
+    def details(self) -> str:
+        details = self._from("details")
+        if details is None and self._error is not None:
+            return f"{type(self._error).__name__}: {self._error}"
+        return str(details or "")

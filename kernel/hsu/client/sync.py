@@ -16,10 +16,11 @@ idempotent method that got UNAVAILABLE on another instance within the retry
 budget and the deadline. Safe to use from many threads: the pick and the
 bookkeeping take a lock; the calls themselves run in parallel.
 
-Unary calls return the reply, streaming calls an iterator of replies, as
+Unary calls return the reply, streaming calls an iterator of replies that
+is a ``grpc.Call`` too (:class:`hsu.client.calls.SyncStreamCall`), as
 grpc's; a unary method's ``with_call`` returns the reply and the call (a
 ``grpc.Call``), its ``future`` a ``grpc.Future`` that is a ``grpc.Call`` too
-(:class:`hsu.client.calls.SyncCall`), both speaking for the try that got
+(:class:`hsu.client.calls.SyncCall`), all speaking for the try that got
 through.
 """
 
@@ -38,7 +39,7 @@ from loguru import logger
 
 from hsu import tracecontext
 from hsu.client.aio import START_TIMEOUT, control_address
-from hsu.client.calls import SyncCall
+from hsu.client.calls import SyncCall, SyncStreamCall
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
     CHANNEL_OPTIONS,
@@ -457,10 +458,10 @@ class _Call(RoutedMethod):
     ) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         metadata = tracecontext.outgoing(metadata)
-        replies = self._replies(request, deadline, metadata, key, kwargs)
         if self._kind.endswith("_stream"):
-            return replies
-        [reply] = replies
+            call = SyncStreamCall(deadline)
+            return call.start(self._replies(request, deadline, metadata, key, kwargs, call))
+        [reply] = self._replies(request, deadline, metadata, key, kwargs)
         return reply
 
     def with_call(
@@ -512,22 +513,24 @@ class _Call(RoutedMethod):
         metadata: Any,
         key: str | None,
         kwargs: Any,
-        routed: SyncCall | None = None,
+        routed: SyncCall | SyncStreamCall | None = None,
     ) -> Iterator[Any]:
         streaming = self._kind.endswith("_stream")
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if routed is not None:
+        if isinstance(routed, SyncCall):
             routed.check()
         tries = self._tries(self._ch.route(self._interface, left), deadline, metadata, key)
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
-            if routed is not None:  # a grpc future per try: the call may cancel it
+            if isinstance(routed, SyncCall):  # a grpc future per try: the call may cancel it
                 routed.check()
                 made = call.future(request, timeout=tries.left(), metadata=metadata, **kwargs)
                 routed.set_attempt(made)
                 return (made.result(),)
             replies = call(request, timeout=tries.left(), metadata=metadata, **kwargs)
+            if routed is not None:  # a stream's call: it may cancel the try
+                routed.set_attempt(replies)
             return replies if streaming else (replies,)
 
         yield from tries.run(attempt, self._ch.ensure)
