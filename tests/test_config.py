@@ -183,8 +183,10 @@ def test_a_routed_caller_structures_the_options_it_gets_over_the_kernel_api():
 
 
 def test_on_demand_units_idle_out_after_five_minutes_unless_told_otherwise():
-    """idle_timeout: unset means 300 s for a unit started on demand, never
-    for an at-start, singleton or unmanaged one; null and 0 turn it off;
+    """idle_timeout: unset means 300 s for an integrated unit started on
+    demand, never for an at-start, singleton, managed or unmanaged one (a
+    managed process does not report its calls in flight, so it would look
+    idle to the kernel while in use); null and 0 turn it off;
     a negative one is an error naming the field."""
     cmd = {"command": ["true"]}
     units = deployment_from_dict(
@@ -198,6 +200,8 @@ def test_on_demand_units_idle_out_after_five_minutes_unless_told_otherwise():
                 "short": {**cmd, "idle_timeout": "2m"},
                 "eager_told": {**cmd, "start": "at-start", "idle_timeout": 300},
                 "attached": {"kind": "unmanaged", "address": "127.0.0.1:1"},
+                "plain": {**cmd, "kind": "managed"},
+                "plain_told": {**cmd, "kind": "managed", "idle_timeout": "1m"},
             }
         },
         source="d.yaml",
@@ -211,6 +215,8 @@ def test_on_demand_units_idle_out_after_five_minutes_unless_told_otherwise():
         "short": 120.0,
         "eager_told": 300.0,
         "attached": None,
+        "plain": None,
+        "plain_told": 60.0,
     }
     with pytest.raises(ConfigError) as info:
         build_kernel({"units": {"lazy": {**cmd, "idle_timeout": -1}}})

@@ -272,8 +272,8 @@ class UnitSpec:
     min_instances: int = attrs.field(default=0, validator=_ge0)
     max_instances: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     #: seconds an instance above ``min_instances`` may go unused before it
-    #: stops; ``null`` or 0: never. Unset: :data:`DEFAULT_IDLE_TIMEOUT` for a
-    #: unit the kernel starts on demand, never for the rest (see
+    #: stops; ``null`` or 0: never. Unset: :data:`DEFAULT_IDLE_TIMEOUT` for an
+    #: integrated unit the kernel starts on demand, never for the rest (see
     #: :attr:`idle_after`)
     idle_timeout: Seconds | None = attrs.field(default=IDLE_DEFAULT)
     #: a launcher plugin; none: the default a plugin declared (built in, subprocess)
@@ -316,14 +316,16 @@ class UnitSpec:
     @property
     def idle_after(self) -> float | None:
         """The idle timeout in effect: ``idle_timeout`` as written (0: none),
-        else the default for a unit the kernel starts on demand (``start:
-        on-demand``, ``placement: any``, not ``unmanaged``), else none."""
+        else the default for an HSU the kernel starts on demand (``start:
+        on-demand``, ``placement: any``, ``kind: integrated``: it reports its
+        calls in flight, so the kernel sees it in use whoever calls it), else
+        none."""
         t = self.idle_timeout
         if isinstance(t, _DefaultIdle):
             on_demand = (
                 self.start is StartMode.ON_DEMAND
                 and self.placement is Placement.ANY
-                and self.kind is not UnitKind.UNMANAGED
+                and self.kind is UnitKind.INTEGRATED
             )
             return DEFAULT_IDLE_TIMEOUT if on_demand else None
         return t or None
