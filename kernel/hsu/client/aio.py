@@ -311,6 +311,8 @@ class _Unary(_Call):
         tries = self._tries(route, deadline, metadata, key)
 
         def attempt(ep: Endpoint) -> Any:
+            if call.is_cancelled:  # cancelled before this try began
+                raise asyncio.CancelledError()
             made = self._callable(ep.address)(
                 request, timeout=tries.left(), metadata=metadata, **kwargs
             )

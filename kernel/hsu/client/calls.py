@@ -74,15 +74,22 @@ class _AioCall:
     def __init__(self, timeout: float | None, writer: Requests | None) -> None:
         #: the latest try's grpc.aio call (set by the stub's ``attempt``)
         self.attempt: Any = None
-        #: set once a try began (for ``wait_for_connection``)
-        self.began = asyncio.Event()
+        #: set once a try began (made for ``wait_for_connection`` only)
+        self._began: asyncio.Event | None = None
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._writer = writer
 
     def set_attempt(self, call: Any) -> None:
         """A try began: ``call`` is its grpc.aio call."""
         self.attempt = call
-        self.began.set()
+        if self._began is not None:
+            self._began.set()
+
+    async def _try_began(self) -> None:
+        if self.attempt is None:
+            if self._began is None:
+                self._began = asyncio.Event()
+            await self._began.wait()
 
     def time_remaining(self) -> float | None:
         return _remaining(self._deadline)
@@ -134,47 +141,94 @@ class _AioCall:
 
 class UnaryCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUnaryCall):  # type: ignore[misc]
     """A routed call with one reply, like grpc.aio's: await it for the
-    reply; it runs (in a task of its own) from the moment it is made."""
+    reply. It runs from the moment it is made, as grpc.aio's: in the task
+    that awaits it when that happens at once (the common ``await
+    stub.Method(...)``, which then costs no task of its own), else in a task
+    started at the event loop's next turn."""
 
     def __init__(self, timeout: float | None, writer: Requests | None = None) -> None:
         super().__init__(timeout, writer)
+        self._work: Any = None
+        self._started = False
+        self._cancelled = False
         self._task: asyncio.Task[Any] | None = None
+        self._outcome: asyncio.Future[Any] | None = None
 
     def start(self, work: Any) -> UnaryCall:
         """Run ``work`` (the coroutine that steps through the tries)."""
-        task = self._task = asyncio.ensure_future(work)
-        task.add_done_callback(_retrieve)
+        loop = asyncio.get_running_loop()
+        self._work = work
+        self._outcome = loop.create_future()
+        loop.call_soon(self._kick)
         return self
 
-    def __await__(self) -> Generator[Any, None, Any]:
-        assert self._task is not None
-        return self._task.__await__()
+    def _kick(self) -> None:
+        """Not awaited by now: run in a task of its own."""
+        if not self._started:
+            self._started = True
+            self._task = asyncio.ensure_future(self._run())
+            self._task.add_done_callback(_retrieve)
 
-    def _running(self) -> asyncio.Task[Any]:
-        assert self._task is not None
-        return self._task
+    async def _run(self) -> Any:
+        outcome = self._ended_future()
+        try:
+            result = await self._work
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except BaseException as exc:
+            if not outcome.done():
+                outcome.set_exception(exc)
+                outcome.exception()  # seen: it is raised to whoever awaits the call
+            raise
+        if not outcome.done():
+            outcome.set_result(result)
+        return result
+
+    def _ended_future(self) -> asyncio.Future[Any]:
+        assert self._outcome is not None, "start() first"
+        return self._outcome
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if not self._started:
+            self._started = True
+            return self._run().__await__()
+        if self._task is not None:
+            return self._task.__await__()
+        return asyncio.shield(self._ended_future()).__await__()
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self._cancelled
 
     def done(self) -> bool:
-        return self._running().done()
+        return self._ended_future().done()
 
     def cancelled(self) -> bool:
-        return self._running().cancelled()
+        return self._ended_future().cancelled()
 
     def cancel(self) -> bool:
-        task = self._running()
-        if task.done():
+        outcome = self._ended_future()
+        if outcome.done():
             return False
+        self._cancelled = True
+        outcome.cancel()
         if self.attempt is not None:
             self.attempt.cancel()
-        return task.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        elif not self._started:  # never ran: it never will
+            self._started = True
+            self._work.close()
+        return True
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self._running().add_done_callback(lambda _: callback(self))
+        self._ended_future().add_done_callback(lambda _: callback(self))
 
     async def _ended(self) -> BaseException | None:
-        task = self._running()
-        await asyncio.wait({task})
-        return asyncio.CancelledError() if task.cancelled() else task.exception()
+        outcome = self._ended_future()
+        await asyncio.wait({outcome})
+        return asyncio.CancelledError() if outcome.cancelled() else outcome.exception()
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
         return await self._initial(await self._ended())
@@ -189,16 +243,16 @@ class UnaryCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUnaryCall):  #
         return await self._details(await self._ended())
 
     async def wait_for_connection(self) -> None:
-        task = self._running()
-        began = asyncio.ensure_future(self.began.wait())
+        outcome = self._ended_future()
+        began = asyncio.ensure_future(self._try_began())
         try:
-            await asyncio.wait({task, began}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({outcome, began}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             began.cancel()
-        if self.attempt is not None and not task.done():
+        if self.attempt is not None and not outcome.done():
             await self.attempt.wait_for_connection()
-        elif task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        elif outcome.done() and not outcome.cancelled() and outcome.exception() is not None:
+            raise outcome.exception()  # type: ignore[misc]
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
