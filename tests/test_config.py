@@ -180,3 +180,47 @@ def test_a_routed_caller_structures_the_options_it_gets_over_the_kernel_api():
         "balancer 'ring_hash': routing.balancer_options.sed: unknown key; did you mean 'seed'?; "
         "balancer 'ring_hash': routing.balancer_options.replicas: must be >= 1, got 0"
     )
+
+
+def test_on_demand_units_idle_out_after_five_minutes_unless_told_otherwise():
+    """idle_timeout: unset means 300 s for an integrated unit started on
+    demand, never for an at-start, singleton, managed or unmanaged one (a
+    managed process does not report its calls in flight, so it would look
+    idle to the kernel while in use); null and 0 turn it off;
+    a negative one is an error naming the field."""
+    cmd = {"command": ["true"]}
+    units = deployment_from_dict(
+        {
+            "units": {
+                "lazy": cmd,
+                "eager": {**cmd, "start": "at-start"},
+                "single": {**cmd, "placement": "singleton"},
+                "off": {**cmd, "idle_timeout": None},
+                "zero": {**cmd, "idle_timeout": 0},
+                "short": {**cmd, "idle_timeout": "2m"},
+                "eager_told": {**cmd, "start": "at-start", "idle_timeout": 300},
+                "attached": {"kind": "unmanaged", "address": "127.0.0.1:1"},
+                "plain": {**cmd, "kind": "managed"},
+                "plain_told": {**cmd, "kind": "managed", "idle_timeout": "1m"},
+            }
+        },
+        source="d.yaml",
+    ).units
+    assert {name: u.idle_after for name, u in units.items()} == {
+        "lazy": 300.0,
+        "eager": None,
+        "single": None,
+        "off": None,
+        "zero": None,
+        "short": 120.0,
+        "eager_told": 300.0,
+        "attached": None,
+        "plain": None,
+        "plain_told": 60.0,
+    }
+    with pytest.raises(ConfigError) as info:
+        build_kernel({"units": {"lazy": {**cmd, "idle_timeout": -1}}})
+    assert "units.lazy.idle_timeout: must be >= 0 (0: never), got -1.0" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        build_kernel({"units": {"one": {**cmd, "placement": "singleton", "idle_timeout": 60}}})
+    assert "units.one.idle_timeout: a 'placement: singleton' unit" in str(info.value)

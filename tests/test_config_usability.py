@@ -11,7 +11,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from conftest import HSU, hsu_env
+from conftest import HSU, hsu_env, until
+from hsu import InstanceState
 from hsu._kernel.config.model import deployment_from_dict
 from hsu.config import parse_duration
 from hsu.errors import ConfigError
@@ -186,3 +187,116 @@ def test_an_address_on_the_command_line_is_checked_too(tmp_path):
     out = hsu("run", str(tmp_path / "d.yaml"), "--address", ":99999")
     assert out.returncode != 0
     assert "--address: port 99999 is out of range 0-65535" in out.stderr
+
+
+# -- env_file ----------------------------------------------------------------------
+
+
+def test_an_env_file_reads_like_dotenv():
+    from hsu.config import parse_env_file
+
+    text = (
+        "# a comment\n"
+        "\n"
+        "export PLAIN=1\n"
+        "SPACED = two words  # a comment\n"
+        "SINGLE='kept # as is \\n'\n"
+        'DOUBLE="a\\tb \\"q\\" \\n"\n'
+        "EMPTY=\n"
+        "HASH=a#b\n"
+        "PLAIN=2\n"
+    )
+    assert parse_env_file(text, "app.env") == {
+        "PLAIN": "2",
+        "SPACED": "two words",
+        "SINGLE": "kept # as is \\n",
+        "DOUBLE": 'a\tb "q" \n',
+        "EMPTY": "",
+        "HASH": "a#b",
+    }
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("s3cret-token-value", "expected KEY=VALUE"),
+        (
+            "1KEY=s3cret",
+            "the name before '=' must be letters, digits and '_', not starting with a digit",
+        ),
+        ('KEY="s3cret', 'a " quote that is not closed on its line'),
+        ("KEY='s3cret' tail", "KEY: only a comment may follow the closing quote"),
+    ],
+)
+def test_a_bad_env_file_line_is_named_by_file_and_line_without_its_value(line, why):
+    from hsu.config import EnvFileError, parse_env_file
+
+    with pytest.raises(EnvFileError) as info:
+        parse_env_file(f"# first\nOK=1\n{line}\n", "app.env")
+    assert str(info.value) == f"app.env:3: {why}"
+    assert "s3cret" not in str(info.value)
+
+
+def test_env_file_problems_are_config_errors_with_the_unit_field_file_and_line(tmp_path):
+    (tmp_path / "bad.env").write_text("A=1\nnot a line\n")
+    unit = {"command": ["true"]}
+    with pytest.raises(ConfigError) as info:
+        deployment_from_dict(
+            {
+                "units": {
+                    "one": {**unit, "env_file": "missing.env"},
+                    "two": {**unit, "env_file": "bad.env"},
+                }
+            },
+            source="d.yaml",
+            base_dir=str(tmp_path),
+        )
+    problems = info.value.problems
+    assert any(
+        p.startswith("d.yaml: units.one.env_file: missing.env: cannot read it: No such file")
+        for p in problems
+    ), problems
+    assert "d.yaml: units.two.env_file: bad.env:2: expected KEY=VALUE" in problems
+
+
+async def test_instances_get_the_env_file_under_env_and_a_reload_picks_up_a_change(
+    hsu_kernel_factory, tmp_path
+):
+    """The variables reach the process (``env`` wins over the file); a
+    reload after the file changed restarts the unit's instance, which gets
+    the new values; a reload to a bad file is refused and the instance
+    keeps running."""
+    (tmp_path / "app.env").write_text("GREETING=hello\nexport WHO='the file'\n")
+    script = 'printf "%s|%s" "$GREETING" "$WHO" > seen.txt; exec sleep 600'
+
+    def raw():
+        return {
+            "units": {
+                "shell": {
+                    "kind": "managed",
+                    "command": ["sh", "-c", script],
+                    "start": "at-start",
+                    "env_file": "app.env",
+                    "env": {"WHO": "env"},
+                    "stop_grace": 2,
+                }
+            }
+        }
+
+    seen = tmp_path / "seen.txt"
+    kernel = await hsu_kernel_factory(raw())
+    await until(lambda: seen.exists() and seen.read_text() == "hello|env", 20)
+    [first] = [i.pid for i in kernel.instances.values()]
+
+    (tmp_path / "app.env").write_text("GREETING=changed\n")
+    changes = await kernel.reload(deployment_from_dict(raw(), base_dir=str(tmp_path)))
+    assert changes.restarted == ("shell",)
+    await until(lambda: seen.read_text() == "changed|env", 20)
+    pids = [i.pid for i in kernel.instances.values() if i.state is InstanceState.READY]
+    assert pids and first not in pids
+
+    (tmp_path / "app.env").write_text("GREETING=fine\nbroken\n")
+    with pytest.raises(ConfigError) as info:
+        await kernel.reload(deployment_from_dict(raw(), base_dir=str(tmp_path), defer=True))
+    assert "units.shell.env_file: app.env:2: expected KEY=VALUE" in str(info.value)
+    assert [i.pid for i in kernel.instances.values()] == pids

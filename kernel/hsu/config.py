@@ -20,7 +20,8 @@ annotates its own such fields with it.
 
 Secrets: :class:`SecretStr` (what ``${env:..}``/``${file:..}`` resolve to),
 :func:`redact`, and :func:`child_env`, the part of the kernel's environment an
-HSU inherits (:data:`DEFAULT_PASS_ENV`).
+HSU inherits (:data:`DEFAULT_PASS_ENV`); :func:`read_env_file`, a unit's
+``env_file`` (dotenv).
 """
 
 from __future__ import annotations
@@ -139,6 +140,103 @@ def _env_matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
     if not patterns:
         return lambda name: False
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+
+
+# -- env files ------------------------------------------------------------------
+
+#: a variable's name in an env file
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: what a backslash escape in a double-quoted env file value stands for
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+
+
+class EnvFileError(ValueError):
+    """A unit's ``env_file`` cannot be read, or a line of it is not
+    ``KEY=VALUE``; the message names the file and line, never a value."""
+
+
+def parse_env_file(text: str, name: str) -> dict[str, str]:
+    """The variables of a dotenv file's ``text`` (``name`` is what errors
+    call the file).
+
+    One ``KEY=VALUE`` a line, ``export `` before it allowed; blank lines and
+    lines starting with ``#`` are skipped. A value is taken as written
+    (spaces around it dropped, and a `` #`` comment after it), or quoted:
+    ``'...'`` literally, ``"..."`` with ``\\n``, ``\\t``, ``\\r``, ``\\"``,
+    ``\\\\`` and ``\\$`` escapes; no ``$VAR`` expansion. A later line wins
+    over an earlier one with the same key. Raises :class:`EnvFileError`
+    naming ``name:line``.
+    """
+    env: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+
+        def bad(why: str, number: int = number) -> EnvFileError:
+            return EnvFileError(f"{name}:{number}: {why}")
+
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("export ") or stripped.startswith("export\t"):
+            stripped = stripped[7:].lstrip()
+        key, eq, rest = stripped.partition("=")
+        key = key.rstrip()
+        if not eq:
+            raise bad("expected KEY=VALUE")
+        if not ENV_NAME.fullmatch(key):
+            raise bad(
+                "the name before '=' must be letters, digits and '_', not starting with a digit"
+            )
+        rest = rest.strip()
+        if rest[:1] in ("'", '"'):
+            value, after = _quoted(rest, bad)
+            if after.strip() and not after.strip().startswith("#"):
+                raise bad(f"{key}: only a comment may follow the closing quote")
+        else:
+            value = re.split(r"\s#", rest, maxsplit=1)[0].rstrip()
+        if "\0" in value:
+            raise bad(f"{key}: a value cannot hold a NUL character")
+        env[key] = value
+    return env
+
+
+def _quoted(rest: str, bad: Any) -> tuple[str, str]:
+    """A quoted value at the start of ``rest``, and what follows its closing quote."""
+    quote = rest[0]
+    out: list[str] = []
+    i = 1
+    while i < len(rest):
+        c = rest[i]
+        if c == quote:
+            return "".join(out), rest[i + 1 :]
+        if c == "\\" and quote == '"' and i + 1 < len(rest):
+            out.append(_ESCAPES.get(rest[i + 1], "\\" + rest[i + 1]))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    raise bad(f"a {quote} quote that is not closed on its line")
+
+
+def read_env_file(path: str | Path, name: str | None = None) -> dict[str, str]:
+    """The variables of the dotenv file at ``path`` (see
+    :func:`parse_env_file`; ``name``: what errors call it, default the
+    path). At most :data:`MAX_FILE_BYTES`, UTF-8. Raises
+    :class:`EnvFileError` for a file that is missing, unreadable, too large
+    or has a bad line."""
+    name = str(path) if name is None else name
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise EnvFileError(f"{name}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise EnvFileError(f"{name}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise EnvFileError(f"{name}:{line}: not valid UTF-8") from None
+    return parse_env_file(text.removeprefix("\ufeff"), name)
 
 
 # -- files --------------------------------------------------------------------

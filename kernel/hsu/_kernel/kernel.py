@@ -1403,7 +1403,9 @@ class Kernel:
                     self.forget(inst)
                 del self.units[name]
             for name in changes.changed:
-                await self._apply_change(name, old.units[name], new.units[name])
+                await self._apply_change(
+                    name, old.units[name], new.units[name], name in changes.restarted
+                )
             for wave in start_order(new.units):
                 added = [n for n in wave if n in changes.added]
                 for name in added:
@@ -1477,13 +1479,15 @@ class Kernel:
             raise ConfigError(problems, new.source)
         return settings
 
-    async def _apply_change(self, name: str, old: UnitSpec, new: UnitSpec) -> None:
+    async def _apply_change(
+        self, name: str, old: UnitSpec, new: UnitSpec, new_processes: bool
+    ) -> None:
         sup = self.units[name]
         sup.spec = new
         for breaker in sup.breakers.values():
             breaker.spec = new.restart.crash_loop
         sup.start_aux()
-        if needs_new_processes(old, new):
+        if new_processes:
             logger.bind(unit=name).info("reload: new processes for unit {}", name)
             for inst in list(sup.wanted):
                 await sup.restart(inst, "its unit changed")
@@ -1540,10 +1544,13 @@ class Kernel:
 def diff(old: Deployment, new: Deployment) -> Changes:
     added = tuple(sorted(set(new.units) - set(old.units)))
     removed = tuple(sorted(set(old.units) - set(new.units)))
-    changed = tuple(
-        sorted(n for n in set(old.units) & set(new.units) if old.units[n] != new.units[n])
+    kept = set(old.units) & set(new.units)
+    # a unit whose env_file now holds other variables needs new processes too
+    env_changed = {n for n in kept if old.env_files.get(n) != new.env_files.get(n)}
+    changed = tuple(sorted(n for n in kept if old.units[n] != new.units[n] or n in env_changed))
+    restarted = tuple(
+        n for n in changed if n in env_changed or needs_new_processes(old.units[n], new.units[n])
     )
-    restarted = tuple(n for n in changed if needs_new_processes(old.units[n], new.units[n]))
     sections = tuple(
         sorted(
             k

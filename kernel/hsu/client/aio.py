@@ -23,14 +23,17 @@ closed, and never used again: an instance listening there later gets a new one.
 Inside the kernel's process, :meth:`hsu.Kernel.connect` gives the same
 channel over the kernel's own routes, without a round trip to itself.
 
-Calls return the reply (unary) or an async iterator of replies (streaming),
-like grpc.aio's; the call objects' extras (``initial_metadata()``,
-``cancel()``) are not offered.
+Calls return grpc.aio's call objects (:mod:`hsu.client.calls`): await a
+unary one for its reply, iterate a streaming one (or ``read()`` it); each
+has ``initial_metadata()``, ``trailing_metadata()``, ``code()``,
+``details()``, ``cancel()``, ``done()`` and ``add_done_callback()``, which
+speak for the try that got through.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +43,7 @@ import grpc
 from loguru import logger
 
 from hsu import peer, tracecontext
+from hsu.client.calls import Requests, StreamCall, UnaryCall
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
     CHANNEL_OPTIONS,
@@ -316,16 +320,33 @@ class _Call(RoutedMethod):
 
 
 class _Unary(_Call):
-    """unary_unary and stream_unary: the reply."""
+    """unary_unary and stream_unary: a :class:`~hsu.client.calls.UnaryCall`."""
 
-    async def __call__(
+    def __call__(
         self,
-        request: Any,
+        request: Any = None,
         *,
         timeout: float | None = None,
         metadata: Any = None,
         key: str | None = None,
         **kwargs: Any,
+    ) -> UnaryCall:
+        writer = Requests() if request is None and self._kind == "stream_unary" else None
+        call = UnaryCall(timeout, writer)
+        return call.start(
+            self._invoke(
+                call, request if writer is None else writer, timeout, metadata, key, kwargs
+            )
+        )
+
+    async def _invoke(
+        self,
+        call: UnaryCall,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        key: str | None,
+        kwargs: Any,
     ) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         ch = self._ch  # the route's lookup without a coroutine, once it is known:
@@ -339,10 +360,13 @@ class _Unary(_Call):
         tries = self._tries(route, deadline, metadata, key)
 
         def attempt(ep: Endpoint) -> Any:
-            call = self._callable(ep.address)
-            return call(
+            if call.is_cancelled:  # cancelled before this try began
+                raise asyncio.CancelledError()
+            made = self._callable(ep.address)(
                 request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
             )
+            call.set_attempt(made)
+            return made
 
         reply = await tries.call_async(attempt, ch.ensure)
         if kept is not None:
@@ -351,34 +375,48 @@ class _Unary(_Call):
 
 
 class _Streaming(_Call):
-    """unary_stream and stream_stream: an async iterator of replies."""
+    """unary_stream and stream_stream: a :class:`~hsu.client.calls.StreamCall`."""
 
     def __call__(
         self,
-        request: Any,
+        request: Any = None,
         *,
         timeout: float | None = None,
         metadata: Any = None,
         key: str | None = None,
         **kwargs: Any,
-    ) -> AsyncIterator[Any]:
-        return self._run(request, timeout, metadata, key, kwargs)
+    ) -> StreamCall:
+        writer = Requests() if request is None and self._kind == "stream_stream" else None
+        call = StreamCall(timeout, writer)
+        return call.start(
+            self._run(call, request if writer is None else writer, timeout, metadata, key, kwargs)
+        )
 
     async def _run(
-        self, request: Any, timeout: float | None, metadata: Any, key: str | None, kwargs: Any
+        self,
+        call: StreamCall,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        key: str | None,
+        kwargs: Any,
     ) -> AsyncIterator[Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
         metadata = tracecontext.outgoing(metadata)
         tries = self._tries(await self._ch.route(self._interface, timeout), deadline, metadata, key)
 
         def attempt(ep: Endpoint) -> Any:
-            call = self._callable(ep.address)
-            return call(
+            if call.is_cancelled:
+                raise asyncio.CancelledError()
+            made = self._callable(ep.address)(
                 request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
             )
+            call.set_attempt(made)
+            return made
 
-        async for reply in tries.run_async(attempt, self._ch.ensure):
-            yield reply
+        async with contextlib.aclosing(tries.run_async(attempt, self._ch.ensure)) as replies:
+            async for reply in replies:
+                yield reply
 
 
 # -- resolvers ------------------------------------------------------------------

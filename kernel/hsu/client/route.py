@@ -29,8 +29,8 @@ import math
 import threading
 import time
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -833,7 +833,7 @@ class Tries:
 
     async def run_async(
         self, attempt: Callable[[Endpoint], AsyncIterable[T]], ensure: AsyncEnsure
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """A call's replies, from the try that got through."""
         try:
             while True:

@@ -16,12 +16,17 @@ idempotent method that got UNAVAILABLE on another instance within the retry
 budget and the deadline. Safe to use from many threads: the pick and the
 bookkeeping take a lock; the calls themselves run in parallel.
 
-Unary calls return the reply, streaming calls an iterator of replies; the
-call objects' extras (``with_call``, ``future``) are not offered.
+Unary calls return the reply, streaming calls an iterator of replies that
+is a ``grpc.Call`` too (:class:`hsu.client.calls.SyncStreamCall`), as
+grpc's; a unary method's ``with_call`` returns the reply and the call (a
+``grpc.Call``), its ``future`` a ``grpc.Future`` that is a ``grpc.Call`` too
+(:class:`hsu.client.calls.SyncCall`), all speaking for the try that got
+through.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import threading
@@ -34,6 +39,7 @@ from loguru import logger
 
 from hsu import peer, tracecontext
 from hsu.client.aio import CACHE_BYTES, START_TIMEOUT, control_address
+from hsu.client.calls import SyncCall, SyncStreamCall
 from hsu.client.credentials import Metadata, bearer
 from hsu.client.route import (
     CHANNEL_OPTIONS,
@@ -55,6 +61,9 @@ from hsu.peer import PeerSigner
 from hsu.ports import Endpoint
 from hsu.tls import TLSConfig
 from hsu.tls import channel as tls_channel
+
+#: threads per channel that run ``future()`` calls (more wait their turn)
+FUTURE_THREADS = 32
 
 
 def connect_sync(
@@ -146,6 +155,7 @@ class SyncRoutedChannel:
         self._routes: dict[str, Route] = {}
         self._watches: list[Any] = []
         self._closed = False
+        self._futures: concurrent.futures.ThreadPoolExecutor | None = None
 
     def reply_cache(self) -> Any:
         """This channel's own cache of replies (``routing.cache``), made on
@@ -183,8 +193,19 @@ class SyncRoutedChannel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that run ``future()`` calls (started on first use)."""
+        with self._lock:
+            if self._futures is None:
+                self._futures = concurrent.futures.ThreadPoolExecutor(
+                    FUTURE_THREADS, thread_name_prefix="hsu-future"
+                )
+            return self._futures
+
     def close(self) -> None:
         self._closed = True
+        if self._futures is not None:
+            self._futures.shutdown(wait=False)  # queued calls still run, and fail
         with self._slot_lock:
             if self._slot_requests is not None:
                 self._slot_requests.put(None)  # ends the Slots stream
@@ -471,26 +492,85 @@ class _Call(RoutedMethod):
                 if kept is not None and kept[1] is not None:
                     return kept[1]
         metadata = tracecontext.outgoing(metadata)
-        replies = self._replies(request, deadline, metadata, key, kwargs)
         if self._kind.endswith("_stream"):
-            return replies
-        [reply] = replies
+            call = SyncStreamCall(deadline)
+            return call.start(self._replies(request, deadline, metadata, key, kwargs, call))
+        [reply] = self._replies(request, deadline, metadata, key, kwargs)
         if kept is not None and route is not None:
             self.keep(self._ch.reply_cache(), kept[0], reply, route)
         return reply
 
+    def with_call(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        key: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, SyncCall]:
+        """The reply and the call (a ``grpc.Call``), as grpc's ``with_call``;
+        raises the call's error."""
+        call = self._start(request, timeout, metadata, key, kwargs)
+        call.run(call.replies)
+        return call.result(), call
+
+    def future(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        key: str | None = None,
+        **kwargs: Any,
+    ) -> SyncCall:
+        """The call as a ``grpc.Future`` (and ``grpc.Call``), run on the
+        channel's threads (:data:`FUTURE_THREADS`)."""
+        call = self._start(request, timeout, metadata, key, kwargs)
+        self._ch._pool().submit(call.run, call.replies)
+        return call
+
+    def _start(
+        self, request: Any, timeout: float | None, metadata: Any, key: str | None, kwargs: Any
+    ) -> SyncCall:
+        if self._kind.endswith("_stream"):
+            raise TypeError(f"{self._method} streams its replies: with_call and future are"
+                            " for calls with one reply, as in grpc")  # fmt: skip
+        deadline = None if timeout is None else time.monotonic() + timeout
+        call = SyncCall(deadline)
+        metadata = tracecontext.outgoing(metadata)
+        call.replies = self._replies(request, deadline, metadata, key, kwargs, call)
+        return call
+
     def _replies(
-        self, request: Any, deadline: float | None, metadata: Any, key: str | None, kwargs: Any
+        self,
+        request: Any,
+        deadline: float | None,
+        metadata: Any,
+        key: str | None,
+        kwargs: Any,
+        routed: SyncCall | SyncStreamCall | None = None,
     ) -> Iterator[Any]:
         streaming = self._kind.endswith("_stream")
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if isinstance(routed, SyncCall):
+            routed.check()
         tries = self._tries(self._ch.route(self._interface, left), deadline, metadata, key)
 
         def attempt(ep: Endpoint) -> Any:
             call = self._callable(ep.address)
+            if isinstance(routed, SyncCall):  # a grpc future per try: the call may cancel it
+                routed.check()
+                made = call.future(
+                    request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
+                )
+                routed.set_attempt(made)
+                return (made.result(),)
             replies = call(
                 request, timeout=tries.left(), metadata=self._signed(ep, metadata), **kwargs
             )
+            if routed is not None:  # a stream's call: it may cancel the try
+                routed.set_attempt(replies)
             return replies if streaming else (replies,)
 
         yield from tries.run(attempt, self._ch.ensure)

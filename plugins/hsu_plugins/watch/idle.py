@@ -1,6 +1,8 @@
 """``idle_timeout``: an instance no call (or lease) used for that long is
 stopped and its slot dropped, as long as the unit keeps ``min_instances``;
-the next call starts one on demand again.
+the next call starts one on demand again. The timeout in effect is the
+spec's ``idle_after`` (``idle_timeout`` as written, else the default for an
+HSU started on demand; docs/configuration.md, "Idle timeout").
 
 The check runs every quarter of the timeout (at least 0.1 s, at most 5 s),
 so an instance stops between ``idle_timeout`` and 1.25 x ``idle_timeout``
@@ -22,12 +24,12 @@ class Idle:
     settings: tuple[str, ...] = ("idle_timeout",)
 
     def wants(self, unit: str, spec: UnitSpec) -> bool:
-        return bool(spec.idle_timeout)
+        return bool(spec.idle_after)
 
     async def watch(self, kernel: KernelAPI, unit: str) -> None:
         while True:
             spec = kernel.deployment.units.get(unit)
-            timeout = (spec.idle_timeout if spec is not None else None) or 0.0
+            timeout = (spec.idle_after if spec is not None else None) or 0.0
             if timeout <= 0:
                 return
             await asyncio.sleep(min(max(timeout / 4, 0.1), 5.0))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from hsu._kernel.config.model import Deployment, UnitKind, UnitSpec, describe
+from hsu._kernel.config.model import Deployment, UnitKind, UnitSpec, _DefaultIdle, describe
 from hsu.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 #: unit settings only a watcher acts on (``hsu_register_watchers``), and
 #: whether a spec sets each
 WATCHED: dict[str, Callable[[UnitSpec], bool]] = {
-    "idle_timeout": lambda spec: bool(spec.idle_timeout),
+    # written in the deployment (the default, which only the idle watcher
+    # applies, needs none)
+    "idle_timeout": lambda spec: (
+        not isinstance(spec.idle_timeout, _DefaultIdle) and bool(spec.idle_timeout)
+    ),
     "limits": lambda spec: any(
         v is not None
         for v in (

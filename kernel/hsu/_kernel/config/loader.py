@@ -109,7 +109,10 @@ def effective(deployment: Deployment, settings: Mapping[str, Any]) -> dict[str, 
     return {
         "name": deployment.name,
         "plugins": list(deployment.plugins),
-        "units": {n: converter.unstructure(u) for n, u in deployment.units.items()},
+        "units": {
+            n: {**converter.unstructure(u), "idle_timeout": u.idle_after}
+            for n, u in deployment.units.items()
+        },
         **{
             section: converter.unstructure(value) if attrs.has(type(value)) else value
             for section, value in sorted(settings.items())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import enum
+import hashlib
+import json
 import re
 import shlex
 import signal
@@ -25,7 +27,14 @@ from cattrs.gen import make_dict_structure_fn, override
 
 from hsu._kernel.config.sources import MIN_SECRET_LENGTH, format_path, origin_of
 from hsu._kernel.supervision.resources import ResourceLimits
-from hsu.config import DEFAULT_PASS_ENV, Seconds, parse_duration, redact
+from hsu.config import (
+    DEFAULT_PASS_ENV,
+    EnvFileError,
+    Seconds,
+    parse_duration,
+    read_env_file,
+    redact,
+)
 from hsu.errors import ConfigError, InvalidValue
 from hsu.ports import Origin, PathT
 
@@ -262,6 +271,19 @@ def _signal_name(value: str) -> str:
     return name
 
 
+#: seconds an on-demand unit's instance may go unused before it stops, when
+#: the deployment does not say (docs/configuration.md says why 5 minutes)
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+class _DefaultIdle(float):
+    """The default idle timeout, told apart from the same number written in
+    a deployment (which applies to any unit)."""
+
+
+IDLE_DEFAULT = _DefaultIdle(DEFAULT_IDLE_TIMEOUT)
+
+
 @attrs.frozen
 class UnitSpec:
     """One kind of HSU: how to start it, what it serves, how it is kept alive.
@@ -275,6 +297,9 @@ class UnitSpec:
     kind: UnitKind = UnitKind.INTEGRATED
     interfaces: tuple[str, ...] = ()
     env: Mapping[str, str] = attrs.field(factory=dict)
+    #: a dotenv file (relative to the deployment's folder) whose variables
+    #: the instances get, under ``env``; read as each instance starts
+    env_file: str | None = None
     cwd: str | None = None
     start: StartMode = StartMode.ON_DEMAND
     #: ``singleton``: one instance cluster-wide, started by a leadership plugin
@@ -282,8 +307,11 @@ class UnitSpec:
     #: instances kept running at all times (at least 1 for ``start: at-start``)
     min_instances: int = attrs.field(default=0, validator=_ge0)
     max_instances: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    #: seconds an instance above ``min_instances`` may go unused before it stops
-    idle_timeout: Seconds | None = attrs.field(default=None)
+    #: seconds an instance above ``min_instances`` may go unused before it
+    #: stops; ``null`` or 0: never. Unset: :data:`DEFAULT_IDLE_TIMEOUT` for an
+    #: integrated unit the kernel starts on demand, never for the rest (see
+    #: :attr:`idle_after`)
+    idle_timeout: Seconds | None = attrs.field(default=IDLE_DEFAULT)
     #: a launcher plugin; none: the default a plugin declared (built in, subprocess)
     launcher: str | None = None
     #: seconds from spawn to ready before the start counts as failed
@@ -320,6 +348,23 @@ class UnitSpec:
     @property
     def argv(self) -> tuple[str, ...]:
         return (*self.command, *self.args)
+
+    @property
+    def idle_after(self) -> float | None:
+        """The idle timeout in effect: ``idle_timeout`` as written (0: none),
+        else the default for an HSU the kernel starts on demand (``start:
+        on-demand``, ``placement: any``, ``kind: integrated``: it reports its
+        calls in flight, so the kernel sees it in use whoever calls it), else
+        none."""
+        t = self.idle_timeout
+        if isinstance(t, _DefaultIdle):
+            on_demand = (
+                self.start is StartMode.ON_DEMAND
+                and self.placement is Placement.ANY
+                and self.kind is UnitKind.INTEGRATED
+            )
+            return DEFAULT_IDLE_TIMEOUT if on_demand else None
+        return t or None
 
     @property
     def initial_instances(self) -> int:
@@ -374,6 +419,9 @@ class Deployment:
     #: reported together with those found once its plugins are loaded; a
     #: kernel is never built from a deployment that has any
     problems: tuple[str, ...] = attrs.field(default=(), repr=False, eq=False)
+    #: unit name -> a digest of the variables its ``env_file`` held when
+    #: this was read (a reload restarts a unit whose file changed)
+    env_files: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
 
 def make_converter() -> cattrs.Converter:
@@ -714,6 +762,15 @@ def deployment_from_dict(
         except ConfigError as exc:
             problems.extend(exc.problems)
     problems.extend(_unit_secret_problems(units, references, source, origins))
+    env_files: dict[str, str] = {}
+    for unit_name, unit in units.items():
+        if unit.env_file is not None:
+            try:
+                env_files[unit_name] = env_file_digest(read_unit_env_file(unit, base_dir))
+            except EnvFileError as exc:
+                problems.append(
+                    describe(("units", unit_name, "env_file"), str(exc), source, origins)
+                )
     values = {*secrets, *(u.token for u in units.values() if u.token)}
     kept = Secrets(v for v in values if len(v) >= MIN_SECRET_LENGTH)
     if problems and not defer:
@@ -732,7 +789,22 @@ def deployment_from_dict(
         origins=dict(origins),
         secrets=kept,
         references=dict(references),
+        env_files=env_files,
     )
+
+
+def read_unit_env_file(unit: UnitSpec, base_dir: str) -> dict[str, str]:
+    """The variables of ``unit``'s ``env_file`` (none without one), read now;
+    raises :class:`hsu.config.EnvFileError` naming the file as written and
+    the line."""
+    if unit.env_file is None:
+        return {}
+    return read_env_file(Path(base_dir, unit.env_file), unit.env_file)
+
+
+def env_file_digest(variables: Mapping[str, str]) -> str:
+    """What tells one env file's variables from another's, without keeping them."""
+    return hashlib.sha256(json.dumps(dict(variables), sort_keys=True).encode()).hexdigest()
 
 
 #: where a secret must not be: the argv of a process is readable by every
@@ -1037,7 +1109,7 @@ def check_units(
                 ("start", spec.start is StartMode.AT_START, "on-demand (where it leads)"),
                 ("min_instances", spec.min_instances != 0, "0"),
                 ("max_instances", spec.max_instances != 1, "1"),
-                ("idle_timeout", spec.idle_timeout is not None, "unset (it never idles out)"),
+                ("idle_timeout", spec.idle_after is not None, "unset (it never idles out)"),
                 ("routing.autoscale.above", spec.routing.autoscale.above is not None, "unset"),
             ):
                 if bad:
@@ -1046,8 +1118,8 @@ def check_units(
                         tuple(field.split(".")),
                         f"a 'placement: singleton' unit needs {field} {why}",
                     )
-        if spec.idle_timeout is not None and spec.idle_timeout <= 0:
-            problem(name, ("idle_timeout",), f"must be > 0, got {spec.idle_timeout!r}")
+        if spec.idle_timeout is not None and spec.idle_timeout < 0:
+            problem(name, ("idle_timeout",), f"must be >= 0 (0: never), got {spec.idle_timeout!r}")
         for dep in spec.depends_on:
             if dep not in units:
                 problem(name, ("depends_on",), f"no unit named {dep!r}{_suggest(dep, list(units))}")

@@ -34,6 +34,7 @@ from hsu._kernel.config.model import (
     RestartPolicy,
     UnitKind,
     UnitSpec,
+    read_unit_env_file,
     structure_options,
 )
 from hsu._kernel.logsetup import ENV_LOG_FORMAT
@@ -47,7 +48,7 @@ from hsu._kernel.supervision.instances import (
 )
 from hsu._kernel.supervision.resources import open_files_note
 from hsu._kernel.supervision.statefile import SavedInstance
-from hsu.config import child_env
+from hsu.config import EnvFileError, child_env
 from hsu.core.v1 import core_pb2, core_pb2_grpc
 from hsu.errors import ConfigError, HsuError, LaunchError
 from hsu.ports import LaunchSpec, ProbeResult, ProbeTarget, ProcessHandle
@@ -638,9 +639,14 @@ class UnitSupervisor:
             return self._attach_unmanaged(inst)
         kernel = self.kernel
         launcher = kernel.plugins.launcher(spec.launcher)
+        try:  # read as each instance starts: a changed file reaches the next one
+            from_file = read_unit_env_file(spec, kernel.deployment.base_dir)
+        except EnvFileError as exc:
+            raise LaunchError(f"unit {self.name!r}: env_file: {exc}") from None
         env = {
             # the kernel's environment only as far as the unit lets it through
             **child_env(spec.pass_env, os.environ),
+            **from_file,
             **spec.env,
             **kernel.plugins.instance_env(kernel, self.name, inst.instance_id),
             ENV_KERNEL_ADDRESS: kernel.control_address,
