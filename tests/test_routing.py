@@ -279,7 +279,9 @@ async def test_killing_instances_under_load_fails_no_idempotent_call(hsu_kernel_
         await channel.close()
     assert failed == []
     assert ok > 50
-    assert set(killed) <= set(pids)  # the killed ones had been answering
+    # the first victim had been answering (the second may be a replacement a
+    # loaded machine made ready too late for any call to reach before its kill)
+    assert killed[0] in pids
     assert len(pids) >= 4  # and replacements took over
     await until(lambda: len(ready(kernel)) == 3)
 

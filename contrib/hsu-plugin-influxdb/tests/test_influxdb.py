@@ -243,7 +243,19 @@ async def test_with_the_server_down_the_buffer_is_bounded_and_drops_are_counted(
             "hsu",
             lambda s: s[0]["values"][0][1] == 1.0,
         )
-        written = {f.name: f for f in kernel.metrics.collect()}["hsu_influxdb_written_lines_total"]
-        assert written.points[0].value > 0
+
+        # the exporter counts a batch once the server's answer is read,
+        # which may be just after the rows are queryable
+        def written_lines() -> float:
+            family = {f.name: f for f in kernel.metrics.collect()}[
+                "hsu_influxdb_written_lines_total"
+            ]
+            return family.points[0].value if family.points else 0.0
+
+        for _ in range(100):
+            if written_lines() > 0:
+                break
+            await asyncio.sleep(0.1)
+        assert written_lines() > 0
     finally:
         await asyncio.to_thread(influx.stop)
