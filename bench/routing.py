@@ -670,6 +670,12 @@ class _OneRoute:
     def ended(self, ep: Endpoint) -> None:
         pass
 
+    async def acquire(self, *args: Any) -> Any:
+        raise AssertionError("the bench's unit has no max_inflight: no slot is taken")
+
+    def release(self, grant: Any) -> None:
+        raise AssertionError("the bench's unit has no max_inflight: no slot is given back")
+
     async def close(self) -> None:
         pass
 
