@@ -480,3 +480,41 @@ async def test_slots_of_a_caller_that_dies_go_back(hsu_kernel_factory, tmp_path)
             break
         await asyncio.sleep(0.05)
     assert kernel.routing.pool.held("pool") == 0
+
+
+async def test_a_caller_keeps_a_free_slot_for_its_next_call_and_gives_it_back_when_asked(
+    hsu_kernel_factory, monkeypatch
+):
+    """With slots free, a caller's steady calls take no slot from the kernel
+    each (its last call's slot is kept for the next); another caller that
+    has to wait gets it back at once (Slots' reclaim), not after the linger."""
+    import hsu.client.aio as aio
+
+    kernel = await hsu_kernel_factory(
+        {"units": {"pool": unit(min_instances=1, start="at-start", routing={"max_inflight": 1})}}
+    )
+    pool = kernel.routing.pool
+    taken = 0
+    real = pool.try_acquire
+
+    def counting(*args, **kwargs):
+        nonlocal taken
+        taken += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "try_acquire", counting)
+    # a linger far past the test's deadlines: only a reclaim can free the slot
+    monkeypatch.setattr(aio, "SLOT_LINGER", 60.0)
+    async with hsu.connect(kernel.control_address) as a, hsu.connect(kernel.control_address) as b:
+        stub_a = echo_pb2_grpc.EchoStub(a)
+        for i in range(20):
+            assert (await call(stub_a, f"a{i}", timeout=10)).message == f"a{i}"
+        assert taken <= 2  # the first call's slot served the other 19
+        assert pool.held("pool") == 1  # kept by a, between its calls
+        # b waits in the queue; the kernel asks a for its slot, a gives it
+        reply = await call(echo_pb2_grpc.EchoStub(b), "b", timeout=10)
+        assert reply.message == "b"
+        # and a, asked, takes a slot from the kernel again for its next call
+        before = taken
+        assert (await call(stub_a, "a-again", timeout=10)).message == "a-again"
+        assert taken > before

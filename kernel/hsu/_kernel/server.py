@@ -371,7 +371,17 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         pool = self.kernel.routing.pool
         grants: dict[int, Any] = {}
         pending: dict[int, asyncio.Task[None]] = {}
-        replies: asyncio.Queue[kernel_pb2.SlotReply | None] = asyncio.Queue()
+        replies: asyncio.Queue[Any] = asyncio.Queue()
+        #: the interface each held grant was asked for (what a reclaim names)
+        interfaces: dict[int, str] = {}
+
+        def reclaim(unit: str, depth: int) -> None:
+            """Calls wait for ``unit``: ask this caller for the slots of it it
+            keeps between its calls (``SlotReplies.reclaim``)."""
+            if depth > 0:
+                wanted = {interfaces[i] for i, g in grants.items() if g.unit == unit}
+                if wanted:
+                    replies.put_nowait(sorted(wanted))
 
         async def take(req: kernel_pb2.SlotRequest) -> None:
             try:
@@ -389,6 +399,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                 )
             else:
                 grants[req.id] = grant
+                interfaces[req.id] = req.interface
                 replies.put_nowait(
                     kernel_pb2.SlotReply(
                         id=req.id, endpoint=endpoint_pb(grant.endpoint, kernel_pb2.Endpoint)
@@ -411,6 +422,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                 if task is not None:
                     task.cancel()
                 grant = grants.pop(req.id, None)
+                interfaces.pop(req.id, None)
                 if grant is not None:
                     pool.release(grant)
                 return
@@ -433,6 +445,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                 now = None  # the task below answers with the error
             if now is not None:
                 grants[req.id] = now
+                interfaces[req.id] = req.interface
                 replies.put_nowait(
                     kernel_pb2.SlotReply(
                         id=req.id, endpoint=endpoint_pb(now.endpoint, kernel_pb2.Endpoint)
@@ -441,8 +454,18 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                 return
             pending[req.id] = asyncio.ensure_future(take(req))
 
+        def message(items: list[Any]) -> kernel_pb2.SlotReplies:
+            asked: set[str] = set()
+            for item in items:
+                if isinstance(item, list):
+                    asked.update(item)
+            return kernel_pb2.SlotReplies(
+                replies=[r for r in items if not isinstance(r, list)], reclaim=sorted(asked)
+            )
+
         async with self.slot_streams.hold(context):
             reader = asyncio.ensure_future(read())
+            pool.depth_changed.append(reclaim)
             try:
                 while (reply := await replies.get()) is not None:
                     # every reply ready now goes in one message
@@ -454,10 +477,12 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                             end = True
                             break
                         batch.append(more)
-                    yield kernel_pb2.SlotReplies(replies=batch)
+                    yield message(batch)
                     if end:
                         break
             finally:
+                with contextlib.suppress(ValueError):
+                    pool.depth_changed.remove(reclaim)
                 reader.cancel()
                 tasks = list(pending.values())
                 for task in tasks:

@@ -64,7 +64,7 @@ from hsu.client.route import (
 from hsu.errors import HsuError
 from hsu.metrics import client_observer
 from hsu.peer import PeerSigner
-from hsu.ports import Endpoint
+from hsu.ports import SERVING, Endpoint
 from hsu.tls import TLSConfig, aio_channel
 
 if TYPE_CHECKING:
@@ -87,6 +87,12 @@ START_TIMEOUT = 30.0
 
 #: bytes of replies a routed channel keeps for units with ``routing.cache``
 CACHE_BYTES = 16 * 2**20
+
+#: seconds a caller keeps a slot (``routing.max_inflight``) its call gave
+#: back, for its next call of the interface: with slots free, steady calls
+#: cost no round trip to the kernel; the kernel asks for them back as soon as
+#: another caller waits (``SlotReplies.reclaim``)
+SLOT_LINGER = 0.05
 
 
 def connect(
@@ -438,6 +444,14 @@ class _RemoteResolver(_Resolver):
         self._slot_reader: asyncio.Task[None] | None = None
         self._slot_waits: dict[int, asyncio.Future[Any]] = {}
         self._slot_ids = 0
+        #: slots given back by a call and kept for the next call of the same
+        #: interface (no round trip), per interface: (instance, grant, since)
+        self._idle_slots: dict[str, list[tuple[Endpoint, Any, float]]] = {}
+        #: slot requests sent and not answered yet, per interface
+        self._slot_pending: dict[str, int] = {}
+        #: per interface, until when no slot is kept (the kernel asked)
+        self._reclaimed: dict[str, float] = {}
+        self._linger: asyncio.TimerHandle | None = None
 
     def _stub(self) -> Any:
         from hsu.kernel.v1 import kernel_pb2_grpc
@@ -548,6 +562,11 @@ class _RemoteResolver(_Resolver):
         error = "the kernel's Slots stream ended"
         try:
             async for batch in call:
+                if batch.reclaim:
+                    until = asyncio.get_running_loop().time() + SLOT_LINGER
+                    for interface in batch.reclaim:
+                        self._reclaimed[interface] = until
+                        self._give_back_idle(interface)
                 for reply in batch.replies:
                     fut = self._slot_waits.pop(reply.id, None)
                     if fut is not None and not fut.done():
@@ -576,6 +595,17 @@ class _RemoteResolver(_Resolver):
         from hsu.kernel.v1 import kernel_pb2
 
         requests = self._slots()
+        if not key:  # a slot kept from this caller's last call, if any fits
+            idle = self._idle_slots.get(route.interface)
+            while idle:
+                ep, grant, _ = idle.pop()
+                listed = route.endpoints.get(ep.instance_id)
+                if grant[0] is not requests:
+                    continue  # its stream broke: the kernel took it back
+                if ep.instance_id == exclude or listed is None or listed.state != SERVING:
+                    requests.put_nowait(self._release_pb(grant[1]))
+                    continue
+                return ep, grant
         self._slot_ids += 1
         request_id = self._slot_ids
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -590,21 +620,69 @@ class _RemoteResolver(_Resolver):
                 key=key or "",
             )
         )
+        pending = self._slot_pending
+        pending[route.interface] = pending.get(route.interface, 0) + 1
         try:
             reply = await fut
         except asyncio.CancelledError:
             self._slot_waits.pop(request_id, None)
             requests.put_nowait(self._release_pb(request_id))
             raise
-        return slot_reply(reply), (requests, request_id)
+        finally:
+            pending[route.interface] -= 1
+        ep = slot_reply(reply)
+        return ep, (requests, request_id, route.interface, ep)
 
     def release(self, grant: Any) -> None:
+        """Give a slot back. Kept for this caller's next call of the
+        interface instead (for :data:`SLOT_LINGER` seconds at most) unless
+        this caller waits for slots of it or the kernel asked for them: with
+        free slots a call then costs no round trip to the kernel."""
         requests: asyncio.Queue[Any]
-        requests, request_id = grant
-        if requests is self._slot_requests:  # else its stream broke: the kernel took it back
+        requests, request_id, interface, ep = grant
+        if requests is not self._slot_requests:
+            return  # its stream broke: the kernel took it back
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._slot_pending.get(interface) or self._reclaimed.get(interface, 0.0) > now:
             requests.put_nowait(self._release_pb(request_id))
+            return
+        self._idle_slots.setdefault(interface, []).append((ep, grant, now))
+        if self._linger is None:
+            self._linger = loop.call_later(SLOT_LINGER, self._expire_idle)
+
+    def _give_back_idle(self, interface: str) -> None:
+        requests = self._slot_requests
+        for _, grant, _ in self._idle_slots.pop(interface, []):
+            if requests is not None and grant[0] is requests:
+                requests.put_nowait(self._release_pb(grant[1]))
+
+    def _expire_idle(self) -> None:
+        """Give back the slots kept longer than :data:`SLOT_LINGER`."""
+        self._linger = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        requests = self._slot_requests
+        for interface, idle in list(self._idle_slots.items()):
+            keep = []
+            for item in idle:
+                if now - item[2] >= SLOT_LINGER:
+                    if requests is not None and item[1][0] is requests:
+                        requests.put_nowait(self._release_pb(item[1][1]))
+                else:
+                    keep.append(item)
+            if keep:
+                self._idle_slots[interface] = keep
+            else:
+                del self._idle_slots[interface]
+        if self._idle_slots:
+            self._linger = loop.call_later(SLOT_LINGER, self._expire_idle)
 
     async def close(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self._idle_slots.clear()  # the stream's end gives them back
         if self._slot_requests is not None:
             self._slot_requests.put_nowait(None)
         if self._slot_reader is not None:

@@ -1107,16 +1107,24 @@ class SlotReplies(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPLIES_FIELD_NUMBER: _builtins.int
+    RECLAIM_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def replies(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotReply]: ...
+    @_builtins.property
+    def reclaim(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Interfaces whose unit has calls waiting: give back the slots of theirs
+        this caller keeps between its calls (it keeps none for a while).
+        """
+
     def __init__(
         self,
         *,
         replies: _abc.Iterable[Global___SlotReply] | None = ...,
+        reclaim: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replies", b"replies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reclaim", b"reclaim", "replies", b"replies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
