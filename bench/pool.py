@@ -348,9 +348,10 @@ def report(jobs: list[dict[str, Any]], over: dict[str, dict[str, float]], args: 
         "",
         f"**Queue overhead with slots free.** `Echo` with no delay, {args.inflight} calls in"
         " flight, one instance; two kernels side by side, one unit with `max_inflight`"
-        " unset and one with `max_inflight: 1000` (never full, so each call takes and gives"
-        f" back a slot and never waits); median of {args.rounds} rotating rounds of"
-        f" {args.seconds:g} s.",
+        " unset and one with `max_inflight: 1000` (never full, so no call waits; the gateway"
+        " takes and gives back a slot per call in the kernel, `hsu.connect` keeps the slot of"
+        " its last call for the next, `SLOT_LINGER`, and asks the kernel only when it has"
+        f" none); median of {args.rounds} rotating rounds of {args.seconds:g} s.",
         "",
         "| path | unset | max_inflight 1000 | ratio |",
         "| --- | --- | --- | --- |",
