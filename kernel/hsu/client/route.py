@@ -58,7 +58,11 @@ INSTANCE_FAILED = frozenset({grpc.StatusCode.UNAVAILABLE})
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.enable_http_proxy", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    # C-core takes this as the connect timeout too (min_connect_timeout): at
+    # 100 ms a loaded machine's HSU, up but slow to send its HTTP/2 SETTINGS,
+    # failed the call ("connection attempt timed out before receiving
+    # SETTINGS frame"). A dead instance refuses at once whatever it is.
+    ("grpc.min_reconnect_backoff_ms", 2000),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
 #: the kinds of call whose request a retry can send again (a request stream
