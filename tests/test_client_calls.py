@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -183,18 +184,20 @@ async def test_blocking_stubs_offer_with_call_and_future(hsu_kernel_factory):
         out["future error"] = (failed.exception(timeout=10).code(), failed.code())
 
         slow = echo.Echo.future(echo_pb2.EchoRequest(message="slow", delay_ms=60_000), timeout=90)
-        for _ in range(200):  # bounded: until the HSU holds it
+        for _ in range(200):  # bounded (10 s): until the HSU holds it
             if _count_sync(echo, "busy?") == 1:
                 break
+            time.sleep(0.05)
         assert not slow.done()
         out["cancel"] = (slow.cancel(), slow.cancelled(), slow.code())
         try:
             slow.result()
         except grpc.FutureCancelledError:
             out["cancelled result"] = "FutureCancelledError"
-        for _ in range(200):  # bounded: until the HSU saw the cancel
+        for _ in range(200):  # bounded (10 s): until the HSU saw the cancel
             if _count_sync(echo, "cancelled?") == 1:
                 break
+            time.sleep(0.05)
         out["seen by the HSU"] = _count_sync(echo, "cancelled?")
         return out
 
@@ -249,9 +252,10 @@ async def test_a_blocking_stream_is_an_iterator_and_a_grpc_call(hsu_kernel_facto
             next(slow)
         except grpc.RpcError as exc:
             out["cancelled"] = (first, exc.code(), slow.code())
-        for _ in range(200):  # bounded: until the HSU saw the cancel
+        for _ in range(200):  # bounded (10 s): until the HSU saw the cancel
             if _count_sync(echo, "cancelled?") == 1:
                 break
+            time.sleep(0.05)
         out["seen by the HSU"] = _count_sync(echo, "cancelled?")
         return out
 
