@@ -442,10 +442,31 @@ class DataPlane:
         return False
 
     async def withdraw(self, instance_id: str) -> None:
-        """Return once nginx sends the (draining) instance no new call."""
+        """Return once nginx sends the (draining) instance no new call: the
+        new configuration serves, and the workers of the old one have exited
+        (an old worker still takes new streams on a client's HTTP/2
+        connection it holds until it closes it; a call it then sent to the
+        stopping instance came back CANCELLED). Bounded by ``reload_timeout``."""
+        deadline = time.monotonic() + self.settings.reload_timeout
+        old: set[int] = set()
         if self.endpoints.pop(instance_id, None) is not None or self._pending is not None:
+            old = self._worker_pids()
             self.reload()
         await self._until_serving(self.generation, self.settings.reload_timeout)
+        while old and time.monotonic() < deadline:
+            old &= self._worker_pids()
+            if old:
+                await asyncio.sleep(0.02)
+
+    def _worker_pids(self) -> set[int]:
+        """nginx's worker processes now (the master's children)."""
+        if self.handle is None or self.handle.returncode is not None:
+            return set()
+        try:
+            with open(f"/proc/{self.handle.pid}/task/{self.handle.pid}/children") as f:
+                return {int(p) for p in f.read().split()}
+        except (OSError, ValueError):
+            return set()
 
     def schedule(self) -> None:
         if self._pending is None:
