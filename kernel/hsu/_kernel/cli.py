@@ -949,7 +949,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("events", help="state transitions as they happen")
+    p = sub.add_parser("events", help="state transitions and published events as they happen")
     target(p, "unit", nargs="?", help="only this unit's")
     p.add_argument("--replay", action="store_true", help="first the recent ones")
     json_opt(p, "print JSON lines, one per event")
