@@ -415,6 +415,32 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+async def test_a_line_the_rotation_thread_held_up_is_read_soon_not_at_the_tick_end(tmp_path):
+    # The rotation thread wakes on the same write as the reader and holds the
+    # file's lock for its fstat (or a rotation): the reader, turned away, comes
+    # back in milliseconds, not when its budget's tick ends (a minute here).
+    lf = LogFiles(tmp_path, interval=60)
+    out, err = lf.open_for_child("u", "u-b")
+    task = asyncio.create_task(lf.run())
+    try:
+        await asyncio.sleep(0)
+        lf.follow("u", "u-b", 1)
+        held = next(f for f in lf._files if f.instance_id == "u-b" and f.stream == "stdout")
+        held.lock.acquire()  # as _enforce() does on the rotation thread
+        try:
+            os.write(out, b"held up\n")
+            await asyncio.sleep(0.2)  # the reader woke and was turned away
+            assert lf.tail("u-b") == []
+        finally:
+            held.lock.release()
+        await until(lambda: lf.tail("u-b") == [("stdout", "held up")], within=5)
+    finally:
+        task.cancel()
+        os.close(out)
+        os.close(err)
+        lf.close()
+
+
 async def test_an_event_not_a_timer_brings_a_line_to_the_tail(tmp_path):
     lf = LogFiles(tmp_path, interval=60)  # the first timer would fire in a minute
     out, err = lf.open_for_child("u", "u-e")

@@ -43,6 +43,7 @@ CATCH_UP = 2**20  # unread bytes looked at when catching up; older ones are skip
 COPY_CHUNK = 2**20
 ROTATE_SLACK = 64 * 1024  # a file this far over max_bytes (at most a 1/4 of it) is copied whole
 ROTATE_GAP = 0.002  # the rotation thread looks at the files at most this often
+BUSY_RETRY = 0.002  # a file the rotation thread held when the reader came: read again then
 
 Tail = collections.deque[tuple[str, str]]
 
@@ -98,6 +99,7 @@ class _File:
     lines_left: int = 0
     bytes_left: int = 0
     timer: asyncio.TimerHandle | None = None  # set while it is behind: the next pass
+    busy: bool = False  # the last read found the rotation thread holding it
     # Rotation, possibly on the rotation thread: it holds ``lock`` to rotate
     # (with an fd of its own), the reader to read the live file (``closed`` is
     # set under it too).
@@ -670,7 +672,11 @@ class LogFiles:
             finally:
                 self._release(f)
         if more and f.wd is not None and f.timer is None and self._loop is not None:
-            f.timer = self._loop.call_later(max(0.0, f.window_end - now), self._resume, f)
+            if f.busy:  # turned away by a rotation (or its fstat): soon, not at the tick's end
+                f.busy = False
+                f.timer = self._loop.call_later(BUSY_RETRY, self._retry, f)
+            else:
+                f.timer = self._loop.call_later(max(0.0, f.window_end - now), self._resume, f)
 
     def _try_pass(self, f: _File, now: float, *, fresh: bool = False) -> None:
         try:
@@ -739,6 +745,12 @@ class LogFiles:
         if not self._watches:
             self._close_inotify()
         return bool(events)
+
+    def _retry(self, f: _File) -> None:
+        """The rotation thread held ``f`` at the last read: read it now, within
+        the tick's budget (the event that woke the reader said it has bytes)."""
+        f.timer = None
+        self._try_pass(f, time.monotonic())
 
     def _resume(self, f: _File) -> None:
         """The tick ``f`` had used up its budget in has ended."""
@@ -901,6 +913,7 @@ class LogFiles:
         it. A rotation since the last read is taken first instead (b"": its
         unread bytes are now ``f.backlog``, possibly empty)."""
         if not f.lock.acquire(blocking=False):
+            f.busy = True
             return None
         try:
             if f.error is not None:
