@@ -85,12 +85,12 @@ def hsu_register_registries(register: Register[Callable[..., Registry]]) -> None
 @hsu.hookimpl
 def hsu_kernel_configure(kernel: KernelAPI) -> None:
     """Campaign for the deployment's singleton units, if it has any."""
+    singletons = [n for n, u in kernel.deployment.units.items() if u.placement == "singleton"]
+    if not singletons:
+        return  # and aetcd stays unimported
     from hsu_plugin_etcd.leader import NAME, Leadership
 
     settings: EtcdSettings = kernel.settings(SECTION)
-    singletons = [n for n, u in kernel.deployment.units.items() if u.placement == "singleton"]
-    if not singletons:
-        return
     problems = []
     for name in singletons:
         unit = kernel.deployment.units[name]

@@ -20,13 +20,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from aetcd import rpc
 from loguru import logger
 
 from hsu.config import read_document
 from hsu.errors import ConfigError
 from hsu.ports import Layer, SourceContext
-from hsu_plugin_etcd.client import Etcd, prefix_end, target
+
+# aetcd (and the client module built on it) are imported only once a config
+# prefix is set: the source is registered in every kernel that has this
+# distribution installed, most of which never read etcd (docs/benchmarks.md,
+# Footprint)
 
 ENDPOINTS_ENV = "HSU_ETCD_ENDPOINTS"
 PREFIX_ENV = "HSU_ETCD_CONFIG"
@@ -51,6 +54,8 @@ class EtcdConfigSource:
             return None
         if not prefix.startswith("/"):
             raise ConfigError([f"env {PREFIX_ENV}: {prefix!r} is not a key prefix like /hsu/x"])
+        from hsu_plugin_etcd.endpoints import target
+
         endpoints = [e for e in ctx.env.get(ENDPOINTS_ENV, "127.0.0.1:2379").split(",") if e]
         try:
             target(endpoints, f"env {ENDPOINTS_ENV}")
@@ -62,6 +67,10 @@ class EtcdConfigSource:
         where = self._where(ctx)
         if where is None:
             return []
+        from aetcd import rpc
+
+        from hsu_plugin_etcd.client import prefix_end, target
+
         endpoints, prefix = where
         key = prefix.encode()
         with grpc.insecure_channel(target(endpoints)) as channel:
@@ -101,6 +110,10 @@ class EtcdConfigSource:
     async def _watch(
         self, endpoints: list[str], prefix: str, on_change: Callable[[], None]
     ) -> None:
+        from aetcd import rpc
+
+        from hsu_plugin_etcd.client import Etcd, prefix_end
+
         etcd = Etcd(endpoints, TIMEOUT)
         key = prefix.encode()
         after = self.revision

@@ -27,7 +27,7 @@ def _prefix(_: object, attribute: attrs.Attribute[str], value: str) -> None:
 
 
 def _endpoints(_: object, attribute: attrs.Attribute[str], value: tuple[str, ...]) -> None:
-    from hsu_plugin_etcd.client import target
+    from hsu_plugin_etcd.endpoints import target
 
     target(value, where="")  # the kernel's error names etcd.endpoints
 

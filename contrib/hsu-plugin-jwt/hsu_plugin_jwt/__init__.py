@@ -42,16 +42,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import jwt
 from loguru import logger
 
 import hsu
 from hsu.config import Seconds
 from hsu.errors import Unauthenticated
 from hsu.ports import Authenticator, CallInfo, Identity, KernelAPI, Register
+
+if TYPE_CHECKING:
+    import jwt
+
+# PyJWT (and cryptography under it, ~11 MiB) is imported where a key set is
+# made: a kernel that has this distribution installed but no ``jwt``
+# authenticator configured never loads it (docs/benchmarks.md, Footprint)
 
 NAME = "jwt"
 #: algorithms never accepted: no signature, or a shared secret where a JWKS
@@ -125,6 +131,8 @@ class KeySet:
         base_dir: str | Path = ".",
         clock: Callable[[], float] = time.monotonic,
     ):
+        import jwt
+
         self.settings = settings
         self.file = Path(base_dir, settings.jwks_file) if settings.jwks_file else None
         #: fetches a URL's key set (the cooldown and the refresh are this class's)
@@ -148,6 +156,8 @@ class KeySet:
     def load(self) -> None:
         """Read the key set now (blocking: the file, or the URL). Raises
         :class:`hsu.errors.HsuError` in one line when it cannot."""
+        import jwt
+
         try:
             if self.client is not None:
                 found = self.client.get_jwk_set(refresh=True)
@@ -251,6 +261,8 @@ class JwtAuthenticator:
         return self._verify(token, key)
 
     def _verify(self, token: str, key: jwt.PyJWK) -> Identity:
+        import jwt  # loaded with the key set: a dict lookup here
+
         s = self.settings
         if key.algorithm_name not in s.algorithms:
             raise Unauthenticated(
