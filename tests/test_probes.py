@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -450,11 +451,21 @@ async def test_exec_passes_the_instance_in_its_environment():
     assert result.detail.endswith(": exit status 1: u u-7 42 127.0.0.1:9")
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+def _gone(pid: int, within: float = 5.0) -> bool:
+    """``pid`` is dead (a zombie or reaped) now or within ``within`` seconds: a
+    SIGKILL is delivered when the process next runs, which on a loaded machine
+    can be after killpg() returned. One that was never signalled (it sleeps
+    1000 s) is still there at the end."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
 
 
 # Sleeps outlast any run: were the command not killed, the check would hang
