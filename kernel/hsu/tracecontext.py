@@ -6,6 +6,12 @@ trace through these two metadata keys without OpenTelemetry: a caller's
 records written inside a call carry its ``trace_id`` and ``span_id``. The
 ``otel`` plugin (contrib/hsu-plugin-otel) makes real spans of the same ids.
 
+A sampled call the kernel routes is recorded in parts (:class:`CallTrace`):
+its cold start, each pick of an instance and each attempt, as child spans
+of the kernel's span of the call; each attempt's span is the
+``traceparent`` its instance is sent, so the HSU's server span is the child
+of the attempt that reached it. An untraced call records nothing.
+
 https://www.w3.org/TR/trace-context/
 """
 
@@ -14,16 +20,27 @@ from __future__ import annotations
 import contextvars
 import re
 import secrets
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from hsu.ports import CallSpan
+
+if TYPE_CHECKING:
+    from hsu.ports import Endpoint
+
 __all__ = [
+    "ATTEMPT",
+    "CALL",
+    "COLD_START",
     "CURRENT",
+    "PICK",
     "TRACEPARENT",
     "TRACESTATE",
+    "CallTrace",
     "SpanContext",
     "current",
     "from_metadata",
@@ -113,14 +130,17 @@ def from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> SpanContext | N
 
 
 def outgoing(metadata: Any) -> Any:
-    """A routed call's metadata: with a child of the current span as its
-    ``traceparent`` when a call is in progress and the caller set none."""
+    """A routed call's metadata: with the current span as its
+    ``traceparent`` when a call is in progress and the caller set none, so
+    the instance's server span is a child of the span being served (the
+    caller records no span of its own for the call: a fresh id here would
+    name a parent no one exports)."""
     span = CURRENT.get()
     if span is None:
         return metadata
     if metadata and any(k == TRACEPARENT for k, _ in metadata):
         return metadata
-    return (*(metadata or ()), *span.child().metadata())
+    return (*(metadata or ()), *span.metadata())
 
 
 #: the span of the call being made or served in this context
@@ -142,3 +162,127 @@ def use(span: SpanContext | None) -> Iterator[SpanContext | None]:
         yield span
     finally:
         CURRENT.reset(token)
+
+
+# -- the parts of a routed call -------------------------------------------------------
+
+#: :attr:`hsu.ports.CallSpan.name` of each part of a routed call
+PICK = "hsu.pick"
+ATTEMPT = "hsu.attempt"
+COLD_START = "hsu.cold_start"
+
+
+class CallTrace:
+    """The parts of one routed call, recorded as child spans of ``span``
+    while the call runs (:class:`hsu.client.route.Tries` drives it): each
+    pick of an instance, each attempt and a cold start.
+
+    A pick runs from when the call (or its retry) began looking for an
+    instance to when it had one; the attempt on that instance begins then,
+    with a span of its own (:attr:`attempt`) that the instance is sent as
+    its ``traceparent`` (:meth:`metadata`), and ends with the try's status.
+    Only a sampled call is recorded: an untraced one makes no ``CallTrace``.
+    Records are kept as tuples and made :class:`hsu.ports.CallSpan` only
+    when asked (:meth:`spans`)."""
+
+    __slots__ = ("_ep", "_mark", "_parts", "_picking", "_since", "_tries", "attempt", "span",
+                 "start_ns")  # fmt: skip
+
+    def __init__(self, span: SpanContext) -> None:
+        self.span = span
+        #: when the call began (nanoseconds since the epoch)
+        self.start_ns = self._mark = time.time_ns()
+        #: the attempt in progress (None between attempts)
+        self.attempt: SpanContext | None = None
+        self._ep: Endpoint | None = None
+        self._since = 0
+        #: a pick is in progress (since ``_mark``)
+        self._picking = True
+        self._tries = 0
+        self._parts: list[tuple[str, str, int, int, dict[str, Any]]] = []
+
+    def add(self, name: str, start_ns: int, end_ns: int, attributes: dict[str, Any]) -> str:
+        """Record a part that ended; returns its span id."""
+        span_id = secrets.token_hex(8)
+        self._parts.append((name, span_id, start_ns, end_ns, attributes))
+        return span_id
+
+    def picked(self, ep: Endpoint) -> SpanContext:
+        """An instance was picked for the next attempt: the pick ends, the
+        attempt (returned, also :attr:`attempt`) begins."""
+        now = time.time_ns()
+        span = self.span
+        # the constructor, not span.child(): this is on the call's path
+        attempt = SpanContext(span.trace_id, secrets.token_hex(8), span.flags, span.state,
+                              span.span_id)  # fmt: skip
+        self._parts.append(
+            (PICK, secrets.token_hex(8), self._mark, now,
+             {"hsu.unit": ep.unit, "hsu.instance": ep.instance_id, "hsu.attempt": self._tries})
+        )  # fmt: skip
+        self.attempt = attempt
+        self._ep = ep
+        self._picking = False
+        self._since = now
+        return attempt
+
+    def ended(self, code: str, unreachable: bool = False) -> None:
+        """The attempt in progress ended with ``code`` (a status code's
+        name); ``unreachable``: its instance could not be reached."""
+        attempt, ep = self.attempt, self._ep
+        if attempt is None or ep is None:
+            return
+        now = time.time_ns()
+        host, _, port = ep.address.rpartition(":")
+        attributes: dict[str, Any] = {
+            "hsu.unit": ep.unit,
+            "hsu.instance": ep.instance_id,
+            "server.address": host.strip("[]") if host and port.isdigit() else ep.address,
+            "rpc.response.status_code": code,
+            "hsu.retry": self._tries > 0,
+        }
+        if host and port.isdigit():
+            attributes["server.port"] = int(port)
+        if self._tries:
+            attributes["hsu.resend_count"] = self._tries
+        if code != "OK":
+            attributes["error.type"] = code
+        if unreachable:
+            attributes["hsu.unreachable"] = True
+        self._parts.append((ATTEMPT, attempt.span_id, self._since, now, attributes))
+        self.attempt = self._ep = None
+        self._tries += 1
+        self._mark = now
+
+    def retrying(self) -> None:
+        """The call tries again: the next pick begins."""
+        self._mark = time.time_ns()
+        self._picking = True
+
+    def finish(self, code: str) -> None:
+        """The call ended with ``code``: an attempt still in progress ends
+        with it; a pick still in progress (no instance could take the call)
+        is recorded with it."""
+        if self.attempt is not None:
+            self.ended(code)
+        elif self._picking:
+            self._picking = False
+            attributes = {"hsu.attempt": self._tries, "error.type": code}
+            self.add(PICK, self._mark, time.time_ns(), attributes)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The ``traceparent`` (and ``tracestate``) for the attempt in
+        progress: its own span (the call's between attempts)."""
+        return (self.attempt or self.span).metadata()
+
+    def spans(self) -> tuple[CallSpan, ...]:
+        """The parts recorded so far, as :class:`hsu.ports.CallSpan`."""
+        parent = self.span.span_id
+        return tuple(
+            CallSpan(name, span_id, parent, start, end, attributes)
+            for name, span_id, start, end, attributes in self._parts
+        )
+
+
+#: the parts of the routed call being served in this context, when it is
+#: traced and sampled (the kernel's gateway sets it beside :data:`CURRENT`)
+CALL: contextvars.ContextVar[CallTrace | None] = contextvars.ContextVar("hsu_call", default=None)
