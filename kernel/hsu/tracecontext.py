@@ -182,8 +182,9 @@ class CallTrace:
     with a span of its own (:attr:`attempt`) that the instance is sent as
     its ``traceparent`` (:meth:`metadata`), and ends with the try's status.
     Only a sampled call is recorded: an untraced one makes no ``CallTrace``.
-    Records are kept as tuples and made :class:`hsu.ports.CallSpan` only
-    when asked (:meth:`spans`)."""
+    What the call's path records is kept raw; the ids of spans no one was
+    sent, the attributes and the :class:`hsu.ports.CallSpan` records are
+    made only when asked (:meth:`spans`)."""
 
     __slots__ = ("_ep", "_mark", "_parts", "_picking", "_since", "_tries", "attempt", "span",
                  "start_ns")  # fmt: skip
@@ -199,13 +200,13 @@ class CallTrace:
         #: a pick is in progress (since ``_mark``)
         self._picking = True
         self._tries = 0
-        self._parts: list[tuple[str, str, int, int, dict[str, Any]]] = []
+        #: (name, span id or "", start, end, what: an endpoint, a code, or
+        #: the attributes, the try's index, an instance not reached)
+        self._parts: list[tuple[str, str, int, int, Any, str, int, bool]] = []
 
-    def add(self, name: str, start_ns: int, end_ns: int, attributes: dict[str, Any]) -> str:
-        """Record a part that ended; returns its span id."""
-        span_id = secrets.token_hex(8)
-        self._parts.append((name, span_id, start_ns, end_ns, attributes))
-        return span_id
+    def add(self, name: str, start_ns: int, end_ns: int, attributes: dict[str, Any]) -> None:
+        """Record a part that ended."""
+        self._parts.append((name, "", start_ns, end_ns, attributes, "", 0, False))
 
     def picked(self, ep: Endpoint) -> SpanContext:
         """An instance was picked for the next attempt: the pick ends, the
@@ -215,10 +216,7 @@ class CallTrace:
         # the constructor, not span.child(): this is on the call's path
         attempt = SpanContext(span.trace_id, secrets.token_hex(8), span.flags, span.state,
                               span.span_id)  # fmt: skip
-        self._parts.append(
-            (PICK, secrets.token_hex(8), self._mark, now,
-             {"hsu.unit": ep.unit, "hsu.instance": ep.instance_id, "hsu.attempt": self._tries})
-        )  # fmt: skip
+        self._parts.append((PICK, "", self._mark, now, ep, "", self._tries, False))
         self.attempt = attempt
         self._ep = ep
         self._picking = False
@@ -228,29 +226,16 @@ class CallTrace:
     def ended(self, code: str, unreachable: bool = False) -> None:
         """The attempt in progress ended with ``code`` (a status code's
         name); ``unreachable``: its instance could not be reached."""
-        attempt, ep = self.attempt, self._ep
-        if attempt is None or ep is None:
+        attempt = self.attempt
+        if attempt is None:
             return
         now = time.time_ns()
-        host, _, port = ep.address.rpartition(":")
-        attributes: dict[str, Any] = {
-            "hsu.unit": ep.unit,
-            "hsu.instance": ep.instance_id,
-            "server.address": host.strip("[]") if host and port.isdigit() else ep.address,
-            "rpc.response.status_code": code,
-            "hsu.retry": self._tries > 0,
-        }
-        if host and port.isdigit():
-            attributes["server.port"] = int(port)
-        if self._tries:
-            attributes["hsu.resend_count"] = self._tries
-        if code != "OK":
-            attributes["error.type"] = code
-        if unreachable:
-            attributes["hsu.unreachable"] = True
-        self._parts.append((ATTEMPT, attempt.span_id, self._since, now, attributes))
+        tries = self._tries
+        self._parts.append(
+            (ATTEMPT, attempt.span_id, self._since, now, self._ep, code, tries, unreachable)
+        )
         self.attempt = self._ep = None
-        self._tries += 1
+        self._tries = tries + 1
         self._mark = now
 
     def retrying(self) -> None:
@@ -266,8 +251,9 @@ class CallTrace:
             self.ended(code)
         elif self._picking:
             self._picking = False
-            attributes = {"hsu.attempt": self._tries, "error.type": code}
-            self.add(PICK, self._mark, time.time_ns(), attributes)
+            self._parts.append(
+                (PICK, "", self._mark, time.time_ns(), None, code, self._tries, False)
+            )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The ``traceparent`` (and ``tracestate``) for the attempt in
@@ -277,10 +263,44 @@ class CallTrace:
     def spans(self) -> tuple[CallSpan, ...]:
         """The parts recorded so far, as :class:`hsu.ports.CallSpan`."""
         parent = self.span.span_id
-        return tuple(
-            CallSpan(name, span_id, parent, start, end, attributes)
-            for name, span_id, start, end, attributes in self._parts
-        )
+        out = []
+        for name, span_id, start, end, what, code, tries, unreachable in self._parts:
+            if name == ATTEMPT:
+                attributes = _attempt(what, code, tries, unreachable)
+            elif name == PICK:
+                attributes = {"hsu.attempt": tries}
+                if what is not None:
+                    attributes.update({"hsu.unit": what.unit, "hsu.instance": what.instance_id})
+                if code:
+                    attributes["error.type"] = code
+            else:
+                attributes = what
+            out.append(
+                CallSpan(name, span_id or secrets.token_hex(8), parent, start, end, attributes)
+            )
+        return tuple(out)
+
+
+def _attempt(ep: Endpoint, code: str, tries: int, unreachable: bool) -> dict[str, Any]:
+    """An attempt's attributes: OpenTelemetry's for an RPC client span
+    (``server.*``, ``rpc.response.status_code``, ``error.type``) and hsu's."""
+    host, _, port = ep.address.rpartition(":")
+    attributes: dict[str, Any] = {
+        "hsu.unit": ep.unit,
+        "hsu.instance": ep.instance_id,
+        "server.address": host.strip("[]") if host and port.isdigit() else ep.address,
+    }
+    if host and port.isdigit():
+        attributes["server.port"] = int(port)
+    attributes["rpc.response.status_code"] = code
+    attributes["hsu.retry"] = tries > 0
+    if tries:
+        attributes["hsu.resend_count"] = tries
+    if code != "OK":
+        attributes["error.type"] = code
+    if unreachable:
+        attributes["hsu.unreachable"] = True
+    return attributes
 
 
 #: the parts of the routed call being served in this context, when it is

@@ -272,6 +272,23 @@ async def test_hsu_connect_calls_are_children_of_the_callers_span(
     )
     assert direct["parent_span_id"] == client.span_id and direct["service"] == "traced"
     assert reply.message == f"direct {direct['span_id']}"
+    # hsu.connect_sync, the same
+    blocking = SpanContext.new()
+
+    def sync_call() -> str:
+        with hsu.connect_sync(kernel.control_address) as channel:
+            stub = echo_pb2_grpc.EchoStub(channel)
+            md = blocking.metadata()
+            return str(
+                stub.Echo(echo_pb2.EchoRequest(message="sync"), timeout=30, metadata=md).message
+            )
+
+    sync_reply = await asyncio.to_thread(sync_call)
+    (synced,) = await _until(
+        "the HSU's span", lambda: [s for s in receiver.spans if s["trace_id"] == blocking.trace_id]
+    )
+    assert synced["parent_span_id"] == blocking.span_id
+    assert sync_reply == f"sync {synced['span_id']}"
     # a retry through hsu.connect: both attempts' server spans are the caller's children
     tried = await _until(
         "two server spans",
