@@ -159,7 +159,7 @@ async def test_trace_sample_starts_traces_for_calls_without_trace_context(
     assert names == ["hsu.cold_start", "hsu.pick", "hsu.attempt"]
     cold = started.spans[0]
     assert cold.attributes == {"hsu.unit": "echo", "hsu.interface": ECHO}
-    assert started.start_ns <= cold.start_ns < cold.end_ns <= started.spans[1].end_ns
+    assert started.start_ns <= cold.start_ns < cold.end_ns <= started.spans[1].start_ns
     assert followed.span is not None and followed.span.trace_id == unsampled.trace_id
     assert not followed.span.sampled and followed.spans == ()
     assert off.span is None and off.spans == ()

@@ -238,8 +238,9 @@ class CallTrace:
         self._tries = tries + 1
         self._mark = now
 
-    def retrying(self) -> None:
-        """The call tries again: the next pick begins."""
+    def picking(self) -> None:
+        """A pick begins: the call tries again, or its first pick follows a
+        cold start."""
         self._mark = time.time_ns()
         self._picking = True
 

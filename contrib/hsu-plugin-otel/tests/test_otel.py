@@ -160,7 +160,7 @@ async def test_a_routed_calls_spans_chain_client_kernel_attempt_hsu(
     # the call waited for the instance started for it, then picked it
     assert cold["attributes"]["hsu.unit"] == "traced"
     assert cold["attributes"]["hsu.interface"] == ECHO
-    assert cold["end"] <= pick["end"] <= attempt["start"] <= at_hsu["start"]
+    assert cold["end"] <= pick["start"] <= pick["end"] <= attempt["start"] <= at_hsu["start"]
     (instance,) = kernel.instances.values()
     for span in (pick, attempt, at_hsu):
         assert span["attributes"]["hsu.instance"] == instance.instance_id

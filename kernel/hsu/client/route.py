@@ -1140,7 +1140,7 @@ class Tries:
         assert ep is not None
         self.exclude = ep.instance_id
         if self.trace is not None:
-            self.trace.retrying()
+            self.trace.picking()
         if self._caller.on_retry is not None:
             code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
             self._caller.on_retry(self.method, ep, code)

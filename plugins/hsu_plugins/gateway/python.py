@@ -375,6 +375,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             if trace is not None:
                 attributes = {"hsu.unit": route.policy.unit, "hsu.interface": interface}
                 trace.add(tracecontext.COLD_START, began, time.time_ns(), attributes)
+                trace.picking()
         metadata, key = self._call_key(route, context)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
