@@ -496,6 +496,17 @@ def microcosts(number: int = 20_000) -> dict[str, float]:
 
         out["otel"] = best(otel)
         out["otel parts"] = best(otel_parts)
+        # what the exporter's thread does with them: OTLP's protobuf encoding
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        whole = span_of(span, call.method, "OK", 1, 2, {"hsu.unit": "echo"}, resource, scope)
+        made = [part_of(call, part, resource, scope) for part in call.spans]
+        batch, batch_parts = [whole] * 100, made * 100
+        n = max(1, number // 400)
+        for key, spans in (("encode", batch), ("encode parts", batch_parts)):
+            took = timeit.repeat(lambda s=spans: encode_spans(s).SerializeToString(), number=n,
+                                 repeat=5)  # fmt: skip
+            out[key] = min(took) / n / 100
     print("  per call: " + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in out.items()))
     return out
 
@@ -672,6 +683,15 @@ def report(
         lines.append(
             f"| the otel exporter's records of the two parts (`part_of`)"
             f" | {costs['otel parts'] * 1e6:.2f} us | {costs['otel parts'] / base * 100:.2f} % |"
+        )
+        lines.append(
+            f"| OTLP's encoding of the call's span (the exporter's thread)"
+            f" | {costs['encode'] * 1e6:.2f} us | {costs['encode'] / base * 100:.2f} % |"
+        )
+        lines.append(
+            f"| OTLP's encoding of its two parts' spans"
+            f" | {costs['encode parts'] * 1e6:.2f} us"
+            f" | {costs['encode parts'] / base * 100:.2f} % |"
         )
     share = 2 * costs["count"] / base * 100
     lines += [

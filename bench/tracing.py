@@ -16,7 +16,9 @@ run back to back, on four kernels with one echo instance each:
 - *traceparent + otel*: the same on a kernel with ``kernel.exporters:
   [otel]`` sending its spans over OTLP/gRPC to a discarding receiver in a
   process of its own (before: the call's span; now: the call's, its pick's
-  and its attempt's).
+  and its attempt's);
+- *now: traceparent + otel, no picks*: the same with ``otel.picks: false``
+  (the call's and its attempt's spans).
 
 Also, in this process: the call loop (``hsu.client.route.Tries.call_async``
 on a route with one instance and an attempt that returns at once), untraced
@@ -109,9 +111,13 @@ def tree_env(before: Path | None) -> dict[str, str]:
 class TreeKernel(KernelProc):
     """A :class:`KernelProc` whose kernel and HSUs import from one tree."""
 
-    def __init__(self, tag: str, before: Path | None, otel: str = "") -> None:
+    def __init__(self, tag: str, before: Path | None, otel: str = "", picks: bool = True) -> None:
         super().__init__(tag, echo_unit("echo", metrics=True), otel=otel)
         self.env = tree_env(before)
+        if not picks:
+            self.text = self.text.replace(
+                f"  endpoint: {otel}\n", f"  endpoint: {otel}\n  picks: false\n"
+            )
 
     def start(self) -> None:
         (self.dir / "deployment.yaml").write_text(self.text)
@@ -154,11 +160,18 @@ async def throughput(
             kernels[f"{tree} otel"] = TreeKernel(
                 f"trace-{tree}-otel", path, otel=receivers[tree].endpoint
             )
+    if otel:
+        receivers["now, no picks"] = ReceiverProc()
+        kernels["now otel-no-picks"] = TreeKernel(
+            "trace-now-nopicks", None, otel=receivers["now, no picks"].endpoint, picks=False
+        )
     variants: list[tuple[str, str, bool]] = []
     for tree in ("before", "now"):
         variants += [(f"{tree}: untraced", tree, False), (f"{tree}: traceparent", tree, True)]
         if otel:
             variants.append((f"{tree}: traceparent + otel", f"{tree} otel", True))
+    if otel:
+        variants.append(("now: traceparent + otel, no picks", "now otel-no-picks", True))
     raw: dict[str, list[tuple[float, float]]] = {}
     spans: dict[str, int] = {}
     try:

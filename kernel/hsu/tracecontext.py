@@ -18,6 +18,7 @@ https://www.w3.org/TR/trace-context/
 from __future__ import annotations
 
 import contextvars
+import random
 import re
 import secrets
 import time
@@ -181,20 +182,23 @@ class CallTrace:
     instance to when it had one; the attempt on that instance begins then,
     with a span of its own (:attr:`attempt`) that the instance is sent as
     its ``traceparent`` (:meth:`metadata`), and ends with the try's status.
+    Span ids are drawn as OpenTelemetry's SDK draws them (64 random bits of
+    :mod:`random`), not from :mod:`secrets`: they identify, they guard
+    nothing, and this is on the call's path.
     Only a sampled call is recorded: an untraced one makes no ``CallTrace``.
     What the call's path records is kept raw; the ids of spans no one was
     sent, the attributes and the :class:`hsu.ports.CallSpan` records are
     made only when asked (:meth:`spans`)."""
 
-    __slots__ = ("_ep", "_mark", "_parts", "_picking", "_since", "_tries", "attempt", "span",
+    __slots__ = ("_attempt", "_ep", "_mark", "_parts", "_picking", "_since", "_tries", "span",
                  "start_ns")  # fmt: skip
 
     def __init__(self, span: SpanContext) -> None:
         self.span = span
         #: when the call began (nanoseconds since the epoch)
         self.start_ns = self._mark = time.time_ns()
-        #: the attempt in progress (None between attempts)
-        self.attempt: SpanContext | None = None
+        #: the span id of the attempt in progress ("" between attempts)
+        self._attempt = ""
         self._ep: Endpoint | None = None
         self._since = 0
         #: a pick is in progress (since ``_mark``)
@@ -208,33 +212,35 @@ class CallTrace:
         """Record a part that ended."""
         self._parts.append((name, "", start_ns, end_ns, attributes, "", 0, False))
 
-    def picked(self, ep: Endpoint) -> SpanContext:
-        """An instance was picked for the next attempt: the pick ends, the
-        attempt (returned, also :attr:`attempt`) begins."""
-        now = time.time_ns()
+    @property
+    def attempt(self) -> SpanContext | None:
+        """The span of the attempt in progress (None between attempts)."""
+        if not self._attempt:
+            return None
         span = self.span
-        # the constructor, not span.child(): this is on the call's path
-        attempt = SpanContext(span.trace_id, secrets.token_hex(8), span.flags, span.state,
-                              span.span_id)  # fmt: skip
+        return SpanContext(span.trace_id, self._attempt, span.flags, span.state, span.span_id)
+
+    def picked(self, ep: Endpoint) -> None:
+        """An instance was picked for the next attempt: the pick ends, the
+        attempt (:attr:`attempt`) begins."""
+        now = time.time_ns()
         self._parts.append((PICK, "", self._mark, now, ep, "", self._tries, False))
-        self.attempt = attempt
+        self._attempt = _span_id()
         self._ep = ep
         self._picking = False
         self._since = now
-        return attempt
 
     def ended(self, code: str, unreachable: bool = False) -> None:
         """The attempt in progress ended with ``code`` (a status code's
         name); ``unreachable``: its instance could not be reached."""
-        attempt = self.attempt
-        if attempt is None:
+        attempt = self._attempt
+        if not attempt:
             return
         now = time.time_ns()
         tries = self._tries
-        self._parts.append(
-            (ATTEMPT, attempt.span_id, self._since, now, self._ep, code, tries, unreachable)
-        )
-        self.attempt = self._ep = None
+        self._parts.append((ATTEMPT, attempt, self._since, now, self._ep, code, tries, unreachable))
+        self._attempt = ""
+        self._ep = None
         self._tries = tries + 1
         self._mark = now
 
@@ -248,7 +254,7 @@ class CallTrace:
         """The call ended with ``code``: an attempt still in progress ends
         with it; a pick still in progress (no instance could take the call)
         is recorded with it."""
-        if self.attempt is not None:
+        if self._attempt:
             self.ended(code)
         elif self._picking:
             self._picking = False
@@ -259,7 +265,11 @@ class CallTrace:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The ``traceparent`` (and ``tracestate``) for the attempt in
         progress: its own span (the call's between attempts)."""
-        return (self.attempt or self.span).metadata()
+        span = self.span
+        parent = f"00-{span.trace_id}-{self._attempt or span.span_id}-{span.flags:02x}"
+        if span.state:
+            return ((TRACEPARENT, parent), (TRACESTATE, span.state))
+        return ((TRACEPARENT, parent),)
 
     def spans(self) -> tuple[CallSpan, ...]:
         """The parts recorded so far, as :class:`hsu.ports.CallSpan`."""
@@ -276,10 +286,13 @@ class CallTrace:
                     attributes["error.type"] = code
             else:
                 attributes = what
-            out.append(
-                CallSpan(name, span_id or secrets.token_hex(8), parent, start, end, attributes)
-            )
+            out.append(CallSpan(name, span_id or _span_id(), parent, start, end, attributes))
         return tuple(out)
+
+
+def _span_id() -> str:
+    """A new span id: 16 hex digits, not all zero."""
+    return f"{random.getrandbits(64) or 1:016x}"
 
 
 def _attempt(ep: Endpoint, code: str, tries: int, unreachable: bool) -> dict[str, Any]:

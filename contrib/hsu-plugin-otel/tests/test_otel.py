@@ -70,7 +70,9 @@ def _unit(endpoint: str) -> dict[str, Any]:
     }
 
 
-def _kernel_config(receiver: Receiver, **kernel: Any) -> dict[str, Any]:
+def _kernel_config(
+    receiver: Receiver, otel: dict[str, Any] | None = None, **kernel: Any
+) -> dict[str, Any]:
     unit = _unit(receiver.endpoint)
     unit["routing"] = {"idempotent": ["Echo"]}
     return {
@@ -81,6 +83,7 @@ def _kernel_config(receiver: Receiver, **kernel: Any) -> dict[str, Any]:
             "interval": 0.3,
             "timeout": 2,
             "service_name": "kernel-under-test",
+            **(otel or {}),
         },
         "units": {"traced": unit},
     }
@@ -232,7 +235,9 @@ async def test_a_routed_calls_spans_chain_client_kernel_attempt_hsu(
 async def test_with_trace_sample_the_kernel_starts_the_trace(
     receiver: Receiver, hsu_kernel_factory: Any
 ) -> None:
-    kernel = await hsu_kernel_factory(_kernel_config(receiver, trace_sample=1.0))
+    # (and the picks left out: otel.picks false)
+    config = _kernel_config(receiver, {"picks": False}, trace_sample=1.0)
+    kernel = await hsu_kernel_factory(config)
     async with grpc.aio.insecure_channel(kernel.address) as channel:
         stub = echo_pb2_grpc.EchoStub(channel)
         reply = await stub.Echo(echo_pb2.EchoRequest(message="untraced"), timeout=30)
@@ -246,7 +251,7 @@ async def test_with_trace_sample_the_kernel_starts_the_trace(
     (call,), (attempt,) = spans["call"], spans["attempt"]
     assert call["parent_span_id"] == ""  # a root: the caller sent no traceparent
     assert at_hsu["parent_span_id"] == attempt["span_id"]
-    assert len(spans["pick"]) == 1 and len(spans["cold_start"]) == 1
+    assert spans["pick"] == [] and len(spans["cold_start"]) == 1
 
 
 @pytest.mark.integration
