@@ -11,8 +11,9 @@ process is the client. One run measures, side by side:
    ``kernel.metrics: false`` and ``HSU_METRICS=0`` in the HSU's and the
    client's environment (nothing counted anywhere). A third column is the
    metrics-on kernel again with every call carrying a sampled W3C
-   ``traceparent`` (the gateway makes a span of its own and forwards it; the
-   SDK serves the call under a child span; no exporter). Through the gateway
+   ``traceparent`` (the gateway makes a span of its own and records its
+   parts, a pick and an attempt, whose span it forwards; the SDK serves the
+   call under a child span; no exporter). Through the gateway
    (a plain stub on the kernel's address) and through ``hsu.connect``, in
    rotating rounds; the median of each.
 2. **A scrape with many instances.** A kernel with ``--instances`` instances
@@ -626,13 +627,15 @@ def report(
         " and `HSU_METRICS=0` for the HSU and the client (nothing counted); *on*: the"
         " defaults (the gateway, the HSU and `hsu.connect` each count every call under"
         " go-grpc-prometheus's names); *on + traceparent*: the same kernel, every call"
-        " carrying a sampled W3C `traceparent` (the kernel's span and the HSU's child"
-        " span are made and propagated, not exported)",
+        " carrying a sampled W3C `traceparent` (the kernel's span, its pick and attempt"
+        " spans and the HSU's span, the attempt's child, are made and propagated, not"
+        " exported)",
     ]
     if spans is not None:
         lines[-1] += (
             "; *on + traceparent + otel*: a third kernel with `kernel.exporters: [otel]`"
-            " (contrib/hsu-plugin-otel) sending the kernel's span of every call over"
+            " (contrib/hsu-plugin-otel) sending the kernel's spans of every call (the"
+            " call's, its pick's and its attempt's) over"
             " OTLP/gRPC to a discarding receiver in a process of its own"
             f" ({spans} spans received; the echo HSU exports none of its own)"
         )
