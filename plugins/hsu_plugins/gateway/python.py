@@ -337,11 +337,10 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         tracecontext.CALL.set(trace)
         return trace
 
-    def _call_key(self, route: Route, context: Any) -> tuple[tuple[tuple[str, Any], ...], Any]:
+    def _call_key(self, route: Route, sent: Any) -> tuple[tuple[tuple[str, Any], ...], Any]:
         # what a caller says of its identity is dropped: the kernel's own
         # (signed) is added per instance; the credential is the kernel's alone
         drop = DROP_KEYS if self._kernel.caller_identity() is None else DROP_KEYS_AUTH
-        sent = context.invocation_metadata() or ()
         metadata = tuple(
             (k, v) for k, v in sent if k not in drop and not k.startswith((":", IDENTITY_PREFIX))
         )
@@ -364,7 +363,8 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         replayable: Callable[[], Awaitable[bool]] | None = None,
     ) -> tuple[Tries, tuple[tuple[str, Any], ...]]:
         """The call's tries, and the metadata it forwards."""
-        trace = self._trace(context.invocation_metadata() or ())
+        sent = context.invocation_metadata() or ()
+        trace = self._trace(sent)
         try:
             route: Route | None = self._routes.route(interface)
         except HsuError:
@@ -376,7 +376,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                 attributes = {"hsu.unit": route.policy.unit, "hsu.interface": interface}
                 trace.add(tracecontext.COLD_START, began, time.time_ns(), attributes)
                 trace.picking()
-        metadata, key = self._call_key(route, context)
+        metadata, key = self._call_key(route, sent)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         priority = 0
