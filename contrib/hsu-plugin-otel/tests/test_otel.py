@@ -89,15 +89,16 @@ def _kernel_config(
     }
 
 
-def _trace_of(receiver: Receiver, trace_id: str, hsu_spans: int) -> Any:
-    """The spans of one trace, once the kernel's call span and ``hsu_spans``
-    of the HSU's have arrived (the kernel exports a call's parts with it)."""
+def _trace_of(receiver: Receiver, trace_id: str, kernel_spans: int, hsu_spans: int) -> Any:
+    """The spans of one trace, once ``kernel_spans`` of the kernel's (the
+    call's and its parts') and ``hsu_spans`` of the HSU's have arrived (a
+    batch may be sent between the call's span and its parts)."""
 
     def whole() -> list[dict[str, Any]] | None:
         mine = [s for s in receiver.spans if s["trace_id"] == trace_id]
-        kernel = [s for s in mine if s["service"] == "kernel-under-test" and s["kind"] == SERVER]
+        at_kernel = [s for s in mine if s["service"] == "kernel-under-test"]
         at_hsu = [s for s in mine if s["service"] == "traced"]
-        return mine if kernel and len(at_hsu) >= hsu_spans else None
+        return mine if len(at_kernel) >= kernel_spans and len(at_hsu) >= hsu_spans else None
 
     return _until(f"trace {trace_id}", whole)
 
@@ -147,7 +148,7 @@ async def test_a_routed_calls_spans_chain_client_kernel_attempt_hsu(
             metadata=retried.metadata(),
         )
 
-    spans = _parts(await _trace_of(receiver, first.trace_id, 1))
+    spans = _parts(await _trace_of(receiver, first.trace_id, 4, 1))
     (call,), (cold,), (pick,), (attempt,), (at_hsu,) = (
         spans[k] for k in ("call", "cold_start", "pick", "attempt", "hsu")
     )
@@ -179,7 +180,7 @@ async def test_a_routed_calls_spans_chain_client_kernel_attempt_hsu(
 
     # the retried call: two picks, two attempts, the second marked as a retry,
     # and each of the HSU's server spans the child of the attempt that reached it
-    spans = _parts(await _trace_of(receiver, retried.trace_id, 2))
+    spans = _parts(await _trace_of(receiver, retried.trace_id, 5, 2))
     assert spans["cold_start"] == [] and len(spans["pick"]) == 2
     failed, retry = spans["attempt"]
     assert failed["attributes"]["rpc.response.status_code"] == "UNAVAILABLE"
@@ -247,7 +248,7 @@ async def test_with_trace_sample_the_kernel_starts_the_trace(
     (at_hsu,) = await _until(
         "the HSU's span", lambda: [s for s in receiver.spans if s["span_id"] == hsu_span_id]
     )
-    spans = _parts(await _trace_of(receiver, at_hsu["trace_id"], 1))
+    spans = _parts(await _trace_of(receiver, at_hsu["trace_id"], 3, 1))
     (call,), (attempt,) = spans["call"], spans["attempt"]
     assert call["parent_span_id"] == ""  # a root: the caller sent no traceparent
     assert at_hsu["parent_span_id"] == attempt["span_id"]
@@ -311,7 +312,7 @@ async def test_hsu_connect_calls_are_children_of_the_callers_span(
         outer = await echo_pb2_grpc.EchoStub(channel).Echo(
             echo_pb2.EchoRequest(message="relay:inner"), timeout=30, metadata=relayed.metadata()
         )
-    spans = _parts(await _trace_of(receiver, relayed.trace_id, 2))
+    spans = _parts(await _trace_of(receiver, relayed.trace_id, 3, 2))
     (attempt,) = spans["attempt"]
     (first,) = [s for s in spans["hsu"] if s["parent_span_id"] == attempt["span_id"]]
     (inner,) = [s for s in spans["hsu"] if s is not first]
