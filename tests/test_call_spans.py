@@ -94,6 +94,7 @@ async def test_each_try_is_a_pick_and_an_attempt_whose_span_its_instance_is_sent
     assert reply.message == "ok"
 
     parts = trace.spans()
+    assert trace.spans() == parts  # the ids drawn once
     assert [p.name for p in parts] == ["hsu.pick", "hsu.attempt"] * 3
     picks, attempts = parts[0::2], parts[1::2]
     assert all(p.parent_id == span.span_id for p in parts)

@@ -272,10 +272,16 @@ class CallTrace:
         return ((TRACEPARENT, parent),)
 
     def spans(self) -> tuple[CallSpan, ...]:
-        """The parts recorded so far, as :class:`hsu.ports.CallSpan`."""
+        """The parts recorded so far, as :class:`hsu.ports.CallSpan` (a
+        part's id is drawn once: asked again, the same)."""
         parent = self.span.span_id
         out = []
-        for name, span_id, start, end, what, code, tries, unreachable in self._parts:
+        parts = self._parts
+        for i, part in enumerate(parts):
+            name, span_id, start, end, what, code, tries, unreachable = part
+            if not span_id:
+                span_id = _span_id()
+                parts[i] = (name, span_id, start, end, what, code, tries, unreachable)
             if name == ATTEMPT:
                 attributes = _attempt(what, code, tries, unreachable)
             elif name == PICK:
@@ -286,7 +292,7 @@ class CallTrace:
                     attributes["error.type"] = code
             else:
                 attributes = what
-            out.append(CallSpan(name, span_id or _span_id(), parent, start, end, attributes))
+            out.append(CallSpan(name, span_id, parent, start, end, attributes))
         return tuple(out)
 
 
