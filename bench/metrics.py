@@ -11,8 +11,9 @@ process is the client. One run measures, side by side:
    ``kernel.metrics: false`` and ``HSU_METRICS=0`` in the HSU's and the
    client's environment (nothing counted anywhere). A third column is the
    metrics-on kernel again with every call carrying a sampled W3C
-   ``traceparent`` (the gateway makes a span of its own and forwards it; the
-   SDK serves the call under a child span; no exporter). Through the gateway
+   ``traceparent`` (the gateway makes a span of its own and records its
+   parts, a pick and an attempt, whose span it forwards; the SDK serves the
+   call under a child span; no exporter). Through the gateway
    (a plain stub on the kernel's address) and through ``hsu.connect``, in
    rotating rounds; the median of each.
 2. **A scrape with many instances.** A kernel with ``--instances`` instances
@@ -428,12 +429,16 @@ def microcosts(number: int = 20_000) -> dict[str, float]:
     this process (best of 5 runs of ``number``; contention moves the best
     run little): counting it (``CallMetrics.observe``, done by the gateway
     and again by the HSU), the kernel's span (read the caller's
-    ``traceparent``, make the child, write it out), and building the span
-    record the otel exporter hands to its batch."""
+    ``traceparent``, make the child, write it out), recording the parts of
+    a sampled call (a pick and an attempt, whose span is what the instance
+    is sent), making them ``CallSpan`` records for ``hsu_routed_call``, and
+    building the span records the otel exporter hands to its batch (the
+    call's, and its two parts')."""
     import timeit
 
     from hsu.metrics import CallMetrics, Registry
-    from hsu.tracecontext import from_metadata
+    from hsu.ports import Endpoint, RoutedCall
+    from hsu.tracecontext import CallTrace, from_metadata
 
     calls = CallMetrics(Registry(), "server")
     t0 = time.perf_counter()
@@ -447,25 +452,62 @@ def microcosts(number: int = 20_000) -> dict[str, float]:
         assert parent is not None
         parent.child().metadata()
 
+    ep = Endpoint(instance_id="echo-1", unit="echo", address="127.0.0.1:5000",
+                  interfaces=(INTERFACE,))  # fmt: skip
+
+    kernels_span = SpanContext.new().child()
+
+    def parts() -> CallTrace:
+        recorder = CallTrace(kernels_span)
+        recorder.picked(ep)
+        recorder.metadata()
+        recorder.ended("OK")
+        recorder.finish("OK")
+        return recorder
+
+    recorded = parts()
+
     def best(fn: Any) -> float:
         return min(timeit.repeat(fn, number=number, repeat=5)) / number
 
-    out = {"count": best(count), "trace": best(trace)}
+    out = {
+        "count": best(count),
+        "trace": best(trace),
+        "parts": best(parts),
+        "records": best(recorded.spans),
+    }
     if has_otel():
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        from hsu_plugin_otel import span_of
+        from hsu_plugin_otel import part_of, span_of
 
-        span = SpanContext.new().child()
+        span = recorded.span
         resource = Resource.create({"service.name": "bench"})
         scope = InstrumentationScope("bench")
+        call = RoutedCall("unary", f"/{INTERFACE}/Echo", "echo", "OK", 1, 2, span,
+                          recorded.spans())  # fmt: skip
 
         def otel() -> None:
-            span_of(span, "/hsu.echo.v1.Echo/Echo", "OK", 1, 2, {"hsu.unit": "echo"},
-                    resource, scope)  # fmt: skip
+            span_of(span, call.method, "OK", 1, 2, {"hsu.unit": "echo"}, resource, scope)
+
+        def otel_parts() -> None:
+            for part in call.spans:
+                part_of(call, part, resource, scope)
 
         out["otel"] = best(otel)
+        out["otel parts"] = best(otel_parts)
+        # what the exporter's thread does with them: OTLP's protobuf encoding
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        whole = span_of(span, call.method, "OK", 1, 2, {"hsu.unit": "echo"}, resource, scope)
+        made = [part_of(call, part, resource, scope) for part in call.spans]
+        batch, batch_parts = [whole] * 100, made * 100
+        n = max(1, number // 400)
+        for key, spans in (("encode", batch), ("encode parts", batch_parts)):
+            took = timeit.repeat(lambda s=spans: encode_spans(s).SerializeToString(), number=n,
+                                 repeat=5)  # fmt: skip
+            out[key] = min(took) / n / 100
     print("  per call: " + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in out.items()))
     return out
 
@@ -585,13 +627,15 @@ def report(
         " and `HSU_METRICS=0` for the HSU and the client (nothing counted); *on*: the"
         " defaults (the gateway, the HSU and `hsu.connect` each count every call under"
         " go-grpc-prometheus's names); *on + traceparent*: the same kernel, every call"
-        " carrying a sampled W3C `traceparent` (the kernel's span and the HSU's child"
-        " span are made and propagated, not exported)",
+        " carrying a sampled W3C `traceparent` (the kernel's span, its pick and attempt"
+        " spans and the HSU's span, the attempt's child, are made and propagated, not"
+        " exported)",
     ]
     if spans is not None:
         lines[-1] += (
             "; *on + traceparent + otel*: a third kernel with `kernel.exporters: [otel]`"
-            " (contrib/hsu-plugin-otel) sending the kernel's span of every call over"
+            " (contrib/hsu-plugin-otel) sending the kernel's spans of every call (the"
+            " call's, its pick's and its attempt's) over"
             " OTLP/gRPC to a discarding receiver in a process of its own"
             f" ({spans} spans received; the echo HSU exports none of its own)"
         )
@@ -629,11 +673,28 @@ def report(
         f" us | {2 * costs['count'] / base * 100:.2f} % |",
         f"| the kernel's span from the caller's `traceparent` | {costs['trace'] * 1e6:.2f} us"
         f" | {costs['trace'] / base * 100:.2f} % |",
+        f"| a sampled call's parts recorded (`CallTrace`: a pick, an attempt and its"
+        f" `traceparent`) | {costs['parts'] * 1e6:.2f} us | {costs['parts'] / base * 100:.2f} % |",
+        f"| the parts as `CallSpan` records (only with an `hsu_routed_call` plugin)"
+        f" | {costs['records'] * 1e6:.2f} us | {costs['records'] / base * 100:.2f} % |",
     ]
     if "otel" in costs:
         lines.append(
             f"| the otel exporter's span record (`span_of`) | {costs['otel'] * 1e6:.2f} us"
             f" | {costs['otel'] / base * 100:.2f} % |"
+        )
+        lines.append(
+            f"| the otel exporter's records of the two parts (`part_of`)"
+            f" | {costs['otel parts'] * 1e6:.2f} us | {costs['otel parts'] / base * 100:.2f} % |"
+        )
+        lines.append(
+            f"| OTLP's encoding of the call's span (the exporter's thread)"
+            f" | {costs['encode'] * 1e6:.2f} us | {costs['encode'] / base * 100:.2f} % |"
+        )
+        lines.append(
+            f"| OTLP's encoding of its two parts' spans"
+            f" | {costs['encode parts'] * 1e6:.2f} us"
+            f" | {costs['encode parts'] / base * 100:.2f} % |"
         )
     share = 2 * costs["count"] / base * 100
     lines += [

@@ -49,20 +49,48 @@ async def test_a_plugin_is_told_of_each_routed_call_with_the_kernels_span(
         await stub.Echo(
             echo_pb2.EchoRequest(message="traced"), timeout=20, metadata=caller.metadata()
         )
+        # (a failed call, traced as well)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await channel.unary_unary(f"/{ECHO}/Nope")(b"", timeout=20)
+            await channel.unary_unary(f"/{ECHO}/Nope")(
+                b"", timeout=20, metadata=SpanContext.new().metadata()
+            )
     # the instance's UNIMPLEMENTED (grpc may turn a stream's early end into
     # INTERNAL on the way, as test_metrics notes)
     assert info.value.code().name in ("UNIMPLEMENTED", "INTERNAL")
 
     plain, traced, failed = told
-    assert plain.span is None
+    assert plain.span is None and plain.spans == ()
     assert plain.method == f"/{ECHO}/Echo" and plain.unit == "echo" and plain.code == "OK"
-    # the kernel's span: a child of the caller's, the parent the HSU is told of
+    # the kernel's span: a child of the caller's
     span = traced.span
     assert span is not None
     assert span.trace_id == caller.trace_id and span.parent_id == caller.span_id
     assert span.span_id not in (caller.span_id, "0" * 16) and span.sampled
+    # its parts: the pick of the (running) instance, then the attempt on it,
+    # whose span is the parent the HSU was told of
+    pick, attempt = traced.spans
+    (instance,) = kernel.instances.values()
+    assert (pick.name, attempt.name) == ("hsu.pick", "hsu.attempt")
+    assert {pick.parent_id, attempt.parent_id} == {span.span_id}
+    assert len({pick.span_id, attempt.span_id, span.span_id}) == 3
+    assert traced.start_ns <= pick.start_ns <= pick.end_ns <= attempt.start_ns
+    assert attempt.start_ns <= attempt.end_ns <= traced.end_ns
+    assert pick.attributes == {
+        "hsu.unit": "echo",
+        "hsu.instance": instance.instance_id,
+        "hsu.attempt": 0,
+    }
+    host, _, port = instance.address.rpartition(":")
+    assert attempt.attributes == {
+        "hsu.unit": "echo",
+        "hsu.instance": instance.instance_id,
+        "server.address": host,
+        "server.port": int(port),
+        "rpc.response.status_code": "OK",
+        "hsu.retry": False,
+    }
+    (fail_attempt,) = [p for p in failed.spans if p.name == "hsu.attempt"]
+    assert fail_attempt.attributes["error.type"] == failed.code
     assert traced.kind in ("unary", "bidi_stream") and traced.code == "OK"
     assert 0 < traced.end_ns - traced.start_ns < 20 * 10**9
     assert traced.start_ns >= plain.end_ns - 10**6
@@ -93,3 +121,56 @@ def test_a_child_span_names_its_parent() -> None:
     assert child.parent_id == root.span_id and child.trace_id == root.trace_id
     # the parent is not carried on the wire: traceparent has trace, span, flags
     assert child.traceparent == f"00-{root.trace_id}-{child.span_id}-01"
+
+
+@pytest.mark.integration
+async def test_trace_sample_starts_traces_for_calls_without_trace_context(
+    hsu_kernel_factory: Any, tmp_path: Any
+) -> None:
+    from hsu._kernel.config.model import deployment_from_dict
+
+    told: list[RoutedCall] = []
+
+    class Tracer:
+        @staticmethod
+        @hsu.hookimpl
+        def hsu_routed_call(kernel: Any, call: RoutedCall) -> None:
+            told.append(call)
+
+    raw = {"kernel": {"trace_sample": 1.0}, "units": {"echo": UNIT}}
+    kernel = await hsu_kernel_factory(raw, plugins=[Tracer])
+    unsampled = SpanContext.new(sampled=False)
+    async with grpc.aio.insecure_channel(kernel.address) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        await stub.Echo(echo_pb2.EchoRequest(message="a"), timeout=20)
+        # the caller decided not to sample: the kernel follows it
+        await stub.Echo(
+            echo_pb2.EchoRequest(message="b"), timeout=20, metadata=unsampled.metadata()
+        )
+        # a reload turns it off
+        raw["kernel"] = {"trace_sample": 0.0}
+        await kernel.reload(deployment_from_dict(raw, source="<test>", base_dir=str(tmp_path)))
+        await stub.Echo(echo_pb2.EchoRequest(message="c"), timeout=20)
+    started, followed, off = told
+    # a root the kernel started: no parent, sampled, with its parts (it
+    # waited for the on-demand instance)
+    assert started.span is not None and started.span.parent_id == "" and started.span.sampled
+    names = [p.name for p in started.spans]
+    assert names == ["hsu.cold_start", "hsu.pick", "hsu.attempt"]
+    cold = started.spans[0]
+    assert cold.attributes == {"hsu.unit": "echo", "hsu.interface": ECHO}
+    assert started.start_ns <= cold.start_ns < cold.end_ns <= started.spans[1].start_ns
+    assert followed.span is not None and followed.span.trace_id == unsampled.trace_id
+    assert not followed.span.sampled and followed.spans == ()
+    assert off.span is None and off.spans == ()
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "often", True])
+def test_a_trace_sample_that_is_no_share_is_refused(value: Any, tmp_path: Any) -> None:
+    from hsu.errors import ConfigError
+    from hsu.testing import build_kernel
+
+    with pytest.raises(ConfigError, match=r"kernel\.trace_sample: ") as info:
+        build_kernel({"kernel": {"trace_sample": value}, "units": {}}, base_dir=str(tmp_path))
+    if isinstance(value, float):
+        assert "from 0.0 (trace none) to 1.0 (trace every call)" in str(info.value)

@@ -507,15 +507,17 @@ def hsu_routed_call(kernel: KernelAPI, call: RoutedCall) -> None:
     """A call the kernel's gateway routed ended (all its tries).
 
     For tracing and access logs: ``call.span`` is the kernel's span of the
-    call when the caller sent a ``traceparent`` (its ``parent_id`` the
-    caller's span; the instance's server span is its child). Called
+    call when it is traced (its ``parent_id`` the caller's span, "" for a
+    trace the kernel started, ``kernel.trace_sample``), and ``call.spans``
+    its parts when sampled (cold start, picks, attempts: each attempt's
+    span is its instance's parent; docs/tracing.md). Called
     synchronously in the kernel's event loop, on the call's path, only when
     a plugin implements it: keep it to microseconds (queue the record and
     export it elsewhere) and do not raise; one that raises is logged.
 
     :param kernel: the kernel.
     :param call: the :class:`hsu.ports.RoutedCall`: ``kind``, ``method``,
-        ``unit``, ``code``, ``start_ns``, ``end_ns`` and ``span``.
+        ``unit``, ``code``, ``start_ns``, ``end_ns``, ``span`` and ``spans``.
     """
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "Cached",
     "CallInfo",
     "CallObserver",
+    "CallSpan",
     "Changes",
     "CircuitBreaker",
     "Cluster",
@@ -409,6 +410,32 @@ class Exporter(Protocol):
 
 
 @attrs.frozen
+class CallSpan:
+    """One part of a routed call, a child span of the kernel's span of the
+    call (:attr:`RoutedCall.span`): the pick of an instance, an attempt, a
+    cold start. Ids are hex, as in :class:`hsu.tracecontext.SpanContext`;
+    the trace is the call's."""
+
+    #: ``hsu.pick`` (choosing an instance for a try: the balancer, and any
+    #: wait for a slot or for an instance that can take the call),
+    #: ``hsu.attempt`` (one try on one instance; its span is the
+    #: ``traceparent`` the instance is sent, so the HSU's server span is its
+    #: child) or ``hsu.cold_start`` (waiting for an instance started for the
+    #: call); see :mod:`hsu.tracecontext`
+    name: str
+    span_id: str
+    #: the call's span (``RoutedCall.span.span_id``)
+    parent_id: str
+    #: nanoseconds since the epoch
+    start_ns: int
+    end_ns: int
+    #: OpenTelemetry-style attributes: ``hsu.unit``, ``hsu.instance``,
+    #: ``server.address``, ``server.port``, ``rpc.response.status_code``,
+    #: ``hsu.retry``, ``hsu.resend_count``, ``error.type``... (docs/hooks.md)
+    attributes: Mapping[str, str | int | float | bool] = attrs.field(factory=dict)
+
+
+@attrs.frozen
 class RoutedCall:
     """A call the kernel routed, as ``hsu_routed_call`` is told of it once it
     ended (all its tries)."""
@@ -424,10 +451,16 @@ class RoutedCall:
     #: when it began and ended, nanoseconds since the epoch
     start_ns: int
     end_ns: int
-    #: the kernel's span of the call (a child of the caller's ``traceparent``,
-    #: and the parent the instance was told of; ``span.parent_id`` is the
-    #: caller's span); None when the caller sent no trace context
+    #: the kernel's span of the call, a child of the caller's ``traceparent``
+    #: (``span.parent_id``; "" for a trace the kernel started itself,
+    #: ``kernel.trace_sample``); None when the call is not traced. When it
+    #: is sampled, each instance was sent its attempt's span (in ``spans``)
+    #: as its parent; when not, this one
     span: SpanContext | None = None
+    #: the call's parts as child spans of ``span`` (its cold start, picks
+    #: and attempts), in the order they ended; empty when ``span`` is None
+    #: or not sampled
+    spans: tuple[CallSpan, ...] = ()
 
 
 #: what a gateway calls as each routed call ends: (grpc kind as grpc names it,

@@ -6,24 +6,42 @@ trace through these two metadata keys without OpenTelemetry: a caller's
 records written inside a call carry its ``trace_id`` and ``span_id``. The
 ``otel`` plugin (contrib/hsu-plugin-otel) makes real spans of the same ids.
 
+A sampled call the kernel routes is recorded in parts (:class:`CallTrace`):
+its cold start, each pick of an instance and each attempt, as child spans
+of the kernel's span of the call; each attempt's span is the
+``traceparent`` its instance is sent, so the HSU's server span is the child
+of the attempt that reached it. An untraced call records nothing.
+
 https://www.w3.org/TR/trace-context/
 """
 
 from __future__ import annotations
 
 import contextvars
+import random
 import re
 import secrets
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from hsu.ports import CallSpan
+
+if TYPE_CHECKING:
+    from hsu.ports import Endpoint
+
 __all__ = [
+    "ATTEMPT",
+    "CALL",
+    "COLD_START",
     "CURRENT",
+    "PICK",
     "TRACEPARENT",
     "TRACESTATE",
+    "CallTrace",
     "SpanContext",
     "current",
     "from_metadata",
@@ -113,14 +131,17 @@ def from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> SpanContext | N
 
 
 def outgoing(metadata: Any) -> Any:
-    """A routed call's metadata: with a child of the current span as its
-    ``traceparent`` when a call is in progress and the caller set none."""
+    """A routed call's metadata: with the current span as its
+    ``traceparent`` when a call is in progress and the caller set none, so
+    the instance's server span is a child of the span being served (the
+    caller records no span of its own for the call: a fresh id here would
+    name a parent no one exports)."""
     span = CURRENT.get()
     if span is None:
         return metadata
     if metadata and any(k == TRACEPARENT for k, _ in metadata):
         return metadata
-    return (*(metadata or ()), *span.child().metadata())
+    return (*(metadata or ()), *span.metadata())
 
 
 #: the span of the call being made or served in this context
@@ -142,3 +163,166 @@ def use(span: SpanContext | None) -> Iterator[SpanContext | None]:
         yield span
     finally:
         CURRENT.reset(token)
+
+
+# -- the parts of a routed call -------------------------------------------------------
+
+#: :attr:`hsu.ports.CallSpan.name` of each part of a routed call
+PICK = "hsu.pick"
+ATTEMPT = "hsu.attempt"
+COLD_START = "hsu.cold_start"
+
+
+class CallTrace:
+    """The parts of one routed call, recorded as child spans of ``span``
+    while the call runs (:class:`hsu.client.route.Tries` drives it): each
+    pick of an instance, each attempt and a cold start.
+
+    A pick runs from when the call (or its retry) began looking for an
+    instance to when it had one; the attempt on that instance begins then,
+    with a span of its own (:attr:`attempt`) that the instance is sent as
+    its ``traceparent`` (:meth:`metadata`), and ends with the try's status.
+    Span ids are drawn as OpenTelemetry's SDK draws them (64 random bits of
+    :mod:`random`), not from :mod:`secrets`: they identify, they guard
+    nothing, and this is on the call's path.
+    Only a sampled call is recorded: an untraced one makes no ``CallTrace``.
+    What the call's path records is kept raw; the ids of spans no one was
+    sent, the attributes and the :class:`hsu.ports.CallSpan` records are
+    made only when asked (:meth:`spans`)."""
+
+    __slots__ = ("_attempt", "_ep", "_mark", "_parts", "_picking", "_since", "_tries", "span",
+                 "start_ns")  # fmt: skip
+
+    def __init__(self, span: SpanContext) -> None:
+        self.span = span
+        #: when the call began (nanoseconds since the epoch)
+        self.start_ns = self._mark = time.time_ns()
+        #: the span id of the attempt in progress ("" between attempts)
+        self._attempt = ""
+        self._ep: Endpoint | None = None
+        self._since = 0
+        #: a pick is in progress (since ``_mark``)
+        self._picking = True
+        self._tries = 0
+        #: (name, span id or "", start, end, what: an endpoint, a code, or
+        #: the attributes, the try's index, an instance not reached)
+        self._parts: list[tuple[str, str, int, int, Any, str, int, bool]] = []
+
+    def add(self, name: str, start_ns: int, end_ns: int, attributes: dict[str, Any]) -> None:
+        """Record a part that ended."""
+        self._parts.append((name, "", start_ns, end_ns, attributes, "", 0, False))
+
+    @property
+    def attempt(self) -> SpanContext | None:
+        """The span of the attempt in progress (None between attempts)."""
+        if not self._attempt:
+            return None
+        span = self.span
+        return SpanContext(span.trace_id, self._attempt, span.flags, span.state, span.span_id)
+
+    def picked(self, ep: Endpoint) -> None:
+        """An instance was picked for the next attempt: the pick ends, the
+        attempt (:attr:`attempt`) begins."""
+        now = time.time_ns()
+        self._parts.append((PICK, "", self._mark, now, ep, "", self._tries, False))
+        self._attempt = _span_id()
+        self._ep = ep
+        self._picking = False
+        self._since = now
+
+    def ended(self, code: str, unreachable: bool = False) -> None:
+        """The attempt in progress ended with ``code`` (a status code's
+        name); ``unreachable``: its instance could not be reached."""
+        attempt = self._attempt
+        if not attempt:
+            return
+        now = time.time_ns()
+        tries = self._tries
+        self._parts.append((ATTEMPT, attempt, self._since, now, self._ep, code, tries, unreachable))
+        self._attempt = ""
+        self._ep = None
+        self._tries = tries + 1
+        self._mark = now
+
+    def picking(self) -> None:
+        """A pick begins: the call tries again, or its first pick follows a
+        cold start."""
+        self._mark = time.time_ns()
+        self._picking = True
+
+    def finish(self, code: str) -> None:
+        """The call ended with ``code``: an attempt still in progress ends
+        with it; a pick still in progress (no instance could take the call)
+        is recorded with it."""
+        if self._attempt:
+            self.ended(code)
+        elif self._picking:
+            self._picking = False
+            self._parts.append(
+                (PICK, "", self._mark, time.time_ns(), None, code, self._tries, False)
+            )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The ``traceparent`` (and ``tracestate``) for the attempt in
+        progress: its own span (the call's between attempts)."""
+        span = self.span
+        parent = f"00-{span.trace_id}-{self._attempt or span.span_id}-{span.flags:02x}"
+        if span.state:
+            return ((TRACEPARENT, parent), (TRACESTATE, span.state))
+        return ((TRACEPARENT, parent),)
+
+    def spans(self) -> tuple[CallSpan, ...]:
+        """The parts recorded so far, as :class:`hsu.ports.CallSpan` (a
+        part's id is drawn once: asked again, the same)."""
+        parent = self.span.span_id
+        out = []
+        parts = self._parts
+        for i, part in enumerate(parts):
+            name, span_id, start, end, what, code, tries, unreachable = part
+            if not span_id:
+                span_id = _span_id()
+                parts[i] = (name, span_id, start, end, what, code, tries, unreachable)
+            if name == ATTEMPT:
+                attributes = _attempt(what, code, tries, unreachable)
+            elif name == PICK:
+                attributes = {"hsu.attempt": tries}
+                if what is not None:
+                    attributes.update({"hsu.unit": what.unit, "hsu.instance": what.instance_id})
+                if code:
+                    attributes["error.type"] = code
+            else:
+                attributes = what
+            out.append(CallSpan(name, span_id, parent, start, end, attributes))
+        return tuple(out)
+
+
+def _span_id() -> str:
+    """A new span id: 16 hex digits, not all zero."""
+    return f"{random.getrandbits(64) or 1:016x}"
+
+
+def _attempt(ep: Endpoint, code: str, tries: int, unreachable: bool) -> dict[str, Any]:
+    """An attempt's attributes: OpenTelemetry's for an RPC client span
+    (``server.*``, ``rpc.response.status_code``, ``error.type``) and hsu's."""
+    host, _, port = ep.address.rpartition(":")
+    attributes: dict[str, Any] = {
+        "hsu.unit": ep.unit,
+        "hsu.instance": ep.instance_id,
+        "server.address": host.strip("[]") if host and port.isdigit() else ep.address,
+    }
+    if host and port.isdigit():
+        attributes["server.port"] = int(port)
+    attributes["rpc.response.status_code"] = code
+    attributes["hsu.retry"] = tries > 0
+    if tries:
+        attributes["hsu.resend_count"] = tries
+    if code != "OK":
+        attributes["error.type"] = code
+    if unreachable:
+        attributes["hsu.unreachable"] = True
+    return attributes
+
+
+#: the parts of the routed call being served in this context, when it is
+#: traced and sampled (the kernel's gateway sets it beside :data:`CURRENT`)
+CALL: contextvars.ContextVar[CallTrace | None] = contextvars.ContextVar("hsu_call", default=None)

@@ -5,10 +5,13 @@ The ``otel`` exporter, once started, does two things on the kernel's loop:
 
 - **spans**: it registers a per-kernel object implementing
   ``hsu_routed_call``; each routed call that carries a sampled trace context
-  becomes a span whose ids are the kernel's span of the call (the parent the
-  instance was told of, so the HSU's server span is its child) and whose
-  parent is the caller's span. The record is handed to a
-  ``BatchSpanProcessor``, which exports from a thread of its own.
+  (the caller's, or one the kernel started, ``kernel.trace_sample``)
+  becomes a SERVER span whose ids are the kernel's span of the call and
+  whose parent is the caller's span, with its parts as children: an
+  INTERNAL ``hsu.cold_start`` span, an INTERNAL ``hsu.pick`` span per try
+  and a CLIENT span per attempt (the parent its instance was told of, so
+  the HSU's server span is the attempt's child). The records are handed to
+  a ``BatchSpanProcessor``, which exports from a thread of its own.
 - **metrics**: every ``interval`` seconds it gathers ``kernel.metrics``
   (what a Prometheus scrape would show, the HSUs' own included) and writes
   them as OTLP metrics (counters as cumulative monotonic sums, gauges,
@@ -38,10 +41,10 @@ from loguru import logger
 import hsu
 from hsu.errors import PluginError
 from hsu.metrics import Family
-from hsu.ports import KernelAPI, RoutedCall
-from hsu.tracecontext import SpanContext
+from hsu.ports import CallSpan, KernelAPI, RoutedCall
+from hsu.tracecontext import ATTEMPT, PICK, SpanContext
 
-__all__ = ["SECTION", "OtelExporter", "OtelSettings", "metrics_data", "span_of"]
+__all__ = ["SECTION", "OtelExporter", "OtelSettings", "metrics_data", "part_of", "span_of"]
 
 SECTION = "otel"
 #: the instrumentation scope of what this plugin exports
@@ -74,6 +77,11 @@ class OtelSettings:
     timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     #: export the spans of routed calls
     traces: bool = True
+    #: export a ``hsu.pick`` span per try of a routed call; ``false`` leaves
+    #: them out (a third of a call's spans at the kernel, and of what they
+    #: cost to send): the attempt spans still name their instance, and a
+    #: pick's wait shows as the gap before its attempt
+    picks: bool = True
     #: export the kernel's metrics
     metrics: bool = True
     #: send to a receiver off loopback (over ``http://``, in clear)
@@ -209,13 +217,7 @@ def span_of(
     when set), as the SDK's ``ReadableSpan``; gRPC's semantic attributes
     (``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``)
     beside ``attributes``; status ERROR for a code other than OK."""
-    trace, ReadableSpan, Status, StatusCode = _span_types()
-    trace_id = int(span.trace_id, 16)
-    flags = trace.TraceFlags(span.flags & 0xFF)
-    context = trace.SpanContext(trace_id, int(span.span_id, 16), False, flags)
-    parent = None
-    if span.parent_id:
-        parent = trace.SpanContext(trace_id, int(span.parent_id, 16), True, flags)
+    trace = _span_types()[0]
     service, _, method = name.lstrip("/").partition("/")
     attrs_ = {
         "rpc.system": "grpc",
@@ -224,14 +226,91 @@ def span_of(
         "rpc.grpc.status_code": _status_number(code),
         **attributes,
     }
+    return _readable(
+        span.trace_id,
+        span.span_id,
+        span.parent_id,
+        span.flags,
+        name.lstrip("/"),
+        trace.SpanKind.SERVER,
+        code,
+        start_ns,
+        end_ns,
+        attrs_,
+        resource,
+        scope,
+    )
+
+
+def part_of(call: RoutedCall, part: CallSpan, resource: Any, scope: Any) -> Any:
+    """One part of a routed call (``call.spans``) as the SDK's
+    ``ReadableSpan``, a child of the call's span: an attempt is a CLIENT span
+    named as the method (OpenTelemetry's RPC conventions: a span per attempt,
+    with ``rpc.*``, ``server.address`` and ``server.port``; its status ERROR
+    for a code other than OK); a pick or a cold start an INTERNAL span named
+    ``hsu.pick`` / ``hsu.cold_start`` (ERROR when ``error.type`` is set)."""
+    trace = _span_types()[0]
+    span = call.span
+    assert span is not None
+    if part.name == ATTEMPT:
+        code = str(part.attributes.get("rpc.response.status_code", "UNKNOWN"))
+        service, _, method = call.method.lstrip("/").partition("/")
+        attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": method,
+            "rpc.grpc.status_code": _status_number(code),
+            **part.attributes,
+        }
+        name, kind = call.method.lstrip("/"), trace.SpanKind.CLIENT
+    else:
+        code = str(part.attributes.get("error.type", "OK"))
+        attributes, name, kind = dict(part.attributes), part.name, trace.SpanKind.INTERNAL
+    return _readable(
+        span.trace_id,
+        part.span_id,
+        part.parent_id,
+        span.flags,
+        name,
+        kind,
+        code,
+        part.start_ns,
+        part.end_ns,
+        attributes,
+        resource,
+        scope,
+    )
+
+
+def _readable(
+    trace_id_hex: str,
+    span_id: str,
+    parent_id: str,
+    flags: int,
+    name: str,
+    kind: Any,
+    code: str,
+    start_ns: int,
+    end_ns: int,
+    attributes: dict[str, Any],
+    resource: Any,
+    scope: Any,
+) -> Any:
+    trace, ReadableSpan, Status, StatusCode = _span_types()
+    trace_id = int(trace_id_hex, 16)
+    trace_flags = trace.TraceFlags(flags & 0xFF)
+    context = trace.SpanContext(trace_id, int(span_id, 16), False, trace_flags)
+    parent = None
+    if parent_id:
+        parent = trace.SpanContext(trace_id, int(parent_id, 16), True, trace_flags)
     status = Status(StatusCode.UNSET) if code == "OK" else Status(StatusCode.ERROR, code)
     return ReadableSpan(
-        name=name.lstrip("/"),
+        name=name,
         context=context,
         parent=parent,
         resource=resource,
-        attributes=attrs_,
-        kind=trace.SpanKind.SERVER,
+        attributes=attributes,
+        kind=kind,
         status=status,
         start_time=start_ns,
         end_time=end_ns,
@@ -320,13 +399,16 @@ class OtelExporter:
         )
 
     def routed(self, call: RoutedCall) -> None:
-        """A routed call ended: its span to the batch, if it has a sampled one."""
+        """A routed call ended: its span and its parts' to the batch, if it
+        has a sampled one."""
         span = call.span
         processor = self._processor
         if span is None or not span.sampled or processor is None:
             return
         attributes = {"hsu.unit": call.unit, "hsu.rpc.kind": call.kind}
-        processor.on_end(
+        resource, scope = self._resource, self._scope
+        on_end = processor.on_end
+        on_end(
             span_of(
                 span,
                 call.method,
@@ -334,10 +416,15 @@ class OtelExporter:
                 call.start_ns,
                 call.end_ns,
                 attributes,
-                self._resource,
-                self._scope,
+                resource,
+                scope,
             )
         )
+        picks = self.settings.picks
+        for part in call.spans:
+            if picks or part.name != PICK:
+                on_end(part_of(call, part, resource, scope))
+                self.spans += 1
         self.spans += 1
 
     async def _run(self) -> None:

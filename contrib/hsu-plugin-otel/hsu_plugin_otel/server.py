@@ -7,10 +7,11 @@
 
     worker.run(MyServicer(), interceptors=[ServerSpans()])
 
-For a call that carries a sampled ``traceparent`` (the kernel's span of the
-routed call) it makes the call's span, a child of that one, current while
-the handler runs (the SDK keeps it, so the HSU's log records carry its
-``span_id``), and exports it when the call ends. A call without one gets no
+For a call that carries a sampled ``traceparent`` (the span of the kernel's
+attempt that reached the HSU, or a direct caller's) it makes the call's
+span, a child of that one, current while the handler runs (the SDK keeps
+it, so the HSU's log records carry its ``span_id``), and exports it when
+the call ends. A call without one gets no
 span: the HSU starts no trace of its own.
 
 The OTLP exporter reads OpenTelemetry's environment variables

@@ -21,7 +21,7 @@ from loguru import logger
 from hsu import tracecontext
 from hsu.errors import PluginError
 from hsu.metrics import GRPC_TYPES, CallMetrics, Exporter, Family, Point, Registry, code_of
-from hsu.ports import CallObserver, RoutedCall
+from hsu.ports import CallObserver, CallSpan, RoutedCall
 
 if TYPE_CHECKING:
     from hsu._kernel.kernel import Kernel
@@ -88,15 +88,24 @@ class KernelMetrics:
             impls = plugins.routed_call_impls()
             if impls:
                 end = time.time_ns()
-                took = int((time.perf_counter() - t0) * 1e9)
+                start = end - max(0, int((time.perf_counter() - t0) * 1e9))
+                span = tracecontext.CURRENT.get()
+                spans: tuple[CallSpan, ...] = ()
+                if span is not None:
+                    trace = tracecontext.CALL.get()
+                    if trace is not None and trace.span is span:
+                        # the call began before its tries (a cold start)
+                        start = min(start, trace.start_ns)
+                        spans = trace.spans()
                 call = RoutedCall(
                     kind=GRPC_TYPES.get(kind, kind),
                     method=method,
                     unit=unit,
                     code=code_of(exc),
-                    start_ns=end - max(0, took),
+                    start_ns=start,
                     end_ns=end,
-                    span=tracecontext.CURRENT.get(),
+                    span=span,
+                    spans=spans,
                 )
                 plugins.routed_call(impls, kernel, call)
 

@@ -45,8 +45,10 @@ import grpc
 from loguru import logger
 
 from hsu.errors import HsuError, NoSuchUnit, QueueFull, QueueTimeout
+from hsu.metrics import code_of
 from hsu.peer import PeerSigner
 from hsu.ports import SERVING, Balancer, CircuitBreaker, Endpoint, Factory
+from hsu.tracecontext import COLD_START, CallTrace
 
 T = TypeVar("T")
 
@@ -738,6 +740,11 @@ class Tries:
     either the caller could not reach the instance (up to
     :data:`UNREACHABLE_TRIES` such tries) or :meth:`Route.may_retry` allows
     it; else the error goes to the caller.
+
+    ``trace``: the call's :class:`~hsu.tracecontext.CallTrace` when it is
+    traced and sampled (the kernel's gateway gives one): each pick, attempt
+    and cold start is recorded there, and ``attempt(endpoint)`` sends the
+    instance ``trace.metadata()``, the attempt's own ``traceparent``.
     """
 
     __slots__ = (
@@ -761,6 +768,7 @@ class Tries:
         "replied",
         "retries",
         "route",
+        "trace",
         "unreachable",
     )
 
@@ -776,8 +784,10 @@ class Tries:
         replayable: Callable[[], Awaitable[bool]] | None = None,
         priority: int = 0,
         kind: str = "unary_unary",
+        trace: CallTrace | None = None,
     ):
         self._caller = caller
+        self.trace = trace
         #: in the unit's queue, when it has ``max_inflight`` (higher first)
         self.priority = priority
         self._grant: Any = None
@@ -876,6 +886,9 @@ class Tries:
     def _ended(self, exc: BaseException | None) -> None:
         """The call ended (``exc``: what it raised): tell the caller's
         ``observe``, once."""
+        trace = self.trace
+        if trace is not None:
+            trace.finish(code_of(exc))
         observe = self._caller.observe
         if observe is not None and self._t0:
             ep = self._ep
@@ -899,6 +912,8 @@ class Tries:
             caller.began(ep)
         self._ep = ep
         self.replied = False
+        if self.trace is not None:
+            self.trace.picked(ep)
         return ep
 
     async def _slot_async(self) -> Endpoint:
@@ -939,6 +954,8 @@ class Tries:
             caller.began(ep)
         self._ep = ep
         self.replied = False
+        if self.trace is not None:
+            self.trace.picked(ep)
         return ep
 
     def _give_back(self) -> None:
@@ -977,7 +994,10 @@ class Tries:
             else:
                 if self._give_up is not None:
                     self._wait_for()  # raises once the time is up
+                began = 0 if self.trace is None else time.time_ns()
                 self.route = await ensure(route, self.left())
+                if began:
+                    self._cold_start(began)
             ep = self._pick()
             if ep is not None:
                 return ep
@@ -995,10 +1015,20 @@ class Tries:
             else:
                 if self._give_up is not None:
                     self._wait_for()
+                began = 0 if self.trace is None else time.time_ns()
                 self.route = ensure(route, self.left())
+                if began:
+                    self._cold_start(began)
             ep = self._pick()
             if ep is not None:
                 return ep
+
+    def _cold_start(self, began: int) -> None:
+        """The call waited since ``began`` for an instance started for it."""
+        assert self.trace is not None
+        route = self.route
+        attributes = {"hsu.unit": route.policy.unit, "hsu.interface": route.interface}
+        self.trace.add(COLD_START, began, time.time_ns(), attributes)
 
     def __enter__(self) -> None:
         pass
@@ -1029,6 +1059,8 @@ class Tries:
             raise error from exc
 
     def _succeeded(self, ep: Endpoint) -> None:
+        if self.trace is not None:
+            self.trace.ended("OK")
         caller = self._caller
         with caller.lock:
             self.route.end(ep, True, self._breaker)
@@ -1068,6 +1100,9 @@ class Tries:
             )
             if not reached:
                 unreachable = math.inf if caller.watch is not None else time.monotonic() + EJECT_FOR
+        if self.trace is not None:
+            name = code.name if code is not None else code_of(exc)
+            self.trace.ended(name, unreachable is not None)
         with caller.lock:
             ejected = self.route.end(ep, not failed, self._breaker, unreachable)
         if self._grant is not None:
@@ -1104,6 +1139,8 @@ class Tries:
         ep = self._ep
         assert ep is not None
         self.exclude = ep.instance_id
+        if self.trace is not None:
+            self.trace.picking()
         if self._caller.on_retry is not None:
             code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
             self._caller.on_retry(self.method, ep, code)

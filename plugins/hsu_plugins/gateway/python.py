@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
@@ -89,10 +90,12 @@ HOP_KEYS = frozenset(
         "hsu-peer",
     }
 )  # fmt: skip (hsu-peer: the kernel adds its own)
-#: with auth on, the caller's credential stays with the kernel
-HOP_KEYS_AUTH = HOP_KEYS | {"authorization"}
-#: the caller's trace context: replaced by the kernel's span
+#: the caller's trace context: replaced by the kernel's span (an invalid
+#: one is dropped, as W3C trace context says)
 TRACE_KEYS = frozenset({tracecontext.TRACEPARENT, tracecontext.TRACESTATE})
+#: what the gateway does not forward as the caller sent it (auth off, on)
+DROP_KEYS = HOP_KEYS | TRACE_KEYS
+DROP_KEYS_AUTH = DROP_KEYS | {"authorization"}
 #: metadata only the kernel sets: a caller's is dropped (``hsu.identity``)
 IDENTITY_PREFIX = IDENTITY_METADATA
 #: grpc's name of a method's kind, by (request streaming, response streaming);
@@ -129,6 +132,9 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         #: channels (cancelled on close)
         self._closing: set[asyncio.Task[None]] = set()
         self._watches: set[asyncio.Task[None]] = set()
+        #: the share of calls without trace context the kernel traces
+        #: (``kernel.trace_sample``)
+        self.trace_sample: float = kernel.settings("kernel").trace_sample
         routes = self._routes
         observe = kernel.call_observer
         self._caller = Caller(
@@ -169,6 +175,10 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
     @hsu.hookimpl
     def hsu_kernel_stopped(self) -> Awaitable[None]:
         return self.close()
+
+    @hsu.hookimpl
+    def hsu_config_reloaded(self) -> None:
+        self.trace_sample = self._kernel.settings("kernel").trace_sample
 
     def service(self, handler_call_details: Any) -> Any:
         method: str = handler_call_details.method
@@ -306,22 +316,39 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         grant = await self._routes.acquire(route.interface, key, exclude, priority, timeout)
         return grant.endpoint, grant
 
-    def _call_key(self, route: Route, context: Any) -> tuple[tuple[tuple[str, Any], ...], Any]:
-        # what a caller says of its identity is dropped: the kernel's own
-        # (signed) is added per instance; the credential is the kernel's alone
-        drop = HOP_KEYS if self._kernel.caller_identity() is None else HOP_KEYS_AUTH
-        sent = context.invocation_metadata() or ()
-        metadata = tuple(
-            (k, v) for k, v in sent if k not in drop and not k.startswith((":", IDENTITY_PREFIX))
-        )
-        # the caller's trace goes on through the kernel's span of this call:
-        # current while the call is served (its log records carry it), and
-        # the parent the instance is told of
+    def _trace(self, sent: Any) -> tracecontext.CallTrace | None:
+        """The kernel's span of the call: a child of the caller's
+        ``traceparent``, else the root of a new trace for a share
+        ``kernel.trace_sample`` of the calls, else none. Current while the
+        call is served (its log records carry it); the parts of a sampled
+        one are recorded (returned), and each attempt's span is the parent
+        its instance is told of."""
         parent = tracecontext.from_metadata(sent)
         if parent is not None:
             span = parent.child()
-            tracecontext.CURRENT.set(span)
-            metadata = (*(kv for kv in metadata if kv[0] not in TRACE_KEYS), *span.metadata())
+        elif self.trace_sample and random.random() < self.trace_sample:
+            span = tracecontext.SpanContext.new()
+        else:
+            return None
+        tracecontext.CURRENT.set(span)
+        if not span.sampled:
+            return None
+        trace = tracecontext.CallTrace(span)
+        tracecontext.CALL.set(trace)
+        return trace
+
+    def _call_key(self, route: Route, sent: Any) -> tuple[tuple[tuple[str, Any], ...], Any]:
+        # what a caller says of its identity is dropped: the kernel's own
+        # (signed) is added per instance; the credential is the kernel's alone
+        drop = DROP_KEYS if self._kernel.caller_identity() is None else DROP_KEYS_AUTH
+        metadata = tuple(
+            (k, v) for k, v in sent if k not in drop and not k.startswith((":", IDENTITY_PREFIX))
+        )
+        # a call traced but not sampled: its instance is told of the
+        # kernel's span (a sampled one's attempts send their own, ``_for``)
+        span = tracecontext.CURRENT.get()
+        if span is not None and not span.sampled:
+            metadata = (*metadata, *span.metadata())
         hk = route.policy.hash_key
         key = next((v for k, v in metadata if k == hk), None)
         if isinstance(key, bytes):
@@ -336,13 +363,20 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         replayable: Callable[[], Awaitable[bool]] | None = None,
     ) -> tuple[Tries, tuple[tuple[str, Any], ...]]:
         """The call's tries, and the metadata it forwards."""
+        sent = context.invocation_metadata() or ()
+        trace = self._trace(sent)
         try:
             route: Route | None = self._routes.route(interface)
         except HsuError:
             route = None
         if route is None or not route.routable:
+            began = 0 if trace is None else time.time_ns()
             route = await self._route(interface, context)
-        metadata, key = self._call_key(route, context)
+            if trace is not None:
+                attributes = {"hsu.unit": route.policy.unit, "hsu.interface": interface}
+                trace.add(tracecontext.COLD_START, began, time.time_ns(), attributes)
+                trace.picking()
+        metadata, key = self._call_key(route, sent)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         priority = 0
@@ -361,6 +395,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             replayable=replayable,
             priority=priority,
             kind="stream_stream",
+            trace=trace,
         )
         return tries, metadata
 
@@ -368,10 +403,14 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         return lambda route, _left: self._route(route.interface, context)
 
     def _for(
-        self, ep: Endpoint, method: str, metadata: tuple[tuple[str, Any], ...]
+        self, ep: Endpoint, method: str, metadata: tuple[tuple[str, Any], ...], tries: Tries
     ) -> tuple[tuple[str, Any], ...]:
-        """The metadata for a try at ``ep``: the caller's identity, signed for
-        it, and the cluster's proof (``hsu-peer``, :mod:`hsu.peer`)."""
+        """The metadata for a try at ``ep``: its attempt's ``traceparent``
+        (a sampled call's), the caller's identity, signed for it, and the
+        cluster's proof (``hsu-peer``, :mod:`hsu.peer`)."""
+        trace = tries.trace
+        if trace is not None:
+            metadata = (*metadata, *trace.metadata())
         signer = self._kernel.peer_signer
         if signer is not None:
             metadata = (*metadata, signer.header(ep.address, method))
@@ -429,7 +468,9 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                     method
                 )
             call = mc(
-                request, timeout=context.time_remaining(), metadata=self._for(ep, method, metadata)
+                request,
+                timeout=context.time_remaining(),
+                metadata=self._for(ep, method, metadata, tries),
             )
             reply: bytes = await call
             initial = await call.initial_metadata()
@@ -459,7 +500,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         def attempt(ep: Endpoint) -> AsyncIterator[bytes]:
             channel = self.channel(ep.address)
             timeout = context.time_remaining()
-            metadata_ep = self._for(ep, method, metadata)
+            metadata_ep = self._for(ep, method, metadata, tries)
             if reqs is None:
                 call = channel.unary_stream(method)(request, timeout=timeout, metadata=metadata_ep)
             else:

@@ -984,6 +984,14 @@ def _cluster_key(_: Any, attribute: attrs.Attribute[Any], value: str | None) -> 
         raise ValueError(f"a cluster key has at least 16 characters, not {len(value)}")
 
 
+def _share(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise ValueError(
+            f"{value!r} is not a share of calls: write a number from 0.0 (trace none)"
+            " to 1.0 (trace every call), e.g. 0.01 for one call in a hundred"
+        )
+
+
 @attrs.frozen
 class KernelSettings:
     """The ``kernel`` section of a deployment."""
@@ -1054,6 +1062,15 @@ class KernelSettings:
     #: metrics exporters to start, by the name their plugin registered
     #: (``hsu_register_exporters``; built in: ``prometheus``)
     exporters: tuple[str, ...] = ()
+    #: the share of routed calls without trace context (no ``traceparent``)
+    #: the kernel starts a trace for: 0.0 (none, the default) to 1.0 (every
+    #: one); a call with a ``traceparent`` follows the caller's decision
+    #: (docs/tracing.md)
+    trace_sample: float = attrs.field(
+        default=0.0,
+        validator=_share,
+        metadata={"json_schema": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0}},
+    )
 
 
 def check_units(
