@@ -174,3 +174,66 @@ def test_a_trace_sample_that_is_no_share_is_refused(value: Any, tmp_path: Any) -
         build_kernel({"kernel": {"trace_sample": value}, "units": {}}, base_dir=str(tmp_path))
     if isinstance(value, float):
         assert "from 0.0 (trace none) to 1.0 (trace every call)" in str(info.value)
+
+
+@pytest.mark.integration
+async def test_a_call_refused_before_any_try_is_counted_and_reported(
+    hsu_kernel_factory: Any, tmp_path: Any
+) -> None:
+    # No unit serves the interface (UNIMPLEMENTED), and a unit whose command
+    # exits at once cannot give the call an instance (UNAVAILABLE): the
+    # gateway refuses both before any try, and counts and reports them as
+    # go-grpc-prometheus counts every handled call, with its code.
+    told: list[RoutedCall] = []
+
+    class Tracer:
+        @staticmethod
+        @hsu.hookimpl
+        def hsu_routed_call(kernel: Any, call: RoutedCall) -> None:
+            told.append(call)
+
+    broken = {
+        **UNIT,
+        "command": ["false"],
+        "interfaces": ["hsu.test.v1.Broken"],
+        "startup_timeout": 2,
+        "restart": {"policy": "never"},
+    }
+    kernel = await hsu_kernel_factory({"units": {"broken": broken}}, plugins=[Tracer])
+    caller = SpanContext.new()
+    async with grpc.aio.insecure_channel(kernel.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as nowhere:
+            await channel.unary_unary("/hsu.test.v1.Nowhere/Call")(b"", timeout=20)
+        with pytest.raises(grpc.aio.AioRpcError) as cold:
+            await channel.unary_unary("/hsu.test.v1.Broken/Call")(
+                b"", timeout=20, metadata=caller.metadata()
+            )
+    assert nowhere.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert cold.value.code() == grpc.StatusCode.UNAVAILABLE
+    unknown, failed = told
+    assert (unknown.method, unknown.unit, unknown.code) == (
+        "/hsu.test.v1.Nowhere/Call",
+        "",
+        "UNIMPLEMENTED",
+    )
+    assert (failed.method, failed.unit, failed.code) == (
+        "/hsu.test.v1.Broken/Call",
+        "broken",
+        "UNAVAILABLE",
+    )
+    # the traced one: its cold start, ended with the refusal
+    assert failed.span is not None and failed.span.trace_id == caller.trace_id
+    (start,) = failed.spans
+    assert start.name == "hsu.cold_start"
+    assert start.attributes["hsu.unit"] == "broken"
+    assert start.attributes["error.type"] == "UNAVAILABLE"
+    counted = {
+        (labels["grpc_service"], labels["grpc_code"], labels["hsu_unit"])
+        for f in kernel.metrics.collect()
+        if f.name == "grpc_server_handled_total"
+        for labels in (dict(p.labels) for p in f.points)
+    }
+    assert counted == {
+        ("hsu.test.v1.Nowhere", "UNIMPLEMENTED", ""),
+        ("hsu.test.v1.Broken", "UNAVAILABLE", "broken"),
+    }

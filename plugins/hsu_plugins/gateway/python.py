@@ -137,6 +137,8 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         self.trace_sample: float = kernel.settings("kernel").trace_sample
         routes = self._routes
         observe = kernel.call_observer
+        #: counts (and reports) a call refused before its first try
+        self._observe = None if observe is None else self._observer(observe)
         self._caller = Caller(
             _failing,
             began=routes.call_began,
@@ -146,7 +148,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             watch=self._watch_ejected,
             acquire=self._acquire,
             release=routes.release,
-            observe=None if observe is None else self._observer(observe),
+            observe=self._observe,
         )
 
     def _observer(self, observe: Callable[..., None]) -> Callable[..., None]:
@@ -362,29 +364,47 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
         context: Any,
         replayable: Callable[[], Awaitable[bool]] | None = None,
     ) -> tuple[Tries, tuple[tuple[str, Any], ...]]:
-        """The call's tries, and the metadata it forwards."""
+        """The call's tries, and the metadata it forwards. A call refused
+        before its first try (no unit serves the interface, no instance could
+        be started for it, a bad priority) is counted and reported here, as
+        the tries count every other."""
+        t0 = time.perf_counter()
         sent = context.invocation_metadata() or ()
         trace = self._trace(sent)
         try:
             route: Route | None = self._routes.route(interface)
         except HsuError:
             route = None
-        if route is None or not route.routable:
-            began = 0 if trace is None else time.time_ns()
-            route = await self._route(interface, context)
-            if trace is not None:
-                attributes = {"hsu.unit": route.policy.unit, "hsu.interface": interface}
-                trace.add(tracecontext.COLD_START, began, time.time_ns(), attributes)
-                trace.picking()
-        metadata, key = self._call_key(route, sent)
+        unit = "" if route is None else route.policy.unit
+        try:
+            if route is None or not route.routable:
+                began = 0 if trace is None else time.time_ns()
+                try:
+                    route = await self._route(interface, context)
+                finally:
+                    if trace is not None:
+                        attributes = {"hsu.unit": unit, "hsu.interface": interface}
+                        if route is not None and route.routable:
+                            attributes["hsu.unit"] = route.policy.unit
+                        else:
+                            attributes["error.type"] = _code_name(context)
+                        trace.add(tracecontext.COLD_START, began, time.time_ns(), attributes)
+                        trace.picking()
+            unit = route.policy.unit
+            metadata, key = self._call_key(route, sent)
+            priority = 0
+            if route.policy.max_inflight:
+                try:
+                    priority = priority_of(metadata)
+                except HsuError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"hsu gateway: {exc}")
+        except BaseException as exc:
+            if self._observe is not None:
+                refused = _Refused(context) if isinstance(exc, grpc.aio.AbortError) else exc
+                self._observe("stream_stream", method, unit, refused, t0)
+            raise
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        priority = 0
-        if route.policy.max_inflight:
-            try:
-                priority = priority_of(metadata)
-            except HsuError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"hsu gateway: {exc}")
         tries = Tries(
             self._caller,
             route,
@@ -538,6 +558,24 @@ async def _relay_trailing(call: Any, context: Any) -> None:
     trailing = await call.trailing_metadata()
     if trailing:
         context.set_trailing_metadata(tuple(trailing))
+
+
+class _Refused(Exception):
+    """A call the gateway aborted before any try, as its observer counts it:
+    the status code the abort set on the call."""
+
+    def __init__(self, context: Any):
+        super().__init__(context.details())
+        self._code = context.code()
+
+    def code(self) -> grpc.StatusCode:
+        code = self._code
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _code_name(context: Any) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
 async def _fail(exc: Any, context: Any) -> NoReturn:
