@@ -8,7 +8,6 @@ go-grpc-prometheus's names as the Python gateway's calls are, and told to
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import socket
@@ -181,25 +180,24 @@ async def test_a_bad_datagram_is_dropped_counted_and_the_kernel_keeps_counting(
         calls = plane.calls
         host, port = calls.address.split(":")
         good = {
-            "k": calls.token,
-            "m": f"/{ECHO}/Echo",
-            "u": "echo",
-            "s": "200",
-            "t": "0",
-            "r": "0.001",
-            "e": "1700000000.5",
+            "method": f"/{ECHO}/Echo",
+            "unit": "echo",
+            "status": "200",
+            "trailer": "0",
+            "took": "0.001",
+            "end": "1700000000.5",
         }
         bad = [
             b"not a line at all",
-            b"<190>Dec  2 05:19:12 hsu: {not json",
-            b"{" + b"x" * 10_000 + b"}",  # oversized
-            json.dumps([1, 2]).encode(),
-            json.dumps({**good, "k": "0" * 32}).encode(),  # forged: no token
-            json.dumps({**good, "m": "../etc"}).encode(),
-            json.dumps({**good, "u": "other"}).encode(),
-            json.dumps({**good, "t": "99"}).encode(),
-            json.dumps({**good, "e": "-1"}).encode(),
-            b"{" * 60_000,  # oversized, and would be deep
+            b"<190>Dec  2 05:19:12 hsu: " + calls.token.encode() + b"\ttoo\tfew",
+            b"\t" * 10_000,  # oversized
+            b"\xff\xfe" + encode(calls.token, **good)[2:],  # not UTF-8
+            encode("0" * 32, **good),  # forged: no token
+            encode(calls.token, **{**good, "method": "../etc"}),
+            encode(calls.token, **{**good, "unit": "other"}),
+            encode(calls.token, **{**good, "trailer": "99"}),
+            encode(calls.token, **{**good, "end": "-1"}),
+            b"{" * 60_000,  # oversized
         ]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             for data in bad:
@@ -261,21 +259,27 @@ async def test_nginx_logs_calls_only_when_someone_counts_them(
 TOKEN = "ab" * 16
 
 
+def encode(token: str, **fields: str) -> bytes:
+    """A line as nginx sends it (syslog's header, the token, the fields)."""
+    values = [fields.get(name, "") for name, _ in nginx_calls.FIELDS]
+    return "\t".join([f"<190>Dec  2 05:19:12 hsu: {token}", *values]).encode()
+
+
 def line(**fields: str) -> bytes:
-    base = {"k": TOKEN, "m": f"/{ECHO}/Echo", "u": "echo", "s": "200"}
-    base.update({"r": "0.250", "e": "1700000000.750"}, **fields)
-    return b"<190>Dec  2 05:19:12 hsu: " + json.dumps(base).encode()
+    base = {"method": f"/{ECHO}/Echo", "unit": "echo", "status": "200"}
+    base.update({"took": "0.250", "end": "1700000000.750"}, **fields)
+    return encode(TOKEN, **base)
 
 
 @pytest.mark.parametrize(
     ("fields", "code"),
     [
-        ({"t": "0"}, "OK"),  # in the trailers
-        ({"h": "12"}, "UNIMPLEMENTED"),  # trailers-only
-        ({"g": "14", "s": "204"}, "UNAVAILABLE"),  # nginx's own error page
-        ({"t": "", "h": "", "g": "", "s": "499"}, "CANCELLED"),  # the client went away
-        ({"s": "200"}, "UNKNOWN"),  # no grpc-status at all
-        ({"t": "0, 4"}, "DEADLINE_EXCEEDED"),  # tried twice: the last try counts
+        ({"trailer": "0"}, "OK"),  # in the trailers
+        ({"header": "12"}, "UNIMPLEMENTED"),  # trailers-only
+        ({"sent": "14", "status": "204"}, "UNAVAILABLE"),  # nginx's own error page
+        ({"status": "499"}, "CANCELLED"),  # the client went away
+        ({"status": "200"}, "UNKNOWN"),  # no grpc-status at all
+        ({"trailer": "0, 4"}, "DEADLINE_EXCEEDED"),  # tried twice: the last try counts
     ],
 )
 def test_the_code_is_read_from_trailers_headers_or_the_http_status(
@@ -288,22 +292,24 @@ def test_the_code_is_read_from_trailers_headers_or_the_http_status(
 
 
 def test_the_last_upstream_tried_is_the_instance() -> None:
-    got = parse(line(a="127.0.0.1:1, 127.0.0.1:2 : unix:/x.sock", t="0"), TOKEN, {"echo"})
+    got = parse(line(address="127.0.0.1:1, 127.0.0.1:2 : unix:/x.sock"), TOKEN, {"echo"})
     assert got.address == "unix:/x.sock"
 
 
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
-        (line(k="cd" * 16), "token"),
-        (line(m="/a.B/c/d"), "malformed"),
-        (line(s="x"), "malformed"),
-        (line(r="1e9"), "malformed"),
-        (line(t="-1"), "malformed"),
-        (line(u=""), "malformed"),
-        (b"{" + b" " * nginx_calls.MAX_LINE + b"}", "oversized"),
-        (b'{"k": 1}', "malformed"),
-        (b"\xff\xfe{", "malformed"),
+        (encode("cd" * 16, method=f"/{ECHO}/Echo", unit="echo", status="200"), "token"),
+        (line(method="/a.B/c/d"), "malformed"),
+        (line(status="x"), "malformed"),
+        (line(took="1e9"), "malformed"),
+        (line(trailer="-1"), "malformed"),
+        (line(unit=""), "malformed"),
+        (line(end="1.2.3"), "malformed"),
+        (line() + b"\textra", "malformed"),
+        (b"\t" * (nginx_calls.MAX_LINE + 1), "oversized"),
+        (b"no tabs", "malformed"),
+        (b"\xff\xfe\t" * 11, "malformed"),
     ],
 )
 def test_a_line_that_tells_no_call_is_refused_with_a_reason(data: bytes, reason: str) -> None:
@@ -315,5 +321,6 @@ def test_a_line_that_tells_no_call_is_refused_with_a_reason(data: bytes, reason:
 def test_the_log_format_is_json_escaped_and_takes_only_a_hex_token() -> None:
     fmt = nginx_calls.log_format(TOKEN)
     assert "escape=json" in fmt and "$upstream_trailer_grpc_status" in fmt and TOKEN in fmt
+    assert fmt.count("\t") == len(nginx_calls.FIELDS)
     with pytest.raises(ValueError, match="hex"):
         nginx_calls.log_format("x'; evil")
