@@ -180,9 +180,14 @@ def main() -> int:
                 log: [statistics.median(x[i] for x in rows[log, inflight]) for i in range(3)]
                 for log in (True, False)
             }
+            ratios = [
+                a[0] / b[0]
+                for a, b in zip(rows[True, inflight], rows[False, inflight], strict=True)
+            ]
             print(
                 f"  inflight {inflight:2d}: on {med[True][0]:.0f} / off {med[False][0]:.0f}"
-                f" calls/s ({med[True][0] / med[False][0]:.3f}x);"
+                f" calls/s (per-round on/off: median {statistics.median(ratios):.3f}x,"
+                f" {min(ratios):.2f}-{max(ratios):.2f});"
                 f" kernel {med[True][1]:.1f} vs {med[False][1]:.1f} us/call;"
                 f" nginx {med[True][2]:.1f} vs {med[False][2]:.1f} us/call"
             )

@@ -53,6 +53,11 @@ idempotent, max_attempts    ``grpc_next_upstream error timeout non_idempotent`` 
                             methods are passed on only if not yet sent
 ==========================  =====================================================
 
+What nginx routes, the kernel does not see; with ``call_log`` on (the
+default) nginx sends it one access-log line per call routed to an instance,
+and the kernel counts the call and tells ``hsu_routed_call`` of it as it
+does the Python gateway's (:mod:`hsu_plugins.gateway.nginx_calls`).
+
 Why: the Python gateway costs the kernel more CPU per call than the HSU
 spends answering it; through nginx, calls ran at 0.65-0.88x of direct where
 the Python gateway managed 0.44-0.52x (two ``nox -s bench`` runs on a 2-CPU
