@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import urllib.error
 import urllib.request
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 
 import hsu
@@ -225,6 +227,42 @@ async def test_a_bad_datagram_is_dropped_counted_and_the_kernel_keeps_counting(
     assert plane.calls.sock is None
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((host, int(port)))
+
+
+@needs_nginx
+async def test_a_call_nginx_could_not_deliver_is_counted_unavailable(tmp_path: Any) -> None:
+    """nginx's own error page (the instance is gone) is a named location: the
+    call keeps its unit, and is counted with the code its client saw."""
+    unit = {**UNIT, "restart": {"policy": "never"}}
+    # nginx keeps the dead instance's address: the reload is far off
+    kernel, plane = await start(
+        tmp_path, {"units": {"echo": unit}, "gateway_nginx": {"reload_delay": 60}}
+    )
+    try:
+        await routed_by_nginx(kernel, plane)
+        [inst] = kernel.instances.values()
+        async with grpc.aio.insecure_channel(plane.address) as channel:
+            echo = echo_pb2_grpc.EchoStub(channel)
+            await echo.Echo(echo_pb2.EchoRequest(message="alive"), timeout=10)
+            os.kill(inst.pid, signal.SIGKILL)
+            await until(lambda: not psutil.pid_exists(inst.pid) or _zombie(inst.pid))
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await echo.Echo(echo_pb2.EchoRequest(message="gone"), timeout=10)
+                assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert "instance unavailable" in (info.value.details() or "")
+        await until(lambda: counted(kernel, grpc_method="Echo") == 3)
+        assert counted(kernel, grpc_code="UNAVAILABLE", hsu_unit="echo") == 2
+        assert counted(kernel, grpc_code="OK", hsu_unit="echo") == 1
+    finally:
+        await kernel.stop()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @needs_nginx
