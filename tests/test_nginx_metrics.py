@@ -344,6 +344,9 @@ def test_the_last_upstream_tried_is_the_instance() -> None:
         (line(trailer="-1"), "malformed"),
         (line(unit=""), "malformed"),
         (line(end="1.2.3"), "malformed"),
+        (line(status="²"), "malformed"),  # a digit to str.isdigit, not to int
+        (line(trailer="1²"), "malformed"),
+        (line(end="1²"), "malformed"),
         (line() + b"\textra", "malformed"),
         (b"\t" * (nginx_calls.MAX_LINE + 1), "oversized"),
         (b"no tabs", "malformed"),

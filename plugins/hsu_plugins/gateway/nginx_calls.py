@@ -133,10 +133,15 @@ class Dropped(ValueError):
         self.reason = reason
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` takes "²" too, which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _seconds_ns(text: str) -> int:
     """``1733117952.123`` (nginx's ``$msec``, ``$request_time``) in nanoseconds."""
     whole, _, frac = text.partition(".")
-    if not whole.isdigit() or (frac and not frac.isdigit()) or len(frac) > 9 or len(whole) > 12:
+    if not _digits(whole) or (frac and not _digits(frac)) or len(frac) > 9 or len(whole) > 12:
         raise Dropped("malformed", f"not a number of seconds: {text[:32]!r}")
     return int(whole) * 10**9 + int(frac.ljust(9, "0") or 0)
 
@@ -162,14 +167,14 @@ def parse(data: bytes, token: str, units: Collection[str]) -> Line:
         raise Dropped("malformed", f"method {method[:80]!r}")
     if unit not in units:
         raise Dropped("malformed", f"unit {unit[:80]!r}")
-    if not status.isdigit() or len(status) > 3:
+    if not _digits(status) or len(status) > 3:
         raise Dropped("malformed", f"status {status[:16]!r}")
     code = None
     for grpc_status in (trailer, header, sent):
         if grpc_status:
             # with several tries, ``$upstream_*`` lists them: the last one counts
             grpc_status = grpc_status.rpartition(" ")[2]
-            if not grpc_status.isdigit() or int(grpc_status) not in CODES:
+            if not _digits(grpc_status) or int(grpc_status) not in CODES:
                 raise Dropped("malformed", f"grpc-status {grpc_status[:16]!r}")
             code = CODES[int(grpc_status)]
             break
@@ -291,14 +296,15 @@ class CallLog:
         """Count and tell the call ``data`` tells of, or drop it (counted)."""
         try:
             line = parse(data, self.token, self.units)
-        except Dropped as exc:
-            self._dropped.labels(exc.reason).inc()
+        except Exception as exc:  # Dropped, or what parse did not foresee
+            reason = exc.reason if isinstance(exc, Dropped) else "malformed"
+            self._dropped.labels(reason).inc()
             if not self._warned:
                 self._warned = True
                 logger.warning(
                     "gateway_nginx: a datagram on the call log told no call ({}: {});"
                     " dropped (each is counted in hsu_nginx_call_log_dropped_total)",
-                    exc.reason,
+                    reason,
                     exc,
                 )
             return
