@@ -266,6 +266,21 @@ def _zombie(pid: int) -> bool:
 
 
 @needs_nginx
+async def test_a_unit_named_0_is_counted(tmp_path: Any) -> None:
+    """access_log's if= takes "0" for false: the condition is not the unit's name."""
+    kernel, plane = await start(tmp_path, {"units": {"0": UNIT}})
+    try:
+        await routed_by_nginx(kernel, plane)
+        async with grpc.aio.insecure_channel(plane.address) as channel:
+            echo = echo_pb2_grpc.EchoStub(channel)
+            for _ in range(2):
+                await echo.Echo(echo_pb2.EchoRequest(message="zero"), timeout=10)
+        await until(lambda: counted(kernel, grpc_method="Echo", hsu_unit="0") == 2)
+    finally:
+        await kernel.stop()
+
+
+@needs_nginx
 @pytest.mark.parametrize(
     ("raw", "logged"),
     [

@@ -591,7 +591,9 @@ class DataPlane:
             # The kernel's own locations are not logged: its gateway counts them
             lines += [
                 log_format(calls.token),
-                '  map $upstream_addr $hsu_log { "" ""; default $hsu_unit; }',
+                # 1, not the unit's name: a unit named "0" is a name, not false
+                '  map $hsu_unit $hsu_in_unit { "" ""; default 1; }',
+                '  map $upstream_addr $hsu_log { "" ""; default $hsu_in_unit; }',
             ]
         # with auth on: nginx asks the kernel before it forwards to an instance
         guard = ""
