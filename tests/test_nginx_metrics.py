@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -263,6 +264,36 @@ def _zombie(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+@needs_nginx
+async def test_a_call_auth_refused_is_not_counted(tmp_path: Any) -> None:
+    """nginx answered it without trying an instance: not routed, as with the
+    Python gateway, whose auth refuses before it routes."""
+    token = secrets.token_urlsafe(24)
+    kernel, plane = await start(
+        tmp_path,
+        {
+            "auth": {"authenticators": ["token"], "authorizers": ["rbac"]},
+            "token": {"tokens": [{"identity": "alice", "token": token, "roles": ["caller"]}]},
+            "rbac": {"roles": {"caller": [f"{ECHO}/*"]}},
+        },
+    )
+    try:
+        await routed_by_nginx(kernel, plane)
+        async with grpc.aio.insecure_channel(plane.address) as channel:
+            echo = echo_pb2_grpc.EchoStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await echo.Echo(echo_pb2.EchoRequest(message="who?"), timeout=10)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            metadata = (("authorization", f"Bearer {token}"),)
+            await echo.Echo(echo_pb2.EchoRequest(message="alice"), timeout=10, metadata=metadata)
+        # lines arrive in order: once the second call is counted, the first
+        # would have been
+        await until(lambda: counted(kernel, grpc_method="Echo", grpc_code="OK") == 1)
+        assert counted(kernel) == 1
+    finally:
+        await kernel.stop()
 
 
 @needs_nginx

@@ -703,7 +703,6 @@ class DataPlane:
             f"    listen {quote(self._listen or self.requested)} http2;",
             *(
                 [
-                    '    set $hsu_unit "";',
                     f"    access_log syslog:server={calls.address},nohostname,tag=hsu"
                     f" {FORMAT} if=$hsu_log;",
                 ]
@@ -727,6 +726,10 @@ class DataPlane:
             f"    listen {quote(control)};",
             "    default_type text/plain;",
             f'    location = /generation {{ return 200 "{int(self.generation)}"; }}',
+            # declares $hsu_unit (a server-wide ``set`` would also run in
+            # the auth subrequest, which shares the call's variables, and
+            # clear the unit its location set); never served to a call
+            *(['    location @hsu_declare { set $hsu_unit ""; }'] if calls is not None else []),
             "    location / { return 404; }",
             "  }",
             "}",
