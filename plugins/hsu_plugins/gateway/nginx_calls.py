@@ -241,7 +241,10 @@ class CallLog:
         self.shut()
 
     def shut(self) -> None:
-        """Close the socket (the port is free again) and stop reading it."""
+        """Close the socket (the port is free again) and stop reading it; a
+        question to an instance's reflection still asked is cancelled."""
+        for task in self._learning.values():
+            task.cancel()
         self.kernel.metrics.remove_collector(f"nginx call log {id(self)}")
         sock, self.sock = self.sock, None
         if self._resting is not None:
