@@ -509,8 +509,13 @@ class CallMetrics:
     ) -> None:
         """A call of ``method`` (``/pkg.Service/Method``) of grpc ``kind``
         (``unary_unary``...) ended, begun at ``t0`` (:func:`time.perf_counter`)."""
-        seconds = time.perf_counter() - t0
-        key = (kind, method, unit, code_of(exc))
+        self.count(kind, method, unit, code_of(exc), time.perf_counter() - t0)
+
+    def count(self, kind: str, method: str, unit: str, code: str, seconds: float) -> None:
+        """A call of ``method`` that ended with status ``code`` (its name:
+        ``OK``...) after ``seconds``: what :meth:`observe` counts, for a call
+        timed elsewhere (the nginx data plane's access log)."""
+        key = (kind, method, unit, code)
         made = self._children.get(key)
         if made is None:
             made = self._made(key)

@@ -548,6 +548,13 @@ class KernelAPI(Protocol):
         there is nothing to do: ``kernel.metrics: false`` and no such plugin."""
         ...
 
+    def report_routed_call(self, call: RoutedCall) -> None:
+        """A call a data plane outside the kernel's process routed ended
+        (nginx, which tells the kernel after the fact): counted like the
+        gateway's calls (``kernel.calls``, its time ``end_ns - start_ns``)
+        and told to the plugins implementing ``hsu_routed_call``."""
+        ...
+
     def settings(self, section: str) -> Any:
         """The typed settings of a section (the attrs class its plugin registered)."""
         ...

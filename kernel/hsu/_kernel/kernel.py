@@ -88,7 +88,7 @@ from hsu.process import PidfdHandle
 
 if TYPE_CHECKING:
     from hsu.client.aio import RoutedChannel
-    from hsu.ports import CallObserver, InstanceView, KernelAPI
+    from hsu.ports import CallObserver, InstanceView, KernelAPI, RoutedCall
 
 __all__ = ["ENV_INSTANCE_ID", "ENV_KERNEL_ADDRESS", "ENV_UNIT", "SHUTDOWN_SHARE", "Kernel"]
 
@@ -278,6 +278,9 @@ class Kernel:
     @property
     def call_observer(self) -> CallObserver | None:
         return self.metrics_hub.observer()
+
+    def report_routed_call(self, call: RoutedCall) -> None:
+        self.metrics_hub.report(call)
 
     def register_plugin(self, plugin: object, name: str) -> str:
         """Per-kernel plugin state: registered now, unregistered when the kernel

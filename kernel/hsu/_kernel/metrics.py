@@ -111,6 +111,17 @@ class KernelMetrics:
 
         return observe
 
+    def report(self, call: RoutedCall) -> None:
+        """``kernel.report_routed_call``: a call routed outside the kernel's
+        process (nginx) is counted and told as the gateway's are."""
+        if self.calls is not None:
+            seconds = max(0, call.end_ns - call.start_ns) / 1e9
+            self.calls.count(call.kind, call.method, call.unit, call.code, seconds)
+        plugins = self.kernel.plugins
+        impls = plugins.routed_call_impls()
+        if impls:
+            plugins.routed_call(impls, self.kernel, call)
+
     # -- supervision -----------------------------------------------------------------
 
     def instance_ready(self, inst: Instance) -> None:

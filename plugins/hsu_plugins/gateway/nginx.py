@@ -53,6 +53,11 @@ idempotent, max_attempts    ``grpc_next_upstream error timeout non_idempotent`` 
                             methods are passed on only if not yet sent
 ==========================  =====================================================
 
+What nginx routes, the kernel does not see; with ``call_log`` on (the
+default) nginx sends it one access-log line per call routed to an instance,
+and the kernel counts the call and tells ``hsu_routed_call`` of it as it
+does the Python gateway's (:mod:`hsu_plugins.gateway.nginx_calls`).
+
 Why: the Python gateway costs the kernel more CPU per call than the HSU
 spends answering it; through nginx, calls ran at 0.65-0.88x of direct where
 the Python gateway managed 0.44-0.52x (two ``nox -s bench`` runs on a 2-CPU
@@ -89,6 +94,7 @@ from hsu.ports import DataPlane as MovedPlane
 from hsu.ports import Endpoint, InstanceView, KernelAPI, Registry, RegistryCompacted
 from hsu.process import PidfdHandle
 from hsu_plugins.gateway.nginx_auth import AuthEndpoint
+from hsu_plugins.gateway.nginx_calls import FORMAT, CallLog, log_format
 
 SECTION = "gateway_nginx"
 #: the name a kernel's :class:`DataPlane` is registered under: ``kernel.plugin(PLANE)``
@@ -139,6 +145,10 @@ class Settings:
     #: Python gateway (each message stays bounded by the HSU's own limit,
     #: 4 MiB by default in grpcio). Past it the call ends RESOURCE_EXHAUSTED
     max_request_bytes: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    #: nginx tells the kernel of each call it routes (an access-log line per
+    #: call): counted in ``grpc_server_*`` and told to ``hsu_routed_call`` as
+    #: the Python gateway's calls are. Off: the kernel sees none of them
+    call_log: bool = True
 
 
 @hsu.hookimpl
@@ -189,6 +199,9 @@ class DataPlane:
         #: with auth on: what nginx asks before it forwards a call (and its address)
         self.auth: AuthEndpoint | None = None
         self.auth_address = ""
+        #: with ``call_log`` (and metrics or an ``hsu_routed_call`` plugin):
+        #: where nginx's lines of the calls it routed arrive
+        self.calls: CallLog | None = None
 
     # -- hooks --------------------------------------------------------------------
 
@@ -269,6 +282,9 @@ class DataPlane:
             # root's workers cannot enter the 0700 state dir: loopback TCP then
             self.auth = AuthEndpoint(self.kernel, self.dir, tcp=os.geteuid() == 0)
             self.auth_address = await self.auth.start()
+        if self.settings.call_log and self.kernel.call_observer is not None:
+            self.calls = CallLog(self.kernel)
+            self.calls.open()
         await self._spawn(binary)
         self._started = True
         logger.info(
@@ -293,6 +309,9 @@ class DataPlane:
         finally:
             if self.auth is not None:  # after nginx: its calls in flight asked first
                 await self.auth.stop()
+            if self.calls is not None:  # after nginx: the lines of its last calls read
+                self.calls.drain()
+                await self.calls.close()
 
     async def _end_nginx(self) -> None:
         handle = self.handle
@@ -310,6 +329,8 @@ class DataPlane:
             if sock is not None:
                 sock.close()
         self._public = self._control = None
+        if self.calls is not None:
+            self.calls.shut()
 
     @property
     def pid(self) -> int:
@@ -563,6 +584,17 @@ class DataPlane:
             f"  client_body_timeout {stream};",
             f"  send_timeout {stream};",
         ]
+        calls = self.calls
+        if calls is not None:
+            # a call nginx routed to an instance (a unit's location set
+            # $hsu_unit, and an upstream was tried): one line to the kernel.
+            # The kernel's own locations are not logged: its gateway counts them
+            lines += [
+                log_format(calls.token),
+                # 1, not the unit's name: a unit named "0" is a name, not false
+                '  map $hsu_unit $hsu_in_unit { "" ""; default 1; }',
+                '  map $upstream_addr $hsu_log { "" ""; default $hsu_in_unit; }',
+            ]
         # with auth on: nginx asks the kernel before it forwards to an instance
         guard = ""
         if self.auth_address:
@@ -615,6 +647,13 @@ class DataPlane:
                 continue  # no instance: the kernel starts one
             routed.update(interfaces)
             name = f"hsu_unit_{n}"
+            # the unit nginx's line of a call names (names are [a-z0-9_-])
+            tag = ""
+            if calls is not None:
+                calls.units.add(unit)
+                tag = f" set $hsu_unit {quote(unit)};"
+                for interface in interfaces:  # asked once, off the calls' path
+                    calls.learn(interface, members[0][0].address)
             r = spec.routing
             lines.append(f"  upstream {name} {{")
             directive = _balancing(r.balancer, r.hash_key)
@@ -634,7 +673,7 @@ class DataPlane:
                 prefix = quote(f"/{interface}/")
                 if "*" in r.idempotent:
                     locations.append(
-                        f"    location {prefix} {{{guard} grpc_pass grpc://{name}; {retry} }}"
+                        f"    location {prefix} {{{tag}{guard} grpc_pass grpc://{name}; {retry} }}"
                     )
                     continue
                 for method in r.idempotent:
@@ -645,10 +684,12 @@ class DataPlane:
                         continue  # glob patterns are not mapped
                     exact = quote(f"/{interface}/{short}")
                     locations.append(
-                        f"    location = {exact} {{{guard} grpc_pass grpc://{name}; {retry} }}"
+                        f"    location = {exact} {{{tag}{guard} grpc_pass grpc://{name}; {retry} }}"
                     )
                 # the rest: passed to another instance only if not sent yet
-                locations.append(f"    location {prefix} {{{guard} grpc_pass grpc://{name}; }}")
+                locations.append(
+                    f"    location {prefix} {{{tag}{guard} grpc_pass grpc://{name}; }}"
+                )
         if kernel:
             # to the kernel's data plane: a unit's interface with no instance
             # here (its gateway starts one), health and reflection
@@ -660,6 +701,14 @@ class DataPlane:
         lines += [
             "  server {",
             f"    listen {quote(self._listen or self.requested)} http2;",
+            *(
+                [
+                    f"    access_log syslog:server={calls.address},nohostname,tag=hsu"
+                    f" {FORMAT} if=$hsu_log;",
+                ]
+                if calls is not None
+                else []
+            ),
             # every error nginx itself answers is a gRPC status in
             # trailers-only form (a bare HTTP error reaches a client as
             # UNKNOWN); an instance that failed a call is UNAVAILABLE, which a
@@ -677,6 +726,10 @@ class DataPlane:
             f"    listen {quote(control)};",
             "    default_type text/plain;",
             f'    location = /generation {{ return 200 "{int(self.generation)}"; }}',
+            # declares $hsu_unit (a server-wide ``set`` would also run in
+            # the auth subrequest, which shares the call's variables, and
+            # clear the unit its location set); never served to a call
+            *(['    location @hsu_declare { set $hsu_unit ""; }'] if calls is not None else []),
             "    location / { return 404; }",
             "  }",
             "}",
