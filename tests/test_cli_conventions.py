@@ -316,13 +316,25 @@ def test_completion_names_the_running_kernels_units(kernel, tmp_path):
     assert code.returncode == 0 and "complete" in code.stdout and "hsu" in code.stdout
 
 
+#: what `hsu ping` and `hsu status` must not import: the kernel's machinery,
+#: the plugin system (pluggy, hsu.hookspecs, entry points through
+#: importlib.metadata), the config stack, logging, and what only `hsu new`
+#: (hsu._kernel.cli_new) or the metrics registry (hsu.metrics, attrs) need
 FORBIDDEN = (
     "hsu._kernel.kernel",
     "hsu._kernel.plugins",
     "hsu._kernel.config",
     "hsu._kernel.supervision",
     "hsu._kernel.server",
+    "hsu._kernel.core_service",
+    "hsu._kernel.cli_new",
+    "hsu.hookspecs",
+    "hsu.metrics",
+    "hsu.ports",
     "hsu.client.aio",
+    "pluggy",
+    "importlib.metadata",
+    "attrs",
     "cattrs",
     "yaml",
     "psutil",

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hsu._kernel import cli_new
 from hsu._kernel.table import Column, render
 from hsu._version import __version__
 from hsu.errors import HsuError
@@ -380,7 +379,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         return (
             stub.Status(kernel_pb2.StatusRequest(), timeout=timeout),
             stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
-            live.fetch_metrics(channel, timeout),
+            live.fetch_metrics(channel, timeout, [*live.USAGE.values(), *live.CALLS]),
         )
 
     live.run_top(lambda: _call(address, fetch, args.timeout, args), args.interval, args.iterations)
@@ -694,6 +693,12 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new(args: argparse.Namespace) -> int:
+    from hsu._kernel import cli_new  # the templates' machinery, for `hsu new` only
+
+    return cli_new.cmd_new(args)
+
+
 def cmd_completion(args: argparse.Namespace) -> int:
     try:
         from argcomplete.shell_integration import shellcode
@@ -986,7 +991,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("shell", choices=["bash", "zsh", "fish", "tcsh", "powershell"])
     p.set_defaults(func=cmd_completion)
-    cli_new.add_parser(sub)
+
+    p = sub.add_parser("new", help="create an HSU or a plugin package that passes its own tests")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    h = kinds.add_parser("hsu", help="an HSU: a .proto, its code, servicer, deployment, tests")
+    h.add_argument("name", metavar="NAME", help="e.g. calc: package calc, interface calc.v1.Calc")
+    h.add_argument("--lang", choices=("python", "node"), default="python", help="default python")
+    h.add_argument("--dir", help="create it in DIR (default: the current directory)")
+    h.set_defaults(func=cmd_new)
+    pl = kinds.add_parser("plugin", help="an hsu plugin distribution: hookimpls, settings, tests")
+    pl.add_argument("name", metavar="NAME", help="e.g. audit: distribution hsu-plugin-audit")
+    pl.add_argument("--dir", help="create it in DIR (default: the current directory)")
+    pl.set_defaults(func=cmd_new)
     return parser
 
 

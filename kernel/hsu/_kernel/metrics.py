@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -32,6 +32,25 @@ START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: seconds the kernel waits for an HSU's Core.Metrics at a collection
 HSU_TIMEOUT = 2.0
 STATES = ("stopped", "starting", "ready", "stopping", "backoff", "fatal")
+#: the families :meth:`KernelMetrics.usage` answers (sampled from /proc)
+USAGE_FAMILIES = ("hsu_instance_resident_memory_bytes", "hsu_instance_cpu_percent")
+#: the families the kernel answers itself (:meth:`KernelMetrics.collect` and
+#: :meth:`~KernelMetrics.usage`): a Core.Metrics that asks only for these
+#: does not ask the HSUs
+KERNEL_FAMILIES = frozenset(
+    {
+        *USAGE_FAMILIES,
+        "hsu_instances",
+        "hsu_instance_restarts_total",
+        "hsu_instance_inflight",
+        "hsu_instance_uptime_seconds",
+        "hsu_breaker_state",
+        "hsu_registry_endpoints",
+        "hsu_kernel_start_time_seconds",
+        "hsu_instance_start_seconds",
+        "hsu_cold_start_seconds",
+    }
+)
 
 
 class KernelMetrics:
@@ -56,8 +75,8 @@ class KernelMetrics:
             START_BUCKETS,
         )
         self.registry.add_collector("kernel", self.collect)
-        self.registry.add_source("usage", self.usage)
-        self.registry.add_source("hsus", self.from_hsus)
+        self.registry.add_source("usage", self.usage, families=USAGE_FAMILIES)
+        self.registry.add_source("hsus", self.from_hsus, filtered=True)
         #: Core channels to instances, by address; instances that do not
         #: serve Core.Metrics (another language's SDK), by (id, pid)
         self._channels: dict[str, Any] = {}
@@ -195,9 +214,9 @@ class KernelMetrics:
 
     async def usage(self) -> list[Family]:
         """Every live instance's RSS and CPU, read from /proc on a worker
-        thread: with many instances that takes long enough (1.5 s for 1,000
-        on a loaded 2-core machine, docs/benchmarks.md) that the event loop
-        must not wait for it."""
+        thread (one read of each process's stat, :class:`Sampler`): with
+        many instances it still takes long enough that the event loop must
+        not wait for it (docs/benchmarks.md, "Where `hsu status` goes")."""
         targets = [
             ((("hsu_unit", i.unit), ("hsu_instance", i.instance_id)), i.pid, i.instance_id)
             for i in list(self.kernel.instances.values())
@@ -226,10 +245,11 @@ class KernelMetrics:
         members = self.kernel.containment.members
         rss: list[Point] = []
         cpu: list[Point] = []
-        alive: set[int] = set()
-        for labels, pid, instance_id in targets:
-            alive.add(pid)
-            usage = self._sampler.sample(pid, members(instance_id))
+        alive = {pid for _, pid, _ in targets}
+        sampled = self._sampler.sample_many(
+            ((pid, members(i)) for _, pid, i in targets), open_files=False
+        )
+        for (labels, _, _), usage in zip(targets, sampled, strict=True):
             if usage is not None:
                 rss.append(Point(labels, float(usage.rss)))
                 cpu.append(Point(labels, usage.cpu_percent))
@@ -238,15 +258,21 @@ class KernelMetrics:
         self._sampled = alive
         return rss, cpu
 
-    async def from_hsus(self) -> list[Family]:
+    async def from_hsus(self, names: Collection[str] | None = None) -> list[Family]:
         """Every ready instance's Core.Metrics, each series labelled with its
         ``hsu_unit`` and ``hsu_instance`` (asked at once, within
-        :data:`HSU_TIMEOUT`; one that does not answer in time is left out)."""
+        :data:`HSU_TIMEOUT`; one that does not answer in time is left out).
+
+        ``names``: only these families, asked of the HSUs as such; none at
+        all when they are all the kernel's own (:data:`KERNEL_FAMILIES`)."""
         import grpc
 
         from hsu._kernel.core_service import families_from_pb
         from hsu.core.v1 import core_pb2, core_pb2_grpc
 
+        if names is not None and not set(names) - KERNEL_FAMILIES:
+            return []
+        request = core_pb2.MetricsRequest(families=sorted(names or ()))
         ready = [
             i
             for i in list(self.kernel.instances.values())
@@ -263,9 +289,7 @@ class KernelMetrics:
             if ch is None:
                 ch = self._channels[inst.address] = grpc.aio.insecure_channel(inst.address)
             try:
-                reply = await core_pb2_grpc.CoreStub(ch).Metrics(
-                    core_pb2.MetricsRequest(), timeout=HSU_TIMEOUT
-                )
+                reply = await core_pb2_grpc.CoreStub(ch).Metrics(request, timeout=HSU_TIMEOUT)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                     self._unimplemented.add((inst.instance_id, inst.pid))
