@@ -743,7 +743,19 @@ def _non_negative(text: str) -> int:
 # -- parser -----------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unbuilt:
+    """Stands in for the parser of a command that is not being run
+    (:func:`build_parser`'s ``only``): whatever is asked of it is not made."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Unbuilt]:
+        return lambda *args, **kwargs: self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``hsu`` command line. ``only``: the command being run: every
+    command is listed, but only its arguments are made (argparse's
+    ``add_argument`` costs a few ms over all commands, a good part of what
+    ``hsu ping`` may take)."""
     parser = argparse.ArgumentParser(
         prog="hsu",
         description="Run a kernel, inspect plugins, talk to a running kernel.",
@@ -765,6 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
         " kernel.log_format, else text)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, **kwargs: Any) -> Any:
+        p = sub.add_parser(name, **kwargs)
+        return p if only in (None, name) else _Unbuilt()
 
     def plugin_opt(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -848,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="override one value, e.g. units.echo.stop_grace=3 (wins over file and env)",
         )
 
-    p = sub.add_parser("run", help="start a kernel for a deployment and serve until stopped")
+    p = command("run", help="start a kernel for a deployment and serve until stopped")
     p.add_argument("deployment", help="deployment file (YAML, JSON or TOML)")
     plugin_opt(p)
     set_opt(p)
@@ -868,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
+    p = command(
         "plugins",
         help="list plugins: name, distribution, hooks, status (the running kernel's, when one"
         " answers)",
@@ -884,20 +900,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("status", help="a running kernel's state and instances")
+    p = command("status", help="a running kernel's state and instances")
     address_opt(p, "the kernel to ask")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("top", help="a running kernel's units and instances, refreshed")
+    p = command("top", help="a running kernel's units and instances, refreshed")
     address_opt(p, "the kernel to ask")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("-n", "--iterations", type=int, default=None, help="refresh N times, then exit")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_top)
 
-    p = sub.add_parser("ping", help="round trip to a running kernel's Core.Ping")
+    p = command("ping", help="round trip to a running kernel's Core.Ping")
     address_opt(p, "the kernel to ping")
     json_opt(p)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
@@ -908,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("stop", "Stop", "stop a unit's instances, or one instance"),
         ("restart", "Restart", "replace a unit's processes one at a time, or one instance's"),
     ):
-        p = sub.add_parser(name, help=what)
+        p = command(name, help=what)
         target(p, "name", metavar="UNIT|INSTANCE")
         json_opt(p, "print the instances as JSON")
         progress_opt(p)
@@ -918,7 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
         p.set_defaults(func=_action(method))
 
-    p = sub.add_parser("scale", help="run exactly N instances of a unit")
+    p = command("scale", help="run exactly N instances of a unit")
     target(p, "unit")
     p.add_argument("count", type=_non_negative, metavar="N")
     json_opt(p, "print the instances as JSON")
@@ -927,7 +943,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     p.set_defaults(func=cmd_scale)
 
-    p = sub.add_parser("endpoints", help="where an interface is served and how calls are routed")
+    p = command("endpoints", help="where an interface is served and how calls are routed")
     p.add_argument("interface", help="a full service name, e.g. hsu.echo.v1.Echo")
     p.add_argument("--ensure", action="store_true", help="start an instance if none is routable")
     p.add_argument("--json", action="store_true", help="print the Resolve reply as JSON")
@@ -935,13 +951,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     p.set_defaults(func=cmd_endpoints)
 
-    p = sub.add_parser("reload", help="make a running kernel read its deployment again")
+    p = command("reload", help="make a running kernel read its deployment again")
     json_opt(p, "print what changed as JSON")
     address_opt(p, "the kernel to ask")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     p.set_defaults(func=cmd_reload)
 
-    p = sub.add_parser(
+    p = command(
         "logs",
         help="a unit's or an instance's output (and the kernel's about it); every unit's,"
         " with a unit column, without a name",
@@ -954,7 +970,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("events", help="state transitions and published events as they happen")
+    p = command("events", help="state transitions and published events as they happen")
     target(p, "unit", nargs="?", help="only this unit's")
     p.add_argument("--replay", action="store_true", help="first the recent ones")
     json_opt(p, "print JSON lines, one per event")
@@ -967,7 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     address_opt(p, "the kernel to ask")
     p.set_defaults(func=cmd_events)
 
-    config = sub.add_parser("config", help="check, show or describe deployments")
+    config = command("config", help="check, show or describe deployments")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     p = csub.add_parser("validate", help="check a deployment and its plugins; start nothing")
     p.add_argument("deployment", help="deployment file")
@@ -986,13 +1002,13 @@ def build_parser() -> argparse.ArgumentParser:
     plugin_opt(p)
     p.set_defaults(func=cmd_config_schema)
 
-    p = sub.add_parser(
+    p = command(
         "completion", help="print the shell code that completes hsu's commands (argcomplete)"
     )
     p.add_argument("shell", choices=["bash", "zsh", "fish", "tcsh", "powershell"])
     p.set_defaults(func=cmd_completion)
 
-    p = sub.add_parser("new", help="create an HSU or a plugin package that passes its own tests")
+    p = command("new", help="create an HSU or a plugin package that passes its own tests")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     h = kinds.add_parser("hsu", help="an HSU: a .proto, its code, servicer, deployment, tests")
     h.add_argument("name", metavar="NAME", help="e.g. calc: package calc, interface calc.v1.Calc")
@@ -1011,11 +1027,13 @@ LOGGING = {"run", "config", "plugins"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     if "_ARGCOMPLETE" in os.environ:  # only while the shell completes
         import argcomplete
 
-        argcomplete.autocomplete(parser)
+        argcomplete.autocomplete(build_parser())
+    first = argv[0] if argv and not argv[0].startswith("-") else None
+    parser = build_parser(only=first)
     args = parser.parse_args(argv)
     if args.command in LOGGING:
         _setup_logging(args.log_level, fmt=args.log_format or "text")
