@@ -135,6 +135,16 @@ async def test_a_gather_of_some_names_awaits_only_the_sources_that_may_hold_them
     assert [f.name for f in await reg.gather(["u_rss"])] == ["u_rss"]
     assert asked == ["usage", "others ['u_rss']"]
     assert [f.name for f in reg.collect(["jobs_total"])] == ["jobs_total"]
+    made: list[Any] = []
+
+    def lazy(names: frozenset[str] | None) -> list[Family]:
+        made.append(names)
+        return [Family(n, "gauge", "", ()) for n in ("l_a", "l_b") if not names or n in names]
+
+    reg.add_collector("lazy", lazy, filtered=True)
+    assert {f.name for f in reg.collect(["l_b", "queue"])} == {"l_b", "queue"}
+    assert {f.name for f in reg.collect()} >= {"l_a", "l_b"}
+    assert made == [frozenset({"l_b", "queue"}), None]
 
 
 def test_call_metrics_use_go_grpc_prometheus_names_and_codes() -> None:

@@ -348,7 +348,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
-        self._collectors: list[tuple[str, Collector]] = []
+        self._collectors: list[tuple[str, Callable[..., Iterable[Family]], bool]] = []
         self._sources: list[_Source] = []
         self._lock = threading.Lock()
         #: label sets refused because a metric had :data:`MAX_SERIES` already
@@ -386,11 +386,19 @@ class Registry:
         metric: Histogram = self._get(Histogram, name, help, labels, buckets=buckets)
         return metric
 
-    def add_collector(self, name: str, collector: Collector) -> None:
+    def add_collector(
+        self,
+        name: str,
+        collector: Callable[..., Iterable[Family]],
+        *,
+        filtered: bool = False,
+    ) -> None:
         """Call ``collector()`` at every collection; ``name`` says whose it
-        is in an error (a collector that raises is logged and skipped)."""
+        is in an error (a collector that raises is logged and skipped).
+        ``filtered``: it is called as ``collector(names)`` with the names a
+        collection asks for (``None``: every family) and may make only those."""
         with self._lock:
-            self._collectors.append((name, collector))
+            self._collectors.append((name, collector, filtered))
 
     def add_source(
         self,
@@ -452,7 +460,7 @@ class Registry:
 
     def remove_collector(self, name: str) -> None:
         with self._lock:
-            self._collectors = [(n, c) for n, c in self._collectors if n != name]
+            self._collectors = [c for c in self._collectors if c[0] != name]
 
     def collect(self, names: Collection[str] | None = None) -> list[Family]:
         """Every metric's and collector's families, read now (``names``: only
@@ -461,9 +469,11 @@ class Registry:
             metrics = [m for m in self._metrics.values() if names is None or m.name in names]
             collectors = list(self._collectors)
         out: list[Family] = [m.collect() for m in metrics]  # type: ignore[attr-defined]
-        for name, collector in collectors:
+        wanted = None if names is None else frozenset(names)
+        for name, collector, filtered in collectors:
             try:
-                out.extend(f for f in collector() if names is None or f.name in names)
+                made = collector(wanted) if filtered else collector()
+                out.extend(f for f in made if wanted is None or f.name in wanted)
             except Exception as exc:  # one broken collector does not break the scrape
                 from loguru import logger
 

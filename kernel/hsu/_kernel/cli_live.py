@@ -57,9 +57,11 @@ def usage(families: Iterable[MetricFamily]) -> dict[str, dict[str, float]]:
         if fam is None:
             continue
         for p in fam.points:
-            labels = _labels(p)
-            if "hsu_instance" in labels:
-                out.setdefault(labels["hsu_instance"], {})[column] = p.value
+            # the kernel's own series: (hsu_unit, hsu_instance), in that order
+            for lb in reversed(p.labels):
+                if lb.name == "hsu_instance":
+                    out.setdefault(lb.value, {})[column] = p.value
+                    break
     return out
 
 

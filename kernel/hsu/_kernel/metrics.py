@@ -74,7 +74,7 @@ class KernelMetrics:
             ("hsu_unit",),
             START_BUCKETS,
         )
-        self.registry.add_collector("kernel", self.collect)
+        self.registry.add_collector("kernel", self.collect, filtered=True)
         self.registry.add_source("usage", self.usage, families=USAGE_FAMILIES)
         self.registry.add_source("hsus", self.from_hsus, filtered=True)
         #: Core channels to instances, by address; instances that do not
@@ -136,32 +136,49 @@ class KernelMetrics:
 
     # -- collection ------------------------------------------------------------------
 
-    def collect(self) -> Iterable[Family]:
+    def collect(self, names: Collection[str] | None = None) -> Iterable[Family]:
+        """The kernel's own families (``names``: only these; the others'
+        points are not made)."""
+
+        def wanted(name: str) -> bool:
+            return names is None or name in names
+
         k = self.kernel
         instances = list(k.instances.values())
-        units = list(k.deployment.units)
-        by_state: dict[tuple[str, str], int] = {(u, s): 0 for u in units for s in STATES}
+        by_state: dict[tuple[str, str], int] = {}
         restarts: list[Point] = []
         inflight: list[Point] = []
         up: list[Point] = []
         now = time.time()
-        for inst in instances:
-            state = inst.state.value
-            by_state[inst.unit, state] = by_state.get((inst.unit, state), 0) + 1
-            labels = (("hsu_unit", inst.unit), ("hsu_instance", inst.instance_id))
-            restarts.append(Point(labels, float(inst.restarts)))
-            inflight.append(Point(labels, float(k.routing.load(inst.instance_id))))
-            if inst.ready_at is not None and state == "ready":
-                up.append(Point(labels, max(0.0, now - inst.ready_at)))
-        yield Family(
-            "hsu_instances",
-            "gauge",
-            "instances by unit and state",
-            tuple(
-                Point((("hsu_unit", u), ("state", s)), float(n))
-                for (u, s), n in sorted(by_state.items())
-            ),
+        per_instance = any(
+            wanted(n)
+            for n in (
+                "hsu_instance_restarts_total",
+                "hsu_instance_inflight",
+                "hsu_instance_uptime_seconds",
+            )
         )
+        if wanted("hsu_instances"):
+            by_state = {(u, s): 0 for u in k.deployment.units for s in STATES}
+            for inst in instances:
+                key = (inst.unit, inst.state.value)
+                by_state[key] = by_state.get(key, 0) + 1
+            yield Family(
+                "hsu_instances",
+                "gauge",
+                "instances by unit and state",
+                tuple(
+                    Point((("hsu_unit", u), ("state", s)), float(n))
+                    for (u, s), n in sorted(by_state.items())
+                ),
+            )
+        if per_instance:
+            for inst in instances:
+                labels = (("hsu_unit", inst.unit), ("hsu_instance", inst.instance_id))
+                restarts.append(Point(labels, float(inst.restarts)))
+                inflight.append(Point(labels, float(k.routing.load(inst.instance_id))))
+                if inst.ready_at is not None and inst.state.value == "ready":
+                    up.append(Point(labels, max(0.0, now - inst.ready_at)))
         yield Family(
             "hsu_instance_restarts_total",
             "counter",
@@ -180,25 +197,26 @@ class KernelMetrics:
             "seconds since the instance's current process became ready",
             tuple(up),
         )
-        breakers: list[Point] = []
-        for interface, route in list(k.routing.routes.items()):
-            for instance_id, breaker in list(route.breakers.items()):
-                ep = route.endpoints.get(instance_id)
-                unit = ep.unit if ep is not None else ""
-                for s in ("closed", "open", "half_open"):
-                    blabels = (
-                        ("grpc_service", interface),
-                        ("hsu_unit", unit),
-                        ("hsu_instance", instance_id),
-                        ("state", s),
-                    )
-                    breakers.append(Point(blabels, 1.0 if breaker.state == s else 0.0))
-        yield Family(
-            "hsu_breaker_state",
-            "gauge",
-            "1 for the state each instance's circuit breaker is in (kernel's routes)",
-            tuple(breakers),
-        )
+        if wanted("hsu_breaker_state"):
+            breakers: list[Point] = []
+            for interface, route in list(k.routing.routes.items()):
+                for instance_id, breaker in list(route.breakers.items()):
+                    ep = route.endpoints.get(instance_id)
+                    unit = ep.unit if ep is not None else ""
+                    for s in ("closed", "open", "half_open"):
+                        blabels = (
+                            ("grpc_service", interface),
+                            ("hsu_unit", unit),
+                            ("hsu_instance", instance_id),
+                            ("state", s),
+                        )
+                        breakers.append(Point(blabels, 1.0 if breaker.state == s else 0.0))
+            yield Family(
+                "hsu_breaker_state",
+                "gauge",
+                "1 for the state each instance's circuit breaker is in (kernel's routes)",
+                tuple(breakers),
+            )
         yield Family(
             "hsu_registry_endpoints",
             "gauge",
