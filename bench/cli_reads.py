@@ -10,9 +10,10 @@ its kernel and its CLI). With every kernel up at once, each round runs each
 tree's ``python -m hsu ping`` and ``python -m hsu status`` against its own
 kernel, the trees' order rotating from round to round. It reports medians of
 wall time, of the CLI's CPU time (user + system, steadier than wall on a
-shared machine) and of the kernel's CPU time spent answering; and beside them
-the floor: ``python -c pass``, ``import grpc``, and grpc with the generated
-Kernel and Core stubs (what a call to the kernel cannot do without). It also
+shared machine) and of the kernel's CPU time spent answering; and beside them,
+timed in the same rounds, the floor: ``python -c pass``, ``import grpc``, and
+grpc with the generated Kernel and Core stubs (what a call to the kernel
+cannot do without). It also
 checks that ``hsu status | head -1`` exits 141 with nothing on stderr.
 
 Every kernel runs in its own temporary directory and is stopped by pid
@@ -145,7 +146,13 @@ def med(xs: list[float]) -> str:
 
 
 def shape(
-    label: str, trees: dict[str, Path | None], n: int, units: int, rounds: int, root: Path
+    label: str,
+    trees: dict[str, Path | None],
+    n: int,
+    units: int,
+    rounds: int,
+    root: Path,
+    floor: dict[str, list[float]],
 ) -> list[str]:
     kernels = [Kernel(name, tree, n, units, root) for name, tree in trees.items()]
     out = []
@@ -168,6 +175,8 @@ def shape(
             for k in kernels
         }
         for r in range(rounds):
+            for name, code in FLOOR.items():  # in the same rounds: the same load
+                floor[name].append(run_timed([sys.executable, "-c", code], env_for(None))[0])
             order = kernels[r % len(kernels) :] + kernels[: r % len(kernels)]
             for k in order:
                 wall, cpu, code = run_timed(k.cli("ping"), k.env)
@@ -209,9 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))
     print(f"load average at start: {os.getloadavg()}", flush=True)
     floor: dict[str, list[float]] = {k: [] for k in FLOOR}
-    for _ in range(args.rounds):
-        for name, code in FLOOR.items():
-            floor[name].append(run_timed([sys.executable, "-c", code], env_for(None))[0])
     lines = [
         "| shape | tree | ping wall | ping CPU | status wall | status CPU | kernel CPU"
         " per status | `status \\| head -1` exit |",
@@ -219,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     n = args.instances
     with tempfile.TemporaryDirectory(prefix="hsu-cli-reads-") as tmp:
-        lines += shape(f"one unit of {n}", trees, n, 1, args.rounds, Path(tmp))
-        lines += shape(f"{n} units of one", trees, n, n, args.rounds, Path(tmp))
+        lines += shape(f"one unit of {n}", trees, n, 1, args.rounds, Path(tmp), floor)
+        lines += shape(f"{n} units of one", trees, n, n, args.rounds, Path(tmp), floor)
     print(f"load average at end: {os.getloadavg()}")
     print("\nmedians, ms; floor (wall): "
           + ", ".join(f"{k} {med(v)}" for k, v in floor.items()))  # fmt: skip
