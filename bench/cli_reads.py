@@ -176,7 +176,9 @@ def shape(
         }
         for r in range(rounds):
             for name, code in FLOOR.items():  # in the same rounds: the same load
-                floor[name].append(run_timed([sys.executable, "-c", code], env_for(None))[0])
+                wall, cpu, _ = run_timed([sys.executable, "-c", code], env_for(None))
+                floor[name].append(wall)
+                floor[name + " CPU"].append(cpu)
             order = kernels[r % len(kernels) :] + kernels[: r % len(kernels)]
             for k in order:
                 wall, cpu, code = run_timed(k.cli("ping"), k.env)
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))
     print(f"load average at start: {os.getloadavg()}", flush=True)
-    floor: dict[str, list[float]] = {k: [] for k in FLOOR}
+    floor: dict[str, list[float]] = {k: [] for name in FLOOR for k in (name, name + " CPU")}
     lines = [
         "| shape | tree | ping wall | ping CPU | status wall | status CPU | kernel CPU"
         " per status | `status \\| head -1` exit |",
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += shape(f"one unit of {n}", trees, n, 1, args.rounds, Path(tmp), floor)
         lines += shape(f"{n} units of one", trees, n, n, args.rounds, Path(tmp), floor)
     print(f"load average at end: {os.getloadavg()}")
-    print("\nmedians, ms; floor (wall): "
+    print("\nmedians, ms; floor (wall, CPU): "
           + ", ".join(f"{k} {med(v)}" for k, v in floor.items()))  # fmt: skip
     print("\n".join(lines))
     return 0
