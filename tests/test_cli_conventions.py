@@ -320,7 +320,8 @@ def test_completion_names_the_running_kernels_units(kernel, tmp_path):
 #: what `hsu ping` and `hsu status` must not import: the kernel's machinery,
 #: the plugin system (pluggy, hsu.hookspecs, entry points through
 #: importlib.metadata), the config stack, logging, and what only `hsu new`
-#: (hsu._kernel.cli_new) or the metrics registry (hsu.metrics, attrs) need
+#: (hsu._kernel.cli_new) or the metrics registry (hsu.metrics, attrs) need, and
+#: what argparse and the socket lookup would import for nothing
 FORBIDDEN = (
     "hsu._kernel.kernel",
     "hsu._kernel.plugins",
@@ -341,6 +342,8 @@ FORBIDDEN = (
     "psutil",
     "loguru",
     "argcomplete",
+    "shutil",  # argparse's HelpFormatter imports it (and bz2, lzma): cli._Formatter does not
+    "hashlib",  # control.default_socket's digest: not needed with --control
 )
 
 
