@@ -4,6 +4,7 @@ a real kernel process."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HSU, ROOT, hsu_env, run_hsu, wait_until, write_deployment
-from hsu._kernel.cli import EXIT, status_code
+from hsu._kernel.cli import EXIT, build_parser, status_code
 from hsu.kernel.v1 import kernel_pb2
 
 pytestmark = pytest.mark.integration
@@ -316,18 +317,33 @@ def test_completion_names_the_running_kernels_units(kernel, tmp_path):
     assert code.returncode == 0 and "complete" in code.stdout and "hsu" in code.stdout
 
 
+#: what `hsu ping` and `hsu status` must not import: the kernel's machinery,
+#: the plugin system (pluggy, hsu.hookspecs, entry points through
+#: importlib.metadata), the config stack, logging, and what only `hsu new`
+#: (hsu._kernel.cli_new) or the metrics registry (hsu.metrics, attrs) need, and
+#: what argparse and the socket lookup would import for nothing
 FORBIDDEN = (
     "hsu._kernel.kernel",
     "hsu._kernel.plugins",
     "hsu._kernel.config",
     "hsu._kernel.supervision",
     "hsu._kernel.server",
+    "hsu._kernel.core_service",
+    "hsu._kernel.cli_new",
+    "hsu.hookspecs",
+    "hsu.metrics",
+    "hsu.ports",
     "hsu.client.aio",
+    "pluggy",
+    "importlib.metadata",
+    "attrs",
     "cattrs",
     "yaml",
     "psutil",
     "loguru",
     "argcomplete",
+    "shutil",  # argparse's HelpFormatter imports it (and bz2, lzma): cli._Formatter does not
+    "hashlib",  # control.default_socket's digest: not needed with --control
 )
 
 
@@ -348,6 +364,27 @@ def test_ping_and_status_do_not_import_the_kernels_machinery(kernel, command):
     assert "grpc" in modules  # it did talk to the kernel
     loaded = [m for m in modules if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
     assert loaded == []
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_the_parser_built_for_one_command_parses_it_as_the_whole_one():
+    """main() makes only the arguments of the command being run; that
+    command's parser (and its subcommands') is the one the full parser has."""
+    full = build_parser()
+    assert "new" in _subparsers(full) and "config" in _subparsers(full)
+    for name, whole in _subparsers(full).items():
+        only = build_parser(only=name)
+        assert list(_subparsers(only)) == list(_subparsers(full))  # all listed
+        part = _subparsers(only)[name]
+        assert part.format_help() == whole.format_help(), name
+        for sub_name, sub_whole in _subparsers(whole).items() if whole._subparsers else ():
+            assert _subparsers(part)[sub_name].format_help() == sub_whole.format_help()
+    argv = ["status", "--control", "unix:/k.sock", "--json", "--timeout", "2"]
+    assert vars(build_parser(only="status").parse_args(argv)) == vars(full.parse_args(argv))
 
 
 def test_help_documents_the_exit_codes_page():

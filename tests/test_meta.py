@@ -70,6 +70,23 @@ def test_an_hsu_importing_the_sdk_does_not_load_the_kernel():
     assert out.stdout.strip() == ""
 
 
+def test_importing_hsu_loads_no_plugin_machinery_until_hookimpl_is_used():
+    import subprocess
+    import sys
+
+    heavy = ["pluggy", "hsu.hookspecs", "importlib.metadata"]
+    code = (
+        f"import sys, hsu; print(','.join(m for m in {heavy!r} if m in sys.modules))\n"
+        "from hsu import hookimpl\n"
+        "import hsu.hookspecs, pluggy\n"
+        "assert hookimpl is hsu.hookimpl is hsu.hookspecs.hookimpl\n"
+        "assert isinstance(hookimpl, pluggy.HookimplMarker) and hookimpl.project_name == 'hsu'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
 def test_the_public_names_resolve_on_first_use():
     import hsu
     import hsu._kernel.kernel

@@ -105,6 +105,48 @@ def test_counters_gauges_and_histograms_collect_by_labels() -> None:
         c.labels("a").inc(-1)
 
 
+async def test_a_gather_of_some_names_awaits_only_the_sources_that_may_hold_them() -> None:
+    from hsu.metrics import Family, Point
+
+    reg = Registry()
+    reg.counter("jobs_total", "jobs").inc()
+    reg.gauge("queue", "queued").set(2)
+    reg.add_collector("kernel", lambda: [Family("k_state", "gauge", "", (Point((), 1.0),))])
+    asked: list[str] = []
+
+    async def usage() -> list[Family]:
+        asked.append("usage")
+        return [Family("u_rss", "gauge", "", (Point((), 5.0),))]
+
+    async def others(names: frozenset[str] | None) -> list[Family]:
+        asked.append(f"others {sorted(names) if names is not None else None}")
+        return [Family("o_mine", "counter", "", (Point((), 3.0),))]
+
+    reg.add_source("usage", usage, families=["u_rss"])
+    reg.add_source("others", others, filtered=True)
+    everything = {f.name for f in await reg.gather()}
+    assert everything == {"jobs_total", "queue", "k_state", "u_rss", "o_mine"}
+    assert asked == ["usage", "others None"]
+    asked.clear()
+    some = await reg.gather(["queue", "k_state", "o_mine", "nosuch"])
+    assert {f.name for f in some} == {"queue", "k_state", "o_mine"}
+    assert asked == ["others ['k_state', 'nosuch', 'o_mine', 'queue']"]  # usage not awaited
+    asked.clear()
+    assert [f.name for f in await reg.gather(["u_rss"])] == ["u_rss"]
+    assert asked == ["usage", "others ['u_rss']"]
+    assert [f.name for f in reg.collect(["jobs_total"])] == ["jobs_total"]
+    made: list[Any] = []
+
+    def lazy(names: frozenset[str] | None) -> list[Family]:
+        made.append(names)
+        return [Family(n, "gauge", "", ()) for n in ("l_a", "l_b") if not names or n in names]
+
+    reg.add_collector("lazy", lazy, filtered=True)
+    assert {f.name for f in reg.collect(["l_b", "queue"])} == {"l_b", "queue"}
+    assert {f.name for f in reg.collect()} >= {"l_a", "l_b"}
+    assert made == [frozenset({"l_b", "queue"}), None]
+
+
 def test_call_metrics_use_go_grpc_prometheus_names_and_codes() -> None:
     reg = Registry()
     calls = CallMetrics(reg, "server")
@@ -470,3 +512,32 @@ async def test_the_kernel_collects_each_hsus_own_metrics_over_core(
         reply = await core_pb2_grpc.CoreStub(control).Metrics(core_pb2.MetricsRequest(), timeout=10)
     names = {f.name for f in families_from_pb(reply)}
     assert {"echo_messages_total", "hsu_instances", "grpc_server_handled_total"} <= names
+    # asked for some families, it answers those (an HSU's too, asked of it by name)
+    some = ["hsu_instance_resident_memory_bytes", "echo_messages_total", "no_such_family"]
+    async with grpc.aio.insecure_channel(kernel.control_address) as control:
+        reply = await core_pb2_grpc.CoreStub(control).Metrics(
+            core_pb2.MetricsRequest(families=some), timeout=10
+        )
+    fams = {f.name: f for f in families_from_pb(reply)}
+    assert set(fams) == {"hsu_instance_resident_memory_bytes", "echo_messages_total"}
+    (rss,) = fams["hsu_instance_resident_memory_bytes"].points
+    assert dict(rss.labels)["hsu_instance"] == inst.instance_id and rss.value > 1024 * 1024
+    assert {dict(p.labels)["size"] for p in fams["echo_messages_total"].points} == {"short", "long"}
+    # the kernel's own families only: its HSUs are not asked
+    hub = kernel.metrics_hub
+    assert await hub.from_hsus(["hsu_instance_cpu_percent", "hsu_instances"]) == []
+    assert {f.name for f in await hub.from_hsus(["echo_messages_total"])} == {"echo_messages_total"}
+
+
+async def test_the_kernel_lists_the_families_it_answers_itself(hsu_kernel_factory: Any) -> None:
+    """KERNEL_FAMILIES (what spares the HSUs a Core.Metrics) names every
+    family the kernel makes, and nothing else."""
+    from hsu._kernel.metrics import KERNEL_FAMILIES, USAGE_FAMILIES
+
+    kernel = await hsu_kernel_factory({"units": {"echo": {**UNIT, "start": "at-start"}}})
+    hub = kernel.metrics_hub
+    await until(lambda: any(i.state.value == "ready" for i in kernel.instances.values()), 30)
+    made = {f.name for f in hub.collect()} | {f.name for f in await hub.usage()}
+    made |= {hub.started.name, hub.cold.name}
+    assert {f.name for f in await hub.usage()} == set(USAGE_FAMILIES)
+    assert made == KERNEL_FAMILIES

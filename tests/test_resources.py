@@ -167,6 +167,49 @@ def test_open_files_of_the_main_process() -> None:
     assert breaches(ResourceLimits(open_files=10_000), usage) == []
 
 
+def test_one_read_of_proc_stat_gives_psutils_figures() -> None:
+    """The sampler reads /proc/<pid>/stat once per process; what it reads is
+    what psutil's calls say (the prometheus exporter's figures keep their meaning)."""
+    from hsu._kernel.supervision.resources import _read_proc, _read_psutil
+
+    code = "import threading\ndata = b'x' * (20 * 1024 * 1024)\n"
+    code += "threading.Thread(target=sys.stdin.read, daemon=True).start()\n" + HOLD
+    with child(code) as proc:
+        ps = psutil.Process(proc.pid)
+        ours, theirs = _read_proc(proc.pid), _read_psutil(proc.pid)
+        assert ours is not None and theirs is not None
+        assert ours == theirs  # a process that waits on stdin changes nothing in between
+        assert ours.rss == ps.memory_info().rss >= 20 * MIB
+        assert ours.cpu == pytest.approx(sum(ps.cpu_times()[:2]))
+        assert ours.create_time == pytest.approx(ps.create_time(), abs=0.01)
+        assert ours.threads == ps.num_threads() == 2
+        assert ours.ppid == os.getpid()
+        usage = sample(Sampler(), proc.pid)
+        assert usage.open_files == ps.num_fds()
+        assert usage.rss == ours.rss and usage.threads == 2
+
+
+def test_sample_many_counts_each_roots_descendants_as_sample_does() -> None:
+    code = """
+    import subprocess
+    kids = [subprocess.Popen(['sleep', '60']) for _ in range(2)]
+    print('ready', flush=True)
+    sys.stdin.read()
+    for k in kids:
+        k.kill()
+    """
+    with child(code) as a, child(code) as b, child(HOLD) as alone:
+        roots = [(a.pid, None), (b.pid, None), (alone.pid, None), (2**22 + 1, None)]
+        many = Sampler().sample_many(roots)
+        one = [Sampler().sample(pid) for pid, _ in roots]
+        bare = Sampler().sample_many(roots, open_files=False)
+    assert [u.children if u else None for u in many] == [2, 2, 0, None]
+    assert [u.children if u else None for u in one] == [2, 2, 0, None]
+    assert many[0] is not None and one[0] is not None and bare[0] is not None
+    assert many[0].open_files == one[0].open_files > 0 and bare[0].open_files == 0
+    assert many[0].threads == one[0].threads == bare[0].threads == 3
+
+
 def test_cpu_percent_is_a_delta_between_samples() -> None:
     sampler = Sampler()
     with child(BUSY) as proc:

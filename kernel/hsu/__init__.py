@@ -5,7 +5,9 @@ The public API for deployments, plugin authors and HSU authors. Plugins write
 
 Names that need the kernel (``Kernel``, ``connect``, ``load_deployment``, ...)
 are imported on first use: an HSU that imports :mod:`hsu.worker`, or a CLI
-call, does not pay for the supervisor, the config schema and psutil.
+call, does not pay for the supervisor, the config schema and psutil. So is
+``hookimpl`` (pluggy and :mod:`hsu.hookspecs`): ``@hsu.hookimpl`` and
+``from hsu import hookimpl`` load them, ``hsu ping`` does not.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from hsu.errors import (
     PluginError,
     PluginLoadError,
 )
-from hsu.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from hsu._kernel.config.model import (
@@ -41,10 +42,12 @@ if TYPE_CHECKING:
     from hsu.client.aio import RoutedChannel, connect
     from hsu.client.lease import AsyncLease, SyncLease, lease, lease_sync
     from hsu.client.sync import SyncRoutedChannel, connect_sync
+    from hsu.hookspecs import hookimpl
     from hsu.ports import Launcher, LaunchSpec, ProcessHandle
 
 #: name -> the module it is imported from on first use
 _LAZY = {
+    "hookimpl": "hsu.hookspecs",
     "RoutedChannel": "hsu.client.aio",
     "connect": "hsu.client.aio",
     "SyncRoutedChannel": "hsu.client.sync",

@@ -25,7 +25,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import attrs
@@ -333,13 +333,23 @@ class _HistogramChild:
             cell.sum += value
 
 
+@attrs.frozen
+class _Source:
+    """A :meth:`Registry.add_source` registration."""
+
+    name: str
+    source: Callable[..., Awaitable[list[Family]]]
+    families: frozenset[str] | None
+    filtered: bool
+
+
 class Registry:
     """Metrics by name, and collectors; see the module docstring."""
 
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
-        self._collectors: list[tuple[str, Collector]] = []
-        self._sources: list[tuple[str, Callable[[], Awaitable[list[Family]]]]] = []
+        self._collectors: list[tuple[str, Callable[..., Iterable[Family]], bool]] = []
+        self._sources: list[_Source] = []
         self._lock = threading.Lock()
         #: label sets refused because a metric had :data:`MAX_SERIES` already
         self.dropped_series = 0
@@ -376,35 +386,71 @@ class Registry:
         metric: Histogram = self._get(Histogram, name, help, labels, buckets=buckets)
         return metric
 
-    def add_collector(self, name: str, collector: Collector) -> None:
+    def add_collector(
+        self,
+        name: str,
+        collector: Callable[..., Iterable[Family]],
+        *,
+        filtered: bool = False,
+    ) -> None:
         """Call ``collector()`` at every collection; ``name`` says whose it
-        is in an error (a collector that raises is logged and skipped)."""
+        is in an error (a collector that raises is logged and skipped).
+        ``filtered``: it is called as ``collector(names)`` with the names a
+        collection asks for (``None``: every family) and may make only those."""
         with self._lock:
-            self._collectors.append((name, collector))
+            self._collectors.append((name, collector, filtered))
 
-    def add_source(self, name: str, source: Callable[[], Awaitable[list[Family]]]) -> None:
+    def add_source(
+        self,
+        name: str,
+        source: Callable[..., Awaitable[list[Family]]],
+        *,
+        families: Collection[str] | None = None,
+        filtered: bool = False,
+    ) -> None:
         """Await ``source()`` at every :meth:`gather` (values another process
-        holds: the kernel's HSUs over Core.Metrics); it should bound its own time."""
-        with self._lock:
-            self._sources.append((name, source))
+        holds: the kernel's HSUs over Core.Metrics); it should bound its own time.
 
-    async def gather(self) -> list[Family]:
+        :param families: the names of the families it answers, when they are
+            known: a gather of only other names does not await it.
+        :param filtered: it is called as ``source(names)`` with the names a
+            gather asks for (``None``: every family) and may answer only those.
+        """
+        known = None if families is None else frozenset(families)
+        with self._lock:
+            self._sources.append(_Source(name, source, known, filtered))
+
+    async def gather(self, names: Collection[str] | None = None) -> list[Family]:
         """:meth:`collect` plus every source's families, one family per name
         (series of the same name from several sources are merged; one whose
-        kind differs from the first is left out). What exporters call."""
+        kind differs from the first is left out). What exporters call.
+
+        ``names``: only the families of these names (Core.Metrics's
+        ``families``); a source whose ``families`` are none of them is not
+        awaited. ``None``: every family."""
         import asyncio
 
+        wanted = None if names is None else frozenset(names)
         with self._lock:
-            sources = list(self._sources)
-        results = await asyncio.gather(*(s() for _, s in sources), return_exceptions=True)
-        merged: dict[str, Family] = {f.name: f for f in self.collect()}
-        for (name, _), result in zip(sources, results, strict=True):
+            sources = [
+                s
+                for s in self._sources
+                if wanted is None or s.families is None or s.families & wanted
+            ]
+        results = await asyncio.gather(
+            *(s.source(wanted) if s.filtered else s.source() for s in sources),
+            return_exceptions=True,
+        )
+        merged: dict[str, Family] = {f.name: f for f in self.collect(wanted)}
+        for s, result in zip(sources, results, strict=True):
             if isinstance(result, BaseException):
                 from loguru import logger
 
-                logger.warning("metrics source {} failed: {!r}", name, result)
+                logger.warning("metrics source {} failed: {!r}", s.name, result)
                 continue
             for fam in result:
+                if wanted is not None and fam.name not in wanted:
+                    continue
                 known = merged.get(fam.name)
                 if known is None:
                     merged[fam.name] = fam
@@ -414,25 +460,29 @@ class Registry:
 
     def remove_collector(self, name: str) -> None:
         with self._lock:
-            self._collectors = [(n, c) for n, c in self._collectors if n != name]
+            self._collectors = [c for c in self._collectors if c[0] != name]
 
-    def collect(self) -> list[Family]:
-        """Every metric's and collector's families, read now."""
+    def collect(self, names: Collection[str] | None = None) -> list[Family]:
+        """Every metric's and collector's families, read now (``names``: only
+        the families of these names)."""
         with self._lock:
-            metrics = list(self._metrics.values())
+            metrics = [m for m in self._metrics.values() if names is None or m.name in names]
             collectors = list(self._collectors)
         out: list[Family] = [m.collect() for m in metrics]  # type: ignore[attr-defined]
-        for name, collector in collectors:
+        wanted = None if names is None else frozenset(names)
+        for name, collector, filtered in collectors:
             try:
-                out.extend(collector())
+                made = collector(wanted) if filtered else collector()
+                out.extend(f for f in made if wanted is None or f.name in wanted)
             except Exception as exc:  # one broken collector does not break the scrape
                 from loguru import logger
 
                 logger.opt(exception=exc).warning("metrics collector {} failed: {!r}", name, exc)
-        if self.dropped_series:
+        dropped = "hsu_metrics_dropped_series_total"
+        if self.dropped_series and (names is None or dropped in names):
             out.append(
                 Family(
-                    "hsu_metrics_dropped_series_total",
+                    dropped,
                     "counter",
                     f"label sets refused: a metric had {MAX_SERIES} already",
                     (Point((), float(self.dropped_series)),),

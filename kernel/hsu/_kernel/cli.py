@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hsu._kernel import cli_new
 from hsu._kernel.table import Column, render
 from hsu._version import __version__
 from hsu.errors import HsuError
@@ -380,7 +379,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         return (
             stub.Status(kernel_pb2.StatusRequest(), timeout=timeout),
             stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
-            live.fetch_metrics(channel, timeout),
+            live.fetch_metrics(channel, timeout, [*live.USAGE.values(), *live.CALLS]),
         )
 
     live.run_top(lambda: _call(address, fetch, args.timeout, args), args.interval, args.iterations)
@@ -694,6 +693,12 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new(args: argparse.Namespace) -> int:
+    from hsu._kernel import cli_new  # the templates' machinery, for `hsu new` only
+
+    return cli_new.cmd_new(args)
+
+
 def cmd_completion(args: argparse.Namespace) -> int:
     try:
         from argcomplete.shell_integration import shellcode
@@ -738,9 +743,51 @@ def _non_negative(text: str) -> int:
 # -- parser -----------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _columns() -> int:
+    """The terminal's width, as :func:`shutil.get_terminal_size` says it."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help, as wide as argparse makes it, without its ``import
+    shutil`` (with bz2, lzma, fnmatch) in every parser: a few ms of ``hsu ping``."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Unbuilt:
+    """Stands in for the parser of a command that is not being run
+    (:func:`build_parser`'s ``only``): whatever is asked of it is not made."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Unbuilt]:
+        return lambda *args, **kwargs: self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``hsu`` command line. ``only``: the command being run: every
+    command is listed, but only its arguments are made (argparse's
+    ``add_argument`` costs a few ms over all commands, a good part of what
+    ``hsu ping`` may take)."""
     parser = argparse.ArgumentParser(
         prog="hsu",
+        formatter_class=_Formatter,
         description="Run a kernel, inspect plugins, talk to a running kernel.",
         epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 not ready, 4 fatal, 5 kernel"
         " unreachable, 141 stdout closed (docs/cli.md).",
@@ -760,6 +807,10 @@ def build_parser() -> argparse.ArgumentParser:
         " kernel.log_format, else text)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, **kwargs: Any) -> Any:
+        p = sub.add_parser(name, formatter_class=_Formatter, **kwargs)
+        return p if only in (None, name) else _Unbuilt()
 
     def plugin_opt(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -843,7 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="override one value, e.g. units.echo.stop_grace=3 (wins over file and env)",
         )
 
-    p = sub.add_parser("run", help="start a kernel for a deployment and serve until stopped")
+    p = command("run", help="start a kernel for a deployment and serve until stopped")
     p.add_argument("deployment", help="deployment file (YAML, JSON or TOML)")
     plugin_opt(p)
     set_opt(p)
@@ -863,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
+    p = command(
         "plugins",
         help="list plugins: name, distribution, hooks, status (the running kernel's, when one"
         " answers)",
@@ -879,20 +930,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("status", help="a running kernel's state and instances")
+    p = command("status", help="a running kernel's state and instances")
     address_opt(p, "the kernel to ask")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("top", help="a running kernel's units and instances, refreshed")
+    p = command("top", help="a running kernel's units and instances, refreshed")
     address_opt(p, "the kernel to ask")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("-n", "--iterations", type=int, default=None, help="refresh N times, then exit")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.set_defaults(func=cmd_top)
 
-    p = sub.add_parser("ping", help="round trip to a running kernel's Core.Ping")
+    p = command("ping", help="round trip to a running kernel's Core.Ping")
     address_opt(p, "the kernel to ping")
     json_opt(p)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
@@ -903,7 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("stop", "Stop", "stop a unit's instances, or one instance"),
         ("restart", "Restart", "replace a unit's processes one at a time, or one instance's"),
     ):
-        p = sub.add_parser(name, help=what)
+        p = command(name, help=what)
         target(p, "name", metavar="UNIT|INSTANCE")
         json_opt(p, "print the instances as JSON")
         progress_opt(p)
@@ -913,7 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
         p.set_defaults(func=_action(method))
 
-    p = sub.add_parser("scale", help="run exactly N instances of a unit")
+    p = command("scale", help="run exactly N instances of a unit")
     target(p, "unit")
     p.add_argument("count", type=_non_negative, metavar="N")
     json_opt(p, "print the instances as JSON")
@@ -922,7 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     p.set_defaults(func=cmd_scale)
 
-    p = sub.add_parser("endpoints", help="where an interface is served and how calls are routed")
+    p = command("endpoints", help="where an interface is served and how calls are routed")
     p.add_argument("interface", help="a full service name, e.g. hsu.echo.v1.Echo")
     p.add_argument("--ensure", action="store_true", help="start an instance if none is routable")
     p.add_argument("--json", action="store_true", help="print the Resolve reply as JSON")
@@ -930,13 +981,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     p.set_defaults(func=cmd_endpoints)
 
-    p = sub.add_parser("reload", help="make a running kernel read its deployment again")
+    p = command("reload", help="make a running kernel read its deployment again")
     json_opt(p, "print what changed as JSON")
     address_opt(p, "the kernel to ask")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     p.set_defaults(func=cmd_reload)
 
-    p = sub.add_parser(
+    p = command(
         "logs",
         help="a unit's or an instance's output (and the kernel's about it); every unit's,"
         " with a unit column, without a name",
@@ -949,7 +1000,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("events", help="state transitions and published events as they happen")
+    p = command("events", help="state transitions and published events as they happen")
     target(p, "unit", nargs="?", help="only this unit's")
     p.add_argument("--replay", action="store_true", help="first the recent ones")
     json_opt(p, "print JSON lines, one per event")
@@ -962,31 +1013,58 @@ def build_parser() -> argparse.ArgumentParser:
     address_opt(p, "the kernel to ask")
     p.set_defaults(func=cmd_events)
 
-    config = sub.add_parser("config", help="check, show or describe deployments")
+    config = command("config", help="check, show or describe deployments")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
-    p = csub.add_parser("validate", help="check a deployment and its plugins; start nothing")
+    p = csub.add_parser(
+        "validate",
+        formatter_class=_Formatter,
+        help="check a deployment and its plugins; start nothing",
+    )
     p.add_argument("deployment", help="deployment file")
     json_opt(p)
     plugin_opt(p)
     set_opt(p)
     p.set_defaults(func=cmd_config_validate)
-    p = csub.add_parser("show", help="the effective config, each value with its source")
+    p = csub.add_parser(
+        "show", formatter_class=_Formatter, help="the effective config, each value with its source"
+    )
     p.add_argument("deployment", nargs="?", help="deployment file")
     p.add_argument("--json", action="store_true", help="print JSON")
     plugin_opt(p)
     set_opt(p)
     p.set_defaults(func=cmd_config_show)
-    p = csub.add_parser("schema", help="JSON Schema of a deployment, for editors")
+    p = csub.add_parser(
+        "schema", formatter_class=_Formatter, help="JSON Schema of a deployment, for editors"
+    )
     p.add_argument("deployment", nargs="?", help="include the sections of this one's plugins")
     plugin_opt(p)
     p.set_defaults(func=cmd_config_schema)
 
-    p = sub.add_parser(
+    p = command(
         "completion", help="print the shell code that completes hsu's commands (argcomplete)"
     )
     p.add_argument("shell", choices=["bash", "zsh", "fish", "tcsh", "powershell"])
     p.set_defaults(func=cmd_completion)
-    cli_new.add_parser(sub)
+
+    p = command("new", help="create an HSU or a plugin package that passes its own tests")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    h = kinds.add_parser(
+        "hsu",
+        formatter_class=_Formatter,
+        help="an HSU: a .proto, its code, servicer, deployment, tests",
+    )
+    h.add_argument("name", metavar="NAME", help="e.g. calc: package calc, interface calc.v1.Calc")
+    h.add_argument("--lang", choices=("python", "node"), default="python", help="default python")
+    h.add_argument("--dir", help="create it in DIR (default: the current directory)")
+    h.set_defaults(func=cmd_new)
+    pl = kinds.add_parser(
+        "plugin",
+        formatter_class=_Formatter,
+        help="an hsu plugin distribution: hookimpls, settings, tests",
+    )
+    pl.add_argument("name", metavar="NAME", help="e.g. audit: distribution hsu-plugin-audit")
+    pl.add_argument("--dir", help="create it in DIR (default: the current directory)")
+    pl.set_defaults(func=cmd_new)
     return parser
 
 
@@ -995,11 +1073,13 @@ LOGGING = {"run", "config", "plugins"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     if "_ARGCOMPLETE" in os.environ:  # only while the shell completes
         import argcomplete
 
-        argcomplete.autocomplete(parser)
+        argcomplete.autocomplete(build_parser())
+    first = argv[0] if argv and not argv[0].startswith("-") else None
+    parser = build_parser(only=first)
     args = parser.parse_args(argv)
     if args.command in LOGGING:
         _setup_logging(args.log_level, fmt=args.log_format or "text")

@@ -13,11 +13,12 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
-from hsu.metrics import Family
+    from hsu.core.v1.core_pb2 import MetricFamily, MetricPoint
 
 #: per instance: the column and the metric it shows
 USAGE = {
@@ -27,17 +28,27 @@ USAGE = {
     "cpu": "hsu_instance_cpu_percent",
     "inflight": "hsu_instance_inflight",
 }
+#: the gateway's calls and latency, from which ``hsu top`` works out calls/s and p99
+CALLS = ("grpc_server_handled_total", "grpc_server_handling_seconds")
 
 
-def fetch_metrics(channel: grpc.Channel, timeout: float) -> list[Family]:
-    from hsu._kernel.core_service import families_from_pb
+def fetch_metrics(
+    channel: grpc.Channel, timeout: float, names: Iterable[str] = USAGE.values()
+) -> Sequence[MetricFamily]:
+    """The kernel's Core.Metrics families of these ``names`` only (the
+    kernel then samples or asks nothing else), as the messages they came in:
+    neither :mod:`hsu.metrics` nor its checks are needed to show them."""
     from hsu.core.v1 import core_pb2, core_pb2_grpc
 
-    reply = core_pb2_grpc.CoreStub(channel).Metrics(core_pb2.MetricsRequest(), timeout=timeout)
-    return families_from_pb(reply)
+    request = core_pb2.MetricsRequest(families=list(names))
+    return list(core_pb2_grpc.CoreStub(channel).Metrics(request, timeout=timeout).families)
 
 
-def usage(families: Iterable[Family]) -> dict[str, dict[str, float]]:
+def _labels(point: MetricPoint) -> dict[str, str]:
+    return {lb.name: lb.value for lb in point.labels}
+
+
+def usage(families: Iterable[MetricFamily]) -> dict[str, dict[str, float]]:
     """Per instance id: ``{"uptime": s, "restarts": n, "rss": bytes, ...}``."""
     by_name = {f.name: f for f in families}
     out: dict[str, dict[str, float]] = {}
@@ -46,9 +57,11 @@ def usage(families: Iterable[Family]) -> dict[str, dict[str, float]]:
         if fam is None:
             continue
         for p in fam.points:
-            labels = dict(p.labels)
-            if "hsu_instance" in labels:
-                out.setdefault(labels["hsu_instance"], {})[column] = p.value
+            # the kernel's own series: (hsu_unit, hsu_instance), in that order
+            for lb in reversed(p.labels):
+                if lb.name == "hsu_instance":
+                    out.setdefault(lb.value, {})[column] = p.value
+                    break
     return out
 
 
@@ -118,7 +131,9 @@ def instance_rows(instances: Iterable[Any], used: dict[str, dict[str, float]]) -
 # -- hsu top ---------------------------------------------------------------------------
 
 
-def _gateway_calls(families: Iterable[Family]) -> tuple[dict[str, float], dict[str, list[Any]]]:
+def _gateway_calls(
+    families: Iterable[MetricFamily],
+) -> tuple[dict[str, float], dict[str, list[Any]]]:
     """Per unit: calls handled so far, and the latency buckets (the gateway's
     series: no ``hsu_instance`` label)."""
     calls: dict[str, float] = {}
@@ -126,18 +141,18 @@ def _gateway_calls(families: Iterable[Family]) -> tuple[dict[str, float], dict[s
     for fam in families:
         if fam.name == "grpc_server_handled_total":
             for p in fam.points:
-                labels = dict(p.labels)
+                labels = _labels(p)
                 if "hsu_instance" not in labels:
                     unit = labels.get("hsu_unit", "")
                     calls[unit] = calls.get(unit, 0.0) + p.value
         elif fam.name == "grpc_server_handling_seconds":
             for p in fam.points:
-                labels = dict(p.labels)
+                labels = _labels(p)
                 if "hsu_instance" not in labels:
                     unit = labels.get("hsu_unit", "")
-                    acc = buckets.setdefault(unit, [[b, 0] for b, _ in p.buckets])
-                    for slot, (_, n) in zip(acc, p.buckets, strict=False):
-                        slot[1] += n
+                    acc = buckets.setdefault(unit, [[b.upper_bound, 0] for b in p.buckets])
+                    for slot, b in zip(acc, p.buckets, strict=False):
+                        slot[1] += b.count
     return calls, buckets
 
 
@@ -166,8 +181,8 @@ def quantile(q: float, before: list[Any] | None, after: list[Any]) -> float | No
 def top_lines(
     status: Any,
     instances: Sequence[Any],
-    families: list[Family],
-    previous: tuple[float, list[Family]] | None,
+    families: Sequence[MetricFamily],
+    previous: tuple[float, Sequence[MetricFamily]] | None,
     now: float,
 ) -> list[str]:
     """One screen of ``hsu top``."""
@@ -218,13 +233,13 @@ def top_lines(
 
 
 def run_top(
-    fetch: Callable[[], tuple[Any, Any, list[Family]]],
+    fetch: Callable[[], tuple[Any, Any, Sequence[MetricFamily]]],
     interval: float,
     iterations: int | None,
     out: TextIO = sys.stdout,
 ) -> None:
     """Refresh every ``interval`` seconds (``iterations`` times, or until ^C)."""
-    previous: tuple[float, list[Family]] | None = None
+    previous: tuple[float, Sequence[MetricFamily]] | None = None
     clear = out.isatty()
     n = 0
     try:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from hsu._version import __version__
 from hsu.errors import HsuError
@@ -161,18 +160,3 @@ def cmd_new(args: argparse.Namespace) -> int:
     print(f"created {dest}")
     print(f"next: {NEXT_STEPS[template].format(dir=dest)}")
     return 0
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``hsu new`` on the CLI's subcommands."""
-    p = sub.add_parser("new", help="create an HSU or a plugin package that passes its own tests")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
-    h = kinds.add_parser("hsu", help="an HSU: a .proto, its code, servicer, deployment, tests")
-    h.add_argument("name", metavar="NAME", help="e.g. calc: package calc, interface calc.v1.Calc")
-    h.add_argument("--lang", choices=("python", "node"), default="python", help="default python")
-    h.add_argument("--dir", help="create it in DIR (default: the current directory)")
-    h.set_defaults(func=cmd_new)
-    pl = kinds.add_parser("plugin", help="an hsu plugin distribution: hookimpls, settings, tests")
-    pl.add_argument("name", metavar="NAME", help="e.g. audit: distribution hsu-plugin-audit")
-    pl.add_argument("--dir", help="create it in DIR (default: the current directory)")
-    pl.set_defaults(func=cmd_new)

@@ -16,7 +16,6 @@ address: ``$HSU_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/hsu``, else
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import os
 import socket
@@ -79,6 +78,8 @@ def default_socket(state_dir: Path, deployment: str) -> str:
     path = state_dir.absolute() / SOCKET_NAME
     if len(os.fsencode(path)) <= MAX_UNIX_PATH:
         return f"unix:{path}"
+    import hashlib  # here: `hsu ping --control ADDRESS` does not need it
+
     digest = hashlib.sha256(os.fsencode(state_dir.absolute())).hexdigest()[:12]
     short = runtime_dir(create=True) / f"{deployment[:40]}-{digest}.sock"
     if len(os.fsencode(short)) > MAX_UNIX_PATH:

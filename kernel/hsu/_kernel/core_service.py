@@ -6,7 +6,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -81,9 +81,10 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
         shutdown: Callable[[float, str], None],
         logs: LogBuffer,
         default_grace: float = 5.0,
-        metrics: Callable[[], Awaitable[list[Family]]] | None = None,
+        metrics: Callable[[Collection[str] | None], Awaitable[list[Family]]] | None = None,
     ):
-        #: what Metrics answers (default: this process's ``hsu.metrics.REGISTRY``)
+        #: what Metrics answers, given the names asked for (None: all; default:
+        #: this process's ``hsu.metrics.REGISTRY``)
         self._metrics = metrics
         self._info = info
         self._shutdown = shutdown
@@ -138,12 +139,13 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
     async def Metrics(
         self, request: core_pb2.MetricsRequest, context: Any
     ) -> core_pb2.MetricsResponse:
+        names = frozenset(request.families) or None
         if self._metrics is not None:
-            families = await self._metrics()
+            families = await self._metrics(names)
         else:
             from hsu.metrics import REGISTRY
 
-            families = REGISTRY.collect()
+            families = REGISTRY.collect(names)
         return families_pb(families)
 
 

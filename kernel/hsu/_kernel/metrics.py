@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -32,6 +32,25 @@ START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: seconds the kernel waits for an HSU's Core.Metrics at a collection
 HSU_TIMEOUT = 2.0
 STATES = ("stopped", "starting", "ready", "stopping", "backoff", "fatal")
+#: the families :meth:`KernelMetrics.usage` answers (sampled from /proc)
+USAGE_FAMILIES = ("hsu_instance_resident_memory_bytes", "hsu_instance_cpu_percent")
+#: the families the kernel answers itself (:meth:`KernelMetrics.collect` and
+#: :meth:`~KernelMetrics.usage`): a Core.Metrics that asks only for these
+#: does not ask the HSUs
+KERNEL_FAMILIES = frozenset(
+    {
+        *USAGE_FAMILIES,
+        "hsu_instances",
+        "hsu_instance_restarts_total",
+        "hsu_instance_inflight",
+        "hsu_instance_uptime_seconds",
+        "hsu_breaker_state",
+        "hsu_registry_endpoints",
+        "hsu_kernel_start_time_seconds",
+        "hsu_instance_start_seconds",
+        "hsu_cold_start_seconds",
+    }
+)
 
 
 class KernelMetrics:
@@ -55,9 +74,9 @@ class KernelMetrics:
             ("hsu_unit",),
             START_BUCKETS,
         )
-        self.registry.add_collector("kernel", self.collect)
-        self.registry.add_source("usage", self.usage)
-        self.registry.add_source("hsus", self.from_hsus)
+        self.registry.add_collector("kernel", self.collect, filtered=True)
+        self.registry.add_source("usage", self.usage, families=USAGE_FAMILIES)
+        self.registry.add_source("hsus", self.from_hsus, filtered=True)
         #: Core channels to instances, by address; instances that do not
         #: serve Core.Metrics (another language's SDK), by (id, pid)
         self._channels: dict[str, Any] = {}
@@ -137,32 +156,49 @@ class KernelMetrics:
 
     # -- collection ------------------------------------------------------------------
 
-    def collect(self) -> Iterable[Family]:
+    def collect(self, names: Collection[str] | None = None) -> Iterable[Family]:
+        """The kernel's own families (``names``: only these; the others'
+        points are not made)."""
+
+        def wanted(name: str) -> bool:
+            return names is None or name in names
+
         k = self.kernel
         instances = list(k.instances.values())
-        units = list(k.deployment.units)
-        by_state: dict[tuple[str, str], int] = {(u, s): 0 for u in units for s in STATES}
+        by_state: dict[tuple[str, str], int] = {}
         restarts: list[Point] = []
         inflight: list[Point] = []
         up: list[Point] = []
         now = time.time()
-        for inst in instances:
-            state = inst.state.value
-            by_state[inst.unit, state] = by_state.get((inst.unit, state), 0) + 1
-            labels = (("hsu_unit", inst.unit), ("hsu_instance", inst.instance_id))
-            restarts.append(Point(labels, float(inst.restarts)))
-            inflight.append(Point(labels, float(k.routing.load(inst.instance_id))))
-            if inst.ready_at is not None and state == "ready":
-                up.append(Point(labels, max(0.0, now - inst.ready_at)))
-        yield Family(
-            "hsu_instances",
-            "gauge",
-            "instances by unit and state",
-            tuple(
-                Point((("hsu_unit", u), ("state", s)), float(n))
-                for (u, s), n in sorted(by_state.items())
-            ),
+        per_instance = any(
+            wanted(n)
+            for n in (
+                "hsu_instance_restarts_total",
+                "hsu_instance_inflight",
+                "hsu_instance_uptime_seconds",
+            )
         )
+        if wanted("hsu_instances"):
+            by_state = {(u, s): 0 for u in k.deployment.units for s in STATES}
+            for inst in instances:
+                key = (inst.unit, inst.state.value)
+                by_state[key] = by_state.get(key, 0) + 1
+            yield Family(
+                "hsu_instances",
+                "gauge",
+                "instances by unit and state",
+                tuple(
+                    Point((("hsu_unit", u), ("state", s)), float(n))
+                    for (u, s), n in sorted(by_state.items())
+                ),
+            )
+        if per_instance:
+            for inst in instances:
+                labels = (("hsu_unit", inst.unit), ("hsu_instance", inst.instance_id))
+                restarts.append(Point(labels, float(inst.restarts)))
+                inflight.append(Point(labels, float(k.routing.load(inst.instance_id))))
+                if inst.ready_at is not None and inst.state.value == "ready":
+                    up.append(Point(labels, max(0.0, now - inst.ready_at)))
         yield Family(
             "hsu_instance_restarts_total",
             "counter",
@@ -181,25 +217,26 @@ class KernelMetrics:
             "seconds since the instance's current process became ready",
             tuple(up),
         )
-        breakers: list[Point] = []
-        for interface, route in list(k.routing.routes.items()):
-            for instance_id, breaker in list(route.breakers.items()):
-                ep = route.endpoints.get(instance_id)
-                unit = ep.unit if ep is not None else ""
-                for s in ("closed", "open", "half_open"):
-                    blabels = (
-                        ("grpc_service", interface),
-                        ("hsu_unit", unit),
-                        ("hsu_instance", instance_id),
-                        ("state", s),
-                    )
-                    breakers.append(Point(blabels, 1.0 if breaker.state == s else 0.0))
-        yield Family(
-            "hsu_breaker_state",
-            "gauge",
-            "1 for the state each instance's circuit breaker is in (kernel's routes)",
-            tuple(breakers),
-        )
+        if wanted("hsu_breaker_state"):
+            breakers: list[Point] = []
+            for interface, route in list(k.routing.routes.items()):
+                for instance_id, breaker in list(route.breakers.items()):
+                    ep = route.endpoints.get(instance_id)
+                    unit = ep.unit if ep is not None else ""
+                    for s in ("closed", "open", "half_open"):
+                        blabels = (
+                            ("grpc_service", interface),
+                            ("hsu_unit", unit),
+                            ("hsu_instance", instance_id),
+                            ("state", s),
+                        )
+                        breakers.append(Point(blabels, 1.0 if breaker.state == s else 0.0))
+            yield Family(
+                "hsu_breaker_state",
+                "gauge",
+                "1 for the state each instance's circuit breaker is in (kernel's routes)",
+                tuple(breakers),
+            )
         yield Family(
             "hsu_registry_endpoints",
             "gauge",
@@ -215,9 +252,9 @@ class KernelMetrics:
 
     async def usage(self) -> list[Family]:
         """Every live instance's RSS and CPU, read from /proc on a worker
-        thread: with many instances that takes long enough (1.5 s for 1,000
-        on a loaded 2-core machine, docs/benchmarks.md) that the event loop
-        must not wait for it."""
+        thread (one read of each process's stat, :class:`Sampler`): with
+        many instances it still takes long enough that the event loop must
+        not wait for it (docs/benchmarks.md, "Where `hsu status` goes")."""
         targets = [
             ((("hsu_unit", i.unit), ("hsu_instance", i.instance_id)), i.pid, i.instance_id)
             for i in list(self.kernel.instances.values())
@@ -246,10 +283,11 @@ class KernelMetrics:
         members = self.kernel.containment.members
         rss: list[Point] = []
         cpu: list[Point] = []
-        alive: set[int] = set()
-        for labels, pid, instance_id in targets:
-            alive.add(pid)
-            usage = self._sampler.sample(pid, members(instance_id))
+        alive = {pid for _, pid, _ in targets}
+        sampled = self._sampler.sample_many(
+            ((pid, members(i)) for _, pid, i in targets), open_files=False
+        )
+        for (labels, _, _), usage in zip(targets, sampled, strict=True):
             if usage is not None:
                 rss.append(Point(labels, float(usage.rss)))
                 cpu.append(Point(labels, usage.cpu_percent))
@@ -258,15 +296,21 @@ class KernelMetrics:
         self._sampled = alive
         return rss, cpu
 
-    async def from_hsus(self) -> list[Family]:
+    async def from_hsus(self, names: Collection[str] | None = None) -> list[Family]:
         """Every ready instance's Core.Metrics, each series labelled with its
         ``hsu_unit`` and ``hsu_instance`` (asked at once, within
-        :data:`HSU_TIMEOUT`; one that does not answer in time is left out)."""
+        :data:`HSU_TIMEOUT`; one that does not answer in time is left out).
+
+        ``names``: only these families, asked of the HSUs as such; none at
+        all when they are all the kernel's own (:data:`KERNEL_FAMILIES`)."""
         import grpc
 
         from hsu._kernel.core_service import families_from_pb
         from hsu.core.v1 import core_pb2, core_pb2_grpc
 
+        if names is not None and not set(names) - KERNEL_FAMILIES:
+            return []
+        request = core_pb2.MetricsRequest(families=sorted(names or ()))
         ready = [
             i
             for i in list(self.kernel.instances.values())
@@ -283,9 +327,7 @@ class KernelMetrics:
             if ch is None:
                 ch = self._channels[inst.address] = grpc.aio.insecure_channel(inst.address)
             try:
-                reply = await core_pb2_grpc.CoreStub(ch).Metrics(
-                    core_pb2.MetricsRequest(), timeout=HSU_TIMEOUT
-                )
+                reply = await core_pb2_grpc.CoreStub(ch).Metrics(request, timeout=HSU_TIMEOUT)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                     self._unimplemented.add((inst.instance_id, inst.pid))

@@ -34,21 +34,25 @@ def cells(row: Any, columns: Sequence[Column]) -> list[str]:
 
 def widths(rows: Iterable[Sequence[str]], columns: Sequence[Column], header: bool) -> list[int]:
     sizes = [len(c.title) if header else 0 for c in columns]
-    for row in rows:
-        sizes = [max(size, len(cell)) for size, cell in zip(sizes, row, strict=True)]
+    for i, column in enumerate(zip(*rows, strict=True)):  # column by column
+        sizes[i] = max(sizes[i], *map(len, column))
     return sizes
 
 
 def line(row: Sequence[str], columns: Sequence[Column], sizes: Sequence[int]) -> str:
     """One row, padded to ``sizes`` (the last column unpadded when left-aligned)."""
-    parts = []
+    return _formatter(columns, sizes)(row)
+
+
+def _formatter(columns: Sequence[Column], sizes: Sequence[int]) -> Callable[[Sequence[str]], str]:
+    """:func:`line` for many rows: one format string, made once."""
     last = len(columns) - 1
-    for i, (cell, column, size) in enumerate(zip(row, columns, sizes, strict=True)):
-        if column.align == ">":
-            parts.append(cell.rjust(size))
-        else:
-            parts.append(cell if i == last else cell.ljust(size))
-    return "  ".join(parts).rstrip()
+    specs = [
+        f"{{:>{size}}}" if c.align == ">" else "{}" if i == last else f"{{:<{size}}}"
+        for i, (c, size) in enumerate(zip(columns, sizes, strict=True))
+    ]
+    fmt = "  ".join(specs).format
+    return lambda row: fmt(*row).rstrip()
 
 
 def render(
@@ -57,6 +61,7 @@ def render(
     """The table's lines: the header (unless ``header`` is false) and one per row."""
     table = [cells(r, columns) for r in rows]
     sizes = widths(table, columns, header)
-    out = [indent + line([c.title for c in columns], columns, sizes)] if header else []
-    out.extend(indent + line(row, columns, sizes) for row in table)
+    fmt = _formatter(columns, sizes)
+    out = [indent + fmt([c.title for c in columns])] if header else []
+    out.extend(indent + fmt(row) for row in table)
     return out

@@ -10,10 +10,13 @@ fork() a kernel whose gRPC threads make fork unsafe.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import enum
+import functools
 import os
 import resource
+import sys
 import time
 from collections.abc import Collection, Iterable, Mapping
 
@@ -130,9 +133,9 @@ def check_rlimits(rlimits: Mapping[str, int], *, privileged: bool | None = None)
 
 @attrs.define
 class _Seen:
-    """A process as of the last sample: the object read through and its CPU seconds."""
+    """A process as of the last sample: its create time (a reused pid has
+    another) and its CPU seconds."""
 
-    proc: psutil.Process
     create_time: float
     cpu: float
 
@@ -145,34 +148,156 @@ class _Tree:
     members: frozenset[int]
 
 
+@attrs.frozen
+class _Stat:
+    """One live, non-zombie process as one read shows it."""
+
+    pid: int
+    ppid: int
+    #: user + system CPU seconds
+    cpu: float
+    #: seconds since the epoch (boot time + start ticks), as psutil's ``create_time()``
+    create_time: float
+    #: resident bytes, as psutil's ``memory_info().rss``
+    rss: int
+    threads: int
+
+
 _GONE = (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied)
+#: read /proc/<pid>/stat directly (else psutil, off Linux)
+_PROCFS = sys.platform.startswith("linux") and os.path.isfile("/proc/self/stat")
+
+
+@functools.cache
+def _proc_constants() -> tuple[float, int, int]:
+    """(boot time, clock ticks per second, page size), read once per process:
+    psutil re-reads the boot time from /proc/stat for every ``create_time()``."""
+    boot = 0.0
+    with contextlib.suppress(OSError, ValueError), open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime"):
+                boot = float(line.split()[1])
+                break
+    return boot, os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+
+
+def _read_line(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)  # one line, well under a page
+    finally:
+        os.close(fd)
+
+
+def _read_proc(pid: int) -> _Stat | None:
+    """/proc/<pid>/stat and statm, one read each (fields in proc(5)); None if
+    the process is gone, a zombie, or cannot be read.
+
+    The resident pages come from statm, as psutil's: stat's ``rss`` field is
+    the kernel's approximate per-CPU counter (on Linux 6.18, 405 pages against
+    statm's 448 for a ``sleep``), statm's the exact sum."""
+    try:
+        data = _read_line(f"/proc/{pid}/stat")
+        # after "pid (comm) ", where comm may hold spaces and parentheses
+        fields = data[data.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        resident = int(_read_line(f"/proc/{pid}/statm").split()[1])
+        boot, ticks, page = _proc_constants()
+        return _Stat(
+            pid=pid,
+            ppid=int(fields[1]),
+            cpu=(int(fields[11]) + int(fields[12])) / ticks,
+            create_time=boot + int(fields[19]) / ticks,
+            rss=resident * page,
+            threads=int(fields[17]),
+        )
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _read_psutil(pid: int) -> _Stat | None:
+    """:func:`_read_proc` through psutil, where there is no /proc."""
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            times = proc.cpu_times()
+            return _Stat(
+                pid=pid,
+                ppid=proc.ppid(),
+                cpu=times.user + times.system,
+                create_time=proc.create_time(),
+                rss=proc.memory_info().rss,
+                threads=proc.num_threads(),
+            )
+    except _GONE:
+        return None
+
+
+_read = _read_proc if _PROCFS else _read_psutil
+
+
+def _open_files(pid: int) -> int | None:
+    """File descriptors ``pid`` has open; None if it cannot be read."""
+    if _PROCFS:
+        try:
+            return len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            return None
+    try:
+        return psutil.Process(pid).num_fds()
+    except _GONE:
+        return None
+
+
+def _host_children() -> dict[int, list[_Stat]]:
+    """Every process on the host, by parent pid (one read of each)."""
+    found: dict[int, list[_Stat]] = {}
+    if _PROCFS:
+        pids: Iterable[int] = (int(n) for n in os.listdir("/proc") if n.isdigit())
+    else:
+        pids = psutil.pids()
+    for pid in pids:
+        st = _read(pid)
+        if st is not None:
+            found.setdefault(st.ppid, []).append(st)
+    return found
+
+
+def _descendants(pid: int, children: Mapping[int, list[_Stat]]) -> list[_Stat]:
+    out: list[_Stat] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            out.append(child)
+            stack.append(child.pid)
+    return out
 
 
 class Sampler:
     """Reads :class:`Usage` of process trees, remembering what CPU delta needs.
 
-    Processes are cached by pid, each checked against its create time on every
-    sample so a reused pid starts afresh. ``cpu_percent`` is the CPU time the tree
-    used since the previous sample of the same root, over the wall time between
-    them: the first sample of a root (or after :meth:`forget`, or pid reuse)
-    reports 0.0. A descendant that appeared since counts all its CPU time; one
-    that exited in between loses what it used in its last interval.
+    Each process is read with one read of ``/proc/<pid>/stat`` (CPU times,
+    start time, threads) and one of ``statm`` (resident pages; psutil where
+    there is no /proc), and its open files counted in ``/proc/<pid>/fd``.
+    What is remembered of a pid is checked against its create time on every
+    sample, so a reused pid starts afresh. ``cpu_percent`` is the CPU time
+    the tree used since the previous sample of the same root, over the wall
+    time between them: the first sample of a root (or after :meth:`forget`,
+    or pid reuse) reports 0.0. A descendant that appeared since counts all
+    its CPU time; one that exited in between loses what it used in its last
+    interval.
 
-    Cost, measured: 1.8-2.9 ms per sample of a root with 3 children (best of
-    5x200 runs; 74-85 processes on the host; 2 shared cores), of which ~85% is
-    ``children(recursive=True)`` reading ``/proc/*/stat`` of every process on
-    the host, so it grows with the host's process count, not the tree's. With::
-
-        python -c "import subprocess, timeit; from hsu._kernel.supervision.resources import Sampler
-        kids = [subprocess.Popen(['sleep', '60']) for _ in range(3)]
-        s = Sampler(); p = __import__('os').getpid()
-        print(min(timeit.repeat(lambda: s.sample(p), number=200, repeat=5)) / 200)
-        [k.kill() for k in kids]"
-
-    So 50 roots cost ~100-150 ms per interval: spread their samples over the
-    interval (or run them in a worker thread) rather than taking all at once.
-    CPU times tick at 10 ms, so ``cpu_percent`` is only meaningful over
-    intervals of a second or more.
+    The figures are psutil's: ``memory_info().rss`` is the same resident page
+    count (statm's), ``cpu_times()`` the same ticks, and
+    ``create_time()`` the same start ticks after the boot time (read once
+    here, not per call). Without a cgroup, the descendants are found by
+    reading every process's stat on the host, as psutil's
+    ``children(recursive=True)`` does: :meth:`sample_many` reads them once
+    for all its roots, :meth:`sample` once per call. CPU times tick at 10 ms,
+    so ``cpu_percent`` is only meaningful over intervals of a second or more.
     """
 
     def __init__(self) -> None:
@@ -187,12 +312,10 @@ class Sampler:
             for member in tree.members:
                 self._seen.pop(member, None)
 
-    def _cached(self, fresh: psutil.Process) -> tuple[psutil.Process, _Seen | None]:
-        """The cached object for ``fresh``'s pid if it is the same process, with its entry."""
-        seen = self._seen.get(fresh.pid)
-        if seen is not None and seen.create_time == fresh.create_time():
-            return seen.proc, seen
-        return fresh, None
+    def _seen_as(self, st: _Stat) -> _Seen | None:
+        """What is remembered of ``st``'s pid, if it is the same process."""
+        seen = self._seen.get(st.pid)
+        return seen if seen is not None and seen.create_time == st.create_time else None
 
     def sample(self, pid: int, cgroup: Collection[int] | None = None) -> Usage | None:
         """The usage of ``pid`` and its descendants; None if it is gone, a zombie,
@@ -202,57 +325,56 @@ class Sampler:
         ``cgroup``: the processes of the instance's cgroup, counted instead of
         the descendants (a process that left the tree still counts, and no
         listing of the host's processes is needed)."""
-        try:
-            fresh = psutil.Process(pid)
-            proc, seen = self._cached(fresh)
-            if seen is None and pid in self._trees:
-                self.forget(pid)  # the pid was reused
-            with proc.oneshot():
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    raise psutil.ZombieProcess(pid)
-                create_time = proc.create_time()
-                times = proc.cpu_times()
-                rss = proc.memory_info().rss
-                threads = proc.num_threads()
-                open_files = proc.num_fds()
-            now = time.monotonic()
-            if cgroup is not None:
-                descendants = _processes(m for m in cgroup if m != pid)
-            else:
-                try:
-                    descendants = proc.children(recursive=True)
-                except psutil.AccessDenied:
-                    descendants = []
-        except _GONE:
+        return self._sample(pid, cgroup, [])
+
+    def sample_many(
+        self, roots: Iterable[tuple[int, Collection[int] | None]], *, open_files: bool = True
+    ) -> list[Usage | None]:
+        """:meth:`sample` of each ``(pid, cgroup)``, the host's processes
+        listed at most once for all of them. Without ``open_files`` the
+        descriptors are not counted (one read of /proc less per root; each
+        usage's ``open_files`` is 0): the metrics' sampling does not show them."""
+        host: list[dict[int, list[_Stat]]] = []
+        return [self._sample(pid, cgroup, host, open_files) for pid, cgroup in roots]
+
+    def _sample(
+        self,
+        pid: int,
+        cgroup: Collection[int] | None,
+        host: list[dict[int, list[_Stat]]],
+        count_files: bool = True,
+    ) -> Usage | None:
+        main = _read(pid)
+        seen = None if main is None else self._seen_as(main)
+        if main is not None and seen is None and pid in self._trees:
+            self.forget(pid)  # the pid was reused
+        open_files = None if main is None else _open_files(pid) if count_files else 0
+        if main is None or open_files is None:
             self.forget(pid)
             return None
+        now = time.monotonic()
+        if cgroup is not None:
+            descendants = [st for m in cgroup if m != pid and (st := _read(m)) is not None]
+        else:
+            if not host:
+                host.append(_host_children())
+            descendants = _descendants(pid, host[0])
 
         tree = self._trees.get(pid)
-        cpu_now = times.user + times.system
-        used = 0.0 if seen is None else max(cpu_now - seen.cpu, 0.0)
-        self._seen[pid] = _Seen(proc, create_time, cpu_now)
+        used = 0.0 if seen is None else max(main.cpu - seen.cpu, 0.0)
+        self._seen[pid] = _Seen(main.create_time, main.cpu)
+        rss, threads = main.rss, main.threads
         members: set[int] = set()
         for child in descendants:
-            try:
-                child, child_seen = self._cached(child)
-                with child.oneshot():
-                    if child.status() == psutil.STATUS_ZOMBIE:
-                        continue
-                    child_times = child.cpu_times()
-                    child_rss = child.memory_info().rss
-                    child_threads = child.num_threads()
-                    child_created = child.create_time()
-            except _GONE:
-                continue
-            child_cpu = child_times.user + child_times.system
+            child_seen = self._seen_as(child)
             if child_seen is not None:
-                used += max(child_cpu - child_seen.cpu, 0.0)
+                used += max(child.cpu - child_seen.cpu, 0.0)
             elif tree is not None:
-                used += child_cpu  # appeared since the last sample
-            rss += child_rss
-            threads += child_threads
+                used += child.cpu  # appeared since the last sample
+            rss += child.rss
+            threads += child.threads
             members.add(child.pid)
-            self._seen[child.pid] = _Seen(child, child_created, child_cpu)
+            self._seen[child.pid] = _Seen(child.create_time, child.cpu)
 
         if tree is not None:
             for gone in tree.members - members:
@@ -267,16 +389,6 @@ class Sampler:
             threads=threads,
             children=len(members),
         )
-
-
-def _processes(pids: Iterable[int]) -> list[psutil.Process]:
-    found = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-        except _GONE:
-            continue
-    return found
 
 
 def breaches(limits: ResourceLimits, usage: Usage) -> list[str]:

@@ -276,12 +276,24 @@ Global___LogRecord: _TypeAlias = LogRecord  # noqa: Y015
 class MetricsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    FAMILIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def families(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Answer only the families of these names (exact names, e.g.
+        "hsu_instance_cpu_percent"); empty: every family. A name the process does
+        not have is no error, it is left out. Lets a caller that shows a few
+        columns (`hsu status`) spare the process the work of the others, such as
+        sampling every instance's memory and CPU.
+        """
+
     def __init__(
         self,
+        *,
+        families: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["families", b"families"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
