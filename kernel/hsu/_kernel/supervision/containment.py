@@ -171,6 +171,27 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+def _quiet_wakeup_fd(loop: asyncio.AbstractEventLoop) -> None:
+    """Let the loop's signal wake-up fd fill up without a word.
+
+    ``add_signal_handler`` points Python's C signal handler at the loop's
+    self-pipe, warning when it is full. A burst of exits (1,000 instances
+    stopped at once) sends SIGCHLD faster than a busy loop reads the pipe:
+    each signal past a few hundred printed "Exception ignored when trying
+    to write to the signal wakeup fd: BlockingIOError" on stderr. A full
+    pipe loses nothing the reaper needs (the loop is woken already, and one
+    SIGCHLD reaps every exited child), so the warning is turned off, on the
+    same fd (no window with none)."""
+    sock = getattr(loop, "_csock", None)  # asyncio's selector loops (the only ones here)
+    if sock is None:
+        return
+    fd = sock.fileno()
+    with contextlib.suppress(ValueError, OSError):
+        old = signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+        if old not in (fd, -1):  # not the loop's: leave it as it was
+            signal.set_wakeup_fd(old)
+
+
 class CgroupHome(NamedTuple):
     """Where this process is in the cgroup v2 hierarchy, and where that is mounted."""
 
@@ -547,6 +568,8 @@ class Containment:
                 self._sigchld = True
             except (ValueError, RuntimeError, NotImplementedError):
                 self._sigchld = False
+            else:
+                _quiet_wakeup_fd(loop)
         if not self._sigchld:
             self._timer = loop.call_later(REAP_INTERVAL, self._tick)
         self.sweep()
