@@ -70,7 +70,9 @@ class Calls(echo_pb2_grpc.EchoServicer):
                 if i and request.interval_ms:
                     await asyncio.sleep(request.interval_ms / 1000)
                 yield self._reply(f"{request.message} {i}")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # a cancel that lands while grpc still writes the last reply (the
+            # generator is parked at its yield) closes the generator instead
             self.cancelled += 1
             raise
         context.set_trailing_metadata((("x-trailer", "done"),))
