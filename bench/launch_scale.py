@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import resource
+import select
 import shutil
 import signal
 import statistics
@@ -52,8 +53,9 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def sleeping(pid: int, known: set[int]) -> int:
-    """How many of ``pid``'s children run ``sleep 1e6`` now (remembered in ``known``)."""
+def sleeping(pid: int, known: dict[int, int]) -> int:
+    """How many of ``pid``'s children run ``sleep 1e6`` now (remembered in
+    ``known`` with a pidfd each, so a pid used again is never taken for one)."""
     n = 0
     for child in children(pid):
         if child in known:
@@ -65,9 +67,28 @@ def sleeping(pid: int, known: set[int]) -> int:
         except OSError:
             continue
         if os.path.basename(argv[0]) == b"sleep" and argv[1:2] == [b"1e6"]:
-            known.add(child)
+            try:
+                known[child] = os.pidfd_open(child)
+            except OSError:
+                continue
             n += 1
     return n
+
+
+def cpu(pid: int) -> float:
+    """Seconds on CPU of ``pid``, all its threads, across its execs (schedstat: ns)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
 
 
 def config(n: int, units: int) -> str:
@@ -84,8 +105,9 @@ def nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
 
 
-def one(shape: str, base: Path | None) -> tuple[float, float]:
-    """(launch -> all running, SIGTERM -> all gone) in seconds."""
+def one(shape: str, base: Path | None) -> tuple[float, float, float, float]:
+    """(launch -> all running, SIGTERM -> all gone, the daemon's CPU and its
+    children's until all ran) in seconds."""
     n, units = SHAPES[shape]
     d = Path(tempfile.mkdtemp(prefix=f"hsu-launch-{shape}-"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -97,7 +119,7 @@ def one(shape: str, base: Path | None) -> tuple[float, float]:
         (d / "deployment.yaml").write_text(config(n, units))
         hsu = str(Path(sys.executable).parent / "hsu")
         argv = [hsu, "run", "deployment.yaml", "--control", f"unix:{d}/control.sock"]
-    known: set[int] = set()
+    known: dict[int, int] = {}
     out = open(d / "daemon.out", "wb")  # noqa: SIM115 - the child keeps it
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, cwd=d, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -110,31 +132,29 @@ def one(shape: str, base: Path | None) -> tuple[float, float]:
                 raise RuntimeError(f"{shape}: {len(known)} of {n} running; see {d}/daemon.out")
             time.sleep(0.01)
         launch = time.monotonic() - t0
+        own, kids = cpu(proc.pid), sum(cpu(p) for p in known)
         time.sleep(1.0)
         t1 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
-        while any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in known):
+        while any(_alive(fd) for fd in known.values()):
             time.sleep(0.01)
         stop = time.monotonic() - t1
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for p in known:
+        for fd in known.values():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
     shutil.rmtree(d, ignore_errors=True)
-    return launch, stop
+    return launch, stop, own, kids
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-        return raw[raw.rindex(b")") + 2 :].split()[0] == b"Z"
-    except (OSError, ValueError):
-        return True
+def _alive(pidfd: int) -> bool:
+    """Whether the process has not exited (a pidfd is readable once it has)."""
+    return not select.select([pidfd], [], [], 0)[0]
 
 
 def main() -> None:
@@ -143,11 +163,13 @@ def main() -> None:
     ap.add_argument("--base", type=Path, help="a checkout to compare with (before)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a pidfd per program
     shapes = args.shapes.split(",")
     variants: list[tuple[str, Path | None]] = [("this", None)]
     if args.base is not None:
         variants.insert(0, ("base", args.base.resolve()))
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     print(f"load average before: {os.getloadavg()}", flush=True)
     for r in range(args.rounds):
         for shape in shapes:
@@ -157,19 +179,22 @@ def main() -> None:
                     continue
                 got = one(shape, base)
                 results.setdefault((shape, name), []).append(got)
-                print(f"round {r + 1} {shape:7} {name:5} launch {got[0]:7.3f} s"
-                      f"  stop {got[1]:7.3f} s", flush=True)  # fmt: skip
+                print(f"round {r + 1} {shape:9} {name:5} launch {got[0]:7.3f} s"
+                      f"  stop {got[1]:7.3f} s  cpu {got[2]:6.2f} s + children {got[3]:6.2f} s",
+                      flush=True)  # fmt: skip
     print(f"load average after: {os.getloadavg()}")
-    print("\nmedians (launch -> all running / SIGTERM -> all gone):")
+    print(
+        "\nmedians: launch -> all running / SIGTERM -> all gone / the daemon's CPU"
+        " + its children's (the exec wrappers') until all ran"
+    )
     for shape in shapes:
         row = []
         for name, _ in variants:
             got = results.get((shape, name))
             if got:
-                launch = statistics.median(g[0] for g in got)
-                stop = statistics.median(g[1] for g in got)
-                row.append(f"{name}: {launch:.3f} s / {stop:.3f} s")
-        print(f"  {shape:7} " + "   ".join(row))
+                m = [statistics.median(g[i] for g in got) for i in range(4)]
+                row.append(f"{name}: {m[0]:.3f} s / {m[1]:.3f} s / {m[2]:.2f} + {m[3]:.2f} s")
+        print(f"  {shape:9} " + "   ".join(row))
 
 
 if __name__ == "__main__":
