@@ -3,9 +3,12 @@
 ``python bench/launch_scale.py --rounds 3 [--base DIR]`` times, for each
 shape, ``hsu run deployment.yaml`` from its spawn to every ``sleep 1e6``
 running (its children's argv polled from /proc), then SIGTERM to the kernel
-gone and every child with it. Shapes: ``floor`` (``bench/launch_floor.py``:
-hsu's required dependencies imported, then ``Popen()``), ``10`` (one unit of
-10), ``1000`` (one unit of 1000) and ``1000x1`` (1000 units of one); each
+gone and every child with it, and the CPU the kernel (all its threads) and
+its children (each ``sleep``, which counts the exec wrappers it went
+through) used until all ran. Shapes: ``floor`` and ``floor1000``
+(``bench/launch_floor.py``: hsu's required dependencies imported, then 10 or
+1000 ``Popen()``), ``10`` (one unit of 10), ``1000`` (one unit of 1000) and
+``1000x1`` (1000 units of one); each
 kernel runs under ``ulimit -n 4096``. With ``--base DIR`` (a checkout of
 another commit: its ``kernel/`` and ``plugins/`` first on ``PYTHONPATH``),
 both are run in every round, alternating, so both see the same load; the
