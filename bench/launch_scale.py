@@ -12,8 +12,8 @@ through) used until all ran. Shapes: ``floor`` and ``floor1000``
 kernel runs under ``ulimit -n 4096``. With ``--base DIR`` (a checkout of
 another commit: its ``kernel/`` and ``plugins/`` first on ``PYTHONPATH``),
 both are run in every round, alternating, so both see the same load; the
-medians are printed side by side. Every process is stopped by pid; the run
-fails if one it started outlives it.
+medians are printed side by side. Every kernel is stopped by pid (SIGTERM),
+and any ``sleep`` it leaves is SIGKILLed through its pidfd.
 """
 
 from __future__ import annotations

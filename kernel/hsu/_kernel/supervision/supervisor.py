@@ -261,7 +261,9 @@ class UnitSupervisor:
         ctl = self._controls[inst.instance_id] = _Control()
         self.breakers[inst.instance_id] = Breaker(self.spec.restart.crash_loop)
         self.kernel.adopt(inst)
-        task = asyncio.ensure_future(self._run(inst, ctl, saved))
+        global _queued
+        _queued += 1  # until its task first runs (see _spawn)
+        task = asyncio.ensure_future(self._run(inst, ctl, saved, queued=True))
         self._tasks[inst.instance_id] = task
         return inst
 
@@ -364,7 +366,12 @@ class UnitSupervisor:
 
     # -- one slot ----------------------------------------------------------
 
-    async def _run(self, inst: Instance, ctl: _Control, saved: SavedInstance | None) -> None:
+    async def _run(
+        self, inst: Instance, ctl: _Control, saved: SavedInstance | None, *, queued: bool = False
+    ) -> None:
+        if queued:
+            global _queued
+            _queued -= 1
         log: Any = _InstanceLog(self.log, inst.instance_id)
         try:
             first = True
@@ -638,13 +645,19 @@ class UnitSupervisor:
         if self.spec.kind is UnitKind.UNMANAGED:
             return self._attach_unmanaged(inst)
         kernel = self.kernel
-        # the file system work first, on the spawn thread (the only await
-        # before the launch: what follows reads the spec as it is now)
+        # the file system work first: on the spawn thread while more new
+        # slots wait to start (a launch, a scale-up), so the loop forks
+        # meanwhile; here for a lone start or restart, which a thread's
+        # round trip would only delay. (The only await before the launch:
+        # what follows reads the spec as it is now.)
         cgroup = kernel.containment.reserve(inst.instance_id)
         if cgroup is not None or not kernel.logfiles.known(inst.instance_id):
-            problem = await asyncio.get_running_loop().run_in_executor(
-                _spawn_thread(), self._prepare, inst.instance_id, cgroup
-            )
+            if _queued > 0:
+                problem = await asyncio.get_running_loop().run_in_executor(
+                    _spawn_thread(), self._prepare, inst.instance_id, cgroup
+                )
+            else:
+                problem = self._prepare(inst.instance_id, cgroup)
             if problem:
                 kernel.containment.unreserve(inst.instance_id, problem)
                 cgroup = None
@@ -949,6 +962,9 @@ class UnitSupervisor:
 #: fraction of a millisecond each (cgroupfs, ext4), which a launch of many
 #: spends beside the event loop's own work (the forks) rather than before it
 _spawn_pool: concurrent.futures.ThreadPoolExecutor | None = None
+#: slots added whose task has not run yet (in this process): more spawns are
+#: coming, and the spawn thread is worth its round trip
+_queued = 0
 
 
 def _spawn_thread() -> concurrent.futures.ThreadPoolExecutor:
