@@ -30,7 +30,7 @@ def main() -> None:
 
     sys.modules["importlib.metadata"].entry_points(group="hsu")
     children = [
-        subprocess.Popen(program, stdin=subprocess.DEVNULL, start_new_session=True)
+        subprocess.Popen(program, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         for _ in range(count)
     ]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -24,7 +25,7 @@ from hsu._kernel.supervision.containment import find_cgroup
 from hsu.errors import LaunchError
 from hsu.ports import LaunchSpec
 from hsu.process import UNKNOWN_STATUS, PidfdHandle
-from hsu_plugins.launch.subprocess import SubprocessLauncher
+from hsu_plugins.launch.subprocess import SubprocessLauncher, _argv
 
 pytestmark = pytest.mark.integration
 
@@ -209,6 +210,44 @@ async def test_with_a_cgroup_and_every_wrapper_the_command_keeps_its_pid(cgroup:
         handle.signal(signal.SIGKILL)
         async with asyncio.timeout(10):
             await handle.wait()
+
+
+async def test_the_cgroups_shell_gives_back_the_soft_open_files_limit_without_prlimit(
+    cgroup: Path,
+) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    launch = spec(["sleep", "60"], cgroup=str(cgroup), nofile_soft=200, die_with_kernel=True)
+    assert "prlimit" not in " ".join(_argv("t", launch, launch.env))  # one exec less
+    handle = await LAUNCHER.launch(launch)
+    try:
+        proc = await until_running(handle, SLEEP_REAL)
+        assert proc.ppid() == os.getpid()
+        assert proc.rlimit(psutil.RLIMIT_NOFILE) == (200, hard)  # the hard one untouched
+        assert (cgroup / "cgroup.procs").read_text().split() == [str(handle.pid)]
+    finally:
+        handle.signal(signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await handle.wait()
+    # with other rlimits prlimit runs anyway, and sets the soft limit too
+    both = spec(["true"], cgroup=str(cgroup), nofile_soft=200, rlimits={"core": 0})
+    argv = _argv("t", both, both.env)
+    assert "--nofile=200:" in argv and "200" not in argv[: argv.index("--core=0:0")]
+
+
+async def test_a_soft_limit_the_shell_cannot_set_never_runs_the_command(
+    cgroup: Path, tmp_path: Path
+) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit to go over")
+    err, ran = tmp_path / "err", tmp_path / "ran"
+    with err.open("wb") as f:
+        launch = spec(
+            ["touch", str(ran)], stderr=f.fileno(), cgroup=str(cgroup), nofile_soft=hard + 1
+        )
+        assert await run(launch) == 126
+    assert not ran.exists()
+    assert err.read_text() == f"hsu: cannot set the soft limit of open files to {hard + 1}\n"
 
 
 async def test_a_cgroup_that_cannot_be_joined_never_runs_the_command(tmp_path: Path) -> None:

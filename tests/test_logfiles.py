@@ -705,3 +705,43 @@ async def test_a_queue_overflow_reads_every_watched_file(tmp_path, monkeypatch):
         os.close(out)
         os.close(err)
         lf.close()
+
+
+async def test_files_prepared_on_a_thread_and_followed_through_the_spawn_s_fds(tmp_path, records):
+    lf = LogFiles(tmp_path / "logs", interval=0.01)
+    # what the spawn thread does: the unit's directory and both files, closed again
+    await asyncio.to_thread(lf.prepare, "u", "u-t")
+    out_path, err_path = lf.paths("u", "u-t")
+    assert {p.name for p in out_path.parent.iterdir()} == {out_path.name, err_path.name}
+    assert (out_path.parent.stat().st_mode & 0o777, out_path.stat().st_mode & 0o777) == (
+        0o700,
+        0o600,
+    )
+    task = asyncio.create_task(lf.run())
+    out, err = lf.open_for_child("u", "u-t")
+    try:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a vfork+exec, as the kernel does
+            [sys.executable, "-c", "print('hello', flush=True)"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+        lf.follow("u", "u-t", proc.pid, from_start=True, fds=(out, err))
+    finally:
+        os.close(out)
+        os.close(err)
+    try:
+        await until(lambda: lf.tail("u-t") == [("stdout", "hello")])
+        assert messages(records, "u-t") == ["hello"]
+        # the follower keeps no fd of the files between reads, nor the spawn's
+        held = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                held.add(os.readlink(f"/proc/self/fd/{fd}"))
+        assert not held & {str(out_path), str(err_path)}
+    finally:
+        stop(proc)
+        lf.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -857,8 +857,9 @@ class LaunchSpec:
     #: the soft limit of open files (RLIMIT_NOFILE) the process must start
     #: with, the one the kernel was started with, when the kernel raised its
     #: own at start (``None``: inherit the kernel's); a program that uses
-    #: ``select()`` breaks above 1024. The built-in launcher sets it with
-    #: ``prlimit --nofile=N:`` unless ``rlimits`` sets ``nofile``
+    #: ``select()`` breaks above 1024. The built-in launcher sets it with the
+    #: cgroup's shell (``ulimit -S -n N``) when there is one and no other
+    #: rlimit, else with ``prlimit --nofile=N:``; not if ``rlimits`` sets ``nofile``
     nofile_soft: int | None = None
 
 

@@ -145,14 +145,31 @@ CGROUP_SCRIPT = (
     '{ echo $$ > "$1"; } 2>/dev/null || '
     '{ echo "hsu: cannot join the cgroup of $1" >&2; exit 126; }; shift; exec "$@"'
 )
+#: the same, and ``$2`` the soft limit of open files to set before the exec (one
+#: exec wrapper less than ``prlimit`` after the shell)
+CGROUP_NOFILE_SCRIPT = (
+    '{ echo $$ > "$1"; } 2>/dev/null || '
+    '{ echo "hsu: cannot join the cgroup of $1" >&2; exit 126; }; '
+    'ulimit -S -n "$2" 2>/dev/null || '
+    '{ echo "hsu: cannot set the soft limit of open files to $2" >&2; exit 126; }; '
+    'shift 2; exec "$@"'
+)
 
 
-def cgroup_argv(cgroup: str) -> list[str]:
+def cgroup_argv(cgroup: str, nofile_soft: int | None = None) -> list[str]:
     """An exec wrapper that moves itself into the cgroup v2 directory
     ``cgroup`` and then execs what follows it, keeping its pid:
     ``[*cgroup_argv(path), *argv]``. If it cannot join, it exits 126 with one
-    line on stderr and never runs the command."""
-    return [SHELL, "-c", CGROUP_SCRIPT, "hsu-cgroup", os.path.join(cgroup, "cgroup.procs")]
+    line on stderr and never runs the command.
+
+    With ``nofile_soft``, it also sets its soft limit of open files to that
+    (``ulimit -S -n``, the hard limit untouched) before the exec, as
+    ``prlimit --nofile=N:`` would, and exits 126 the same way if it cannot."""
+    procs = os.path.join(cgroup, "cgroup.procs")
+    if nofile_soft is None:
+        return [SHELL, "-c", CGROUP_SCRIPT, "hsu-cgroup", procs]
+    limit = "unlimited" if nofile_soft in (-1, resource.RLIM_INFINITY) else str(nofile_soft)
+    return [SHELL, "-c", CGROUP_NOFILE_SCRIPT, "hsu-cgroup", procs, limit]
 
 
 # -- rlimits at spawn ---------------------------------------------------------

@@ -834,15 +834,18 @@ class Kernel:
                 continue
             if self.units[inst.unit].spec.kind is UnitKind.UNMANAGED:
                 continue
-            created = statefile.create_time(inst.pid)
-            if created is None:
-                continue
+            known = inst.pid_created
+            if known is None or known[0] != inst.pid:
+                created = statefile.create_time(inst.pid)
+                if created is None:
+                    continue
+                known = inst.pid_created = (inst.pid, created)
             saved.append(
                 statefile.SavedInstance(
                     inst.instance_id,
                     inst.unit,
                     inst.pid,
-                    created,
+                    known[1],
                     inst.address,
                     inst.interfaces,
                     inst.started_at,

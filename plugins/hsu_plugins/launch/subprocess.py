@@ -12,8 +12,10 @@ set it up on themselves and then exec the command, so the command keeps the
 pid Popen returned: ``setpriv --pdeathsig KILL`` for ``die_with_kernel``
 (PR_SET_PDEATHSIG survives execve), ``/bin/sh`` writing its own pid into the
 instance's cgroup for ``cgroup`` (:func:`hsu.process.cgroup_argv`) and
-``prlimit`` for ``rlimits`` (:func:`hsu.process.rlimits_argv`). Without any,
-the command runs as is.
+``prlimit`` for ``rlimits`` (:func:`hsu.process.rlimits_argv`); the soft
+limit of open files the kernel gives back is set by that shell when there is
+one (``ulimit -S -n``), else by ``prlimit``. Without any, the command runs as
+is.
 
 Exit detection does not poll (see :class:`hsu.process.PidfdHandle`).
 """
@@ -30,24 +32,45 @@ from hsu.errors import LaunchError
 from hsu.ports import Launcher, LaunchSpec, Register
 from hsu.process import PidfdHandle, cgroup_argv, rlimits_argv
 
+#: (name, PATH) -> where ``shutil.which`` found it: looked up once, not at
+#: each of a thousand spawns (checked again before use, see :func:`_tool`)
+_tools: dict[tuple[str, str], str] = {}
+
 
 def _tool(where: str, name: str, purpose: str) -> str:
     """The path of util-linux's ``name``, searched on the kernel's PATH."""
+    key = (name, os.environ.get("PATH", ""))
+    path = _tools.get(key)
+    if path is not None and os.access(path, os.X_OK):
+        return path
     path = shutil.which(name)
     if path is None:
         raise LaunchError(
             f"{where}: cannot set {purpose}: {name!r} (package util-linux) "
             "not found on the kernel's PATH"
         )
+    _tools[key] = path
     return path
+
+
+#: (name, cwd, the child's PATH) -> the executable :func:`_resolve` found, so a
+#: thousand spawns of one command do not each search the PATH
+_resolved: dict[tuple[str, str, str], str] = {}
 
 
 def _resolve(where: str, spec: LaunchSpec, env: Mapping[str, str]) -> str:
     """The absolute path exec would run for ``spec.argv[0]``, or the LaunchError
     Popen would end in: a name with a '/' is relative to the unit's cwd, any
-    other is searched on the PATH of the child's environment, as execvp does."""
+    other is searched on the PATH of the child's environment, as execvp does.
+    What it found last for the same name, cwd and PATH is taken again while it
+    is still an executable file (a name found earlier on the PATH than it
+    would not be seen: as a shell's command hash, until it is gone)."""
     name = spec.argv[0]
     cwd = spec.cwd or ""
+    key = (name, cwd, env.get("PATH", "") if "/" not in name else "")
+    known = _resolved.get(key)
+    if known is not None and os.path.isfile(known) and os.access(known, os.X_OK):
+        return known
     if "/" in name:
         candidates = [os.path.join(cwd, name)]
     else:
@@ -55,7 +78,8 @@ def _resolve(where: str, spec: LaunchSpec, env: Mapping[str, str]) -> str:
     denied = False
     for path in candidates:
         if os.path.isfile(path) and os.access(path, os.X_OK):
-            return os.path.abspath(path)
+            found = _resolved[key] = os.path.abspath(path)
+            return found
         denied = denied or os.path.exists(path)
     if denied:
         raise LaunchError(f"{where}: {name!r} is not executable")
@@ -63,14 +87,22 @@ def _resolve(where: str, spec: LaunchSpec, env: Mapping[str, str]) -> str:
 
 
 def _argv(where: str, spec: LaunchSpec, env: Mapping[str, str]) -> list[str]:
-    """The command, behind the wrappers its spec needs (none: as it is)."""
+    """The command, behind the wrappers its spec needs (none: as it is).
+
+    At most three execs before the command: ``setpriv`` (die_with_kernel),
+    ``/bin/sh`` (cgroup) and ``prlimit`` (rlimits). The soft limit of open
+    files the kernel hands back (``nofile_soft``) is set by the cgroup's shell
+    when there is one and nothing else needs ``prlimit``: one exec less per
+    instance."""
     try:
         limits = rlimits_argv(spec.rlimits)
     except ValueError as exc:
         raise LaunchError(f"{where}: {exc}") from None
-    if spec.nofile_soft is not None and "nofile" not in spec.rlimits:
-        # the kernel raised its own soft limit: the command gets the original
-        limits.append(f"--nofile={spec.nofile_soft}:")
+    # the kernel raised its own soft limit: the command gets the original
+    nofile_soft = spec.nofile_soft if "nofile" not in spec.rlimits else None
+    if nofile_soft is not None and (limits or not spec.cgroup):
+        limits.append(f"--nofile={nofile_soft}:")
+        nofile_soft = None
     if not limits and not spec.die_with_kernel and not spec.cgroup:
         return list(spec.argv)
     wrappers: list[str] = []
@@ -79,7 +111,7 @@ def _argv(where: str, spec: LaunchSpec, env: Mapping[str, str]) -> list[str]:
         wrappers += [_tool(where, "setpriv", "die_with_kernel"), "--pdeathsig", "KILL", "--"]
     if spec.cgroup:
         # before the command: what it starts is in the cgroup from the start
-        wrappers += cgroup_argv(spec.cgroup)
+        wrappers += cgroup_argv(spec.cgroup, nofile_soft)
     if limits:
         wrappers += [_tool(where, "prlimit", "rlimits"), *limits, "--"]
     return [*wrappers, _resolve(where, spec, env), *spec.argv[1:]]

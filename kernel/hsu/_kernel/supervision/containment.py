@@ -453,27 +453,57 @@ class Containment:
     def cgroup_for(self, instance_id: str) -> str | None:
         """The cgroup a new process of the instance joins (created now), or
         None without cgroups."""
+        leaf = self.reserve(instance_id)
+        if leaf is None:
+            return None
+        problem = self.make(leaf)
+        if problem:
+            self.unreserve(instance_id, problem)
+            return None
+        return leaf
+
+    def reserve(self, instance_id: str) -> str | None:
+        """The cgroup a new process of the instance joins, recorded as the
+        instance's (so it is removed when the instance ends or the kernel
+        stops) but not created: :meth:`make` does that, on any thread; None
+        without cgroups."""
         if self.base is None or self._home is None:
             return None
-        leaf = self.base / instance_id
+        leaf = os.path.join(self.base, instance_id)
+        path = "/".join((self._home.path.rstrip("/"), self.base.name, instance_id))
+        self._cgroups[instance_id] = (Path(leaf), path)
+        return leaf
+
+    def make(self, leaf: str) -> str:
+        """Create a cgroup :meth:`reserve` named (the base again, if another
+        kernel here removed it); returns why it could not ("" if it did).
+        Touches nothing of this object but the file system: safe on a thread."""
+        problem = ""
         for _ in range(2):
             try:
-                self.base.mkdir(exist_ok=True)  # another kernel here may have removed it
-                leaf.mkdir(exist_ok=True)
-                break
-            except FileNotFoundError:
-                continue
+                os.mkdir(leaf)
+                return ""
+            except FileExistsError:
+                return ""
+            except FileNotFoundError as exc:
+                # another kernel here may have removed the base
+                problem = exc.strerror or str(exc)
+                with contextlib.suppress(FileExistsError, FileNotFoundError):
+                    os.mkdir(os.path.dirname(leaf))
             except OSError as exc:
-                logger.bind(instance=instance_id).warning(
-                    "cannot create the cgroup {}: {}; its processes are found by {} instead",
-                    leaf,
-                    exc.strerror,
-                    ENV_INSTANCE_ID,
-                )
-                return None
-        path = "/".join((self._home.path.rstrip("/"), self.base.name, instance_id))
-        self._cgroups[instance_id] = (leaf, path)
-        return str(leaf)
+                return exc.strerror or str(exc)
+        return problem
+
+    def unreserve(self, instance_id: str, problem: str) -> None:
+        """The cgroup :meth:`reserve` named could not be made (``problem``):
+        the instance's processes are found by their environment instead."""
+        found = self._cgroups.pop(instance_id, None)
+        logger.bind(instance=instance_id).warning(
+            "cannot create the cgroup {}: {}; its processes are found by {} instead",
+            found[0] if found else instance_id,
+            problem,
+            ENV_INSTANCE_ID,
+        )
 
     def adopt(self, instance_id: str, pid: int) -> None:
         """A re-attached instance: the cgroup its process is in, if a kernel

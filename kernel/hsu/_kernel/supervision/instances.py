@@ -96,6 +96,9 @@ class Instance:
     #: adopted from a kernel that ran before (re-attached, not spawned)
     reattached: bool = False
     handle: ProcessHandle | None = attrs.field(default=None, repr=False)
+    #: (pid, its start time) as the state file records it, read once per
+    #: process rather than at every save (a save walks every instance)
+    pid_created: tuple[int, float] | None = attrs.field(default=None, repr=False)
     #: the secret of the process now in this slot (:meth:`new_token`); what it
     #: proves itself with. "" for a slot whose process the kernel did not spawn
     token: str = attrs.field(default="", repr=False)

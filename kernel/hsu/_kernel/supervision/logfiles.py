@@ -29,6 +29,7 @@ import attrs
 from loguru import logger
 
 from hsu._kernel.control import secure_dir
+from hsu.errors import HsuError
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -470,6 +471,33 @@ class LogFiles:
         d = self.directory / unit
         return d / f"{instance_id}.stdout.log", d / f"{instance_id}.stderr.log"
 
+    def known(self, instance_id: str) -> bool:
+        """Whether the instance's files are followed (so they exist: a
+        restart's spawn has nothing to create)."""
+        return instance_id in self._instances
+
+    def _secure(self, unit: str, out_path: Path) -> None:
+        """The logs directory (once) and the unit's (once per unit): 0700 and ours."""
+        if not self._secured:
+            secure_dir(self.directory)
+        secure_dir(out_path.parent)
+        self._secured.add(unit)
+
+    def prepare(self, unit: str, instance_id: str) -> None:
+        """Create the instance's two files (and the unit's directory) if they
+        are not there yet, and close them again: what costs in
+        :meth:`open_for_child` (a file's creation, a fraction of a millisecond
+        on ext4) done ahead, off the event loop, on a thread of the spawn
+        path. Safe to call from a thread; an error is left for
+        :meth:`open_for_child` to raise, where it did before."""
+        out_path, err_path = self.paths(unit, instance_id)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        with contextlib.suppress(OSError, HsuError):
+            if unit not in self._secured:
+                self._secure(unit, out_path)
+            for path in (out_path, err_path):
+                os.close(os.open(path, flags, 0o600))
+
     def open_for_child(self, unit: str, instance_id: str) -> tuple[int, int]:
         """Create the unit's directory, open both files for appending and return
         their fds for ``Popen(stdout=, stderr=)``; the caller closes them after
@@ -480,16 +508,12 @@ class LogFiles:
         # checked at its first file (and again if it vanished since), not at
         # each of a thousand spawns
         if unit not in self._secured:
-            secure_dir(self.directory)
-            secure_dir(out_path.parent)
-            self._secured.add(unit)
+            self._secure(unit, out_path)
         try:
             out = os.open(out_path, flags, 0o600)
         except FileNotFoundError:
-            self._secured.discard(unit)
-            secure_dir(self.directory)
-            secure_dir(out_path.parent)
-            self._secured.add(unit)
+            self._secured.clear()
+            self._secure(unit, out_path)
             out = os.open(out_path, flags, 0o600)
         try:
             err = os.open(err_path, flags, 0o600)
@@ -498,25 +522,42 @@ class LogFiles:
             raise
         return out, err
 
-    def follow(self, unit: str, instance_id: str, pid: int, *, from_start: bool = False) -> None:
+    def follow(
+        self,
+        unit: str,
+        instance_id: str,
+        pid: int,
+        *,
+        from_start: bool = False,
+        fds: tuple[int, int] | None = None,
+    ) -> None:
         """Start following both files of an instance: from offset 0 for a fresh
         spawn (``from_start=True``), or from their current end when re-attaching
         to an instance that ran before a kernel restart, so old lines are not
-        logged twice."""
+        logged twice. ``fds``: the two files open already (what
+        :meth:`open_for_child` returned, still open), which are watched
+        through instead of opening each again; the caller closes them."""
         if instance_id in self._instances:
             self.unfollow(instance_id)
         tail = self._tails.get(instance_id)
         files = []
-        for stream, path in zip(STREAMS, self.paths(unit, instance_id), strict=True):
+        paths = self.paths(unit, instance_id)
+        for i, (stream, path) in enumerate(zip(STREAMS, paths, strict=True)):
+            borrowed = fds is not None
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fd = (
+                    fds[i]
+                    if fds is not None
+                    else os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                )
             except OSError as exc:
                 logger.warning("not following {} of {}: {}", stream, instance_id, exc)
                 continue
             try:
                 st = os.fstat(fd)
             except OSError as exc:
-                os.close(fd)
+                if not borrowed:
+                    os.close(fd)
                 logger.warning("not following {} of {}: {}", stream, instance_id, exc)
                 continue
             ident = (st.st_dev, st.st_ino)
@@ -525,12 +566,17 @@ class LogFiles:
             try:
                 f.offset = 0 if from_start else os.fstat(fd).st_size
             except OSError as exc:
+                if borrowed:
+                    f.fd = -1
                 self._close(f)
                 logger.warning("not following {} of {}: {}", stream, instance_id, exc)
                 continue
             if self._rotator is not None:
                 self._rotator.add(f)
-            self._release(f)  # watched: opened again by path when written to
+            if borrowed:
+                f.fd = -1  # the caller's to close: opened again by path when written to
+            else:
+                self._release(f)  # watched: opened again by path when written to
             files.append(f)
         self._instances[instance_id] = files
         self._files.extend(files)

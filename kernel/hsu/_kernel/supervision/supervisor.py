@@ -11,6 +11,7 @@ is no race between a stop request and a restart.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import errno
@@ -260,7 +261,9 @@ class UnitSupervisor:
         ctl = self._controls[inst.instance_id] = _Control()
         self.breakers[inst.instance_id] = Breaker(self.spec.restart.crash_loop)
         self.kernel.adopt(inst)
-        task = asyncio.ensure_future(self._run(inst, ctl, saved))
+        global _queued
+        _queued += 1  # until its task first runs (see _spawn)
+        task = asyncio.ensure_future(self._run(inst, ctl, saved, queued=True))
         self._tasks[inst.instance_id] = task
         return inst
 
@@ -363,7 +366,12 @@ class UnitSupervisor:
 
     # -- one slot ----------------------------------------------------------
 
-    async def _run(self, inst: Instance, ctl: _Control, saved: SavedInstance | None) -> None:
+    async def _run(
+        self, inst: Instance, ctl: _Control, saved: SavedInstance | None, *, queued: bool = False
+    ) -> None:
+        if queued:
+            global _queued
+            _queued -= 1
         log: Any = _InstanceLog(self.log, inst.instance_id)
         try:
             first = True
@@ -634,10 +642,26 @@ class UnitSupervisor:
         return argv
 
     async def _spawn(self, inst: Instance) -> ProcessHandle | None:
-        spec = self.spec
-        if spec.kind is UnitKind.UNMANAGED:
+        if self.spec.kind is UnitKind.UNMANAGED:
             return self._attach_unmanaged(inst)
         kernel = self.kernel
+        # the file system work first: on the spawn thread while more new
+        # slots wait to start (a launch, a scale-up), so the loop forks
+        # meanwhile; here for a lone start or restart, which a thread's
+        # round trip would only delay. (The only await before the launch:
+        # what follows reads the spec as it is now.)
+        cgroup = kernel.containment.reserve(inst.instance_id)
+        if cgroup is not None or not kernel.logfiles.known(inst.instance_id):
+            if _queued > 0:
+                problem = await asyncio.get_running_loop().run_in_executor(
+                    _spawn_thread(), self._prepare, inst.instance_id, cgroup
+                )
+            else:
+                problem = self._prepare(inst.instance_id, cgroup)
+            if problem:
+                kernel.containment.unreserve(inst.instance_id, problem)
+                cgroup = None
+        spec = self.spec
         launcher = kernel.plugins.launcher(spec.launcher)
         try:  # read as each instance starts: a changed file reaches the next one
             from_file = read_unit_env_file(spec, kernel.deployment.base_dir)
@@ -678,20 +702,30 @@ class UnitSupervisor:
             rlimits=spec.limits.rlimits,
             nofile_soft=kernel.child_nofile,
             die_with_kernel=not kernel.kernel_settings.reattach,
-            cgroup=kernel.containment.cgroup_for(inst.instance_id),
+            cgroup=cgroup,
         )
         try:
             handle: ProcessHandle = await launcher.launch(launch)
+            inst.handle, inst.pid, inst.returncode = handle, handle.pid, None
+            inst.started_at = time.time()
+            # watched through the fds open here: no need to open them again
+            kernel.logfiles.follow(
+                self.name, inst.instance_id, handle.pid, from_start=True, fds=(out, err)
+            )
         finally:
             os.close(out)
             os.close(err)
-        inst.handle, inst.pid, inst.returncode = handle, handle.pid, None
-        inst.started_at = time.time()
-        kernel.logfiles.follow(self.name, inst.instance_id, handle.pid, from_start=True)
         argv = kernel.deployment.secrets.redact(" ".join(launch.argv))
         self.log.bind(instance=inst.instance_id).info("started pid {}: {}", handle.pid, argv)
         self.kernel.save_state()
         return handle
+
+    def _prepare(self, instance_id: str, cgroup: str | None) -> str:
+        """On the spawn thread: create the instance's log files (if new) and
+        its cgroup; returns why the cgroup could not be made ("" if it was)."""
+        kernel = self.kernel
+        kernel.logfiles.prepare(self.name, instance_id)
+        return kernel.containment.make(cgroup) if cgroup is not None else ""
 
     def _attach(self, inst: Instance, saved: SavedInstance) -> ProcessHandle:
         launcher = self.kernel.plugins.launcher(self.spec.launcher)
@@ -922,6 +956,22 @@ class UnitSupervisor:
                 "Core.Shutdown failed ({}); sending {}", exc.code().name, self.spec.stop_signal
             )
             return False
+
+
+#: the thread an instance's spawn creates its cgroup and log files on: a
+#: fraction of a millisecond each (cgroupfs, ext4), which a launch of many
+#: spends beside the event loop's own work (the forks) rather than before it
+_spawn_pool: concurrent.futures.ThreadPoolExecutor | None = None
+#: slots added whose task has not run yet (in this process): more spawns are
+#: coming, and the spawn thread is worth its round trip
+_queued = 0
+
+
+def _spawn_thread() -> concurrent.futures.ThreadPoolExecutor:
+    global _spawn_pool
+    if _spawn_pool is None:
+        _spawn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hsu-spawn")
+    return _spawn_pool
 
 
 def _status(code: int | None) -> str:
