@@ -334,6 +334,9 @@ async def window(
 #: (variant, the kernel it runs on, calls carry a traceparent)
 VARIANTS = [
     ("off", "off", False),
+    # an A/A control: a second kernel and HSU exactly as *off*; its ratio to
+    # *off* is what two processes differ by with nothing changed
+    ("off, a second kernel", "off2", False),
     ("on", "on", False),
     ("on + traceparent", "on", True),
 ]
@@ -350,6 +353,7 @@ async def bench_throughput(
     kernels = {
         "on": KernelProc("on", echo_unit("echo", metrics=True), metrics=True),
         "off": KernelProc("off", echo_unit("echo", metrics=False), metrics=False),
+        "off2": KernelProc("off2", echo_unit("echo", metrics=False), metrics=False),
     }
     if has_otel():
         receiver = ReceiverProc()
@@ -370,7 +374,7 @@ async def bench_throughput(
         try:
             for name, k in kernels.items():
                 # hsu.connect reads HSU_METRICS when it is made: off counts nothing
-                if name == "off":
+                if name in ("off", "off2"):
                     os.environ["HSU_METRICS"] = "0"
                 try:
                     routed = hsu.connect(k.control)
@@ -626,7 +630,9 @@ def report(
         " calls in flight, one echo instance per kernel. *off*: `kernel.metrics: false`"
         " and `HSU_METRICS=0` for the HSU and the client (nothing counted); *on*: the"
         " defaults (the gateway, the HSU and `hsu.connect` each count every call under"
-        " go-grpc-prometheus's names); *on + traceparent*: the same kernel, every call"
+        " go-grpc-prometheus's names); *off, a second kernel*: another kernel and HSU"
+        " configured exactly as *off* (an A/A control: what two processes differ by"
+        " with nothing changed); *on + traceparent*: the same kernel as *on*, every call"
         " carrying a sampled W3C `traceparent` (the kernel's span, its pick and attempt"
         " spans and the HSU's span, the attempt's child, are made and propagated, not"
         " exported)",
