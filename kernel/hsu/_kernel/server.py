@@ -463,9 +463,27 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                 replies=[r for r in items if not isinstance(r, list)], reclaim=sorted(asked)
             )
 
+        def give_back(_: Any = None) -> None:
+            """Every slot still held goes back: from the generator's end, or
+            from the call's end when grpc never resumes the generator (a
+            cancel that lands while it is parked at a ``yield`` leaves it to
+            the garbage collector, whose ``aclose()`` can come seconds
+            later: a ``max_inflight`` unit was a slot short until then)."""
+            with contextlib.suppress(ValueError):
+                pool.depth_changed.remove(reclaim)
+            reader.cancel()
+            for task in pending.values():
+                task.cancel()
+            held = list(grants.values())
+            grants.clear()
+            interfaces.clear()
+            for grant in held:
+                pool.release(grant)
+
         async with self.slot_streams.hold(context):
             reader = asyncio.ensure_future(read())
             pool.depth_changed.append(reclaim)
+            context.add_done_callback(give_back)
             try:
                 while (reply := await replies.get()) is not None:
                     # every reply ready now goes in one message
@@ -481,16 +499,10 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                     if end:
                         break
             finally:
-                with contextlib.suppress(ValueError):
-                    pool.depth_changed.remove(reclaim)
-                reader.cancel()
                 tasks = list(pending.values())
-                for task in tasks:
-                    task.cancel()
+                give_back()
                 await asyncio.gather(reader, *tasks, return_exceptions=True)
-                for grant in grants.values():
-                    pool.release(grant)
-                grants.clear()
+                give_back()  # a grant a cancelled take() made meanwhile
 
     async def Lease(self, request: kernel_pb2.LeaseRequest, context: Any) -> kernel_pb2.LeaseReply:
         from hsu.client.route import endpoint_pb, slot_error_code
