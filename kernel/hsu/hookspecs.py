@@ -504,7 +504,10 @@ def hsu_endpoint_removed(kernel: KernelAPI, endpoint: Endpoint) -> None:
 
 @_hookspec
 def hsu_routed_call(kernel: KernelAPI, call: RoutedCall) -> None:
-    """A call the kernel's gateway routed ended (all its tries).
+    """A call the kernel routed ended: through its gateway (all its tries,
+    or refused before the first: no unit serves the interface, no instance
+    could be started), or through a data plane outside the kernel's process
+    (nginx), which reports it afterwards (``KernelAPI.report_routed_call``).
 
     For tracing and access logs: ``call.span`` is the kernel's span of the
     call when it is traced (its ``parent_id`` the caller's span, "" for a
