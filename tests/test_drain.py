@@ -272,3 +272,44 @@ async def test_draining_hooks_share_the_drain_timeout_and_never_stop_the_stop(tm
     assert 0.5 <= took < 5  # the hooks' share of drain_timeout, then the stop went on
     assert any(f"a bug draining {inst.instance_id}" in line for line in logged)
     assert any("hsu_instance_draining" in line and "did not return" in line for line in logged)
+
+
+async def test_a_registry_that_cannot_be_written_does_not_hold_the_stop_past_drain_timeout(
+    tmp_path,
+):
+    # A partitioned etcd: the draining state cannot be published. The stop
+    # waits for that write within drain_timeout, not until the registry's
+    # own timeout; a singleton's leader, cut off from etcd, must stop its
+    # instance within its budget (stop_grace + drain_timeout) before another
+    # host takes over.
+    from hsu_plugins.routing.registry_memory import MemoryRegistry
+
+    class Unreachable(MemoryRegistry):
+        async def put(self, endpoint):
+            if endpoint.state == "draining":
+                await asyncio.sleep(3600)  # never answers
+            return await super().put(endpoint)
+
+    class Plugin:
+        @hsu.hookimpl
+        def hsu_register_registries(self, register):
+            register("unreachable", lambda kernel=None: Unreachable())
+
+    kernel = build_kernel(
+        {
+            "kernel": {"registry": "unreachable"},
+            "units": {"echo": echo_unit(routing={"drain_timeout": 0.5})},
+        },
+        plugins=[Plugin()],
+        base_dir=str(tmp_path),
+    )
+    await kernel.start()
+    try:
+        [inst] = kernel.instances.values()
+        began = time.monotonic()
+        await asyncio.wait_for(kernel.stop_unit("echo"), 30)
+        took = time.monotonic() - began
+    finally:
+        await asyncio.wait_for(kernel.stop(), 30)
+    assert inst.state is hsu.InstanceState.STOPPED
+    assert took < 10  # drain_timeout (0.5 s) and the stop itself; not the hung write

@@ -459,9 +459,14 @@ class KernelRouting:
         ``timeout`` seconds; return how many were still in flight."""
         if self._writes is None or inst.instance_id not in self._published:
             return 0
-        self.update(inst)
-        await self.flush()
         deadline = time.monotonic() + timeout
+        self.update(inst)
+        # the draining state published, within the drain's time: a registry
+        # that cannot be reached (etcd cut off) must not hold the stop past
+        # drain_timeout, least of all a singleton's leader that has to stop
+        # before its lease expires (the write goes on in the background)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), timeout)
         # a data plane outside the kernel (hsu_plugins.gateway.nginx) returns
         # once it sends the instance no new call; a plugin that fails or runs
         # out of the drain's time is logged, and the stop goes on
