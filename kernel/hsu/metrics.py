@@ -38,6 +38,7 @@ __all__ = [
     "GRPC_TYPES",
     "REGISTRY",
     "CallMetrics",
+    "CallStatus",
     "Collector",
     "Counter",
     "Exporter",
@@ -50,6 +51,7 @@ __all__ = [
     "client_observer",
     "code_of",
     "enabled",
+    "served_status",
 ]
 
 Kind = Literal["counter", "gauge", "histogram"]
@@ -524,6 +526,34 @@ def code_of(exc: BaseException | None) -> str:
     ):
         return "CANCELLED"
     return "UNKNOWN"
+
+
+class CallStatus(Exception):
+    """A served call's end as :func:`code_of` reads it: its status code and
+    details, for a call whose handler raised no exception carrying them
+    (``context.abort`` raises a bare one, and a handler may set the code on
+    its context and return)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = ""):
+        super().__init__(details or code.name)
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+def served_status(context: Any, exc: BaseException | None = None) -> BaseException | None:
+    """What an observer of a served call records as its end: a
+    :class:`CallStatus` when the call's ``context`` holds a status code other
+    than OK (set by ``context.abort`` or ``context.set_code``), else ``exc``
+    (``None`` for a call that returned)."""
+    code_fn = getattr(context, "code", None)
+    code = code_fn() if callable(code_fn) else None
+    if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
+        details_fn = getattr(context, "details", None)
+        details = details_fn() if callable(details_fn) else None
+        return CallStatus(code, details if isinstance(details, str) else "")
+    return exc
 
 
 class CallMetrics:

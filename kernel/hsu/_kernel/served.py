@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from hsu.metrics import CallMetrics
+from hsu.metrics import CallMetrics, served_status
 
 #: not counted: the process's plumbing, not its interfaces
 NOT_COUNTED = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/hsu.core.v1.Core/")
@@ -49,9 +49,7 @@ class CallCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _end(self, kind: str, method: str, exc: BaseException | None, t0: float, ctx: Any) -> None:
         if exc is None:
-            code = ctx.code() if callable(getattr(ctx, "code", None)) else None
-            if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
-                exc = _Status(code)
+            exc = served_status(ctx)
         self._calls.observe(kind, method, self._unit, exc, t0)
 
     def _unary(self, behavior: Any, method: str, kind: str) -> Any:
@@ -62,7 +60,7 @@ class CallCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if inspect.isawaitable(result):
                     result = await result
             except BaseException as exc:
-                self._end(kind, method, _as_status(exc, context), t0, context)
+                self._end(kind, method, served_status(context, exc), t0, context)
                 raise
             self._end(kind, method, None, t0, context)
             return result
@@ -83,27 +81,8 @@ class CallCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     for reply in result:
                         yield reply
             except BaseException as exc:
-                self._end(kind, method, _as_status(exc, context), t0, context)
+                self._end(kind, method, served_status(context, exc), t0, context)
                 raise
             self._end(kind, method, None, t0, context)
 
         return counted
-
-
-class _Status(Exception):
-    """A call's status code, as :func:`hsu.metrics.code_of` reads it."""
-
-    def __init__(self, code: grpc.StatusCode):
-        super().__init__(code.name)
-        self._code = code
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-
-def _as_status(exc: BaseException, context: Any) -> BaseException:
-    """``context.abort`` raises a bare exception; the code is the context's."""
-    code = context.code() if callable(getattr(context, "code", None)) else None
-    if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
-        return _Status(code)
-    return exc

@@ -60,6 +60,7 @@ from hsu.client.route import (
 )
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.identity import METADATA as IDENTITY_METADATA
+from hsu.metrics import served_status
 from hsu.ports import Cache, Endpoint, KernelAPI, RpcHandler
 
 #: the name a kernel's gateway is registered under (``kernel.plugin(PLANE)``)
@@ -400,7 +401,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"hsu gateway: {exc}")
         except BaseException as exc:
             if self._observe is not None:
-                refused = _Refused(context) if isinstance(exc, grpc.aio.AbortError) else exc
+                refused = served_status(context, exc)
                 self._observe("stream_stream", method, unit, refused, t0)
             raise
         remaining = context.time_remaining()
@@ -558,19 +559,6 @@ async def _relay_trailing(call: Any, context: Any) -> None:
     trailing = await call.trailing_metadata()
     if trailing:
         context.set_trailing_metadata(tuple(trailing))
-
-
-class _Refused(Exception):
-    """A call the gateway aborted before any try, as its observer counts it:
-    the status code the abort set on the call."""
-
-    def __init__(self, context: Any):
-        super().__init__(context.details())
-        self._code = context.code()
-
-    def code(self) -> grpc.StatusCode:
-        code = self._code
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 def _code_name(context: Any) -> str:
