@@ -6,7 +6,9 @@ so this directory is on ``sys.path``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import uuid
 from collections.abc import Iterable
 from importlib import metadata
@@ -77,6 +79,22 @@ def leftovers() -> list[psutil.Process]:
     for p in TRACKER.marked():
         seen.setdefault(p.pid, p)
     return list(seen.values())
+
+
+def reap_leftovers(failed: BaseException | None = None) -> None:
+    """SIGKILL what this run started and is still alive (see
+    :func:`leftovers`), say so, and end the run with an error unless it is
+    already failing with ``failed``: a benchmark that leaks a process has a
+    bug, like a test that does."""
+    left = leftovers()
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    if left:
+        msg = f"LEAKED PROCESSES (now SIGKILLed): {', '.join(str(p.pid) for p in left)}"
+        print(msg, file=sys.stderr)
+        if failed is None:
+            raise SystemExit(msg)
 
 
 def interrupted(signum: int, frame: Any) -> None:

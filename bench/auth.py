@@ -46,7 +46,7 @@ from typing import Any
 
 import grpc
 import psutil
-from _common import DOC, ROOT, TRACKER, interrupted, leftovers, versions, write_section
+from _common import DOC, ROOT, TRACKER, interrupted, reap_leftovers, versions, write_section
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -382,15 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in kernels.values():
             k.stop()
         shutil.rmtree(folder, ignore_errors=True)
-        left = leftovers()
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        if left:
-            msg = f"LEAKED PROCESSES (now SIGKILLed): {', '.join(str(p.pid) for p in left)}"
-            print(msg, file=sys.stderr)
-            if failed is None:
-                raise SystemExit(msg)
+        reap_leftovers(failed)
     body = report(results, ns, args, argv, time.monotonic() - started)
     print()
     print(body)

@@ -47,7 +47,7 @@ from typing import Any
 
 import grpc
 import psutil
-from _common import DOC, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
+from _common import DOC, RUN_MARK, TRACKER, interrupted, reap_leftovers, versions, write_section
 
 import hsu
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
@@ -280,12 +280,7 @@ def main() -> None:
         }
     finally:
         kernel.stop()
-    left = leftovers()
-    if left:
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        raise SystemExit(f"processes left behind: {[p.pid for p in left]}")
+    reap_leftovers()
     text = report(results, args, (load_before, os.getloadavg()[0]))
     print(text)
     if not args.no_write:

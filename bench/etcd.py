@@ -45,7 +45,7 @@ from typing import Any
 
 import grpc
 import psutil
-from _common import DOC, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
+from _common import DOC, RUN_MARK, TRACKER, interrupted, reap_leftovers, versions, write_section
 from hsu_plugin_etcd.cluster import LocalCluster, etcd_executable
 from hsu_plugin_etcd.registry import EtcdRegistry
 from hsu_plugin_etcd.settings import EtcdSettings
@@ -447,15 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = exc
         raise
     finally:
-        left = leftovers()
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        if left:
-            msg = f"LEAKED PROCESSES (now SIGKILLed): {', '.join(str(p.pid) for p in left)}"
-            print(msg, file=sys.stderr)
-            if failed is None:
-                raise SystemExit(msg)
+        reap_leftovers(failed)
     text = report(reg, fo, calls, hosts, args, time.monotonic() - started)
     print()
     print(text)

@@ -42,8 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
-from _common import DOC, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
+from _common import DOC, RUN_MARK, TRACKER, interrupted, reap_leftovers, versions, write_section
 
 HEADING = "## Failover"
 INTERFACE = "hsu.echo.v1.Echo"
@@ -361,15 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = exc
         raise
     finally:
-        left = leftovers()
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        if left:
-            msg = f"LEAKED PROCESSES (now SIGKILLed): {', '.join(str(p.pid) for p in left)}"
-            print(msg, file=sys.stderr)
-            if failed is None:
-                raise SystemExit(msg)
+        reap_leftovers(failed)
     text = report(results, args, time.monotonic() - started)
     print()
     print(text)

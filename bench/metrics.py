@@ -55,7 +55,16 @@ from typing import Any
 
 import grpc
 import psutil
-from _common import DOC, ROOT, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
+from _common import (
+    DOC,
+    ROOT,
+    RUN_MARK,
+    TRACKER,
+    interrupted,
+    reap_leftovers,
+    versions,
+    write_section,
+)
 
 import hsu
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
@@ -787,15 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = exc
         raise
     finally:
-        left = leftovers()
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        if left:
-            msg = f"LEAKED PROCESSES (now SIGKILLed): {', '.join(str(p.pid) for p in left)}"
-            print(msg, file=sys.stderr)
-            if failed is None:
-                raise SystemExit(msg)
+        reap_leftovers(failed)
     LOAD.append(os.getloadavg()[0])
     body = report(thr, scrape, rss, args, argv, time.monotonic() - started)
     print()

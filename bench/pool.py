@@ -46,7 +46,16 @@ from typing import Any
 
 import grpc
 import psutil
-from _common import DOC, ROOT, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
+from _common import (
+    DOC,
+    ROOT,
+    RUN_MARK,
+    TRACKER,
+    interrupted,
+    reap_leftovers,
+    versions,
+    write_section,
+)
 
 import hsu
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
@@ -394,15 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = exc
         raise
     finally:
-        left = leftovers()
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        if left:
-            msg = f"LEAKED PROCESSES (now SIGKILLed): {', '.join(str(p.pid) for p in left)}"
-            print(msg, file=sys.stderr)
-            if failed is None:
-                raise SystemExit(msg)
+        reap_leftovers(failed)
     body = report(jobs, over, args, argv, time.monotonic() - started)
     print()
     print(body)

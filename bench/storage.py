@@ -40,9 +40,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-import psutil
 import redis.asyncio as aioredis
-from _common import DOC, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
+from _common import DOC, RUN_MARK, TRACKER, interrupted, reap_leftovers, versions, write_section
 from hsu_plugin_redis.server import LocalRedis, redis_executable
 
 from hsu.storage import StorageClient
@@ -272,15 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = exc
         raise
     finally:
-        left = leftovers()
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        if left:
-            msg = f"LEAKED PROCESSES (now SIGKILLed): {', '.join(str(p.pid) for p in left)}"
-            print(msg, file=sys.stderr)
-            if failed is None:
-                raise SystemExit(msg)
+        reap_leftovers(failed)
     text = report(res, args, time.monotonic() - started)
     print()
     print(text)

@@ -43,7 +43,16 @@ from typing import Any
 
 import grpc
 import psutil
-from _common import DOC, ROOT, RUN_MARK, TRACKER, interrupted, leftovers, versions, write_section
+from _common import (
+    DOC,
+    ROOT,
+    RUN_MARK,
+    TRACKER,
+    interrupted,
+    reap_leftovers,
+    versions,
+    write_section,
+)
 from launch_floor import IMPORTS as DEP_IMPORTS
 
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
@@ -819,16 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = exc
         raise
     finally:
-        left = leftovers()
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        if left:
-            desc = ", ".join(f"{p.pid}" for p in left)
-            msg = f"LEAKED PROCESSES (now SIGKILLed): {desc}"
-            print(msg, file=sys.stderr)
-            if failed is None:
-                raise SystemExit(msg)
+        reap_leftovers(failed)
     body = report(
         kills, args.kills, cold, imports, idle, args.window, args.rounds, time.monotonic() - started
     )

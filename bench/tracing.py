@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import statistics
@@ -42,8 +41,7 @@ import time
 from pathlib import Path
 
 import grpc
-import psutil
-from _common import ROOT, TRACKER, leftovers
+from _common import ROOT, TRACKER, reap_leftovers
 from metrics import PLAIN, KernelProc, ReceiverProc, clean_env, echo_unit, has_otel, window
 
 from hsu_echo.v1 import echo_pb2_grpc
@@ -242,12 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = exc
         raise
     finally:
-        left = leftovers()
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        if left and failed is None:
-            raise SystemExit(f"LEAKED PROCESSES (now SIGKILLed): {[p.pid for p in left]}")
+        reap_leftovers(failed)
     print(
         f"gateway, {args.inflight} in flight, {args.rounds} rounds of {args.seconds:g} s"
         f" windows ({time.monotonic() - t:.0f} s); load average at end:"
