@@ -51,6 +51,7 @@ __all__ = [
     "client_observer",
     "code_of",
     "enabled",
+    "method_kind",
     "served_status",
 ]
 
@@ -506,6 +507,15 @@ GRPC_TYPES: Final[Mapping[str, str]] = {
     "stream_unary": "client_stream",
     "stream_stream": "bidi_stream",
 }
+
+
+def method_kind(request_streaming: bool, response_streaming: bool) -> str:
+    """grpc's name of a method's kind (``unary_unary``, ``unary_stream``,
+    ``stream_unary``, ``stream_stream``) from its descriptor's
+    ``client_streaming`` and ``server_streaming``; :data:`GRPC_TYPES` gives
+    go-grpc-prometheus's name of it."""
+    request = "stream" if request_streaming else "unary"
+    return f"{request}_{'stream' if response_streaming else 'unary'}"
 
 
 def code_of(exc: BaseException | None) -> str:

@@ -50,7 +50,7 @@ import grpc
 from loguru import logger
 
 from hsu import tracecontext
-from hsu.metrics import Family, Point
+from hsu.metrics import GRPC_TYPES, Family, Point, method_kind
 from hsu.ports import KernelAPI, RoutedCall
 
 #: the longest datagram taken (a longer one is dropped, ``reason="oversized"``)
@@ -78,13 +78,6 @@ CODES = {c.value[0]: c.name for c in grpc.StatusCode}
 HTTP_CODES = {499: "CANCELLED", 400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
               404: "UNIMPLEMENTED", 429: "UNAVAILABLE", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
               504: "UNAVAILABLE"}  # fmt: skip
-#: go-grpc-prometheus's ``grpc_type`` by (request streaming, response streaming)
-KINDS = {
-    (False, False): "unary",
-    (False, True): "server_stream",
-    (True, False): "client_stream",
-    (True, True): "bidi_stream",
-}
 #: the line's fields after the token, tab-separated, in this order: name,
 #: nginx variable (``escape=json`` escapes control characters, so a value
 #: holds no tab; the kernel decodes none of it: what it uses is checked)
@@ -365,7 +358,9 @@ class CallLog:
                             name = f"{fd.package}.{svc.name}" if fd.package else svc.name
                             if name == interface:
                                 for m in svc.method:
-                                    kind = KINDS[m.client_streaming, m.server_streaming]
+                                    kind = GRPC_TYPES[
+                                        method_kind(m.client_streaming, m.server_streaming)
+                                    ]
                                     self.kinds[f"/{interface}/{m.name}"] = kind
                     break
         except (grpc.aio.AioRpcError, ValueError) as exc:

@@ -60,7 +60,7 @@ from hsu.client.route import (
 )
 from hsu.errors import HsuError, NoSuchUnit
 from hsu.identity import METADATA as IDENTITY_METADATA
-from hsu.metrics import served_status
+from hsu.metrics import method_kind, served_status
 from hsu.ports import Cache, Endpoint, KernelAPI, RpcHandler
 
 #: the name a kernel's gateway is registered under (``kernel.plugin(PLANE)``)
@@ -99,14 +99,6 @@ DROP_KEYS = HOP_KEYS | TRACE_KEYS
 DROP_KEYS_AUTH = DROP_KEYS | {"authorization"}
 #: metadata only the kernel sets: a caller's is dropped (``hsu.identity``)
 IDENTITY_PREFIX = IDENTITY_METADATA
-#: grpc's name of a method's kind, by (request streaming, response streaming);
-#: a method whose kind is not known yet goes as a stream, and is counted so
-KINDS = {
-    (False, False): "unary_unary",
-    (False, True): "unary_stream",
-    (True, False): "stream_unary",
-    (True, True): "stream_stream",
-}
 #: a proxy does not limit message sizes: the two ends do
 CHANNEL_OPTIONS = (
     *LOCAL_CHANNEL_OPTIONS,
@@ -161,7 +153,7 @@ class Gateway(grpc.GenericRpcHandler):  # type: ignore[misc]
             kind: str, method: str, unit: str, exc: BaseException | None, t0: float
         ) -> None:
             known = kinds.get(method)
-            observe(kind if known is None else KINDS[known], method, unit, exc, t0)
+            observe(kind if known is None else method_kind(*known), method, unit, exc, t0)
 
         return observed
 
