@@ -102,7 +102,8 @@ def config(n: int, units: int) -> str:
         f"    start: at-start\n    min_instances: {per}\n    max_instances: {per}\n"
         for i in range(units)
     )
-    return f"name: bench\nunits:\n{body}"
+    # port 0: the default data address may be taken on a shared machine
+    return f"name: bench\nkernel:\n  address: 127.0.0.1:0\nunits:\n{body}"
 
 
 def nofile() -> None:
