@@ -466,7 +466,7 @@ def _error(request: Request, code: grpc.StatusCode, message: str) -> Response:
     )
 
 
-class ControlReflection(reflection_pb2_grpc.ServerReflectionServicer):
+class ControlReflection:
     """grpcio's reflection (v1alpha) of the control plane's own services,
     imported at the first call: its module imports descriptor_pb2."""
 
