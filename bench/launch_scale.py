@@ -10,7 +10,8 @@ through) used until all ran. Shapes: ``floor`` and ``floor1000``
 1000 ``Popen()``), ``10`` (one unit of 10), ``1000`` (one unit of 1000) and
 ``1000x1`` (1000 units of one); each
 kernel runs under ``ulimit -n 4096``. With ``--base DIR`` (a checkout of
-another commit: its ``kernel/`` and ``plugins/`` first on ``PYTHONPATH``),
+another commit: its ``kernel/``, ``plugins/`` and ``contrib/*/`` first on
+``PYTHONPATH``),
 both are run in every round, alternating, so both see the same load; the
 medians are printed side by side. Every kernel is stopped by pid (SIGTERM),
 and any ``sleep`` it leaves is SIGKILLed through its pidfd.
@@ -101,7 +102,8 @@ def config(n: int, units: int) -> str:
         f"    start: at-start\n    min_instances: {per}\n    max_instances: {per}\n"
         for i in range(units)
     )
-    return f"name: bench\nunits:\n{body}"
+    # port 0: the default data address may be taken on a shared machine
+    return f"name: bench\nkernel:\n  address: 127.0.0.1:0\nunits:\n{body}"
 
 
 def nofile() -> None:
@@ -115,7 +117,10 @@ def one(shape: str, base: Path | None) -> tuple[float, float, float, float]:
     d = Path(tempfile.mkdtemp(prefix=f"hsu-launch-{shape}-"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     if base is not None:
-        env["PYTHONPATH"] = f"{base / 'kernel'}:{base / 'plugins'}"
+        # the base's contrib distributions too, when it has them: the kernel
+        # loads every installed plugin
+        contrib = sorted(str(p) for p in (base / "contrib").glob("*") if p.is_dir())
+        env["PYTHONPATH"] = ":".join([str(base / "kernel"), str(base / "plugins"), *contrib])
     if shape.startswith("floor"):
         argv = [sys.executable, str(ROOT / "bench" / "launch_floor.py"), str(n), *PROGRAM]
     else:

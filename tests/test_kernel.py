@@ -9,6 +9,7 @@ import time
 import grpc
 import psutil
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -151,6 +152,16 @@ async def test_health_reflection_and_core_on_the_control_socket(hsu_kernel_facto
         async for reply in stream:
             services = {s.name for s in reply.list_services_response.service}
             break
+        # grpcio's servicer, made at this first call (hsu._kernel.reflection.ControlReflection)
+        stream = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter(
+                [reflection_pb2.ServerReflectionRequest(file_containing_symbol="hsu.core.v1.Core")]
+            )
+        )
+        files = []
+        async for reply in stream:
+            files = list(reply.file_descriptor_response.file_descriptor_proto)
+            break
         pong = await core_pb2_grpc.CoreStub(ch).Ping(core_pb2.PingRequest(payload=b"x"))
         info = await core_pb2_grpc.CoreStub(ch).Info(core_pb2.InfoRequest())
     assert {
@@ -159,6 +170,9 @@ async def test_health_reflection_and_core_on_the_control_socket(hsu_kernel_facto
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= services
+    assert files and descriptor_pb2.FileDescriptorProto.FromString(files[0]).name.endswith(
+        "core.proto"
+    )
     assert pong.payload == b"x"
     assert (info.unit, info.pid, info.address) == ("kernel", os.getpid(), kernel.control_address)
 

@@ -1,7 +1,9 @@
 """An installed plugin distribution costs a kernel that does not use it nothing
 heavy: its entry point is loaded and its hooks registered, but the library it
 integrates (PyJWT and cryptography, aetcd, redis, OpenTelemetry) is imported
-only once a deployment configures it (docs/benchmarks.md, Footprint)."""
+only once a deployment configures it (docs/benchmarks.md, Footprint). Nor does
+the kernel load, for a deployment that does not use them, the modules it
+imports where they are needed (reflection's descriptors, TOML, http.client)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,18 @@ from conftest import hsu_env, wait_until, write_deployment
 LOADED = ("hsu_plugin_jwt", "hsu_plugin_etcd", "hsu_plugin_redis", "hsu_plugin_otel")
 #: what none of them may import until it is configured
 HEAVY = ("jwt", "cryptography", "aetcd", "redis", "opentelemetry")
+#: what the kernel loads only on the path that needs it: descriptor_pb2 and
+#: grpcio's reflection servicer at the first reflection call, tomllib for a
+#: .toml file, the idna codec for a non-ASCII host name, http.client when the
+#: influxdb exporter writes, email.parser for a distribution's full metadata
+ON_DEMAND = (
+    "google.protobuf.descriptor_pb2",
+    "grpc_reflection.v1alpha.reflection",
+    "tomllib",
+    "encodings.idna",
+    "http.client",
+    "email.parser",
+)
 
 CODE = """
 import atexit, sys
@@ -63,3 +77,4 @@ def test_installed_plugins_do_not_import_their_libraries_until_configured(tmp_pa
     assert [d for d in LOADED if d not in modules] == []
     heavy = [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
     assert heavy == []
+    assert [m for m in ON_DEMAND if m in modules] == []

@@ -29,7 +29,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -255,6 +254,8 @@ def read_file(path: Path) -> Layer:
         )
     text = _read_text(path, source)
     if path.suffix == ".toml":
+        import tomllib  # here: a kernel that reads no TOML does not load it
+
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

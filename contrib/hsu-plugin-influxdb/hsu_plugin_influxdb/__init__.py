@@ -13,7 +13,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import http.client
 import ipaddress
 import math
 import os
@@ -176,6 +175,8 @@ class InfluxExporter:
 
     async def flush(self) -> None:
         """Write the buffer out in batches; on a failure keep what is left."""
+        import http.client  # here: a kernel that exports nowhere does not load it
+
         s = self.settings
         while self._buffer:
             batch = [self._buffer[i] for i in range(min(s.batch_lines, len(self._buffer)))]
@@ -205,6 +206,8 @@ class InfluxExporter:
         self._buffered.set(len(self._buffer))
 
     def _post(self, body: bytes) -> None:
+        import http.client
+
         s = self.settings
         parts = self._parts
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection

@@ -668,9 +668,24 @@ def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
     key = str(getattr(dist, "_path", "")) or repr(dist)
     known = _dists.get(key)
     if known is None:
-        meta = dist.metadata
-        known = _dists[key] = (meta["Name"] or dist.name, meta["Version"] or dist.version)
+        known = _dists[key] = _name_version(dist)
     return known
+
+
+def _name_version(dist: md.Distribution) -> tuple[str, str]:
+    """The distribution's Name and Version, read from the metadata's headers
+    without the email parser that ``dist.metadata`` imports."""
+    found: dict[str, str] = {}
+    for line in (dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "").splitlines():
+        if not line.strip():
+            break  # the headers end at the first empty line
+        key, sep, value = line.partition(":")
+        if sep and key in ("Name", "Version"):
+            found.setdefault(key, value.strip())
+    if len(found) < 2:
+        meta = dist.metadata
+        return meta["Name"] or dist.name, meta["Version"] or dist.version
+    return found["Name"], found["Version"]
 
 
 @functools.cache

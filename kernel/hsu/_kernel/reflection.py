@@ -20,6 +20,10 @@ What an instance sends is bounded (``MAX_FILES`` files, ``MAX_BYTES``) and
 checked by the pool: a file that does not parse or does not fit with the
 others is left out with a warning naming the unit. The kernel's own files
 (health, reflection and what they import) are never replaced by an HSU's.
+
+``google.protobuf.descriptor_pb2`` (0.8 MiB of pure-Python descriptors) is
+imported at the first question, not with the kernel: a deployment nobody
+asks about never loads it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest as Request
 from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionResponse as Response
@@ -40,6 +44,8 @@ from hsu._kernel.supervision.instances import Instance, InstanceState
 from hsu.errors import HsuError
 
 if TYPE_CHECKING:
+    from google.protobuf import descriptor_pb2
+
     from hsu._kernel.kernel import Kernel
     from hsu.ports import Event
 
@@ -58,6 +64,8 @@ LEARN_TIMEOUT = 60.0
 def _v1_file() -> descriptor_pb2.FileDescriptorProto:
     """grpc.reflection.v1's file: v1alpha's under the v1 names (grpcio ships
     only v1alpha; the two differ in nothing else)."""
+    from google.protobuf import descriptor_pb2
+
     fd = descriptor_pb2.FileDescriptorProto()
     reflection_pb2.DESCRIPTOR.CopyToProto(fd)
     fd.name = "grpc/reflection/v1/reflection.proto"
@@ -96,12 +104,25 @@ class Descriptors:
         #: serialized FileDescriptorProtos by file name
         self._files: dict[str, bytes] = {}
         self._own: set[str] = set()
-        self.pool = descriptor_pool.DescriptorPool()
+        #: the pool of the files, made with the kernel's own at first use
+        self._pool: descriptor_pool.DescriptorPool | None = None
         #: interface -> (unit, version) its files were learned from
         self.learned: dict[str, tuple[str, str]] = {}
         #: why an interface could not be learned (for the client's error)
         self._why: dict[str, str] = {}
         self._asking: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def pool(self) -> descriptor_pool.DescriptorPool:
+        if self._pool is None:
+            self._add_own_files()
+            self._rebuild()
+        assert self._pool is not None
+        return self._pool
+
+    def _add_own_files(self) -> None:
+        from google.protobuf import descriptor_pb2
+
         default = descriptor_pool.Default()
         for service in self.own_services:
             if service == V1:
@@ -111,7 +132,6 @@ class Descriptors:
                 fd = descriptor_pb2.FileDescriptorProto()
                 default.FindFileByName(name).CopyToProto(fd)
                 self._add_own(fd)
-        self._rebuild()
 
     def _add_own(self, fd: descriptor_pb2.FileDescriptorProto) -> None:
         self._files[fd.name] = fd.SerializeToString()
@@ -184,6 +204,7 @@ class Descriptors:
 
     def add(self, unit: str, protos: list[descriptor_pb2.FileDescriptorProto]) -> None:
         """An instance's files join the pool (the kernel's own are kept)."""
+        _ = self.pool  # the kernel's own files first
         changed = False
         for fd in protos:
             if fd.name in self._own:
@@ -197,6 +218,8 @@ class Descriptors:
 
     def _rebuild(self, unit: str = "") -> None:
         """A fresh pool from the files (a file cannot be replaced in a pool)."""
+        from google.protobuf import descriptor_pb2
+
         pool = descriptor_pool.DescriptorPool()
         parse = descriptor_pb2.FileDescriptorProto.FromString
         protos = {n: parse(r) for n, r in self._files.items()}
@@ -226,7 +249,7 @@ class Descriptors:
         for name in list(protos):
             if not add(name):
                 self._files.pop(name, None)
-        self.pool = pool
+        self._pool = pool
 
     def _candidates(self, symbol: str, every: bool = False) -> list[str]:
         """The interfaces that could define ``symbol``: the interface itself
@@ -320,6 +343,8 @@ async def ask(address: str, interface: str) -> list[descriptor_pb2.FileDescripto
     """The files an instance's reflection gives for ``interface``, with every
     file they import (asked one by one when the server sent only the file)."""
     options = [("grpc.max_receive_message_length", MAX_BYTES)]
+    from google.protobuf import descriptor_pb2
+
     got: dict[str, descriptor_pb2.FileDescriptorProto] = {}
     size = 0
     async with grpc.aio.insecure_channel(address, options=options) as channel:
@@ -439,3 +464,22 @@ def _error(request: Request, code: grpc.StatusCode, message: str) -> Response:
             error_code=code.value[0], error_message=message
         ),
     )
+
+
+class ControlReflection:
+    """grpcio's reflection (v1alpha) of the control plane's own services,
+    imported at the first call: its module imports descriptor_pb2."""
+
+    def __init__(self, services: Iterable[str]):
+        self._services = tuple(services)
+        self._servicer: Any = None
+
+    async def ServerReflectionInfo(
+        self, request_iterator: AsyncIterator[Request], context: Any
+    ) -> AsyncIterator[Response]:
+        if self._servicer is None:
+            from grpc_reflection.v1alpha import reflection
+
+            self._servicer = reflection.aio.ReflectionServicer(self._services)
+        async for reply in self._servicer.ServerReflectionInfo(request_iterator, context):
+            yield reply

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from hsu import validate
 from hsu._kernel import auth, peercred
@@ -20,7 +20,13 @@ from hsu._kernel.config.model import TLSSettings
 from hsu._kernel.control import lock_socket, prepare_socket
 from hsu._kernel.core_service import CORE_SERVICE, CoreServicer, StreamLimit, timestamp
 from hsu._kernel.interface_health import InterfaceHealth
-from hsu._kernel.reflection import V1, V1ALPHA, Descriptors, ReflectionServicer
+from hsu._kernel.reflection import (
+    V1,
+    V1ALPHA,
+    ControlReflection,
+    Descriptors,
+    ReflectionServicer,
+)
 from hsu._kernel.storage_service import SERVICE as STORAGE_SERVICE
 from hsu._kernel.storage_service import StorageServicer
 from hsu._kernel.supervision.instances import TOKEN_METADATA, Instance
@@ -609,7 +615,9 @@ class KernelServer:
         self.services = (
             KERNEL_SERVICE, CORE_SERVICE, HEALTH_SERVICE, STORAGE_SERVICE, CACHE_SERVICE,
         )  # fmt: skip
-        reflection.enable_server_reflection((*self.services, reflection.SERVICE_NAME), self.server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ControlReflection((*self.services, V1ALPHA)), self.server
+        )
         #: the control socket's front when the kernel reads who connects
         #: (auth on, a unix control socket): hsu._kernel.peercred
         self.proxy: peercred.PeerProxy | None = None
@@ -759,9 +767,10 @@ def _in_use(address: str) -> str:
     host = host.strip("[]")
     try:
         port = int(port_text)
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        # an ASCII name as bytes: a str goes through the idna codec, whose
+        # modules (encodings.idna, stringprep) a kernel does not need otherwise
+        name = (host.encode() if host.isascii() else host) if host else None
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (ValueError, OSError):
         return ""  # grpc says what is wrong with it
     if port == 0:
