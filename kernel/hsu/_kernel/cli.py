@@ -209,7 +209,7 @@ def _kernel_plugins(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     for p in reply.plugins:
         item = _to_dict(p)
         item.setdefault("hooks", [])
-        item["provides"] = {kind: list(v.names) for kind, v in p.provides.items()}
+        item["provides"] = {kind: list(v.names) for kind, v in sorted(p.provides.items())}
         out.append(item)
     return out
 
