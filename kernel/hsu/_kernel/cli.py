@@ -418,14 +418,16 @@ def _is_instance_id(name: str) -> bool:
 
 def _live_calls(families: Iterable[str]) -> list[tuple[str, Any, Any]]:
     """Kernel.Status, Kernel.ListInstances and Core.Metrics of these
-    ``families`` only (the kernel then samples or asks nothing else)."""
+    ``families`` only, the kernel's own series (it then samples nothing
+    else and asks no HSU: ``hsu top`` shows the gateway's calls)."""
     from hsu.core.v1 import core_pb2 as core
     from hsu.kernel.v1 import kernel_pb2 as k
 
+    metrics = core.MetricsRequest(families=list(families), local=True)
     return [
         (KERNEL + "Status", k.StatusRequest(), k.StatusResponse),
         (KERNEL + "ListInstances", k.ListInstancesRequest(), k.ListInstancesResponse),
-        (CORE + "Metrics", core.MetricsRequest(families=list(families)), core.MetricsResponse),
+        (CORE + "Metrics", metrics, core.MetricsResponse),
     ]
 
 
