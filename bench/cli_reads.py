@@ -1,8 +1,9 @@
 """`hsu ping` and `hsu status` with many instances (issue 20), side by side.
 
     python bench/cli_reads.py --instances 1000 --rounds 10 [--tree before=DIR]
+    python bench/cli_reads.py --instances 1 1000 --one-unit --rounds 9 --tree main=DIR
 
-For each shape, one unit of N and N units of one (``kind: managed``, every
+For each N and shape, one unit of N and N units of one (``kind: managed``, every
 program ``sleep 1e6``), a kernel runs per code tree: this checkout's, and each
 ``--tree LABEL=DIR`` (another checkout of hsu, e.g. ``git archive`` of an
 older commit: its ``kernel/`` and ``plugins/`` go first on ``PYTHONPATH`` for
@@ -75,7 +76,7 @@ class Kernel:
     def __init__(self, label: str, tree: Path | None, n: int, units: int, root: Path):
         self.label = label
         self.env = env_for(tree)
-        self.dir = root / f"{label}-{units}"
+        self.dir = root / f"{label}-{n}-{units}"
         self.dir.mkdir()
         (self.dir / "deployment.yaml").write_text(deployment(n, units))
         self.control = f"unix:{self.dir}/control.sock"
@@ -208,7 +209,8 @@ def shape(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--instances", type=int, nargs="+", default=[1000])
+    parser.add_argument("--one-unit", action="store_true", help="not N units of one")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR")
     args = parser.parse_args(argv)
@@ -225,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         " per status | `status \\| head -1` exit |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    n = args.instances
     with tempfile.TemporaryDirectory(prefix="hsu-cli-reads-") as tmp:
-        lines += shape(f"one unit of {n}", trees, n, 1, args.rounds, Path(tmp), floor)
-        lines += shape(f"{n} units of one", trees, n, n, args.rounds, Path(tmp), floor)
+        for n in args.instances:
+            lines += shape(f"one unit of {n}", trees, n, 1, args.rounds, Path(tmp), floor)
+            if n > 1 and not args.one_unit:
+                lines += shape(f"{n} units of one", trees, n, n, args.rounds, Path(tmp), floor)
     print(f"load average at end: {os.getloadavg()}")
     print("\nmedians, ms; floor (wall, CPU): "
           + ", ".join(f"{k} {med(v)}" for k, v in floor.items()))  # fmt: skip

@@ -275,7 +275,7 @@ HTTP_CODES = {
 class _Stream:
     def __init__(self, method: str, body: bytes, window: int):
         self.method = method
-        self.body = body  # what is left to send
+        self.body = memoryview(body)  # what is left to send
         self.window = window  # what the server lets us send
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.trailers: list[tuple[bytes, bytes]] = []
@@ -304,21 +304,24 @@ class Connection:
         self.last_stream: int | None = None  # GOAWAY's last stream id
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._timeout()
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            if isinstance(exc, TimeoutError):
+            try:
+                self._timeout()
+                self.sock.connect(path)
+            except TimeoutError:
                 raise RpcError("DEADLINE_EXCEEDED", "Deadline Exceeded") from None
-            raise RpcError("UNAVAILABLE", f"{path}: {exc.strerror or exc}") from None
-        # no push, our windows, and the connection's window grown to ours
-        settings = struct.pack(">HIHI", 2, 0, 4, window)
-        grow = window - DEFAULT_WINDOW
-        self._send(
-            PREFACE
-            + self._frame(SETTINGS, 0, 0, settings)
-            + (self._frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", grow)) if grow > 0 else b"")
-        )
+            except OSError as exc:
+                raise RpcError("UNAVAILABLE", f"{path}: {exc.strerror or exc}") from None
+            # no push, our windows, and the connection's window grown to ours
+            settings = struct.pack(">HIHI", 2, 0, 4, window)
+            grow = window - DEFAULT_WINDOW
+            self._send(
+                PREFACE
+                + self._frame(SETTINGS, 0, 0, settings)
+                + (self._frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", grow)) if grow > 0 else b"")
+            )
+        except RpcError:
+            self.sock.close()
+            raise
 
     def close(self) -> None:
         try:
@@ -365,9 +368,11 @@ class Connection:
         self._send(self._frame(HEADERS, END_HEADERS, sid, block))
         while True:  # DATA as far as the windows let it; wait for more window
             n = min(len(stream.body), self.peer_frame, self.send_window, stream.window)
-            if n > 0 or not stream.body:
+            if n > 0:
                 last = n == len(stream.body)
-                self._send(self._frame(DATA, END_STREAM if last else 0, sid, stream.body[:n]))
+                self._send(
+                    self._frame(DATA, END_STREAM if last else 0, sid, bytes(stream.body[:n]))
+                )
                 stream.body = stream.body[n:]
                 self.send_window -= n
                 stream.window -= n
@@ -418,6 +423,7 @@ class Connection:
 
     @staticmethod
     def _frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+        """One frame (RFC 7540 4.1): 24-bit length, type, flags, stream id, payload."""
         return struct.pack(">IBBI", len(payload), kind, flags, sid)[1:] + payload
 
     def _timeout(self) -> None:
