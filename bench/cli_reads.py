@@ -12,9 +12,10 @@ tree's ``python -m hsu ping`` and ``python -m hsu status`` against its own
 kernel, the trees' order rotating from round to round. It reports medians of
 wall time, of the CLI's CPU time (user + system, steadier than wall on a
 shared machine) and of the kernel's CPU time spent answering; and beside them,
-timed in the same rounds, the floor: ``python -c pass``, ``import grpc``, and
-grpc with the generated Kernel and Core stubs (what a call to the kernel
-cannot do without). It also
+timed in the same rounds, the floor: ``python -c pass``, ``import grpc``,
+grpc with the generated Kernel and Core stubs (what a call through grpcio
+cannot do without), and the CLI's own HTTP/2 client with the generated
+messages (what a call to a local kernel imports instead). It also
 checks that ``hsu status | head -1`` exits 141 with nothing on stderr.
 
 Every kernel runs in its own temporary directory and is stopped by pid
@@ -44,6 +45,9 @@ FLOOR = {
     "import grpc": "import grpc",
     "grpc + stubs": "import grpc; from hsu.core.v1 import core_pb2_grpc;"
     " from hsu.kernel.v1 import kernel_pb2_grpc",
+    # what the CLI imports instead on a local socket (hsu._kernel.h2unary)
+    "h2unary + messages": "from hsu._kernel import h2unary; from hsu.core.v1 import core_pb2;"
+    " from hsu.kernel.v1 import kernel_pb2",
 }
 
 
