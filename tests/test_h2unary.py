@@ -252,9 +252,16 @@ def test_status_and_the_listings_say_what_grpcios_path_says(kernel):
             two.stdout,
             two.stderr,
         )
-    ping = run_hsu("ping", "--control", kernel.address)
-    assert ping.returncode == 0
-    assert ping.stdout.startswith(f"pong from {kernel.address} in ")
+    for head in ([sys.executable, "-m", "hsu"], [sys.executable, "-c", GRPCIO]):
+        ping = subprocess.run(
+            [*head, "ping", "--control", kernel.address],
+            capture_output=True,
+            text=True,
+            env=hsu_env(),
+            timeout=60,
+        )
+        assert ping.returncode == 0, ping.stderr
+        assert ping.stdout.startswith(f"pong from {kernel.address} in ")
 
 
 @pytest.mark.parametrize("how", ["no file", "no listener"])
