@@ -345,7 +345,8 @@ FORBIDDEN = (
     "shutil",  # argparse's HelpFormatter imports it (and bz2, lzma): cli._Formatter does not
     "hashlib",  # control.default_socket's digest: not needed with --control
     # on a local unix socket the CLI's own HTTP/2 client makes the calls
-    # (hsu._kernel.h2unary): grpcio's import alone is ~90 ms, asyncio with it
+    # (hsu._kernel.h2unary): importing grpcio, and asyncio with it, costs more
+    # than the rest of the command (docs/benchmarks.md)
     "grpc",
     "asyncio",
 )

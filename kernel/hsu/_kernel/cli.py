@@ -313,7 +313,7 @@ def _unary(
 ) -> list[Any]:
     """The replies of unary calls to the kernel, each ``(/pkg.Service/Method,
     request, reply class)``, in order: through :mod:`hsu._kernel.h2unary` on a
-    local unix socket (no grpcio import: ~90 ms), else through grpcio."""
+    local unix socket (no grpcio import, docs/benchmarks.md), else through grpcio."""
     path = _local_socket(address, args)
     if path is not None:
         from hsu._kernel import h2unary
@@ -704,7 +704,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 class _Wire(bytes):
     """A message as its bytes on the wire, for :func:`_unary`: ``hsu ping``
-    needs nothing of the reply, and imports no protobuf (~20 ms)."""
+    needs nothing of the reply, and so imports no protobuf."""
 
     def SerializeToString(self) -> bytes:
         return bytes(self)

@@ -1,16 +1,17 @@
 """The CLI's own gRPC client for unary calls to a kernel's unix control socket.
 
-``import grpc`` alone takes ~90 ms (it imports asyncio), and python-hyper's
-``h2`` ~50 ms: more than ``hsu ping`` may take in all (docs/benchmarks.md,
-"Footprint"). So ``hsu ping``, ``hsu status`` and the other one-reply
-commands speak HTTP/2 (RFC 7540) themselves over a local unix socket, without
-TLS or a token: prior knowledge, one connection, one stream a call (sent
-together, answered in any order), HPACK (RFC 7541) decoding of whatever the
-server's encoder sends (dynamic table, Huffman), flow control both ways,
-PING answered, GOAWAY and RST_STREAM as errors. It is a client for the
-kernel's own gRPC server, not a general one: what it does not support
-(server push, compressed messages, more than one reply message) is an error
-that says so. Anything else (TCP, TLS, tokens, streams) goes through grpcio.
+``import grpc`` alone takes several times what the rest of ``hsu ping``
+does (it imports asyncio), and python-hyper's ``h2`` more than half of that
+(docs/benchmarks.md, "CLI reads without grpcio"). So ``hsu ping``, ``hsu
+status`` and the other one-reply commands speak HTTP/2 (RFC 7540) themselves
+over a local unix socket, without TLS or a token: prior knowledge, one
+connection, one stream a call (sent together, answered in any order), HPACK
+(RFC 7541) decoding of whatever the server's encoder sends (dynamic table,
+Huffman), flow control both ways, PING answered, GOAWAY and RST_STREAM as
+errors. It is a client for the kernel's own gRPC server, not a general one:
+what it does not support (server push, compressed messages, more than one
+reply message) is an error that says so. Anything else (TCP, TLS, tokens,
+streams) goes through grpcio.
 """
 
 from __future__ import annotations
