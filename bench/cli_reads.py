@@ -1,8 +1,9 @@
 """`hsu ping` and `hsu status` with many instances (issue 20), side by side.
 
     python bench/cli_reads.py --instances 1000 --rounds 10 [--tree before=DIR]
+    python bench/cli_reads.py --instances 1 1000 --one-unit --rounds 9 --tree main=DIR
 
-For each shape, one unit of N and N units of one (``kind: managed``, every
+For each N and shape, one unit of N and N units of one (``kind: managed``, every
 program ``sleep 1e6``), a kernel runs per code tree: this checkout's, and each
 ``--tree LABEL=DIR`` (another checkout of hsu, e.g. ``git archive`` of an
 older commit: its ``kernel/`` and ``plugins/`` go first on ``PYTHONPATH`` for
@@ -11,9 +12,10 @@ tree's ``python -m hsu ping`` and ``python -m hsu status`` against its own
 kernel, the trees' order rotating from round to round. It reports medians of
 wall time, of the CLI's CPU time (user + system, steadier than wall on a
 shared machine) and of the kernel's CPU time spent answering; and beside them,
-timed in the same rounds, the floor: ``python -c pass``, ``import grpc``, and
-grpc with the generated Kernel and Core stubs (what a call to the kernel
-cannot do without). It also
+timed in the same rounds, the floor: ``python -c pass``, ``import grpc``,
+grpc with the generated Kernel and Core stubs (what a call through grpcio
+cannot do without), and the CLI's own HTTP/2 client with the generated
+messages (what a call to a local kernel imports instead). It also
 checks that ``hsu status | head -1`` exits 141 with nothing on stderr.
 
 Every kernel runs in its own temporary directory and is stopped by pid
@@ -43,6 +45,9 @@ FLOOR = {
     "import grpc": "import grpc",
     "grpc + stubs": "import grpc; from hsu.core.v1 import core_pb2_grpc;"
     " from hsu.kernel.v1 import kernel_pb2_grpc",
+    # what the CLI imports instead on a local socket (hsu._kernel.h2unary)
+    "h2unary + messages": "from hsu._kernel import h2unary; from hsu.core.v1 import core_pb2;"
+    " from hsu.kernel.v1 import kernel_pb2",
 }
 
 
@@ -75,7 +80,7 @@ class Kernel:
     def __init__(self, label: str, tree: Path | None, n: int, units: int, root: Path):
         self.label = label
         self.env = env_for(tree)
-        self.dir = root / f"{label}-{units}"
+        self.dir = root / f"{label}-{n}-{units}"
         self.dir.mkdir()
         (self.dir / "deployment.yaml").write_text(deployment(n, units))
         self.control = f"unix:{self.dir}/control.sock"
@@ -208,7 +213,8 @@ def shape(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--instances", type=int, nargs="+", default=[1000])
+    parser.add_argument("--one-unit", action="store_true", help="not N units of one")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR")
     args = parser.parse_args(argv)
@@ -225,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         " per status | `status \\| head -1` exit |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    n = args.instances
     with tempfile.TemporaryDirectory(prefix="hsu-cli-reads-") as tmp:
-        lines += shape(f"one unit of {n}", trees, n, 1, args.rounds, Path(tmp), floor)
-        lines += shape(f"{n} units of one", trees, n, n, args.rounds, Path(tmp), floor)
+        for n in args.instances:
+            lines += shape(f"one unit of {n}", trees, n, 1, args.rounds, Path(tmp), floor)
+            if n > 1 and not args.one_unit:
+                lines += shape(f"{n} units of one", trees, n, n, args.rounds, Path(tmp), floor)
     print(f"load average at end: {os.getloadavg()}")
     print("\nmedians, ms; floor (wall, CPU): "
           + ", ".join(f"{k} {med(v)}" for k, v in floor.items()))  # fmt: skip

@@ -344,6 +344,11 @@ FORBIDDEN = (
     "argcomplete",
     "shutil",  # argparse's HelpFormatter imports it (and bz2, lzma): cli._Formatter does not
     "hashlib",  # control.default_socket's digest: not needed with --control
+    # on a local unix socket the CLI's own HTTP/2 client makes the calls
+    # (hsu._kernel.h2unary): importing grpcio, and asyncio with it, costs more
+    # than the rest of the command (docs/benchmarks.md)
+    "grpc",
+    "asyncio",
 )
 
 
@@ -361,9 +366,17 @@ def test_ping_and_status_do_not_import_the_kernels_machinery(kernel, command):
     )
     assert out.returncode == 0, out.stderr
     modules = out.stdout.split("MODULES", 1)[1].split()
-    assert "grpc" in modules  # it did talk to the kernel
-    loaded = [m for m in modules if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
+    assert "hsu._kernel.h2unary" in modules  # it did talk to the kernel
+    forbidden = (*FORBIDDEN, "google.protobuf") if command == "ping" else FORBIDDEN
+    loaded = [m for m in modules if any(m == f or m.startswith(f + ".") for f in forbidden)]
     assert loaded == []
+
+
+def test_pings_request_is_the_message_protobuf_would_write():
+    from hsu._kernel.cli import PING_REQUEST
+    from hsu.core.v1 import core_pb2
+
+    assert core_pb2.PingRequest(payload=b"hsu").SerializeToString() == PING_REQUEST
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -100,6 +100,27 @@ async def test_top_shows_calls_per_second_and_p99_per_unit(hsu_kernel_factory: A
     p99 = cells[header.split().index("P99")]
     assert rate > 0
     assert p99.endswith("ms")
+    # what top asks for: the kernel's own series (the gateway's), no HSU's
+    from hsu._kernel.cli_live import CALLS
+    from hsu.core.v1 import core_pb2, core_pb2_grpc
+
+    async with grpc.aio.insecure_channel(kernel.control_address) as channel:
+        core = core_pb2_grpc.CoreStub(channel)
+
+        async def instances(local: bool) -> set[str]:
+            request = core_pb2.MetricsRequest(families=list(CALLS), local=local)
+            reply = await core.Metrics(request, timeout=10)
+            assert {f.name for f in reply.families} == set(CALLS)
+            return {
+                lb.value
+                for f in reply.families
+                for p in f.points
+                for lb in p.labels
+                if lb.name == "hsu_instance"
+            }
+
+        assert await instances(local=True) == set()
+        assert await instances(local=False) == {i.instance_id for i in kernel.instances.values()}
 
 
 def test_table_sizes_columns_to_their_data_and_quantile_interpolates() -> None:

@@ -166,6 +166,34 @@ async def test_another_user_gets_nothing_on_a_socket_open_to_everyone(
     assert kernel.state is hsu.KernelState.RUNNING
 
 
+async def test_the_cli_tells_another_user_it_was_refused(
+    open_dir: Path, hsu_kernel_factory
+) -> None:
+    """``hsu status`` and ``hsu ping`` as uid 65534, through the CLI's own
+    HTTP/2 client (hsu._kernel.h2unary): the kernel's refusal, word for word."""
+    control = f"unix:{open_dir}/run/ctl.sock"
+    await hsu_kernel_factory(
+        deployment(socket_mode="0666", control=control), base_dir=str(open_dir)
+    )
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*NOBODY, sys.executable, "-m", "hsu", *argv, "--control", control],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=hsu_env(),
+            cwd="/",
+        )
+
+    for command, method in (("status", "Kernel/Status"), ("ping", "Core/Ping")):
+        out = await asyncio.to_thread(run, command)
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.startswith(f"hsu: error: kernel at {control}: PERMISSION_DENIED: ")
+        assert "uid:65534" in out.stderr and method in out.stderr, out.stderr
+        assert out.stdout == ""
+
+
 async def test_a_grant_gives_another_user_its_roles_and_no_more(
     open_dir: Path, hsu_kernel_factory
 ) -> None:

@@ -423,14 +423,17 @@ class Registry:
         with self._lock:
             self._sources.append(_Source(name, source, known, filtered))
 
-    async def gather(self, names: Collection[str] | None = None) -> list[Family]:
+    async def gather(
+        self, names: Collection[str] | None = None, *, skip: Collection[str] = ()
+    ) -> list[Family]:
         """:meth:`collect` plus every source's families, one family per name
         (series of the same name from several sources are merged; one whose
         kind differs from the first is left out). What exporters call.
 
         ``names``: only the families of these names (Core.Metrics's
         ``families``); a source whose ``families`` are none of them is not
-        awaited. ``None``: every family."""
+        awaited. ``None``: every family. ``skip``: the sources of these
+        names are not awaited (Core.Metrics's ``local``: not the HSUs')."""
         import asyncio
 
         wanted = None if names is None else frozenset(names)
@@ -438,7 +441,8 @@ class Registry:
             sources = [
                 s
                 for s in self._sources
-                if wanted is None or s.families is None or s.families & wanted
+                if (wanted is None or s.families is None or s.families & wanted)
+                and s.name not in skip
             ]
         results = await asyncio.gather(
             *(s.source(wanted) if s.filtered else s.source() for s in sources),

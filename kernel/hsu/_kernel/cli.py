@@ -1,10 +1,12 @@
 # PYTHON_ARGCOMPLETE_OK
 """The ``hsu`` command: run a kernel, inspect plugins, talk to a running kernel.
 
-Imports are lazy: ``hsu ping`` and ``hsu status`` load grpc and the generated
+Imports are lazy: ``hsu ping`` and ``hsu status`` load the generated
 messages, never the kernel's machinery (config, plugins, supervision), so a
 call to a running kernel starts quickly (tests/test_cli_conventions.py checks
-the import set). Exit codes are in docs/cli.md (:data:`EXIT`).
+the import set). On a local unix socket without TLS or a token, one-reply
+calls go through the CLI's own HTTP/2 client (:mod:`hsu._kernel.h2unary`)
+and grpcio is not imported either. Exit codes are in docs/cli.md (:data:`EXIT`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,14 +186,21 @@ def _kernel_plugins(args: argparse.Namespace) -> list[dict[str, Any]] | None:
             if named:
                 raise
             return None  # none running, or several and none named
-    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
-
-    def go(channel: grpc.Channel, timeout: float) -> Any:
-        stub = kernel_pb2_grpc.KernelStub(channel)
-        return stub.ListPlugins(kernel_pb2.ListPluginsRequest(), timeout=timeout)
+    from hsu.kernel.v1 import kernel_pb2
 
     try:
-        reply = _call(address, go, args.timeout, args)
+        (reply,) = _unary(
+            address,
+            args,
+            args.timeout,
+            [
+                (
+                    KERNEL + "ListPlugins",
+                    kernel_pb2.ListPluginsRequest(),
+                    kernel_pb2.ListPluginsResponse,
+                )
+            ],
+        )
     except KernelUnreachable:
         if named:
             raise
@@ -200,7 +209,7 @@ def _kernel_plugins(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     for p in reply.plugins:
         item = _to_dict(p)
         item.setdefault("hooks", [])
-        item["provides"] = {kind: list(v.names) for kind, v in p.provides.items()}
+        item["provides"] = {kind: list(v.names) for kind, v in sorted(p.provides.items())}
         out.append(item)
     return out
 
@@ -260,13 +269,11 @@ def _channel(address: str, args: argparse.Namespace) -> Any:
     return grpc.intercept_channel(channel, BearerInterceptor(token)) if token else channel
 
 
-def _rpc_error(address: str, exc: Any) -> HsuError:
-    import grpc
-
-    code = exc.code()
-    if code is grpc.StatusCode.UNAVAILABLE:
+def _rpc_error(address: str, code: str, details: str | None) -> HsuError:
+    """The CLI's error for a failed call: ``code`` the gRPC status's name."""
+    if code == "UNAVAILABLE":
         return KernelUnreachable(f"no kernel answers at {address}: is `hsu run` running?")
-    return HsuError(f"kernel at {address}: {code.name}: {exc.details()}")
+    return HsuError(f"kernel at {address}: {code}: {details}")
 
 
 def _call(address: str, fn: Any, timeout: float, args: argparse.Namespace) -> Any:
@@ -276,7 +283,58 @@ def _call(address: str, fn: Any, timeout: float, args: argparse.Namespace) -> An
         with _channel(address, args) as channel:
             return fn(channel, timeout)
     except grpc.RpcError as exc:
-        raise _rpc_error(address, exc) from None
+        raise _rpc_error(address, exc.code().name, exc.details()) from None
+
+
+KERNEL = "/hsu.kernel.v1.Kernel/"
+CORE = "/hsu.core.v1.Core/"
+
+
+def _local_socket(address: str, args: argparse.Namespace) -> str | None:
+    """The unix socket path (a leading NUL: an abstract one) of a control
+    address the CLI calls without grpcio; None for TCP, TLS or a token."""
+    if _client_tls(args) is not None:
+        return None
+    if getattr(args, "token_file", None) or os.environ.get("HSU_TOKEN_FILE"):
+        return None  # hsu.client.credentials reads it, and imports grpc
+    if address.startswith("unix-abstract:"):
+        return "\0" + address[len("unix-abstract:") :]
+    if not address.startswith("unix:"):
+        return None
+    path = address[len("unix:") :]
+    if path.startswith("//"):  # unix:///absolute/path
+        path = path[2:]
+        return path if path.startswith("/") else None
+    return path
+
+
+def _unary(
+    address: str, args: argparse.Namespace, timeout: float, calls: Sequence[tuple[str, Any, Any]]
+) -> list[Any]:
+    """The replies of unary calls to the kernel, each ``(/pkg.Service/Method,
+    request, reply class)``, in order: through :mod:`hsu._kernel.h2unary` on a
+    local unix socket (no grpcio import, docs/benchmarks.md), else through grpcio."""
+    path = _local_socket(address, args)
+    if path is not None:
+        from hsu._kernel import h2unary
+
+        try:
+            raw = h2unary.call(path, [(m, r.SerializeToString()) for m, r, _ in calls], timeout)
+        except h2unary.RpcError as exc:
+            raise _rpc_error(address, exc.code, exc.details) from None
+        return [reply.FromString(data) for (_, _, reply), data in zip(calls, raw, strict=True)]
+
+    def go(channel: grpc.Channel, timeout: float) -> list[Any]:
+        return [
+            channel.unary_unary(
+                method,
+                request_serializer=type(request).SerializeToString,
+                response_deserializer=reply.FromString,
+            )(request, timeout=timeout)
+            for method, request, reply in calls
+        ]
+
+    return list(_call(address, go, timeout, args))
 
 
 #: ``hsu status``'s instance table, and the one that start/stop/scale print
@@ -326,21 +384,11 @@ def status_code(kernel_state: str, instances: Sequence[Any]) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from hsu._kernel import cli_live as live
-    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
     address = _kernel_address(args)
-
-    def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any, Any]:
-        stub = kernel_pb2_grpc.KernelStub(channel)
-        return (
-            stub.Status(kernel_pb2.StatusRequest(), timeout=timeout),
-            stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
-            live.fetch_metrics(channel, timeout),
-        )
-
-    status, listing, families = _call(address, fetch, args.timeout, args)
+    status, listing, metrics = _unary(address, args, args.timeout, _live_calls(live.USAGE.values()))
     code = status_code(status.state, listing.instances)
-    used = live.usage(families)
+    used = live.usage(metrics.families)
     if args.json:
         _print_json(
             {
@@ -368,21 +416,32 @@ def _is_instance_id(name: str) -> bool:
     return bool(head) and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail)
 
 
+def _live_calls(families: Iterable[str]) -> list[tuple[str, Any, Any]]:
+    """Kernel.Status, Kernel.ListInstances and Core.Metrics of these
+    ``families`` only, the kernel's own series (it then samples nothing
+    else and asks no HSU: ``hsu top`` shows the gateway's calls)."""
+    from hsu.core.v1 import core_pb2 as core
+    from hsu.kernel.v1 import kernel_pb2 as k
+
+    metrics = core.MetricsRequest(families=list(families), local=True)
+    return [
+        (KERNEL + "Status", k.StatusRequest(), k.StatusResponse),
+        (KERNEL + "ListInstances", k.ListInstancesRequest(), k.ListInstancesResponse),
+        (CORE + "Metrics", metrics, core.MetricsResponse),
+    ]
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from hsu._kernel import cli_live as live
-    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
     address = _kernel_address(args)
+    calls = _live_calls([*live.USAGE.values(), *live.CALLS])
 
-    def fetch(channel: grpc.Channel, timeout: float) -> tuple[Any, Any, Any]:
-        stub = kernel_pb2_grpc.KernelStub(channel)
-        return (
-            stub.Status(kernel_pb2.StatusRequest(), timeout=timeout),
-            stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=timeout),
-            live.fetch_metrics(channel, timeout, [*live.USAGE.values(), *live.CALLS]),
-        )
+    def fetch() -> tuple[Any, Any, Any]:
+        status, listing, metrics = _unary(address, args, args.timeout, calls)
+        return status, listing, list(metrics.families)
 
-    live.run_top(lambda: _call(address, fetch, args.timeout, args), args.interval, args.iterations)
+    live.run_top(fetch, args.interval, args.iterations)
     return 0
 
 
@@ -455,33 +514,41 @@ def _progress(channel: Any, unit: str, enabled: bool) -> Iterator[None]:
 
 def _action(method: str) -> Callable[[argparse.Namespace], int]:
     def cmd(args: argparse.Namespace) -> int:
-        from hsu.kernel.v1 import kernel_pb2_grpc
+        from hsu.kernel.v1 import kernel_pb2
 
         request = _target(args)
         unit = request.unit or request.instance_id.rpartition("-")[0]
-
-        def go(channel: grpc.Channel, timeout: float) -> Any:
-            stub = kernel_pb2_grpc.KernelStub(channel)
-            with _progress(channel, unit, _show_progress(args)):
-                return getattr(stub, method)(request, timeout=timeout)
-
-        reply = _call(_kernel_address(args), go, args.timeout, args)
+        reply = _acting(args, unit, KERNEL + method, request, kernel_pb2.TargetResponse)
         _print_instances(reply.instances, args)
         return 0
 
     return cmd
 
 
-def cmd_scale(args: argparse.Namespace) -> int:
-    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+def _acting(args: argparse.Namespace, unit: str, method: str, request: Any, reply: Any) -> Any:
+    """A start/stop/restart/scale call, with the unit's events on stderr while
+    it waits (:func:`_progress`, a stream: grpcio); one unary call without."""
+    address = _kernel_address(args)
+    if not _show_progress(args):
+        return _unary(address, args, args.timeout, [(method, request, reply)])[0]
 
     def go(channel: grpc.Channel, timeout: float) -> Any:
-        stub = kernel_pb2_grpc.KernelStub(channel)
-        request = kernel_pb2.ScaleRequest(unit=args.unit, count=args.count)
-        with _progress(channel, args.unit, _show_progress(args)):
-            return stub.Scale(request, timeout=timeout)
+        call = channel.unary_unary(
+            method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=reply.FromString,
+        )
+        with _progress(channel, unit, True):
+            return call(request, timeout=timeout)
 
-    reply = _call(_kernel_address(args), go, args.timeout, args)
+    return _call(address, go, args.timeout, args)
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from hsu.kernel.v1 import kernel_pb2
+
+    request = kernel_pb2.ScaleRequest(unit=args.unit, count=args.count)
+    reply = _acting(args, args.unit, KERNEL + "Scale", request, kernel_pb2.TargetResponse)
     _print_instances(reply.instances, args)
     return 0
 
@@ -495,13 +562,15 @@ ENDPOINT_COLUMNS = [
 
 
 def cmd_endpoints(args: argparse.Namespace) -> int:
-    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+    from hsu.kernel.v1 import kernel_pb2
 
-    def go(channel: grpc.Channel, timeout: float) -> Any:
-        request = kernel_pb2.ResolveRequest(interface=args.interface, ensure=args.ensure)
-        return kernel_pb2_grpc.KernelStub(channel).Resolve(request, timeout=timeout)
-
-    reply = _call(_kernel_address(args), go, args.timeout, args)
+    request = kernel_pb2.ResolveRequest(interface=args.interface, ensure=args.ensure)
+    (reply,) = _unary(
+        _kernel_address(args),
+        args,
+        args.timeout,
+        [(KERNEL + "Resolve", request, kernel_pb2.ResolveResponse)],
+    )
     p = reply.policy
     if args.json:
         _print_json(_to_dict(reply))
@@ -518,14 +587,14 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+    from hsu.kernel.v1 import kernel_pb2
 
-    def go(channel: grpc.Channel, timeout: float) -> Any:
-        return kernel_pb2_grpc.KernelStub(channel).Reload(
-            kernel_pb2.ReloadRequest(), timeout=timeout
-        )
-
-    reply = _call(_kernel_address(args), go, args.timeout, args)
+    (reply,) = _unary(
+        _kernel_address(args),
+        args,
+        args.timeout,
+        [(KERNEL + "Reload", kernel_pb2.ReloadRequest(), kernel_pb2.ReloadResponse)],
+    )
     if args.json:
         _print_json(_to_dict(reply))
     else:
@@ -608,7 +677,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
                         f"{_stamp(rec.time.seconds)}  {unit_cell}{where}  {rec.message}", flush=True
                     )
     except grpc.RpcError as exc:
-        raise _rpc_error(address, exc) from None
+        raise _rpc_error(address, exc.code().name, exc.details()) from None
     return 0
 
 
@@ -633,18 +702,28 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Wire(bytes):
+    """A message as its bytes on the wire, for :func:`_unary`: ``hsu ping``
+    needs nothing of the reply, and so imports no protobuf."""
+
+    def SerializeToString(self) -> bytes:
+        return bytes(self)
+
+    @classmethod
+    def FromString(cls, data: bytes) -> _Wire:
+        return cls(data)
+
+
+#: ``core_pb2.PingRequest(payload=b"hsu")``: field 1, length-delimited, 3 bytes
+PING_REQUEST = _Wire(b"\x0a\x03hsu")
+
+
 def cmd_ping(args: argparse.Namespace) -> int:
-    from hsu.core.v1 import core_pb2, core_pb2_grpc
-
     address = _kernel_address(args)
-
-    def ping(channel: grpc.Channel, timeout: float) -> float:
-        stub = core_pb2_grpc.CoreStub(channel)
-        t0 = time.perf_counter()
-        stub.Ping(core_pb2.PingRequest(payload=b"hsu"), timeout=timeout, wait_for_ready=False)
-        return time.perf_counter() - t0
-
-    elapsed = _call(address, ping, args.timeout, args)
+    call = (CORE + "Ping", PING_REQUEST, _Wire)
+    t0 = time.perf_counter()
+    _unary(address, args, args.timeout, [call])
+    elapsed = time.perf_counter() - t0
     if args.json:
         _print_json({"address": address, "ms": round(elapsed * 1000, 3)})
     else:
@@ -713,18 +792,20 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def complete_targets(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
     """Unit names and instance ids of the running kernel (for argcomplete);
     nothing when no kernel answers within a second."""
-    from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+    from hsu.kernel.v1 import kernel_pb2 as k
 
+    units_only = getattr(parsed_args, "command", "") in ("scale", "events")
     try:
-        address = _kernel_address(parsed_args)
-        with _channel(address, parsed_args) as channel:
-            stub = kernel_pb2_grpc.KernelStub(channel)
-            units = list(stub.Status(kernel_pb2.StatusRequest(), timeout=1).units)
-            if getattr(parsed_args, "command", "") in ("scale", "events"):
-                names = units
-            else:
-                listing = stub.ListInstances(kernel_pb2.ListInstancesRequest(), timeout=1)
-                names = [*units, *(i.instance_id for i in listing.instances)]
+        replies = _unary(
+            _kernel_address(parsed_args),
+            parsed_args,
+            1.0,
+            [
+                (KERNEL + "Status", k.StatusRequest(), k.StatusResponse),
+                (KERNEL + "ListInstances", k.ListInstancesRequest(), k.ListInstancesResponse),
+            ][: 1 if units_only else 2],
+        )
+        names = [*replies[0].units, *(i.instance_id for r in replies[1:] for i in r.instances)]
     except Exception:  # completion never fails the shell
         return []
     return [n for n in names if n.startswith(prefix)]

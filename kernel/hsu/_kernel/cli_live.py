@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    import grpc
-
     from hsu.core.v1.core_pb2 import MetricFamily, MetricPoint
 
 #: per instance: the column and the metric it shows
@@ -30,18 +28,6 @@ USAGE = {
 }
 #: the gateway's calls and latency, from which ``hsu top`` works out calls/s and p99
 CALLS = ("grpc_server_handled_total", "grpc_server_handling_seconds")
-
-
-def fetch_metrics(
-    channel: grpc.Channel, timeout: float, names: Iterable[str] = USAGE.values()
-) -> Sequence[MetricFamily]:
-    """The kernel's Core.Metrics families of these ``names`` only (the
-    kernel then samples or asks nothing else), as the messages they came in:
-    neither :mod:`hsu.metrics` nor its checks are needed to show them."""
-    from hsu.core.v1 import core_pb2, core_pb2_grpc
-
-    request = core_pb2.MetricsRequest(families=list(names))
-    return list(core_pb2_grpc.CoreStub(channel).Metrics(request, timeout=timeout).families)
 
 
 def _labels(point: MetricPoint) -> dict[str, str]:

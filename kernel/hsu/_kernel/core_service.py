@@ -81,10 +81,11 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
         shutdown: Callable[[float, str], None],
         logs: LogBuffer,
         default_grace: float = 5.0,
-        metrics: Callable[[Collection[str] | None], Awaitable[list[Family]]] | None = None,
+        metrics: Callable[[Collection[str] | None, bool], Awaitable[list[Family]]] | None = None,
     ):
-        #: what Metrics answers, given the names asked for (None: all; default:
-        #: this process's ``hsu.metrics.REGISTRY``)
+        #: what Metrics answers, given the names asked for (None: all) and
+        #: whether only the process's own series (``local``); default: this
+        #: process's ``hsu.metrics.REGISTRY``
         self._metrics = metrics
         self._info = info
         self._shutdown = shutdown
@@ -141,7 +142,7 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
     ) -> core_pb2.MetricsResponse:
         names = frozenset(request.families) or None
         if self._metrics is not None:
-            families = await self._metrics(names)
+            families = await self._metrics(names, request.local)
         else:
             from hsu.metrics import REGISTRY
 

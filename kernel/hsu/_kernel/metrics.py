@@ -250,6 +250,12 @@ class KernelMetrics:
             (Point((), k.created_at),),
         )
 
+    async def gather(self, names: Collection[str] | None, local: bool = False) -> list[Family]:
+        """What the control plane's Core.Metrics answers: the families of
+        ``names`` (None: all); ``local``: without the HSUs' series, so none
+        of them is asked."""
+        return await self.registry.gather(names, skip=("hsus",) if local else ())
+
     async def usage(self) -> list[Family]:
         """Every live instance's RSS and CPU, read from /proc on a worker
         thread (one read of each process's stat, :class:`Sampler`): with

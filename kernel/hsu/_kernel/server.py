@@ -605,7 +605,7 @@ class KernelServer:
                 kernel.core_info,
                 kernel.shutdown_from_rpc,
                 kernel.logs,
-                metrics=kernel.metrics.gather,
+                metrics=kernel.metrics_hub.gather,
             ),
             self.server,
         )

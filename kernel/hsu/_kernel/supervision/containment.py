@@ -240,9 +240,19 @@ def find_cgroup() -> tuple[CgroupHome | None, str]:
     return None, f"this process's cgroup {own} is not under a cgroup v2 mount"
 
 
-def _read_pids(path: Path) -> list[int]:
+def _read_pids(path: Path | str) -> list[int]:
+    """The pids a ``cgroup.procs`` lists ([] if it cannot be read). os.read,
+    not ``Path.read_text``: a third of its time, and ``hsu status`` reads one
+    per instance (docs/benchmarks.md, "Footprint")."""
     try:
-        return [int(p) for p in path.read_text().split()]
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = b""
+            while chunk := os.read(fd, 65536):
+                data += chunk
+        finally:
+            os.close(fd)
+        return [int(p) for p in data.split()]
     except (OSError, ValueError):
         return []
 
@@ -520,7 +530,7 @@ class Containment:
     def members(self, instance_id: str) -> list[int] | None:
         """The pids in the instance's cgroup (None without one)."""
         found = self._cgroups.get(instance_id)
-        return None if found is None else _read_pids(found[0] / "cgroup.procs")
+        return None if found is None else _read_pids(f"{found[0]}/cgroup.procs")
 
     async def end(self, instance_id: str, leader: int) -> list[int]:
         """Kill what is left of the instance's processes once ``leader`` (its

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hsu/core/v1/core.proto\x12\x0bhsu.core.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"I\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\r\n\x0bInfoRequest\"\xb5\x01\n\x0cInfoResponse\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x12\n\ninterfaces\x18\x05 \x03(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07runtime\x18\x08 \x01(\t\"K\n\x0fShutdownRequest\x12(\n\x05grace\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x02 \x01(\t\"$\n\x10ShutdownResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"g\n\x11StreamLogsRequest\x12\x0c\n\x04tail\x18\x01 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x11\n\tmin_level\x18\x03 \x01(\t\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\"\xd5\x01\n\tLogRecord\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06origin\x18\x04 \x01(\t\x12\x30\n\x05\x65xtra\x18\x05 \x03(\x0b\x32!.hsu.core.v1.LogRecord.ExtraEntry\x12\x0e\n\x06stream\x18\x06 \x01(\t\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0eMetricsRequest\x12\x10\n\x08\x66\x61milies\x18\x01 \x03(\t\">\n\x0fMetricsResponse\x12+\n\x08\x66\x61milies\x18\x01 \x03(\x0b\x32\x19.hsu.core.v1.MetricFamily\"b\n\x0cMetricFamily\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x03 \x01(\t\x12(\n\x06points\x18\x04 \x03(\x0b\x32\x18.hsu.core.v1.MetricPoint\"*\n\x0bMetricLabel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x81\x01\n\x0bMetricPoint\x12(\n\x06labels\x18\x01 \x03(\x0b\x32\x18.hsu.core.v1.MetricLabel\x12\r\n\x05value\x18\x02 \x01(\x01\x12*\n\x07\x62uckets\x18\x03 \x03(\x0b\x32\x19.hsu.core.v1.MetricBucket\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\"2\n\x0cMetricBucket\x12\x13\n\x0bupper_bound\x18\x01 \x01(\x01\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x32\xd7\x02\n\x04\x43ore\x12;\n\x04Ping\x12\x18.hsu.core.v1.PingRequest\x1a\x19.hsu.core.v1.PingResponse\x12;\n\x04Info\x12\x18.hsu.core.v1.InfoRequest\x1a\x19.hsu.core.v1.InfoResponse\x12G\n\x08Shutdown\x12\x1c.hsu.core.v1.ShutdownRequest\x1a\x1d.hsu.core.v1.ShutdownResponse\x12\x46\n\nStreamLogs\x12\x1e.hsu.core.v1.StreamLogsRequest\x1a\x16.hsu.core.v1.LogRecord0\x01\x12\x44\n\x07Metrics\x12\x1b.hsu.core.v1.MetricsRequest\x1a\x1c.hsu.core.v1.MetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hsu/core/v1/core.proto\x12\x0bhsu.core.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"I\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\r\n\x0bInfoRequest\"\xb5\x01\n\x0cInfoResponse\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x12\n\ninterfaces\x18\x05 \x03(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07runtime\x18\x08 \x01(\t\"K\n\x0fShutdownRequest\x12(\n\x05grace\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x02 \x01(\t\"$\n\x10ShutdownResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"g\n\x11StreamLogsRequest\x12\x0c\n\x04tail\x18\x01 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x11\n\tmin_level\x18\x03 \x01(\t\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\"\xd5\x01\n\tLogRecord\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06origin\x18\x04 \x01(\t\x12\x30\n\x05\x65xtra\x18\x05 \x03(\x0b\x32!.hsu.core.v1.LogRecord.ExtraEntry\x12\x0e\n\x06stream\x18\x06 \x01(\t\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0eMetricsRequest\x12\x10\n\x08\x66\x61milies\x18\x01 \x03(\t\x12\r\n\x05local\x18\x02 \x01(\x08\">\n\x0fMetricsResponse\x12+\n\x08\x66\x61milies\x18\x01 \x03(\x0b\x32\x19.hsu.core.v1.MetricFamily\"b\n\x0cMetricFamily\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x03 \x01(\t\x12(\n\x06points\x18\x04 \x03(\x0b\x32\x18.hsu.core.v1.MetricPoint\"*\n\x0bMetricLabel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x81\x01\n\x0bMetricPoint\x12(\n\x06labels\x18\x01 \x03(\x0b\x32\x18.hsu.core.v1.MetricLabel\x12\r\n\x05value\x18\x02 \x01(\x01\x12*\n\x07\x62uckets\x18\x03 \x03(\x0b\x32\x19.hsu.core.v1.MetricBucket\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\"2\n\x0cMetricBucket\x12\x13\n\x0bupper_bound\x18\x01 \x01(\x01\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x32\xd7\x02\n\x04\x43ore\x12;\n\x04Ping\x12\x18.hsu.core.v1.PingRequest\x1a\x19.hsu.core.v1.PingResponse\x12;\n\x04Info\x12\x18.hsu.core.v1.InfoRequest\x1a\x19.hsu.core.v1.InfoResponse\x12G\n\x08Shutdown\x12\x1c.hsu.core.v1.ShutdownRequest\x1a\x1d.hsu.core.v1.ShutdownResponse\x12\x46\n\nStreamLogs\x12\x1e.hsu.core.v1.StreamLogsRequest\x1a\x16.hsu.core.v1.LogRecord0\x01\x12\x44\n\x07Metrics\x12\x1b.hsu.core.v1.MetricsRequest\x1a\x1c.hsu.core.v1.MetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,17 +54,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGRECORD_EXTRAENTRY']._serialized_start=800
   _globals['_LOGRECORD_EXTRAENTRY']._serialized_end=844
   _globals['_METRICSREQUEST']._serialized_start=846
-  _globals['_METRICSREQUEST']._serialized_end=880
-  _globals['_METRICSRESPONSE']._serialized_start=882
-  _globals['_METRICSRESPONSE']._serialized_end=944
-  _globals['_METRICFAMILY']._serialized_start=946
-  _globals['_METRICFAMILY']._serialized_end=1044
-  _globals['_METRICLABEL']._serialized_start=1046
-  _globals['_METRICLABEL']._serialized_end=1088
-  _globals['_METRICPOINT']._serialized_start=1091
-  _globals['_METRICPOINT']._serialized_end=1220
-  _globals['_METRICBUCKET']._serialized_start=1222
-  _globals['_METRICBUCKET']._serialized_end=1272
-  _globals['_CORE']._serialized_start=1275
-  _globals['_CORE']._serialized_end=1618
+  _globals['_METRICSREQUEST']._serialized_end=895
+  _globals['_METRICSRESPONSE']._serialized_start=897
+  _globals['_METRICSRESPONSE']._serialized_end=959
+  _globals['_METRICFAMILY']._serialized_start=961
+  _globals['_METRICFAMILY']._serialized_end=1059
+  _globals['_METRICLABEL']._serialized_start=1061
+  _globals['_METRICLABEL']._serialized_end=1103
+  _globals['_METRICPOINT']._serialized_start=1106
+  _globals['_METRICPOINT']._serialized_end=1235
+  _globals['_METRICBUCKET']._serialized_start=1237
+  _globals['_METRICBUCKET']._serialized_end=1287
+  _globals['_CORE']._serialized_start=1290
+  _globals['_CORE']._serialized_end=1633
 # @@protoc_insertion_point(module_scope)

@@ -277,6 +277,12 @@ class MetricsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FAMILIES_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
+    local: _builtins.bool
+    """Only this process's own series: a kernel then leaves out its HSUs'
+    (which it asks each ready HSU for). `hsu top` shows the gateway's calls,
+    not the HSUs' own counts of them.
+    """
     @_builtins.property
     def families(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Answer only the families of these names (exact names, e.g.
@@ -290,10 +296,11 @@ class MetricsRequest(_message.Message):
         self,
         *,
         families: _abc.Iterable[_builtins.str] | None = ...,
+        local: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["families", b"families"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["families", b"families", "local", b"local"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
