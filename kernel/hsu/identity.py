@@ -15,8 +15,6 @@ JSON: ``{"n": name, "k": kind, "r": [roles], "a": {attributes},
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import time
 from typing import Any
@@ -43,6 +41,9 @@ def _unb64(text: str) -> bytes:
 
 
 def _mac(key: str, payload: str) -> str:
+    import hashlib  # not at start (docs/benchmarks.md, Footprint)
+    import hmac  # not at start (docs/benchmarks.md, Footprint)
+
     return _b64(hmac.new(key.encode(), payload.encode("ascii"), hashlib.sha256).digest())
 
 
@@ -65,6 +66,8 @@ def verify(
 ) -> Identity | None:
     """The identity ``value`` carries if ``key`` signed it (for ``instance_id``,
     when given, within ``max_age`` seconds); ``None`` for anything else."""
+    import hmac  # not at start (docs/benchmarks.md, Footprint)
+
     if not key:
         return None
     if isinstance(value, bytes):

@@ -21,8 +21,6 @@ The gateway (every kernel's) and :func:`hsu.connect` (``cluster_key=``, or
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import os
 import time
 from collections.abc import Iterable
@@ -39,6 +37,9 @@ MIN_KEY = 16
 
 
 def _mac(key: bytes, address: str, method: str, t: int) -> str:
+    import hashlib  # not at start (docs/benchmarks.md, Footprint)
+    import hmac  # not at start (docs/benchmarks.md, Footprint)
+
     msg = f"{address}\n{method}\n{t}".encode()
     digest = hmac.new(key, msg, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
@@ -91,6 +92,8 @@ class PeerVerifier:
         self._good: dict[str, float] = {}
 
     def verify(self, value: str | bytes, method: str, *, now: float | None = None) -> bool:
+        import hmac  # not at start (docs/benchmarks.md, Footprint)
+
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         now = time.time() if now is None else now

@@ -18,9 +18,9 @@ https://www.w3.org/TR/trace-context/
 from __future__ import annotations
 
 import contextvars
+import os
 import random
 import re
-import secrets
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -76,14 +76,12 @@ class SpanContext:
     @classmethod
     def new(cls, sampled: bool = True) -> SpanContext:
         """The root span of a new trace."""
-        return cls(secrets.token_hex(16), secrets.token_hex(8), int(sampled))
+        return cls(os.urandom(16).hex(), os.urandom(8).hex(), int(sampled))
 
     def child(self) -> SpanContext:
         """A new span of the same trace (its parent is this one)."""
         # the constructor, not attrs.evolve: this is on every traced call's path
-        return SpanContext(
-            self.trace_id, secrets.token_hex(8), self.flags, self.state, self.span_id
-        )
+        return SpanContext(self.trace_id, os.urandom(8).hex(), self.flags, self.state, self.span_id)
 
     @property
     def sampled(self) -> bool:

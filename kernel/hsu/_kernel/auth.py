@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextvars
-import hashlib
-import hmac
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -84,6 +82,8 @@ class InstanceAuthenticator:
         self.kernel = kernel
 
     def authenticate(self, call: CallInfo) -> Identity | None:
+        import hmac  # not at start (docs/benchmarks.md, Footprint)
+
         sent = call.header(TOKEN_METADATA)
         if sent is None:
             return None
@@ -494,6 +494,8 @@ def _transport(context: Any) -> Mapping[str, tuple[bytes, ...]]:
 
 
 def _digest_transport(transport: Mapping[str, tuple[bytes, ...]]) -> bytes:
+    import hashlib  # not at start (docs/benchmarks.md, Footprint)
+
     if not transport:
         return b""
     h = hashlib.sha256()
@@ -507,6 +509,8 @@ def _digest_transport(transport: Mapping[str, tuple[bytes, ...]]) -> bytes:
 
 def _digest(metadata: tuple[tuple[str, Any], ...], keys: frozenset[str] | None) -> bytes:
     """A digest of the credential metadata (every key when ``keys`` is None)."""
+    import hashlib  # not at start (docs/benchmarks.md, Footprint)
+
     h = hashlib.sha256()
     for k, v in metadata:
         if keys is not None and k not in keys:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import os
 import signal
 import time
@@ -962,6 +961,8 @@ class Kernel:
     def _proves(self, inst: Instance, token: str) -> bool:
         """Whether ``token`` is ``inst``'s secret: the one its process was
         spawned with, or (self-registered) its unit's ``token``."""
+        import hmac  # not at start (docs/benchmarks.md, Footprint)
+
         if inst.managed:
             expected = inst.token
         else:
@@ -1102,6 +1103,8 @@ class Kernel:
     ) -> Instance:
         """A Register from an instance this kernel did not start: only for a
         declared ``unmanaged`` unit, with its token, within the caps."""
+        import hmac  # not at start (docs/benchmarks.md, Footprint)
+
         if instance_id:
             raise NotAllowed(
                 f"Register: instance {validate.shown(instance_id)} was not started by this"

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import secrets
 import shutil
 import socket
 import stat
@@ -268,7 +267,7 @@ class PeerProxy:
     def _bind(sock: socket.socket) -> str:
         """Bind ``sock`` to a fresh abstract address; its gRPC peer string."""
         for _ in range(8):
-            name = f"{PEER_PREFIX}{secrets.token_hex(12)}"
+            name = f"{PEER_PREFIX}{os.urandom(12).hex()}"
             try:
                 sock.bind(f"\0{name}")
             except OSError as exc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-import secrets
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -362,7 +362,7 @@ class Pool:
         """An instance of ``interface`` for the caller alone, for ``ttl`` s
         unless renewed."""
         grant = await self.acquire(interface, None, "", priority, timeout, lease=True)
-        lease_id = secrets.token_hex(16)
+        lease_id = os.urandom(16).hex()
         lease = Lease(lease_id, grant, ttl)
         self.queue(grant.unit).leased[grant.endpoint.instance_id] = lease_id
         self.leases[lease_id] = lease

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
@@ -61,6 +60,8 @@ def reply_key(
     """The cache key of a routed call's reply: the method, the request's
     bytes and the values of the metadata keys ``names`` (each value counted,
     so a key sent twice, once, empty or not at all are four keys)."""
+    import hashlib  # not at start (docs/benchmarks.md, Footprint)
+
     h = hashlib.sha256(method.encode())
     md = tuple(metadata or ())
     for name in names:

@@ -25,7 +25,6 @@ token for ``auth.cache_ttl`` seconds.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,6 +97,8 @@ class TokenAuthenticator:
         return cls(entries)
 
     def authenticate(self, call: CallInfo) -> Identity | None:
+        import hmac  # not at start (docs/benchmarks.md, Footprint)
+
         value = call.header(HEADER)
         if not isinstance(value, str) or value[: len(SCHEME)].lower() != SCHEME:
             return None

@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import os
 import re
-import secrets
 import socket
 from collections.abc import Collection, Iterable
 from typing import NamedTuple
@@ -141,6 +139,8 @@ def _seconds_ns(text: str) -> int:
 
 def parse(data: bytes, token: str, units: Collection[str]) -> Line:
     """The call a datagram tells of; :class:`Dropped` when it tells none."""
+    import hmac  # not at start (docs/benchmarks.md, Footprint)
+
     if len(data) > MAX_LINE:
         raise Dropped("oversized", f"{len(data)} bytes")
     try:
@@ -185,7 +185,7 @@ class CallLog:
 
     def __init__(self, kernel: KernelAPI):
         self.kernel = kernel
-        self.token = secrets.token_hex(16)
+        self.token = os.urandom(16).hex()
         #: the units nginx.conf names (a line naming another is dropped)
         self.units: set[str] = set()
         #: grpc_type by method, as instances' reflection told it

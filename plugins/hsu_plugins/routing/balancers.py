@@ -34,7 +34,6 @@ under its bound, so ``c`` must be 1 or more; 1.25 is a common choice.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
 import operator
@@ -101,6 +100,8 @@ _U64_X8 = struct.Struct("<8Q")
 
 def hash64(data: bytes) -> int:
     """The stable 64-bit hash ring_hash and maglev use (BLAKE2b, little-endian)."""
+    import hashlib  # not at start (docs/benchmarks.md, Footprint)
+
     return int(_U64.unpack(hashlib.blake2b(data, digest_size=8).digest())[0])
 
 
@@ -110,6 +111,8 @@ def ring_points(instance_id: str, count: int) -> list[int]:
     Point ``j`` is 64-bit word ``j % 8`` (little-endian) of the 64-byte BLAKE2b
     of ``"{instance_id}#{j // 8}"``: one hash gives eight points.
     """
+    import hashlib  # not at start (docs/benchmarks.md, Footprint)
+
     prefix = _key_bytes(instance_id) + b"#"
     points: list[int] = []
     for block in range((count + 7) // 8):
@@ -836,6 +839,8 @@ class Maglev(_Hashed):
         self._filling: Generator[None, int, None] | None = None
 
     def _permutation(self, instance_id: str) -> tuple[int, int, int]:
+        import hashlib  # not at start (docs/benchmarks.md, Footprint)
+
         size = self._size
         digest = hashlib.blake2b(_key_bytes(instance_id), digest_size=16).digest()
         h1, h2 = _U64_PAIR.unpack(digest)
