@@ -12,6 +12,11 @@ reload`` three times: with nothing changed; with the middle unit's
 ``env`` changed too (its one instance restarted). Medians of wall time and of
 the kernel's CPU time during the command, ms. A reload that fails, or does
 not say what changed, stops the bench.
+
+With ``--read-config``, no kernel: each round runs, per tree, a Python that
+times ``loader.read_config`` of an N-unit file in process (median of 7 reads
+after one), as a first read and, where the tree has it, as a reload does
+(``previous=`` the deployment read before).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli_reads import PROGRAM, Kernel, cpu_of, med
+from cli_reads import PROGRAM, Kernel, cpu_of, env_for, med
 
 KINDS = ("nothing", "one unit", "restart")
 
@@ -99,11 +104,53 @@ def shape(label: str, trees: dict[str, Path | None], n: int, units: int, rounds:
     return out
 
 
+READ_CONFIG = """
+import inspect, statistics, sys, time
+from hsu._kernel.config import loader
+from hsu._kernel.config.defaults import with_defaults
+from hsu._kernel.plugins import PluginManager
+ctx = loader.context([sys.argv[1]])
+pm = PluginManager.load([], env=ctx.env)
+prev = with_defaults(loader.read_config(pm, ctx), pm)
+def run(**kw):
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        loader.read_config(pm, ctx, **kw)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+first = run()
+again = run(previous=prev) if "previous" in inspect.signature(loader.read_config).parameters else 0
+print(first, again)
+"""
+
+
+def read_config(trees: dict[str, Path | None], n: int, rounds: int, root: Path) -> list[str]:
+    path = root / "deployment.yaml"
+    path.write_text(deployment(n, n))
+    names = list(trees)
+    res: dict[str, tuple[list[float], list[float]]] = {t: ([], []) for t in names}
+    for r in range(rounds):
+        for t in names[r % len(names) :] + names[: r % len(names)]:
+            argv = [sys.executable, "-c", READ_CONFIG, str(path)]
+            done = subprocess.run(argv, env=env_for(trees[t]), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr)
+            first, again = (float(x) for x in done.stdout.split())
+            res[t][0].append(first)
+            res[t][1].append(again)
+    return [
+        f"| {t} | {med(first)} | {med(again) if any(again) else '-'} |"
+        for t, (first, again) in res.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR")
+    parser.add_argument("--read-config", action="store_true", help="in process, no kernel")
     args = parser.parse_args(argv)
     trees: dict[str, Path | None] = {"this": None}
     for spec in args.tree:
@@ -112,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))
     print(f"load average at start: {os.getloadavg()}", flush=True)
+    if args.read_config:
+        with tempfile.TemporaryDirectory(prefix="hsu-read-config-") as tmp:
+            rows = read_config(trees, args.instances, args.rounds, Path(tmp))
+        print(f"load average at end: {os.getloadavg()}")
+        print(f"\nread_config of {args.instances} units, ms, medians of {args.rounds} runs")
+        print("| tree | first read | reload (previous=) |\n| --- | ---: | ---: |")
+        print("\n".join(rows))
+        return 0
     lines = [
         "| shape | tree | nothing changed | one unit changed | its instance restarted |",
         "| --- | --- | ---: | ---: | ---: |",
