@@ -423,9 +423,9 @@ class Deployment:
     #: unit name -> a digest of the variables its ``env_file`` held when
     #: this was read (a reload restarts a unit whose file changed)
     env_files: Mapping[str, str] = attrs.field(factory=dict, repr=False)
-    #: unit name -> a digest of its raw mapping as read (:func:`unit_digest`):
-    #: a reload reuses the structured unit when it is the same
-    unit_digests: Mapping[str, bytes] = attrs.field(factory=dict, repr=False, eq=False)
+    #: unit name -> its raw mapping as read, pickled (:func:`unit_key`): a
+    #: reload reuses the structured unit when it is the same
+    unit_keys: Mapping[str, bytes] = attrs.field(factory=dict, repr=False, eq=False)
 
 
 def make_converter() -> cattrs.Converter:
@@ -696,13 +696,15 @@ def load_deployment(path: str | Path) -> Deployment:
     )
 
 
-def unit_digest(raw: Any) -> bytes | None:
-    """What tells one unit's raw mapping from another, types included (``1``,
-    ``1.0`` and ``true`` are equal in Python, a secret reference's value is
-    not a plain string), without keeping it; None if it cannot tell."""
+def unit_key(raw: Any) -> bytes | None:
+    """A unit's raw mapping as bytes that are equal only if the mappings are
+    the same, types included (``1``, ``1.0`` and ``true`` are equal in
+    Python; a value a secret reference resolved to is not a plain string):
+    pickled, some 150 bytes a unit, compared as they are (no hash to
+    collide); None if it is not plain data."""
     try:
-        return hashlib.sha256(pickle.dumps(raw, pickle.HIGHEST_PROTOCOL)).digest()
-    except Exception:  # not plain data (a config source may produce anything)
+        return pickle.dumps(raw, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # a config source may produce anything
         return None
 
 
@@ -754,8 +756,8 @@ def deployment_from_dict(
         )
     plugins: tuple[str, ...] = ()
     units: dict[str, UnitSpec] = {}
-    digests: dict[str, bytes] = {}
-    before = previous.unit_digests if previous is not None else {}
+    keys: dict[str, bytes] = {}
+    before = previous.unit_keys if previous is not None else {}
     reusable = previous.units if previous is not None else {}
     try:
         plugins = structure(raw.get("plugins", []), tuple[str, ...], ("plugins",), source, origins)
@@ -780,21 +782,21 @@ def deployment_from_dict(
                 )
             )
             continue
-        digest = unit_digest(spec)
-        if digest is not None and before.get(path[1]) == digest and path[1] in reusable:
+        key = unit_key(spec)
+        if key is not None and before.get(path[1]) == key and path[1] in reusable:
             units[path[1]] = reusable[path[1]]
-            digests[path[1]] = digest
+            keys[path[1]] = key
             continue
         if isinstance(spec, dict) and "command" not in spec and spec.get("kind") != "unmanaged":
             problems.append(describe((*path, "command"), "required key missing", source, origins))
-            digest = None
+            key = None
         try:
             units[path[1]] = structure(spec, UnitSpec, path, source, origins)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        if digest is not None:
-            digests[path[1]] = digest
+        if key is not None:
+            keys[path[1]] = key
     problems.extend(_unit_secret_problems(units, references, source, origins))
     env_files: dict[str, str] = {}
     for unit_name, unit in units.items():
@@ -824,7 +826,7 @@ def deployment_from_dict(
         secrets=kept,
         references=dict(references),
         env_files=env_files,
-        unit_digests=digests,
+        unit_keys=keys,
     )
 
 
