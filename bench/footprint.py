@@ -60,11 +60,13 @@ class HsuShape(Hsu):
         super().__init__(n, tag)
         self.units = units
 
-    def write_config(self) -> None:
+    def write_config(self, change: str = "") -> None:
+        """``change``: lines added to the middle unit (for the reloads)."""
         per = self.n // self.units
         body = "".join(
             f"  s{i}:\n    kind: managed\n    command: [{', '.join(PROGRAM)}]\n"
             f"    start: at-start\n    min_instances: {per}\n    max_instances: {per}\n"
+            + (change if i == self.units // 2 else "")
             for i in range(self.units)
         )
         text = f"name: bench\nkernel:\n  address: {self.address}\nunits:\n{body}"
@@ -168,9 +170,38 @@ def timed(argv: list[str]) -> float:
     return time.monotonic() - t0
 
 
+def reload_once(d: HsuShape) -> float:
+    """Wall time of one `hsu reload` (it must succeed), then a pause: the
+    kernel takes five reloads in a burst, then one a second."""
+    t0 = time.monotonic()
+    done = subprocess.run(d.cli("reload"), capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"hsu reload failed: {done.stderr.strip()}")
+    time.sleep(1.0)
+    return took
+
+
+def reloads(d: HsuShape, runs: int) -> tuple[float, float, float | None]:
+    """`hsu reload` with nothing changed (median of ``runs``), with the middle
+    unit's ``stop_grace`` changed (no new process), and, with one instance
+    per unit, with its ``env`` changed too (its one instance restarted)."""
+    same = statistics.median(reload_once(d) for _ in range(runs))
+    d.write_config("    stop_grace: 3\n")
+    grace = reload_once(d)
+    env = None
+    if d.units > 1:
+        d.write_config("    stop_grace: 3\n    env: {CHANGED: '1'}\n")
+        env = reload_once(d)
+    d.write_config()
+    reload_once(d)  # back as it was (its instance restarted once more)
+    wait_until(f"hsu: {d.n} running again", lambda: len(d.sleepers.running()) >= d.n, 60, 0.05)
+    return same, grace, env
+
+
 def scale_run(n: int, units: int, window: float, reads: int) -> dict[str, Any]:
     """Launch each daemon alone with ``n`` programs in ``units`` units, keep
-    it up; then the read commands, then one idle window for all three."""
+    it up; then the read commands, one idle window for all three, hsu's reloads."""
     daemons: list[Any] = [kind(n, f"n{units}", units=units) for kind in KINDS]  # type: ignore[call-arg]
     out: dict[str, Any] = {"launch": {}, "reads": {}, "idle": {}}
     try:
@@ -193,6 +224,9 @@ def scale_run(n: int, units: int, window: float, reads: int) -> dict[str, Any]:
         for d in daemons:
             if len(d.sleepers.running()) != n:
                 raise RuntimeError(f"{d.name}: lost programs during the idle window")
+        for d in daemons:  # after the idle window: a reload's garbage is not its RSS
+            if isinstance(d, HsuShape):
+                out["reload"] = reloads(d, reads)
     finally:
         for d in daemons:
             t0 = time.monotonic()
@@ -288,7 +322,10 @@ def report(args: argparse.Namespace, r: dict[str, Any], took: float) -> str:
         " spawning the daemon to every program running (its children's argv polled from"
         " /proc), each daemon launched alone. Read commands: median wall time of"
         f" {args.reads} runs of the CLI (hsu `ping`/`status`, `supervisorctl pid`/`status`,"
-        " `circusctl list`/`status`) with N running, one unit of N.",
+        " `circusctl list`/`status`) with N running, one unit of N. Reload (hsu"
+        f" only): wall time of `hsu reload` with nothing changed (median of {args.reads}),"
+        " then once with the middle unit's `stop_grace` changed, then (N units of one)"
+        " once with its `env` changed too, which restarts its one instance.",
         "",
         "| figure | hsu | supervisor | circus |",
         "| --- | ---: | ---: | ---: |",
@@ -320,6 +357,14 @@ def report(args: argparse.Namespace, r: dict[str, Any], took: float) -> str:
         ),
         row(f"stop (SIGTERM -> all gone), {n} programs, one unit", lambda t: msec(big["stop"][t])),
         row(f"stop, {n} units of one", lambda t: msec(many["stop"][t])),
+        row(
+            f"`hsu reload`: nothing / one unit changed, one unit of {n}",
+            lambda t: " / ".join(msec(x) for x in big["reload"][:2]) if t == "hsu" else "-",
+        ),
+        row(
+            f"`hsu reload`: nothing / one unit changed / its instance restarted, {n} units",
+            lambda t: " / ".join(msec(x) for x in many["reload"]) if t == "hsu" else "-",
+        ),
         "",
         f"Floor rows, same run: a Python that imported hsu's required dependencies"
         f" ({', '.join(DEP_IMPORTS)}) holds **{mib(one['floor'][0])}** RSS and used"
@@ -362,7 +407,9 @@ def report(args: argparse.Namespace, r: dict[str, Any], took: float) -> str:
         f"- {n} units of one within 2x of one unit of {n}: launch"
         f" {many['launch']['hsu'] / launch_n:.2f}x, status"
         f" {many['reads']['hsu'][1] / big['reads']['hsu'][1]:.2f}x, stop"
-        f" {many['stop']['hsu'] / big['stop']['hsu']:.2f}x.",
+        f" {many['stop']['hsu'] / big['stop']['hsu']:.2f}x, reload"
+        f" {many['reload'][0] / big['reload'][0]:.2f}x (nothing changed) and"
+        f" {many['reload'][1] / big['reload'][1]:.2f}x (one unit changed).",
     ]
     return "\n".join(lines) + "\n"
 

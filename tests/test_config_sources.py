@@ -247,3 +247,94 @@ def test_mutating_a_valid_deployment_never_raises_anything_else(path, value):
         hsu.Kernel(hsu.deployment_from_dict(raw, source="m.yaml"), pm)
     except ConfigError as exc:
         assert all(p.startswith("m.yaml") for p in exc.problems)
+
+
+# -- a reload reuses what did not change -------------------------------------
+
+
+def many_units(n: int, changed: dict[int, str] | None = None) -> str:
+    """``n`` managed units of one instance each; ``changed`` adds lines to some."""
+    out = ["name: many", "units:"]
+    for i in range(n):
+        out += [
+            f"  u{i}:",
+            "    kind: managed",
+            "    command: [sleep, '600']",
+            "    start: at-start",
+            "    min_instances: 1",
+        ]
+        out += (changed or {}).get(i, "").splitlines()
+    return "\n".join(out) + "\n"
+
+
+def read(path, previous=None, env=None):
+    ctx = config_loader.context([path], env=env or {})
+    pm = PluginManager.load([], env={}, autoload=False)
+    return config_loader.read_config(pm, ctx, previous=previous)
+
+
+def test_a_typo_deep_in_a_big_file_says_its_line_on_a_first_read_and_a_reload(tmp_path):
+    path = write_deployment(tmp_path / "d.yaml", many_units(1000))
+    good = read(path)
+    assert not good.problems and len(good.units) == 1000
+    write_deployment(path, many_units(1000, {699: "    stop_grase: 3"}))
+    line = 2 + 699 * 5 + 5 + 1  # the header, 699 units of 5 lines, u699's own 5, then it
+    assert path.read_text().splitlines()[line - 1] == "    stop_grase: 3"
+    for previous in (None, good):
+        assert read(path, previous).problems == (
+            f"{path}:{line}: units.u699.stop_grase: unknown key; did you mean 'stop_grace'?",
+        )
+
+
+def test_a_reload_reuses_a_unit_only_when_its_mapping_is_the_same_types_included(tmp_path):
+    path = write_deployment(tmp_path / "d.yaml", many_units(3))
+    first = read(path)
+    write_deployment(path, many_units(3, {1: "    stop_grace: 3"}))
+    second = read(path, first)
+    assert second.units["u0"] is first.units["u0"] and second.units["u2"] is first.units["u2"]
+    assert second.units["u1"].stop_grace == 3.0
+    # equal in Python, not the same value: true is not a number, 1.0 is a float
+    write_deployment(path, many_units(3, {1: "    stop_grace: 3", 2: "    max_instances: 1"}))
+    third = read(path, second)
+    write_deployment(path, many_units(3, {1: "    stop_grace: 3", 2: "    max_instances: true"}))
+    assert read(path, third).problems == (
+        f"{path}:19: units.u2.max_instances: expected int, got True",
+    )
+
+
+def test_a_reload_sees_a_change_a_unit_gets_from_outside_its_own_mapping(tmp_path):
+    """A secret file, a YAML anchor in another unit, an env_file: none of
+    them is in the unit's mapping as written, each changes what it runs."""
+    (tmp_path / "secret.txt").write_text("first-secret")
+    (tmp_path / "app.env").write_text("GREETING=hello\n")
+    text = """\
+name: outside
+units:
+  a: &base
+    kind: managed
+    command: [sleep, '600']
+    env: {TOKEN: '${file:secret.txt}'}
+    stop_grace: 2
+  b:
+    <<: *base
+    env_file: app.env
+"""
+    path = write_deployment(tmp_path / "d.yaml", text)
+    first = read(path)
+    assert first.units["a"].env["TOKEN"] == "first-secret"
+    same = read(path, first)
+    assert same.units["a"] is first.units["a"] and same.units["b"] is first.units["b"]
+
+    (tmp_path / "secret.txt").write_text("second-secret")
+    second = read(path, first)
+    assert second.units["a"].env["TOKEN"] == "second-secret"
+    assert second.units["b"].env["TOKEN"] == "second-secret"
+
+    write_deployment(path, text.replace("stop_grace: 2", "stop_grace: 7"))
+    third = read(path, second)
+    assert third.units["b"].stop_grace == 7.0  # from a's anchor
+
+    (tmp_path / "app.env").write_text("GREETING=changed\n")
+    fourth = read(path, third)
+    assert fourth.units["b"] is third.units["b"]  # the same mapping: reused ...
+    assert fourth.env_files["b"] != third.env_files["b"]  # ... its file read again

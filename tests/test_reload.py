@@ -200,3 +200,65 @@ async def test_the_reload_hook_sees_old_and_new_and_a_rejected_reload_calls_noth
         await kernel.reload(deployment_from_dict(bad, base_dir=str(tmp_path)))
     assert len(recorder.reloads) == 1 and kernel.unit("s").min_instances == 2
     assert len(kernel.instances) == 2
+
+
+def test_with_many_units_a_reload_restarts_exactly_the_units_that_changed(kernel_process, tmp_path):
+    """200 units of one instance: one unit's env changes, then a secret file
+    one unit reads and an env_file another reads (neither in the unit's
+    mapping as written); each reload restarts those units' instances and no
+    other pid moves."""
+    n = 200
+    (tmp_path / "secret.txt").write_text("first-secret")
+    (tmp_path / "app.env").write_text("GREETING=hello\n")
+
+    def text(tag: str) -> str:
+        out = ["name: many", "units:"]
+        for i in range(n):
+            out += [f"  u{i}:", "    kind: managed", "    command: [sleep, '600']"]
+            out += ["    start: at-start", "    stop_grace: 2"]
+            if i == 100:
+                out.append(f"    env: {{TAG: {tag}}}")
+            if i == 7:
+                out.append("    env: {TOKEN: '${file:secret.txt}'}")
+            if i == 8:
+                out.append("    env_file: app.env")
+        return "\n".join(out) + "\n"
+
+    def pids() -> dict[str, int]:
+        found = {
+            u: [p for _, s, p in insts if s == "ready"] for u, insts in instances(k.address).items()
+        }
+        assert all(len(p) <= 1 for p in found.values()), found
+        return {u: p[0] for u, p in found.items() if p}
+
+    path = write_deployment(tmp_path / "d.yaml", text("a"))
+    k = kernel_process(path)
+    k.wait_ready()
+    wait_until(lambda: len(pids()) == n, 60)
+    before = pids()
+
+    write_deployment(path, text("b"))
+    out = run_hsu("reload", "--address", k.address)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reloaded: changed u100; restarted u100"
+    wait_until(lambda: len(pids()) == n)
+    after = pids()
+    assert {u for u in after if after[u] != before[u]} == {"u100"}
+
+    (tmp_path / "secret.txt").write_text("second-secret")
+    (tmp_path / "app.env").write_text("GREETING=changed\n")
+    out = run_hsu("reload", "--address", k.address)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reloaded: changed u7, u8; restarted u7, u8"
+    wait_until(lambda: len(pids()) == n)
+    again = pids()
+    assert {u for u in again if again[u] != after[u]} == {"u7", "u8"}
+    environ = psutil.Process(again["u7"]).environ()
+    assert environ["TOKEN"] == "second-secret"
+    assert psutil.Process(again["u8"]).environ()["GREETING"] == "changed"
+
+    out = run_hsu("reload", "--address", k.address)
+    assert out.returncode == 0 and out.stdout.strip() == "reloaded: nothing changed"
+    assert pids() == again
+    code, _, err = k.stop()
+    assert code == 0, err

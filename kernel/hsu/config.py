@@ -59,10 +59,34 @@ DEFAULT_PASS_ENV: tuple[str, ...] = (
     "TMPDIR", "TERM", "PYTHONPATH", "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR",
 )  # fmt: skip
 
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BASE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BASE_LOADER):  # type: ignore[misc]
+    """The safe loader (libyaml's when there is one), each plain value's tag
+    resolved once per document: a deployment repeats its keys and values
+    (``kind``, ``managed``, ``1``) once per unit, and the resolver tries its
+    regular expressions in Python for every one."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.resolved: dict[tuple[str, Any], str] = {}
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is not yaml.ScalarNode or self.yaml_path_resolvers:
+            return super().resolve(kind, value, implicit)
+        key = (value, implicit)
+        tag = self.resolved.get(key)
+        if tag is None:
+            tag = self.resolved[key] = super().resolve(kind, value, implicit)
+        return tag
+
+
+_LOADER: Any = _Loader
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
+_STR = "tag:yaml.org,2002:str"
 
 
 class _Duration:
@@ -382,7 +406,7 @@ class _Builder:
         if len(path) > MAX_DEPTH:
             raise self.fail(line, f"nested more than {MAX_DEPTH} levels deep")
         if isinstance(node, yaml.ScalarNode):
-            return self.scalars.construct_object(node, deep=True)
+            return self.scalar(node)
         self.open.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
@@ -392,6 +416,17 @@ class _Builder:
         finally:
             self.open.discard(id(node))
         raise self.fail(node.start_mark.line + 1, f"YAML tag {node.tag!r} is not supported")
+
+    def scalar(self, node: yaml.ScalarNode) -> Any:
+        """The value of a plain or quoted scalar: its tag's constructor called
+        as the loader would, without its bookkeeping (which is for
+        collections and keeps every node alive)."""
+        if node.tag == _STR:
+            return node.value
+        construct = self.scalars.yaml_constructors.get(node.tag)
+        if construct is None:
+            return self.scalars.construct_object(node, deep=True)
+        return construct(self.scalars, node)
 
     def sequence(self, node: yaml.SequenceNode, path: PathT, alias: int | None) -> list[Any]:
         out = []
@@ -414,7 +449,7 @@ class _Builder:
                 continue
             if not isinstance(key_node, yaml.ScalarNode):
                 raise self.fail(line, "a key must be a plain value, not a mapping or a list")
-            key = self.scalars.construct_object(key_node, deep=True)
+            key = self.scalar(key_node)
             try:
                 hash(key)
             except TypeError:

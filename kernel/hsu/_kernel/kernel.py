@@ -1372,7 +1372,7 @@ class Kernel:
                     "this kernel's deployment was not read from a file; nothing to reload"
                 )
             ctx = config_loader.context([self.deployment.source])
-        return config_loader.read_config(self.plugins, ctx)
+        return config_loader.read_config(self.plugins, ctx, previous=self.deployment)
 
     async def reload(self, deployment: Deployment | None = None) -> Changes:
         """Apply a new deployment: only the difference, or nothing if it is invalid.
@@ -1415,7 +1415,7 @@ class Kernel:
                 await self._apply_change(
                     name, old.units[name], new.units[name], name in changes.restarted
                 )
-            for wave in start_order(new.units):
+            for wave in start_order(new.units) if changes.added else ():
                 added = [n for n in wave if n in changes.added]
                 for name in added:
                     self.units[name] = UnitSupervisor(self, name, new.units[name])
@@ -1556,7 +1556,15 @@ def diff(old: Deployment, new: Deployment) -> Changes:
     kept = set(old.units) & set(new.units)
     # a unit whose env_file now holds other variables needs new processes too
     env_changed = {n for n in kept if old.env_files.get(n) != new.env_files.get(n)}
-    changed = tuple(sorted(n for n in kept if old.units[n] != new.units[n] or n in env_changed))
+    # a unit a reload did not read again is the same object: no field compared
+    changed = tuple(
+        sorted(
+            n
+            for n in kept
+            if n in env_changed
+            or (old.units[n] is not new.units[n] and old.units[n] != new.units[n])
+        )
+    )
     restarted = tuple(
         n for n in changed if n in env_changed or needs_new_processes(old.units[n], new.units[n])
     )

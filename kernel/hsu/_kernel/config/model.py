@@ -12,6 +12,7 @@ import difflib
 import enum
 import hashlib
 import json
+import pickle
 import re
 import shlex
 import signal
@@ -422,6 +423,9 @@ class Deployment:
     #: unit name -> a digest of the variables its ``env_file`` held when
     #: this was read (a reload restarts a unit whose file changed)
     env_files: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    #: unit name -> its raw mapping as read, pickled (:func:`unit_key`): a
+    #: reload reuses the structured unit when it is the same
+    unit_keys: Mapping[str, bytes] = attrs.field(factory=dict, repr=False, eq=False)
 
 
 def make_converter() -> cattrs.Converter:
@@ -692,6 +696,18 @@ def load_deployment(path: str | Path) -> Deployment:
     )
 
 
+def unit_key(raw: Any) -> bytes | None:
+    """A unit's raw mapping as bytes that are equal only if the mappings are
+    the same, types included (``1``, ``1.0`` and ``true`` are equal in
+    Python; a value a secret reference resolved to is not a plain string):
+    pickled, some 150 bytes a unit, compared as they are (no hash to
+    collide); None if it is not plain data."""
+    try:
+        return pickle.dumps(raw, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # a config source may produce anything
+        return None
+
+
 def deployment_from_dict(
     raw: Any,
     *,
@@ -702,6 +718,7 @@ def deployment_from_dict(
     secrets: Iterable[str] = (),
     references: Mapping[PathT, str] | None = None,
     defer: bool = False,
+    previous: Deployment | None = None,
 ) -> Deployment:
     """A typed :class:`Deployment` from plain data, or a :class:`ConfigError`
     listing every problem. ``secrets`` are the values references resolved
@@ -710,7 +727,14 @@ def deployment_from_dict(
 
     With ``defer``, problems do not raise: the deployment holds what was
     valid and lists them in ``problems``, so that loading its plugins and
-    checking their sections can report theirs in the same error."""
+    checking their sections can report theirs in the same error.
+
+    ``previous`` (the running deployment, on a reload): a unit whose raw
+    mapping is the same as when ``previous`` was read is not structured
+    again; its unit there is taken as it is (with the defaults its plugins
+    filled in, which :func:`~hsu._kernel.config.defaults.with_defaults`
+    leaves as they are). Nothing else a unit depends on is cached: its
+    ``env_file`` is read again, and secret references resolve before this."""
     origins = origins or {}
     references = references or {}
     if not isinstance(raw, dict):
@@ -732,6 +756,9 @@ def deployment_from_dict(
         )
     plugins: tuple[str, ...] = ()
     units: dict[str, UnitSpec] = {}
+    keys: dict[str, bytes] = {}
+    before = previous.unit_keys if previous is not None else {}
+    reusable = previous.units if previous is not None else {}
     try:
         plugins = structure(raw.get("plugins", []), tuple[str, ...], ("plugins",), source, origins)
     except ConfigError as exc:
@@ -755,12 +782,21 @@ def deployment_from_dict(
                 )
             )
             continue
+        key = unit_key(spec)
+        if key is not None and before.get(path[1]) == key and path[1] in reusable:
+            units[path[1]] = reusable[path[1]]
+            keys[path[1]] = key
+            continue
         if isinstance(spec, dict) and "command" not in spec and spec.get("kind") != "unmanaged":
             problems.append(describe((*path, "command"), "required key missing", source, origins))
+            key = None
         try:
-            units[str(unit_name)] = structure(spec, UnitSpec, path, source, origins)
+            units[path[1]] = structure(spec, UnitSpec, path, source, origins)
         except ConfigError as exc:
             problems.extend(exc.problems)
+            continue
+        if key is not None:
+            keys[path[1]] = key
     problems.extend(_unit_secret_problems(units, references, source, origins))
     env_files: dict[str, str] = {}
     for unit_name, unit in units.items():
@@ -790,6 +826,7 @@ def deployment_from_dict(
         secrets=kept,
         references=dict(references),
         env_files=env_files,
+        unit_keys=keys,
     )
 
 

@@ -48,6 +48,10 @@ def merge(layers: list[Layer]) -> Layer:
     """Deep-merge layers in order; later ones win, origins follow the values."""
     out = Layer()
     for layer in layers:
+        if not out.data:  # the first: a copy (what _merge_into makes, in one pass)
+            out.data = _copy(layer.data)
+            out.origins = {p: o for p, o in layer.origins.items() if p and p[0] in out.data}
+            continue
         _merge_into(out.data, layer.data, (), out.origins, layer.origins)
     return out
 
