@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -217,6 +218,11 @@ class UnitSupervisor:
         """``logger.bind(unit=name)``, bound for each message rather than kept
         (~400 bytes a unit; a unit logs a few lines a start)."""
         return logger.bind(unit=self.name)
+
+    @property
+    def breakers(self) -> dict[str, Breaker]:
+        """Each slot's crash-loop breaker (a new dict each time: kept per slot)."""
+        return {iid: ctl.breaker for iid, ctl in self._controls.items()}
 
     def _ilog(self, instance: str) -> Any:
         return logger.bind(unit=self.name, instance=instance)
@@ -666,9 +672,7 @@ class UnitSupervisor:
         cgroup = kernel.containment.reserve(inst.instance_id)
         if cgroup is not None or not kernel.logfiles.known(inst.instance_id):
             if _queued > 0:
-                problem = await asyncio.get_running_loop().run_in_executor(
-                    _spawn_thread(), self._prepare, inst.instance_id, cgroup
-                )
+                problem = await _preparer.prepare(self, inst.instance_id, cgroup)
             else:
                 problem = self._prepare(inst.instance_id, cgroup)
             if problem:
@@ -985,6 +989,68 @@ def _spawn_thread() -> concurrent.futures.ThreadPoolExecutor:
     if _spawn_pool is None:
         _spawn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hsu-spawn")
     return _spawn_pool
+
+
+class _Preparer:
+    """:meth:`UnitSupervisor._prepare` calls, in order, on the spawn thread:
+    one executor job for as many as are asked for meanwhile, each answered
+    through a plain future. (``run_in_executor`` per instance would hold a
+    ``concurrent.futures.Future`` with its condition, a work item and a
+    wrapping future for each of a launch's queued instances at once: ~1.8
+    MiB more RSS after a launch of 1,000, never given back.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards the two below
+        self._jobs: list[tuple[UnitSupervisor, str, str | None, asyncio.Future[str]]] = []
+        self._busy = False
+
+    def prepare(
+        self, sup: UnitSupervisor, instance_id: str, cgroup: str | None
+    ) -> asyncio.Future[str]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[str] = loop.create_future()
+        with self._lock:
+            self._jobs.append((sup, instance_id, cgroup, fut))
+            start, self._busy = not self._busy, True
+        if start:
+            try:
+                _spawn_thread().submit(self._work, loop)
+            except BaseException:
+                with self._lock:
+                    self._busy = False
+                raise
+        return fut
+
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            with self._lock:
+                jobs, self._jobs = self._jobs, []
+                if not jobs:
+                    self._busy = False
+                    return
+            for sup, instance_id, cgroup, fut in jobs:
+                try:
+                    answer: tuple[str, BaseException | None] = (
+                        sup._prepare(instance_id, cgroup),
+                        None,
+                    )
+                except BaseException as exc:  # raised in the task, as run_in_executor did
+                    answer = ("", exc)
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(_answer, fut, answer)
+
+
+def _answer(fut: asyncio.Future[str], answer: tuple[str, BaseException | None]) -> None:
+    if fut.done():  # its task was cancelled meanwhile
+        return
+    problem, exc = answer
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(problem)
+
+
+_preparer = _Preparer()
 
 
 def _status(code: int | None) -> str:
