@@ -95,6 +95,8 @@ class _File:
     #: bytearray per file would cost 56 bytes)
     partial: bytes = b""
     wd: int | None = None  # its inotify watch; None: polled (or closed)
+    #: its watch on the rotation thread's inotify fd (under ``_Rotator._lock``)
+    rotator_wd: int | None = None
     closed: bool = False  # no longer followed
     # bound on first use: a logger bound per file costs ~600 bytes, and most
     # files of an idle instance never get a line
@@ -221,9 +223,8 @@ class _Rotator:
     def __init__(self, files: LogFiles, loop: asyncio.AbstractEventLoop):
         self._files = files
         self._loop = loop
-        self._lock = threading.Lock()  # guards the three below
+        self._lock = threading.Lock()  # guards the two below and each file's rotator_wd
         self._watches: dict[int, tuple[_File, ...]] = {}  # tuples: 40 bytes less than lists
-        self._wds: dict[_File, int] = {}
         self._kicked: dict[_File, None] = {}
         self._stopping = False
         self._ino: _Inotify | None = None
@@ -253,12 +254,12 @@ class _Rotator:
             return
         with self._lock:
             self._watches[wd] = (*self._watches.get(wd, ()), f)
-            self._wds[f] = wd
+            f.rotator_wd = wd
 
     def remove(self, f: _File) -> None:
         with self._lock:
             self._kicked.pop(f, None)
-            wd = self._wds.pop(f, None)
+            wd, f.rotator_wd = f.rotator_wd, None
             if wd is None:
                 return
             files = tuple(g for g in self._watches.get(wd, ()) if g is not f)
@@ -280,6 +281,11 @@ class _Rotator:
         self._stopping = True
         self._poke()
         self._thread.join()
+        with self._lock:  # a later rotator's watches are its own
+            for files in self._watches.values():
+                for f in files:
+                    f.rotator_wd = None
+            self._watches.clear()
         if self._ino is not None:
             self._ino.close()
         os.close(self._wake_r)
