@@ -1007,21 +1007,21 @@ class _Preparer:
     def prepare(
         self, sup: UnitSupervisor, instance_id: str, cgroup: str | None
     ) -> asyncio.Future[str]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[str] = loop.create_future()
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         with self._lock:
             self._jobs.append((sup, instance_id, cgroup, fut))
             start, self._busy = not self._busy, True
         if start:
             try:
-                _spawn_thread().submit(self._work, loop)
-            except BaseException:
+                _spawn_thread().submit(self._work)
+            except BaseException:  # no thread (shut down): raised here, as run_in_executor did
                 with self._lock:
                     self._busy = False
+                    self._jobs.clear()  # only ours: nothing else was taking them
                 raise
         return fut
 
-    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _work(self) -> None:
         while True:
             with self._lock:
                 jobs, self._jobs = self._jobs, []
@@ -1036,8 +1036,8 @@ class _Preparer:
                     )
                 except BaseException as exc:  # raised in the task, as run_in_executor did
                     answer = ("", exc)
-                with contextlib.suppress(RuntimeError):  # the loop is closed
-                    loop.call_soon_threadsafe(_answer, fut, answer)
+                with contextlib.suppress(RuntimeError):  # its loop is closed
+                    fut.get_loop().call_soon_threadsafe(_answer, fut, answer)
 
 
 def _answer(fut: asyncio.Future[str], answer: tuple[str, BaseException | None]) -> None:
