@@ -7,8 +7,9 @@ alternating rounds, ``hsu run`` of each tree (``OLD/kernel`` and
 their entry points stay) with one managed ``sleep 1000000`` instance, one
 unit of N and N units of one; reads the kernel's VmRSS 6 s after all N run,
 and prints the medians and KiB per instance ((RSS at N - RSS at 1) / (N -
-1)). Raise ``ulimit -n`` to 4096 first. Each kernel is stopped by its pid
-(SIGTERM: it stops its instances).
+1)). A first run of each tree (its bytecode compiled) is not counted. Raise
+``ulimit -n`` to 4096 first. Each kernel is stopped by its pid (SIGTERM: it
+stops its instances).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main() -> None:
     args.src = [str(Path(s).resolve()) for s in args.src]
     shapes = [tuple(args.n if x == "N" else x for x in s) for s in SHAPES]
     seen: dict[tuple[str, int, int], list[int]] = {}
+    for src in args.src:  # not counted: a tree's first run compiles its bytecode
+        measure(src, 1, 1)
     for r in range(args.rounds):
         for src in args.src:
             for n, units in shapes:
