@@ -560,3 +560,36 @@ async def test_first_done_wakes_on_any_future_and_close_detaches_it():
     async with asyncio.timeout(5):
         await again.waiter
     again.close()
+
+
+async def test_spawn_thread_answers_each_queued_instance_in_order():
+    """A launch's file system work goes to the spawn thread as one job: each
+    instance gets its own answer (or its error), in the order asked, on the
+    spawn thread, and a job asked for after the thread went idle still runs."""
+    import threading
+
+    import pytest
+
+    from hsu._kernel.supervision.supervisor import _preparer
+
+    class Unit:
+        def __init__(self):
+            self.seen = []
+
+        def _prepare(self, instance_id, cgroup):
+            self.seen.append((instance_id, threading.current_thread().name))
+            if instance_id == "bad":
+                raise OSError("no room")
+            return f"{instance_id}:{cgroup}"
+
+    unit = Unit()
+    names = [f"i{n}" for n in range(50)]
+    futs = [_preparer.prepare(unit, name, "cg") for name in names]
+    failing = _preparer.prepare(unit, "bad", None)
+    async with asyncio.timeout(10):
+        assert await asyncio.gather(*futs) == [f"{name}:cg" for name in names]
+        with pytest.raises(OSError, match="no room"):
+            await failing
+        assert [i for i, _ in unit.seen] == [*names, "bad"]
+        assert all(t.startswith("hsu-spawn") for _, t in unit.seen)
+        assert await _preparer.prepare(unit, "later", None) == "later:None"

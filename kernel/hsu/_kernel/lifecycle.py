@@ -56,8 +56,11 @@ class StateMachine(Generic[S]):
     """A current state, the moves allowed from each state, and the history.
 
     ``listeners`` are called synchronously after each move with the
-    :class:`Transition`; they must not raise.
+    :class:`Transition`; they must not raise. (Slots: there is one per
+    instance, and a ``__dict__`` would double its size.)
     """
+
+    __slots__ = ("_state", "_table", "history", "listeners", "name")
 
     def __init__(self, name: str, initial: S, table: Mapping[S, frozenset[S]]):
         missing = {s for targets in table.values() for s in targets} - set(table)

@@ -104,8 +104,7 @@ class Instance:
     token: str = attrs.field(default="", repr=False)
     #: the current start attempt: resolved when ready, failed when it fails
     ready: asyncio.Future[None] = attrs.field(init=False, repr=False)
-    #: the current attempt's handshake (an integrated HSU's Register)
-    registered: asyncio.Future[None] = attrs.field(init=False, repr=False)
+    _registered: asyncio.Future[None] | None = attrs.field(init=False, repr=False, default=None)
     _next: asyncio.Future[None] | None = attrs.field(init=False, repr=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -113,7 +112,14 @@ class Instance:
             f"instance {self.instance_id}", InstanceState.STOPPED, INSTANCE_TRANSITIONS
         )
         self.ready = self.next_attempt()
-        self.registered = _future()
+
+    @property
+    def registered(self) -> asyncio.Future[None]:
+        """The current attempt's handshake (an integrated HSU's Register); made
+        when first asked for: a managed instance never is."""
+        if self._registered is None:
+            self._registered = _future()
+        return self._registered
 
     def new_token(self) -> str:
         """A new random secret for the process about to be spawned in this slot
@@ -131,7 +137,7 @@ class Instance:
         """Called as an attempt starts: ``ready`` becomes its future."""
         self.ready = self.next_attempt()
         self._next = None
-        self.registered = _future()
+        self._registered = None
         return self.ready
 
     def end_attempts(self, exc: BaseException) -> None:

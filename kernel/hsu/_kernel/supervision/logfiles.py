@@ -80,7 +80,9 @@ class _File:
     unit: str
     instance_id: str
     stream: str
-    path: str  # not a Path: ~300 bytes less per file
+    #: the path without ``.<stream>.log``: one string for both files of an
+    #: instance (a Path would cost ~300 bytes more per file)
+    stem: str
     #: (st_dev, st_ino) of the file followed: opened again by path, it must be this one
     ident: tuple[int, int]
     #: open only while the reader reads it (-1 between reads: no fd per idle file)
@@ -89,8 +91,12 @@ class _File:
     pid: int
     #: the instance's tail, made at its first line (an empty deque costs ~600 bytes)
     tail: Tail | None
-    partial: bytearray = attrs.field(factory=bytearray)
+    #: an unfinished last line (bytes: the empty one is shared; an empty
+    #: bytearray per file would cost 56 bytes)
+    partial: bytes = b""
     wd: int | None = None  # its inotify watch; None: polled (or closed)
+    #: its watch on the rotation thread's inotify fd (under ``_Rotator._lock``)
+    rotator_wd: int | None = None
     closed: bool = False  # no longer followed
     # bound on first use: a logger bound per file costs ~600 bytes, and most
     # files of an idle instance never get a line
@@ -115,6 +121,10 @@ class _File:
     backlog: bytes | None = None
     backlog_at: int = 0
     backlog_pos: int = 0
+
+    @property
+    def path(self) -> str:
+        return f"{self.stem}.{self.stream}.log"
 
 
 # -- inotify(7), just enough of it, through ctypes
@@ -213,9 +223,8 @@ class _Rotator:
     def __init__(self, files: LogFiles, loop: asyncio.AbstractEventLoop):
         self._files = files
         self._loop = loop
-        self._lock = threading.Lock()  # guards the three below
-        self._watches: dict[int, list[_File]] = {}
-        self._wds: dict[_File, int] = {}
+        self._lock = threading.Lock()  # guards the two below and each file's rotator_wd
+        self._watches: dict[int, tuple[_File, ...]] = {}  # tuples: 40 bytes less than lists
         self._kicked: dict[_File, None] = {}
         self._stopping = False
         self._ino: _Inotify | None = None
@@ -244,19 +253,18 @@ class _Rotator:
             self._files._say(str(exc), f"rotating {f.path} only when found too big when read")
             return
         with self._lock:
-            self._watches.setdefault(wd, []).append(f)
-            self._wds[f] = wd
+            self._watches[wd] = (*self._watches.get(wd, ()), f)
+            f.rotator_wd = wd
 
     def remove(self, f: _File) -> None:
         with self._lock:
             self._kicked.pop(f, None)
-            wd = self._wds.pop(f, None)
+            wd, f.rotator_wd = f.rotator_wd, None
             if wd is None:
                 return
-            files = self._watches.get(wd, [])
-            if f in files:
-                files.remove(f)
+            files = tuple(g for g in self._watches.get(wd, ()) if g is not f)
             if files:
+                self._watches[wd] = files
                 return
             self._watches.pop(wd, None)
         if self._ino is not None:
@@ -273,6 +281,11 @@ class _Rotator:
         self._stopping = True
         self._poke()
         self._thread.join()
+        with self._lock:  # a later rotator's watches are its own
+            for files in self._watches.values():
+                for f in files:
+                    f.rotator_wd = None
+            self._watches.clear()
         if self._ino is not None:
             self._ino.close()
         os.close(self._wake_r)
@@ -459,7 +472,8 @@ class LogFiles:
         self._gap_timer: asyncio.TimerHandle | None = None  # while events are not listened to
         self._handled = float("-inf")  # when events were last handled (time.monotonic())
         self._inotify: _Inotify | None = None
-        self._watches: dict[int, list[_File]] = {}  # wd -> its files (one, but for links)
+        # wd -> its files (one, but for links); tuples: 40 bytes less than lists
+        self._watches: dict[int, tuple[_File, ...]] = {}
         self._polled: list[_File] = []  # the files without a watch: the fallback
         self._poll_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # while run() runs
@@ -542,6 +556,7 @@ class LogFiles:
         tail = self._tails.get(instance_id)
         files = []
         paths = self.paths(unit, instance_id)
+        stem = str(paths[0])[: -len(".stdout.log")]
         for i, (stream, path) in enumerate(zip(STREAMS, paths, strict=True)):
             borrowed = fds is not None
             try:
@@ -561,7 +576,7 @@ class LogFiles:
                 logger.warning("not following {} of {}: {}", stream, instance_id, exc)
                 continue
             ident = (st.st_dev, st.st_ino)
-            f = _File(unit, instance_id, stream, str(path), ident, fd, 0, pid, tail)
+            f = _File(unit, instance_id, stream, stem, ident, fd, 0, pid, tail)
             self._watch(f)  # before its end is taken: any later write is an event
             try:
                 f.offset = 0 if from_start else os.fstat(fd).st_size
@@ -609,7 +624,7 @@ class LogFiles:
                     rest = f.backlog[f.backlog_pos :]
                     if skipped:  # the live file alone has more than is worth logging
                         skipped += len(rest)
-                        f.partial.clear()
+                        f.partial = b""
                     else:
                         self._catch_up(f, rest, 0, "")
                     self._end_backlog(f)
@@ -835,7 +850,7 @@ class LogFiles:
                 self._close_inotify()
             self._fall_back(f, str(exc))
             return
-        self._watches.setdefault(f.wd, []).append(f)
+        self._watches[f.wd] = (*self._watches.get(f.wd, ()), f)
 
     def _unwatch(self, f: _File) -> None:
         if f.timer is not None:
@@ -849,10 +864,10 @@ class LogFiles:
         if f.wd is None:
             return
         wd, f.wd = f.wd, None
-        files = self._watches.get(wd, [])
-        if f in files:
-            files.remove(f)
-        if not files:
+        files = tuple(g for g in self._watches.get(wd, ()) if g is not f)
+        if files:
+            self._watches[wd] = files
+        else:
             self._watches.pop(wd, None)
             if self._inotify is not None:
                 self._inotify.rm_watch(wd)
@@ -985,7 +1000,7 @@ class LogFiles:
         """Read the bytes ``rotated`` kept for a reader at ``pos`` next."""
         skipped, blob = rotated.unread(pos)
         if skipped:
-            f.partial.clear()  # the rest of its line was skipped
+            f.partial = b""  # the rest of its line was skipped
             logger.warning(
                 "{} of {}: {} bytes skipped, written faster than they can be logged ({})",
                 f.stream,
@@ -1018,24 +1033,24 @@ class LogFiles:
         at most ``limit`` of them, and keep an unfinished last line in
         ``f.partial``. Return the bytes used (all of them unless ``limit`` lines
         were logged first: the rest is to be read again) and the lines logged."""
-        buf = f.partial
         start = emitted = 0
         while (nl := data.find(b"\n", start)) >= 0:
-            if buf:
-                buf += data[start:nl]
-                self._emit(f, buf)
-                buf.clear()
+            if f.partial:
+                line, f.partial = f.partial + data[start:nl], b""
+                self._emit(f, line)
             else:
                 self._emit(f, data[start:nl])
             start = nl + 1
             emitted += 1
             if limit is not None and emitted >= limit:
                 return start, emitted
-        buf += data[start:]
-        while len(buf) > LONG_LINE:
-            cut = _cut(buf, LONG_LINE)
-            self._emit(f, buf[:cut])
-            del buf[:cut]
+        if start < len(data):
+            buf = f.partial + data[start:]
+            while len(buf) > LONG_LINE:
+                cut = _cut(buf, LONG_LINE)
+                self._emit(f, buf[:cut])
+                buf = buf[cut:]
+            f.partial = buf
         return len(data), emitted
 
     def _catch_up(self, f: _File, blob: bytes, skipped: int, kept: str) -> None:
@@ -1054,7 +1069,7 @@ class LogFiles:
             start = pos + 1
         skipped += start
         if skipped:
-            f.partial.clear()  # the rest of its line was skipped
+            f.partial = b""  # the rest of its line was skipped
             logger.warning(
                 "{} of {}: {} bytes skipped, written faster than they can be logged ({})",
                 f.stream,
@@ -1066,8 +1081,8 @@ class LogFiles:
 
     def _flush(self, f: _File) -> None:
         if f.partial:
-            self._emit(f, f.partial)
-            f.partial.clear()
+            line, f.partial = f.partial, b""
+            self._emit(f, line)
 
     def _emit(self, f: _File, raw: bytes | bytearray) -> None:
         while len(raw) > LONG_LINE:
@@ -1163,7 +1178,7 @@ class LogFiles:
                 f.instance_id,
                 len(f.partial),
             )
-            f.partial.clear()
+            f.partial = b""
 
     def _shift(self, path: str) -> str:
         """The oldest copy, just rewritten, becomes ``.1``, the others one
