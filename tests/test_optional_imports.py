@@ -22,7 +22,9 @@ HEAVY = ("jwt", "cryptography", "aetcd", "redis", "opentelemetry")
 #: what the kernel loads only on the path that needs it: descriptor_pb2 and
 #: grpcio's reflection servicer at the first reflection call, tomllib for a
 #: .toml file, the idna codec for a non-ASCII host name, http.client when the
-#: influxdb exporter writes, email.parser for a distribution's full metadata
+#: influxdb exporter writes, email.parser for a distribution's full metadata,
+#: hashlib/hmac/secrets (and OpenSSL's _hashlib) where a digest is made:
+#: ids and tokens come from os.urandom
 ON_DEMAND = (
     "google.protobuf.descriptor_pb2",
     "grpc_reflection.v1alpha.reflection",
@@ -30,6 +32,10 @@ ON_DEMAND = (
     "encodings.idna",
     "http.client",
     "email.parser",
+    "hashlib",
+    "_hashlib",
+    "hmac",
+    "secrets",
 )
 
 CODE = """

@@ -841,6 +841,7 @@ def read_unit_env_file(unit: UnitSpec, base_dir: str) -> dict[str, str]:
 def env_file_digest(variables: Mapping[str, str]) -> str:
     """What tells one env file's variables from another's, without keeping them."""
     import hashlib  # not at start (docs/benchmarks.md, Footprint)
+
     return hashlib.sha256(json.dumps(dict(variables), sort_keys=True).encode()).hexdigest()
 
 

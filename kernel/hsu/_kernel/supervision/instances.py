@@ -16,8 +16,9 @@ and systemd keep one program entry across restarts.
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
-import secrets
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -124,7 +125,7 @@ class Instance:
     def new_token(self) -> str:
         """A new random secret for the process about to be spawned in this slot
         (the last process's secret stops working)."""
-        self.token = secrets.token_urlsafe(32)
+        self.token = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
         return self.token
 
     def next_attempt(self) -> asyncio.Future[None]:
