@@ -112,8 +112,12 @@ def versions(*dists: str) -> dict[str, str]:
     return out
 
 
-def write_section(body: str, heading: str, path: Path = DOC) -> None:
-    """Replace the ``heading`` section (up to the next ``## ``) or append it."""
+def write_section(body: str, heading: str, path: Path = DOC, keep: bool = False) -> None:
+    """Replace the ``heading`` section (up to the next ``## ``) or append it.
+
+    With ``keep``, the old section's ``### `` subsections that ``body`` does
+    not write itself (notes and analyses written by hand beside the
+    generated table) are kept after it, in their order."""
     text = path.read_text() if path.exists() else PREAMBLE
     lines = text.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
@@ -124,6 +128,17 @@ def write_section(body: str, heading: str, path: Path = DOC) -> None:
         end = next(
             (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
         )
+        if keep:
+            written = {line.rstrip() for line in body.splitlines() if line.startswith("### ")}
+            kept: list[str] = []
+            keeping = False
+            for line in lines[start + 1 : end]:
+                if line.startswith("### "):
+                    keeping = line.rstrip() not in written
+                if keeping:
+                    kept.append(line)
+            if kept:
+                section += "\n" + "".join(kept).rstrip("\n") + "\n"
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
     path.write_text(new)

@@ -444,7 +444,7 @@ def main() -> None:
     text = report(args, results, time.monotonic() - t0)
     print(text)
     if not args.no_write:
-        write_section(text, HEADING)
+        write_section(text, HEADING, keep=True)
 
 
 if __name__ == "__main__":
