@@ -153,14 +153,21 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
 def families_pb(families: list[Family]) -> core_pb2.MetricsResponse:
     """Collected families as Core.Metrics answers them."""
     out = core_pb2.MetricsResponse()
+    add_family = out.families.add
     for fam in families:
-        f = out.families.add(name=fam.name, kind=fam.kind, help=fam.help)
+        add = add_family(name=fam.name, kind=fam.kind, help=fam.help).points.add
         for p in fam.points:
-            point = f.points.add(value=p.value, count=p.count)
+            # a gauge's or counter's point (most, one per instance) without
+            # its zero count: a quarter of the time at 1,000 instances
+            if p.buckets or p.count:
+                point = add(value=p.value, count=p.count)
+                for bound, n in p.buckets:
+                    point.buckets.add(upper_bound=bound, count=n)
+            else:
+                point = add(value=p.value)
+            label = point.labels.add
             for k, v in p.labels:
-                point.labels.add(name=k, value=v)
-            for bound, n in p.buckets:
-                point.buckets.add(upper_bound=bound, count=n)
+                label(name=k, value=v)
     return out
 
 
