@@ -376,3 +376,22 @@ def test_goaway_and_what_is_not_supported_are_clear_errors(tmp_path):
 def test_a_peer_that_never_answers_runs_into_the_deadline(tmp_path):
     err = failure(tmp_path, b"", timeout=0.3)
     assert (err.code, err.details) == ("DEADLINE_EXCEEDED", "Deadline Exceeded")
+
+
+@pytest.mark.integration
+def test_send_then_read_is_call_in_two_halves(kernel):
+    """``h2unary.send``: the calls go out, the replies are read later, in order."""
+    calls = [
+        (PING, core_pb2.PingRequest(payload=bytes([i]) * 10).SerializeToString()) for i in range(3)
+    ]
+    pending = h2unary.send(socket_of(kernel), calls, 30)
+    replies = [core_pb2.PingResponse.FromString(raw).payload for raw in pending()]
+    assert replies == [bytes([i]) * 10 for i in range(3)]
+
+
+@pytest.mark.parametrize("names", [["hsu_instance_cpu_percent", "hsu_instances"], ["x" * 300], []])
+def test_hsu_status_writes_its_metrics_request_out_as_protobuf_would(names):
+    from hsu._kernel.cli import metrics_request
+
+    expected = core_pb2.MetricsRequest(families=names, local=True).SerializeToString()
+    assert metrics_request(names) == expected

@@ -314,27 +314,50 @@ def _unary(
     """The replies of unary calls to the kernel, each ``(/pkg.Service/Method,
     request, reply class)``, in order: through :mod:`hsu._kernel.h2unary` on a
     local unix socket (no grpcio import, docs/benchmarks.md), else through grpcio."""
-    path = _local_socket(address, args)
-    if path is not None:
-        from hsu._kernel import h2unary
+    read = _send(address, args, timeout, [(method, request) for method, request, _ in calls])
+    return read([reply for _, _, reply in calls])
 
+
+def _send(
+    address: str, args: argparse.Namespace, timeout: float, calls: Sequence[tuple[str, Any]]
+) -> Callable[[Sequence[Any]], list[Any]]:
+    """:func:`_unary` in two halves: on a local unix socket the requests go
+    out now, and the function returned takes the reply classes and reads the
+    replies (``hsu status`` imports its messages in between, while the kernel
+    answers); through grpcio everything happens in the second half."""
+    path = _local_socket(address, args)
+    if path is None:
+
+        def through_grpc(replies: Sequence[Any]) -> list[Any]:
+            def go(channel: grpc.Channel, timeout: float) -> list[Any]:
+                return [
+                    channel.unary_unary(
+                        method,
+                        request_serializer=type(request).SerializeToString,
+                        response_deserializer=reply.FromString,
+                    )(request, timeout=timeout)
+                    for (method, request), reply in zip(calls, replies, strict=True)
+                ]
+
+            return list(_call(address, go, timeout, args))
+
+        return through_grpc
+
+    from hsu._kernel import h2unary
+
+    try:
+        pending = h2unary.send(path, [(m, r.SerializeToString()) for m, r in calls], timeout)
+    except h2unary.RpcError as exc:
+        raise _rpc_error(address, exc.code, exc.details) from None
+
+    def read(replies: Sequence[Any]) -> list[Any]:
         try:
-            raw = h2unary.call(path, [(m, r.SerializeToString()) for m, r, _ in calls], timeout)
+            raw = pending()
         except h2unary.RpcError as exc:
             raise _rpc_error(address, exc.code, exc.details) from None
-        return [reply.FromString(data) for (_, _, reply), data in zip(calls, raw, strict=True)]
+        return [reply.FromString(data) for reply, data in zip(replies, raw, strict=True)]
 
-    def go(channel: grpc.Channel, timeout: float) -> list[Any]:
-        return [
-            channel.unary_unary(
-                method,
-                request_serializer=type(request).SerializeToString,
-                response_deserializer=reply.FromString,
-            )(request, timeout=timeout)
-            for method, request, reply in calls
-        ]
-
-    return list(_call(address, go, timeout, args))
+    return read
 
 
 #: ``hsu status``'s instance table, and the one that start/stop/scale print
@@ -386,7 +409,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hsu._kernel import cli_live as live
 
     address = _kernel_address(args)
-    status, listing, metrics = _unary(address, args, args.timeout, _live_calls(live.USAGE.values()))
+    # the requests go out before the messages are imported (a good part of
+    # the CLI's start), so the kernel works on them meanwhile
+    read = _send(address, args, args.timeout, _live_requests(live.USAGE.values()))
+    from hsu.core.v1 import core_pb2 as core
+    from hsu.kernel.v1 import kernel_pb2 as k
+
+    status, listing, metrics = read(
+        [k.StatusResponse, k.ListInstancesResponse, core.MetricsResponse]
+    )
     code = status_code(status.state, listing.instances)
     used = live.usage(metrics.families)
     if args.json:
@@ -429,6 +460,31 @@ def _live_calls(families: Iterable[str]) -> list[tuple[str, Any, Any]]:
         (KERNEL + "ListInstances", k.ListInstancesRequest(), k.ListInstancesResponse),
         (CORE + "Metrics", metrics, core.MetricsResponse),
     ]
+
+
+def _live_requests(families: Iterable[str]) -> list[tuple[str, _Wire]]:
+    """:func:`_live_calls`'s requests as their bytes, made without protobuf."""
+    return [
+        (KERNEL + "Status", _Wire()),
+        (KERNEL + "ListInstances", _Wire()),
+        (CORE + "Metrics", metrics_request(families)),
+    ]
+
+
+def metrics_request(families: Iterable[str]) -> _Wire:
+    """``core_pb2.MetricsRequest(families=families, local=True)`` as its bytes:
+    each name field 1, length-delimited; then field 2, varint 1."""
+    out = bytearray()
+    for name in families:
+        data = name.encode()
+        n = len(data)
+        out.append(0x0A)
+        while n >= 0x80:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        out.append(n)
+        out += data
+    return _Wire(bytes(out) + b"\x10\x01")
 
 
 def cmd_top(args: argparse.Namespace) -> int:

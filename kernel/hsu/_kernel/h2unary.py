@@ -20,7 +20,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 #: gRPC status codes by number (grpc/doc/statuscodes.md)
 CODES = (
@@ -343,7 +343,15 @@ class Connection:
     def calls(self, calls: Sequence[tuple[str, bytes]], timeout: float | None) -> list[bytes]:
         """Each ``(path, serialized request)``'s serialized reply, in order;
         the calls go out together. RpcError for the first that failed."""
-        ids = [self._start(method, request, timeout) for method, request in calls]
+        return self.replies(self.send(calls, timeout))
+
+    def send(self, calls: Sequence[tuple[str, bytes]], timeout: float | None) -> list[int]:
+        """Start each ``(path, serialized request)``: their stream ids."""
+        return [self._start(method, request, timeout) for method, request in calls]
+
+    def replies(self, ids: Sequence[int]) -> list[bytes]:
+        """The serialized replies of the streams ``ids`` (:meth:`send`), in
+        order, once all have ended. RpcError for the first that failed."""
         while not all(self.streams[i].closed for i in ids):
             self._read_frame()
         return [self._reply(self.streams[i]) for i in ids]
@@ -607,6 +615,26 @@ def call(
     """Unary calls on one new connection to the unix socket ``path``: each
     ``(/package.Service/Method, serialized request)``'s serialized reply, in
     order; RpcError for the first that failed, or when none could be made."""
+    return send(path, calls, timeout, window)()
+
+
+def send(
+    path: str, calls: Sequence[tuple[str, bytes]], timeout: float | None, window: int = WINDOW
+) -> Callable[[], list[bytes]]:
+    """:func:`call` in two halves: the calls go out now, and the function
+    returned waits for their replies (call it once: it closes the
+    connection). ``hsu status`` imports its messages in between, while the
+    kernel answers."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    with Connection(path, deadline, window) as conn:
-        return conn.calls(calls, timeout)
+    conn = Connection(path, deadline, window)
+    try:
+        ids = conn.send(calls, timeout)
+    except BaseException:
+        conn.close()
+        raise
+
+    def replies() -> list[bytes]:
+        with conn:
+            return conn.replies(ids)
+
+    return replies
