@@ -46,7 +46,7 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
 def _timestamp_fields(seconds: float) -> Any:
-    """:func:`timestamp`'s fields: a message built with them is a sixth
+    """:func:`timestamp`'s fields: a message built with them is some 14%
     faster than with a Timestamp to copy (ListInstances at 1,000 instances)."""
     ns = int(seconds * 1e9)
     return {"seconds": ns // 1_000_000_000, "nanos": ns % 1_000_000_000}
