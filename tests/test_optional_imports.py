@@ -24,7 +24,7 @@ HEAVY = ("jwt", "cryptography", "aetcd", "redis", "opentelemetry")
 #: .toml file, the idna codec for a non-ASCII host name, http.client when the
 #: influxdb exporter writes, email.parser for a distribution's full metadata,
 #: hashlib/hmac/secrets (and OpenSSL's _hashlib) where a digest is made:
-#: ids and tokens come from os.urandom
+#: ids and tokens come from os.urandom; difflib for a "did you mean"
 ON_DEMAND = (
     "google.protobuf.descriptor_pb2",
     "grpc_reflection.v1alpha.reflection",
@@ -36,6 +36,7 @@ ON_DEMAND = (
     "_hashlib",
     "hmac",
     "secrets",
+    "difflib",
 )
 
 CODE = """

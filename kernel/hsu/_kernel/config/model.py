@@ -8,7 +8,6 @@ reported at once with its path and source.
 
 from __future__ import annotations
 
-import difflib
 import enum
 import json
 import pickle
@@ -512,6 +511,8 @@ converter = make_converter()
 
 
 def _suggest(key: str, valid: list[str]) -> str:
+    import difflib  # not at start (docs/benchmarks.md, Footprint)
+
     close = difflib.get_close_matches(key, valid, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 

@@ -11,7 +11,6 @@ fork() a kernel whose gRPC threads make fork unsafe.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import enum
 import functools
 import os
@@ -69,6 +68,8 @@ class ResourceLimits:
 
 
 def _suggest(key: str, valid: list[str]) -> str:
+    import difflib  # not at start (docs/benchmarks.md, Footprint)
+
     close = difflib.get_close_matches(key, valid, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
