@@ -412,12 +412,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     # the requests go out before the messages are imported (a good part of
     # the CLI's start), so the kernel works on them meanwhile
     read = _send(address, args, args.timeout, _live_requests(live.USAGE.values()))
-    from hsu.core.v1 import core_pb2 as core
-    from hsu.kernel.v1 import kernel_pb2 as k
-
-    status, listing, metrics = read(
-        [k.StatusResponse, k.ListInstancesResponse, core.MetricsResponse]
-    )
+    status, listing, metrics = read(_live_replies())
     code = status_code(status.state, listing.instances)
     used = live.usage(metrics.families)
     if args.json:
@@ -447,28 +442,24 @@ def _is_instance_id(name: str) -> bool:
     return bool(head) and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail)
 
 
-def _live_calls(families: Iterable[str]) -> list[tuple[str, Any, Any]]:
-    """Kernel.Status, Kernel.ListInstances and Core.Metrics of these
-    ``families`` only, the kernel's own series (it then samples nothing
-    else and asks no HSU: ``hsu top`` shows the gateway's calls)."""
-    from hsu.core.v1 import core_pb2 as core
-    from hsu.kernel.v1 import kernel_pb2 as k
-
-    metrics = core.MetricsRequest(families=list(families), local=True)
-    return [
-        (KERNEL + "Status", k.StatusRequest(), k.StatusResponse),
-        (KERNEL + "ListInstances", k.ListInstancesRequest(), k.ListInstancesResponse),
-        (CORE + "Metrics", metrics, core.MetricsResponse),
-    ]
-
-
 def _live_requests(families: Iterable[str]) -> list[tuple[str, _Wire]]:
-    """:func:`_live_calls`'s requests as their bytes, made without protobuf."""
+    """Kernel.Status, Kernel.ListInstances and Core.Metrics of these
+    ``families`` only, the kernel's own series (it then samples nothing else
+    and asks no HSU: ``hsu top`` shows the gateway's calls), as their bytes,
+    made without protobuf; the replies are read as :func:`_live_replies`."""
     return [
         (KERNEL + "Status", _Wire()),
         (KERNEL + "ListInstances", _Wire()),
         (CORE + "Metrics", metrics_request(families)),
     ]
+
+
+def _live_replies() -> list[Any]:
+    """The reply classes of :func:`_live_requests`' calls, in order."""
+    from hsu.core.v1 import core_pb2 as core
+    from hsu.kernel.v1 import kernel_pb2 as k
+
+    return [k.StatusResponse, k.ListInstancesResponse, core.MetricsResponse]
 
 
 def metrics_request(families: Iterable[str]) -> _Wire:
@@ -491,10 +482,10 @@ def cmd_top(args: argparse.Namespace) -> int:
     from hsu._kernel import cli_live as live
 
     address = _kernel_address(args)
-    calls = _live_calls([*live.USAGE.values(), *live.CALLS])
+    requests = _live_requests([*live.USAGE.values(), *live.CALLS])
 
     def fetch() -> tuple[Any, Any, Any]:
-        status, listing, metrics = _unary(address, args, args.timeout, calls)
+        status, listing, metrics = _send(address, args, args.timeout, requests)(_live_replies())
         return status, listing, list(metrics.families)
 
     live.run_top(fetch, args.interval, args.iterations)

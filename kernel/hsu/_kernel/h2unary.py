@@ -16,11 +16,12 @@ streams) goes through grpcio.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 #: gRPC status codes by number (grpc/doc/statuscodes.md)
 CODES = (
@@ -305,13 +306,8 @@ class Connection:
         self.last_stream: int | None = None  # GOAWAY's last stream id
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            try:
-                self._timeout()
+            with self._io(f"{path}: "):
                 self.sock.connect(path)
-            except TimeoutError:
-                raise RpcError("DEADLINE_EXCEEDED", "Deadline Exceeded") from None
-            except OSError as exc:
-                raise RpcError("UNAVAILABLE", f"{path}: {exc.strerror or exc}") from None
             # no push, our windows, and the connection's window grown to ours
             settings = struct.pack(">HIHI", 2, 0, 4, window)
             grow = window - DEFAULT_WINDOW
@@ -444,24 +440,26 @@ class Connection:
             raise RpcError("DEADLINE_EXCEEDED", "Deadline Exceeded")
         self.sock.settimeout(left)
 
-    def _send(self, data: bytes) -> None:
+    @contextlib.contextmanager
+    def _io(self, what: str = "connection lost: ") -> Iterator[None]:
+        """A socket operation within the call's deadline: its timeout as
+        DEADLINE_EXCEEDED, any other error as UNAVAILABLE (``what`` first)."""
         try:
             self._timeout()
-            self.sock.sendall(data)
+            yield
         except TimeoutError:
             raise RpcError("DEADLINE_EXCEEDED", "Deadline Exceeded") from None
         except OSError as exc:
-            raise RpcError("UNAVAILABLE", f"connection lost: {exc.strerror or exc}") from None
+            raise RpcError("UNAVAILABLE", f"{what}{exc.strerror or exc}") from None
+
+    def _send(self, data: bytes) -> None:
+        with self._io():
+            self.sock.sendall(data)
 
     def _recv(self, n: int) -> bytes:
         while len(self.buffer) < n:
-            try:
-                self._timeout()
+            with self._io():
                 chunk = self.sock.recv(max(n - len(self.buffer), 1 << 18))
-            except TimeoutError:
-                raise RpcError("DEADLINE_EXCEEDED", "Deadline Exceeded") from None
-            except OSError as exc:
-                raise RpcError("UNAVAILABLE", f"connection lost: {exc.strerror or exc}") from None
             if not chunk:
                 raise RpcError("UNAVAILABLE", "the server closed the connection")
             self.buffer += chunk
