@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 from collections.abc import Collection, Iterable, Mapping
+from typing import NamedTuple
 
 import attrs
 import psutil
@@ -149,9 +150,9 @@ class _Tree:
     members: frozenset[int]
 
 
-@attrs.frozen
-class _Stat:
-    """One live, non-zombie process as one read shows it."""
+class _Stat(NamedTuple):
+    """One live, non-zombie process as one read shows it (a tuple: made for
+    every process of every sample)."""
 
     pid: int
     ppid: int
@@ -256,9 +257,12 @@ def _open_files(pid: int) -> int | None:
 def _read_all(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = [os.read(fd, 4096)]
+        data = os.read(fd, 65536)
+        if len(data) < 65536:  # a short read of a /proc file is its end
+            return data
+        chunks = [data]
         while chunks[-1]:
-            chunks.append(os.read(fd, 4096))
+            chunks.append(os.read(fd, 65536))
         return b"".join(chunks)
     finally:
         os.close(fd)
