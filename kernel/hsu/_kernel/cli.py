@@ -15,10 +15,8 @@ import argparse
 import contextlib
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hsu._kernel.table import Column, render
@@ -26,6 +24,8 @@ from hsu._version import __version__
 from hsu.errors import HsuError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import grpc
 
 LOG_FORMAT = (
@@ -99,6 +99,8 @@ def _setup_logging(
 def _kernel_address(args: argparse.Namespace) -> str:
     """The control address to call: --control, --kernel NAME, --deployment
     FILE, $HSU_CONTROL, $HSU_KERNEL_ADDRESS, else the one running kernel."""
+    if args.control:  # as control.resolve, without importing it
+        return str(args.control)
     from hsu._kernel import control
 
     try:
@@ -550,6 +552,8 @@ def _progress(channel: Any, unit: str, enabled: bool) -> Iterator[None]:
                 print(_event_line(ev), file=sys.stderr, flush=True)
         except grpc.RpcError:
             pass  # cancelled below, or the kernel went away (the call says why)
+
+    import threading
 
     thread = threading.Thread(target=pump, name="hsu-progress", daemon=True)
     thread.start()
