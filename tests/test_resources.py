@@ -184,6 +184,21 @@ def test_a_deeper_tree_is_walked_through_one_and_many_thread_processes() -> None
     assert usage.threads == threads
 
 
+def test_a_children_file_longer_than_a_page_is_read_to_its_end() -> None:
+    # /proc's children file comes a page at a time: 700 pids are more than one
+    code = """
+    import os
+    kids = [os.posix_spawnp('sleep', ['sleep', '60'], os.environ) for _ in range(700)]
+    print('ready', flush=True)
+    sys.stdin.read()
+    """
+    with child(code) as proc:
+        data = open(f"/proc/{proc.pid}/task/{proc.pid}/children", "rb").read()  # noqa: SIM115
+        usage = sample(Sampler(), proc.pid)
+    assert len(data) > 4096
+    assert usage.children == 700
+
+
 def test_an_instance_cgroup_counts_what_left_the_tree() -> None:
     # a process that is not a descendant (a daemon that left its HSU's tree)
     # counts when the instance's cgroup lists it, and the tree is not walked
