@@ -194,7 +194,7 @@ def families_wire(families: Iterable[Family]) -> bytes:
     pairs: dict[tuple[str, str], bytes] = {}
     out = []
     for fam in families:
-        points = []
+        points: list[bytes] = []
         add = points.append
         for p in fam.points:
             head = heads.get(p.labels)
