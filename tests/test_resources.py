@@ -185,18 +185,23 @@ def test_a_deeper_tree_is_walked_through_one_and_many_thread_processes() -> None
 
 
 def test_a_children_file_longer_than_a_page_is_read_to_its_end() -> None:
-    # /proc's children file comes a page at a time: 700 pids are more than one
+    # /proc's children file comes a page at a time: the child makes more
     code = """
     import os
-    kids = [os.posix_spawnp('sleep', ['sleep', '60'], os.environ) for _ in range(700)]
-    print('ready', flush=True)
+    me = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
+    kids = []
+    while len(open(me, "rb").read()) <= 4200:
+        kids += [os.posix_spawnp("sleep", ["sleep", "60"], os.environ) for _ in range(100)]
+    print("ready", flush=True)
+    print(len(kids), flush=True)
     sys.stdin.read()
     """
     with child(code) as proc:
-        data = open(f"/proc/{proc.pid}/task/{proc.pid}/children", "rb").read()  # noqa: SIM115
+        assert proc.stdout is not None
+        made = int(proc.stdout.readline())
         usage = sample(Sampler(), proc.pid)
-    assert len(data) > 4096
-    assert usage.children == 700
+    assert made >= 700
+    assert usage.children == made
 
 
 def test_an_instance_cgroup_counts_what_left_the_tree() -> None:

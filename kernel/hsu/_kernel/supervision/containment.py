@@ -240,12 +240,6 @@ def find_cgroup() -> tuple[CgroupHome | None, str]:
     return None, f"this process's cgroup {own} is not under a cgroup v2 mount"
 
 
-#: a read of a one-pid-a-line file (cgroup.procs, /proc's children) shorter
-#: than this is all of it: the kernel's seq_file stops early only when its
-#: page-sized buffer is full, and a line is at most 8 bytes
-SHORT_READ = 2048
-
-
 def _read_pids(path: Path | str) -> list[int]:
     """The pids a ``cgroup.procs`` lists ([] if it cannot be read). os.read,
     not ``Path.read_text``: a third of its time, and ``hsu status`` reads one
@@ -253,10 +247,9 @@ def _read_pids(path: Path | str) -> list[int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            data = os.read(fd, 65536)
-            if len(data) >= SHORT_READ:  # maybe more: read to the end
-                while chunk := os.read(fd, 65536):
-                    data += chunk
+            data = b""
+            while chunk := os.read(fd, 65536):
+                data += chunk
         finally:
             os.close(fd)
         return [int(p) for p in data.split()]

@@ -254,19 +254,13 @@ def _open_files(pid: int) -> int | None:
         return None
 
 
-#: as :data:`hsu._kernel.supervision.containment.SHORT_READ` (not imported
-#: from there: that module needs more)
-SHORT_READ = 2048
-
-
 def _read_all(path: str) -> bytes:
-    """A one-pid-a-line /proc file, one read unless it is long (:data:`SHORT_READ`)."""
+    """A /proc file that may be longer than one read (a page at a time)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = os.read(fd, 65536)
-        if len(data) >= SHORT_READ:
-            while chunk := os.read(fd, 65536):
-                data += chunk
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
         return data
     finally:
         os.close(fd)
