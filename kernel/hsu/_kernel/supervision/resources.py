@@ -355,8 +355,9 @@ class Sampler:
     read once for all the roots of :meth:`sample_many` (once per
     :meth:`sample`), so the cost follows the instances, not the host's
     processes (docs/benchmarks.md, "`hsu status` with 1,000 running"). Like
-    psutil's listing, a child born during the walk may be missed. CPU times tick at 10 ms,
-    so ``cpu_percent`` is only meaningful over intervals of a second or more.
+    psutil's listing, a child born during the walk may be missed. CPU times
+    tick at 10 ms, so ``cpu_percent`` is only meaningful over intervals of a
+    second or more.
     """
 
     def __init__(self) -> None:
