@@ -606,3 +606,25 @@ async def test_the_kernel_lists_the_families_it_answers_itself(hsu_kernel_factor
     made |= {hub.started.name, hub.cold.name}
     assert {f.name for f in await hub.usage()} == set(USAGE_FAMILIES)
     assert made == KERNEL_FAMILIES
+
+
+async def test_usage_sampled_at_once_by_concurrent_gathers(hsu_kernel_factory: Any) -> None:
+    """A gather that asks for usage starts the sampling before it awaits
+    anything; concurrent gathers and a direct usage() each get their
+    figures, one sampling at a time, and none is left pending."""
+    from hsu._kernel.metrics import USAGE_FAMILIES
+
+    kernel = await hsu_kernel_factory({"units": {"echo": {**UNIT, "start": "at-start"}}})
+    hub = kernel.metrics_hub
+    await until(lambda: any(i.state.value == "ready" for i in kernel.instances.values()), 30)
+    (ready,) = [i for i in kernel.instances.values() if i.state.value == "ready"]
+    first = asyncio.ensure_future(hub.gather(list(USAGE_FAMILIES), True))
+    rest = [hub.gather(["hsu_instance_resident_memory_bytes"], True), hub.usage()]
+    answers = await asyncio.gather(first, *rest)
+    for families in answers:
+        rss = {f.name: f for f in families}["hsu_instance_resident_memory_bytes"]
+        (point,) = rss.points
+        assert point.labels == (("hsu_unit", "echo"), ("hsu_instance", ready.instance_id))
+        assert point.value > 0
+    assert hub._started is None
+    assert not hub._sampling.locked()
