@@ -52,8 +52,8 @@ from hsu._kernel.supervision.supervisor import (
     ENV_UNIT,
     SHUTDOWN_SHARE,
     UnitSupervisor,
+    all_settled,
     needs_new_processes,
-    settled,
 )
 from hsu._version import __version__
 from hsu.cache import Layers
@@ -482,7 +482,7 @@ class Kernel:
     async def _bring_up(self, name: str) -> None:
         sup = self.units[name]
         sup.start_aux()
-        await asyncio.gather(*(settled(i.ready) for i in sup.wanted))
+        await all_settled([i.ready for i in sup.wanted])
         want = max(sup.spec.initial_instances, len(sup.wanted))
         await sup.scale(min(want, sup.spec.max_instances))
         failed = [i for i in sup.wanted if i.state is not InstanceState.READY]
@@ -788,7 +788,9 @@ class Kernel:
             pid=inst.pid,
         )
         self.routing.update(inst)
-        self.plugins.pm.hook.hsu_instance_event(kernel=self, instance=inst, event=event)
+        hook = self.plugins.pm.hook.hsu_instance_event
+        if hook.get_hookimpls():  # pluggy's call costs ~10 us even with none
+            hook(kernel=self, instance=inst, event=event)
         worker = events_mod.worker_topic(t.source.value, t.target.value)
         if worker:
             self.events.publish(
