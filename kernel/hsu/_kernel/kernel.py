@@ -778,12 +778,14 @@ class Kernel:
         inst.machine.listeners.append(functools.partial(self._publish_transition, inst))
 
     def _publish_transition(self, inst: Instance, t: Transition[InstanceState]) -> None:
+        # _value_, not .value: the enum property costs ~1 us a read
+        source, target = t.source._value_, t.target._value_
         event = self.events.publish(
             "instance",
             unit=inst.unit,
             instance_id=inst.instance_id,
-            from_state=t.source.value,
-            to_state=t.target.value,
+            from_state=source,
+            to_state=target,
             reason=t.reason,
             pid=inst.pid,
         )
@@ -791,15 +793,15 @@ class Kernel:
         hook = self.plugins.pm.hook.hsu_instance_event
         if hook.get_hookimpls():  # pluggy's call costs ~10 us even with none
             hook(kernel=self, instance=inst, event=event)
-        worker = events_mod.worker_topic(t.source.value, t.target.value)
+        worker = events_mod.worker_topic(source, target)
         if worker:
             self.events.publish(
                 "worker",
                 topic=worker,
                 unit=inst.unit,
                 instance_id=inst.instance_id,
-                from_state=t.source.value,
-                to_state=t.target.value,
+                from_state=source,
+                to_state=target,
                 reason=t.reason,
                 pid=inst.pid,
             )
