@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -623,6 +624,7 @@ async def test_a_launch_sums_its_starts_up_in_one_line_and_logs_each_at_debug(
         if r.level == "INFO" and "instances" in r.message
     ]
     assert summaries == ["unit 'many': started 3 instances: sleep 600 (their pids at debug level)"]
+    assert gc.isenabled()  # paused for the launch only
     # one more: a lone start, at INFO
     await kernel.units["many"].scale(4)
     [new] = [i for i in kernel.instances.values() if i.instance_id not in launched]
