@@ -623,7 +623,9 @@ async def test_a_launch_sums_its_starts_up_in_one_line_and_logs_each_at_debug(
         for r in kernel.logs.tail(kernel.logs.maxlen)
         if r.level == "INFO" and "instances" in r.message
     ]
-    assert summaries == ["unit 'many': started 3 instances: sleep 600 (their pids at debug level)"]
+    assert summaries == [
+        "unit 'many': started 3 instances: sleep 600 (their pids at debug level: hsu logs many)"
+    ]
     assert gc.isenabled()  # paused for the launch only
     # one more: a lone start, at INFO
     await kernel.units["many"].scale(4)

@@ -1177,13 +1177,14 @@ class _Starts:
         if len(units) == 1:
             unit, argv = next(iter(units.items()))
             logger.bind(unit=unit).info(
-                "unit {!r}: started {} instances: {}{} (their pids at debug level)",
-                unit, n, argv, also,
+                "unit {!r}: started {} instances: {}{} (their pids at debug level: hsu logs {})",
+                unit, n, argv, also, unit,
             )  # fmt: skip
         else:
             names = ", ".join(map(repr, list(units)[:3])) + (", ..." if len(units) > 3 else "")
             logger.info(
-                "started {} instances of {} units ({}){} (their pids at debug level)",
+                "started {} instances of {} units ({}){}"
+                " (their pids at debug level: hsu logs UNIT)",
                 n, len(units), names, also,
             )  # fmt: skip
 
