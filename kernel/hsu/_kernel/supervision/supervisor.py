@@ -1109,13 +1109,13 @@ class _Starts:
     """A kernel's new slots whose first process has not started yet. While
     more than one has not (a launch, a scale-up, a reload that adds units),
     each one's "started pid" line goes out at DEBUG (the kernel's log buffer
-    keeps it: ``hsu logs --level debug``) and one INFO line sums them up once
+    keeps it: ``hsu logs UNIT`` shows it) and one INFO line sums them up once
     the last has started: at INFO, a launch of 1,000 wrote 1,000 lines through
-    every sink, about a fifth of the kernel's own CPU per spawn. A lone start,
+    every sink, about a sixth of the event loop's CPU per spawn. A lone start,
     and every restart, still says ``started pid`` at INFO.
 
     The cyclic garbage collector is paused meanwhile, as while a deployment
-    is read (``config.loader.gc_paused``): a launch of 1,000 ran it some 200
+    is read (``config.loader.gc_paused``): a launch of 1,000 ran it some 250
     times, ~0.1 ms of the loop's CPU per spawn, for ~4,000 objects in all."""
 
     __slots__ = ("failed", "gc_was", "pending", "started_n", "units")
