@@ -596,6 +596,31 @@ async def test_spawn_thread_answers_each_queued_instance_in_order():
         assert await _preparer.prepare(unit, "later", None) == "later:None"
 
 
+async def test_slots_cancelled_before_they_first_run_give_the_collector_back(
+    hsu_kernel_factory,
+):
+    """New slots pause the cyclic collector until their first starts; slots
+    whose tasks are cancelled before they ever run (their ``finally`` never
+    does) must not leave it paused."""
+    unit = managed(["sleep", "600"], min_instances=0, max_instances=5)
+    kernel = await hsu_kernel_factory({"units": {"idle": unit}})
+    sup = kernel.units["idle"]
+    assert gc.isenabled()
+    slots = [sup.add_slot() for _ in range(3)]
+    assert not gc.isenabled()  # paused while the starts are pending
+    tasks = [sup._controls[i.instance_id].task for i in slots]
+    for t in tasks:
+        assert t is not None
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert gc.isenabled()
+    assert not [i for i in kernel.instances.values() if i.pid]
+    for inst in slots:  # dropped as remove() would (their tasks are done)
+        sup.slots.pop(inst.instance_id)
+        sup._controls.pop(inst.instance_id)
+        kernel.forget(inst)
+
+
 async def test_a_launch_sums_its_starts_up_in_one_line_and_logs_each_at_debug(
     hsu_kernel_factory,
 ):

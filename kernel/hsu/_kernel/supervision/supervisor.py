@@ -290,6 +290,11 @@ class UnitSupervisor:
         global _queued
         _queued += 1  # until its task first runs (see _spawn)
         ctl.task = asyncio.ensure_future(self._run(inst, ctl, saved, queued=True))
+        if saved is None:
+            # also if the task is cancelled before it first runs (its finally
+            # never does): a pending start would keep the collector paused
+            starts = _starts(self.kernel)
+            ctl.task.add_done_callback(lambda _, i=inst.instance_id: starts.end(i))
         return inst
 
     async def scale(self, count: int, reason: str = "scaled") -> None:
