@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -122,7 +122,7 @@ class Layer:
     """Data from one source, with an :class:`Origin` for each path it sets."""
 
     data: dict[str, Any] = attrs.field(factory=dict)
-    origins: dict[PathT, Origin] = attrs.field(factory=dict)
+    origins: MutableMapping[PathT, Origin] = attrs.field(factory=dict)
 
 
 @attrs.frozen

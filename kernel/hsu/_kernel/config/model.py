@@ -28,6 +28,7 @@ from hsu._kernel.config.sources import MIN_SECRET_LENGTH, format_path, origin_of
 from hsu._kernel.supervision.resources import ResourceLimits
 from hsu.config import (
     DEFAULT_PASS_ENV,
+    DeferredOrigins,
     EnvFileError,
     Seconds,
     parse_duration,
@@ -586,7 +587,7 @@ def structure(
         return converter.structure(data, cls)
     except Exception as exc:
         found = _messages(exc, path, data)
-        problems = [describe(p, m, source, origins or {}) for p, m in found]
+        problems = [describe(p, m, source, {} if origins is None else origins) for p, m in found]
         raise ConfigError(problems, source) from None
 
 
@@ -631,7 +632,7 @@ def structure_options(
             found.extend(_validator_problems(cls, raw, path) or refused)
         else:
             found = _messages(exc, path)
-        problems = [describe(p, m, source, origins or {}) for p, m in found]
+        problems = [describe(p, m, source, {} if origins is None else origins) for p, m in found]
         raise ConfigError(problems, source) from None
 
 
@@ -735,7 +736,7 @@ def deployment_from_dict(
     filled in, which :func:`~hsu._kernel.config.defaults.with_defaults`
     leaves as they are). Nothing else a unit depends on is cached: its
     ``env_file`` is read again, and secret references resolve before this."""
-    origins = origins or {}
+    origins = {} if origins is None else origins
     references = references or {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: expected a mapping at the top, got {type(raw).__name__}"])
@@ -822,7 +823,7 @@ def deployment_from_dict(
         sections=sections,
         source=source,
         base_dir=base_dir,
-        origins=dict(origins),
+        origins=origins if isinstance(origins, DeferredOrigins) else dict(origins),
         secrets=kept,
         references=dict(references),
         env_files=env_files,
