@@ -341,7 +341,7 @@ class DeferredOrigins(MutableMapping[PathT, Origin]):
     (data and origins), which :func:`~hsu._kernel.config.sources.merge`
     needs to work out the merged origins without holding the data."""
 
-    __slots__ = ("_make", "_made", "again")
+    __slots__ = ("_made", "_make", "again")
 
     def __init__(
         self, make: Callable[[], dict[PathT, Origin]], again: Callable[[], Layer] | None = None
@@ -414,7 +414,17 @@ def _load_yaml(
     text: str, source: str, lines: bool = True, origins: bool = True
 ) -> tuple[Any, dict[PathT, Origin]]:
     """Compose once (aliases share nodes), then build plain data within
-    bounds; with ``origins``, also the origin of every path (else ``{}``)."""
+    bounds; with ``origins``, also the origin of every path (else ``{}``).
+
+    Without origins, a document with no anchor is built from the parser's
+    events instead (:func:`_from_events`): no node graph, which was most of
+    the memory a read took; on anything unusual (an error, a merge key, a
+    tag, a bound) it is built from the nodes, which says what is wrong."""
+    if not origins and "&" not in text:
+        try:
+            return _from_events(text), {}
+        except Exception:  # the node builder says what is wrong, or reads it
+            pass
     try:
         node = yaml.compose(text, Loader=_LOADER)
     except RecursionError:
@@ -424,6 +434,104 @@ def _load_yaml(
     # no anchor, no alias: no node is reached twice, nothing to track
     builder = _Builder(source, lines, origins, anchors="&" in text)
     return builder.build(node, (), 0, node.start_mark.line + 1), builder.origins
+
+
+class _NotPlain(Exception):
+    """What :func:`_from_events` leaves to the node builder."""
+
+
+def _from_events(text: str) -> Any:
+    """The data of a YAML document with no anchor, from the parser's events
+    (the document is valid: no other kind of event, each collection ended),
+    or :class:`_NotPlain` for a merge key, a key that is not a plain value,
+    a duplicate key, a collection's explicit tag, more than
+    :data:`MAX_NODES` values or :data:`MAX_DEPTH` levels, more than one
+    document. Within those, the same data as :class:`_Builder` makes."""
+    loader = _LOADER(text)
+    try:
+        get = loader.get_event
+        resolve = loader.resolve
+        scalars = _Builder("", track=False, anchors=False)
+        get()  # the stream's start
+        if type(get()) is yaml.StreamEndEvent:
+            return None
+        # each open collection: [the container, key awaited (maps), the key]
+        stack: list[list[Any]] = []
+        top: list[Any] | None = None
+        root: Any = None
+        nodes = 0
+        while True:
+            event = get()
+            kind = type(event)
+            if kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
+                assert top is not None
+                value = top[0]
+                stack.pop()
+                top = stack[-1] if stack else None
+                if top is None:
+                    root = value
+                    break
+                continue  # in its parent since it started
+            elif kind is yaml.ScalarEvent:
+                tag = event.tag
+                if tag is None or tag == "!":
+                    tag = resolve(yaml.ScalarNode, event.value, event.implicit)
+                if tag == _STR:
+                    value = event.value
+                elif tag == _MERGE:
+                    raise _NotPlain
+                else:
+                    value = scalars.scalar(
+                        yaml.ScalarNode(
+                            tag, event.value, event.start_mark, event.end_mark, event.style
+                        )
+                    )
+                if top is not None and top[1]:  # a key
+                    if value in top[0]:  # a duplicate, or unhashable (TypeError)
+                        raise _NotPlain
+                    top[1], top[2] = False, value
+                    continue
+                nodes += 1
+                if top is None:
+                    root = value
+                    break
+            elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
+                tag = event.tag
+                if (
+                    tag is not None
+                    and tag != "!"
+                    and tag != (_MAP if kind is yaml.MappingStartEvent else _SEQ)
+                ) or (top is not None and top[1]):
+                    raise _NotPlain  # a tag, or a key that is a collection
+                nodes += 1
+                if len(stack) >= MAX_DEPTH:
+                    raise _NotPlain
+                container: Any = {} if kind is yaml.MappingStartEvent else []
+                if top is not None:
+                    if type(top[0]) is dict:
+                        top[0][top[2]] = container
+                        top[1] = True
+                    else:
+                        top[0].append(container)
+                top = [container, kind is yaml.MappingStartEvent, None]
+                stack.append(top)
+                continue
+            else:  # an alias, or something this does not expect
+                raise _NotPlain
+            if nodes > MAX_NODES or top is None:
+                raise _NotPlain
+            if type(top[0]) is dict:
+                top[0][top[2]] = value
+                top[1] = True
+            else:
+                top[0].append(value)
+        if nodes > MAX_NODES or type(get()) is not yaml.DocumentEndEvent:
+            raise _NotPlain
+        if type(get()) is not yaml.StreamEndEvent:
+            raise _NotPlain  # another document
+        return root
+    finally:
+        loader.dispose()
 
 
 #: scalar tags whose values are immutable and may be shared (``1`` a thousand times)
