@@ -344,9 +344,9 @@ class DeferredOrigins(MutableMapping[PathT, Origin]):
     __slots__ = ("_made", "_make", "again")
 
     def __init__(
-        self, make: Callable[[], dict[PathT, Origin]], again: Callable[[], Layer] | None = None
+        self, make: Callable[[], Mapping[PathT, Origin]], again: Callable[[], Layer] | None = None
     ) -> None:
-        self._make: Callable[[], dict[PathT, Origin]] | None = make
+        self._make = make
         self._made: dict[PathT, Origin] | None = None
         self.again = again
 
@@ -359,9 +359,9 @@ class DeferredOrigins(MutableMapping[PathT, Origin]):
 
     @property
     def made(self) -> dict[PathT, Origin]:
-        if self._made is None:
-            assert self._make is not None
-            self._made, self._make = self._make(), None
+        if self._made is None:  # two threads at once may both make them: the same
+            made = self._make()
+            self._made = made if isinstance(made, dict) else dict(made)
         return self._made
 
     def __getitem__(self, path: PathT) -> Origin:

@@ -119,7 +119,9 @@ class Origin:
 
 @attrs.define
 class Layer:
-    """Data from one source, with an :class:`Origin` for each path it sets."""
+    """Data from one source, with an :class:`Origin` for each path it sets
+    (a dict, or :class:`hsu.config.DeferredOrigins`, worked out when first
+    asked for: what :func:`hsu.config.read_file` and ``read_document`` give)."""
 
     data: dict[str, Any] = attrs.field(factory=dict)
     origins: MutableMapping[PathT, Origin] = attrs.field(factory=dict)
