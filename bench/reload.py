@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| tree | first read | reload (previous=) |\n| --- | ---: | ---: |")
         print("\n".join(rows))
         print(f"\nmemory of reading {args.instances} units, KiB (VmRSS; tracemalloc)")
-        print("| tree | RSS, first read | RSS, 3 reloads more | live | peak |")
+        print("| tree | RSS, first read | RSS, after 3 reloads | live | peak |")
         print("| --- | ---: | ---: | ---: | ---: |")
         print("\n".join(memory))
         return 0

@@ -232,7 +232,7 @@ def resolve_secrets(
                 else v
                 for i, v in enumerate(value)
             ]
-            return value if all(a is b for a, b in zip(items, value)) else items
+            return value if all(a is b for a, b in zip(items, value, strict=True)) else items
         if not isinstance(value, str) or "$" not in value:
             return value
         referenced = False
