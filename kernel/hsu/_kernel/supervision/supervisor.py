@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -293,8 +293,7 @@ class UnitSupervisor:
         if saved is None:
             # also if the task is cancelled before it first runs (its finally
             # never does): a pending start would keep the collector paused
-            starts = _starts(self.kernel)
-            ctl.task.add_done_callback(lambda _, i=inst.instance_id: starts.end(i))
+            ctl.task.add_done_callback(_starts(self.kernel).ended(inst.instance_id))
         return inst
 
     async def scale(self, count: int, reason: str = "scaled") -> None:
@@ -1165,6 +1164,14 @@ class _Starts:
         if failed and (self.pending or self.started_n):
             self.failed += 1
         self._settle()
+
+    def ended(self, instance_id: str) -> Callable[[object], None]:
+        """A done callback for the slot's task: :meth:`end` when it is done."""
+
+        def done(_: object) -> None:
+            self.end(instance_id)
+
+        return done
 
     def _settle(self) -> None:
         """Once no first start is pending: the collector back on, the summary."""
