@@ -133,23 +133,42 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if init.is_init():  # a container's PID 1: stay as its reaper, the kernel a child
         return init.run(init.kernel_argv())
-    from hsu._kernel.config import loader as config_loader
-    from hsu._kernel.kernel import Kernel
+    import gc
 
-    ctx = config_loader.context([args.deployment], args.set)
-    deployment, plugins = config_loader.load(ctx, args.plugin)
-    kernel = Kernel(
-        deployment, plugins, address=args.address, control_address=args.control, source_context=ctx
-    )
-    ks = kernel.kernel_settings
-    kernel.log_format = args.log_format or ks.log_format.value
-    _setup_logging(
-        args.log_level,
-        kernel.state_dir / "kernel.log",
-        max_bytes=ks.log_max_bytes,
-        backups=ks.log_backups,
-        fmt=kernel.log_format,
-    )
+    # no cyclic collections while the kernel's modules, plugins and config
+    # load: they allocate much and free little (some 120 collections, 20-35
+    # ms; docs/benchmarks.md, Footprint). What they made goes to the oldest
+    # generation unscanned (freeze, unfreeze) and the collector runs again
+    # before the kernel starts.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        from hsu._kernel.config import loader as config_loader
+        from hsu._kernel.kernel import Kernel
+
+        ctx = config_loader.context([args.deployment], args.set)
+        deployment, plugins = config_loader.load(ctx, args.plugin)
+        kernel = Kernel(
+            deployment,
+            plugins,
+            address=args.address,
+            control_address=args.control,
+            source_context=ctx,
+        )
+        ks = kernel.kernel_settings
+        kernel.log_format = args.log_format or ks.log_format.value
+        _setup_logging(
+            args.log_level,
+            kernel.state_dir / "kernel.log",
+            max_bytes=ks.log_max_bytes,
+            backups=ks.log_backups,
+            fmt=kernel.log_format,
+        )
+    finally:
+        if collecting:
+            gc.freeze()
+            gc.unfreeze()
+            gc.enable()
     import asyncio
 
     asyncio.run(kernel.serve())
