@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -132,15 +133,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hsu._kernel import init
 
     if init.is_init():  # a container's PID 1: stay as its reaper, the kernel a child
+        gc.enable()
         return init.run(init.kernel_argv())
-    import gc
-
     # no cyclic collections while the kernel's modules, plugins and config
-    # load: they allocate much and free little (some 120 collections, 20-35
-    # ms; docs/benchmarks.md, Footprint). What they made goes to the oldest
-    # generation unscanned (freeze, unfreeze) and the collector runs again
-    # before the kernel starts.
-    collecting = gc.isenabled()
+    # load (main() turned them off before it set up logging): they allocate
+    # much and free little (some 170 collections; docs/benchmarks.md,
+    # Footprint). What they made goes to the oldest generation unscanned
+    # (freeze, unfreeze), and the kernel runs with the collector on.
     gc.disable()
     try:
         from hsu._kernel.config import loader as config_loader
@@ -165,10 +164,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             fmt=kernel.log_format,
         )
     finally:
-        if collecting:
-            gc.freeze()
-            gc.unfreeze()
-            gc.enable()
+        gc.freeze()
+        gc.unfreeze()
+        gc.enable()
     import asyncio
 
     asyncio.run(kernel.serve())
@@ -1228,6 +1226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = argv[0] if argv and not argv[0].startswith("-") else None
     parser = build_parser(only=first)
     args = parser.parse_args(argv)
+    if args.command == "run":
+        gc.disable()  # until cmd_run has built the kernel (see there)
     if args.command in LOGGING:
         _setup_logging(args.log_level, fmt=args.log_format or "text")
     try:
