@@ -47,6 +47,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -346,13 +347,18 @@ class Containment:
 
     async def start_async(self) -> None:
         """:meth:`start`, with the cgroup check (mkdir, and a process that
-        joins the cgroup, waited for) on a worker thread: the loop goes on
-        meanwhile (the kernel starts its servers)."""
+        joins the cgroup, waited for) on a thread of its own, which ends with
+        it: the loop goes on meanwhile (the kernel starts its servers)."""
         if self._loop is not None:
             return
         want, why = self._begin()
         if why is None:
-            why = await asyncio.to_thread(self._setup_cgroups)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="hsu-cgroup-check")
+            try:
+                loop = asyncio.get_running_loop()
+                why = await loop.run_in_executor(pool, self._setup_cgroups)
+            finally:
+                pool.shutdown(wait=False)
         self._choose(want, why)
 
     def _begin(self) -> tuple[str, str | None]:
