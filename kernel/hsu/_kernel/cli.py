@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import sys
 import threading
@@ -133,40 +132,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hsu._kernel import init
 
     if init.is_init():  # a container's PID 1: stay as its reaper, the kernel a child
-        gc.enable()
         return init.run(init.kernel_argv())
-    # no cyclic collections while the kernel's modules, plugins and config
-    # load (main() turned them off before it set up logging): they allocate
-    # much and free little (some 170 collections; docs/benchmarks.md,
-    # Footprint). What they made goes to the oldest generation unscanned
-    # (freeze, unfreeze), and the kernel runs with the collector on.
-    gc.disable()
-    try:
-        from hsu._kernel.config import loader as config_loader
-        from hsu._kernel.kernel import Kernel
+    from hsu._kernel.config import loader as config_loader
+    from hsu._kernel.kernel import Kernel
 
-        ctx = config_loader.context([args.deployment], args.set)
-        deployment, plugins = config_loader.load(ctx, args.plugin)
-        kernel = Kernel(
-            deployment,
-            plugins,
-            address=args.address,
-            control_address=args.control,
-            source_context=ctx,
-        )
-        ks = kernel.kernel_settings
-        kernel.log_format = args.log_format or ks.log_format.value
-        _setup_logging(
-            args.log_level,
-            kernel.state_dir / "kernel.log",
-            max_bytes=ks.log_max_bytes,
-            backups=ks.log_backups,
-            fmt=kernel.log_format,
-        )
-    finally:
-        gc.freeze()
-        gc.unfreeze()
-        gc.enable()
+    ctx = config_loader.context([args.deployment], args.set)
+    deployment, plugins = config_loader.load(ctx, args.plugin)
+    kernel = Kernel(
+        deployment, plugins, address=args.address, control_address=args.control, source_context=ctx
+    )
+    ks = kernel.kernel_settings
+    kernel.log_format = args.log_format or ks.log_format.value
+    _setup_logging(
+        args.log_level,
+        kernel.state_dir / "kernel.log",
+        max_bytes=ks.log_max_bytes,
+        backups=ks.log_backups,
+        fmt=kernel.log_format,
+    )
     import asyncio
 
     asyncio.run(kernel.serve())
@@ -1226,8 +1209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = argv[0] if argv and not argv[0].startswith("-") else None
     parser = build_parser(only=first)
     args = parser.parse_args(argv)
-    if args.command == "run":
-        gc.disable()  # until cmd_run has built the kernel (see there)
     if args.command in LOGGING:
         _setup_logging(args.log_level, fmt=args.log_format or "text")
     try:
