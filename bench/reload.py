@@ -16,7 +16,11 @@ not say what changed, stops the bench.
 With ``--read-config``, no kernel: each round runs, per tree, a Python that
 times ``loader.read_config`` of an N-unit file in process (median of 7 reads
 after one), as a first read and, where the tree has it, as a reload does
-(``previous=`` the deployment read before).
+(``previous=`` the deployment read before); CPU time, as the machine is
+shared. Then, in a fresh Python per tree, what reading the N-unit file
+costs in memory, after a one-unit file was read (imports done): VmRSS
+growth after the first read and after three reloads, and tracemalloc's
+live and peak bytes of the first read (the deployment kept).
 """
 
 from __future__ import annotations
@@ -115,14 +119,57 @@ prev = with_defaults(loader.read_config(pm, ctx), pm)
 def run(**kw):
     ts = []
     for _ in range(7):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         loader.read_config(pm, ctx, **kw)
-        ts.append(time.perf_counter() - t0)
+        ts.append(time.process_time() - t0)
     return statistics.median(ts)
 first = run()
 again = run(previous=prev) if "previous" in inspect.signature(loader.read_config).parameters else 0
 print(first, again)
 """
+
+
+READ_MEMORY = """
+import gc, sys, tracemalloc
+from hsu._kernel.config import loader
+from hsu._kernel.config.defaults import with_defaults
+from hsu._kernel.plugins import PluginManager
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS"))
+small, big = (loader.context([p]) for p in sys.argv[1:3])
+pm = PluginManager.load([], env=small.env)
+keep = with_defaults(loader.read_config(pm, small), pm)
+gc.collect()
+if sys.argv[3] == "trace":
+    tracemalloc.start()
+    d = with_defaults(loader.read_config(pm, big), pm)
+    print(*(x // 1024 for x in tracemalloc.get_traced_memory()))
+else:
+    before = rss()
+    d = with_defaults(loader.read_config(pm, big), pm)
+    first = rss() - before
+    for _ in range(3):
+        d = with_defaults(loader.read_config(pm, big, previous=d), pm)
+    print(first, rss() - before)
+"""
+
+
+def read_memory(trees: dict[str, Path | None], root: Path) -> list[str]:
+    small = root / "one.yaml"
+    small.write_text(deployment(1, 1))
+    big = str(root / "deployment.yaml")
+    out = []
+    for t, tree in trees.items():
+        got = []
+        for how in ("rss", "trace"):
+            argv = [sys.executable, "-c", READ_MEMORY, str(small), big, how]
+            done = subprocess.run(argv, env=env_for(tree), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr)
+            got += done.stdout.split()
+        out.append(f"| {t} | +{got[0]} | +{got[1]} | {got[2]} | {got[3]} |")
+    return out
 
 
 def read_config(trees: dict[str, Path | None], n: int, rounds: int, root: Path) -> list[str]:
@@ -162,10 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.read_config:
         with tempfile.TemporaryDirectory(prefix="hsu-read-config-") as tmp:
             rows = read_config(trees, args.instances, args.rounds, Path(tmp))
+            memory = read_memory(trees, Path(tmp))
         print(f"load average at end: {os.getloadavg()}")
-        print(f"\nread_config of {args.instances} units, ms, medians of {args.rounds} runs")
+        print(f"\nread_config of {args.instances} units, CPU ms, medians of {args.rounds} runs")
         print("| tree | first read | reload (previous=) |\n| --- | ---: | ---: |")
         print("\n".join(rows))
+        print(f"\nmemory of reading {args.instances} units, KiB (VmRSS; tracemalloc)")
+        print("| tree | RSS, first read | RSS, after 3 reloads | live | peak |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        print("\n".join(memory))
         return 0
     lines = [
         "| shape | tree | nothing changed | one unit changed | its instance restarted |",

@@ -372,6 +372,46 @@ def test_ping_and_status_do_not_import_the_kernels_machinery(kernel, command):
     assert loaded == []
 
 
+#: what `hsu ping` and `hsu status` have not imported when their requests go
+#: out (`hsu status` imports protobuf after, while the kernel answers): the
+#: socket module's enums, pathlib and the control plane's address helpers
+#: are not needed with --control (docs/benchmarks.md, "`hsu status` with
+#: 1,000 running")
+BEFORE_SEND = (
+    "socket",
+    "selectors",
+    "pathlib",
+    "threading",
+    "ipaddress",
+    "urllib",
+    "hsu._kernel.control",
+    "google.protobuf",
+)
+
+
+@pytest.mark.parametrize("command", ["status", "ping"])
+def test_ping_and_status_send_before_importing_more(kernel, command):
+    code = (
+        "import sys\n"
+        "from hsu._kernel import cli, h2unary\n"
+        "send = h2unary.send\n"
+        "def spy(*args, **kwargs):\n"
+        "    print('MODULES', *sorted(sys.modules))\n"
+        "    return send(*args, **kwargs)\n"
+        "h2unary.send = spy\n"
+        f"sys.exit(cli.main([{command!r}, '--control', {kernel.address!r}]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=hsu_env(), timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("MODULES") == 1  # one send, all the calls in it
+    modules = out.stdout.split("MODULES", 1)[1].split("\n", 1)[0].split()
+    assert "hsu._kernel.h2unary" in modules
+    early = [m for m in modules if any(m == f or m.startswith(f + ".") for f in BEFORE_SEND)]
+    assert early == []
+
+
 def test_pings_request_is_the_message_protobuf_would_write():
     from hsu._kernel.cli import PING_REQUEST
     from hsu.core.v1 import core_pb2

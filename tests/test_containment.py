@@ -318,6 +318,23 @@ def test_under_umask_000_the_state_dir_state_file_and_logs_are_private(tmp_path)
 # -- the state file ----------------------------------------------------------------
 
 
+def test_create_time_is_psutils_and_none_for_a_zombie_or_a_gone_pid():
+    """The state file's start time of a pid, read from /proc/<pid>/stat, is
+    psutil's (a state file written by either is read by the other)."""
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        assert statefile.create_time(proc.pid) == psutil.Process(proc.pid).create_time()
+        assert statefile.create_time(os.getpid()) == psutil.Process().create_time()
+        proc.kill()
+        wait_until(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE)
+        assert statefile.create_time(proc.pid) is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert statefile.create_time(proc.pid) is None  # reaped (and above pid_max:)
+    assert statefile.create_time(2**22 + 1) is None
+
+
 def plant(path: Path, sleeper: int, unit: str) -> str:
     """A state file naming ``sleeper`` as an instance of ``unit``, left by a
     kernel that is gone."""

@@ -147,6 +147,71 @@ async def test_a_gather_of_some_names_awaits_only_the_sources_that_may_hold_them
     assert made == [frozenset({"l_b", "queue"}), None]
 
 
+async def test_a_gather_collects_while_its_sources_run() -> None:
+    """The kernel's families are made while a slow source (the usage
+    sampling thread) runs, not after it."""
+    from hsu.metrics import Family, Point
+
+    reg = Registry()
+    collected = asyncio.Event()
+
+    def kernel() -> list[Family]:
+        collected.set()
+        return [Family("k_state", "gauge", "", (Point((), 1.0),))]
+
+    async def usage() -> list[Family]:
+        await asyncio.wait_for(collected.wait(), 10)  # never set, if collect came after
+        return [Family("u_rss", "gauge", "", (Point((), 5.0),))]
+
+    reg.add_collector("kernel", kernel)
+    reg.add_source("usage", usage, families=["u_rss"])
+    assert {f.name for f in await reg.gather()} == {"k_state", "u_rss"}
+
+
+def _families_by_upb(families: list[Any]) -> Any:
+    """Core.Metrics's reply built through upb, one add() per point and label:
+    what families_wire's bytes must equal."""
+    from hsu.core.v1 import core_pb2
+
+    out = core_pb2.MetricsResponse()
+    for fam in families:
+        add = out.families.add(name=fam.name, kind=fam.kind, help=fam.help).points.add
+        for p in fam.points:
+            point = add(value=p.value, count=p.count)
+            for bound, n in p.buckets:
+                point.buckets.add(upper_bound=bound, count=n)
+            for k, v in p.labels:
+                point.labels.add(name=k, value=v)
+    return out
+
+
+def test_core_metrics_reply_is_written_as_upb_serializes_it() -> None:
+    from hsu._kernel.core_service import families_pb, families_wire
+    from hsu.metrics import Family, Point
+
+    reg = Registry()
+    c = reg.counter("jobs_total", "jobs done", ("unit", "instance"))
+    c.labels("s0", "s0-0000abcd").inc(3)
+    c.labels("sé", "").inc(0.5)
+    reg.gauge("queue", "").set(-0.0)
+    h = reg.histogram("took_seconds", "how long", ("unit",), (0.0, 0.1, 1.0))
+    for v in (0.05, 0.5, 2.0, 2.0):
+        h.labels("s0").observe(v)
+    shared = (("hsu_unit", "s0"), ("hsu_instance", "s0-12345678"))
+    long = "x" * 300  # a length of two varint bytes
+    families = [
+        *reg.collect(),
+        Family("per_instance", "gauge", "h", (Point(shared, 1.5), Point(shared, 0.0))),
+        Family("again", "counter", "", (Point(shared, 2**40), Point((), -1e-300))),
+        Family("odd", "gauge", long, (Point(((long, long), ("", "v")), math.inf),)),
+        Family("nan", "gauge", "", (Point((), math.nan),)),
+        Family("", "", "", ()),
+    ]
+    expected = _families_by_upb(families)
+    assert families_wire(families) == expected.SerializeToString()
+    assert families_pb(families[:-2]) == _families_by_upb(families[:-2])  # NaN != NaN
+
+
 def test_call_metrics_use_go_grpc_prometheus_names_and_codes() -> None:
     reg = Registry()
     calls = CallMetrics(reg, "server")
@@ -541,3 +606,25 @@ async def test_the_kernel_lists_the_families_it_answers_itself(hsu_kernel_factor
     made |= {hub.started.name, hub.cold.name}
     assert {f.name for f in await hub.usage()} == set(USAGE_FAMILIES)
     assert made == KERNEL_FAMILIES
+
+
+async def test_usage_sampled_at_once_by_concurrent_gathers(hsu_kernel_factory: Any) -> None:
+    """A gather that asks for usage starts the sampling before it awaits
+    anything; concurrent gathers and a direct usage() each get their
+    figures, one sampling at a time, and none is left pending."""
+    from hsu._kernel.metrics import USAGE_FAMILIES
+
+    kernel = await hsu_kernel_factory({"units": {"echo": {**UNIT, "start": "at-start"}}})
+    hub = kernel.metrics_hub
+    await until(lambda: any(i.state.value == "ready" for i in kernel.instances.values()), 30)
+    (ready,) = [i for i in kernel.instances.values() if i.state.value == "ready"]
+    first = asyncio.ensure_future(hub.gather(list(USAGE_FAMILIES), True))
+    rest = [hub.gather(["hsu_instance_resident_memory_bytes"], True), hub.usage()]
+    answers = await asyncio.gather(first, *rest)
+    for families in answers:
+        rss = {f.name: f for f in families}["hsu_instance_resident_memory_bytes"]
+        (point,) = rss.points
+        assert point.labels == (("hsu_unit", "echo"), ("hsu_instance", ready.instance_id))
+        assert point.value > 0
+    assert hub._started is None
+    assert not hub._sampling.locked()

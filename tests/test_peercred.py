@@ -186,7 +186,8 @@ async def test_the_cli_tells_another_user_it_was_refused(
             cwd="/",
         )
 
-    for command, method in (("status", "Kernel/Status"), ("ping", "Core/Ping")):
+    # status sends Core.Metrics first (the kernel samples while it answers the rest)
+    for command, method in (("status", "Core/Metrics"), ("ping", "Core/Ping")):
         out = await asyncio.to_thread(run, command)
         assert out.returncode == 1, out.stderr
         assert out.stderr.startswith(f"hsu: error: kernel at {control}: PERMISSION_DENIED: ")

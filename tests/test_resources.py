@@ -142,6 +142,68 @@ def test_descendants_are_counted() -> None:
     assert breaches(ResourceLimits(children=2, threads=1000), usage) == []
 
 
+def test_a_deeper_tree_is_walked_through_one_and_many_thread_processes() -> None:
+    """A one-thread process's children come from its /proc children file, a
+    process with threads' from the host's listing: both together find what
+    psutil's children(recursive=True) finds."""
+    from hsu._kernel.supervision import resources
+
+    middle = """
+    import subprocess, sys, threading
+    def spawn():  # children of the second thread: not in the main one's file
+        kids.extend(subprocess.Popen(['sleep', '60']) for _ in range(2))
+        print('ready', flush=True)
+        sys.stdin.read()
+    kids = []
+    threading.Thread(target=spawn, daemon=True).start()
+    threading.Event().wait()
+    """
+    code = f"""
+    import subprocess
+    mid = subprocess.Popen([sys.executable, '-c', {textwrap.dedent(middle)!r}],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert mid.stdout.readline().strip() == 'ready'
+    sh = subprocess.Popen(['sh', '-c', 'sleep 60 & sleep 60 & wait'])
+    print('ready', flush=True)
+    sys.stdin.read()
+    """
+    with child(code) as proc:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        deadline = time.monotonic() + 10
+        while len(tree) < 6 and time.monotonic() < deadline:  # sh's sleeps start
+            time.sleep(0.05)
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        assert psutil.Process(proc.pid).num_threads() == 1
+        usage = sample(Sampler(), proc.pid)
+        (many,) = Sampler().sample_many([(proc.pid, None)], open_files=False)
+        threads = sum(p.num_threads() for p in [psutil.Process(proc.pid), *tree])
+    assert resources._children_files()  # Linux with CONFIG_PROC_CHILDREN
+    assert len(tree) == 6  # the middle one and its 2 sleeps, sh and its 2
+    assert usage.children == 6
+    assert many is not None and many.children == 6
+    assert usage.threads == threads
+
+
+def test_a_children_file_longer_than_a_page_is_read_to_its_end() -> None:
+    # /proc's children file comes a page at a time: the child makes more
+    code = """
+    import os
+    me = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
+    kids = []
+    while len(open(me, "rb").read()) <= 4200:
+        kids += [os.posix_spawnp("sleep", ["sleep", "60"], os.environ) for _ in range(100)]
+    print("ready", flush=True)
+    print(len(kids), flush=True)
+    sys.stdin.read()
+    """
+    with child(code) as proc:
+        assert proc.stdout is not None
+        made = int(proc.stdout.readline())
+        usage = sample(Sampler(), proc.pid)
+    assert made >= 700
+    assert usage.children == made
+
+
 def test_an_instance_cgroup_counts_what_left_the_tree() -> None:
     # a process that is not a descendant (a daemon that left its HSU's tree)
     # counts when the instance's cgroup lists it, and the tree is not walked

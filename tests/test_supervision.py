@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -593,3 +594,115 @@ async def test_spawn_thread_answers_each_queued_instance_in_order():
         assert [i for i, _ in unit.seen] == [*names, "bad"]
         assert all(t.startswith("hsu-spawn") for _, t in unit.seen)
         assert await _preparer.prepare(unit, "later", None) == "later:None"
+
+
+async def test_slots_cancelled_before_they_first_run_give_the_collector_back(
+    hsu_kernel_factory,
+):
+    """New slots pause the cyclic collector until their first starts; slots
+    whose tasks are cancelled before they ever run (their ``finally`` never
+    does) must not leave it paused."""
+    unit = managed(["sleep", "600"], min_instances=0, max_instances=5)
+    kernel = await hsu_kernel_factory({"units": {"idle": unit}})
+    sup = kernel.units["idle"]
+    assert gc.isenabled()
+    slots = [sup.add_slot() for _ in range(3)]
+    assert not gc.isenabled()  # paused while the starts are pending
+    tasks = [sup._controls[i.instance_id].task for i in slots]
+    for t in tasks:
+        assert t is not None
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert gc.isenabled()
+    assert not [i for i in kernel.instances.values() if i.pid]
+    for inst in slots:  # dropped as remove() would (their tasks are done)
+        sup.slots.pop(inst.instance_id)
+        sup._controls.pop(inst.instance_id)
+        kernel.forget(inst)
+
+
+async def test_a_launch_sums_its_starts_up_in_one_line_and_logs_each_at_debug(
+    hsu_kernel_factory,
+):
+    """Several first starts at once (a launch): one INFO line for them, each
+    instance's pid at DEBUG in the kernel's log buffer; a lone start and a
+    restart still log their own INFO line."""
+    unit = managed(["sleep", "600"], start="at-start", min_instances=3, max_instances=5)
+    kernel = await hsu_kernel_factory({"units": {"many": unit}})
+    launched = {i.instance_id: i.pid for i in kernel.instances.values()}
+    assert len(launched) == 3 and all(launched.values())
+
+    def started(level: str) -> dict[str, str]:
+        return {
+            r.extra.get("instance", ""): r.message
+            for r in kernel.logs.tail(kernel.logs.maxlen)
+            if r.level == level and r.message.startswith("started pid ")
+        }
+
+    debug = started("DEBUG")
+    for iid, pid in launched.items():
+        assert debug[iid] == f"started pid {pid}: sleep 600"
+    assert not set(started("INFO")) & set(launched)
+    summaries = [
+        r.message
+        for r in kernel.logs.tail(kernel.logs.maxlen)
+        if r.level == "INFO" and "instances" in r.message
+    ]
+    assert summaries == [
+        "unit 'many': started 3 instances: sleep 600 (their pids at debug level: hsu logs many)"
+    ]
+    assert gc.isenabled()  # paused for the launch only
+    # one more: a lone start, at INFO
+    await kernel.units["many"].scale(4)
+    [new] = [i for i in kernel.instances.values() if i.instance_id not in launched]
+    assert started("INFO")[new.instance_id] == f"started pid {new.pid}: sleep 600"
+    # a restart, at INFO
+    old = kernel.instances[next(iter(launched))]
+    first = old.pid
+    await kernel.units["many"].restart(old, "test")
+    assert old.pid != first
+    assert started("INFO")[old.instance_id] == f"started pid {old.pid}: sleep 600"
+
+
+async def test_a_restarted_instance_does_not_log_its_last_process_output_again(
+    hsu_kernel_factory,
+):
+    say = [
+        "python",
+        "-c",
+        "import os, time; print('hello', os.getpid(), flush=True); time.sleep(600)",
+    ]
+    kernel = await hsu_kernel_factory({"units": {"say": managed(say, start="at-start")}})
+    [inst] = kernel.instances.values()
+
+    def hellos() -> list[tuple[str, str]]:
+        return [
+            (r.message, r.extra.get("pid", ""))
+            for r in kernel.logs.tail(kernel.logs.maxlen)
+            if r.message.startswith("hello") and r.extra.get("instance") == inst.instance_id
+        ]
+
+    first = inst.pid
+    await until(lambda: hellos() == [(f"hello {first}", str(first))])
+    await kernel.units["say"].restart(inst, "test")
+    second = inst.pid
+    # the files hold the old line first: read again, it would come before the new one
+    await until(lambda: (f"hello {second}", str(second)) in hellos())
+    assert hellos() == [(f"hello {first}", str(first)), (f"hello {second}", str(second))]
+    assert kernel.output_tail(inst) == [f"hello {first}", f"hello {second}"]
+
+
+async def test_a_changed_kernel_environment_reaches_the_next_spawn(hsu_kernel_factory, monkeypatch):
+    show = [
+        "python",
+        "-c",
+        "import os, time; print(os.environ['HSU_T_PASSED'], flush=True); time.sleep(600)",
+    ]
+    unit = managed(show, start="at-start", pass_env=["PATH", "HSU_T_*"])
+    monkeypatch.setenv("HSU_T_PASSED", "one")
+    kernel = await hsu_kernel_factory({"units": {"show": unit}})
+    [inst] = kernel.instances.values()
+    await until(lambda: kernel.output_tail(inst) == ["one"])
+    monkeypatch.setenv("HSU_T_PASSED", "two")
+    await kernel.units["show"].restart(inst, "test")
+    await until(lambda: kernel.output_tail(inst) == ["one", "two"])

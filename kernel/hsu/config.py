@@ -29,7 +29,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,6 +71,12 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self.resolved: dict[tuple[str, Any], str] = {}
+        if not self.yaml_path_resolvers:
+            # called for every node, and they do nothing without path
+            # resolvers: C callables that do nothing either, instead of
+            # Python methods (``slice(a, b)`` and ``tuple()`` make an object)
+            self.descend_resolver = slice
+            self.ascend_resolver = tuple
 
     def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
         if kind is not yaml.ScalarNode or self.yaml_path_resolvers:
@@ -288,21 +294,7 @@ def read_file(path: Path) -> Layer:
             raise ConfigError([f"{source}: nested too deeply"], source) from None
         _check_depth(data, source)
         return Layer(data, {(): Origin(source)} | _all_paths(data, Origin(source)))
-    try:
-        data, origins = _load_yaml(text, source)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        problem = " ".join(str(problem).split())
-        raise ConfigError([f"{where}: not valid YAML: {problem}"], source) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            [f"{source}: expected a mapping at the top, got {type(data).__name__}"], source
-        )
-    return Layer(data, {(): Origin(source, 1)} | origins)
+    return _yaml_layer(text, source)
 
 
 def read_document(text: str, source: str) -> Layer:
@@ -312,8 +304,14 @@ def read_document(text: str, source: str) -> Layer:
     errors as :func:`read_file`."""
     if len(text.encode()) > MAX_FILE_BYTES:
         raise ConfigError([f"{source}: larger than {MAX_FILE_BYTES} bytes"], source)
+    return _yaml_layer(text, source)
+
+
+def _yaml_layer(text: str, source: str) -> Layer:
+    """A YAML (or JSON) document as a layer whose origins are worked out
+    from ``text`` again when first asked for (:class:`DeferredOrigins`)."""
     try:
-        data, origins = _load_yaml(text, source)
+        data, _ = _load_yaml(text, source, origins=False)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -325,7 +323,70 @@ def read_document(text: str, source: str) -> Layer:
         raise ConfigError(
             [f"{source}: expected a mapping at the top, got {type(data).__name__}"], source
         )
-    return Layer(data, {(): Origin(source, 1)} | origins)
+    return Layer(data, DeferredOrigins.of_text(text, source))
+
+
+def _yaml_again(text: str, source: str) -> Layer:
+    """The layer :func:`_yaml_layer` made of ``text``, with its origins: the
+    text was read once without errors, so it reads the same again."""
+    data, origins = _load_yaml(text, source)
+    return Layer({} if data is None else data, {(): Origin(source, 1)} | origins)
+
+
+class DeferredOrigins(MutableMapping[PathT, Origin]):
+    """A layer's origins, worked out when first asked for: only an error
+    message or ``hsu config show`` needs them, and a dict of every key's
+    file and line held some 1.2 KiB per unit of a deployment. ``make``
+    returns them; ``again``, if given, returns the whole layer once more
+    (data and origins), which :func:`~hsu._kernel.config.sources.merge`
+    needs to work out the merged origins without holding the data."""
+
+    __slots__ = ("_made", "_make", "again")
+
+    def __init__(
+        self, make: Callable[[], Mapping[PathT, Origin]], again: Callable[[], Layer] | None = None
+    ) -> None:
+        self._make = make
+        self._made: dict[PathT, Origin] | None = None
+        self.again = again
+
+    @classmethod
+    def of_text(cls, text: str, source: str) -> DeferredOrigins:
+        """The origins of a YAML document: the text is parsed again with
+        positions (about 0.1 KiB a unit held, against the origins' 1.2)."""
+        again = functools.partial(_yaml_again, text, source)
+        return cls(lambda: again().origins, again)
+
+    @property
+    def made(self) -> dict[PathT, Origin]:
+        if self._made is None:  # two threads at once may both make them: the same
+            made = self._make()
+            self._made = made if isinstance(made, dict) else dict(made)
+        return self._made
+
+    def __getitem__(self, path: PathT) -> Origin:
+        return self.made[path]
+
+    def get(self, path: PathT, default: Any = None) -> Any:
+        return self.made.get(path, default)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.made
+
+    def __setitem__(self, path: PathT, origin: Origin) -> None:
+        self.made[path] = origin
+
+    def __delitem__(self, path: PathT) -> None:
+        del self.made[path]
+
+    def __iter__(self) -> Iterator[PathT]:
+        return iter(self.made)
+
+    def __len__(self) -> int:
+        return len(self.made)
+
+    def __repr__(self) -> str:
+        return f"DeferredOrigins({'made' if self._made is not None else 'not made yet'})"
 
 
 def _read_text(path: Path, source: str) -> str:
@@ -349,32 +410,155 @@ def _read_text(path: Path, source: str) -> str:
         ) from None
 
 
-def _load_yaml(text: str, source: str, lines: bool = True) -> tuple[Any, dict[PathT, Origin]]:
-    """Compose once (aliases share nodes), then build plain data within bounds."""
+def _load_yaml(
+    text: str, source: str, lines: bool = True, origins: bool = True
+) -> tuple[Any, dict[PathT, Origin]]:
+    """Compose once (aliases share nodes), then build plain data within
+    bounds; with ``origins``, also the origin of every path (else ``{}``).
+
+    Without origins, a document with no anchor is built from the parser's
+    events instead (:func:`_from_events`): no node graph, which was most of
+    the memory a read took; on anything unusual (an error, a merge key, a
+    tag, a bound) it is built from the nodes, which says what is wrong."""
+    if not origins and "&" not in text:
+        try:
+            return _from_events(text), {}
+        except Exception:  # the node builder says what is wrong, or reads it
+            pass
     try:
         node = yaml.compose(text, Loader=_LOADER)
     except RecursionError:
         raise ConfigError([f"{source}: nested too deeply"], source) from None
     if node is None:
         return None, {}
-    builder = _Builder(source, lines)
-    return builder.build(node, (), node.start_mark.line + 1), builder.origins
+    # no anchor, no alias: no node is reached twice, nothing to track
+    builder = _Builder(source, lines, origins, anchors="&" in text)
+    return builder.build(node, (), 0, node.start_mark.line + 1), builder.origins
+
+
+class _NotPlain(Exception):
+    """What :func:`_from_events` leaves to the node builder."""
+
+
+def _from_events(text: str) -> Any:
+    """The data of a YAML document with no anchor, from the parser's events
+    (the document is valid: no other kind of event, each collection ended),
+    or :class:`_NotPlain` for a merge key, a key that is not a plain value,
+    a duplicate key, a collection's explicit tag, more than
+    :data:`MAX_NODES` values or :data:`MAX_DEPTH` levels, more than one
+    document. Within those, the same data as :class:`_Builder` makes."""
+    loader = _LOADER(text)
+    try:
+        get = loader.get_event
+        resolve = loader.resolve
+        scalars = _Builder("", track=False, anchors=False)
+        get()  # the stream's start
+        if type(get()) is yaml.StreamEndEvent:
+            return None
+        # each open collection: [the container, key awaited (maps), the key]
+        stack: list[list[Any]] = []
+        top: list[Any] | None = None
+        root: Any = None
+        nodes = 0
+        while True:
+            event = get()
+            kind = type(event)
+            if kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
+                assert top is not None
+                value = top[0]
+                stack.pop()
+                top = stack[-1] if stack else None
+                if top is None:
+                    root = value
+                    break
+                continue  # in its parent since it started
+            elif kind is yaml.ScalarEvent:
+                tag = event.tag
+                if tag is None or tag == "!":
+                    tag = resolve(yaml.ScalarNode, event.value, event.implicit)
+                if tag == _STR:
+                    value = event.value
+                elif tag == _MERGE:
+                    raise _NotPlain
+                else:
+                    value = scalars.scalar(
+                        yaml.ScalarNode(
+                            tag, event.value, event.start_mark, event.end_mark, event.style
+                        )
+                    )
+                if top is not None and top[1]:  # a key
+                    if value in top[0]:  # a duplicate, or unhashable (TypeError)
+                        raise _NotPlain
+                    top[1], top[2] = False, value
+                    continue
+                nodes += 1
+                if top is None:
+                    root = value
+                    break
+            elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
+                tag = event.tag
+                if (
+                    tag is not None
+                    and tag != "!"
+                    and tag != (_MAP if kind is yaml.MappingStartEvent else _SEQ)
+                ) or (top is not None and top[1]):
+                    raise _NotPlain  # a tag, or a key that is a collection
+                nodes += 1
+                if len(stack) >= MAX_DEPTH:
+                    raise _NotPlain
+                container: Any = {} if kind is yaml.MappingStartEvent else []
+                if top is not None:
+                    if type(top[0]) is dict:
+                        top[0][top[2]] = container
+                        top[1] = True
+                    else:
+                        top[0].append(container)
+                top = [container, kind is yaml.MappingStartEvent, None]
+                stack.append(top)
+                continue
+            else:  # an alias, or something this does not expect
+                raise _NotPlain
+            if nodes > MAX_NODES or top is None:
+                raise _NotPlain
+            if type(top[0]) is dict:
+                top[0][top[2]] = value
+                top[1] = True
+            else:
+                top[0].append(value)
+        if nodes > MAX_NODES or type(get()) is not yaml.DocumentEndEvent:
+            raise _NotPlain
+        if type(get()) is not yaml.StreamEndEvent:
+            raise _NotPlain  # another document
+        return root
+    finally:
+        loader.dispose()
+
+
+#: scalar tags whose values are immutable and may be shared (``1`` a thousand times)
+_SHARED = frozenset(f"tag:yaml.org,2002:{t}" for t in ("int", "bool", "null", "float"))
 
 
 class _Builder:
     """Plain data from a composed YAML node graph: each alias expanded into a
     copy, counted, so the data is a tree of bounded size (later merges and
-    walks are linear in it), and duplicate keys are refused."""
+    walks are linear in it), and duplicate keys are refused. ``track``: keep
+    each path's origin (what :class:`DeferredOrigins` asks for); ``anchors``:
+    the text may hold aliases (without, no node is reached twice)."""
 
-    def __init__(self, source: str, lines: bool = True):
+    def __init__(
+        self, source: str, lines: bool = True, track: bool = True, anchors: bool = True
+    ) -> None:
         self.source = source
         self.lines = lines
+        self.track = track
+        self.anchors = anchors
         self.origins: dict[PathT, Origin] = {}
         self.nodes = 0
         self.aliased = 0
         self.seen: set[int] = set()
         self.open: set[int] = set()  # the nodes being built: an alias to one is a cycle
         self.scalars = yaml.SafeLoader("")
+        self.shared: dict[tuple[str, str], Any] = {}
 
     def where(self, line: int) -> str:
         return f"{self.source}:{line}" if self.lines else self.source
@@ -385,34 +569,38 @@ class _Builder:
     def origin(self, line: int) -> Origin:
         return Origin(self.source, line if self.lines else None)
 
-    def build(self, node: yaml.Node, path: PathT, line: int, alias: int | None = None) -> Any:
-        """``line``: where the value is used (its key or list), for messages;
-        ``alias``: where the outermost alias being expanded is used."""
+    def build(
+        self, node: yaml.Node, path: PathT, depth: int, line: int, alias: int | None = None
+    ) -> Any:
+        """``path``: where the value is (kept only with ``track``); ``depth``:
+        how deep; ``line``: where the value is used (its key or list), for
+        messages; ``alias``: where the outermost alias being expanded is used."""
         self.nodes += 1
-        if id(node) in self.seen:
-            self.aliased += 1
-            alias = line if alias is None else alias
-            if id(node) in self.open:
-                raise self.fail(line, "a YAML alias refers to a value that contains it")
-        self.seen.add(id(node))
-        if self.aliased > MAX_ALIASED_NODES:
-            raise self.fail(
-                alias or line,
-                f"too many aliased nodes (YAML aliases repeat more than"
-                f" {MAX_ALIASED_NODES:,} values)",
-            )
+        if self.anchors:
+            if id(node) in self.seen:
+                self.aliased += 1
+                alias = line if alias is None else alias
+                if id(node) in self.open:
+                    raise self.fail(line, "a YAML alias refers to a value that contains it")
+            self.seen.add(id(node))
+            if self.aliased > MAX_ALIASED_NODES:
+                raise self.fail(
+                    alias or line,
+                    f"too many aliased nodes (YAML aliases repeat more than"
+                    f" {MAX_ALIASED_NODES:,} values)",
+                )
         if self.nodes > MAX_NODES:
             raise self.fail(line, f"too many nodes (more than {MAX_NODES:,} values)")
-        if len(path) > MAX_DEPTH:
+        if depth > MAX_DEPTH:
             raise self.fail(line, f"nested more than {MAX_DEPTH} levels deep")
         if isinstance(node, yaml.ScalarNode):
             return self.scalar(node)
         self.open.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
-                return self.sequence(node, path, alias)
+                return self.sequence(node, path, depth, alias)
             if isinstance(node, yaml.MappingNode) and node.tag == _MAP:
-                return self.mapping(node, path, alias)
+                return self.mapping(node, path, depth, alias)
         finally:
             self.open.discard(id(node))
         raise self.fail(node.start_mark.line + 1, f"YAML tag {node.tag!r} is not supported")
@@ -420,32 +608,47 @@ class _Builder:
     def scalar(self, node: yaml.ScalarNode) -> Any:
         """The value of a plain or quoted scalar: its tag's constructor called
         as the loader would, without its bookkeeping (which is for
-        collections and keeps every node alive)."""
-        if node.tag == _STR:
+        collections and keeps every node alive); a number, boolean or null
+        made once per document."""
+        tag = node.tag
+        if tag == _STR:
             return node.value
-        construct = self.scalars.yaml_constructors.get(node.tag)
+        if tag in _SHARED:
+            key = (tag, node.value)
+            if key in self.shared:
+                return self.shared[key]
+        construct = self.scalars.yaml_constructors.get(tag)
         if construct is None:
             return self.scalars.construct_object(node, deep=True)
-        return construct(self.scalars, node)
+        value = construct(self.scalars, node)
+        if tag in _SHARED:
+            self.shared[key] = value
+        return value
 
-    def sequence(self, node: yaml.SequenceNode, path: PathT, alias: int | None) -> list[Any]:
+    def sequence(
+        self, node: yaml.SequenceNode, path: PathT, depth: int, alias: int | None
+    ) -> list[Any]:
         out = []
         for i, item in enumerate(node.value):
             line = item.start_mark.line + 1
-            self.origins[(*path, i)] = self.origin(line)
+            child = path
+            if self.track:
+                child = (*path, i)
+                self.origins[child] = self.origin(line)
             # an alias item's node is the anchored one, elsewhere: say the list
             used = node.start_mark.line + 1 if id(item) in self.seen else line
-            out.append(self.build(item, (*path, i), used, alias))
+            out.append(self.build(item, child, depth + 1, used, alias))
         return out
 
-    def mapping(self, node: yaml.MappingNode, path: PathT, alias: int | None) -> dict[Any, Any]:
+    def mapping(
+        self, node: yaml.MappingNode, path: PathT, depth: int, alias: int | None
+    ) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         merged: set[Any] = set()  # keys from ``<<: *base``, which a key of its own overrides
-        first: dict[Any, int] = {}
         for key_node, value_node in node.value:
             line = key_node.start_mark.line + 1
             if key_node.tag == _MERGE:
-                self.merge(value_node, path, line, out, merged, alias)
+                self.merge(value_node, path, depth, line, out, merged, alias)
                 continue
             if not isinstance(key_node, yaml.ScalarNode):
                 raise self.fail(line, "a key must be a plain value, not a mapping or a list")
@@ -454,21 +657,44 @@ class _Builder:
                 hash(key)
             except TypeError:
                 raise self.fail(line, f"a key must be a plain value, got {key!r}") from None
-            if key in first:
-                raise self.fail(line, f"duplicate key {key!r} (first at line {first[key]})")
-            first[key] = line
-            child = (*path, key)
-            if key in merged:
-                merged.discard(key)
-                self._forget(child)
-            self.origins[child] = self.origin(line)
-            out[key] = self.build(value_node, child, line, alias)
+            if key in out and key not in merged:
+                first = self.first_line(node, key)
+                raise self.fail(line, f"duplicate key {key!r} (first at line {first})")
+            child = path
+            if self.track:
+                child = (*path, key)
+                if key in merged:
+                    self._forget(child)
+                self.origins[child] = self.origin(line)
+            merged.discard(key)
+            if self.anchors or not isinstance(value_node, yaml.ScalarNode):
+                out[key] = self.build(value_node, child, depth + 1, line, alias)
+                continue
+            # what build does for a scalar, inline: most values of a deployment are
+            self.nodes += 1
+            if self.nodes > MAX_NODES:
+                raise self.fail(line, f"too many nodes (more than {MAX_NODES:,} values)")
+            if depth + 1 > MAX_DEPTH:
+                raise self.fail(line, f"nested more than {MAX_DEPTH} levels deep")
+            out[key] = self.scalar(value_node)
         return out
+
+    def first_line(self, node: yaml.MappingNode, key: Any) -> int:
+        """The line of ``key``'s first appearance in ``node`` (a duplicate's message)."""
+        for key_node, _ in node.value:
+            if (
+                key_node.tag != _MERGE
+                and isinstance(key_node, yaml.ScalarNode)
+                and self.scalar(key_node) == key
+            ):
+                return int(key_node.start_mark.line + 1)
+        return 0  # not reached: the key was set by a node of this mapping
 
     def merge(
         self,
         value: yaml.Node,
         path: PathT,
+        depth: int,
         line: int,
         out: dict[Any, Any],
         merged: set[Any],
@@ -480,19 +706,20 @@ class _Builder:
         for base in bases:
             if not isinstance(base, yaml.MappingNode):
                 raise self.fail(line, "'<<' merges a mapping or a list of mappings")
-            scratch = _Builder(self.source, self.lines)
+            scratch = _Builder(self.source, self.lines, self.track, self.anchors)
             scratch.nodes, scratch.aliased = self.nodes, self.aliased
-            scratch.seen, scratch.open = self.seen, self.open
-            built = scratch.build(base, path, line, alias)
+            scratch.seen, scratch.open, scratch.shared = self.seen, self.open, self.shared
+            built = scratch.build(base, path, depth, line, alias)
             self.nodes, self.aliased = scratch.nodes, scratch.aliased
             for key, item in built.items():
                 if key in out:
                     continue
                 out[key] = item
                 merged.add(key)
-                for p, origin in scratch.origins.items():
-                    if p[: len(path) + 1] == (*path, key):
-                        self.origins[p] = origin
+                if self.track:
+                    for p, origin in scratch.origins.items():
+                        if p[: len(path) + 1] == (*path, key):
+                            self.origins[p] = origin
 
     def _forget(self, prefix: PathT) -> None:
         for p in [p for p in self.origins if p[: len(prefix)] == prefix]:
@@ -580,7 +807,7 @@ def parse_scalar(raw: str, source: str = "<value>") -> Any:
     if len(raw.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise ConfigError([f"{source}: larger than {MAX_FILE_BYTES // 2**20} MiB"], source)
     try:
-        value, _ = _load_yaml(raw, source, lines=False)
+        value, _ = _load_yaml(raw, source, lines=False, origins=False)
     except yaml.YAMLError:
         return raw
     return raw if value is None and raw.strip() not in ("null", "~") else value

@@ -444,11 +444,18 @@ class Registry:
                 if (wanted is None or s.families is None or s.families & wanted)
                 and s.name not in skip
             ]
-        results = await asyncio.gather(
+        pending = asyncio.gather(
             *(s.source(wanted) if s.filtered else s.source() for s in sources),
             return_exceptions=True,
         )
-        merged: dict[str, Family] = {f.name: f for f in self.collect(wanted)}
+        try:
+            if sources:
+                await asyncio.sleep(0)  # the sources start (a sampling thread)...
+            merged: dict[str, Family] = {f.name: f for f in self.collect(wanted)}  # ...meanwhile
+        except BaseException:
+            pending.cancel()
+            raise
+        results = await pending
         for s, result in zip(sources, results, strict=True):
             if isinstance(result, BaseException):
                 from loguru import logger

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -119,10 +119,12 @@ class Origin:
 
 @attrs.define
 class Layer:
-    """Data from one source, with an :class:`Origin` for each path it sets."""
+    """Data from one source, with an :class:`Origin` for each path it sets
+    (a dict, or :class:`hsu.config.DeferredOrigins`, worked out when first
+    asked for: what :func:`hsu.config.read_file` and ``read_document`` give)."""
 
     data: dict[str, Any] = attrs.field(factory=dict)
-    origins: dict[PathT, Origin] = attrs.field(factory=dict)
+    origins: MutableMapping[PathT, Origin] = attrs.field(factory=dict)
 
 
 @attrs.frozen

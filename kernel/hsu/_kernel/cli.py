@@ -15,10 +15,8 @@ import argparse
 import contextlib
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hsu._kernel.table import Column, render
@@ -26,6 +24,8 @@ from hsu._version import __version__
 from hsu.errors import HsuError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import grpc
 
 LOG_FORMAT = (
@@ -99,6 +99,8 @@ def _setup_logging(
 def _kernel_address(args: argparse.Namespace) -> str:
     """The control address to call: --control, --kernel NAME, --deployment
     FILE, $HSU_CONTROL, $HSU_KERNEL_ADDRESS, else the one running kernel."""
+    if args.control:  # as control.resolve, without importing it
+        return str(args.control)
     from hsu._kernel import control
 
     try:
@@ -411,8 +413,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     address = _kernel_address(args)
     # the requests go out before the messages are imported (a good part of
     # the CLI's start), so the kernel works on them meanwhile
-    read = _send(address, args, args.timeout, _live_requests(live.USAGE.values()))
-    status, listing, metrics = read(_live_replies())
+    shown = live.USAGE.values() if args.json else [live.USAGE[c] for c in live.SHOWN]
+    read = _send(address, args, args.timeout, _live_requests(shown))
+    metrics, status, listing = read(_live_replies())
     code = status_code(status.state, listing.instances)
     used = live.usage(metrics.families)
     if args.json:
@@ -443,14 +446,16 @@ def _is_instance_id(name: str) -> bool:
 
 
 def _live_requests(families: Iterable[str]) -> list[tuple[str, _Wire]]:
-    """Kernel.Status, Kernel.ListInstances and Core.Metrics of these
-    ``families`` only, the kernel's own series (it then samples nothing else
-    and asks no HSU: ``hsu top`` shows the gateway's calls), as their bytes,
-    made without protobuf; the replies are read as :func:`_live_replies`."""
+    """Core.Metrics of these ``families`` only, the kernel's own series (it
+    then samples nothing else and asks no HSU: ``hsu top`` shows the
+    gateway's calls), Kernel.Status and Kernel.ListInstances, as their bytes,
+    made without protobuf; the replies are read as :func:`_live_replies`.
+    Metrics goes first: the kernel starts sampling the instances' usage on a
+    thread, then answers the other two meanwhile (docs/benchmarks.md)."""
     return [
+        (CORE + "Metrics", metrics_request(families)),
         (KERNEL + "Status", _Wire()),
         (KERNEL + "ListInstances", _Wire()),
-        (CORE + "Metrics", metrics_request(families)),
     ]
 
 
@@ -459,7 +464,7 @@ def _live_replies() -> list[Any]:
     from hsu.core.v1 import core_pb2 as core
     from hsu.kernel.v1 import kernel_pb2 as k
 
-    return [k.StatusResponse, k.ListInstancesResponse, core.MetricsResponse]
+    return [core.MetricsResponse, k.StatusResponse, k.ListInstancesResponse]
 
 
 def metrics_request(families: Iterable[str]) -> _Wire:
@@ -485,7 +490,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     requests = _live_requests([*live.USAGE.values(), *live.CALLS])
 
     def fetch() -> tuple[Any, Any, Any]:
-        status, listing, metrics = _send(address, args, args.timeout, requests)(_live_replies())
+        metrics, status, listing = _send(address, args, args.timeout, requests)(_live_replies())
         return status, listing, list(metrics.families)
 
     live.run_top(fetch, args.interval, args.iterations)
@@ -547,6 +552,8 @@ def _progress(channel: Any, unit: str, enabled: bool) -> Iterator[None]:
                 print(_event_line(ev), file=sys.stderr, flush=True)
         except grpc.RpcError:
             pass  # cancelled below, or the kernel went away (the call says why)
+
+    import threading
 
     thread = threading.Thread(target=pump, name="hsu-progress", daemon=True)
     thread.start()

@@ -26,6 +26,10 @@ USAGE = {
     "cpu": "hsu_instance_cpu_percent",
     "inflight": "hsu_instance_inflight",
 }
+#: the usage columns of the instance table (:func:`instance_rows`; its
+#: RESTARTS are the listing's): what ``hsu status`` asks for, and all of
+#: :data:`USAGE` with ``--json``
+SHOWN = ("uptime", "rss", "cpu", "inflight")
 #: the gateway's calls and latency, from which ``hsu top`` works out calls/s and p99
 CALLS = ("grpc_server_handled_total", "grpc_server_handling_seconds")
 

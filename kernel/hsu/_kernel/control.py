@@ -16,9 +16,7 @@ address: ``$HSU_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/hsu``, else
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
-import socket
 import stat
 from pathlib import Path
 
@@ -97,6 +95,9 @@ def is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True
+    import ipaddress  # not for a client's lookup (`hsu status`, docs/benchmarks.md)
+    import socket
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -145,6 +146,8 @@ def prepare_socket(address: str, *, private_dir: bool = True) -> None:
         return
     if not stat.S_ISSOCK(os.lstat(path).st_mode):
         raise HsuError(f"{path}: exists and is not a socket; refusing to replace it")
+    import socket
+
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(0.5)

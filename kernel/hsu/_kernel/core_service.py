@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any
 
 import grpc
@@ -15,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hsu._kernel.logbuffer import LEVELS, LogBuffer, Record
 from hsu._version import __version__
 from hsu.core.v1 import core_pb2, core_pb2_grpc
-from hsu.metrics import Family
+from hsu.metrics import Family, Point
 
 CORE_SERVICE = "hsu.core.v1.Core"
 RUNTIME = f"hsu-python/{__version__}"
@@ -152,23 +153,91 @@ class CoreServicer(core_pb2_grpc.CoreServicer):
 
 def families_pb(families: list[Family]) -> core_pb2.MetricsResponse:
     """Collected families as Core.Metrics answers them."""
-    out = core_pb2.MetricsResponse()
-    add_family = out.families.add
+    return core_pb2.MetricsResponse.FromString(families_wire(families))
+
+
+_double = struct.Struct("<d").pack
+_ZERO = _double(0.0)
+
+
+#: a varint below 128 is its one byte
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: bytes, data: bytes) -> bytes:
+    """A length-delimited field; empty (proto3's default): nothing."""
+    return tag + _varint(len(data)) + data if data else b""
+
+
+def families_wire(families: Iterable[Family]) -> bytes:
+    """A ``MetricsResponse`` of these families as its bytes, written out:
+    with 1,000 instances, about half the time of upb's ``add()`` per point
+    and label (docs/benchmarks.md, "`hsu status` with 1,000 running"), the
+    parse into the reply included. The same bytes as upb's serialization of the message
+    (fields in number order, proto3 defaults left out; tests/test_metrics.py
+    compares them). A point's labels are written once per tuple (the
+    kernel's per-instance families share one), with the point's head."""
+    #: labels -> (their bytes, the point without a value, its head before a
+    #: value's 8 bytes)
+    heads: dict[tuple[tuple[str, str], ...], tuple[bytes, bytes, bytes]] = {}
+    pairs: dict[tuple[str, str], bytes] = {}
+    out = []
     for fam in families:
-        add = add_family(name=fam.name, kind=fam.kind, help=fam.help).points.add
+        points: list[bytes] = []
+        add = points.append
         for p in fam.points:
-            # a gauge's or counter's point (most, one per instance) without
-            # its zero count: a quarter of the time at 1,000 instances
+            head = heads.get(p.labels)
+            if head is None:
+                labels = b""
+                for pair in p.labels:
+                    label = pairs.get(pair)
+                    if label is None:
+                        data = _field(b"\x0a", pair[0].encode()) + _field(b"\x12", pair[1].encode())
+                        label = pairs[pair] = b"\x0a" + _varint(len(data)) + data
+                    labels += label
+                head = heads[p.labels] = (
+                    labels,
+                    b"\x22" + _varint(len(labels)) + labels,
+                    b"\x22" + _varint(len(labels) + 9) + labels + b"\x11",
+                )
+            value = _double(p.value)
             if p.buckets or p.count:
-                point = add(value=p.value, count=p.count)
-                for bound, n in p.buckets:
-                    point.buckets.add(upper_bound=bound, count=n)
+                add(_point(head[0], value, p))
+            elif value == _ZERO:
+                add(head[1])
             else:
-                point = add(value=p.value)
-            label = point.labels.add
-            for k, v in p.labels:
-                label(name=k, value=v)
-    return out
+                add(head[2] + value)
+        data = (
+            _field(b"\x0a", fam.name.encode())
+            + _field(b"\x12", fam.kind.encode())
+            + _field(b"\x1a", fam.help.encode())
+            + b"".join(points)
+        )
+        out.append(b"\x0a" + _varint(len(data)) + data)
+    return b"".join(out)
+
+
+def _point(labels: bytes, value: bytes, p: Point) -> bytes:
+    """A histogram's point (:func:`families_wire`)."""
+    body = labels + (b"\x11" + value if value != _ZERO else b"")
+    for bound, n in p.buckets:
+        upper = _double(bound)
+        bucket = (b"\x09" + upper if upper != _ZERO else b"") + (b"\x10" + _varint(n) if n else b"")
+        body += b"\x1a" + _varint(len(bucket)) + bucket
+    if p.count:
+        body += b"\x20" + _varint(p.count)
+    return b"\x22" + _varint(len(body)) + body
 
 
 #: a family's kinds, as Core.Metrics may name them

@@ -16,9 +16,8 @@ streams) goes through grpcio.
 
 from __future__ import annotations
 
+import _socket  # socket's enums cost more than a call to a local kernel
 import contextlib
-import re
-import socket
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -304,7 +303,7 @@ class Connection:
         self.peer_streams = 1 << 31
         self.unacked = 0
         self.last_stream: int | None = None  # GOAWAY's last stream id
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             with self._io(f"{path}: "):
                 self.sock.connect(path)
@@ -404,6 +403,8 @@ class Connection:
             raise _protocol(f"grpc-status {status!r}")
         code = CODES[int(status)] if int(status) < len(CODES) else "UNKNOWN"
         if code != "OK":
+            import re
+
             message = re.sub(
                 rb"%([0-9A-Fa-f]{2})",
                 lambda m: bytes((int(m[1], 16),)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Mapping
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -44,6 +44,10 @@ S = TypeVar("S", bound=enum.Enum)
 HISTORY = 256
 
 
+#: transition tables found complete, by id (each kept: its id is not reused)
+_checked: dict[int, Mapping[Any, frozenset[Any]]] = {}
+
+
 @attrs.frozen
 class Transition(Generic[S]):
     source: S
@@ -63,9 +67,13 @@ class StateMachine(Generic[S]):
     __slots__ = ("_state", "_table", "history", "listeners", "name")
 
     def __init__(self, name: str, initial: S, table: Mapping[S, frozenset[S]]):
-        missing = {s for targets in table.values() for s in targets} - set(table)
-        if initial not in table or missing:
-            raise ValueError(f"{name}: transition table lacks states {missing or {initial}}")
+        if _checked.get(id(table)) is not table:  # once per table, not per instance
+            missing = {s for targets in table.values() for s in targets} - set(table)
+            if missing:
+                raise ValueError(f"{name}: transition table lacks states {missing}")
+            _checked[id(table)] = table
+        if initial not in table:
+            raise ValueError(f"{name}: transition table lacks states {set([initial])}")
         self.name = name
         self._state = initial
         self._table = table

@@ -53,22 +53,35 @@ def _timestamp_fields(seconds: float) -> Any:
 
 
 def instance_pb(inst: Instance) -> kernel_pb2.Instance:
-    msg = kernel_pb2.Instance(
-        instance_id=inst.instance_id,
-        unit=inst.unit,
-        state=inst.state.value,
-        pid=inst.pid,
-        address=inst.address,
-        interfaces=inst.interfaces,
-        version=inst.version,
-        started_at=_timestamp_fields(inst.started_at),
-        metadata=inst.metadata,
-        managed=inst.managed,
-        restarts=inst.restarts,
-        last_exit=inst.last_exit,
-        health=inst.health,
-        reattached=inst.reattached,
-    )
+    # the fields most instances leave at proto3's default (empty, zero,
+    # false) are not passed: the same message, built in half the time
+    # (ListInstances at 1,000 instances, docs/benchmarks.md)
+    fields: dict[str, Any] = {
+        "instance_id": inst.instance_id,
+        "unit": inst.unit,
+        "state": inst.state.value,
+        "started_at": _timestamp_fields(inst.started_at),
+        "health": inst.health,
+    }
+    if inst.pid:
+        fields["pid"] = inst.pid
+    if inst.address:
+        fields["address"] = inst.address
+    if inst.interfaces:
+        fields["interfaces"] = inst.interfaces
+    if inst.version:
+        fields["version"] = inst.version
+    if inst.metadata:
+        fields["metadata"] = inst.metadata
+    if inst.managed:
+        fields["managed"] = True
+    if inst.restarts:
+        fields["restarts"] = inst.restarts
+    if inst.last_exit:
+        fields["last_exit"] = inst.last_exit
+    if inst.reattached:
+        fields["reattached"] = True
+    msg = kernel_pb2.Instance(**fields)
     if inst.registered_at is not None:
         msg.registered_at.CopyFrom(timestamp(inst.registered_at))
     return msg

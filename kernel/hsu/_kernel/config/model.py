@@ -14,6 +14,7 @@ import pickle
 import re
 import shlex
 import signal
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from hsu._kernel.config.sources import MIN_SECRET_LENGTH, format_path, origin_of
 from hsu._kernel.supervision.resources import ResourceLimits
 from hsu.config import (
     DEFAULT_PASS_ENV,
+    DeferredOrigins,
     EnvFileError,
     Seconds,
     parse_duration,
@@ -101,7 +103,8 @@ def _command(value: Any) -> tuple[str, ...]:
         argv = list(value)
     else:
         raise ValueError(f"expected a string or a list of strings, got {value!r}")
-    return tuple(argv)
+    # one string for the same word in every unit (``python``, ``-m``), kept as long as they run
+    return tuple(sys.intern(a) if type(a) is str else a for a in argv)
 
 
 _ge0: Any = attrs.validators.ge(0)
@@ -267,7 +270,7 @@ def _signal_name(value: str) -> str:
         name = "SIG" + name
     if name not in signal.Signals.__members__:
         raise ValueError(f"unknown signal {value!r}")
-    return name
+    return sys.intern(name)  # one ``SIGTERM`` for every unit
 
 
 #: seconds an on-demand unit's instance may go unused before it stops, when
@@ -281,6 +284,13 @@ class _DefaultIdle(float):
 
 
 IDLE_DEFAULT = _DefaultIdle(DEFAULT_IDLE_TIMEOUT)
+
+
+def _shared(cls: Callable[[], Any]) -> Callable[[], Any]:
+    """A factory that gives the one default instance of a frozen class to
+    every unit that does not set it (1,000 units held 1,000 equal copies)."""
+    one = cls()
+    return lambda: one
 
 
 @attrs.frozen
@@ -319,9 +329,9 @@ class UnitSpec:
     stop_signal: str = attrs.field(default="SIGTERM", converter=_signal_name)
     #: seconds an instance has to exit after being asked, before SIGKILL
     stop_grace: Seconds = attrs.field(default=10.0, validator=_ge0)
-    restart: Restart = attrs.field(factory=Restart)
+    restart: Restart = attrs.field(factory=_shared(Restart))
     health: Health | None = None
-    limits: ResourceLimits = attrs.field(factory=ResourceLimits)
+    limits: ResourceLimits = attrs.field(factory=_shared(ResourceLimits))
     #: units started (and ready) before this one, stopped after it
     depends_on: tuple[str, ...] = ()
     #: ``unmanaged``: where to find the process and whether hsu may stop it
@@ -332,7 +342,7 @@ class UnitSpec:
     #: (normally ``${env:NAME}``); at least 16 printable ASCII characters.
     #: Instances the kernel starts get their own, one per instance
     token: str | None = None
-    routing: Routing = attrs.field(factory=Routing)
+    routing: Routing = attrs.field(factory=_shared(Routing))
     #: glob patterns (``fnmatch``) of the kernel's environment variables the
     #: instances inherit; the default is :data:`hsu.config.DEFAULT_PASS_ENV`,
     #: ``["*"]`` passes everything. ``env`` is added on top
@@ -586,7 +596,7 @@ def structure(
         return converter.structure(data, cls)
     except Exception as exc:
         found = _messages(exc, path, data)
-        problems = [describe(p, m, source, origins or {}) for p, m in found]
+        problems = [describe(p, m, source, {} if origins is None else origins) for p, m in found]
         raise ConfigError(problems, source) from None
 
 
@@ -631,7 +641,7 @@ def structure_options(
             found.extend(_validator_problems(cls, raw, path) or refused)
         else:
             found = _messages(exc, path)
-        problems = [describe(p, m, source, origins or {}) for p, m in found]
+        problems = [describe(p, m, source, {} if origins is None else origins) for p, m in found]
         raise ConfigError(problems, source) from None
 
 
@@ -735,7 +745,7 @@ def deployment_from_dict(
     filled in, which :func:`~hsu._kernel.config.defaults.with_defaults`
     leaves as they are). Nothing else a unit depends on is cached: its
     ``env_file`` is read again, and secret references resolve before this."""
-    origins = origins or {}
+    origins = {} if origins is None else origins
     references = references or {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: expected a mapping at the top, got {type(raw).__name__}"])
@@ -822,7 +832,7 @@ def deployment_from_dict(
         sections=sections,
         source=source,
         base_dir=base_dir,
-        origins=dict(origins),
+        origins=origins if isinstance(origins, DeferredOrigins) else dict(origins),
         secrets=kept,
         references=dict(references),
         env_files=env_files,

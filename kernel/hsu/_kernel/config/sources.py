@@ -16,13 +16,13 @@ an error, and a file is read only from the deployment's folder or
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from hsu.config import SecretStr
+from hsu.config import DeferredOrigins, SecretStr
 from hsu.errors import ConfigError
 from hsu.ports import ConfigSource, Layer, Origin, PathT, SourceContext
 
@@ -45,7 +45,39 @@ DEFAULT = Origin("default")
 
 
 def merge(layers: list[Layer]) -> Layer:
-    """Deep-merge layers in order; later ones win, origins follow the values."""
+    """Deep-merge layers in order; later ones win, origins follow the values.
+
+    If a layer's origins are :class:`~hsu.config.DeferredOrigins` (a file's),
+    so are the merged ones: worked out by merging again when first asked
+    for, from each such layer made once more, and the others as they were."""
+    if not any(isinstance(layer.origins, DeferredOrigins) for layer in layers):
+        return _merge_all(layers)
+    kept = [
+        layer.origins.again
+        if isinstance(layer.origins, DeferredOrigins) and layer.origins.again is not None
+        else Layer(_copy(layer.data), dict(layer.origins))
+        for layer in layers
+    ]
+    out = Layer()
+    full = [layer for layer in layers if layer.data]
+    if len(full) == 1:
+        # nothing to merge into it: taken as it is (nothing changes the
+        # merged data; resolve_secrets copies what it replaces)
+        out.data = full[0].data
+    for layer in full if len(full) > 1 else ():
+        if not out.data:
+            out.data = _copy(layer.data)
+        else:
+            _merge_into(out.data, layer.data, (), None, {})
+
+    def again() -> Layer:
+        return _merge_all([k() if callable(k) else k for k in kept])
+
+    out.origins = DeferredOrigins(lambda: again().origins, again)
+    return out
+
+
+def _merge_all(layers: list[Layer]) -> Layer:
     out = Layer()
     for layer in layers:
         if not out.data:  # the first: a copy (what _merge_into makes, in one pass)
@@ -60,17 +92,20 @@ def _merge_into(
     dst: dict[str, Any],
     src: Mapping[str, Any],
     prefix: PathT,
-    dst_origins: dict[PathT, Origin],
+    dst_origins: MutableMapping[PathT, Origin] | None,
     src_origins: Mapping[PathT, Origin],
 ) -> None:
+    """``src`` into ``dst``; with ``dst_origins``, the origins too."""
     for key, value in src.items():
         path = (*prefix, key)
         if isinstance(value, dict) and isinstance(dst.get(key), dict):
             _merge_into(dst[key], value, path, dst_origins, src_origins)
-            if path in src_origins:
+            if dst_origins is not None and path in src_origins:
                 dst_origins.setdefault(path, src_origins[path])
             continue
         dst[key] = _copy(value)
+        if dst_origins is None:
+            continue
         for p in [p for p in dst_origins if p[: len(path)] == path]:
             del dst_origins[p]
         for p, origin in src_origins.items():
@@ -179,10 +214,25 @@ def resolve_secrets(
     roots = secret_roots(data, base_dir)
 
     def walk(value: Any, path: PathT) -> Any:
+        """``value`` with its references resolved: the same object where
+        there is none (most of a deployment), a copy where there is."""
         if isinstance(value, dict):
-            return {k: walk(v, (*path, k)) for k, v in value.items()}
+            changed = None
+            for k, v in value.items():
+                if isinstance(v, dict | list) or (isinstance(v, str) and "$" in v):
+                    new = walk(v, (*path, k))
+                    if new is not v:
+                        changed = changed or {}
+                        changed[k] = new
+            return value if changed is None else {**value, **changed}
         if isinstance(value, list):
-            return [walk(v, (*path, i)) for i, v in enumerate(value)]
+            items = [
+                walk(v, (*path, i))
+                if isinstance(v, dict | list) or (isinstance(v, str) and "$" in v)
+                else v
+                for i, v in enumerate(value)
+            ]
+            return value if all(a is b for a, b in zip(items, value, strict=True)) else items
         if not isinstance(value, str) or "$" not in value:
             return value
         referenced = False
@@ -193,19 +243,22 @@ def resolve_secrets(
                 return "$"
             referenced = True
             kind, name = m.group(1), m.group(2).strip()
-            where = origin_of(origins, path)
-            prefix = f"{where}: " if where else ""
-            prefix += f"{format_path(path)}: ${{{kind}:{name}}}: "
+
+            def problem(why: str) -> str:
+                where = origin_of(origins, path)  # only now: they may be deferred
+                prefix = f"{where}: " if where else ""
+                return f"{prefix}{format_path(path)}: ${{{kind}:{name}}}: {why}"
+
             if kind == "env":
                 if name not in env:
-                    found.problems.append(f"{prefix}{name} is not set")
+                    found.problems.append(problem(f"{name} is not set"))
                     return ""
                 secret = env[name]
             else:
                 try:
                     secret = read_secret_file(name, base_dir, roots)
                 except ValueError as exc:
-                    found.problems.append(f"{prefix}{exc}")
+                    found.problems.append(problem(str(exc)))
                     return ""
             found.values.add(secret)
             return secret

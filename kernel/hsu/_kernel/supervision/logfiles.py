@@ -171,13 +171,10 @@ class _Inotify:
         """Watch the file open at ``fd`` (through ``/proc/self/fd``: the very
         inode we read, even if ``path`` was replaced since), else at ``path``."""
         wd: int = -1
-        targets = [os.fsencode(path)]
         if fd >= 0:
-            targets.insert(0, f"/proc/self/fd/{fd}".encode())
-        for target in targets:
-            wd = self._libc.inotify_add_watch(self.fd, target, IN_MODIFY)
-            if wd >= 0 or ctypes.get_errno() not in (errno.ENOENT, errno.EACCES):
-                break
+            wd = self._libc.inotify_add_watch(self.fd, b"/proc/self/fd/%d" % fd, IN_MODIFY)
+        if wd < 0 and (fd < 0 or ctypes.get_errno() in (errno.ENOENT, errno.EACCES)):
+            wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY)
         if wd < 0:
             raise _errno_error("inotify_add_watch")
         return wd
@@ -480,6 +477,12 @@ class LogFiles:
         self._rotator: _Rotator | None = None  # while run() runs
         self._said: set[str] = set()
         self._secured: set[str] = set()  # units whose directory secure_dir() checked
+        self._root = str(self.directory)  # for the paths of a spawn's files, as strings
+
+    def _stem(self, unit: str, instance_id: str) -> str:
+        """The instance's files' path without ``.<stream>.log`` (a string:
+        pathlib's joins cost more than the rest of a spawn's file work)."""
+        return f"{self._root}/{unit}/{instance_id}"
 
     def paths(self, unit: str, instance_id: str) -> tuple[Path, Path]:
         d = self.directory / unit
@@ -490,11 +493,11 @@ class LogFiles:
         restart's spawn has nothing to create)."""
         return instance_id in self._instances
 
-    def _secure(self, unit: str, out_path: Path) -> None:
+    def _secure(self, unit: str) -> None:
         """The logs directory (once) and the unit's (once per unit): 0700 and ours."""
         if not self._secured:
             secure_dir(self.directory)
-        secure_dir(out_path.parent)
+        secure_dir(self.directory / unit)
         self._secured.add(unit)
 
     def prepare(self, unit: str, instance_id: str) -> None:
@@ -504,30 +507,31 @@ class LogFiles:
         on ext4) done ahead, off the event loop, on a thread of the spawn
         path. Safe to call from a thread; an error is left for
         :meth:`open_for_child` to raise, where it did before."""
-        out_path, err_path = self.paths(unit, instance_id)
+        stem = self._stem(unit, instance_id)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         with contextlib.suppress(OSError, HsuError):
             if unit not in self._secured:
-                self._secure(unit, out_path)
-            for path in (out_path, err_path):
-                os.close(os.open(path, flags, 0o600))
+                self._secure(unit)
+            for stream in STREAMS:
+                os.close(os.open(f"{stem}.{stream}.log", flags, 0o600))
 
     def open_for_child(self, unit: str, instance_id: str) -> tuple[int, int]:
         """Create the unit's directory, open both files for appending and return
         their fds for ``Popen(stdout=, stderr=)``; the caller closes them after
         spawning."""
-        out_path, err_path = self.paths(unit, instance_id)
+        stem = self._stem(unit, instance_id)
+        out_path, err_path = f"{stem}.stdout.log", f"{stem}.stderr.log"
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         # 0700 directories and 0600 files, whatever the umask; a directory is
         # checked at its first file (and again if it vanished since), not at
         # each of a thousand spawns
         if unit not in self._secured:
-            self._secure(unit, out_path)
+            self._secure(unit)
         try:
             out = os.open(out_path, flags, 0o600)
         except FileNotFoundError:
             self._secured.clear()
-            self._secure(unit, out_path)
+            self._secure(unit)
             out = os.open(out_path, flags, 0o600)
         try:
             err = os.open(err_path, flags, 0o600)
@@ -545,19 +549,21 @@ class LogFiles:
         from_start: bool = False,
         fds: tuple[int, int] | None = None,
     ) -> None:
-        """Start following both files of an instance: from offset 0 for a fresh
-        spawn (``from_start=True``), or from their current end when re-attaching
-        to an instance that ran before a kernel restart, so old lines are not
-        logged twice. ``fds``: the two files open already (what
-        :meth:`open_for_child` returned, still open), which are watched
+        """Start following both files of an instance: from offset 0
+        (``from_start=True``), or from their current end, so old lines are not
+        logged twice: when re-attaching to an instance that ran before a
+        kernel restart, or before a spawn (then :meth:`set_pid` once the pid
+        is known: every write of the new process comes after the watch, so
+        nothing needs reading at once). ``fds``: the two files open already
+        (what :meth:`open_for_child` returned, still open), which are watched
         through instead of opening each again; the caller closes them."""
         if instance_id in self._instances:
             self.unfollow(instance_id)
         tail = self._tails.get(instance_id)
         files = []
-        paths = self.paths(unit, instance_id)
-        stem = str(paths[0])[: -len(".stdout.log")]
-        for i, (stream, path) in enumerate(zip(STREAMS, paths, strict=True)):
+        stem = self._stem(unit, instance_id)
+        for i, stream in enumerate(STREAMS):
+            path = f"{stem}.{stream}.log"
             borrowed = fds is not None
             try:
                 fd = (
@@ -595,9 +601,15 @@ class LogFiles:
             files.append(f)
         self._instances[instance_id] = files
         self._files.extend(files)
-        if self._loop is not None and files:
+        if self._loop is not None and files and from_start:
             # what was written before the watch: no event will say so
             self._loop.call_soon(self._kick, files)
+
+    def set_pid(self, instance_id: str, pid: int) -> None:
+        """The pid the instance's lines are logged with from now on (its
+        files were followed before it was spawned)."""
+        for f in self._instances.get(instance_id, ()):
+            f.pid, f._log = pid, None
 
     def drain(self, instance_id: str) -> None:
         """Read what is left in the instance's files now, including a last line

@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 from collections.abc import Collection, Iterable, Mapping
+from typing import NamedTuple
 
 import attrs
 import psutil
@@ -149,9 +150,9 @@ class _Tree:
     members: frozenset[int]
 
 
-@attrs.frozen
-class _Stat:
-    """One live, non-zombie process as one read shows it."""
+class _Stat(NamedTuple):
+    """One live, non-zombie process as one read shows it (a tuple: made for
+    every process of every sample)."""
 
     pid: int
     ppid: int
@@ -253,27 +254,79 @@ def _open_files(pid: int) -> int | None:
         return None
 
 
-def _host_children() -> dict[int, list[_Stat]]:
-    """Every process on the host, by parent pid (one read of each)."""
-    found: dict[int, list[_Stat]] = {}
-    if _PROCFS:
-        pids: Iterable[int] = (int(n) for n in os.listdir("/proc") if n.isdigit())
-    else:
-        pids = psutil.pids()
-    for pid in pids:
-        st = _read(pid)
-        if st is not None:
-            found.setdefault(st.ppid, []).append(st)
+def _read_all(path: str) -> bytes:
+    """A /proc file that may be longer than one read (a page at a time)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        return data
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _children_files() -> bool:
+    """Whether /proc lists each task's children (Linux's CONFIG_PROC_CHILDREN)."""
+    return _PROCFS and os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def _children(st: _Stat) -> list[int] | None:
+    """The pids of ``st``'s children from ``/proc/<pid>/task/<pid>/children``,
+    one read; None where that file does not list them all: a process with
+    more than one thread (each thread's children are in its own file), or
+    no such files."""
+    if st.threads != 1 or not _children_files():
+        return None
+    try:
+        return [int(n) for n in _read_all(f"/proc/{st.pid}/task/{st.pid}/children").split()]
+    except FileNotFoundError:
+        return []  # gone since its stat was read
+    except (OSError, ValueError):
+        return None
+
+
+def _host_children() -> dict[int, list[int]]:
+    """Every process on the host, by parent pid (one read of each's stat)."""
+    found: dict[int, list[int]] = {}
+    if not _PROCFS:
+        for proc in psutil.process_iter(["ppid"]):
+            found.setdefault(proc.info["ppid"], []).append(proc.pid)
+        return found
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                data = _read_line(f"/proc/{name}/stat")
+                ppid = int(data[data.rindex(b")") + 2 :].split(maxsplit=2)[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            found.setdefault(ppid, []).append(int(name))
     return found
 
 
-def _descendants(pid: int, children: Mapping[int, list[_Stat]]) -> list[_Stat]:
+def _descendants(main: _Stat, host: list[dict[int, list[int]]]) -> list[_Stat]:
+    """The live, non-zombie descendants of ``main``: each process's children
+    from its children file (:func:`_children`), else from the host's
+    processes, listed once in ``host`` for all the roots of a sample."""
     out: list[_Stat] = []
-    stack = [pid]
+    seen = {main.pid}
+    stack = [main]
     while stack:
-        for child in children.get(stack.pop(), ()):
-            out.append(child)
-            stack.append(child.pid)
+        parent = stack.pop()
+        kids = _children(parent)
+        if kids is None:
+            if not host:
+                host.append(_host_children())
+            kids = host[0].get(parent.pid, [])
+        for pid in kids:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            child = _read(pid)
+            if child is not None and child.ppid == parent.pid:
+                out.append(child)
+                stack.append(child)
     return out
 
 
@@ -294,11 +347,17 @@ class Sampler:
     The figures are psutil's: ``memory_info().rss`` is the same resident page
     count (statm's), ``cpu_times()`` the same ticks, and
     ``create_time()`` the same start ticks after the boot time (read once
-    here, not per call). Without a cgroup, the descendants are found by
-    reading every process's stat on the host, as psutil's
-    ``children(recursive=True)`` does: :meth:`sample_many` reads them once
-    for all its roots, :meth:`sample` once per call. CPU times tick at 10 ms,
-    so ``cpu_percent`` is only meaningful over intervals of a second or more.
+    here, not per call). Without a cgroup, the descendants are the
+    processes whose parent is in the tree, as psutil's
+    ``children(recursive=True)`` finds them: a one-thread process's children
+    are read from its ``/proc/<pid>/task/<pid>/children`` (one read; a
+    ``sleep`` has none), anyone else's from every process's stat on the host,
+    read once for all the roots of :meth:`sample_many` (once per
+    :meth:`sample`), so the cost follows the instances, not the host's
+    processes (docs/benchmarks.md, "`hsu status` with 1,000 running"). Like
+    psutil's listing, a child born during the walk may be missed. CPU times
+    tick at 10 ms, so ``cpu_percent`` is only meaningful over intervals of a
+    second or more.
     """
 
     def __init__(self) -> None:
@@ -335,14 +394,14 @@ class Sampler:
         listed at most once for all of them. Without ``open_files`` the
         descriptors are not counted (one read of /proc less per root; each
         usage's ``open_files`` is 0): the metrics' sampling does not show them."""
-        host: list[dict[int, list[_Stat]]] = []
+        host: list[dict[int, list[int]]] = []
         return [self._sample(pid, cgroup, host, open_files) for pid, cgroup in roots]
 
     def _sample(
         self,
         pid: int,
         cgroup: Collection[int] | None,
-        host: list[dict[int, list[_Stat]]],
+        host: list[dict[int, list[int]]],
         count_files: bool = True,
     ) -> Usage | None:
         main = _read(pid)
@@ -357,9 +416,7 @@ class Sampler:
         if cgroup is not None:
             descendants = [st for m in cgroup if m != pid and (st := _read(m)) is not None]
         else:
-            if not host:
-                host.append(_host_children())
-            descendants = _descendants(pid, host[0])
+            descendants = _descendants(main, host)
 
         tree = self._trees.get(pid)
         used = 0.0 if seen is None else max(main.cpu - seen.cpu, 0.0)

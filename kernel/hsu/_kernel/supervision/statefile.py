@@ -16,9 +16,11 @@ it: nothing in it is re-attached to or stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,41 @@ class SavedState:
 _conv = cattrs.Converter()
 
 
+#: read /proc/<pid>/stat directly (else psutil, off Linux)
+_PROCFS = sys.platform.startswith("linux") and os.path.isfile("/proc/self/stat")
+
+
+@functools.cache
+def _boot_and_ticks() -> tuple[float, int]:
+    """(boot time, clock ticks per second), read once per process: psutil
+    reads /proc/stat again for every ``create_time()``."""
+    return psutil.boot_time(), os.sysconf("SC_CLK_TCK")
+
+
 def create_time(pid: int) -> float | None:
-    """The process's start time, or None if there is no such live process."""
+    """The process's start time as psutil's ``create_time()`` gives it, or
+    None if there is no such live process. On Linux one read of
+    /proc/<pid>/stat (a launch of 1,000 asks for each new pid once; through
+    psutil each cost three reads, one of them /proc/stat)."""
+    if not _PROCFS:
+        return _create_time_psutil(pid)
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)  # one line, well under a page
+        finally:
+            os.close(fd)
+        # after "pid (comm) ", where comm may hold spaces and parentheses
+        fields = data[data.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        boot, ticks = _boot_and_ticks()
+        return float(fields[19]) / ticks + boot
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _create_time_psutil(pid: int) -> float | None:
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
