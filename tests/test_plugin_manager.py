@@ -1,4 +1,5 @@
 import asyncio
+import types
 
 import attrs
 import pluggy
@@ -78,6 +79,49 @@ def test_unknown_hook_is_rejected_and_nothing_is_registered(hsu_plugin_manager):
         hsu_plugin_manager.register(Typo(), "typo")
     assert not hsu_plugin_manager.pm.has_plugin("typo")
     assert "typo" not in [i.name for i in hsu_plugin_manager.infos()]
+
+
+MODULE_PLUGIN = """
+import hsu
+from collections import OrderedDict
+from hsu.ports import LaunchSpec
+
+CONSTANT = 3
+launcher = object()
+
+
+def helper():
+    pass
+
+
+@hsu.hookimpl
+def hsu_register_launchers(register):
+    register("from_a_module", launcher)
+
+
+@hsu.hookimpl
+def hsu_kernel_started(kernel):
+    pass
+"""
+
+
+def test_a_module_plugin_registers_its_hooks_and_only_them(hsu_plugin_manager):
+    """A module is registered through a quicker lookup of its names (only
+    functions can be hooks): its hooks are found, its imports, classes and
+    constants are not."""
+    module = types.ModuleType("hsu_test_module_plugin")
+    exec(MODULE_PLUGIN, module.__dict__)
+    hsu_plugin_manager.register(module, "from_module")
+    info = next(i for i in hsu_plugin_manager.infos() if i.name == "from_module")
+    assert info.hooks == ["hsu_kernel_started", "hsu_register_launchers"]
+    assert info.provides == {"launcher": ["from_a_module"]}
+    assert hsu_plugin_manager.launcher("from_a_module") is module.launcher
+
+    typo = types.ModuleType("hsu_test_typo_plugin")
+    exec(MODULE_PLUGIN.replace("hsu_kernel_started", "hsu_kernel_strated"), typo.__dict__)
+    with pytest.raises(PluginError, match="implements unknown hook 'hsu_kernel_strated'"):
+        hsu_plugin_manager.register(typo, "typo_module")
+    assert not hsu_plugin_manager.pm.has_plugin("typo_module")
 
 
 def test_hookimpl_with_arguments_the_spec_lacks_is_rejected(hsu_plugin_manager):

@@ -104,3 +104,33 @@ def test_log_format_flag_and_a_bad_setting(tmp_path: Path) -> None:
         timeout=60,
     )
     assert refused.returncode == 2 and "--log-format" in refused.stderr
+
+
+def test_a_sink_added_after_the_first_does_not_read_sysconfig_again(monkeypatch) -> None:
+    """Each ``logger.add`` makes an exception formatter that lists the library
+    directories; with :mod:`hsu._kernel.logsetup` loaded, loguru reads them from
+    :mod:`sysconfig` once a process (``hsu run`` adds four sinks as it
+    starts), and tracebacks are formatted as before."""
+    import io
+    import sysconfig
+
+    from loguru import logger
+
+    import hsu._kernel.logsetup  # noqa: F401
+
+    calls = []
+    real = sysconfig.get_scheme_names
+    monkeypatch.setattr(sysconfig, "get_scheme_names", lambda: calls.append(1) or real())
+    out = io.StringIO()
+    sinks = [logger.add(out, backtrace=True, diagnose=False) for _ in range(3)]
+    try:
+        assert len(calls) <= 1
+        try:
+            json.loads("{")
+        except ValueError:
+            logger.exception("boom")
+    finally:
+        for sink in sinks:
+            logger.remove(sink)
+    text = out.getvalue()
+    assert text.count("boom") == 3 and text.count("JSONDecodeError") >= 3

@@ -407,11 +407,18 @@ class Kernel:
             self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._log_sink = logger.add(self.logs.sink, level="DEBUG", enqueue=False)
+        # the cgroup check (a process of its own) and the storage's first read
+        # (its thread) run while the servers start; both are done before an
+        # instance is re-attached or started
+        containing: asyncio.Future[None] | None = None
+        loading: asyncio.Future[statefile.SavedState | None] | None = None
         try:
             await self.plugins.call_each("hsu_kernel_starting", kernel=self)
             self._check_exposure()
             control.secure_dir(self.state_dir)
-            self.containment.start()
+            containing = asyncio.ensure_future(self.containment.start_async())
+            self._open_storage()
+            loading = asyncio.ensure_future(self.records.load())
             # the soft open-files limit up to the hard one; HSUs get the original
             self.child_nofile = resources.raise_open_files()
             self._server = KernelServer(self)
@@ -426,10 +433,11 @@ class Kernel:
                 self.address or "(none: no plugin serves one)",
             )
             await self.routing.start()
-            self._open_storage()
             self.cache_layers = open_caches(self)
             await self.metrics_hub.start_exporters(self.kernel_settings.exporters)
-            found = await self._reattach()
+            await containing
+            assert loading is not None
+            found = await self._reattach(await loading)
             self._background.append(asyncio.ensure_future(self.logfiles.run()))
             for name, spec in self.deployment.units.items():
                 self.units[name] = UnitSupervisor(self, name, spec)
@@ -450,6 +458,11 @@ class Kernel:
             await self.plugins.call_each("hsu_kernel_started", kernel=self)
             await self._server.set_serving(True)
         except BaseException as exc:
+            # nothing of the start is left running under the teardown
+            for pending in (containing, loading):
+                if pending is not None:
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(pending)
             if isinstance(exc, asyncio.CancelledError) and self._stop_reason:
                 # serve() gave up the start for a stop signal: a stop, not a failure
                 await self._teardown(KernelState.STOPPED, f"{self._stop_reason} while starting")
@@ -893,9 +906,11 @@ class Kernel:
             except Exception as exc:
                 logger.error("closing the storage {}: {!r}", storage.describe, exc)
 
-    async def _reattach(self) -> dict[str, list[statefile.SavedInstance]]:
-        """Instances a kernel that died left running, by unit; end the orphans."""
-        saved = await self.records.load()
+    async def _reattach(
+        self, saved: statefile.SavedState | None
+    ) -> dict[str, list[statefile.SavedInstance]]:
+        """Instances a kernel that died left running (``saved``: what
+        :meth:`InstanceRecords.load` read), by unit; end the orphans."""
         if saved is None:
             return {}
         if saved.kernel_pid != os.getpid() and statefile.is_running(

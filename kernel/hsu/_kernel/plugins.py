@@ -30,6 +30,7 @@ import importlib.metadata as md
 import os
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -120,11 +121,30 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
+#: what pluggy takes for a hook implementation (functions and methods)
+_HOOKABLE = (types.FunctionType, types.MethodType, staticmethod, classmethod)
+
+
+class _Pluggy(pluggy.PluginManager):
+    """pluggy's manager, quicker to register a module: pluggy looks up each
+    name of ``dir(plugin)`` with :func:`inspect.getattr_static` (some 300
+    names a plugin module, its imports included); a module's name that is
+    not a function in its namespace is skipped at once, as pluggy would
+    skip it."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        if isinstance(plugin, types.ModuleType) and not isinstance(
+            plugin.__dict__.get(name), _HOOKABLE
+        ):
+            return None
+        return super().parse_hookimpl_opts(plugin, name)
+
+
 class PluginManager:
     """Loads plugins in the documented order and answers the kernel's questions."""
 
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm = _Pluggy(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._infos: dict[str, PluginInfo] = {}
         #: kind -> name -> (the registered object, the plugin that registered it)
@@ -292,16 +312,17 @@ class PluginManager:
         if registered is None:
             raise PluginError(f"plugin {name!r} is blocked")
         try:
-            self._check_pending(plugin, registered)
+            callers = self.pm.get_hookcallers(plugin) or []
+            self._check_pending(plugin, registered, callers)
             self._infos[registered] = PluginInfo(
                 registered,
                 ACTIVE,
                 source,
                 distribution,
                 version,
-                hooks=sorted(h.name for h in self.pm.get_hookcallers(plugin) or []),
+                hooks=sorted(h.name for h in callers),
             )
-            self._collect(plugin, registered)
+            self._collect(plugin, registered, {h.name for h in callers})
         except Exception:
             self.pm.unregister(plugin)
             self._infos.pop(registered, None)
@@ -323,8 +344,8 @@ class PluginManager:
         for kind in [k for k, (_, owner) in self._defaults.items() if owner == name]:
             del self._defaults[kind]
 
-    def _check_pending(self, plugin: object, name: str) -> None:
-        for hook in self.pm.get_hookcallers(plugin) or []:
+    def _check_pending(self, plugin: object, name: str, callers: Iterable[Any]) -> None:
+        for hook in callers:
             if hook.spec is None:
                 for impl in hook.get_hookimpls():
                     if impl.plugin is plugin and not impl.optionalhook:
@@ -335,9 +356,13 @@ class PluginManager:
 
     # -- registration hooks ------------------------------------------------
 
-    def _collect(self, plugin: object, name: str) -> None:
+    def _collect(self, plugin: object, name: str, own: set[str]) -> None:
+        """Run the registration hooks among ``own`` (the hooks the plugin
+        implements; most implement one or two of the fourteen)."""
         provides: dict[str, list[str]] = {}
         for kind, hook_name in KINDS.items():
+            if hook_name not in own:
+                continue
 
             def register(key: str, value: Any, *, default: bool = False, kind: str = kind) -> None:
                 table = self._table[kind]

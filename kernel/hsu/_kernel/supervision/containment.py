@@ -47,6 +47,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -339,6 +340,30 @@ class Containment:
         the kernel's event loop)."""
         if self._loop is not None:
             return
+        want, why = self._begin()
+        if why is None:
+            why = self._setup_cgroups()
+        self._choose(want, why)
+
+    async def start_async(self) -> None:
+        """:meth:`start`, with the cgroup check (mkdir, and a process that
+        joins the cgroup, waited for) on a thread of its own, which ends with
+        it: the loop goes on meanwhile (the kernel starts its servers)."""
+        if self._loop is not None:
+            return
+        want, why = self._begin()
+        if why is None:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="hsu-cgroup-check")
+            try:
+                loop = asyncio.get_running_loop()
+                why = await loop.run_in_executor(pool, self._setup_cgroups)
+            finally:
+                pool.shutdown(wait=False)
+        self._choose(want, why)
+
+    def _begin(self) -> tuple[str, str | None]:
+        """The subreaper and what ``HSU_CONTAINMENT`` asks for; why there are
+        no cgroups, or None: they are to be set up."""
         self._me, self._sid = os.getpid(), os.getsid(0)
         if not self._acquired:
             self._subreaper, self._acquired = _acquire_subreaper(), True
@@ -348,9 +373,11 @@ class Containment:
                 "{}={!r}: not auto, cgroup or subreaper; using auto", ENV_CONTAINMENT, want
             )
             want = "auto"
-        why = f"{ENV_CONTAINMENT}=subreaper"
         if want != "subreaper" and self.base is None:
-            why = self._setup_cgroups()
+            return want, None
+        return want, f"{ENV_CONTAINMENT}=subreaper"
+
+    def _choose(self, want: str, why: str) -> None:
         if self.base is not None:
             self.mode = "cgroup"
             logger.info(
@@ -417,9 +444,10 @@ class Containment:
         except OSError as exc:
             return f"cannot create {probe}: {exc.strerror}"
         try:
-            # the very wrapper an instance is started with
+            # the very wrapper an instance is started with; with no command
+            # to exec after it joins, it exits 0 (one exec, not two)
             done = subprocess.run(
-                [*cgroup_argv(str(probe)), "/bin/sh", "-c", "exit 0"],
+                cgroup_argv(str(probe)),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
