@@ -121,22 +121,19 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
-#: what pluggy takes for a hook implementation (functions and methods)
-_HOOKABLE = (types.FunctionType, types.MethodType, staticmethod, classmethod)
-
-
 class _Pluggy(pluggy.PluginManager):
     """pluggy's manager, quicker to register a module: pluggy looks up each
     name of ``dir(plugin)`` with :func:`inspect.getattr_static` (some 300
-    names a plugin module, its imports included); a module's name that is
-    not a function in its namespace is skipped at once, as pluggy would
-    skip it."""
+    names a plugin module, its imports included); a module's name that holds
+    a class, a module or anything not callable is skipped at once, as pluggy
+    would skip it (it takes only routines: ``inspect.isroutine``). Anything
+    else, a compiled (Cython) function included, goes to pluggy."""
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
-        if isinstance(plugin, types.ModuleType) and not isinstance(
-            plugin.__dict__.get(name), _HOOKABLE
-        ):
-            return None
+        if isinstance(plugin, types.ModuleType):
+            value = plugin.__dict__.get(name)
+            if isinstance(value, type) or not callable(value):
+                return None
         return super().parse_hookimpl_opts(plugin, name)
 
 
