@@ -224,3 +224,28 @@ def test_on_demand_units_idle_out_after_five_minutes_unless_told_otherwise():
     with pytest.raises(ConfigError) as info:
         build_kernel({"units": {"one": {**cmd, "placement": "singleton", "idle_timeout": 60}}})
     assert "units.one.idle_timeout: a 'placement: singleton' unit" in str(info.value)
+
+
+def test_an_absent_section_types_as_cattrs_would_type_it_empty():
+    """A section the deployment leaves out is made with ``cls()`` when every
+    field has a default (no cattrs function generated at the kernel's start):
+    for every section of the installed plugins (autoloaded, as ``hsu run``),
+    the same value cattrs makes of ``{}``; a class that needs a value still
+    says which key is missing."""
+    from hsu._kernel.config.model import _all_defaults, converter
+
+    classes = PluginManager.load([], env={}, autoload=True).settings_classes()
+    assert len(classes) >= 10
+    got = structure_sections(Deployment(name="x", sections={}), classes)
+    fast = [name for name, cls in classes.items() if _all_defaults(cls)]
+    assert len(fast) >= 10
+    for name, cls in classes.items():
+        assert got[name] == converter.structure({}, cls), name
+
+    @attrs.frozen
+    class Needs:
+        port: int
+
+    with pytest.raises(ConfigError) as info:
+        structure_sections(Deployment(name="x", sections={}, source="d.yaml"), {"needs": Needs})
+    assert info.value.problems == ["d.yaml: needs.port: required key missing"]
