@@ -913,7 +913,7 @@ def _unit_secret_problems(
 
 
 @functools.cache
-def _all_defaults(cls: type[Any]) -> bool:
+def _all_defaults(cls: Any) -> bool:
     """Whether ``cls`` is an attrs class whose every field has a default:
     then ``cls()`` is what cattrs makes of an absent (empty) section, without
     generating cattrs' structure function for it (most of a deployment's
