@@ -9,7 +9,6 @@ reported at once with its path and source.
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import pickle
 import re
@@ -912,15 +911,21 @@ def _unit_secret_problems(
     return problems
 
 
-@functools.cache
-def _all_defaults(cls: Any) -> bool:
+#: settings class -> whether :func:`_all_defaults` holds for it
+_defaulted: dict[type[Any], bool] = {}
+
+
+def _all_defaults(cls: type[Any]) -> bool:
     """Whether ``cls`` is an attrs class whose every field has a default:
     then ``cls()`` is what cattrs makes of an absent (empty) section, without
     generating cattrs' structure function for it (most of a deployment's
     plugin sections are absent; each cost 1-2 ms at the kernel's start)."""
-    return attrs.has(cls) and all(
-        f.default is not attrs.NOTHING or not f.init for f in attrs.fields(cls)
-    )
+    known = _defaulted.get(cls)
+    if known is None:
+        known = _defaulted[cls] = attrs.has(cls) and all(
+            f.default is not attrs.NOTHING or not f.init for f in attrs.fields(cls)
+        )
+    return known
 
 
 def structure_sections(
