@@ -34,6 +34,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+class PortTaken(RuntimeError):
+    """A member exited because one of its ports was in use."""
+
+
 class Member:
     """One etcd process."""
 
@@ -113,11 +117,30 @@ class LocalCluster:
         ns = self.netns[self.members.index(m)]
         return ["ip", "netns", "exec", ns, *argv] if ns else argv
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start every member and wait until the cluster answers."""
-        for m in self.members:
-            self.start_member(m, wait=False)
-        self.wait_healthy(timeout)
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> None:
+        """Start every member and wait until the cluster answers.
+
+        A new cluster whose member finds a port taken (another process bound
+        it between :func:`free_port` and etcd's own bind) is stopped, its
+        data removed, and started again on new ports, at most ``attempts``
+        times in all."""
+        fresh = not any((self.base / m.name).exists() for m in self.members)
+        for attempt in range(1, attempts + 1):
+            for m in self.members:
+                self.start_member(m, wait=False)
+            try:
+                self.wait_healthy(timeout)
+                return
+            except PortTaken:
+                if not fresh or attempt == attempts:
+                    raise
+            for m in self.members:
+                # thrown away with its data; without a quorum, SIGTERM waits
+                self.stop_member(m, signal.SIGKILL)
+                shutil.rmtree(self.base / m.name, ignore_errors=True)
+                (self.base / f"{m.name}.log").unlink(missing_ok=True)
+                m.client_port, m.peer_port = free_port(), free_port()
+            self.token = f"hsu-test-{os.getpid()}-{time.monotonic_ns()}"
 
     def start_member(self, m: Member, *, wait: bool = True) -> None:
         state = "existing" if (self.base / m.name).exists() else "new"
@@ -163,23 +186,34 @@ class LocalCluster:
         return out.stdout.decode()
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Until a write through every running member succeeds (bounded)."""
+        """Until a write through every started member succeeds (bounded); a
+        member that exited is an error naming it."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            for m in self.members:
-                if m.proc is not None and m.proc.poll() is not None:
-                    log = (self.base / f"{m.name}.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"etcd member {m.name} exited ({m.proc.returncode}): {log}")
             try:
+                # every member started and not stopped, each checked for an
+                # exit just before its put (a put waits while there is no quorum)
                 for m in self.members:
-                    if m.running:
-                        self.etcdctl("put", "/hsu-test/health", "ok", endpoints=[m.endpoint])
+                    if m.proc is None:
+                        continue
+                    self._check_running(m)
+                    self.etcdctl(
+                        "put", "/hsu-test/health", "ok", "--command-timeout=1s",
+                        endpoints=[m.endpoint],
+                    )  # fmt: skip
                 return
             except subprocess.SubprocessError as exc:
                 last = repr(exc)
                 time.sleep(0.1)
         raise TimeoutError(f"etcd cluster at {self.endpoints} not healthy in {timeout}s: {last}")
+
+    def _check_running(self, m: Member) -> None:
+        """Raise if ``m`` has exited, with the end of its log."""
+        if m.proc is not None and m.proc.poll() is not None:
+            log = (self.base / f"{m.name}.log").read_text(errors="replace")[-2000:]
+            error = PortTaken if "address already in use" in log else RuntimeError
+            raise error(f"etcd member {m.name} exited ({m.proc.returncode}): {log}")
 
     def __enter__(self) -> LocalCluster:
         self.start()

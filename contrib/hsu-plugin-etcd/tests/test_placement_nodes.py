@@ -90,6 +90,12 @@ async def test_a_reload_announces_the_units_a_kernel_can_start_now(
     raw = deployment("b", etcd_cluster, tmp_path)
     del raw["units"]["busy"]
     b = await hsu_kernel_factory(raw, plugins=[hsu_plugin_etcd])
+    # the first lease and announcement are the registry's background work:
+    # a kernel runs (and starts) before etcd answered
+    for _ in range(500):
+        if await b.registry.nodes():
+            break
+        await asyncio.sleep(0.02)
     assert [n.units for n in await b.registry.nodes()] == [("echo",)]
     raw["units"]["echo2"] = {**raw["units"]["echo"], "interfaces": ["hsu.echo.v1.Other"]}
     await b.reload(hsu.deployment_from_dict(raw, source="<test>", base_dir=str(tmp_path)))
