@@ -269,7 +269,9 @@ async def test_draining_hooks_share_the_drain_timeout_and_never_stop_the_stop(tm
         logger.remove(sink)
     assert seen == ["broken", "stuck", "stuck cancelled"]
     assert inst.state is hsu.InstanceState.STOPPED
-    assert 0.5 <= took < 5  # the hooks' share of drain_timeout, then the stop went on
+    # the hooks' share of drain_timeout, then the stop went on (the stuck hook
+    # would hold it an hour; the bound is loose for a loaded machine)
+    assert 0.5 <= took < 30
     assert any(f"a bug draining {inst.instance_id}" in line for line in logged)
     assert any("hsu_instance_draining" in line and "did not return" in line for line in logged)
 
