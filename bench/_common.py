@@ -142,3 +142,19 @@ def write_section(body: str, heading: str, path: Path = DOC, keep: bool = False)
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
     path.write_text(new)
+
+
+def trees_and_limits(specs: Iterable[str]) -> dict[str, Path | None]:
+    """The trees of ``--tree LABEL=DIR`` options, after ``this`` (None: this
+    checkout); raises the soft open-files limit to at least 4096 (the hard
+    one permitting) and prints the load average at the start."""
+    import resource
+
+    trees: dict[str, Path | None] = {"this": None}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        trees[name] = Path(path).resolve()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    return trees

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import grpc
+from _common import trees_and_limits
 
 from hsu.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
@@ -218,13 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR")
     args = parser.parse_args(argv)
-    trees: dict[str, Path | None] = {"this": None}
-    for spec in args.tree:
-        name, _, path = spec.partition("=")
-        trees[name] = Path(path).resolve()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))
-    print(f"load average at start: {os.getloadavg()}", flush=True)
+    trees = trees_and_limits(args.tree)
     floor: dict[str, list[float]] = {k: [] for name in FLOOR for k in (name, name + " CPU")}
     lines = [
         "| shape | tree | ping wall | ping CPU | status wall | status CPU | kernel CPU"

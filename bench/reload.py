@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import trees_and_limits
 from cli_reads import PROGRAM, Kernel, cpu_of, env_for, med
 
 KINDS = ("nothing", "one unit", "restart")
@@ -199,13 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR")
     parser.add_argument("--read-config", action="store_true", help="in process, no kernel")
     args = parser.parse_args(argv)
-    trees: dict[str, Path | None] = {"this": None}
-    for spec in args.tree:
-        name, _, path = spec.partition("=")
-        trees[name] = Path(path).resolve()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))
-    print(f"load average at start: {os.getloadavg()}", flush=True)
+    trees = trees_and_limits(args.tree)
     if args.read_config:
         with tempfile.TemporaryDirectory(prefix="hsu-read-config-") as tmp:
             rows = read_config(trees, args.instances, args.rounds, Path(tmp))
