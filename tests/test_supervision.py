@@ -601,19 +601,25 @@ async def test_slots_cancelled_before_they_first_run_give_the_collector_back(
 ):
     """New slots pause the cyclic collector until their first starts; slots
     whose tasks are cancelled before they ever run (their ``finally`` never
-    does) must not leave it paused."""
+    does) must not leave it paused, nor count as starts still to come (which
+    would send every later lone start through the spawn thread)."""
+    from hsu._kernel.supervision import supervisor
+
     unit = managed(["sleep", "600"], min_instances=0, max_instances=5)
     kernel = await hsu_kernel_factory({"units": {"idle": unit}})
     sup = kernel.units["idle"]
     assert gc.isenabled()
+    queued = supervisor._queued
     slots = [sup.add_slot() for _ in range(3)]
     assert not gc.isenabled()  # paused while the starts are pending
+    assert supervisor._queued == queued + 3
     tasks = [sup._controls[i.instance_id].task for i in slots]
     for t in tasks:
         assert t is not None
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert gc.isenabled()
+    assert supervisor._queued == queued
     assert not [i for i in kernel.instances.values() if i.pid]
     for inst in slots:  # dropped as remove() would (their tasks are done)
         sup.slots.pop(inst.instance_id)

@@ -160,6 +160,16 @@ class _Control:
     #: failures in a row (reset once ready for backoff.reset_after)
     streak: int = 0
     task: asyncio.Task[None] | None = None
+    #: counted in ``_queued``: the task is made and has not run yet
+    queued: bool = False
+
+    def unqueue(self, _: object = None) -> None:
+        """The task ran, or ended without ever running (cancelled at once):
+        it no longer counts as a start to come."""
+        if self.queued:
+            self.queued = False
+            global _queued
+            _queued -= 1
 
     def ask(self, command: str, reason: str, grace: float | None = None) -> None:
         if self.command == "stop":
@@ -289,10 +299,13 @@ class UnitSupervisor:
             _starts(self.kernel).add(inst.instance_id)
         global _queued
         _queued += 1  # until its task first runs (see _spawn)
-        ctl.task = asyncio.ensure_future(self._run(inst, ctl, saved, queued=True))
+        ctl.queued = True
+        ctl.task = asyncio.ensure_future(self._run(inst, ctl, saved))
+        # also if the task is cancelled before it first runs (its body never
+        # does): a start to come would keep the spawn thread in use, and a
+        # pending first start the collector paused
+        ctl.task.add_done_callback(ctl.unqueue)
         if saved is None:
-            # also if the task is cancelled before it first runs (its finally
-            # never does): a pending start would keep the collector paused
             ctl.task.add_done_callback(_starts(self.kernel).ended(inst.instance_id))
         return inst
 
@@ -393,12 +406,8 @@ class UnitSupervisor:
 
     # -- one slot ----------------------------------------------------------
 
-    async def _run(
-        self, inst: Instance, ctl: _Control, saved: SavedInstance | None, *, queued: bool = False
-    ) -> None:
-        if queued:
-            global _queued
-            _queued -= 1
+    async def _run(self, inst: Instance, ctl: _Control, saved: SavedInstance | None) -> None:
+        ctl.unqueue()
         log: Any = _InstanceLog(self.name, inst.instance_id)
         try:
             first = True
