@@ -11,7 +11,9 @@ measures, every program ``sleep 1e6``:
 2. the same with N units of one program each (N ``[program:x]`` sections, N
    watchers);
 3. the three daemons with 1 program, plus the dependency floor (a Python that
-   imported hsu's required dependencies and sleeps), in one idle window;
+   imported hsu's required dependencies and sleeps) and the same floor serving
+   gRPC as the kernel does (two ``grpc.aio`` servers with grpcio's health
+   service), in one idle window;
 4. launch -> 10 running, ``--cold`` times each, next to the floor row
    (``bench/launch_floor.py``: the dependencies imported, then 10 ``Popen``).
 
@@ -129,14 +131,43 @@ READS = {
 }
 
 
+#: the dependency floor serving gRPC as the kernel does: grpcio's health
+#: service on two ``grpc.aio`` servers, the control plane's on a unix socket and
+#: the data plane's on a loopback port, then an idle event loop
+GRPC_SERVERS = """
+import asyncio, tempfile
+from grpc_health.v1 import health, health_pb2_grpc
+
+async def serve(where):
+    servers = []
+    for address in (f"unix:{where}/control.sock", "127.0.0.1:0"):
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        server.add_insecure_port(address)
+        await server.start()
+        servers.append(server)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print(flush=True)
+    await stop.wait()
+    for server in servers:
+        await server.stop(None)
+
+with tempfile.TemporaryDirectory() as where:
+    asyncio.run(serve(where))
+"""
+
+
 class DepFloor:
     """A Python that imported hsu's required dependencies and waits: the
-    memory no daemon built on them can go below."""
+    memory no daemon built on them can go below. With ``servers``, it also
+    serves gRPC as the kernel does (:data:`GRPC_SERVERS`): what no daemon
+    that serves gRPC through grpcio can go below, in memory or idle CPU."""
 
-    name = "floor"
-
-    def __init__(self) -> None:
-        code = "import signal, " + ", ".join(DEP_IMPORTS) + "; print(flush=True); signal.pause()"
+    def __init__(self, servers: bool = False) -> None:
+        self.name = "floor+grpc" if servers else "floor"
+        code = "import signal, " + ", ".join(DEP_IMPORTS)
+        code += GRPC_SERVERS if servers else "; print(flush=True); signal.pause()"
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
         TRACKER.add([self.proc.pid])
         assert self.proc.stdout is not None
@@ -237,19 +268,20 @@ def scale_run(n: int, units: int, window: float, reads: int) -> dict[str, Any]:
 
 def one_run(window: float) -> dict[str, tuple[int, float]]:
     daemons: list[Any] = [kind(1, "one") for kind in KINDS]
-    floor: DepFloor | None = None
+    floors: list[DepFloor] = []
     try:
         for d in daemons:
             d.start()
         for d in daemons:
             d.wait_running(60)
-        floor = DepFloor()
+        floors.append(DepFloor())
+        floors.append(DepFloor(servers=True))
         time.sleep(2.0)
-        return settle([*daemons, floor], window)
+        return settle([*daemons, *floors], window)
     finally:
         for d in daemons:
             d.stop()
-        if floor is not None:
+        for floor in floors:
             floor.stop()
 
 
@@ -369,12 +401,17 @@ def report(args: argparse.Namespace, r: dict[str, Any], took: float) -> str:
         f"Floor rows, same run: a Python that imported hsu's required dependencies"
         f" ({', '.join(DEP_IMPORTS)}) holds **{mib(one['floor'][0])}** RSS and used"
         f" {one['floor'][1] * 1000:.1f} ms of CPU in the idle window; the same imports then"
-        f" 10 `Popen()` launch 10 running in **{msec(cold_m['floor'])}** (median of {args.cold}).",
+        f" 10 `Popen()` launch 10 running in **{msec(cold_m['floor'])}** (median of {args.cold})."
+        f" The same Python serving grpcio's health service on two `grpc.aio` servers, as the"
+        f" kernel serves its control and data planes (a unix socket and a loopback port), and"
+        f" nothing else, holds **{mib(one['floor+grpc'][0])}** and used"
+        f" **{one['floor+grpc'][1] * 1000:.1f} ms** of CPU in the idle window.",
         "",
         "### Targets (issue 20)",
         "",
     ]
     floor_rss = one["floor"][0]
+    grpc_rss, grpc_cpu = one["floor+grpc"][0], one["floor+grpc"][1] * 1000
     hsu1 = one["hsu"][0]
 
     def met(ok: bool) -> str:
@@ -392,11 +429,13 @@ def report(args: argparse.Namespace, r: dict[str, Any], took: float) -> str:
     reads = " / ".join(msec(x) for x in big["reads"]["hsu"])
     lines += [
         f"- kernel RSS with 1 instance <= dependency floor + 4 MiB:"
-        f" {met(hsu1 <= floor_rss + 4 * 2**20)} ({mib(hsu1)} vs {mib(floor_rss)} + 4 MiB).",
+        f" {met(hsu1 <= floor_rss + 4 * 2**20)} ({mib(hsu1)} vs {mib(floor_rss)} + 4 MiB;"
+        f" the floor serving gRPC alone {mib(grpc_rss)}, {mib(grpc_rss - floor_rss)} over it).",
         f"- RSS per instance <= supervisor's, one unit of N: {met(pb <= pbs)} ({kib(pb)} vs"
         f" {kib(pbs)}); N units of one: {met(pm <= pms)} ({kib(pm)} vs {kib(pms)}).",
         f"- idle CPU with 1 instance <= supervisor's: {met(c1 <= c1s)} ({c1:.1f} vs"
-        f" {c1s:.1f} ms per {w:g} s); at {n}: {cn:.1f} ms (supervisor {cns:.1f}).",
+        f" {c1s:.1f} ms per {w:g} s; the floor serving gRPC alone {grpc_cpu:.1f} ms);"
+        f" at {n}: {cn:.1f} ms (supervisor {cns:.1f}).",
         f"- launch -> 10 running <= 1.25x the floor row:"
         f" {met(cold_m['hsu'] <= 1.25 * cold_m['floor'])}"
         f" ({cold_m['hsu'] / cold_m['floor']:.2f}x); launch -> 1,000 running <= 1.5 s:"

@@ -26,6 +26,11 @@ VARIANTS = {
         "GRPC_EXPERIMENTS": "-event_engine_callback_cq,-event_engine_listener,-event_engine_client"
     },
     "poll strategy poll": {"GRPC_POLL_STRATEGY": "poll"},
+    "-event_engine_poller": {"GRPC_EXPERIMENTS": "-event_engine_poller"},
+    "-ee_for_all_other_endpoints": {"GRPC_EXPERIMENTS": "-event_engine_for_all_other_endpoints"},
+    "-use_call_ee_in_cq": {"GRPC_EXPERIMENTS": "-use_call_event_engine_in_completion_queue"},
+    "thready_event_engine": {"GRPC_EXPERIMENTS": "thready_event_engine"},
+    "-event_engine_fork": {"GRPC_EXPERIMENTS": "-event_engine_fork"},
 }
 
 CHILD = """
