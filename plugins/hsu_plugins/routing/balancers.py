@@ -70,7 +70,8 @@ MAX_SCHEDULE_WORK = 1 << 15
 LEAST_INFLIGHT_SCAN = 16
 
 # Costs with 1,000 endpoints, before -> after the fast paths above (best of 5
-# on a shared 2-CPU machine, so +-30%), from /work/main with the venv's python:
+# on a shared 2-CPU machine, so +-30%), from the repository root with the
+# development virtualenv's python:
 #   python -m timeit -s "import random; from hsu.ports import Endpoint as E;
 #     from hsu_plugins.routing import balancers as m; r = random.Random(7);
 #     ones = [E(instance_id=f'e{i}', unit='u', address='a', interfaces=('x',))
