@@ -163,6 +163,12 @@ class _Control:
     #: counted in ``_queued``: the task is made and has not run yet
     queued: bool = False
 
+    def enqueue(self) -> None:
+        """Its task is about to be made: one more start to come."""
+        global _queued
+        _queued += 1
+        self.queued = True
+
     def unqueue(self, _: object = None) -> None:
         """The task ran, or ended without ever running (cancelled at once):
         it no longer counts as a start to come."""
@@ -297,9 +303,7 @@ class UnitSupervisor:
         self.kernel.adopt(inst)
         if saved is None:
             _starts(self.kernel).add(inst.instance_id)
-        global _queued
-        _queued += 1  # until its task first runs (see _spawn)
-        ctl.queued = True
+        ctl.enqueue()  # until its task first runs (see _spawn)
         ctl.task = asyncio.ensure_future(self._run(inst, ctl, saved))
         # also if the task is cancelled before it first runs (its body never
         # does): a start to come would keep the spawn thread in use, and a
